@@ -1,0 +1,236 @@
+"""Run configuration: defaults, model presets, loading `configs/*.py` files and applying overrides.
+
+Configs follow the big_vision convention: a Python file with `get_config(arg)` returning an
+`ml_collections.ConfigDict`. Every config starts from `base_config()` so that every key a run can
+set exists here, with its default, and a locked config rejects anything else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from lm.errors import ConfigError
+
+# Model shapes. `tiny` runs in seconds on a laptop CPU; the others follow the published
+# Llama-family shapes at those sizes (125M is GPT-3 small's shape with Llama components).
+MODEL_PRESETS = {
+    'tiny': dict(vocab_size=2048, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=384),
+    '125m': dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, mlp_dim=2048),
+    '1b': dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, mlp_dim=8192,
+               rope_theta=500000.0, tie_embeddings=True, max_seq_len=8192,
+               rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_seq_len=8192)),
+    '8b': dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, mlp_dim=14336,
+               rope_theta=500000.0, max_seq_len=8192,
+               rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_seq_len=8192)),
+}
+
+
+def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  """The model section: Llama-family decoder, configured rather than forked (Qwen2 = qkv_bias)."""
+  if preset not in MODEL_PRESETS:
+    raise ConfigError(f'unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}')
+  m = ml_collections.ConfigDict(dict(
+      vocab_size=2048,
+      d_model=128,
+      n_layers=2,
+      n_heads=4,
+      n_kv_heads=2,
+      head_dim=0,  # 0: d_model // n_heads
+      mlp_dim=384,
+      max_seq_len=2048,  # longest sequence the positions support; data.seq_len must fit
+      rope_theta=10000.0,
+      # Llama-3 style frequency scaling; None leaves RoPE unscaled.
+      rope_scaling=config_dict.placeholder(dict),
+      qkv_bias=False,
+      tie_embeddings=False,
+      norm_eps=1e-5,
+      param_dtype='float32',
+      compute_dtype='float32',
+      remat='none',  # none | full | dots | dots_no_batch
+      scan_layers=True,  # lax.scan over stacked layers: compile time independent of depth
+      attention='auto',  # auto | xla | cudnn (| pallas, see lm/kernels)
+  ))
+  m.update(MODEL_PRESETS[preset])
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run understands, with its default."""
+  c = ml_collections.ConfigDict()
+  c.model = model_config('tiny')
+
+  c.data = ml_collections.ConfigDict(dict(
+      train_files=config_dict.placeholder(str),  # path, glob, or comma-separated list
+      eval_files=config_dict.placeholder(str),  # None: hold out `eval_fraction` of documents
+      eval_fraction=0.05,
+      text_field='text',  # jsonl/json field holding the document text
+      tokenizer=config_dict.placeholder(str),  # a SentencePiece .model; None: train one into the workdir
+      tokenizer_vocab_size=2048,
+      tokenizer_model_type='bpe',  # bpe | unigram (only used when training one)
+      seq_len=256,
+      batch_size=8,  # global batch, in sequences
+      seed=0,
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='adamw',  # adamw | adafactor | lion | sgd
+      lr=3e-4,
+      schedule='cosine',  # cosine | linear | constant
+      warmup_steps=100,
+      end_lr_ratio=0.1,  # final lr = lr * end_lr_ratio for cosine/linear
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip=1.0,  # global-norm clip over the trainable parameters; 0 disables
+      # Parameter-name substrings exempt from weight decay: norms, biases, embeddings.
+      no_decay=('norm', 'bias', 'embed'),
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      microbatches=1,  # gradient accumulation: the batch is split into this many sequential pieces
+      seed=0,
+      log_every=10,
+      eval_every=200,
+      eval_batches=8,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      trainable='all',  # which parameters train; see lm/partition.py
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      # Axis sizes; one -1 takes the remaining devices.
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      # Logical axis -> mesh axes. A parameter's logical names are declared where it is created.
+      rules=(
+          ('batch', ('data', 'fsdp')),
+          ('vocab', 'tensor'),
+          ('embed', 'fsdp'),
+          ('mlp', 'tensor'),
+          ('heads', 'tensor'),
+          ('kv_heads', 'tensor'),
+          ('head_dim', None),
+          ('layers', None),
+      ),
+  ))
+
+  c.metrics = ml_collections.ConfigDict(dict(
+      # Peak FLOP/s per device for MFU; 0 uses the known figure for the device kind
+      # (lm/flops.py) or, on CPU, a short measured matmul rate.
+      peak_flops_per_device=0.0,
+      tensorboard=True,
+  ))
+  return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} not found; pass --config configs/<name>.py')
+  module_spec = importlib.util.spec_from_file_location('lm_user_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config(arg); a config file must define one')
+  cfg = module.get_config(arg) if arg else module.get_config()
+  cfg.lock()
+  return cfg
+
+
+def _nearest(key: str, options) -> str:
+  match = difflib.get_close_matches(key, list(options), n=1)
+  return f'; did you mean {match[0]!r}?' if match else f'; valid keys: {sorted(options)}'
+
+
+def apply_override(cfg: ml_collections.ConfigDict, dotted: str, value: str) -> None:
+  """Sets `cfg.<dotted> = value`, parsing `value` as the field's existing type."""
+  *parents, leaf = dotted.split('.')
+  node = cfg
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = '.'.join(parents[:i]) or 'config'
+      raise ConfigError(f'unknown config key {dotted!r}: {where} has no {part!r}'
+                        + _nearest(part, node.keys() if isinstance(node, ml_collections.ConfigDict) else []))
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(f'unknown config key {dotted!r}' + _nearest(leaf, node.keys()))
+  node[leaf] = _parse_like(node, leaf, value, dotted)
+
+
+def _parse_like(node, leaf, text, dotted):
+  import ast
+  current = node[leaf]
+  field_type = node.get_type(leaf) if hasattr(node, 'get_type') else type(current)
+  try:
+    if field_type is str:
+      return text
+    if field_type is bool:
+      if text.lower() in ('true', '1', 'yes'):
+        return True
+      if text.lower() in ('false', '0', 'no'):
+        return False
+      raise ValueError(text)
+    if field_type in (int, float):
+      value = ast.literal_eval(text)
+      if field_type is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+      if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(text)
+      return field_type(value)
+    value = ast.literal_eval(text)
+    return value
+  except (ValueError, SyntaxError):
+    name = getattr(field_type, '__name__', str(field_type))
+    raise ConfigError(f'--config.{dotted}={text!r} is not a valid {name}') from None
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+  """Splits `--config.a.b=value` (or `--config.a.b value`) arguments into (key, value) pairs."""
+  out = []
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith('--config.'):
+      raise ConfigError(f'unexpected argument {arg!r}; overrides look like --config.optimizer.lr=3e-4')
+    key = arg[len('--config.'):]
+    if '=' in key:
+      key, value = key.split('=', 1)
+    elif i + 1 < len(args):
+      i += 1
+      value = args[i]
+    else:
+      raise ConfigError(f'{arg} needs a value: {arg}=VALUE')
+    out.append((key, value))
+    i += 1
+  return out
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Cross-field checks that types alone cannot express."""
+  m = cfg.model
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; '
+                      'set model.head_dim explicitly')
+  if cfg.data.seq_len > m.max_seq_len:
+    raise ConfigError(f'data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; '
+                      'shorten the sequence or raise model.max_seq_len')
+  if cfg.model.remat not in ('none', 'full', 'dots', 'dots_no_batch'):
+    raise ConfigError(f'model.remat={cfg.model.remat!r}; choose none, full, dots or dots_no_batch')
+  if cfg.train.microbatches < 1 or cfg.data.batch_size % cfg.train.microbatches:
+    raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
+                      f'train.microbatches={cfg.train.microbatches}')
+
+
+def head_dim(m) -> int:
+  return m.head_dim or m.d_model // m.n_heads

@@ -1,0 +1,190 @@
+"""A Llama-family decoder-only transformer in Flax NNX.
+
+One class covers Llama 2/3, Mistral and Qwen2 through configuration (RoPE scaling, grouped-query
+attention, q/k/v bias, tied embeddings). Layers are created stacked (leading `layers` axis) and run
+with `lax.scan`, so compile time does not grow with depth; `scan_layers=False` unrolls the same
+stacked parameters, so checkpoints are interchangeable between the two.
+
+Every parameter carries logical axis names (`out_sharding`); lm/sharding.py maps them to the mesh.
+Shape suffixes: B batch, T length, D d_model, H query heads, G kv heads, K head dim, F mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import attention as attention_lib
+from lm.config import head_dim
+
+_REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs, init, shape, axes, dtype):
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """y = x · W (+ b), contracting x's last len(in_shape) dims with W's leading dims."""
+
+  def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias=False, init_std=None,
+               cfg, rngs):
+    init = nnx.initializers.normal(stddev=init_std or math.prod(in_shape) ** -0.5)
+    self.n_in = len(in_shape)
+    self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+    self.kernel = _param(rngs, init, (*in_shape, *out_shape), (*in_axes, *out_axes),
+                         jnp.dtype(cfg.param_dtype))
+    self.bias = (_param(rngs, nnx.initializers.zeros, tuple(out_shape), tuple(out_axes),
+                        jnp.dtype(cfg.param_dtype)) if use_bias else None)
+
+  def __call__(self, x):
+    w = self.kernel[...].astype(self.compute_dtype)
+    y = jnp.tensordot(x.astype(self.compute_dtype), w, axes=self.n_in)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.compute_dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim, *, cfg, rngs):
+    del rngs
+    self.eps = cfg.norm_eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=('embed',),
+                           eager_sharding=False)
+
+  def __call__(self, x_BTD):
+    x32 = x_BTD.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(x_BTD.dtype) * self.scale[...].astype(x_BTD.dtype)
+
+
+def rope_frequencies(cfg) -> jnp.ndarray:
+  """Inverse frequencies [K/2], with Llama-3 frequency scaling when `rope_scaling` is set."""
+  K = head_dim(cfg)
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+  scaling = cfg.rope_scaling
+  if scaling:
+    factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old_len = scaling['original_max_seq_len']
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor,
+                         jnp.where(wavelen < high_wavelen, inv_freq, smoothed))
+  return inv_freq
+
+
+def apply_rope(x_BTHK, positions_BT, inv_freq):
+  """Rotates halves (the Hugging Face Llama layout, so imported weights need no permutation)."""
+  angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos, sin = jnp.cos(angles_BTk)[:, :, None], jnp.sin(angles_BTk)[:, :, None]
+  x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    D, H, G, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg)
+    lin = functools.partial(Linear, cfg=cfg, rngs=rngs)
+    self.q = lin((D,), (H, K), ('embed',), ('heads', 'head_dim'), use_bias=cfg.qkv_bias)
+    self.k = lin((D,), (G, K), ('embed',), ('kv_heads', 'head_dim'), use_bias=cfg.qkv_bias)
+    self.v = lin((D,), (G, K), ('embed',), ('kv_heads', 'head_dim'), use_bias=cfg.qkv_bias)
+    self.o = lin((H, K), (D,), ('heads', 'head_dim'), ('embed',))
+    self.implementation = cfg.attention
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    q_BTHK = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
+    k_BTGK = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
+    v_BTGK = self.v(x_BTD)
+    out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
+                                       implementation=self.implementation, causal=True)
+    return self.o(out_BTHK)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg, *, rngs):
+    D, F = cfg.d_model, cfg.mlp_dim
+    lin = functools.partial(Linear, cfg=cfg, rngs=rngs)
+    self.gate = lin((D,), (F,), ('embed',), ('mlp',))
+    self.up = lin((D,), (F,), ('embed',), ('mlp',))
+    self.down = lin((F,), (D,), ('mlp',), ('embed',))
+
+  def __call__(self, x_BTD):
+    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq)
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class Transformer(nnx.Module):
+  """tokens_BT -> logits_BTV (float32)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, V = cfg.d_model, cfg.vocab_size
+    # Small output-side inits make the initial prediction near uniform: loss ~= log(V).
+    self.embed = _param(rngs, nnx.initializers.normal(stddev=0.02), (V, D), ('vocab', 'embed'),
+                        jnp.dtype(cfg.param_dtype))
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_layers(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.final_norm = RMSNorm(D, cfg=cfg, rngs=rngs)
+    self.lm_head = None if cfg.tie_embeddings else Linear(
+        (D,), (V,), ('embed',), ('vocab',), init_std=0.02, cfg=cfg, rngs=rngs)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    cfg = self.cfg
+    compute_dtype = jnp.dtype(cfg.compute_dtype)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(compute_dtype)
+    inv_freq = rope_frequencies(cfg)
+
+    graphdef, stacked = nnx.split(self.layers)
+
+    def layer(x_BTD, layer_params):
+      block = nnx.merge(graphdef, layer_params)
+      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq), None
+
+    if cfg.remat != 'none':
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked)
+    else:
+      for i in range(cfg.n_layers):
+        x_BTD, _ = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], stacked))
+
+    x_BTD = self.final_norm(x_BTD)
+    if self.lm_head is None:
+      logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embed[...].astype(compute_dtype))
+    else:
+      logits_BTV = self.lm_head(x_BTD)
+    return logits_BTV.astype(jnp.float32)

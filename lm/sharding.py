@@ -1,0 +1,96 @@
+"""Device mesh from config, and logical-axis -> mesh-axis shardings for parameters and batches."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm.errors import ConfigError
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A mesh with the configured axes; one axis of size -1 takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  names = tuple(mesh_cfg.shape.keys())
+  sizes = [int(mesh_cfg.shape[n]) for n in names]
+  n = len(devices)
+  if sizes.count(-1) > 1:
+    raise ConfigError(f'mesh.shape={dict(zip(names, sizes))}: at most one axis may be -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n % known:
+      raise ConfigError(f'mesh.shape={dict(zip(names, sizes))} does not divide {n} devices; '
+                        f'make the fixed axes multiply to a divisor of {n}')
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise ConfigError(f'mesh.shape={dict(zip(names, sizes))} needs {math.prod(sizes)} devices '
+                      f'but {n} are present; set one axis to -1 to fill the rest')
+  return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def logical_to_mesh_spec(logical_axes, rules) -> P:
+  """('embed', 'mlp') -> P('fsdp', 'tensor') by the first matching rule; unknown axes replicate."""
+  table = dict(rules)
+  used, spec = set(), []
+  for name in logical_axes:
+    mesh_axes = table.get(name)
+    if mesh_axes is None:
+      spec.append(None)
+      continue
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    mesh_axes = tuple(a for a in mesh_axes if a not in used)  # a mesh axis shards one dim only
+    used.update(mesh_axes)
+    spec.append(mesh_axes if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+  return P(*spec)
+
+
+def fit_spec(spec: P, shape, mesh: Mesh) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. 2 KV heads over 4-way tensor), so small
+  or odd shapes replicate instead of failing to compile."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    for a in axes:
+      if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+        kept.append(a)
+    out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+  return P(*out)
+
+
+def param_shardings(logical_axes: dict, shapes: dict, mesh: Mesh, rules) -> dict:
+  """Flat {name: logical axes} and {name: ShapeDtypeStruct} -> {name: NamedSharding}."""
+  return {name: NamedSharding(mesh, fit_spec(logical_to_mesh_spec(axes, rules), shapes[name].shape, mesh))
+          for name, axes in logical_axes.items()}
+
+
+def batch_axes(mesh: Mesh, rules) -> tuple:
+  spec = logical_to_mesh_spec(('batch',), rules)[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return tuple(a for a in axes if a in mesh.shape)
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Batches are split along their leading (batch) dim over the data-parallel axes."""
+  axes = batch_axes(mesh, rules)
+  return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None)))
+
+
+def check_batch_divides(batch_size: int, microbatches: int, mesh: Mesh, rules) -> None:
+  dp = data_parallel_size(mesh, rules)
+  per_micro = batch_size // microbatches
+  if per_micro % dp:
+    raise ConfigError(
+        f'data.batch_size={batch_size} / train.microbatches={microbatches} = {per_micro} sequences per '
+        f'microbatch is not divisible by the {dp}-way data parallelism of mesh {dict(mesh.shape)}; '
+        f'use a batch size that is a multiple of {dp * microbatches}')

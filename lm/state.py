@@ -1,0 +1,97 @@
+"""The model as data: a spec (graph + parameter names, shapes, logical axes) and the train state.
+
+Parameters live as a flat dict `{'layers.attn.q.kernel': array, ...}` so that partitions, sharding
+rules, checkpoints and HF conversion all address them by one readable name. The state is created
+as shapes first (`jax.eval_shape`), then jitted into place with its shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+from flax import traverse_util
+
+from lm import sharding as sharding_lib
+from lm.model import Transformer
+
+SEP = '.'
+
+
+def flatten(nested: dict) -> dict:
+  return traverse_util.flatten_dict(nested, sep=SEP)
+
+
+def unflatten(flat: dict) -> dict:
+  return traverse_util.unflatten_dict(flat, sep=SEP)
+
+
+class ModelSpec:
+  """What is known about a model before any parameter exists."""
+
+  def __init__(self, model_cfg):
+    self.cfg = ml_collections.FrozenConfigDict(model_cfg)
+    abstract = nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
+    self.graphdef, abstract_state = nnx.split(abstract)
+    flat = nnx.to_flat_state(abstract_state)
+    self.logical_axes = {SEP.join(map(str, path)): tuple(v.get_metadata().get('out_sharding') or ())
+                         for path, v in flat}
+    self.shapes = {SEP.join(map(str, path)): v.get_value() for path, v in flat}
+
+  @property
+  def names(self) -> list[str]:
+    return list(self.shapes)
+
+  def init(self, rng) -> dict:
+    model = Transformer(self.cfg, rngs=nnx.Rngs(params=rng))
+    return flatten(nnx.to_pure_dict(nnx.state(model)))
+
+  def bind(self, params: dict) -> Transformer:
+    """A Transformer whose parameters are `params` (arrays or tracers); cheap, used inside jit."""
+    return nnx.merge(self.graphdef, nnx.State(unflatten(params)))
+
+  def param_count(self) -> int:
+    return sum(int(s.size) for s in self.shapes.values())
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: Any
+
+
+def state_shardings(abstract_state: TrainState, param_shardings: dict, mesh) -> TrainState:
+  """Optimizer moments take the sharding of the parameter they belong to; scalars replicate."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def for_leaf(path, leaf):
+    for key in reversed(path):
+      name = getattr(key, 'key', None)
+      if name in param_shardings and abstract_state.params[name].shape == leaf.shape:
+        return param_shardings[name]
+    return replicated
+
+  return TrainState(step=replicated, params=param_shardings,
+                    opt_state=jax.tree_util.tree_map_with_path(for_leaf, abstract_state.opt_state))
+
+
+def create_train_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules, rng):
+  """(state placed on the mesh, its shardings). Nothing is materialised unsharded."""
+  param_sh = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
+
+  def init(rng):
+    params = spec.init(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = state_shardings(abstract, param_sh, mesh)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def abstract_with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

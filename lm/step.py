@@ -1,0 +1,75 @@
+"""The one train step, shared by every mode.
+
+What differs between pretraining, fine-tuning, LoRA and preference tuning arrives as inputs built
+elsewhere: the objective (lm/objectives.py), the parameter labels (lm/partition.py) and the
+optimizer built over them (lm/optim.py). The gradient is taken only with respect to the trainable
+parameters, so frozen ones cost neither gradient memory nor optimizer state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm import partition
+from lm.state import ModelSpec, TrainState
+
+
+def _split_microbatches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...] taking every k-th row, so each microbatch keeps the batch's
+  data-parallel layout (each device holds its share of every microbatch)."""
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, labels: dict, microbatches: int = 1):
+  """Returns step(state, batch) -> (state, metrics). Jit it with shardings and donate the state."""
+
+  def loss_sums(trainable, frozen, batch):
+    loss_sum, weight_sum, aux = objective(spec.bind({**trainable, **frozen}), batch)
+    return loss_sum, (weight_sum, aux)
+
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+
+  def step(state: TrainState, batch: dict):
+    trainable, frozen = partition.split(state.params, labels)
+    micro = _split_microbatches(batch, microbatches)
+    first = jax.tree.map(lambda x: x[0], micro)
+    _, aux_shape = jax.eval_shape(lambda: objective(spec.bind(state.params), first)[1:])
+
+    def accumulate(sums, microbatch):
+      (l, (w, a)), g = grad_fn(trainable, frozen, microbatch)
+      return jax.tree.map(jnp.add, sums, (g, l, w, a)), None
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         (trainable, jnp.zeros(()), jnp.zeros(()), aux_shape))
+    (grad_sums, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(accumulate, zeros, micro)
+
+    denom = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sums)
+    # set_to_zero ignores the frozen entries; XLA drops these zeros, they only complete the tree.
+    full_grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen)}
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = {'loss': loss_sum / denom, 'grad_norm': optax.global_norm(grads),
+               'lr': schedule(state.step), 'tokens': weight_sum,
+               **{k: v / denom for k, v in aux_sums.items()}}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def make_eval_step(spec: ModelSpec, objective):
+  """eval(params, batch) -> {'loss_sum', 'weight_sum'}; summed over batches by the caller."""
+
+  def eval_step(params, batch):
+    loss_sum, weight_sum, _ = objective(spec.bind(params), batch)
+    return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+
+  return eval_step
