@@ -80,17 +80,21 @@ def state_shardings(abstract_state: TrainState, param_shardings: dict, mesh) -> 
                     opt_state=jax.tree_util.tree_map_with_path(for_leaf, abstract_state.opt_state))
 
 
-def create_train_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules, rng):
-  """(state placed on the mesh, its shardings). Nothing is materialised unsharded."""
+def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules):
+  """(init(rng) -> state placed on the mesh, abstract state, shardings).
+
+  The state is known as shapes first; `init` is jitted with the shardings as outputs, so no
+  array is ever materialised whole on one device.
+  """
   param_sh = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
 
   def init(rng):
     params = spec.init(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = state_shardings(abstract, param_sh, mesh)
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+  return jax.jit(init, out_shardings=shardings), abstract, shardings
 
 
 def abstract_with_shardings(tree, shardings):

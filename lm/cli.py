@@ -1,0 +1,101 @@
+"""`lm SUBCOMMAND ...`: the thin entry point. Each subcommand parses flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lm.errors import UserError
+
+USAGE = """usage: lm <command> [options]
+
+commands:
+  train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
+  bench     lm bench --config configs/bench_tiny.py [--steps N] [--no-hf]
+  eval      (not built yet: evaluation arrives with the evaluation issue)
+  generate  (not built yet: generation arrives with the evaluation issue)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that raises UserError (one line) instead of printing usage and exiting."""
+
+  def error(self, message):
+    raise UserError(f'{self.prog}: {message}')
+
+
+def _config_from_args(args, overrides):
+  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.load_config(args.config)
+  for key, value in config_lib.parse_overrides(overrides):
+    config_lib.apply_override(cfg, key, value)
+  config_lib.validate(cfg)
+  return cfg
+
+
+def cmd_train(argv):
+  parser = _Parser(prog='lm train', allow_abbrev=False)
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:arg]')
+  parser.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
+  parser.add_argument('--no-progress', action='store_true')
+  args, overrides = parser.parse_known_args(argv)
+  cfg = _config_from_args(args, overrides)
+  from lm import distributed, train  # pylint: disable=import-outside-toplevel
+  distributed.maybe_initialize()
+  summary = train.train(cfg, args.workdir, progress=not args.no_progress)
+  print(f'done: step {summary["step"]}, loss {summary.get("loss", float("nan")):.4f}, held-out '
+        f'perplexity {summary["eval_perplexity"]:.2f} vs unigram baseline '
+        f'{summary["unigram_perplexity"]:.2f}; run directory {args.workdir}')
+  return 0
+
+
+def cmd_bench(argv):
+  parser = _Parser(prog='lm bench', allow_abbrev=False)
+  parser.add_argument('what', nargs='?', default='train', help='train (default) | attention')
+  parser.add_argument('--config', default='configs/bench_tiny.py')
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--no-hf', action='store_true', help='skip the HF transformers comparison')
+  args, overrides = parser.parse_known_args(argv)
+  if args.what == 'attention':
+    from lm.kernels import bench as attention_bench  # pylint: disable=import-outside-toplevel
+    return attention_bench.main(overrides)
+  if args.what != 'train':
+    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train or attention')
+  cfg = _config_from_args(args, overrides)
+  from lm import bench  # pylint: disable=import-outside-toplevel
+  bench.run(cfg, steps=args.steps, compare_hf=not args.no_hf)
+  return 0
+
+
+def _not_built(what):
+  def cmd(argv):
+    del argv
+    raise UserError(f'{what} is not built yet in this version of lm')
+  return cmd
+
+
+COMMANDS = {
+    'train': cmd_train,
+    'bench': cmd_bench,
+    'eval': _not_built('lm eval (evaluation)'),
+    'generate': _not_built('lm generate (sampling with a KV cache)'),
+}
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if not argv or argv[0] in ('-h', '--help', 'help'):
+    print(USAGE)
+    return 0
+  command = COMMANDS.get(argv[0])
+  try:
+    if command is None:
+      raise UserError(f'unknown command {argv[0]!r}; run `lm --help` for the list')
+    return command(argv[1:])
+  except UserError as e:
+    print(f'lm: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())
