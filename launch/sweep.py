@@ -225,14 +225,25 @@ def _num(x):
   return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def summarize_run(run: common.Run, exit_code: int | None = None) -> dict:
-  """Final and best metrics of one run."""
+def _overrides_text(overrides) -> str:
+  return ' '.join(f'{k}={common.format_value(v)}' for k, v in overrides)
+
+
+def shared_overrides(runs: list[common.Run]) -> list:
+  """Overrides every run has (with the same value): listed once, above the table."""
+  if len(runs) < 2:
+    return []
+  return [kv for kv in runs[0].overrides if all(kv in r.overrides for r in runs[1:])]
+
+
+def summarize_run(run: common.Run, exit_code: int | None = None, shared=()) -> dict:
+  """Final and best metrics of one run (`shared` overrides are left out of its row)."""
   recs = read_metrics(run.workdir)
   train = [(r.get('step'), _num(r['loss'])) for r in recs if _num(r.get('loss')) is not None]
   evals = [r for r in recs if _num(r.get('eval_loss')) is not None]
   steps = [r['step'] for r in recs if _num(r.get('step')) is not None]
   row = dict(name=run.name,
-             overrides=' '.join(f'{k}={common.format_value(v)}' for k, v in run.overrides),
+             overrides=_overrides_text([kv for kv in run.overrides if kv not in shared]),
              steps=max(steps) if steps else None,
              final_loss=train[-1][1] if train else None,
              best_eval_loss=None, best_eval_perplexity=None, best_eval_step=None)
@@ -310,11 +321,14 @@ def plot(runs: list[common.Run], path: str, title: str = '') -> str:
 def write_summary(workdir: str, runs: list[common.Run], codes: dict | None = None) -> tuple[str, str]:
   """Writes WORKDIR/summary.md (and .json) and WORKDIR/summary.png; returns the .md and .png paths."""
   codes = codes or {}
-  rows = [summarize_run(run, codes.get(run.name)) for run in runs]
+  shared = shared_overrides(runs)
+  rows = [summarize_run(run, codes.get(run.name), shared) for run in runs]
   os.makedirs(workdir, exist_ok=True)
   md = os.path.join(workdir, 'summary.md')
   with open(md, 'w') as f:
     f.write(f'# Sweep {os.path.basename(os.path.normpath(workdir))}\n\n')
+    if shared:
+      f.write(f'Every run: `{_overrides_text(shared)}`\n\n')
     f.write(summary_table(rows))
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(rows, f, indent=1)
@@ -342,10 +356,16 @@ def main(argv=None, command: Callable[[str, common.Run], list[str]] | None = Non
                  help='run only these runs (repeatable)')
   p.add_argument('--python', default=None, help='interpreter for local runs (default: this one)')
   p.add_argument('--restarts', type=int, default=0, help='local runs: re-runs after a failure')
+  p.add_argument('--summary-dir', default=None,
+                 help='where summary.md/png go (default: WORKDIR, or ./sweeps/NAME when WORKDIR '
+                      'is a gs:// URL)')
   args, rest = p.parse_known_args(argv)
   overrides, backend_args = common.split_overrides(rest)
 
   runs = expand(load_hyper(args.config), args.workdir, overrides)
+  summary_dir = args.summary_dir or (
+      os.path.join('sweeps', os.path.basename(args.workdir.rstrip('/')))
+      if '://' in args.workdir else args.workdir)
   if args.only:
     unknown = sorted(set(args.only) - {r.name for r in runs})
     if unknown:
@@ -353,7 +373,7 @@ def main(argv=None, command: Callable[[str, common.Run], list[str]] | None = Non
     runs = [r for r in runs if r.name in args.only]
 
   if args.summarize_only:
-    md, png = write_summary(args.workdir, runs)
+    md, png = write_summary(summary_dir, runs)
     print(open(md).read() + f'\nwrote {md} and {png}')
     return 0
 
@@ -379,7 +399,7 @@ def main(argv=None, command: Callable[[str, common.Run], list[str]] | None = Non
       cmd = command or (lambda c, r: default_command(c, r, args.python))
       for r in runs:
         print(common.join(cmd(args.config, r)))
-    print(f'# then: {args.workdir}/summary.md and {args.workdir}/summary.png')
+    print(f'# then: {summary_dir}/summary.md and {summary_dir}/summary.png')
     return 0
 
   if args.slurm:
@@ -394,7 +414,7 @@ def main(argv=None, command: Callable[[str, common.Run], list[str]] | None = Non
     cmd = command or (lambda c, r: default_command(c, r, args.python))
     codes = run_local(args.config, runs, cmd, restarts=args.restarts)
     rc = max(codes.values(), default=0)
-  md, png = write_summary(args.workdir, runs, codes)
+  md, png = write_summary(summary_dir, runs, codes)
   print(open(md).read() + f'\nwrote {md} and {png}')
   return rc
 

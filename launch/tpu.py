@@ -17,7 +17,7 @@ Steps, each a `gcloud` command that `--dry-run` prints instead of running:
 3. Run the same `lm train` command on all workers at once with
    `gcloud compute tpus tpu-vm ssh NAME --worker=all --command ...`, with `LM_DISTRIBUTED=1`:
    JAX detects the TPU slice topology itself and `jax.distributed.initialize()` needs no
-   addresses. Each worker appends its output to `~/lm_launch/logs/train-$(hostname).log`, and
+   addresses. Each worker appends its output to `~/lm_launch/logs/RUN-$(hostname).log`, and
    `--output-directory` keeps a local copy of each worker's output per attempt under `--log-dir`.
 4. On failure, check the slice's state. A preempted slice (anything but READY) is deleted,
    re-created and set up again when this launcher provisioned it; then `lm train` runs again on
@@ -141,7 +141,7 @@ class Tpu:
       env[k] = v
     argv = common.train_command(remote_config, run.workdir, run.overrides, python=self.o.tpu_python)
     return (f'cd {REMOTE_DIR} && {common.env_prefix(env)}{common.join(argv)} 2>&1 '
-            f'| tee -a logs/train-$(hostname).log; exit ${{PIPESTATUS[0]}}')
+            f'| tee -a logs/{shlex.quote(run.name)}-$(hostname).log; exit ${{PIPESTATUS[0]}}')
 
   def run(self, config: str, run: common.Run, attempt: int = 0) -> list[str]:
     return self.ssh(self.train(config, run), output_dir=self.attempt_log_dir(run, attempt))
@@ -159,8 +159,9 @@ class Tpu:
 def dry_run_lines(opts, config: str, runs: list[common.Run], provision=True, teardown=True):
   t = Tpu(opts)
   out = []
-  if not runs[0].workdir.startswith('gs://'):
-    out.append(f'# warning: workdir {runs[0].workdir} is not on GCS; a preempted worker loses it')
+  if not runs[0].workdir.startswith(('gs://', '/')):
+    out.append(f'# warning: workdir {runs[0].workdir} is relative: it would sit on each worker\'s '
+               'own disk, which a preemption loses; use a shared mount or gs://')
   if provision and (opts.create or opts.queued):
     out += [common.join(c) for c in t.create()]
     if opts.queued:
