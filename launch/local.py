@@ -59,6 +59,7 @@ def _run_once(args, procs) -> int:
     log = None
     if args.log:
       root, ext = os.path.splitext(args.log)
+      os.makedirs(os.path.dirname(os.path.abspath(args.log)), exist_ok=True)
       log = open(f'{root}.{i}{ext or ".log"}', 'ab')
     running.append((subprocess.Popen(argv, env={**os.environ, **env}, stdout=log,
                                      stderr=subprocess.STDOUT if log else None), log))
