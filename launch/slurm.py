@@ -40,6 +40,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   g.add_argument('--gpus-per-node', type=int, default=8)
   g.add_argument('--per', choices=('gpu', 'node'), default='gpu',
                  help='one process per GPU (default) or one per node driving all its GPUs')
+  g.add_argument('--gres', action='store_true',
+                 help='ask for GPUs as --gres=gpu:N instead of --gpus-per-node=N (older clusters)')
   g.add_argument('--job-name', default='lm')
   g.add_argument('--partition', default=None)
   g.add_argument('--account', default=None)
@@ -70,7 +72,7 @@ def sbatch_script(opts, config: str, runs: list[common.Run], log_dir: str) -> st
       f'--job-name={opts.job_name}',
       f'--nodes={opts.nodes}',
       f'--ntasks-per-node={ntasks}',
-      f'--gpus-per-node={opts.gpus_per_node}',
+      f'--gres=gpu:{opts.gpus_per_node}' if opts.gres else f'--gpus-per-node={opts.gpus_per_node}',
   ]
   if opts.cpus_per_task:
     sb.append(f'--cpus-per-task={opts.cpus_per_task}')

@@ -150,10 +150,10 @@ def test_slurm_dry_run_prints_script_and_submit_commands(capsys):
 def test_slurm_one_process_per_node(capsys):
   out = _dry(slurm.main, ['--config', 'configs/quickstart.py', '--workdir', '/shared/runs/q',
                           '--nodes', '4', '--per', 'node', '--account', 'proj',
-                          '--sbatch-option=--exclusive', '--dry-run'], capsys)
+                          '--sbatch-option=--exclusive', '--gres', '--dry-run'], capsys)
   lines = out.splitlines()
   assert '#SBATCH --ntasks-per-node=1' in lines
-  assert '#SBATCH --gpus-per-node=8' in lines
+  assert '#SBATCH --gres=gpu:8' in lines
   assert '#SBATCH --account=proj' in lines
   assert '#SBATCH --exclusive' in lines
   assert ("srun --kill-on-bad-exit=1 bash -c 'export LM_PROCESS_ID=$SLURM_PROCID "
@@ -409,7 +409,8 @@ def test_sweep_dry_run_local(capsys):
   ]
 
 
-def test_sweep_dry_run_slurm_array(capsys):
+def test_sweep_dry_run_slurm_array(capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
   out = _dry(sweep.main, ['--config', 'configs/sweep_lr.py', '--workdir', '/shared/s', '--slurm',
                           '--gpus-per-node', '1', '--max-parallel', '2', '--dry-run'], capsys)
   lines = out.splitlines()
@@ -422,7 +423,8 @@ def test_sweep_dry_run_slurm_array(capsys):
                         '# then: /shared/s/summary.md and /shared/s/summary.png']
 
 
-def test_sweep_dry_run_tpu(capsys):
+def test_sweep_dry_run_tpu(capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
   out = _dry(sweep.main, ['--config', 'configs/sweep_lr.py', '--workdir', 'gs://b/s', '--tpu',
                           '--name', 't', '--zone', 'z', '--dry-run'], capsys)
   train_lines = [l for l in out.splitlines() if 'lm train' in l]
