@@ -3,7 +3,8 @@
 What differs between pretraining, fine-tuning, LoRA and preference tuning arrives as inputs built
 elsewhere: the objective (lm/objectives.py), the parameter labels (lm/partition.py) and the
 optimizer built over them (lm/optim.py). The gradient is taken only with respect to the trainable
-parameters, so frozen ones cost neither gradient memory nor optimizer state.
+parameters, so frozen ones cost neither gradient memory nor optimizer state. A step whose loss or
+gradient is not finite, or whose loss spikes, leaves the state as it was (lm/guard.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import guard as guard_lib
 from lm import partition
 from lm.state import ModelSpec, TrainState
 
@@ -26,7 +28,8 @@ def _split_microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, labels: dict, microbatches: int = 1):
+                    schedule: optax.Schedule, labels: dict, microbatches: int = 1, *,
+                    spike_zscore: float = 0.0):
   """Returns step(state, batch) -> (state, metrics). Jit it with shardings and donate the state."""
 
   def loss_sums(trainable, frozen, batch):
@@ -57,10 +60,12 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    metrics = {'loss': loss_sum / denom, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(state.step), 'tokens': weight_sum,
-               **{k: v / denom for k, v in aux_sums.items()}}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+    ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore)
+    params, opt_state = guard_lib.select(ok, (params, opt_state), (state.params, state.opt_state))
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': weight_sum,
+               **{k: v / denom for k, v in aux_sums.items()}, **guard_lib.metrics(ok, guard)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
   return step
 
