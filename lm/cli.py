@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm.errors import UserError
+from lm.errors import EXIT_USER_ERROR, RunStopped, UserError
 
 USAGE = """usage: lm <command> [options]
 
@@ -41,7 +41,7 @@ def cmd_train(argv):
   args, overrides = parser.parse_known_args(argv)
   cfg = _config_from_args(args, overrides)
   from lm import distributed, train  # pylint: disable=import-outside-toplevel
-  distributed.maybe_initialize()
+  distributed.maybe_initialize(cfg.distributed)
   summary = train.train(cfg, args.workdir, progress=not args.no_progress)
   print(f'done: step {summary["step"]}, loss {summary.get("loss", float("nan")):.4f}, held-out '
         f'perplexity {summary["eval_perplexity"]:.2f} vs unigram baseline '
@@ -94,7 +94,10 @@ def main(argv=None) -> int:
     return command(argv[1:])
   except UserError as e:
     print(f'lm: error: {e}', file=sys.stderr)
-    return 2
+    return EXIT_USER_ERROR
+  except RunStopped as e:  # preempted or diverged: exit codes in lm/errors.py, docs/reliability.md
+    print(f'lm: stopped: {e}', file=sys.stderr)
+    return e.exit_code
 
 
 if __name__ == '__main__':
