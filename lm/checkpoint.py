@@ -164,7 +164,10 @@ class Checkpointer:
     wanted = dict(_flat_shapes(target))
     missing = sorted(set(wanted) - set(saved_flat))
     extra = sorted(set(saved_flat) - set(wanted))
-    wrong = sorted(k for k in set(wanted) & set(saved_flat) if wanted[k] != saved_flat[k])
+    params_first = lambda k: (not k.startswith('params.'), k)  # pylint: disable=unnecessary-lambda-assignment
+    missing, extra = sorted(missing, key=params_first), sorted(extra, key=params_first)
+    wrong = sorted((k for k in set(wanted) & set(saved_flat) if wanted[k] != saved_flat[k]),
+                   key=params_first)
     if missing or extra or wrong:
       if wrong:
         what = f'{wrong[0]} is {saved_flat[wrong[0]]} there but {wanted[wrong[0]]} here'
@@ -179,7 +182,11 @@ class Checkpointer:
   def _set_aside(self, step: int) -> str:
     src = rundir.inside(self.directory, str(step))
     dst_dir = rundir.inside(self.workdir, UNREADABLE)
-    dst = os.path.join(dst_dir, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    dst, n = os.path.join(dst_dir, f'{step}-{stamp}'), 0
+    while os.path.exists(dst):
+      n += 1
+      dst = os.path.join(dst_dir, f'{step}-{stamp}-{n}')
     if jax.process_index() == 0:
       os.makedirs(dst_dir, exist_ok=True)
       os.replace(src, dst)
@@ -206,4 +213,5 @@ def _flat_shapes(tree):
 
 
 def _first_line(e: Exception) -> str:
-  return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:200]}'
+  text = (str(e).strip().splitlines() or [''])[0].split('. See full TensorStore details')[0]
+  return f'{type(e).__name__}: {text[:200]}'

@@ -166,7 +166,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise
   except Exception as e:  # pylint: disable=broad-except
     where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
-    first = (str(e).splitlines() or [''])[0]
+    first = e.msg if isinstance(e, SyntaxError) else (str(e).splitlines() or [''])[0]
     raise ConfigError(f'config {spec!r} failed to load: {type(e).__name__}{where}: {first}; '
                       'fix the file or its argument') from None
   if not isinstance(cfg, ml_collections.ConfigDict):
@@ -220,7 +220,9 @@ def _parse_like(node, leaf, text, dotted):
     return value
   except (ValueError, SyntaxError):
     name = getattr(field_type, '__name__', str(field_type))
-    raise ConfigError(f'--config.{dotted}={text!r} is not a valid {name}') from None
+    hint = {bool: '; use true or false', int: '; use a whole number', float: '; use a number'}.get(
+        field_type, '; use a Python literal')
+    raise ConfigError(f'--config.{dotted}={text!r} is not a valid {name}{hint}') from None
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -267,7 +269,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{key}={_get(cfg, key)} must not be negative')
   m = cfg.model
   if m.n_heads % m.n_kv_heads:
-    raise ConfigError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
+    raise ConfigError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}; '
+                      'choose n_kv_heads that divides n_heads')
   if not m.head_dim and m.d_model % m.n_heads:
     raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; '
                       'set model.head_dim explicitly')
@@ -278,7 +281,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.remat={cfg.model.remat!r}; choose none, full, dots or dots_no_batch')
   if cfg.train.microbatches < 1 or cfg.data.batch_size % cfg.train.microbatches:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
-                      f'train.microbatches={cfg.train.microbatches}')
+                      f'train.microbatches={cfg.train.microbatches}; use a divisor of the batch size')
 
 
 def head_dim(m) -> int:

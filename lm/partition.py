@@ -42,7 +42,8 @@ def labels(param_names, spec: str) -> dict[str, str]:
   is_trainable = predicate(spec)
   out = {name: TRAINABLE if is_trainable(name) else FROZEN for name in param_names}
   if TRAINABLE not in out.values():
-    raise ConfigError(f'train.trainable={spec!r} selects no parameters; nothing would train')
+    raise ConfigError(f'train.trainable={spec!r} selects no parameters, so nothing would train; '
+                      'match the pattern against names such as layers.attn.q.kernel')
   return out
 
 

@@ -66,9 +66,10 @@ def _checkpoint_steps(workdir: str) -> set[str]:
 
 
 @contextlib.contextmanager
-def removed_on_user_error(workdir: str, *, is_main: bool = True):
+def removed_on_user_error(workdir: str, *, is_main: bool = True, keep=('checkpoints-unreadable',)):
   """On a UserError, removes whatever appeared in `workdir` during the block (the directory itself
-  if it was created), unless a checkpoint was written: a run that failed to start leaves nothing."""
+  if it was created), unless a checkpoint was written: a run that failed to start leaves nothing.
+  Entries named in `keep` (checkpoints set aside as unreadable) stay for inspection."""
   existed = os.path.isdir(workdir)
   before = set(os.listdir(workdir)) if existed else set()
   steps_before = _checkpoint_steps(workdir)
@@ -76,7 +77,7 @@ def removed_on_user_error(workdir: str, *, is_main: bool = True):
     yield
   except UserError:
     if is_main and os.path.isdir(workdir) and _checkpoint_steps(workdir) <= steps_before:
-      for name in set(os.listdir(workdir)) - before:
+      for name in set(os.listdir(workdir)) - before - set(keep):
         path = os.path.join(workdir, name)
         if os.path.isdir(path) and not os.path.islink(path):
           shutil.rmtree(path, ignore_errors=True)
