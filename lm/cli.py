@@ -51,17 +51,26 @@ def cmd_train(argv):
 
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
-  parser.add_argument('what', nargs='?', default='train', help='train (default) | attention')
+  parser.add_argument('what', nargs='?', default='train',
+                      help='train (default) | attention | checkpoint (save/restore times)')
   parser.add_argument('--config', default='configs/bench_tiny.py')
+  parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--no-hf', action='store_true', help='skip the HF transformers comparison')
   args, overrides = parser.parse_known_args(argv)
   if args.what == 'attention':
     from lm.kernels import bench as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
-  if args.what != 'train':
-    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train or attention')
+  if args.what not in ('train', 'checkpoint'):
+    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train, attention or checkpoint')
   cfg = _config_from_args(args, overrides)
+  if args.model_preset:
+    from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+    config_lib.model_config(args.model_preset)  # a clear error for an unknown name
+    cfg.model.update(config_lib.MODEL_PRESETS[args.model_preset])
+  if args.what == 'checkpoint':
+    from lm import checkpoint_bench  # pylint: disable=import-outside-toplevel
+    return checkpoint_bench.main(cfg)
   from lm import bench  # pylint: disable=import-outside-toplevel
   bench.run(cfg, steps=args.steps, compare_hf=not args.no_hf)
   return 0
