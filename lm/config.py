@@ -77,6 +77,22 @@ def base_config() -> ml_collections.ConfigDict:
       seq_len=256,
       batch_size=8,  # global batch, in sequences
       seed=0,
+      # Data pipeline (docs/data.md). train_files/eval_files also take tfds:NAME[:SPLIT] and
+      # builtin:python-docs; data.tokenizer also takes a tokenizer.json or its folder.
+      format='text',  # text | alpaca | chat | preference
+      fields='',  # column mapping for jsonl/json/parquet records, e.g. 'instruction=question,output=answer'
+      chat_template='auto',  # auto (the tokenizer's own, else plain) | llama3 | chatml | gemma | mistral | plain | tokenizer | PATH.jinja
+      train_on='assistant',  # loss on: assistant (every reply) | last (last reply) | all tokens
+      truncate='prompt',  # an example over seq_len: prompt (cut the prompt, keep the answer) | skip | fail
+      packing='auto',  # auto (text: stream, sft: whole, preference: none) | stream | whole | none
+      bad_records='fail',  # malformed lines, missing fields, bad UTF-8: fail | skip (and count)
+      text_split='paragraph',  # text files: documents are paragraph (blank-line separated) | line | file
+      tfds_data_dir=config_dict.placeholder(str),  # TFDS data_dir; None: TFDS's default
+      eval_max_examples=2000,  # cap on held-out records when eval_files is unset
+      # Several sources: ({'train_files': ..., 'weight': 0.8, 'format': 'alpaca'}, ...); each entry
+      # may also set name, eval_files, fields, text_field, chat_template, ... (pipeline.SOURCE_KEYS).
+      mixture=(),
+      prefetch=2,  # batches prepared ahead in a background thread; 0: none
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
