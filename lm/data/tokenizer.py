@@ -1,7 +1,7 @@
 """Tokenizers: SentencePiece `.model` files and Hugging Face `tokenizer.json`, behind one interface.
 
 Both classes offer `vocab_size`, `bos_id`, `eos_id`, `pad_id`, `encode`, `encode_batch`, `decode`,
-`token_to_id` and `token_string`. Special tokens are never added implicitly: `encode` returns the
+`token_to_id`, `token_string` and `is_special`. Special tokens are never added implicitly: `encode` returns the
 text's ids and adds BOS/EOS only when asked, and special-token strings inside the text ("</s>",
 "<|im_end|>") stay plain text unless `specials=True` (used for rendered chat templates only, so a
 document that quotes a marker cannot inject one).
@@ -72,6 +72,9 @@ class Tokenizer:
   def token_string(self, i: int) -> str:
     return self.sp.IdToPiece(int(i))
 
+  def is_special(self, i: int) -> bool:
+    return bool(self.sp.IsControl(int(i)))
+
   def encode(self, text: str, *, bos: bool = False, eos: bool = False,
              specials: bool = False) -> list[int]:
     if specials and self._control_re is not None:
@@ -111,6 +114,7 @@ class HFTokenizer:
     except Exception as e:  # the Rust side raises a bare Exception
       raise DataError(f'{file} is not a Hugging Face tokenizer.json ({str(e)[:200]})') from None
     self.plain.encode_special_tokens = True
+    self._special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
     self.config = {}
     config_file = os.path.join(os.path.dirname(file), 'tokenizer_config.json')
     if os.path.isfile(config_file):
@@ -143,6 +147,9 @@ class HFTokenizer:
 
   def token_string(self, i: int) -> str:
     return self.tok.id_to_token(int(i))
+
+  def is_special(self, i: int) -> bool:
+    return int(i) in self._special_ids
 
   def encode(self, text: str, *, bos: bool = False, eos: bool = False,
              specials: bool = False) -> list[int]:
