@@ -47,7 +47,7 @@ def _base_optimizer(opt_cfg, schedule, mask):
     return optax.adafactor(schedule, weight_decay_rate=opt_cfg.weight_decay or None,
                            weight_decay_mask=mask)
   if name == 'sgd':
-    return optax.sgd(schedule, momentum=opt_cfg.b1)
+    return optax.sgd(schedule, momentum=opt_cfg.b1 or None)
   raise ConfigError(f'optimizer.name={name!r}; choose adamw, adafactor, lion or sgd')
 
 

@@ -57,7 +57,7 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    metrics = {'loss': loss_sum / denom, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss_sum / denom, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state.step), 'tokens': weight_sum,
                **{k: v / denom for k, v in aux_sums.items()}}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -23,7 +23,6 @@ from lm import objectives, optim, partition
 from lm import sharding as sharding_lib
 from lm.checkpoint import Checkpointer
 from lm.data import pipeline
-from lm.errors import ConfigError
 from lm.metrics import MetricWriter
 from lm.state import ModelSpec, train_state_factory
 from lm.step import make_eval_step, make_train_step
@@ -146,19 +145,19 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   bar = tqdm(total=total, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
              desc='train')
   summary = {}
-  pending, window_start, window_tokens = None, time.perf_counter(), 0
+  # Throughput over the steps since the last log line (evaluation time excluded).
+  pending, window_start, window_step = None, time.perf_counter(), start
 
   def report(step, metrics):
-    nonlocal window_start, window_tokens
+    nonlocal window_start, window_step
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    now = time.perf_counter()
     if step % cfg.train.log_every == 0 or step == total:
-      elapsed = max(now - window_start, 1e-9)
-      tokens_per_s = window_tokens / elapsed
+      now = time.perf_counter()
+      tokens_per_s = (step - window_step) * B * T / max(now - window_start, 1e-9)
       metrics.update(tokens_per_s=tokens_per_s,
                      mfu=tokens_per_s * flops_per_token / peak_total)
       metrics.update(train_iter.metrics())  # per-source tokens, skipped/truncated records
-      window_start, window_tokens = now, 0
+      window_start, window_step = now, step
       writer.write(step, metrics)
       bar.set_postfix(loss=f'{metrics["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}',
                       mfu=f'{metrics["mfu"]:.1%}', refresh=False)
@@ -167,7 +166,6 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   for step in range(start, total):
     batch = trainer.global_batch(next(train_iter))
     state, metrics = trainer.step(state, batch)
-    window_tokens += B * T
     # Fetch the previous step's metrics only after the next step is dispatched.
     if pending is not None:
       report(*pending)
@@ -182,7 +180,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
       summary.update(eval_metrics)
       _log(f'step {done}: loss {summary["loss"]:.4f}, held-out perplexity '
            f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})')
-      window_start, window_tokens = time.perf_counter(), 0
+      window_start, window_step = time.perf_counter(), done
     if done % cfg.train.checkpoint_every == 0 or done == total:
       ckpt.save(done, state, train_iter.get_state())
   if pending is not None:

@@ -1,0 +1,49 @@
+"""Tests run on 8 virtual CPU devices so sharded code paths run everywhere (CI has no accelerator)."""
+
+import os
+import sys
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.environ.get('LM_SHARED_DATA', os.path.join(ROOT, '..', 'shared', 'data'))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lm import config as config_lib  # noqa: E402
+
+
+def tiny_config(**model):
+  """A model small enough that a step compiles and runs in about a second."""
+  c = config_lib.base_config()
+  c.model.update(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                 max_seq_len=64)
+  c.model.update(model)
+  c.data.update(seq_len=16, batch_size=8)
+  c.optimizer.update(lr=1e-2, warmup_steps=0, schedule='constant')
+  c.train.update(steps=10)
+  c.mesh.shape.update(data=1)
+  return c
+
+
+def random_batch(c, seed=0, docs_per_row=1):
+  """Random tokens; with docs_per_row > 1, rows are packed with that many equal documents."""
+  rng = np.random.default_rng(seed)
+  B, T = c.data.batch_size, c.data.seq_len
+  tokens = rng.integers(0, c.model.vocab_size, (B, T + 1), dtype=np.int32)
+  seg = np.repeat(np.arange(1, docs_per_row + 1), -(-T // docs_per_row))[:T]
+  segment_ids = np.broadcast_to(seg, (B, T)).astype(np.int32)
+  pos = np.concatenate([np.arange(np.sum(seg == s)) for s in range(1, docs_per_row + 1)])
+  weights = np.ones((B, T), np.float32)
+  weights[:, :-1] *= (seg[1:] == seg[:-1])
+  return {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': weights,
+          'segment_ids': segment_ids.copy(), 'positions': np.broadcast_to(pos, (B, T)).astype(np.int32)}
+
+
+@pytest.fixture
+def cfg():
+  return tiny_config()
