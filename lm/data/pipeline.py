@@ -273,29 +273,23 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
                     int(_get(data_cfg, 'prefetch', 2)))
   eval_rows, sample_rows, notes = [], [], {}
   for s, src in enumerate(loaded):
-    held_out = grain.MapDataset.source(src.eval).map(src.encoder)
-    rows = packing.pack_all(src.packer(held_out, data_cfg.seq_len, tokenizer.pad_id, finite=True,
-                                       n_records=len(src.eval)))
-    if rows is None:
-      raise DataError(f'{src.spec.name}: none of the {len(src.eval)} held-out records gave an '
-                      'example; check data.format and data.fields, or set data.eval_files')
-    eval_rows.append(rows)
     # A sample in training order: shows the data encodes at all, and what packing achieves.
     n = min(len(src.train), SAMPLE_RECORDS)
-    sample = train.shuffled(s)[:n].map(src.encoder)
-    packer = src.packer(sample, data_cfg.seq_len, tokenizer.pad_id, finite=True, n_records=n)
-    rows = packing.pack_all(packer)
-    counts = {k: v for k, v in packer.counts.items() if k != 'tokens'}
+    rows, counts = _pack_finite(src, train.shuffled(s)[:n], n, data_cfg.seq_len, tokenizer.pad_id)
     if rows is None:
       raise DataError(f'{src.spec.name}: no usable examples in the first {n} records '
-                      f'({", ".join(f"{v} {k}" for k, v in counts.items()) or "all empty"}); '
-                      'the data is empty after filtering: check data.format, data.fields, '
-                      'data.seq_len and data.truncate')
+                      f'({_counts_text(counts) or "all empty"}); the data is empty after filtering: '
+                      'check data.format, data.fields, data.seq_len and data.truncate')
     sample_rows.append(rows)
-    load_notes = src.train.skipped_summary()
-    sample_notes = ', '.join(f'{v} {k}' for k, v in sorted(counts.items()))
-    notes[src.spec.name] = '; '.join(t for t in (load_notes, sample_notes and
-                                                 f'{sample_notes} in the first {n} records') if t)
+    notes[src.spec.name] = '; '.join(t for t in (src.train.skipped_summary(), counts and
+                                                 f'{_counts_text(counts)} in the first {n} records') if t)
+    rows, counts = _pack_finite(src, grain.MapDataset.source(src.eval), len(src.eval),
+                                data_cfg.seq_len, tokenizer.pad_id)
+    if rows is None:
+      raise DataError(f'{src.spec.name}: none of the {len(src.eval)} held-out records gave an '
+                      f'example ({_counts_text(counts) or "all empty"}); set data.eval_files or '
+                      'raise data.eval_fraction')
+    eval_rows.append(rows)
   eval_all = {k: np.concatenate([r[k] for r in eval_rows]) for k in eval_rows[0]}
   sample_all = {k: np.concatenate([r[k] for r in sample_rows]) for k in sample_rows[0]}
   prefix = 'chosen_' if train.pairs else ''
@@ -305,6 +299,17 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
   counts = counts.astype(np.float64) + 1.0
   return Corpus(train=train, eval=eval_all, unigram_log_probs=np.log(counts / counts.sum()),
                 sample_efficiency=packing.packing_efficiency(sample_all), notes=notes)
+
+
+def _pack_finite(src: Source, records: grain.MapDataset, n: int, seq_len: int, pad_id: int):
+  """All rows of n records (None if none) and the counts of what was skipped or truncated."""
+  packer = src.packer(records.map(src.encoder), seq_len, pad_id, finite=True, n_records=n)
+  rows = packing.pack_all(packer)
+  return rows, {k: v for k, v in packer.counts.items() if k != 'tokens'}
+
+
+def _counts_text(counts: dict) -> str:
+  return ', '.join(f'{v} {k}' for k, v in sorted(counts.items()))
 
 
 def unigram_perplexity(corpus: Corpus) -> float:
@@ -392,6 +397,9 @@ class BatchIterator:
     del shuffle  # training batches are always shuffled; eval uses fixed-order rows
     if isinstance(data, dict):
       data = _RowsData(data, 0 if seed is None else seed)
+    elif seed is not None and seed != data.seed:
+      data = dataclasses.replace(data, seed=seed, mixture=mixture.Mixture(
+          data.mixture.names, data.mixture.weights, seed))
     if global_batch % process_count:
       raise DataError(f'data.batch_size={global_batch} is not divisible by {process_count} processes')
     self.data, self.global_batch = data, global_batch

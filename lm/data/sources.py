@@ -240,7 +240,7 @@ def _read_text(path, f, raw, policy, text_split, out):
   else:  # paragraphs: blank-line separated; remember each one's first line
     pieces, line = [], 1
     for block in text.split('\n\n'):
-      lead = len(block) - len(block.lstrip('\n'))
+      lead = block[:len(block) - len(block.lstrip())].count('\n')
       pieces.append((block, line + lead))
       line += block.count('\n') + 2
   for doc, line in pieces:
