@@ -61,6 +61,10 @@ def segments(rows: dict, prefix: str = ''):
       where = np.flatnonzero(seg_BT[r] == s)
       ids = np.concatenate([rows[prefix + 'tokens'][r, where[:1]], rows[prefix + 'targets'][r, where]])
       trained = np.concatenate([[False], rows[prefix + 'weights'][r, where] > 0])
+      after = where[-1] + 1
+      if (after < seg_BT.shape[1] and seg_BT[r, after] != 0
+          and rows[prefix + 'tokens'][r, after] == ids[-1] and not trained[-1]):
+        ids, trained = ids[:-1], trained[:-1]  # stream packing: that target opens the next segment
       yield r, ids, trained
 
 
