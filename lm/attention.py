@@ -63,7 +63,7 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True,
   run, e.g. cached decoding with explicit positions).
   """
   if segment_ids_BT is not None or softcap or q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
-    impl = 'pallas' if pallas_supported(q_BTHK, k_BSGK, **kwargs) else 'xla'
+    impl = choose_implementation(q_BTHK, k_BSGK, **kwargs)
     return attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, implementation=impl, causal=causal,
                      window=window, softcap=softcap, **kwargs)
   if kwargs:
@@ -104,6 +104,7 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
   """Dispatches to the implementation named in `model.attention`."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention={implementation!r}; choose one of {IMPLEMENTATIONS}')
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}  # e.g. q_positions_BT=None
   if implementation == 'auto':
     extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap')}
     implementation = choose_implementation(q_BTHK, k_BSGK, **extra)
