@@ -106,7 +106,8 @@ def test_documents_do_not_interact():
   seg = packed_segments(B, T, (64, 64), 0)
   q2 = q.at[:, 64:].set(jax.random.normal(jax.random.key(9), (B, 64, H, K)))
   run = value_and_grads(
-      lambda q, k, v: flash_attention(q, k, v, seg, blocks=BLOCKS['gpu'], interpret=True))
+      lambda q, k, v: flash_attention(q, k, v, seg, lowering='tpu', blocks=BLOCKS['tpu'],
+                                      interpret=True))
   a, b = run(q, k, v, cotangent), run(q2, k, v, cotangent)
   np.testing.assert_array_equal(a[0][:, :64], b[0][:, :64])
   np.testing.assert_array_equal(a[2][:, :64], b[2][:, :64])  # dK of document 1
