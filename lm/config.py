@@ -55,7 +55,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       compute_dtype='float32',
       remat='none',  # none | full | dots | dots_no_batch
       scan_layers=True,  # lax.scan over stacked layers: compile time independent of depth
-      attention='auto',  # auto | xla | cudnn (| pallas, see lm/kernels)
+      attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
   ))
   m.update(MODEL_PRESETS[preset])
   return m
