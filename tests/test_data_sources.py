@@ -122,6 +122,13 @@ def test_tfds_source_through_array_record_without_tensorflow(tmp_path):
   corpus = pipeline.build_corpus(cfg.data, tokenizer_lib.Tokenizer(tokenizer_path()))
   batch = next(pipeline.BatchIterator(corpus.train, 4, 0))
   assert batch['tokens'].shape == (4, 64) and corpus.eval['tokens'].shape[0] >= 1
+  # Records read lazily (TFDS) are checked when encoded: bad ones fail, or are skipped and counted.
+  with pytest.raises(DataError, match="no field 'instruction'.*record starts"):
+    pipeline.build_corpus(data_config(train_files=f'tfds:{name}', format='alpaca',
+                                      tfds_data_dir=str(tmp_path)).data, tokenizer_lib.Tokenizer(tokenizer_path()))
+  with pytest.raises(DataError, match='no usable examples.*bad records'):
+    pipeline.build_corpus(data_config(train_files=f'tfds:{name}', format='alpaca', bad_records='skip',
+                                      tfds_data_dir=str(tmp_path)).data, tokenizer_lib.Tokenizer(tokenizer_path()))
   with pytest.raises(DataError, match='cannot open TFDS dataset'):
     sources.load('tfds:no_such_dataset', data_dir=str(tmp_path))
 
@@ -140,3 +147,16 @@ def test_records_without_and_subset_keep_provenance(tmp_path):
   assert kept.where(2) == f'{path}:6'
   sub = records.subset(np.array([9, 0]))
   assert [sub[i]['text'] for i in range(2)] == ['doc 9', 'doc 0'] and sub.where(0) == f'{path}:10'
+
+
+@needs_shared
+def test_text_records_missing_their_field_or_empty(tmp_path):
+  path = tmp_path / 'docs.jsonl'
+  path.write_text('{"text": "a fine document"}\n{"text": ""}\n{"body": "no text field"}\n'
+                  + ''.join(json.dumps({'text': f'document {i}'}) + '\n' for i in range(20)))
+  tok = tokenizer_lib.Tokenizer(tokenizer_path())
+  with pytest.raises(DataError, match=rf"{path}:3: no string field 'text'.*data.text_field"):
+    pipeline.build_corpus(data_config(train_files=str(path)).data, tok)
+  corpus = pipeline.build_corpus(data_config(train_files=str(path), bad_records='skip').data, tok)
+  assert len(corpus.train.sources[0].train) + len(corpus.train.sources[0].eval) == 21
+  assert '1 empty documents' in corpus.describe() and "no string field 'text'" in corpus.describe()

@@ -60,6 +60,7 @@ class Encoder:
   train_on: str = 'assistant'
   truncate: str = 'prompt'
   chunk_text: bool = False  # cut long text documents into seq_len + 1 pieces (non-stream packing)
+  bad_records: str = 'fail'  # a malformed record met while training: fail | skip
 
   def __post_init__(self):
     if self.format not in FORMATS:
@@ -121,8 +122,13 @@ class Encoder:
   def __call__(self, record):
     try:
       content = self.parse(record)
-    except DataError as e:
-      return [], 'bad records: ' + str(e).removeprefix('record: ').split(';')[0]
+    except chat.EmptyContent:
+      return [], SKIP_EMPTY
+    except DataError as e:  # in-memory sources were checked at load; this is a lazy (TFDS) one
+      if self.bad_records == 'fail':
+        raise DataError(f'{e} (record starts {str(record)[:80]!r}); fix the data or set '
+                        'data.bad_records=skip') from None
+      return [], 'bad records'
     if self.format == 'text':
       return self._text(content)
     if self.format == 'preference':

@@ -212,7 +212,7 @@ class BinPacker(_Packer):
   def _advance(self):
     """The next item reference, or None at the end of a finite lane."""
     j, i = self.pos
-    if i > 0 and i >= len(self._items(j)):
+    if i > 0 and i >= len(self._items(j, count=False)):  # record j was counted when first read
       j, i = j + 1, 0
     if i == 0:
       j = self._next_nonempty(j)

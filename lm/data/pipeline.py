@@ -189,7 +189,7 @@ class Source:
 
 def _validated(records: sources.Records, encoder: formats.Encoder, policy: str) -> sources.Records:
   """Checks in-memory records up front, so a bad record fails now with its file and line."""
-  if not isinstance(records.items, list) or encoder.format == 'text':
+  if not isinstance(records.items, list):
     return records
   return records.filter(encoder.check, policy)
 
@@ -198,7 +198,8 @@ def load_source(spec: SourceSpec, data_cfg, tokenizer) -> Source:
   chunk = spec.format == 'text' and spec.pack_mode != 'stream'
   encoder = formats.Encoder(spec.format, tokenizer, data_cfg.seq_len, fields=spec.fields,
                             text_field=spec.text_field, chat_template=spec.chat_template,
-                            train_on=spec.train_on, truncate=spec.truncate, chunk_text=chunk)
+                            train_on=spec.train_on, truncate=spec.truncate, chunk_text=chunk,
+                            bad_records=spec.bad_records)
   records = _validated(_load(spec, spec.train_files), encoder, spec.bad_records)
   if not len(records):
     raise DataError(f'{spec.train_files}: no usable records ({records.skipped_summary() or "empty"})')
@@ -248,7 +249,7 @@ class TrainData:
 class Corpus:
   train: TrainData
   eval: dict  # packed held-out rows
-  unigram_log_probs: np.ndarray  # [V] add-one smoothed, from a sample of training tokens
+  unigram_log_probs: np.ndarray  # [V] add-one smoothed, from a sample of trained target tokens
   sample_efficiency: float  # packing efficiency on the sample
   notes: dict  # source name -> counts of skipped/truncated records in the sample and at load
 
@@ -293,8 +294,7 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
   eval_all = {k: np.concatenate([r[k] for r in eval_rows]) for k in eval_rows[0]}
   sample_all = {k: np.concatenate([r[k] for r in sample_rows]) for k in sample_rows[0]}
   prefix = 'chosen_' if train.pairs else ''
-  seg = sample_all[prefix + 'segment_ids']
-  tokens = sample_all[prefix + 'tokens'][seg != 0]
+  tokens = sample_all[prefix + 'targets'][sample_all[prefix + 'weights'] > 0]  # what the loss sees
   counts = np.bincount(tokens.astype(np.int64), minlength=tokenizer.vocab_size)[:tokenizer.vocab_size]
   counts = counts.astype(np.float64) + 1.0
   return Corpus(train=train, eval=eval_all, unigram_log_probs=np.log(counts / counts.sum()),
