@@ -359,21 +359,3 @@ def load(spec: str, *, text_split: str = 'paragraph', bad_records: str = 'fail',
     return read_tfds(spec, data_dir)
   return read_files(spec, text_split=text_split, bad_records=bad_records)
 
-
-def read_documents(spec: str, text_field: str = 'text') -> list[str]:
-  """All non-empty documents named by `spec`: text files' documents, or records' `text_field`."""
-  records = load(spec)
-  docs = []
-  for i in range(len(records)):
-    record = records[i]
-    value = record.get(text_field)
-    if value is None and list(record) == ['text']:  # a text file's document
-      value = record['text']
-    if not isinstance(value, str):
-      raise DataError(f'{records.where(i)}: no string field {text_field!r} (has {sorted(record)}); '
-                      'set data.text_field')
-    if value.strip():
-      docs.append(value)
-  if not docs:
-    raise DataError(f'{spec}: no non-empty documents found')
-  return docs
