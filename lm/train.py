@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lm import config as config_lib
 from lm import flops as flops_lib
-from lm import objectives, optim, partition
+from lm import objectives, optim, partition, pretrained
 from lm import sharding as sharding_lib
 from lm.checkpoint import Checkpointer
 from lm.data import pipeline
@@ -33,28 +33,36 @@ class Trainer:
   """A model, its optimizer and its jitted step on a mesh, built from a config."""
 
   def __init__(self, cfg, *, objective=None, devices=None):
+    pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
     config_lib.validate(cfg)
     self.cfg = cfg
     self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
-    self.spec = ModelSpec(cfg.model)
+    # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
+    reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
+    self.spec = ModelSpec(cfg.model, reference=reference)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
-    self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps)
+    self.row_masks = partition.layer_masks(self.spec.shapes, cfg.train.trainable)
+    self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
+                                                  self.row_masks)
     self.init, self.abstract_state, self.shardings = train_state_factory(
         self.spec, self.tx, self.mesh, rules)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
-    self.objective = objective or objectives.next_token_xent
+    self.objective = objective or objectives.from_config(cfg)
     self.step = jax.jit(
         make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
-                        cfg.train.microbatches),
+                        cfg.train.microbatches, seed=cfg.train.seed),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0)
     self.eval_step = jax.jit(make_eval_step(self.spec, self.objective),
                              in_shardings=(self.shardings.params, self.batch_sharding))
 
   def init_state(self, seed: int | None = None):
-    return self.init(jax.random.key(self.cfg.train.seed if seed is None else seed))
+    rng = jax.random.key(self.cfg.train.seed if seed is None else seed)
+    if self.cfg.train.init_from:
+      return pretrained.init_state(self, rng)
+    return self.init(rng)
 
   def global_batch(self, local_batch: dict) -> dict:
     """This process's rows -> one global array per key, sharded along the data axes."""
@@ -64,10 +72,9 @@ class Trainer:
             for k, v in local_batch.items()}
 
   def trainable_summary(self) -> str:
-    sizes = {n: int(np.prod(s.shape)) for n, s in self.spec.shapes.items()}
-    total = sum(sizes.values())
-    trainable = sum(v for n, v in sizes.items() if self.labels[n] == partition.TRAINABLE)
-    return f'{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)'
+    trainable, total = partition.trainable_count(self.spec.shapes, self.labels, self.row_masks)
+    return (f'{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%, '
+            f'train.trainable={self.cfg.train.trainable})')
 
   def evaluate(self, params, rows: dict, max_batches: int) -> dict:
     """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`."""
@@ -102,6 +109,7 @@ def _log(msg: str) -> None:
 
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the configured training; returns the final metrics."""
+  pretrained.resolve_config(cfg)
   config_lib.validate(cfg)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
