@@ -10,10 +10,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lm import hf, lora
@@ -126,3 +128,29 @@ def init_state(trainer, rng) -> TrainState:
   loaded_shardings = {n: trainer.shardings.params[n] for n in loaded}
   return jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=trainer.shardings,
                  donate_argnums=1)(rng, loaded)
+
+
+def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: str = 'float32') -> str:
+  """An lm run's latest weights as a Hugging Face model directory (LoRA adapters merged in), or,
+  with `adapters_only`, its adapters as a PEFT directory. Returns a one-line description."""
+  from lm import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  if kind(run_dir) != 'lm':
+    raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
+  model_cfg = ml_collections.ConfigDict(_run_model_config(run_dir))
+  spec = ModelSpec(model_cfg)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1), ('data', 'fsdp', 'tensor'))
+  rules = (('embed', 'fsdp'), ('vocab', None), ('mlp', None), ('heads', None), ('kv_heads', None))
+  shardings = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
+  base_names = [n for n in spec.names if not is_adapter(n)]
+  base, adapters = _restore_lm_params(run_dir, base_names, spec.shapes, shardings)
+  if adapters_only:
+    lora.save_peft(out, adapters, model_cfg, base_model=os.path.abspath(run_dir))
+    return f'{len(adapters)} adapter arrays (rank {model_cfg.lora.rank}) -> {out} (PEFT format)'
+  if adapters:
+    base = lora.merge({**base, **adapters}, model_cfg.lora)
+  hf.save(out, base, lora.without_adapters(model_cfg), dtype=dtype)
+  tokenizer = os.path.join(run_dir, 'tokenizer.model')
+  if os.path.isfile(tokenizer) and jax.process_index() == 0:
+    shutil.copyfile(tokenizer, os.path.join(out, 'tokenizer.model'))
+  merged = ' with its LoRA adapters merged' if adapters else ''
+  return f'{hf.family_of(model_cfg)} model{merged} -> {out} (config.json + safetensors)'
