@@ -13,6 +13,7 @@ commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
   bench     lm bench [train|finetune|attention] --config configs/bench_tiny.py [--steps N] [--no-hf]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
+  data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
   eval      (not built yet: evaluation arrives with the evaluation issue)
   generate  (not built yet: generation arrives with the evaluation issue)
 """
@@ -84,6 +85,20 @@ def cmd_export(argv):
   return 0
 
 
+def cmd_data(argv):
+  parser = _Parser(prog='lm data', allow_abbrev=False)
+  parser.add_argument('what', choices=['show'], help='show: rendered examples with the loss mask')
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:arg]')
+  parser.add_argument('--workdir', help='reuse (or train into) this run\'s tokenizer')
+  parser.add_argument('--examples', type=int, default=3)
+  parser.add_argument('--batches', type=int, default=8, help='batches measured for packing')
+  args, overrides = parser.parse_known_args(argv)
+  cfg = _config_from_args(args, overrides)
+  from lm.data import show  # pylint: disable=import-outside-toplevel
+  show.show(cfg, workdir=args.workdir, examples=args.examples, batches=args.batches)
+  return 0
+
+
 def _not_built(what):
   def cmd(argv):
     del argv
@@ -95,6 +110,7 @@ COMMANDS = {
     'train': cmd_train,
     'bench': cmd_bench,
     'export': cmd_export,
+    'data': cmd_data,
     'eval': _not_built('lm eval (evaluation)'),
     'generate': _not_built('lm generate (sampling with a KV cache)'),
 }

@@ -69,7 +69,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       compute_dtype='float32',
       remat='none',  # none | full | dots | dots_no_batch
       scan_layers=True,  # lax.scan over stacked layers: compile time independent of depth
-      attention='auto',  # auto | xla | cudnn (| pallas, see lm/kernels)
+      attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
   ))
   m.update(MODEL_PRESETS[preset])
   return m
@@ -81,16 +81,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config('tiny')
 
   c.data = ml_collections.ConfigDict(dict(
-      train_files=config_dict.placeholder(str),  # path, glob, or comma-separated list
+      train_files=config_dict.placeholder(str),  # path, glob, comma-separated list, tfds:NAME[:SPLIT], builtin:python-docs (docs/data.md)
       eval_files=config_dict.placeholder(str),  # None: hold out `eval_fraction` of documents
       eval_fraction=0.05,
       text_field='text',  # jsonl/json field holding the document text
-      tokenizer=config_dict.placeholder(str),  # a SentencePiece .model; None: train one into the workdir
+      tokenizer=config_dict.placeholder(str),  # a SentencePiece .model, a tokenizer.json or its folder; None: train one into the workdir
       tokenizer_vocab_size=2048,
       tokenizer_model_type='bpe',  # bpe | unigram (only used when training one)
       seq_len=256,
       batch_size=8,  # global batch, in sequences
       seed=0,
+      # Data pipeline: docs/data.md.
+      format='text',  # text | alpaca | chat | preference
+      fields='',  # column mapping for jsonl/json/parquet records, e.g. 'instruction=question,output=answer'
+      chat_template='auto',  # auto (the tokenizer's own, else plain) | llama3 | chatml | gemma | mistral | plain | tokenizer | PATH.jinja
+      train_on='assistant',  # loss on: assistant (every reply) | last (last reply) | all tokens
+      truncate='prompt',  # an example over seq_len: prompt (cut the prompt, keep the answer) | skip | fail
+      packing='auto',  # auto (text: stream, sft: whole, preference: none) | stream | whole | none
+      bad_records='fail',  # malformed lines, missing fields, bad UTF-8: fail | skip (and count)
+      text_split='paragraph',  # text files: documents are paragraph (blank-line separated) | line | file
+      tfds_data_dir=config_dict.placeholder(str),  # TFDS data_dir; None: TFDS's default
+      eval_max_examples=2000,  # cap on held-out records when eval_files is unset
+      # Several sources: ({'train_files': ..., 'weight': 0.8, 'format': 'alpaca'}, ...); each entry
+      # may also set name, eval_files, fields, text_field, chat_template, ... (pipeline.SOURCE_KEYS).
+      mixture=(),  # weighted sources, each a dict of data keys; () reads train_files
+      prefetch=2,  # batches prepared ahead in a background thread; 0: none
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -262,3 +277,40 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.n_heads
+
+
+def reference_markdown() -> str:
+  """docs/config_reference.md: every key of base_config() with its default and its comment."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  comments = {}
+  for line in inspect.getsource(base_config).splitlines() + inspect.getsource(model_config).splitlines():
+    m = re.match(r"\s*(\w+)=.*?#\s*(.*)$", line)
+    if m:
+      comments.setdefault(m.group(1), m.group(2))
+  lines = ['# Configuration reference', '',
+           'Generated from `lm/config.py` by `python -m lm.config > docs/config_reference.md`; '
+           'a test keeps it in sync. Every key can be overridden on the command line as '
+           '`--config.SECTION.KEY=VALUE`.', '']
+  cfg = base_config()
+  for section in cfg.keys():
+    lines += [f'## `{section}`', '', '| key | default | notes |', '|---|---|---|']
+    for key, value in _flat_items(cfg[section]):
+      note = comments.get(key.split('.')[-1], '').replace('|', '\\|')
+      shown = repr(value).replace('|', '\\|')
+      lines.append(f'| `{section}.{key}` | `{shown}` | {note} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def _flat_items(node, prefix=''):
+  for key in node.keys():
+    value = node[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat_items(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+if __name__ == '__main__':
+  print(reference_markdown())
