@@ -62,8 +62,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           alpha=16.0,  # scale = alpha / rank (alpha / sqrt(rank) with rslora)
           dropout=0.0,  # dropout on the adapter's input, in training only
           rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
-          # Regex searched in layer names: layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, lm_head.
-          targets=r'layers\.(attn|mlp)\.',
+          targets=r'layers\.(attn|mlp)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, lm_head
       )),
       param_dtype='float32',
       compute_dtype='float32',
@@ -134,9 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
       objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
-      # Starting weights: an lm run directory (its latest checkpoint) or a Hugging Face model
-      # directory (config.json + *.safetensors). The model's shape comes from there.
-      init_from=config_dict.placeholder(str),
+      init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
   ))
 
   c.dpo = ml_collections.ConfigDict(dict(
