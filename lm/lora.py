@@ -59,9 +59,12 @@ def _apply(params: dict, adapter: dict, s: float, sign: float) -> dict:
     kernel = module + '.kernel'
     a, b = adapter[module + '.lora_a'], adapter[module + '.lora_b']
     stacked = module.startswith('layers.')
+    sharding = getattr(params[kernel], 'sharding', None)
+    if isinstance(sharding, jax.sharding.NamedSharding):  # adapters may live elsewhere: replicate
+      a, b = jax.device_put((a, b), jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     fn = jax.jit(lambda w, a, b: (w.astype(jnp.float32) + sign * delta(
         a.astype(jnp.float32), b.astype(jnp.float32), s, stacked)).astype(w.dtype),
-                 out_shardings=getattr(params[kernel], 'sharding', None))
+                 out_shardings=sharding)
     out[kernel] = fn(params[kernel], a, b)
   return out
 

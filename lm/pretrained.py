@@ -60,10 +60,11 @@ def resolve_config(cfg) -> None:
   for key, value in fields.items():
     cfg.model[key] = value
   if not cfg.data.tokenizer:
-    for candidate in ('tokenizer.model', 'tokenizer.json'):
-      if os.path.isfile(os.path.join(source, candidate)):
-        cfg.data.tokenizer = os.path.join(source, candidate)
-        break
+    # A HF tokenizer.json (its folder also holds the chat template) before a SentencePiece model.
+    if os.path.isfile(os.path.join(source, 'tokenizer.json')):
+      cfg.data.tokenizer = source
+    elif os.path.isfile(os.path.join(source, 'tokenizer.model')):
+      cfg.data.tokenizer = os.path.join(source, 'tokenizer.model')
 
 
 def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dict) -> tuple[dict, dict]:
@@ -84,7 +85,8 @@ def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dic
   if missing:
     raise CheckpointError(f'{item}: parameter {missing[0]!r} is missing; the run has another model')
   target, args = {}, {}
-  replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  mesh = next(iter(shardings.values())).mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   for n in wanted:
     if n in spec_shapes and tuple(saved[n].shape) != tuple(spec_shapes[n].shape):
       raise CheckpointError(f'{item}: parameter {n!r} has shape {tuple(saved[n].shape)}, expected '

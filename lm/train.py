@@ -88,8 +88,9 @@ class Trainer:
 
 
 def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=0, process_count=1):
-  """Fixed-order batches; the last is padded with zero-weight rows so no held-out row is lost."""
-  n = len(rows['tokens'])
+  """Fixed-order batches; the last is padded with zero-weight rows so no held-out row is lost.
+  Preference rows (chosen_* / rejected_*) have their weights zeroed alike."""
+  n = len(next(iter(rows.values())))
   n_batches = min(max_batches, -(-n // global_batch))
   local = global_batch // process_count
   for b in range(n_batches):
@@ -97,7 +98,9 @@ def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=
     valid = idx < n
     idx = np.where(valid, idx, 0)
     batch = {k: v[idx] for k, v in rows.items()}
-    batch['weights'] = batch['weights'] * valid[:, None]
+    for k in batch:
+      if k.endswith('weights'):
+        batch[k] = batch[k] * valid[:, None]
     yield batch
 
 
