@@ -11,7 +11,8 @@ USAGE = """usage: lm <command> [options]
 
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
-  bench     lm bench --config configs/bench_tiny.py [--steps N] [--no-hf]
+  bench     lm bench [train|finetune|attention] --config configs/bench_tiny.py [--steps N] [--no-hf]
+  export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
   eval      (not built yet: evaluation arrives with the evaluation issue)
   generate  (not built yet: generation arrives with the evaluation issue)
@@ -59,11 +60,15 @@ def cmd_bench(argv):
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--no-hf', action='store_true', help='skip the HF transformers comparison')
   args, overrides = parser.parse_known_args(argv)
+  if args.what == 'finetune':
+    from lm import bench_finetune  # pylint: disable=import-outside-toplevel
+    return bench_finetune.main([a for a in argv if a != 'finetune'])
   if args.what == 'attention':
     from lm.kernels import bench as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
   if args.what not in ('train', 'checkpoint'):
-    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train, attention or checkpoint')
+    raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
+                    'choose train, finetune, attention or checkpoint')
   cfg = _config_from_args(args, overrides)
   if args.model_preset:
     from lm import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -74,6 +79,19 @@ def cmd_bench(argv):
     return checkpoint_bench.main(cfg)
   from lm import bench  # pylint: disable=import-outside-toplevel
   bench.run(cfg, steps=args.steps, compare_hf=not args.no_hf)
+  return 0
+
+
+def cmd_export(argv):
+  parser = _Parser(prog='lm export', allow_abbrev=False)
+  parser.add_argument('--workdir', required=True, help='an lm run directory')
+  parser.add_argument('--out', required=True, help='the Hugging Face (or PEFT) directory to write')
+  parser.add_argument('--adapters-only', action='store_true', help='write LoRA adapters for PEFT')
+  parser.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16')
+  args = parser.parse_args(argv)
+  from lm import pretrained  # pylint: disable=import-outside-toplevel
+  print(pretrained.export_run(args.workdir, args.out, adapters_only=args.adapters_only,
+                              dtype=args.dtype))
   return 0
 
 
@@ -101,6 +119,7 @@ def _not_built(what):
 COMMANDS = {
     'train': cmd_train,
     'bench': cmd_bench,
+    'export': cmd_export,
     'data': cmd_data,
     'eval': _not_built('lm eval (evaluation)'),
     'generate': _not_built('lm generate (sampling with a KV cache)'),
