@@ -104,13 +104,22 @@ class Attention(nnx.Module):
     self.o = lin((H, K), (D,), ('heads', 'head_dim'), ('embed',))
     self.implementation = cfg.attention
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
     q_BTHK = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
     k_BTGK = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
     v_BTGK = self.v(x_BTD)
-    out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
-                                       implementation=self.implementation, causal=True)
-    return self.o(out_BTHK)
+    if cache is None:
+      out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
+                                         implementation=self.implementation, causal=True)
+      return self.o(out_BTHK), None
+    # Decoding: write this step's keys/values at slot `index`, attend over the whole cache. The
+    # cache's positions and segment ids (0 = empty or padding) already include this step's.
+    write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache['index'], 1)
+    k_BSGK, v_BSGK = write(cache['k'], k_BTGK), write(cache['v'], v_BTGK)
+    out_BTHK = attention_lib.xla_attention(
+        q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=True, q_positions_BT=positions_BT,
+        kv_positions_BS=cache['positions'], kv_segment_ids_BS=cache['segment_ids'])
+    return self.o(out_BTHK), {'k': k_BSGK, 'v': v_BSGK}
 
 
 class MLP(nnx.Module):
@@ -135,13 +144,19 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
+    h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq, cache)
+    x_BTD = x_BTD + h_BTD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
 class Transformer(nnx.Module):
-  """tokens_BT -> logits_BTV (float32)."""
+  """tokens_BT -> logits_BTV (float32); with a KV cache, -> (logits_BTV, updated cache).
+
+  The cache (lm/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
+  'segment_ids': [B, S] already holding this call's tokens, 'index': slot of this call's first
+  token}; its per-layer k/v travel through the layer scan as inputs and outputs.
+  """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -160,7 +175,7 @@ class Transformer(nnx.Module):
     self.lm_head = None if cfg.tie_embeddings else Linear(
         (D,), (V,), ('embed',), ('vocab',), init_std=0.02, cfg=cfg, rngs=rngs)
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
     cfg = self.cfg
     compute_dtype = jnp.dtype(cfg.compute_dtype)
     if positions_BT is None:
@@ -170,21 +185,31 @@ class Transformer(nnx.Module):
 
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x_BTD, layer_params):
-      block = nnx.merge(graphdef, layer_params)
-      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq), None
+    kv = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+    shared = None if cache is None else {k: v for k, v in cache.items() if k not in ('k', 'v')}
 
-    if cfg.remat != 'none':
+    def layer(x_BTD, xs):
+      layer_params, layer_kv = xs
+      block = nnx.merge(graphdef, layer_params)
+      layer_cache = None if layer_kv is None else {**layer_kv, **shared}
+      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq, layer_cache)
+
+    if cfg.remat != 'none' and cache is None:
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked)
+      x_BTD, kv = jax.lax.scan(layer, x_BTD, (stacked, kv))
     else:
+      outs = []
       for i in range(cfg.n_layers):
-        x_BTD, _ = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], stacked))
+        x_BTD, out = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], (stacked, kv)))
+        outs.append(out)
+      kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
       logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embed[...].astype(compute_dtype))
     else:
       logits_BTV = self.lm_head(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+    if cache is None:
+      return logits_BTV.astype(jnp.float32)
+    return logits_BTV.astype(jnp.float32), {**cache, **kv}
