@@ -14,7 +14,7 @@ PROMPTS = [[5, 9, 14, 3, 7, 30, 2], [11, 4], [8, 8, 21, 40, 17]]
 def _model(**model):
   c = tiny_config(**model)
   spec = ModelSpec(c.model)
-  return c, spec, spec.init(jax.random.key(0))
+  return c, spec, jax.jit(spec.init)(jax.random.key(0))
 
 
 def _left_pad(prompts, P, pad=0):
