@@ -87,6 +87,8 @@ def _stop_length(out_BN, t, stop_ids):
   length_B = jnp.zeros(out_BN.shape[0], jnp.int32)
   for seq in stop_ids:
     m = len(seq)
+    if m > out_BN.shape[1]:
+      continue  # cannot occur within max_new_tokens
     window = jax.lax.dynamic_slice_in_dim(out_BN, jnp.maximum(t + 1 - m, 0), m, axis=1)
     hit_B = (t + 1 >= m) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1)
     length_B = jnp.where(hit_B & (length_B == 0), m, length_B)
@@ -225,6 +227,16 @@ class Generator:
     # the spelling that reproduces the string, or gives up on device-side stopping for it.
     ids = self.tokenizer.encode(text)
     return ids if self.tokenizer.decode(ids) == text else []
+
+
+def read_prompts(path: str) -> list[str]:
+  """One prompt per line, or a `{"prompt": ...}` record per line of a .jsonl file (multi-line prompts)."""
+  import json  # pylint: disable=import-outside-toplevel
+  with open(path, encoding='utf-8') as f:
+    lines = [line.rstrip('\n') for line in f if line.strip()]
+  if path.endswith('.jsonl'):
+    return [json.loads(line)['prompt'] for line in lines]
+  return lines
 
 
 def cut_at_stop(text: str, stop) -> str:

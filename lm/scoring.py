@@ -96,6 +96,21 @@ class Scorer:
     nll = -logp / max(tokens, 1)
     return {'perplexity': math.exp(min(nll, 50.0)), 'nll': nll, 'tokens': tokens}
 
+  def perplexity_of_rows(self, rows: dict, *, batch_size: int = 16) -> dict:
+    """Perplexity of packed rows (lm/data/packing.py: tokens, targets, weights, positions,
+    segment_ids), as the training loop's held-out evaluation computes it."""
+    n = len(rows['tokens'])
+    B = max(self.dp, -(-min(batch_size, n) // self.dp) * self.dp)
+    logp = tokens = 0.0
+    for start in range(0, n, B):
+      idx = np.arange(start, start + B)
+      batch = {k: np.asarray(v)[np.minimum(idx, n - 1)] for k, v in rows.items()}
+      batch['weights'] = batch['weights'] * (idx < n)[:, None]  # the last batch's filler rows
+      lp, count, _ = jax.device_get(self.fn(self.params, batch))
+      logp, tokens = logp + float(lp.sum()), tokens + float(count.sum())
+    nll = -logp / max(tokens, 1.0)
+    return {'perplexity': math.exp(min(nll, 50.0)), 'nll': nll, 'tokens': int(tokens)}
+
   def multiple_choice(self, items: list[tuple[list[int], list[list[int]], int]], *,
                       batch_size: int = 16) -> dict:
     """items: (context ids, option ids, index of the right option). An item counts as right when
