@@ -54,28 +54,66 @@ def make_mask(B, T, S, segment_ids_BT=None, *, causal=True, window=None, q_posit
 
 
 def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
-                    softcap=None, **unused):
-  """cuDNN fused attention; causal and segment masking without a dense mask."""
-  if softcap:
-    raise ValueError("model.attention='cudnn' does not support logit soft-capping; use 'xla'")
-  if segment_ids_BT is not None:
-    # cuDNN takes packed documents as per-token segment ids only via its own layout;
-    # route through the reference rather than build a dense mask.
-    return xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=causal, window=window)
-  local = (window - 1, 0) if window else None
+                    softcap=None, **kwargs):
+  """cuDNN fused attention through jax.nn.dot_product_attention; never a dense mask.
+
+  cuDNN here takes causal masking and a sliding window, but not per-token segment ids (packed
+  documents) or a logit soft-cap, and only fp16/bf16. Those calls go to our Pallas kernel,
+  which expresses them without a mask tensor (or to the XLA reference where Pallas cannot
+  run, e.g. cached decoding with explicit positions).
+  """
+  if segment_ids_BT is not None or softcap or q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
+    impl = choose_implementation(q_BTHK, k_BSGK, **kwargs)
+    return attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, implementation=impl, causal=causal,
+                     window=window, softcap=softcap, **kwargs)
+  if kwargs:
+    raise ValueError(f"model.attention='cudnn' does not take {sorted(kwargs)}; use 'xla'")
+  local = (window - 1, 0) if window and causal else None
   return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=causal,
                                       local_window_size=local, implementation='cudnn')
+
+
+def pallas_supported(q_BTHK, k_BSGK, **kwargs):
+  """Whether lm.kernels.flash_attention can run this call on the current backend."""
+  K = q_BTHK.shape[-1]
+  if kwargs or q_BTHK.shape[1] != k_BSGK.shape[1]:  # explicit positions / cached decoding
+    return False
+  backend = jax.default_backend()
+  if backend == 'gpu':
+    try:
+      from jax.experimental.pallas import triton  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:  # the Triton backend is deprecated in JAX 0.11 and may be removed
+      return False
+    return K & (K - 1) == 0 and 16 <= K <= 256  # Triton loads power-of-two tiles
+  return backend == 'tpu'
+
+
+def choose_implementation(q_BTHK, k_BSGK, **kwargs):
+  """What 'auto' runs: Pallas on one TPU/GPU where it applies, else the XLA reference.
+
+  CPU stays on XLA (Pallas only runs there in the slow interpret mode). With more than one
+  device, 'auto' also stays on XLA: a pallas_call is not partitioned by the SPMD compiler,
+  so it needs a shard_map around it first (see docs/attention.md).
+  """
+  if jax.device_count() == 1 and pallas_supported(q_BTHK, k_BSGK, **kwargs):
+    return 'pallas'
+  return 'xla'
 
 
 def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='auto', **kwargs):
   """Dispatches to the implementation named in `model.attention`."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention={implementation!r}; choose one of {IMPLEMENTATIONS}')
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}  # e.g. q_positions_BT=None
   if implementation == 'auto':
-    implementation = 'xla'
+    extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap')}
+    implementation = choose_implementation(q_BTHK, k_BSGK, **extra)
   if implementation == 'cudnn':
     return cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
   if implementation == 'pallas':
     from lm.kernels import flash_attention  # pylint: disable=import-outside-toplevel
+    extra = sorted(k for k in kwargs if k not in ('causal', 'window', 'softcap'))
+    if extra:
+      raise ValueError(f"model.attention='pallas' does not take {extra}; use 'xla'")
     return flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
   return xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)

@@ -55,7 +55,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       compute_dtype='float32',
       remat='none',  # none | full | dots | dots_no_batch
       scan_layers=True,  # lax.scan over stacked layers: compile time independent of depth
-      attention='auto',  # auto | xla | cudnn (| pallas, see lm/kernels)
+      attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
   ))
   m.update(MODEL_PRESETS[preset])
   return m
@@ -243,3 +243,40 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.n_heads
+
+
+def reference_markdown() -> str:
+  """docs/config_reference.md: every key of base_config() with its default and its comment."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  comments = {}
+  for line in inspect.getsource(base_config).splitlines() + inspect.getsource(model_config).splitlines():
+    m = re.match(r"\s*(\w+)=.*?#\s*(.*)$", line)
+    if m:
+      comments.setdefault(m.group(1), m.group(2))
+  lines = ['# Configuration reference', '',
+           'Generated from `lm/config.py` by `python -m lm.config > docs/config_reference.md`; '
+           'a test keeps it in sync. Every key can be overridden on the command line as '
+           '`--config.SECTION.KEY=VALUE`.', '']
+  cfg = base_config()
+  for section in cfg.keys():
+    lines += [f'## `{section}`', '', '| key | default | notes |', '|---|---|---|']
+    for key, value in _flat_items(cfg[section]):
+      note = comments.get(key.split('.')[-1], '').replace('|', '\\|')
+      shown = repr(value).replace('|', '\\|')
+      lines.append(f'| `{section}.{key}` | `{shown}` | {note} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def _flat_items(node, prefix=''):
+  for key in node.keys():
+    value = node[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat_items(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+if __name__ == '__main__':
+  print(reference_markdown())

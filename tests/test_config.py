@@ -66,3 +66,10 @@ def test_missing_config_file_and_presets():
   assert config_lib.model_config('8b').mlp_dim == 14336
   with pytest.raises(ConfigError, match='unknown model preset'):
     config_lib.model_config('3b')
+
+
+def test_config_reference_doc_is_in_sync():
+  with open(os.path.join(ROOT, 'docs', 'config_reference.md'), encoding='utf-8') as f:
+    on_disk = f.read().strip()
+  assert on_disk == config_lib.reference_markdown().strip(), (
+      'docs/config_reference.md is stale: run `python -m lm.config > docs/config_reference.md`')
