@@ -104,15 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       trainable='all',  # which parameters train; see lm/partition.py
-      # Tasks (lm/tasks.py, comma-separated) run with every held-out evaluation, logged as
-      # `task/metric`; each on its first `eval_task_limit` examples.
-      eval_tasks='',
-      eval_task_limit=50,
-      # Stop when this evaluation metric (`eval_loss`, `gsm8k_nll/answer_perplexity`, ...) has not
-      # improved by `early_stopping_min_delta` in `early_stopping_patience` evaluations; '' never.
-      early_stopping_metric='',
-      early_stopping_patience=3,
-      early_stopping_min_delta=0.0,
+      eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_task_limit=50,  # examples per task at each evaluation
+      early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
+      early_stopping_patience=3,  # evaluations without improvement before stopping
+      early_stopping_min_delta=0.0,  # smallest change that counts as an improvement
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
