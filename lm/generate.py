@@ -17,6 +17,7 @@ exact even where the model spelled the string with other tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 
@@ -146,6 +147,13 @@ def make_generate_fn(spec: ModelSpec, sampling: Sampling, eos_id: int, pad_id: i
   return generate
 
 
+COMPILED: dict = {}  # jitted generate/score functions by (architecture, mesh, shapes, settings)
+
+
+def model_key(spec: ModelSpec) -> str:
+  return json.dumps(spec.cfg.to_dict(), sort_keys=True, default=str)
+
+
 def _bucket(n: int, multiple: int = 32) -> int:
   """Prompt lengths round up so a few compiled shapes serve every batch."""
   return max(multiple, -(-n // multiple) * multiple)
@@ -165,7 +173,6 @@ class Generator:
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
     self.dp = sharding_lib.data_parallel_size(self.mesh, rules)
     self.rules = rules
-    self._compiled = {}
 
   def _cache_sharding(self, B, S):
     m = self.cfg.model
@@ -175,14 +182,17 @@ class Generator:
     return NamedSharding(self.mesh, sharding_lib.fit_spec(spec, shape, self.mesh))
 
   def _fn(self, sampling, stop_ids, B, P):
-    key = (sampling, stop_ids, B, P)
-    if key not in self._compiled:
+    # Shared by every Generator of the same architecture and mesh (base and fine-tuned models
+    # in one comparison compile once).
+    key = ('generate', model_key(self.spec), self.mesh, repr(self.rules), sampling, stop_ids,
+           self.tokenizer.eos_id, self.tokenizer.pad_id, B, P)
+    if key not in COMPILED:
       fn = make_generate_fn(self.spec, sampling, self.tokenizer.eos_id, self.tokenizer.pad_id,
                             stop_ids, self._cache_sharding(B, P + sampling.max_new_tokens))
       shardings = {k: self.param_shardings[k] for k in self.params}
-      self._compiled[key] = jax.jit(
+      COMPILED[key] = jax.jit(
           fn, in_shardings=(shardings, self.batch_sharding, self.batch_sharding, None))
-    return self._compiled[key]
+    return COMPILED[key]
 
   def generate_ids(self, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
                    seed: int = 0, batch_size: int = 32) -> list[list[int]]:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import sharding as sharding_lib
+from lm.generate import COMPILED, model_key
 from lm.state import ModelSpec
 
 
@@ -45,8 +46,11 @@ class Scorer:
     self.params = jax.device_put(params, {k: shardings[k] for k in params})
     self.batch_sharding = sharding_lib.batch_sharding(mesh, rules)
     self.dp = sharding_lib.data_parallel_size(mesh, rules)
-    self.fn = jax.jit(make_score_fn(self.spec),
-                      in_shardings=({k: shardings[k] for k in params}, self.batch_sharding))
+    key = ('score', model_key(self.spec), mesh, repr(rules), tuple(sorted(params)))
+    if key not in COMPILED:
+      COMPILED[key] = jax.jit(make_score_fn(self.spec),
+                              in_shardings=({k: shardings[k] for k in params}, self.batch_sharding))
+    self.fn = COMPILED[key]
 
   def score(self, requests: list[tuple[list[int], list[int]]], *, batch_size: int = 16,
             bucket: int = 64) -> list[tuple[float, int, bool]]:
