@@ -12,6 +12,7 @@ USAGE = """usage: lm <command> [options]
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
   bench     lm bench --config configs/bench_tiny.py [--steps N] [--no-hf]
+            lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
             [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
   eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,wiki_ppl --out DIR [--config configs/eval.py]
@@ -55,7 +56,7 @@ def cmd_train(argv):
 
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
-  parser.add_argument('what', nargs='?', default='train', help='train (default) | attention')
+  parser.add_argument('what', nargs='?', default='train', help='train (default) | attention | decode')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--no-hf', action='store_true', help='skip the HF transformers comparison')
@@ -63,8 +64,12 @@ def cmd_bench(argv):
   if args.what == 'attention':
     from lm.kernels import bench as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
+  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.generate -h)
+    from lm import generate  # pylint: disable=import-outside-toplevel
+    config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
+    return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
   if args.what != 'train':
-    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train or attention')
+    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train, attention or decode')
   cfg = _config_from_args(args, overrides)
   from lm import bench  # pylint: disable=import-outside-toplevel
   bench.run(cfg, steps=args.steps, compare_hf=not args.no_hf)

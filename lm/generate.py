@@ -255,20 +255,38 @@ def cut_at_stop(text: str, stop) -> str:
 
 
 def benchmark(cfg, *, batch_sizes=(1, 8), prompt_len: int = 64, new_tokens: int = 128,
-              reps: int = 3, params=None) -> list[dict]:
+              reps: int = 3, params=None, compare_uncached: bool = False) -> list[dict]:
   """Decode tokens/s of `cfg.model` (random weights unless given): greedy, fixed length (no eos).
-  Decode time is the full generation minus a prefill-only run of the same prompts."""
+  Decode time is the full generation minus a prefill-only run of the same prompts. With
+  `compare_uncached`, also greedy decoding that recomputes the whole forward pass each step."""
   spec = ModelSpec(cfg.model)
   params = params if params is not None else jax.jit(spec.init)(jax.random.key(0))
   full = jax.jit(make_generate_fn(spec, Sampling(max_new_tokens=new_tokens), eos_id=-1, pad_id=0))
   prefill = jax.jit(make_generate_fn(spec, Sampling(max_new_tokens=1), eos_id=-1, pad_id=0))
+
+  @jax.jit
+  def uncached(params, tokens_BP, lengths_B, rng):
+    """The baseline a cache replaces: every step recomputes the full forward pass (fixed length
+    P + N, causal, so the not-yet-generated tail does not affect the logits read)."""
+    del lengths_B, rng
+    B, P = tokens_BP.shape
+    buf = jnp.zeros((B, P + new_tokens), jnp.int32).at[:, :P].set(tokens_BP)
+
+    def body(t, buf):
+      logits_BTV = spec.bind(params)(buf)
+      next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BTV, P + t - 1, 1, False), -1)
+      return jax.lax.dynamic_update_slice_in_dim(buf, next_B[:, None].astype(jnp.int32), P + t, 1)
+
+    return jax.lax.fori_loop(0, new_tokens, body, buf)
+
   rng = np.random.default_rng(0)
   rows = []
   for B in batch_sizes:
     tokens = rng.integers(3, cfg.model.vocab_size, (B, prompt_len), dtype=np.int32)
     args = (params, tokens, np.full((B,), prompt_len, np.int32), jax.random.key(0))
     timings = {}
-    for name, f in (('prefill', prefill), ('total', full)):
+    runs = (('prefill', prefill), ('total', full)) + ((('uncached', uncached),) if compare_uncached else ())
+    for name, f in runs:
       jax.block_until_ready(f(*args))  # compile
       best = math.inf
       for _ in range(reps):
@@ -281,7 +299,8 @@ def benchmark(cfg, *, batch_sizes=(1, 8), prompt_len: int = 64, new_tokens: int 
                  'prefill_ms': timings['prefill'] * 1e3,
                  'decode_tokens_per_s': B * (new_tokens - 1) / decode_s,
                  'ms_per_step': decode_s / (new_tokens - 1) * 1e3,
-                 'end_to_end_tokens_per_s': B * new_tokens / timings['total']})
+                 'end_to_end_tokens_per_s': B * new_tokens / timings['total'],
+                 'uncached_tokens_per_s': B * new_tokens / timings.get('uncached', math.nan)})
   return rows
 
 
@@ -294,15 +313,18 @@ def main(argv=None) -> int:
   parser.add_argument('--batch', default='1,8')
   parser.add_argument('--prompt-len', type=int, default=64)
   parser.add_argument('--new-tokens', type=int, default=128)
+  parser.add_argument('--uncached', action='store_true', help='also time decoding without a cache')
   args = parser.parse_args(argv)
   cfg = config_lib.load_config(args.config)
   print(f'decode bench: {args.config}, {jax.device_count()} x {jax.devices()[0].device_kind}, '
         f'prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, KV cache')
   for r in benchmark(cfg, batch_sizes=tuple(int(b) for b in args.batch.split(',')),
-                     prompt_len=args.prompt_len, new_tokens=args.new_tokens):
+                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     compare_uncached=args.uncached):
     print(f'batch {r["batch"]:3d}: {r["decode_tokens_per_s"]:9,.0f} decode tokens/s '
           f'({r["ms_per_step"]:.2f} ms/step), prefill {r["prefill_ms"]:.1f} ms, '
-          f'end to end {r["end_to_end_tokens_per_s"]:,.0f} tokens/s')
+          f'end to end {r["end_to_end_tokens_per_s"]:,.0f} tokens/s'
+          + (f'; without a cache {r["uncached_tokens_per_s"]:,.0f} tokens/s' if args.uncached else ''))
   return 0
 
 
