@@ -19,6 +19,7 @@ commands:
             [--config.limit=100 --config.shots=2 ...]
   compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
             [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
+  data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
 """
 
 
@@ -177,9 +178,25 @@ def cmd_compare(argv):
   return 0
 
 
+def cmd_data(argv):
+  parser = _Parser(prog='lm data', allow_abbrev=False)
+  parser.add_argument('what', choices=['show'], help='show: rendered examples with the loss mask')
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:arg]')
+  parser.add_argument('--workdir', help='reuse (or train into) this run\'s tokenizer')
+  parser.add_argument('--examples', type=int, default=3)
+  parser.add_argument('--batches', type=int, default=8, help='batches measured for packing')
+  args, overrides = parser.parse_known_args(argv)
+  cfg = _config_from_args(args, overrides)
+  from lm.data import show  # pylint: disable=import-outside-toplevel
+  show.show(cfg, workdir=args.workdir, examples=args.examples, batches=args.batches)
+  return 0
+
+
+
 COMMANDS = {
     'train': cmd_train,
     'bench': cmd_bench,
+    'data': cmd_data,
     'generate': cmd_generate,
     'eval': cmd_eval,
     'compare': cmd_compare,

@@ -67,16 +67,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config('tiny')
 
   c.data = ml_collections.ConfigDict(dict(
-      train_files=config_dict.placeholder(str),  # path, glob, or comma-separated list
+      train_files=config_dict.placeholder(str),  # path, glob, comma-separated list, tfds:NAME[:SPLIT], builtin:python-docs (docs/data.md)
       eval_files=config_dict.placeholder(str),  # None: hold out `eval_fraction` of documents
       eval_fraction=0.05,
       text_field='text',  # jsonl/json field holding the document text
-      tokenizer=config_dict.placeholder(str),  # a SentencePiece .model; None: train one into the workdir
+      tokenizer=config_dict.placeholder(str),  # a SentencePiece .model, a tokenizer.json or its folder; None: train one into the workdir
       tokenizer_vocab_size=2048,
       tokenizer_model_type='bpe',  # bpe | unigram (only used when training one)
       seq_len=256,
       batch_size=8,  # global batch, in sequences
       seed=0,
+      # Data pipeline: docs/data.md.
+      format='text',  # text | alpaca | chat | preference
+      fields='',  # column mapping for jsonl/json/parquet records, e.g. 'instruction=question,output=answer'
+      chat_template='auto',  # auto (the tokenizer's own, else plain) | llama3 | chatml | gemma | mistral | plain | tokenizer | PATH.jinja
+      train_on='assistant',  # loss on: assistant (every reply) | last (last reply) | all tokens
+      truncate='prompt',  # an example over seq_len: prompt (cut the prompt, keep the answer) | skip | fail
+      packing='auto',  # auto (text: stream, sft: whole, preference: none) | stream | whole | none
+      bad_records='fail',  # malformed lines, missing fields, bad UTF-8: fail | skip (and count)
+      text_split='paragraph',  # text files: documents are paragraph (blank-line separated) | line | file
+      tfds_data_dir=config_dict.placeholder(str),  # TFDS data_dir; None: TFDS's default
+      eval_max_examples=2000,  # cap on held-out records when eval_files is unset
+      # Several sources: ({'train_files': ..., 'weight': 0.8, 'format': 'alpaca'}, ...); each entry
+      # may also set name, eval_files, fields, text_field, chat_template, ... (pipeline.SOURCE_KEYS).
+      mixture=(),  # weighted sources, each a dict of data keys; () reads train_files
+      prefetch=2,  # batches prepared ahead in a background thread; 0: none
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(

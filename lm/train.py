@@ -23,7 +23,6 @@ from lm import objectives, optim, partition
 from lm import sharding as sharding_lib
 from lm.checkpoint import Checkpointer
 from lm.data import pipeline
-from lm.errors import ConfigError
 from lm.metrics import MetricWriter
 from lm.state import ModelSpec, train_state_factory
 from lm.step import make_eval_step, make_train_step
@@ -123,9 +122,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
     tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   multihost_utils.sync_global_devices('tokenizer')
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f'tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size='
-                      f'{cfg.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}')
+  pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
   corpus = pipeline.build_corpus(cfg.data, tokenizer)
   trainer = Trainer(cfg)
   if is_main:
@@ -150,9 +147,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   unigram_ppl = pipeline.unigram_perplexity(corpus)
   _log(f'lm: {trainer.spec.param_count():,} parameters on mesh {dict(trainer.mesh.shape)}; '
        f'{trainer.trainable_summary()}')
-  _log(f'data: {len(corpus.train["tokens"]):,} train rows x {T} tokens '
-       f'(packing {pipeline.packing.packing_efficiency(corpus.train):.1%}), '
-       f'{len(corpus.eval["tokens"]):,} held-out rows; vocab {tokenizer.vocab_size}; '
+  _log(f'{corpus.describe()}; vocab {tokenizer.vocab_size}; '
        f'unigram baseline perplexity {unigram_ppl:.2f}')
   _log(f'MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})')
 
@@ -174,6 +169,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
       tokens_per_s = (step - window_step) * B * T / max(now - window_start, 1e-9)
       metrics.update(tokens_per_s=tokens_per_s,
                      mfu=tokens_per_s * flops_per_token / peak_total)
+      metrics.update(train_iter.metrics())  # per-source tokens, skipped/truncated records
       window_start, window_step = now, step
       writer.write(step, metrics)
       bar.set_postfix(loss=f'{metrics["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}',
@@ -212,6 +208,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   if pending is not None:
     report(*pending)
   bar.close()
+  train_iter.close()
 
   if start >= total:
     _log(f'already trained to step {start}; evaluating')

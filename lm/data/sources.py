@@ -1,21 +1,125 @@
-"""Where documents come from: text/jsonl/json files and globs, and a built-in offline corpus.
+"""Where records come from: local files and globs, TFDS datasets, and a built-in offline corpus.
 
-A source yields documents (strings). `builtin:python-docs` is the reference documentation every
-CPython install ships (pydoc_data topics plus the standard library's docstrings), so the
-quickstart needs no download.
+Every source becomes `Records`: random access to dict records (a text file's documents become
+{'text': ...}), each able to say where it came from (`path:line`) for error messages.
+
+  path, glob, or 'a.jsonl,b/*.txt'  .jsonl, .json (a list of records), .parquet, anything else text
+  tfds:NAME[:SPLIT]                  TFDS through its array_record data source (no TensorFlow);
+                                     NAME may carry a config and version, 'wiki40b/en:1.3.0'
+  builtin:python-docs                CPython's own documentation (pydoc topics, stdlib docstrings)
+
+Text files split into documents by `text_split`: 'paragraph' (blank-line separated), 'line', or
+'file'. Malformed lines and non-UTF-8 bytes follow `bad_records`: 'fail' raises a DataError naming
+the file and line; 'skip' drops them and counts them in `Records.skipped`.
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import glob
 import json
 import os
+import re
 import sysconfig
+
+import numpy as np
 
 from lm.errors import DataError
 
 BUILTIN_PREFIX = 'builtin:'
+TFDS_PREFIX = 'tfds:'
+TEXT_SPLITS = ('paragraph', 'line', 'file')
+BAD_RECORD_POLICIES = ('fail', 'skip')
+
+
+class Records:
+  """Random-access records of one source, with provenance and a count of what was skipped."""
+
+  def __init__(self, name: str, items, where, skipped: collections.Counter | None = None,
+               first_skipped: dict | None = None):
+    self.name = name
+    self.items = items  # a list, or any object with __len__ and __getitem__
+    self._where = where
+    self.skipped = skipped if skipped is not None else collections.Counter()
+    self.first_skipped = first_skipped if first_skipped is not None else {}
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.items[i]
+
+  def where(self, i: int) -> str:
+    return self._where(i)
+
+  def skip(self, reason: str, where: str) -> None:
+    self.skipped[reason] += 1
+    self.first_skipped.setdefault(reason, where)
+
+  def skipped_summary(self) -> str:
+    return '; '.join(f'{n} {reason} (first: {self.first_skipped[reason]})'
+                     for reason, n in sorted(self.skipped.items()))
+
+  def subset(self, index: np.ndarray) -> Records:
+    """The records at `index` (an int array), in that order."""
+    index = np.asarray(index, np.int64)
+    return Records(self.name, _Indexed(self.items, index), lambda i: self._where(int(index[i])),
+                   self.skipped, self.first_skipped)
+
+  def without(self, excluded: np.ndarray) -> Records:
+    """All records except the sorted indices `excluded`, in order; O(len(excluded)) memory."""
+    excluded = np.asarray(excluded, np.int64)
+    items = _Complement(self.items, excluded)
+    return Records(self.name, items, lambda i: self._where(items.source_index(i)),
+                   self.skipped, self.first_skipped)
+
+  def filter(self, check, policy: str) -> Records:
+    """Records for which `check(record)` returns None. Otherwise it returns (problem, fatal): a
+    fatal problem is raised under policy 'fail', and every other is counted. Only for in-memory
+    sources: it reads every record."""
+    keep = []
+    for i in range(len(self)):
+      result = check(self[i])
+      if result is None:
+        keep.append(i)
+        continue
+      problem, fatal = result
+      if fatal and policy == 'fail':
+        raise DataError(f'{self.where(i)}: {problem}; fix the record or set data.bad_records=skip')
+      self.skip(problem, self.where(i))
+    return self if len(keep) == len(self) else self.subset(np.asarray(keep, np.int64))
+
+
+class _Indexed:
+
+  def __init__(self, items, index):
+    self.items, self.index = items, index
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i):
+    return self.items[int(self.index[i])]
+
+
+class _Complement:
+  """items minus the sorted positions `excluded`: the i-th kept item is found by binary search."""
+
+  def __init__(self, items, excluded):
+    self.items = items
+    # kept index i maps to i + (number of excluded positions at or before it)
+    self._shifted = excluded - np.arange(len(excluded))
+    self._n = len(items) - len(excluded)
+
+  def __len__(self):
+    return self._n
+
+  def source_index(self, i: int) -> int:
+    return int(i + np.searchsorted(self._shifted, i, side='right'))
+
+  def __getitem__(self, i):
+    return self.items[self.source_index(i)]
 
 
 def expand_files(spec: str) -> list[str]:
@@ -31,48 +135,179 @@ def expand_files(spec: str) -> list[str]:
   return paths
 
 
-def _read_text(path: str) -> str:
-  with open(path, 'rb') as f:
-    raw = f.read()
+def _decode(raw: bytes, path: str, policy: str, records: _FileRecords) -> str:
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise DataError(f'{path}: byte {e.start} is not valid UTF-8; re-encode the file as UTF-8') from None
+    line = raw[:e.start].count(b'\n') + 1
+    if policy == 'fail':
+      raise DataError(f'{path}:{line}: byte {e.start} is not valid UTF-8; re-encode the file as UTF-8 '
+                      'or set data.bad_records=skip') from None
+    records.skip('lines with invalid UTF-8 (bytes replaced)', f'{path}:{line}')
+    return raw.decode('utf-8', errors='replace')
 
 
-def _field(record, field: str, where: str) -> str:
-  if not isinstance(record, dict) or field not in record:
-    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise DataError(f'{where}: no field {field!r} (has {keys}); set data.text_field')
-  value = record[field]
-  if not isinstance(value, str):
-    raise DataError(f'{where}: field {field!r} is {type(value).__name__}, expected a string')
+class _FileRecords:
+  """Accumulates records of several files with (file, line) provenance."""
+
+  def __init__(self):
+    self.items, self.files, self.file_of, self.line_of = [], [], [], []
+    self.skipped, self.first_skipped = collections.Counter(), {}
+
+  def add(self, record, file_index: int, line: int) -> None:
+    self.items.append(record)
+    self.file_of.append(file_index)
+    self.line_of.append(line)
+
+  def skip(self, reason: str, where: str) -> None:
+    self.skipped[reason] += 1
+    self.first_skipped.setdefault(reason, where)
+
+  def where(self, i: int) -> str:
+    f, line = self.files[self.file_of[i]], self.line_of[i]
+    return f'{f}:{line}' if line > 0 else f'{f}[record {-line}]'
+
+
+def _read_jsonl(path, f, raw, policy, out):
+  for lineno, line in enumerate(raw.split(b'\n'), 1):
+    if not line.strip():
+      continue
+    try:
+      text = line.decode('utf-8')
+    except UnicodeDecodeError as e:
+      if policy == 'fail':
+        raise DataError(f'{path}:{lineno}: byte {e.start} of the line is not valid UTF-8; re-encode '
+                        'the file as UTF-8 or set data.bad_records=skip') from None
+      out.skip('lines with invalid UTF-8', f'{path}:{lineno}')
+      continue
+    try:
+      record = json.loads(text)
+    except json.JSONDecodeError as e:
+      if policy == 'fail':
+        raise DataError(f'{path}:{lineno}: malformed JSON ({e.msg}); fix or remove the line, or set '
+                        'data.bad_records=skip') from None
+      out.skip('malformed JSON lines', f'{path}:{lineno}')
+      continue
+    if not isinstance(record, dict):
+      if policy == 'fail':
+        raise DataError(f'{path}:{lineno}: expected a JSON object, got {type(record).__name__}')
+      out.skip('lines that are not JSON objects', f'{path}:{lineno}')
+      continue
+    out.add(record, f, lineno)
+
+
+def _read_json(path, f, raw, policy, out):
+  text = _decode(raw, path, policy, out)
+  try:
+    records = json.loads(text)
+  except json.JSONDecodeError as e:
+    if e.msg == 'Extra data':  # one object per line under a .json name
+      _read_jsonl(path, f, raw, policy, out)
+      return
+    raise DataError(f'{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file') from None
+  if isinstance(records, dict) and len(records) == 1 and isinstance(next(iter(records.values())), list):
+    records = next(iter(records.values()))  # {"data": [...]}
+  if not isinstance(records, list):
+    raise DataError(f'{path}: expected a JSON list of records (or one record per line)')
+  for i, record in enumerate(records):
+    if not isinstance(record, dict):
+      if policy == 'fail':
+        raise DataError(f'{path}[record {i}]: expected a JSON object, got {type(record).__name__}')
+      out.skip('records that are not JSON objects', f'{path}[record {i}]')
+      continue
+    out.add(record, f, -i)
+
+
+def _read_parquet(path, f, out):
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise DataError('reading parquet needs pyarrow: pip install pyarrow') from None
+  try:
+    rows = pq.read_table(path).to_pylist()
+  except Exception as e:  # pyarrow raises several error types for broken files
+    raise DataError(f'{path}: not a readable parquet file ({str(e)[:200]})') from None
+  for i, record in enumerate(rows):
+    out.add(record, f, -i)
+
+
+def _read_text(path, f, raw, policy, text_split, out):
+  text = _decode(raw, path, policy, out)
+  if text_split == 'file':
+    pieces = [(text, 1)]
+  elif text_split == 'line':
+    pieces = [(line, i) for i, line in enumerate(text.split('\n'), 1)]
+  else:  # paragraphs: blank-line separated; remember each one's first line
+    pieces, line = [], 1
+    for block in text.split('\n\n'):
+      lead = block[:len(block) - len(block.lstrip())].count('\n')
+      pieces.append((block, line + lead))
+      line += block.count('\n') + 2
+  for doc, line in pieces:
+    doc = doc.strip()
+    if doc:
+      out.add({'text': doc}, f, line)
+
+
+def read_files(spec: str, *, text_split: str = 'paragraph', bad_records: str = 'fail') -> Records:
+  out = _FileRecords()
+  for f, path in enumerate(expand_files(spec)):
+    out.files.append(path)
+    if path.endswith('.parquet'):
+      _read_parquet(path, f, out)
+      continue
+    with open(path, 'rb') as fh:
+      raw = fh.read()
+    if path.endswith('.jsonl'):
+      _read_jsonl(path, f, raw, bad_records, out)
+    elif path.endswith('.json'):
+      _read_json(path, f, raw, bad_records, out)
+    else:
+      _read_text(path, f, raw, bad_records, text_split, out)
+  return Records(spec, out.items, out.where, out.skipped, out.first_skipped)
+
+
+class _TfdsItems:
+  """A TFDS data source whose bytes fields are decoded to str on access."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return _decode_tfds(self.source[int(i)])
+
+
+def _decode_tfds(value):
+  if isinstance(value, dict):
+    return {k: _decode_tfds(v) for k, v in value.items()}
+  if isinstance(value, bytes):
+    return value.decode('utf-8', errors='replace')
+  if isinstance(value, np.ndarray) and value.dtype == object:
+    return [_decode_tfds(v) for v in value.tolist()]
   return value
 
 
-def read_file(path: str, text_field: str = 'text') -> list[str]:
-  """Documents of one file: jsonl/json records' `text_field`, or blank-line separated paragraphs."""
-  text = _read_text(path)
-  if path.endswith('.jsonl'):
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f'{path}:{lineno}: malformed JSON ({e.msg}); fix or remove the line') from None
-      docs.append(_field(record, text_field, f'{path}:{lineno}'))
-    return docs
-  if path.endswith('.json'):
-    try:
-      records = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise DataError(f'{path}: malformed JSON at line {e.lineno} ({e.msg})') from None
-    if not isinstance(records, list):
-      raise DataError(f'{path}: expected a JSON list of records')
-    return [_field(r, text_field, f'{path}[{i}]') for i, r in enumerate(records)]
-  return [p.strip() for p in text.split('\n\n') if p.strip()]
+def read_tfds(spec: str, data_dir: str | None = None) -> Records:
+  """tfds:NAME[:SPLIT] through `tfds.data_source` (array_record files, random access)."""
+  body = spec[len(TFDS_PREFIX):]
+  name, _, split = body.partition(':')
+  version = re.match(r'\d+\.\d+\.\d+', split)
+  if version:  # tfds:name:1.0.0[:split]
+    name += ':' + version.group(0)
+    split = split[version.end():].lstrip(':')
+  split = split or 'train'
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # TFDS raises many error types for a missing dataset
+    raise DataError(f'{spec}: cannot open TFDS dataset {name!r} split {split!r} in '
+                    f'{data_dir or "the default data_dir"} ({str(e).splitlines()[0][:200]}); prepare '
+                    'it in array_record format (tfds build --file_format=array_record) and set '
+                    'data.tfds_data_dir') from None
+  return Records(spec, _TfdsItems(source), lambda i: f'{spec}[{i}]')
 
 
 def python_docs() -> list[str]:
@@ -102,17 +337,25 @@ def python_docs() -> list[str]:
 BUILTINS = {'python-docs': python_docs}
 
 
-def read_documents(spec: str, text_field: str = 'text') -> list[str]:
-  """All non-empty documents named by `spec` (files, globs, or builtin:NAME)."""
+def read_builtin(spec: str) -> Records:
+  name = spec[len(BUILTIN_PREFIX):]
+  if name not in BUILTINS:
+    raise DataError(f'unknown built-in corpus {spec!r}; choose one of '
+                    f'{[BUILTIN_PREFIX + n for n in BUILTINS]}')
+  docs = [{'text': d} for d in BUILTINS[name]() if d.strip()]
+  return Records(spec, docs, lambda i: f'{spec}[{i}]')
+
+
+def load(spec: str, *, text_split: str = 'paragraph', bad_records: str = 'fail',
+         data_dir: str | None = None) -> Records:
+  """The records named by `spec` (files, globs, tfds:NAME[:SPLIT] or builtin:NAME)."""
+  if text_split not in TEXT_SPLITS:
+    raise DataError(f'data.text_split={text_split!r}; choose one of {TEXT_SPLITS}')
+  if bad_records not in BAD_RECORD_POLICIES:
+    raise DataError(f'data.bad_records={bad_records!r}; choose one of {BAD_RECORD_POLICIES}')
   if spec.startswith(BUILTIN_PREFIX):
-    name = spec[len(BUILTIN_PREFIX):]
-    if name not in BUILTINS:
-      raise DataError(f'unknown built-in corpus {spec!r}; choose one of '
-                      f'{[BUILTIN_PREFIX + n for n in BUILTINS]}')
-    docs = BUILTINS[name]()
-  else:
-    docs = [d for path in expand_files(spec) for d in read_file(path, text_field)]
-  docs = [d for d in docs if d.strip()]
-  if not docs:
-    raise DataError(f'{spec}: no non-empty documents found')
-  return docs
+    return read_builtin(spec)
+  if spec.startswith(TFDS_PREFIX):
+    return read_tfds(spec, data_dir)
+  return read_files(spec, text_split=text_split, bad_records=bad_records)
+

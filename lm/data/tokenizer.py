@@ -1,8 +1,21 @@
-"""SentencePiece tokenizers: load a `.model`, or train one from the corpus."""
+"""Tokenizers: SentencePiece `.model` files and Hugging Face `tokenizer.json`, behind one interface.
+
+Both classes offer `vocab_size`, `bos_id`, `eos_id`, `pad_id`, `encode`, `encode_batch`, `decode`,
+`token_to_id`, `token_string` and `is_special`. Special tokens are never added implicitly: `encode` returns the
+text's ids and adds BOS/EOS only when asked, and special-token strings inside the text ("</s>",
+"<|im_end|>") stay plain text unless `specials=True` (used for rendered chat templates only, so a
+document that quotes a marker cannot inject one).
+
+`bos_id` may be None (Qwen tokenizers define no BOS); `pad_id` is the tokenizer's pad token, else
+0. Padding never reaches the loss (its weight and segment id are 0), so the pad id only needs to be
+a valid index.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 
 import sentencepiece as spm
@@ -11,50 +24,177 @@ from lm.errors import DataError
 
 
 class Tokenizer:
-  """Text <-> ids with explicit BOS/EOS/pad ids."""
+  """A SentencePiece model (`.model`, also MaxText's `tokenizer.default`)."""
+
+  chat_template = None  # SentencePiece files carry no chat template
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
-      raise DataError(f'tokenizer {path!r} not found; pass a SentencePiece .model or leave '
-                      'data.tokenizer unset to train one')
+      raise DataError(f'tokenizer {path!r} not found; pass a SentencePiece .model or tokenizer.json, '
+                      'or leave data.tokenizer unset to train one')
     self.path = path
     self.sp = spm.SentencePieceProcessor()
     try:
       self.sp.Load(path)
     except (OSError, RuntimeError) as e:
-      raise DataError(f'tokenizer {path!r} is not a SentencePiece model ({e})') from None
+      raise DataError(f'tokenizer {path!r} is not a SentencePiece model ({e}); '
+                      'Hugging Face tokenizers are loaded from tokenizer.json') from None
+    # Control pieces (<s>, </s>, ...) are never produced by SentencePiece from text; rendered chat
+    # templates name them as strings, so `encode(..., specials=True)` splits them out first.
+    self._controls = {self.sp.IdToPiece(i): i for i in range(self.sp.GetPieceSize())
+                      if self.sp.IsControl(i)}
+    self._control_re = (re.compile('(' + '|'.join(map(re.escape, sorted(self._controls, key=len,
+                                                                          reverse=True))) + ')')
+                        if self._controls else None)
 
   @property
   def vocab_size(self) -> int:
     return self.sp.GetPieceSize()
 
   @property
-  def bos_id(self) -> int:
-    return self.sp.bos_id()
+  def bos_id(self) -> int | None:
+    return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
 
   @property
-  def eos_id(self) -> int:
-    return self.sp.eos_id()
+  def eos_id(self) -> int | None:
+    return self.sp.eos_id() if self.sp.eos_id() >= 0 else None
 
   @property
   def pad_id(self) -> int:
     # Many models (Llama-2) define no pad piece; padding is masked by weights anyway.
     return max(self.sp.pad_id(), 0)
 
-  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-    ids = self.sp.EncodeAsIds(text)
-    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+  def token_to_id(self, token: str) -> int | None:
+    """The id of `token` if it is one piece of this vocabulary, else None."""
+    i = self.sp.PieceToId(token)
+    return i if self.sp.IdToPiece(i) == token and not self.sp.IsUnknown(i) else None
+
+  def token_string(self, i: int) -> str:
+    return self.sp.IdToPiece(int(i))
+
+  def is_special(self, i: int) -> bool:
+    return bool(self.sp.IsControl(int(i)))
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False,
+             specials: bool = False) -> list[int]:
+    if specials and self._control_re is not None:
+      ids = []
+      for part in self._control_re.split(text):
+        if part in self._controls:
+          ids.append(self._controls[part])
+        elif part:
+          ids.extend(self.sp.EncodeAsIds(part))
+    else:
+      ids = self.sp.EncodeAsIds(text)
+    return _wrap(ids, self.bos_id if bos else None, self.eos_id if eos else None)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return self.sp.EncodeAsIds(texts)
+    return self.sp.EncodeAsIds(list(texts))
 
   def decode(self, ids) -> str:
     return self.sp.DecodeIds([int(i) for i in ids])
 
 
-def train_tokenizer(docs: list[str], path: str, vocab_size: int, model_type: str = 'bpe',
-                    seed: int = 0) -> Tokenizer:
-  """Trains a byte-fallback SentencePiece model on `docs` and writes it atomically to `path`."""
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (Llama-3, Qwen, Mistral, ...) through the `tokenizers` package.
+
+  BOS/EOS/pad and the chat template come from `tokenizer_config.json` next to it when present.
+  """
+
+  def __init__(self, path: str):
+    file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise DataError(f'tokenizer {path!r} not found; pass a tokenizer.json or the folder holding it')
+    import tokenizers  # pylint: disable=import-outside-toplevel
+    self.path = file
+    try:
+      self.tok = tokenizers.Tokenizer.from_file(file)
+      # A second instance that treats special-token strings as text, for documents.
+      self.plain = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # the Rust side raises a bare Exception
+      raise DataError(f'{file} is not a Hugging Face tokenizer.json ({str(e)[:200]})') from None
+    self.plain.encode_special_tokens = True
+    self._special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+    self.config = {}
+    config_file = os.path.join(os.path.dirname(file), 'tokenizer_config.json')
+    if os.path.isfile(config_file):
+      with open(config_file, encoding='utf-8') as f:
+        self.config = json.load(f)
+    self.bos_id = self._config_token('bos_token')
+    self.eos_id = self._config_token('eos_token')
+    if self.eos_id is None:
+      self.eos_id = next((self.tok.token_to_id(t) for t in _EOS_GUESSES
+                          if self.tok.token_to_id(t) is not None), None)
+    pad = self._config_token('pad_token')
+    self.pad_id = 0 if pad is None else pad
+    template = self.config.get('chat_template')
+    if isinstance(template, list):  # [{name, template}, ...]: take the default one
+      template = next((t['template'] for t in template if t.get('name') == 'default'), None)
+    self.chat_template = template
+
+  def _config_token(self, key: str) -> int | None:
+    value = self.config.get(key)
+    if isinstance(value, dict):  # {"content": "<s>", ...} in older configs
+      value = value.get('content')
+    return self.tok.token_to_id(value) if isinstance(value, str) else None
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tok.get_vocab_size(with_added_tokens=True)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self.tok.token_to_id(token)
+
+  def token_string(self, i: int) -> str:
+    return self.tok.id_to_token(int(i))
+
+  def is_special(self, i: int) -> bool:
+    return int(i) in self._special_ids
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False,
+             specials: bool = False) -> list[int]:
+    tok = self.tok if specials else self.plain
+    ids = tok.encode(text, add_special_tokens=False).ids
+    return _wrap(ids, self.bos_id if bos else None, self.eos_id if eos else None)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self.plain.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+_EOS_GUESSES = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>')
+
+
+def _wrap(ids, bos, eos):
+  ids = list(ids)
+  if bos is not None:
+    ids.insert(0, bos)
+  if eos is not None:
+    ids.append(eos)
+  return ids
+
+
+def load(path: str):
+  """A tokenizer from a SentencePiece model file, a tokenizer.json, or a folder holding one."""
+  if path.endswith('.tiktoken'):
+    raise DataError(f'{path}: tiktoken rank files are not supported; use the model\'s '
+                    'tokenizer.json (Llama-3 ships one) as data.tokenizer')
+  if os.path.isdir(path) or path.endswith('.json'):
+    return HFTokenizer(path)
+  return Tokenizer(path)
+
+
+def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', seed: int = 0,
+                    special_tokens=(), byte_fallback: bool = True) -> Tokenizer:
+  """Trains a SentencePiece model on `docs` and writes it atomically to `path`.
+
+  Ids 0-3 are pad, unk, bos, eos; `special_tokens` (chat markers such as "<|im_end|>") become
+  single pieces that text containing them always encodes to. Byte fallback spells any character
+  outside the vocabulary as UTF-8 bytes instead of <unk>, so decode(encode(text)) == text.
+  """
+  del seed  # SentencePiece's trainer has no seed; its sampling is deterministic for fixed input
   if model_type not in ('bpe', 'unigram'):
     raise DataError(f'data.tokenizer_model_type={model_type!r}; choose bpe or unigram')
   directory = os.path.dirname(os.path.abspath(path))
@@ -63,9 +203,11 @@ def train_tokenizer(docs: list[str], path: str, vocab_size: int, model_type: str
     prefix = os.path.join(tmp, 'sp')
     try:
       spm.SentencePieceTrainer.Train(
-          sentence_iterator=(line for d in docs for line in d.split('\n') if line.strip()), model_prefix=prefix, vocab_size=vocab_size,
-          model_type=model_type, byte_fallback=True, character_coverage=0.9995,
+          sentence_iterator=(line for d in docs for line in d.split('\n') if line.strip()),
+          model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+          byte_fallback=byte_fallback, character_coverage=0.9995,
           pad_id=0, unk_id=1, bos_id=2, eos_id=3, split_digits=True,
+          **({'user_defined_symbols': list(special_tokens)} if special_tokens else {}),
           input_sentence_size=2_000_000, shuffle_input_sentence=True,
           num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:

@@ -1,0 +1,73 @@
+"""Preference pairs for DPO: a prompt with a chosen and a rejected reply.
+
+Records come in two shapes:
+  sharegpt (LLaMA-Factory's dpo_en_demo): {conversations: [{from, value}...], chosen: {from, value},
+      rejected: {from, value}}
+  flat: {prompt, chosen, rejected}; prompt a string (one user turn) or a list of messages; chosen
+      and rejected strings, one message, or whole conversations whose shared start is the prompt.
+
+A batch of pairs holds `chosen_<key>` and `rejected_<key>` for every key of the base format
+(tokens, targets, weights, segment_ids, positions). Row i of the chosen and rejected arrays
+come from the same pairs, laid out identically: pair j of a row is segment j in both rows, and both
+sequences start with the same prompt ids. Weights are 1 on the reply (and its end-of-turn token)
+only, so a DPO objective sums log-probabilities per segment over `weights`.
+"""
+
+from __future__ import annotations
+
+from lm.data import chat
+from lm.errors import DataError
+
+
+def pair_keys(keys) -> tuple[str, ...]:
+  return tuple(f'{side}_{k}' for side in ('chosen', 'rejected') for k in keys)
+
+
+def _reply(value, where: str, what: str):
+  """A reply as text: a string, one message, or the last assistant message of a list."""
+  if isinstance(value, str):
+    return value, None
+  if isinstance(value, dict):
+    return chat.normalize([value], where)[0]['content'], None
+  if isinstance(value, list):
+    messages = chat.normalize(value, where)
+    if messages[-1]['role'] != 'assistant':
+      raise DataError(f'{where}: {what} does not end with an assistant message')
+    return messages[-1]['content'], messages[:-1]
+  raise DataError(f'{where}: {what} is {type(value).__name__}; expected a string, a message or a '
+                  'list of messages')
+
+
+def from_record(record, fields: dict, where: str = 'record'):
+  """-> (prompt messages, chosen text, rejected text)."""
+  chosen, chosen_context = _reply(chat.field(record, fields, 'chosen', where), where, 'chosen')
+  rejected, rejected_context = _reply(chat.field(record, fields, 'rejected', where), where, 'rejected')
+  prompt = chat.field(record, fields, 'prompt', where, required=False)
+  if prompt is None and fields.get('conversations', 'conversations') in record:
+    prompt = record[fields.get('conversations', 'conversations')]
+  if prompt is None:
+    if chosen_context is None or chosen_context != rejected_context or not chosen_context:
+      raise DataError(f'{where}: no prompt: give a "prompt" (or "conversations") field, or chosen '
+                      'and rejected conversations that start with the same prompt')
+    prompt = chosen_context
+  if isinstance(prompt, str):
+    prompt = [{'role': 'user', 'content': prompt}]
+  else:
+    prompt = chat.normalize(prompt, where)
+  system = record.get(fields.get('system', 'system'))
+  if isinstance(system, str) and system and prompt[0]['role'] != 'system':
+    prompt.insert(0, {'role': 'system', 'content': system})
+  if prompt[-1]['role'] == 'assistant':
+    raise DataError(f'{where}: the prompt ends with an assistant message; the reply must come next')
+  if not chosen.strip() or not rejected.strip():
+    raise chat.EmptyContent(f'{where}: empty chosen or rejected reply')
+  return prompt, chosen, rejected
+
+
+def encode(encoder: chat.ChatEncoder, prompt, chosen: str, rejected: str):
+  """-> ((ids, mask) chosen, (ids, mask) rejected), sharing the prompt's ids exactly."""
+  out = []
+  for reply in (chosen, rejected):
+    spans = encoder.template.spans(prompt + [{'role': 'assistant', 'content': reply}])
+    out.append(encoder.encode_spans(spans, train_on='last'))
+  return tuple(out)

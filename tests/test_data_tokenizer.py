@@ -1,0 +1,105 @@
+"""Tokenizers: real SentencePiece models load and round-trip, trained ones, HF tokenizer.json, and
+explicit BOS/EOS/pad handling."""
+
+import json
+
+import pytest
+from data_util import C4, LLAMA2, MAXTEXT, SHAKESPEARE, head_lines, make_hf_tokenizer, needs_shared
+
+from lm.data import pipeline
+from lm.data import tokenizer as tokenizer_lib
+from lm.errors import DataError
+
+
+def _lines(n=300):
+  return [line.rstrip('\n') for line in head_lines(SHAKESPEARE, n) if line.strip()]
+
+
+@needs_shared
+def test_llama2_model_loads_and_round_trips():
+  tok = tokenizer_lib.load(LLAMA2)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (32000, 1, 2, 0)  # no pad piece
+  assert [tok.token_string(i) for i in tok.encode('Hello world! The quick brown fox.')] == \
+      ['▁Hello', '▁world', '!', '▁The', '▁quick', '▁brown', '▁fo', 'x', '.']
+  for text in _lines() + ['naïve café ☃ 𝄞 — ünïcödé', json.loads(head_lines(C4, 1)[0])['text'][:2000]]:
+    assert tok.decode(tok.encode(text)) == text
+  batch = tok.encode_batch(_lines(20))
+  assert batch == [tok.encode(t) for t in _lines(20)]
+
+
+@needs_shared
+def test_maxtext_unigram_model_loads_and_round_trips():
+  tok = tokenizer_lib.load(MAXTEXT)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32768, 1, 2)
+  for text in _lines():  # NFKC-normal text: its normalizer changes nothing
+    assert tok.decode(tok.encode(text)) == text
+
+
+@needs_shared
+def test_bos_eos_are_explicit_and_special_strings_stay_text():
+  tok = tokenizer_lib.load(LLAMA2)
+  plain = tok.encode('a </s> b')
+  assert tok.bos_id not in plain and tok.eos_id not in plain  # never implicit, no injection
+  assert tok.encode('hi', bos=True, eos=True) == [1] + tok.encode('hi') + [2]
+  assert tok.encode('a</s>', specials=True) == tok.encode('a') + [2]  # for rendered templates only
+
+
+@needs_shared
+@pytest.mark.parametrize('model_type', ['bpe', 'unigram'])
+def test_train_tokenizer_with_byte_fallback_and_special_tokens(tmp_path, model_type):
+  docs = _lines(3000)
+  tok = tokenizer_lib.train_tokenizer(docs, str(tmp_path / 'sp.model'), 400, model_type,
+                                      special_tokens=['<|im_start|>', '<|im_end|>'])
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (400, 0, 2, 3)
+  assert tok.token_to_id('<|im_end|>') is not None
+  assert tok.encode('x<|im_end|>y').count(tok.token_to_id('<|im_end|>')) == 1
+  unseen = 'Zoë says 漢字 ☃'  # characters never seen in training: byte fallback, no <unk>
+  assert tok.decode(tok.encode(unseen)) == unseen
+  with pytest.raises(DataError, match='tokenizer_model_type'):
+    tokenizer_lib.train_tokenizer(docs, str(tmp_path / 'x.model'), 400, 'wordpiece')
+
+
+@needs_shared
+def test_hf_tokenizer_json_llama3_style(tmp_path):
+  folder = make_hf_tokenizer(tmp_path / 'llama3', 'llama3')
+  tok = tokenizer_lib.load(folder)
+  assert isinstance(tok, tokenizer_lib.HFTokenizer)
+  assert tok.bos_id == tok.token_to_id('<|begin_of_text|>') and tok.eos_id == tok.token_to_id('<|eot_id|>')
+  assert tok.pad_id == 0 and tok.chat_template.startswith('{% set loop_messages')
+  for text in _lines(100) + ['naïve café ☃']:
+    assert tok.decode(tok.encode(text)) == text
+  # Special-token strings in a document are text; rendered templates opt in.
+  assert tok.eos_id not in tok.encode('end <|eot_id|>')
+  assert tok.encode('end<|eot_id|>', specials=True)[-1] == tok.eos_id
+  assert tok.encode('hi', bos=True, eos=True) == [tok.bos_id] + tok.encode('hi') + [tok.eos_id]
+  assert tok.encode_batch(['a b', 'c']) == [tok.encode('a b'), tok.encode('c')]
+  assert tokenizer_lib.load(f'{folder}/tokenizer.json').vocab_size == tok.vocab_size
+
+
+@needs_shared
+def test_hf_tokenizer_qwen_style_has_no_bos(tmp_path):
+  tok = tokenizer_lib.load(make_hf_tokenizer(tmp_path / 'qwen', 'qwen'))
+  assert tok.bos_id is None and tok.eos_id == tok.token_to_id('<|im_end|>')
+  assert tok.pad_id == tok.token_to_id('<|endoftext|>')
+  assert tok.encode('hi', bos=True) == tok.encode('hi')  # no BOS to add
+
+
+def test_bad_tokenizer_paths(tmp_path):
+  with pytest.raises(DataError, match='not found'):
+    tokenizer_lib.load(str(tmp_path / 'missing.model'))
+  (tmp_path / 'junk.model').write_text('not a model')
+  with pytest.raises(DataError, match='not a SentencePiece model'):
+    tokenizer_lib.load(str(tmp_path / 'junk.model'))
+  with pytest.raises(DataError, match='tiktoken'):
+    tokenizer_lib.load('tokenizer_llama3.tiktoken')
+  (tmp_path / 'tokenizer.json').write_text('{}')
+  with pytest.raises(DataError, match='not a Hugging Face tokenizer.json'):
+    tokenizer_lib.load(str(tmp_path))
+
+
+@needs_shared
+def test_vocabulary_that_does_not_fit_the_model_is_a_data_error():
+  tok = tokenizer_lib.load(LLAMA2)
+  pipeline.check_vocab(tok, 32000)
+  with pytest.raises(DataError, match='model.vocab_size=2048; set --config.model.vocab_size=32000'):
+    pipeline.check_vocab(tok, 2048)
