@@ -128,6 +128,18 @@ def restore(trainer: Trainer, ckpt: Checkpointer):
   return ckpt.restore(trainer.abstract_state, trainer.shardings, base_params=base)
 
 
+def _evaluation_hooks(cfg, trainer, tokenizer):
+  """(task evaluator or None, early stopping or None) from `train.eval_tasks` / `early_stopping_*`."""
+  if not (cfg.train.eval_tasks or cfg.train.early_stopping_metric):
+    return None, None
+  from lm import evaluate  # pylint: disable=import-outside-toplevel
+  stopper = (evaluate.EarlyStopping(cfg.train.early_stopping_metric,
+                                    cfg.train.early_stopping_patience,
+                                    cfg.train.early_stopping_min_delta)
+             if cfg.train.early_stopping_metric else None)
+  return evaluate.training_evaluator(cfg, trainer.spec, tokenizer, trainer.mesh), stopper
+
+
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the configured training; returns the final metrics.
 
@@ -177,6 +189,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
        f'unigram baseline perplexity {unigram_ppl:.2f}')
   _log(f'MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})')
 
+  task_eval, stopper = _evaluation_hooks(cfg, trainer, tokenizer)
   writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
   start = int(state.step)
   total = cfg.train.steps
@@ -218,18 +231,27 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
         pending = (step + 1, metrics)
         bar.update(1)
         done = step + 1
+        early_stop = False
         if done % cfg.train.eval_every == 0 or done == total:
           report(*pending)
           pending = None
           eval_metrics = trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches)
+          if task_eval is not None:
+            eval_metrics.update(task_eval(state.params))
           writer.write(done, eval_metrics)
           summary.update(eval_metrics)
           _log(f'step {done}: loss {summary["loss"]:.4f}, held-out perplexity '
                f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})')
           window_start, window_step = time.perf_counter(), done
-        if done % cfg.train.checkpoint_every == 0 or done == total:
+          early_stop = stopper is not None and stopper.update(done, eval_metrics)
+        if done % cfg.train.checkpoint_every == 0 or done == total or early_stop:
           ckpt.save(done, state, train_iter.get_state())
           last_saved = done
+        if early_stop:
+          _log(f'early stopping at step {done}: {cfg.train.early_stopping_metric} has not improved '
+               f'since step {stopper.best_step}')
+          summary['early_stopped_at'] = done
+          break
         if stop.should_stop() and done < total:
           if pending is not None:
             report(*pending)
@@ -253,6 +275,8 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
     _log(f'already trained to step {start}; evaluating')
     summary.update(trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches))
   summary.update(unigram_perplexity=unigram_ppl, step=int(state.step))
+  if stopper is not None:
+    summary.update(stopper.summary())
   if is_main:
     rundir.write_text(rundir.inside(workdir, 'summary.json'), json.dumps(summary, indent=2))
   return summary
