@@ -11,10 +11,16 @@ USAGE = """usage: lm <command> [options]
 
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
-  bench     lm bench --config configs/bench_tiny.py [--steps N] [--no-hf]
+  bench     lm bench [train|finetune|attention|checkpoint] --config configs/bench_tiny.py [--steps N] [--no-hf]
+            lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
+  export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
+  generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
+            [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
+  eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,wiki_ppl --out DIR [--config configs/eval.py]
+            [--config.limit=100 --config.shots=2 ...]
+  compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
+            [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
   data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
-  eval      (not built yet: evaluation arrives with the evaluation issue)
-  generate  (not built yet: generation arrives with the evaluation issue)
 """
 
 
@@ -53,17 +59,25 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | attention | checkpoint (save/restore times)')
+                      help='train (default) | finetune | attention | decode | checkpoint')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--no-hf', action='store_true', help='skip the HF transformers comparison')
   args, overrides = parser.parse_known_args(argv)
+  if args.what == 'finetune':
+    from lm import bench_finetune  # pylint: disable=import-outside-toplevel
+    return bench_finetune.main([a for a in argv if a != 'finetune'])
   if args.what == 'attention':
     from lm.kernels import bench as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
+  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.generate -h)
+    from lm import generate  # pylint: disable=import-outside-toplevel
+    config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
+    return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
-    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train, attention or checkpoint')
+    raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
+                    'choose train, finetune, attention, decode or checkpoint')
   cfg = _config_from_args(args, overrides)
   if args.model_preset:
     from lm import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -74,6 +88,120 @@ def cmd_bench(argv):
     return checkpoint_bench.main(cfg)
   from lm import bench  # pylint: disable=import-outside-toplevel
   bench.run(cfg, steps=args.steps, compare_hf=not args.no_hf)
+  return 0
+
+
+def cmd_export(argv):
+  parser = _Parser(prog='lm export', allow_abbrev=False)
+  parser.add_argument('--workdir', required=True, help='an lm run directory')
+  parser.add_argument('--out', required=True, help='the Hugging Face (or PEFT) directory to write')
+  parser.add_argument('--adapters-only', action='store_true', help='write LoRA adapters for PEFT')
+  parser.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16')
+  args = parser.parse_args(argv)
+  from lm import pretrained  # pylint: disable=import-outside-toplevel
+  print(pretrained.export_run(args.workdir, args.out, adapters_only=args.adapters_only,
+                              dtype=args.dtype))
+  return 0
+
+
+def _eval_settings(args, overrides):
+  """Settings for lm eval / lm compare: an eval config (configs/eval.py) with --config.* overrides."""
+  from lm import config as config_lib, tasks  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  if args.config:
+    cfg = config_lib.load_config(args.config)
+  else:
+    cfg = ml_collections.ConfigDict(dataclasses.asdict(tasks.Settings()))
+    cfg.tasks = ''
+    cfg.lock()
+  for key, value in config_lib.parse_overrides(overrides):
+    config_lib.apply_override(cfg, key, value)
+  fields = {f.name for f in dataclasses.fields(tasks.Settings)}
+  return cfg, tasks.Settings(**{k: v for k, v in cfg.items() if k in fields})
+
+
+def cmd_generate(argv):
+  parser = _Parser(prog='lm generate', allow_abbrev=False)
+  parser.add_argument('run', help='run directory (what lm train --workdir wrote), optionally @STEP')
+  parser.add_argument('--prompt', action='append', default=[], help='a prompt; repeatable')
+  parser.add_argument('--prompts-file', help='one prompt per line, or .jsonl with a "prompt" field')
+  parser.add_argument('--out', help='write {"prompt", "completion"} lines here (jsonl)')
+  parser.add_argument('--max-new-tokens', type=int, default=128)
+  parser.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
+  parser.add_argument('--top-k', type=int, default=0)
+  parser.add_argument('--top-p', type=float, default=1.0)
+  parser.add_argument('--stop', action='append', default=[], help='stop string; repeatable')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--batch-size', type=int, default=16)
+  args = parser.parse_args(argv)
+  from lm import evaluate, generate  # pylint: disable=import-outside-toplevel
+  sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  model = evaluate.load_model(args.run)
+  run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
+                                                 batch_size=args.batch_size)
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    prompts += generate.read_prompts(args.prompts_file)
+  if not prompts:  # interactive
+    print(f'{model.name} step {model.step}: type a prompt, an empty line to quit', file=sys.stderr)
+    while True:
+      try:
+        prompt = input('> ')
+      except EOFError:
+        break
+      if not prompt:
+        break
+      print(prompt + run([prompt])[0])
+    return 0
+  completions = run(prompts)
+  if args.out:
+    import json  # pylint: disable=import-outside-toplevel
+    with open(args.out, 'w', encoding='utf-8') as f:
+      for p, c in zip(prompts, completions):
+        f.write(json.dumps({'prompt': p, 'completion': c}) + '\n')
+    print(f'wrote {len(prompts)} completions to {args.out}')
+  else:
+    for p, c in zip(prompts, completions):
+      print(f'{p}{c}\n')
+  return 0
+
+
+def cmd_eval(argv):
+  parser = _Parser(prog='lm eval', allow_abbrev=False)
+  parser.add_argument('runs', nargs='*', help='[NAME=]RUN_DIR[@STEP]; or set runs in --config')
+  parser.add_argument('--config', help='an eval config (configs/eval.py[:arg])')
+  parser.add_argument('--tasks', help='comma-separated; see lm/tasks.py')
+  parser.add_argument('--out', required=True, help='directory for results.json and results.md')
+  args, overrides = parser.parse_known_args(argv)
+  cfg, settings = _eval_settings(args, overrides)
+  runs = args.runs or [r for r in cfg.get('runs', '').split(',') if r]
+  if not runs:
+    raise UserError('lm eval: name at least one run directory')
+  from lm import evaluate, tasks  # pylint: disable=import-outside-toplevel
+  names = tasks.parse_tasks(args.tasks or cfg.tasks)
+  evaluate.evaluate_runs(runs, names, settings, args.out)
+  with open(f'{args.out}/results.md', encoding='utf-8') as f:
+    print(f.read())
+  return 0
+
+
+def cmd_compare(argv):
+  parser = _Parser(prog='lm compare', allow_abbrev=False)
+  parser.add_argument('--base', required=True, help='[NAME=]RUN_DIR[@STEP] of the base model')
+  parser.add_argument('--finetuned', nargs='+', required=True, help='[NAME=]RUN_DIR[@STEP] ...')
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--tasks', default='gsm8k,gsm8k_nll,gsm8k_choice')
+  parser.add_argument('--general', default='wiki_ppl,heldout_ppl',
+                      help='general-ability tasks, run before and after (forgetting)')
+  parser.add_argument('--shots', type=int, default=2, help='exemplars for the prompted base')
+  parser.add_argument('--config', help='an eval config for the settings (limit, max_new_tokens...)')
+  args, overrides = parser.parse_known_args(argv)
+  _, settings = _eval_settings(args, overrides)
+  from lm import compare, tasks  # pylint: disable=import-outside-toplevel
+  compare.compare(args.base, args.finetuned, args.out, task_names=tasks.parse_tasks(args.tasks),
+                  general=tasks.parse_tasks(args.general), shots=args.shots, settings=settings)
+  print(f'wrote {args.out}/compare.md, compare.json, scores.png, loss_curves.png')
   return 0
 
 
@@ -91,19 +219,15 @@ def cmd_data(argv):
   return 0
 
 
-def _not_built(what):
-  def cmd(argv):
-    del argv
-    raise UserError(f'{what} is not built yet in this version of lm')
-  return cmd
-
 
 COMMANDS = {
     'train': cmd_train,
     'bench': cmd_bench,
+    'export': cmd_export,
     'data': cmd_data,
-    'eval': _not_built('lm eval (evaluation)'),
-    'generate': _not_built('lm generate (sampling with a KV cache)'),
+    'generate': cmd_generate,
+    'eval': cmd_eval,
+    'compare': cmd_compare,
 }
 
 

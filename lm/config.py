@@ -51,6 +51,19 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       qkv_bias=False,
       tie_embeddings=False,
       norm_eps=1e-5,
+      # Family variants (lm/hf.py sets them from a Hugging Face config.json; defaults are Llama's).
+      norm_offset=0.0,  # RMSNorm multiplies by (norm_offset + scale): 0 Llama, 1 Gemma
+      embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
+      mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
+      sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
+      # LoRA adapters on the linear layers whose names match `targets` (docs/finetuning.md).
+      lora=ml_collections.ConfigDict(dict(
+          rank=0,  # 0: no adapters
+          alpha=16.0,  # scale = alpha / rank (alpha / sqrt(rank) with rslora)
+          dropout=0.0,  # dropout on the adapter's input, in training only
+          rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
+          targets=r'layers\.(attn|mlp)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, lm_head
+      )),
       param_dtype='float32',
       compute_dtype='float32',
       remat='none',  # none | full | dots | dots_no_batch
@@ -125,7 +138,19 @@ def base_config() -> ml_collections.ConfigDict:
       spike_zscore=0.0,  # also skip a loss this many std devs above the recent window; 0: off
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
-      trainable='all',  # which parameters train; see lm/partition.py
+      trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
+      objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
+      init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
+      eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_task_limit=50,  # examples per task at each evaluation
+      early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
+      early_stopping_patience=3,  # evaluations without improvement before stopping
+      early_stopping_min_delta=0.0,  # smallest change that counts as an improvement
+  ))
+
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,  # strength of the pull towards the reference policy
+      label_smoothing=0.0,  # conservative DPO: assumed share of flipped preference labels
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -292,6 +317,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       'shorten the sequence or raise model.max_seq_len')
   if cfg.model.remat not in ('none', 'full', 'dots', 'dots_no_batch'):
     raise ConfigError(f'model.remat={cfg.model.remat!r}; choose none, full, dots or dots_no_batch')
+  if m.mlp_activation not in ('silu', 'gelu_tanh'):
+    raise ConfigError(f'model.mlp_activation={m.mlp_activation!r}; choose silu or gelu_tanh')
+  if m.lora.rank < 0 or not 0.0 <= m.lora.dropout < 1.0:
+    raise ConfigError(f'model.lora.rank={m.lora.rank} must be >= 0 and model.lora.dropout='
+                      f'{m.lora.dropout} in [0, 1)')
   if cfg.train.microbatches < 1 or cfg.data.batch_size % cfg.train.microbatches:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
                       f'train.microbatches={cfg.train.microbatches}; use a divisor of the batch size')

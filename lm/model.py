@@ -1,7 +1,8 @@
 """A Llama-family decoder-only transformer in Flax NNX.
 
-One class covers Llama 2/3, Mistral and Qwen2 through configuration (RoPE scaling, grouped-query
-attention, q/k/v bias, tied embeddings). Layers are created stacked (leading `layers` axis) and run
+One class covers Llama 2/3, Mistral, Qwen2 and Gemma through configuration (RoPE scaling,
+grouped-query attention, q/k/v bias, tied embeddings, sliding window, Gemma's (1 + scale) norms,
+sqrt(D) embedding scale and GeGLU MLP). Layers are created stacked (leading `layers` axis) and run
 with `lax.scan`, so compile time does not grow with depth; `scan_layers=False` unrolls the same
 stacked parameters, so checkpoints are interchangeable between the two.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,38 +35,68 @@ def _param(rngs, init, shape, axes, dtype):
 
 
 class Linear(nnx.Module):
-  """y = x · W (+ b), contracting x's last len(in_shape) dims with W's leading dims."""
+  """y = x · W (+ b), contracting x's last len(in_shape) dims with W's leading dims.
+
+  When `model.lora.rank` > 0 and `model.lora.targets` matches `name` (e.g. 'layers.attn.q'), the
+  layer also holds a low-rank adapter: y += scale · (dropout(x) · A) · B, with A [*in, r] and
+  B [r, *out]. B starts at zero, so an adapted model starts as exactly its base model.
+  """
 
   def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias=False, init_std=None,
-               cfg, rngs):
+               name='', cfg, rngs):
     init = nnx.initializers.normal(stddev=init_std or math.prod(in_shape) ** -0.5)
     self.n_in = len(in_shape)
     self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-    self.kernel = _param(rngs, init, (*in_shape, *out_shape), (*in_axes, *out_axes),
-                         jnp.dtype(cfg.param_dtype))
+    dtype = jnp.dtype(cfg.param_dtype)
+    self.kernel = _param(rngs, init, (*in_shape, *out_shape), (*in_axes, *out_axes), dtype)
     self.bias = (_param(rngs, nnx.initializers.zeros, tuple(out_shape), tuple(out_axes),
-                        jnp.dtype(cfg.param_dtype)) if use_bias else None)
+                        dtype) if use_bias else None)
+    lora = cfg.lora
+    self.lora_rank = lora.rank if lora.rank and re.search(lora.targets, name) else 0
+    if self.lora_rank:
+      r = self.lora_rank
+      # A as PEFT initialises it (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))); B zero.
+      bound = math.prod(in_shape) ** -0.5
+      uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
+      self.lora_a = _param(rngs, uniform, (*in_shape, r), (*in_axes, None), dtype)
+      self.lora_b = _param(rngs, nnx.initializers.zeros, (r, *out_shape), (None, *out_axes), dtype)
+      self.lora_scale = lora.alpha / (math.sqrt(r) if lora.rslora else r)
+      self.lora_dropout = lora.dropout
+    # Per call, set by Transformer.__call__: adapters on/off, and the key for adapter dropout.
+    self.adapters = True
+    self.dropout_key = None
 
   def __call__(self, x):
     w = self.kernel[...].astype(self.compute_dtype)
-    y = jnp.tensordot(x.astype(self.compute_dtype), w, axes=self.n_in)
+    x = x.astype(self.compute_dtype)
+    y = jnp.tensordot(x, w, axes=self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.compute_dtype)
+    if self.lora_rank and self.adapters:
+      if self.lora_dropout and self.dropout_key is not None:
+        keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
+      a = self.lora_a[...].astype(self.compute_dtype)
+      b = self.lora_b[...].astype(self.compute_dtype)
+      y = y + self.lora_scale * jnp.tensordot(jnp.tensordot(x, a, axes=self.n_in), b, axes=1)
     return y
 
 
 class RMSNorm(nnx.Module):
+  """x / rms(x) · (offset + scale): offset 0 (Llama, scale starts at 1) or 1 (Gemma, scale at 0)."""
 
   def __init__(self, dim, *, cfg, rngs):
     del rngs
     self.eps = cfg.norm_eps
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=('embed',),
+    self.offset = cfg.norm_offset
+    init = jnp.zeros if self.offset else jnp.ones
+    self.scale = nnx.Param(init((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=('embed',),
                            eager_sharding=False)
 
   def __call__(self, x_BTD):
     x32 = x_BTD.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return normed.astype(x_BTD.dtype) * self.scale[...].astype(x_BTD.dtype)
+    return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x_BTD.dtype)
 
 
 def rope_frequencies(cfg) -> jnp.ndarray:
@@ -98,33 +130,52 @@ class Attention(nnx.Module):
   def __init__(self, cfg, *, rngs):
     D, H, G, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg)
     lin = functools.partial(Linear, cfg=cfg, rngs=rngs)
-    self.q = lin((D,), (H, K), ('embed',), ('heads', 'head_dim'), use_bias=cfg.qkv_bias)
-    self.k = lin((D,), (G, K), ('embed',), ('kv_heads', 'head_dim'), use_bias=cfg.qkv_bias)
-    self.v = lin((D,), (G, K), ('embed',), ('kv_heads', 'head_dim'), use_bias=cfg.qkv_bias)
-    self.o = lin((H, K), (D,), ('heads', 'head_dim'), ('embed',))
+    self.q = lin((D,), (H, K), ('embed',), ('heads', 'head_dim'), use_bias=cfg.qkv_bias,
+                 name='layers.attn.q')
+    self.k = lin((D,), (G, K), ('embed',), ('kv_heads', 'head_dim'), use_bias=cfg.qkv_bias,
+                 name='layers.attn.k')
+    self.v = lin((D,), (G, K), ('embed',), ('kv_heads', 'head_dim'), use_bias=cfg.qkv_bias,
+                 name='layers.attn.v')
+    self.o = lin((H, K), (D,), ('heads', 'head_dim'), ('embed',), name='layers.attn.o')
     self.implementation = cfg.attention
+    self.window = cfg.sliding_window or None
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
     q_BTHK = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
     k_BTGK = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
     v_BTGK = self.v(x_BTD)
-    out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
-                                       implementation=self.implementation, causal=True)
-    return self.o(out_BTHK)
+    if cache is None:
+      out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
+                                         implementation=self.implementation, causal=True,
+                                         window=self.window)
+      return self.o(out_BTHK), None
+    # Decoding: write this step's keys/values at slot `index`, attend over the whole cache. The
+    # cache's positions and segment ids (0 = empty or padding) already include this step's.
+    write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache['index'], 1)
+    k_BSGK, v_BSGK = write(cache['k'], k_BTGK), write(cache['v'], v_BTGK)
+    out_BTHK = attention_lib.xla_attention(
+        q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=True, window=self.window,
+        q_positions_BT=positions_BT, kv_positions_BS=cache['positions'],
+        kv_segment_ids_BS=cache['segment_ids'])
+    return self.o(out_BTHK), {'k': k_BSGK, 'v': v_BSGK}
+
+
+ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu (Llama), GeGLU with gelu_tanh (Gemma)."""
 
   def __init__(self, cfg, *, rngs):
     D, F = cfg.d_model, cfg.mlp_dim
     lin = functools.partial(Linear, cfg=cfg, rngs=rngs)
-    self.gate = lin((D,), (F,), ('embed',), ('mlp',))
-    self.up = lin((D,), (F,), ('embed',), ('mlp',))
-    self.down = lin((F,), (D,), ('mlp',), ('embed',))
+    self.gate = lin((D,), (F,), ('embed',), ('mlp',), name='layers.mlp.gate')
+    self.up = lin((D,), (F,), ('embed',), ('mlp',), name='layers.mlp.up')
+    self.down = lin((F,), (D,), ('mlp',), ('embed',), name='layers.mlp.down')
+    self.activation = cfg.mlp_activation
 
   def __call__(self, x_BTD):
-    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+    return self.down(ACTIVATIONS[self.activation](self.gate(x_BTD)) * self.up(x_BTD))
 
 
 class Block(nnx.Module):
@@ -135,13 +186,23 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
+    h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq, cache)
+    x_BTD = x_BTD + h_BTD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
 class Transformer(nnx.Module):
-  """tokens_BT -> logits_BTV (float32)."""
+  """tokens_BT -> logits_BTV (float32); with a KV cache, -> (logits_BTV, updated cache).
+
+  `adapters=False` runs the base model with every LoRA adapter switched off (the DPO reference of a
+  LoRA run). `dropout_key` (set by ModelSpec.bind in training) drives adapter dropout; `reference`
+  (set by ModelSpec.bind when the state carries `ref.*` weights) is a frozen copy for DPO.
+
+  The cache (lm/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
+  'segment_ids': [B, S] already holding this call's tokens, 'index': slot of this call's first
+  token}; its per-layer k/v travel through the layer scan as inputs and outputs.
+  """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -158,33 +219,63 @@ class Transformer(nnx.Module):
     self.layers = make_layers(rngs)
     self.final_norm = RMSNorm(D, cfg=cfg, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else Linear(
-        (D,), (V,), ('embed',), ('vocab',), init_std=0.02, cfg=cfg, rngs=rngs)
+        (D,), (V,), ('embed',), ('vocab',), init_std=0.02, name='lm_head', cfg=cfg, rngs=rngs)
+    self.dropout_key = None
+    self.reference = None
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
+               adapters=True):
     cfg = self.cfg
     compute_dtype = jnp.dtype(cfg.compute_dtype)
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(compute_dtype)
+    embed = self.embed[...]
+    x_BTD = jnp.take(embed, tokens_BT, axis=0)
+    if cfg.embed_scale:  # Gemma: the scale is rounded to the weights' dtype, as in HF
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), embed.dtype)
+    x_BTD = x_BTD.astype(compute_dtype)
     inv_freq = rope_frequencies(cfg)
 
     graphdef, stacked = nnx.split(self.layers)
+    key = self.dropout_key if adapters else None
+    layer_keys = None if key is None else jax.random.split(key, cfg.n_layers + 1)
 
-    def layer(x_BTD, layer_params):
+    kv = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+    shared = None if cache is None else {k: v for k, v in cache.items() if k not in ('k', 'v')}
+
+    def layer(x_BTD, xs):
+      layer_params, layer_key, layer_kv = xs
       block = nnx.merge(graphdef, layer_params)
-      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq), None
+      _configure_adapters(block, adapters, layer_key)
+      layer_cache = None if layer_kv is None else {**layer_kv, **shared}
+      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq, layer_cache)
 
-    if cfg.remat != 'none':
+    if cfg.remat != 'none' and cache is None:
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    xs = (stacked, None if key is None else layer_keys[1:], kv)
     if cfg.scan_layers:
-      x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked)
+      x_BTD, kv = jax.lax.scan(layer, x_BTD, xs)
     else:
+      outs = []
       for i in range(cfg.n_layers):
-        x_BTD, _ = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], stacked))
+        x_BTD, out = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
+        outs.append(out)
+      kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
       logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embed[...].astype(compute_dtype))
     else:
+      _configure_adapters(self.lm_head, adapters, None if key is None else layer_keys[0])
       logits_BTV = self.lm_head(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+    if cache is None:
+      return logits_BTV.astype(jnp.float32)
+    return logits_BTV.astype(jnp.float32), {**cache, **kv}
+
+
+def _configure_adapters(module, adapters: bool, key) -> None:
+  """Sets the per-call adapter switch and dropout key on every Linear in `module`."""
+  linears = [m for _, m in nnx.iter_modules(module) if isinstance(m, Linear) and m.lora_rank]
+  keys = [None] * len(linears) if key is None else list(jax.random.split(key, max(len(linears), 1)))
+  for linear, k in zip(linears, keys):
+    linear.adapters, linear.dropout_key = adapters, nnx.data(k)

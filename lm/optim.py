@@ -2,11 +2,13 @@
 
 `make_optimizer` returns `optax.multi_transform({'trainable': chain, 'frozen': set_to_zero()})`:
 frozen parameters get zero updates and no optimizer state (set_to_zero keeps none, and the
-trainable chain sees them only as masked nodes).
+trainable chain sees them only as masked nodes). Row masks (partition.layer_masks) zero the
+gradient and the update of frozen layers inside stacked arrays.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from lm.errors import ConfigError
@@ -51,11 +53,27 @@ def _base_optimizer(opt_cfg, schedule, mask):
   raise ConfigError(f'optimizer.name={name!r}; choose adamw, adafactor, lion or sgd')
 
 
-def make_optimizer(opt_cfg, labels: dict[str, str], total_steps: int):
+def zero_rows(masks: dict) -> optax.GradientTransformation:
+  """Multiplies `updates[name]` by its per-layer row mask [L] (broadcast over the other dims)."""
+
+  def update(updates, state, params=None):
+    del params
+    out = {k: (u * jnp.asarray(masks[k], u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
+               if k in masks else u) for k, u in updates.items()}
+    return out, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(opt_cfg, labels: dict[str, str], total_steps: int, row_masks=None):
   """(optax transform over the full parameter dict, lr schedule)."""
   schedule = make_schedule(opt_cfg, total_steps)
   mask = decay_mask(labels.keys(), tuple(opt_cfg.no_decay))
-  chain = [optax.clip_by_global_norm(opt_cfg.grad_clip)] if opt_cfg.grad_clip else []
+  chain = [zero_rows(row_masks)] if row_masks else []
+  if opt_cfg.grad_clip:
+    chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
   chain.append(_base_optimizer(opt_cfg, schedule, mask))
+  if row_masks:  # again after the optimizer: weight decay must not move frozen rows either
+    chain.append(zero_rows(row_masks))
   tx = optax.multi_transform({TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels)
   return tx, schedule

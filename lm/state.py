@@ -18,7 +18,10 @@ from flax import traverse_util
 
 from lm import guard as guard_lib
 from lm import sharding as sharding_lib
+from lm.lora import without_adapters
 from lm.model import Transformer
+from lm.partition import REF_PREFIX as REF
+from lm.partition import is_adapter
 
 SEP = '.'
 
@@ -32,16 +35,28 @@ def unflatten(flat: dict) -> dict:
 
 
 class ModelSpec:
-  """What is known about a model before any parameter exists."""
+  """What is known about a model before any parameter exists.
 
-  def __init__(self, model_cfg):
+  With `reference=True` the parameters also hold `ref.<name>`, a copy of every base weight that
+  stays frozen (lm/partition.py never trains it): the reference policy of full-weight DPO.
+  """
+
+  def __init__(self, model_cfg, *, reference: bool = False):
     self.cfg = ml_collections.FrozenConfigDict(model_cfg)
+    self.reference = reference
     abstract = nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
     flat = nnx.to_flat_state(abstract_state)
     self.logical_axes = {SEP.join(map(str, path)): tuple(v.get_metadata().get('out_sharding') or ())
                          for path, v in flat}
     self.shapes = {SEP.join(map(str, path)): v.get_value() for path, v in flat}
+    if reference:
+      base_cfg = ml_collections.FrozenConfigDict(without_adapters(self.cfg))
+      self._ref_graphdef = nnx.split(nnx.eval_shape(
+          lambda: Transformer(base_cfg, rngs=nnx.Rngs(0))))[0]
+      base = [n for n in self.shapes if not is_adapter(n)]
+      self.logical_axes.update({REF + n: self.logical_axes[n] for n in base})
+      self.shapes.update({REF + n: self.shapes[n] for n in base})
 
   @property
   def names(self) -> list[str]:
@@ -49,14 +64,26 @@ class ModelSpec:
 
   def init(self, rng) -> dict:
     model = Transformer(self.cfg, rngs=nnx.Rngs(params=rng))
-    return flatten(nnx.to_pure_dict(nnx.state(model)))
+    params = flatten(nnx.to_pure_dict(nnx.state(model)))
+    if self.reference:
+      params.update({REF + n: v for n, v in params.items() if not is_adapter(n)})
+    return params
 
-  def bind(self, params: dict) -> Transformer:
-    """A Transformer whose parameters are `params` (arrays or tracers); cheap, used inside jit."""
-    return nnx.merge(self.graphdef, nnx.State(unflatten(params)))
+  def bind(self, params: dict, *, rng=None) -> Transformer:
+    """A Transformer whose parameters are `params` (arrays or tracers); cheap, used inside jit.
+
+    `rng` (training only) drives adapter dropout; `ref.*` entries become `model.reference`.
+    """
+    own = {k: v for k, v in params.items() if not k.startswith(REF)}
+    model = nnx.merge(self.graphdef, nnx.State(unflatten(own)))
+    model.dropout_key = nnx.data(rng)
+    if self.reference:
+      ref = {k[len(REF):]: v for k, v in params.items() if k.startswith(REF)}
+      model.reference = nnx.data(nnx.merge(self._ref_graphdef, nnx.State(unflatten(ref))))
+    return model
 
   def param_count(self) -> int:
-    return sum(int(s.size) for s in self.shapes.values())
+    return sum(int(s.size) for n, s in self.shapes.items() if not n.startswith(REF))
 
 
 @struct.dataclass

@@ -29,15 +29,18 @@ def _split_microbatches(batch: dict, k: int) -> dict:
 
 def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, labels: dict, microbatches: int = 1, *,
-                    spike_zscore: float = 0.0):
-  """Returns step(state, batch) -> (state, metrics). Jit it with shardings and donate the state."""
+                    seed: int = 0, spike_zscore: float = 0.0):
+  """Returns step(state, batch) -> (state, metrics). Jit it with shardings and donate the state.
 
-  def loss_sums(trainable, frozen, batch):
-    loss_sum, weight_sum, aux = objective(spec.bind({**trainable, **frozen}), batch)
+  Randomness in the model (adapter dropout) comes from (seed, step, microbatch), so a resumed run
+  draws the same masks as an uninterrupted one.
+  """
+
+  def loss_sums(trainable, frozen, batch, rng):
+    loss_sum, weight_sum, aux = objective(spec.bind({**trainable, **frozen}, rng=rng), batch)
     return loss_sum, (weight_sum, aux)
 
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-
 
   def step(state: TrainState, batch: dict):
     trainable, frozen = partition.split(state.params, labels)
@@ -45,13 +48,17 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     first = jax.tree.map(lambda x: x[0], micro)
     _, aux_shape = jax.eval_shape(lambda: objective(spec.bind(state.params), first)[1:])
 
-    def accumulate(sums, microbatch):
-      (l, (w, a)), g = grad_fn(trainable, frozen, microbatch)
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def accumulate(sums, xs):
+      microbatch, i = xs
+      (l, (w, a)), g = grad_fn(trainable, frozen, microbatch, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, sums, (g, l, w, a)), None
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                          (trainable, jnp.zeros(()), jnp.zeros(()), aux_shape))
-    (grad_sums, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(accumulate, zeros, micro)
+    (grad_sums, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(
+        accumulate, zeros, (micro, jnp.arange(microbatches)))
 
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sums)

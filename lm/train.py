@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from lm import config as config_lib
 from lm import flops as flops_lib
-from lm import objectives, optim, partition, preemption, rundir
+from lm import objectives, optim, partition, preemption, pretrained, rundir
 from lm import sharding as sharding_lib
 from lm.checkpoint import Checkpointer
 from lm.data import pipeline
@@ -34,28 +34,37 @@ class Trainer:
   """A model, its optimizer and its jitted step on a mesh, built from a config."""
 
   def __init__(self, cfg, *, objective=None, devices=None):
+    pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
     config_lib.validate(cfg)
     self.cfg = cfg
     self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
-    self.spec = ModelSpec(cfg.model)
+    # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
+    reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
+    self.spec = ModelSpec(cfg.model, reference=reference)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
-    self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps)
+    self.row_masks = partition.layer_masks(self.spec.shapes, cfg.train.trainable)
+    self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
+                                                  self.row_masks)
     self.init, self.abstract_state, self.shardings = train_state_factory(
         self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
-    self.objective = objective or objectives.next_token_xent
+    self.objective = objective or objectives.from_config(cfg)
     self.step = jax.jit(
         make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
-                        cfg.train.microbatches, spike_zscore=cfg.train.spike_zscore),
+                        cfg.train.microbatches, seed=cfg.train.seed,
+                        spike_zscore=cfg.train.spike_zscore),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0)
     self.eval_step = jax.jit(make_eval_step(self.spec, self.objective),
                              in_shardings=(self.shardings.params, self.batch_sharding))
 
   def init_state(self, seed: int | None = None):
-    return self.init(jax.random.key(self.cfg.train.seed if seed is None else seed))
+    rng = jax.random.key(self.cfg.train.seed if seed is None else seed)
+    if self.cfg.train.init_from:
+      return pretrained.init_state(self, rng)
+    return self.init(rng)
 
   def global_batch(self, local_batch: dict) -> dict:
     """This process's rows -> one global array per key, sharded along the data axes."""
@@ -65,10 +74,9 @@ class Trainer:
             for k, v in local_batch.items()}
 
   def trainable_summary(self) -> str:
-    sizes = {n: int(np.prod(s.shape)) for n, s in self.spec.shapes.items()}
-    total = sum(sizes.values())
-    trainable = sum(v for n, v in sizes.items() if self.labels[n] == partition.TRAINABLE)
-    return f'{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)'
+    trainable, total = partition.trainable_count(self.spec.shapes, self.labels, self.row_masks)
+    return (f'{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%, '
+            f'train.trainable={self.cfg.train.trainable})')
 
   def evaluate(self, params, rows: dict, max_batches: int) -> dict:
     """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`."""
@@ -83,8 +91,9 @@ class Trainer:
 
 
 def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=0, process_count=1):
-  """Fixed-order batches; the last is padded with zero-weight rows so no held-out row is lost."""
-  n = len(rows['tokens'])
+  """Fixed-order batches; the last is padded with zero-weight rows so no held-out row is lost.
+  Preference rows (chosen_* / rejected_*) have their weights zeroed alike."""
+  n = len(next(iter(rows.values())))
   n_batches = min(max_batches, -(-n // global_batch))
   local = global_batch // process_count
   for b in range(n_batches):
@@ -92,7 +101,9 @@ def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=
     valid = idx < n
     idx = np.where(valid, idx, 0)
     batch = {k: v[idx] for k, v in rows.items()}
-    batch['weights'] = batch['weights'] * valid[:, None]
+    for k in batch:
+      if k.endswith('weights'):
+        batch[k] = batch[k] * valid[:, None]
     yield batch
 
 
@@ -117,12 +128,25 @@ def restore(trainer: Trainer, ckpt: Checkpointer):
   return ckpt.restore(trainer.abstract_state, trainer.shardings, base_params=base)
 
 
+def _evaluation_hooks(cfg, trainer, tokenizer):
+  """(task evaluator or None, early stopping or None) from `train.eval_tasks` / `early_stopping_*`."""
+  if not (cfg.train.eval_tasks or cfg.train.early_stopping_metric):
+    return None, None
+  from lm import evaluate  # pylint: disable=import-outside-toplevel
+  stopper = (evaluate.EarlyStopping(cfg.train.early_stopping_metric,
+                                    cfg.train.early_stopping_patience,
+                                    cfg.train.early_stopping_min_delta)
+             if cfg.train.early_stopping_metric else None)
+  return evaluate.training_evaluator(cfg, trainer.spec, tokenizer, trainer.mesh), stopper
+
+
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the configured training; returns the final metrics.
 
   Bad input raises a UserError and leaves no output behind; a stop signal raises Preempted after
   writing a checkpoint; too many skipped steps raise Diverged.
   """
+  pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.validate(cfg)
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
     return _train(cfg, rundir.prepare(workdir), progress=progress)
@@ -165,6 +189,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
        f'unigram baseline perplexity {unigram_ppl:.2f}')
   _log(f'MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})')
 
+  task_eval, stopper = _evaluation_hooks(cfg, trainer, tokenizer)
   writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
   start = int(state.step)
   total = cfg.train.steps
@@ -206,18 +231,27 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
         pending = (step + 1, metrics)
         bar.update(1)
         done = step + 1
+        early_stop = False
         if done % cfg.train.eval_every == 0 or done == total:
           report(*pending)
           pending = None
           eval_metrics = trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches)
+          if task_eval is not None:
+            eval_metrics.update(task_eval(state.params))
           writer.write(done, eval_metrics)
           summary.update(eval_metrics)
           _log(f'step {done}: loss {summary["loss"]:.4f}, held-out perplexity '
                f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})')
           window_start, window_step = time.perf_counter(), done
-        if done % cfg.train.checkpoint_every == 0 or done == total:
+          early_stop = stopper is not None and stopper.update(done, eval_metrics)
+        if done % cfg.train.checkpoint_every == 0 or done == total or early_stop:
           ckpt.save(done, state, train_iter.get_state())
           last_saved = done
+        if early_stop:
+          _log(f'early stopping at step {done}: {cfg.train.early_stopping_metric} has not improved '
+               f'since step {stopper.best_step}')
+          summary['early_stopped_at'] = done
+          break
         if stop.should_stop() and done < total:
           if pending is not None:
             report(*pending)
@@ -241,6 +275,8 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
     _log(f'already trained to step {start}; evaluating')
     summary.update(trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches))
   summary.update(unigram_perplexity=unigram_ppl, step=int(state.step))
+  if stopper is not None:
+    summary.update(stopper.summary())
   if is_main:
     rundir.write_text(rundir.inside(workdir, 'summary.json'), json.dumps(summary, indent=2))
   return summary

@@ -1,0 +1,76 @@
+"""train.init_from: starting from a Hugging Face directory or an lm run, and exporting a run."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_batch, tiny_config
+
+from lm import lora, pretrained
+from lm.checkpoint import Checkpointer
+from lm.errors import ConfigError
+from lm.train import Trainer
+
+
+def logits(trainer, params, tokens):
+  return np.asarray(jax.jit(lambda p: trainer.spec.bind(p)(tokens))(params))
+
+
+def test_lora_from_a_hf_directory_starts_as_the_hf_model(tmp_path):
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  from test_hf import TOKENS, hf_logits, make_hf_model
+  expected = hf_logits(make_hf_model('qwen2', tmp_path / 'hf'))
+  c = tiny_config(d_model=48, n_layers=3)  # the model section is replaced by the HF config's
+  c.train.update(init_from=str(tmp_path / 'hf'), trainable='lora')
+  c.model.lora.update(rank=4, alpha=8.0)
+  c.mesh.shape.update(data=1, fsdp=2)
+  trainer = Trainer(c, devices=jax.devices()[:2])
+  assert (c.model.d_model, c.model.n_layers, c.model.qkv_bias) == (32, 2, True)
+  state = trainer.init_state()
+  assert np.max(np.abs(logits(trainer, state.params, TOKENS) - expected)) <= 1e-4
+  state, metrics = trainer.step(state, trainer.global_batch(random_batch(c)))
+  assert np.isfinite(float(metrics['loss']))
+
+
+def test_full_finetune_from_an_lm_lora_run_merges_it_and_exports(tmp_path):
+  run = tmp_path / 'run'
+  c = tiny_config()
+  c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|v)')
+  c.train.trainable = 'lora'
+  source = Trainer(c, devices=jax.devices()[:1])
+  state = source.init_state()
+  params = {k: (v + 0.1 if k.endswith('lora_b') else v) for k, v in state.params.items()}
+  state = state.replace(params=params)
+  ckpt = Checkpointer(str(run), async_save=False)
+  ckpt.save(3, state, {'position': 3})
+  ckpt.close()
+  (run / 'config.json').write_text(c.to_json_best_effort())
+  tokens = random_batch(c)['tokens']
+  expected = logits(source, params, tokens)
+
+  ft = tiny_config(d_model=64)
+  ft.train.init_from = str(run)
+  trainer = Trainer(ft, devices=jax.devices()[:1])
+  assert ft.model.d_model == 32 and ft.model.lora.rank == 0
+  started = trainer.init_state()
+  assert int(started.step) == 0 and set(started.params) == set(lora.split(params)[0])
+  np.testing.assert_allclose(logits(trainer, started.params, tokens), expected, atol=2e-5)
+
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  print(pretrained.export_run(str(run), str(tmp_path / 'hf')))
+  assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['architectures'] == [
+      'LlamaForCausalLM']
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').float().eval()
+  with torch.no_grad():
+    got = hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_init_from_a_directory_that_is_neither_is_a_clear_error(tmp_path):
+  c = tiny_config()
+  c.train.init_from = str(tmp_path)
+  with pytest.raises(ConfigError, match='neither an lm run directory'):
+    Trainer(c)
