@@ -13,15 +13,15 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from lm import hf, lora
+from lm.checkpoint import Checkpointer
 from lm.errors import CheckpointError, ConfigError
 from lm.partition import REF_PREFIX, is_adapter
-from lm.state import ModelSpec, TrainState
+from lm.state import ModelSpec, TrainState, new_train_state
 
 # The model fields that describe the weights; the rest (dtypes, remat, attention, lora) stay the run's.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
@@ -29,13 +29,16 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window')
 
 
-def kind(path: str) -> str:
+def kind(path: str, what: str = 'train.init_from') -> str:
   """'lm' (a run directory with checkpoints) or 'hf' (config.json + *.safetensors)."""
+  if not os.path.isdir(path):
+    raise ConfigError(f'{what}={path!r} does not exist or is not a directory; name an lm run '
+                      'directory or a Hugging Face model directory')
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     return 'lm'
   if os.path.isfile(os.path.join(path, 'config.json')) and glob.glob(os.path.join(path, '*.safetensors')):
     return 'hf'
-  raise ConfigError(f'train.init_from={path!r} is neither an lm run directory (with checkpoints/) '
+  raise ConfigError(f'{what}={path!r} is neither an lm run directory (with checkpoints/) '
                     'nor a Hugging Face model directory (config.json + *.safetensors)')
 
 
@@ -82,6 +85,9 @@ def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dic
   saved = getattr(saved, 'tree', saved)['params']
   wanted = {n for n in saved if (n in names and not is_adapter(n)) or is_adapter(n)}
   missing = [n for n in names if not is_adapter(n) and n not in saved]
+  meta = Checkpointer(path, read_only=True).read_meta(step)
+  frozen = _frozen_base(path, meta, missing, shardings) if missing and meta['params'] == 'trainable' else {}
+  missing = [n for n in missing if n not in frozen]
   if missing:
     raise CheckpointError(f'{item}: parameter {missing[0]!r} is missing; the run has another model')
   target, args = {}, {}
@@ -98,8 +104,29 @@ def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dic
   restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
       item={'params': target}, restore_args={'params': args}, partial_restore=True))['params']
   manager.close()
-  base = {n: v for n, v in restored.items() if not is_adapter(n)}
+  base = {**frozen, **{n: v for n, v in restored.items() if not is_adapter(n)}}
   return base, {n: v for n, v in restored.items() if is_adapter(n)}
+
+
+def _frozen_base(path: str, meta: dict, names: list, shardings: dict) -> dict:
+  """Parameters `names` that a partial run (LoRA, ...) did not save because they were frozen,
+  rebuilt from the base its checkpoint names: its own train.init_from, else its initialisation."""
+  run_model = ml_collections.ConfigDict(_run_model_config(path))
+  mesh = next(iter(shardings.values())).mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  base = meta.get('base') or {}
+  if base.get('init_from'):
+    base_spec = ModelSpec(lora.without_adapters(run_model))
+    loaded = load_params(base['init_from'], base_spec,
+                         {n: shardings.get(n, replicated) for n in base_spec.names})
+    return {n: loaded[n] for n in names if n in loaded}
+  spec = ModelSpec(run_model)
+
+  def init():
+    params = spec.init(jax.random.key(base.get('seed', 0)))  # as the run's Trainer.init_state
+    return {n: params[n] for n in names}
+
+  return jax.jit(init, out_shardings={n: shardings.get(n, replicated) for n in names})()
 
 
 def load_params(source: str, spec: ModelSpec, shardings: dict) -> dict:
@@ -125,7 +152,7 @@ def init_state(trainer, rng) -> TrainState:
     params = spec.init(rng)  # XLA drops the random draws that `loaded` replaces
     params.update(loaded)
     params.update({REF_PREFIX + n: v for n, v in loaded.items() if REF_PREFIX + n in params})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return new_train_state(params, tx, trainer.cfg.train.spike_window)
 
   loaded_shardings = {n: trainer.shardings.params[n] for n in loaded}
   return jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=trainer.shardings,
@@ -136,8 +163,9 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
   """An lm run's latest weights as a Hugging Face model directory (LoRA adapters merged in), or,
   with `adapters_only`, its adapters as a PEFT directory. Returns a one-line description."""
   from lm import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  if kind(run_dir) != 'lm':
-    raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
+  if kind(run_dir, what='--workdir') != 'lm':
+    raise ConfigError(f'--workdir {run_dir} is a Hugging Face directory, not an lm run directory '
+                      '(no checkpoints/)')
   model_cfg = ml_collections.ConfigDict(_run_model_config(run_dir))
   spec = ModelSpec(model_cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1), ('data', 'fsdp', 'tensor'))
