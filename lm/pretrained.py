@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm import guard as guard_lib
 from lm import hf, lora
 from lm.errors import CheckpointError, ConfigError
 from lm.partition import REF_PREFIX, is_adapter
@@ -70,7 +71,7 @@ def resolve_config(cfg) -> None:
 def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dict) -> tuple[dict, dict]:
   """The latest checkpoint's params of run `path`: (base weights, adapters), only the base names
   this model has (plus every adapter, for merging)."""
-  directory = os.path.join(path, 'checkpoints')
+  directory = os.path.join(os.path.abspath(path), 'checkpoints')  # orbax reads absolute paths only
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
   if step is None:
@@ -125,7 +126,8 @@ def init_state(trainer, rng) -> TrainState:
     params = spec.init(rng)  # XLA drops the random draws that `loaded` replaces
     params.update(loaded)
     params.update({REF_PREFIX + n: v for n, v in loaded.items() if REF_PREFIX + n in params})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      guard=guard_lib.init(trainer.cfg.train.spike_window))
 
   loaded_shardings = {n: trainer.shardings.params[n] for n in loaded}
   return jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=trainer.shardings,
