@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm.errors import UserError
+from lm.errors import EXIT_USER_ERROR, RunStopped, UserError
 
 USAGE = """usage: lm <command> [options]
 
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
-  bench     lm bench [train|finetune|attention] --config configs/bench_tiny.py [--steps N] [--no-hf]
+  bench     lm bench [train|finetune|attention|checkpoint] --config configs/bench_tiny.py [--steps N] [--no-hf]
+            lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
+  generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
+            [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
+  eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,wiki_ppl --out DIR [--config configs/eval.py]
+            [--config.limit=100 --config.shots=2 ...]
+  compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
+            [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
   data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
-  eval      (not built yet: evaluation arrives with the evaluation issue)
-  generate  (not built yet: generation arrives with the evaluation issue)
 """
 
 
@@ -43,7 +48,7 @@ def cmd_train(argv):
   args, overrides = parser.parse_known_args(argv)
   cfg = _config_from_args(args, overrides)
   from lm import distributed, train  # pylint: disable=import-outside-toplevel
-  distributed.maybe_initialize()
+  distributed.maybe_initialize(cfg.distributed)
   summary = train.train(cfg, args.workdir, progress=not args.no_progress)
   print(f'done: step {summary["step"]}, loss {summary.get("loss", float("nan")):.4f}, held-out '
         f'perplexity {summary["eval_perplexity"]:.2f} vs unigram baseline '
@@ -53,8 +58,10 @@ def cmd_train(argv):
 
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
-  parser.add_argument('what', nargs='?', default='train', help='train (default) | attention')
+  parser.add_argument('what', nargs='?', default='train',
+                      help='train (default) | finetune | attention | decode | checkpoint')
   parser.add_argument('--config', default='configs/bench_tiny.py')
+  parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--no-hf', action='store_true', help='skip the HF transformers comparison')
   args, overrides = parser.parse_known_args(argv)
@@ -64,9 +71,21 @@ def cmd_bench(argv):
   if args.what == 'attention':
     from lm.kernels import bench as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
-  if args.what != 'train':
-    raise UserError(f'lm bench: unknown benchmark {args.what!r}; choose train, finetune or attention')
+  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.generate -h)
+    from lm import generate  # pylint: disable=import-outside-toplevel
+    config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
+    return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
+  if args.what not in ('train', 'checkpoint'):
+    raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
+                    'choose train, finetune, attention, decode or checkpoint')
   cfg = _config_from_args(args, overrides)
+  if args.model_preset:
+    from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+    config_lib.model_config(args.model_preset)  # a clear error for an unknown name
+    cfg.model.update(config_lib.MODEL_PRESETS[args.model_preset])
+  if args.what == 'checkpoint':
+    from lm import checkpoint_bench  # pylint: disable=import-outside-toplevel
+    return checkpoint_bench.main(cfg)
   from lm import bench  # pylint: disable=import-outside-toplevel
   bench.run(cfg, steps=args.steps, compare_hf=not args.no_hf)
   return 0
@@ -85,6 +104,107 @@ def cmd_export(argv):
   return 0
 
 
+def _eval_settings(args, overrides):
+  """Settings for lm eval / lm compare: an eval config (configs/eval.py) with --config.* overrides."""
+  from lm import config as config_lib, tasks  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  if args.config:
+    cfg = config_lib.load_config(args.config)
+  else:
+    cfg = ml_collections.ConfigDict(dataclasses.asdict(tasks.Settings()))
+    cfg.tasks = ''
+    cfg.lock()
+  for key, value in config_lib.parse_overrides(overrides):
+    config_lib.apply_override(cfg, key, value)
+  fields = {f.name for f in dataclasses.fields(tasks.Settings)}
+  return cfg, tasks.Settings(**{k: v for k, v in cfg.items() if k in fields})
+
+
+def cmd_generate(argv):
+  parser = _Parser(prog='lm generate', allow_abbrev=False)
+  parser.add_argument('run', help='run directory (what lm train --workdir wrote), optionally @STEP')
+  parser.add_argument('--prompt', action='append', default=[], help='a prompt; repeatable')
+  parser.add_argument('--prompts-file', help='one prompt per line, or .jsonl with a "prompt" field')
+  parser.add_argument('--out', help='write {"prompt", "completion"} lines here (jsonl)')
+  parser.add_argument('--max-new-tokens', type=int, default=128)
+  parser.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
+  parser.add_argument('--top-k', type=int, default=0)
+  parser.add_argument('--top-p', type=float, default=1.0)
+  parser.add_argument('--stop', action='append', default=[], help='stop string; repeatable')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--batch-size', type=int, default=16)
+  args = parser.parse_args(argv)
+  from lm import evaluate, generate  # pylint: disable=import-outside-toplevel
+  sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  model = evaluate.load_model(args.run)
+  run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
+                                                 batch_size=args.batch_size)
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    prompts += generate.read_prompts(args.prompts_file)
+  if not prompts:  # interactive
+    print(f'{model.name} step {model.step}: type a prompt, an empty line to quit', file=sys.stderr)
+    while True:
+      try:
+        prompt = input('> ')
+      except EOFError:
+        break
+      if not prompt:
+        break
+      print(prompt + run([prompt])[0])
+    return 0
+  completions = run(prompts)
+  if args.out:
+    import json  # pylint: disable=import-outside-toplevel
+    with open(args.out, 'w', encoding='utf-8') as f:
+      for p, c in zip(prompts, completions):
+        f.write(json.dumps({'prompt': p, 'completion': c}) + '\n')
+    print(f'wrote {len(prompts)} completions to {args.out}')
+  else:
+    for p, c in zip(prompts, completions):
+      print(f'{p}{c}\n')
+  return 0
+
+
+def cmd_eval(argv):
+  parser = _Parser(prog='lm eval', allow_abbrev=False)
+  parser.add_argument('runs', nargs='*', help='[NAME=]RUN_DIR[@STEP]; or set runs in --config')
+  parser.add_argument('--config', help='an eval config (configs/eval.py[:arg])')
+  parser.add_argument('--tasks', help='comma-separated; see lm/tasks.py')
+  parser.add_argument('--out', required=True, help='directory for results.json and results.md')
+  args, overrides = parser.parse_known_args(argv)
+  cfg, settings = _eval_settings(args, overrides)
+  runs = args.runs or [r for r in cfg.get('runs', '').split(',') if r]
+  if not runs:
+    raise UserError('lm eval: name at least one run directory')
+  from lm import evaluate, tasks  # pylint: disable=import-outside-toplevel
+  names = tasks.parse_tasks(args.tasks or cfg.tasks)
+  evaluate.evaluate_runs(runs, names, settings, args.out)
+  with open(f'{args.out}/results.md', encoding='utf-8') as f:
+    print(f.read())
+  return 0
+
+
+def cmd_compare(argv):
+  parser = _Parser(prog='lm compare', allow_abbrev=False)
+  parser.add_argument('--base', required=True, help='[NAME=]RUN_DIR[@STEP] of the base model')
+  parser.add_argument('--finetuned', nargs='+', required=True, help='[NAME=]RUN_DIR[@STEP] ...')
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--tasks', default='gsm8k,gsm8k_nll,gsm8k_choice')
+  parser.add_argument('--general', default='wiki_ppl,heldout_ppl',
+                      help='general-ability tasks, run before and after (forgetting)')
+  parser.add_argument('--shots', type=int, default=2, help='exemplars for the prompted base')
+  parser.add_argument('--config', help='an eval config for the settings (limit, max_new_tokens...)')
+  args, overrides = parser.parse_known_args(argv)
+  _, settings = _eval_settings(args, overrides)
+  from lm import compare, tasks  # pylint: disable=import-outside-toplevel
+  compare.compare(args.base, args.finetuned, args.out, task_names=tasks.parse_tasks(args.tasks),
+                  general=tasks.parse_tasks(args.general), shots=args.shots, settings=settings)
+  print(f'wrote {args.out}/compare.md, compare.json, scores.png, loss_curves.png')
+  return 0
+
+
 def cmd_data(argv):
   parser = _Parser(prog='lm data', allow_abbrev=False)
   parser.add_argument('what', choices=['show'], help='show: rendered examples with the loss mask')
@@ -99,20 +219,15 @@ def cmd_data(argv):
   return 0
 
 
-def _not_built(what):
-  def cmd(argv):
-    del argv
-    raise UserError(f'{what} is not built yet in this version of lm')
-  return cmd
-
 
 COMMANDS = {
     'train': cmd_train,
     'bench': cmd_bench,
     'export': cmd_export,
     'data': cmd_data,
-    'eval': _not_built('lm eval (evaluation)'),
-    'generate': _not_built('lm generate (sampling with a KV cache)'),
+    'generate': cmd_generate,
+    'eval': cmd_eval,
+    'compare': cmd_compare,
 }
 
 
@@ -128,7 +243,10 @@ def main(argv=None) -> int:
     return command(argv[1:])
   except UserError as e:
     print(f'lm: error: {e}', file=sys.stderr)
-    return 2
+    return EXIT_USER_ERROR
+  except RunStopped as e:  # preempted or diverged: exit codes in lm/errors.py, docs/reliability.md
+    print(f'lm: stopped: {e}', file=sys.stderr)
+    return e.exit_code
 
 
 if __name__ == '__main__':

@@ -130,10 +130,22 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=200,
       eval_batches=8,
       checkpoint_every=500,
+      keep_every=0,  # also keep every checkpoint whose step is a multiple of this; 0: only the latest
+      async_checkpoint=True,  # write checkpoints in the background while training continues
+      grace_seconds=120.0,  # after SIGTERM/SIGINT: time to checkpoint and exit before a hard exit
+      # Numerical guard (lm/guard.py): a step with a non-finite loss or gradient is skipped.
+      max_bad_steps=5,  # this many skipped steps in a row stop the run (exit 3)
+      spike_zscore=0.0,  # also skip a loss this many std devs above the recent window; 0: off
+      spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
       objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
+      eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_task_limit=50,  # examples per task at each evaluation
+      early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
+      early_stopping_patience=3,  # evaluations without improvement before stopping
+      early_stopping_min_delta=0.0,  # smallest change that counts as an improvement
   ))
 
   c.dpo = ml_collections.ConfigDict(dict(
@@ -157,6 +169,15 @@ def base_config() -> ml_collections.ConfigDict:
       ),
   ))
 
+  # Multi-host runs (lm/distributed.py). The LM_* environment variables the launchers set take
+  # precedence; with none of these set, a single process drives the local devices.
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False,  # True: jax.distributed.initialize(), auto-detecting SLURM / TPU / GKE clusters
+      coordinator_address=config_dict.placeholder(str),  # host:port of process 0
+      num_processes=config_dict.placeholder(int),  # None: LM_NUM_PROCESSES or auto-detected
+      process_id=config_dict.placeholder(int),  # None: LM_PROCESS_ID or auto-detected
+  ))
+
   c.metrics = ml_collections.ConfigDict(dict(
       # Peak FLOP/s per device for MFU; 0 uses the known figure for the device kind
       # (lm/flops.py) or, on CPU, a short measured matmul rate.
@@ -171,12 +192,24 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} not found; pass --config configs/<name>.py')
+  # A config is a Python program: loading it runs it, so load only configs you trust.
   module_spec = importlib.util.spec_from_file_location('lm_user_config', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ConfigError(f'{path} defines no get_config(arg); a config file must define one')
-  cfg = module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+      raise ConfigError(f'{path} defines no get_config(arg); a config file must define one')
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
+    first = e.msg if isinstance(e, SyntaxError) else (str(e).splitlines() or [''])[0]
+    raise ConfigError(f'config {spec!r} failed to load: {type(e).__name__}{where}: {first}; '
+                      'fix the file or its argument') from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f'{path}: get_config() returned {type(cfg).__name__}, not an '
+                      'ml_collections.ConfigDict; start from lm.config.base_config()')
   cfg.lock()
   return cfg
 
@@ -225,7 +258,9 @@ def _parse_like(node, leaf, text, dotted):
     return value
   except (ValueError, SyntaxError):
     name = getattr(field_type, '__name__', str(field_type))
-    raise ConfigError(f'--config.{dotted}={text!r} is not a valid {name}') from None
+    hint = {bool: '; use true or false', int: '; use a whole number', float: '; use a number'}.get(
+        field_type, '; use a Python literal')
+    raise ConfigError(f'--config.{dotted}={text!r} is not a valid {name}{hint}') from None
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -249,11 +284,31 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
   return out
 
 
+_AT_LEAST_ONE = ('data.batch_size', 'data.seq_len', 'train.steps', 'train.log_every',
+                 'train.eval_every', 'train.checkpoint_every', 'train.keep_checkpoints',
+                 'train.max_bad_steps', 'train.spike_window')
+_NOT_NEGATIVE = ('train.eval_batches', 'train.keep_every', 'train.spike_zscore',
+                 'train.grace_seconds')
+
+
+def _get(cfg, dotted: str):
+  for part in dotted.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Cross-field checks that types alone cannot express."""
+  for key in _AT_LEAST_ONE:
+    if _get(cfg, key) < 1:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be at least 1')
+  for key in _NOT_NEGATIVE:
+    if _get(cfg, key) < 0:
+      raise ConfigError(f'{key}={_get(cfg, key)} must not be negative')
   m = cfg.model
   if m.n_heads % m.n_kv_heads:
-    raise ConfigError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}')
+    raise ConfigError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}; '
+                      'choose n_kv_heads that divides n_heads')
   if not m.head_dim and m.d_model % m.n_heads:
     raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; '
                       'set model.head_dim explicitly')
@@ -269,7 +324,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       f'{m.lora.dropout} in [0, 1)')
   if cfg.train.microbatches < 1 or cfg.data.batch_size % cfg.train.microbatches:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
-                      f'train.microbatches={cfg.train.microbatches}')
+                      f'train.microbatches={cfg.train.microbatches}; use a divisor of the batch size')
 
 
 def head_dim(m) -> int:

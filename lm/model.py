@@ -141,14 +141,24 @@ class Attention(nnx.Module):
     self.implementation = cfg.attention
     self.window = cfg.sliding_window or None
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
     q_BTHK = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
     k_BTGK = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
     v_BTGK = self.v(x_BTD)
-    out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
-                                       implementation=self.implementation, causal=True,
-                                       window=self.window)
-    return self.o(out_BTHK)
+    if cache is None:
+      out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
+                                         implementation=self.implementation, causal=True,
+                                         window=self.window)
+      return self.o(out_BTHK), None
+    # Decoding: write this step's keys/values at slot `index`, attend over the whole cache. The
+    # cache's positions and segment ids (0 = empty or padding) already include this step's.
+    write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache['index'], 1)
+    k_BSGK, v_BSGK = write(cache['k'], k_BTGK), write(cache['v'], v_BTGK)
+    out_BTHK = attention_lib.xla_attention(
+        q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=True, window=self.window,
+        q_positions_BT=positions_BT, kv_positions_BS=cache['positions'],
+        kv_segment_ids_BS=cache['segment_ids'])
+    return self.o(out_BTHK), {'k': k_BSGK, 'v': v_BSGK}
 
 
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
@@ -177,17 +187,22 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
+    h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq, cache)
+    x_BTD = x_BTD + h_BTD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
 class Transformer(nnx.Module):
-  """tokens_BT -> logits_BTV (float32).
+  """tokens_BT -> logits_BTV (float32); with a KV cache, -> (logits_BTV, updated cache).
 
   `adapters=False` runs the base model with every LoRA adapter switched off (the DPO reference of a
   LoRA run). `dropout_key` (set by ModelSpec.bind in training) drives adapter dropout; `reference`
   (set by ModelSpec.bind when the state carries `ref.*` weights) is a frozen copy for DPO.
+
+  The cache (lm/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
+  'segment_ids': [B, S] already holding this call's tokens, 'index': slot of this call's first
+  token}; its per-layer k/v travel through the layer scan as inputs and outputs.
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -209,7 +224,8 @@ class Transformer(nnx.Module):
     self.dropout_key = None
     self.reference = None
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, adapters=True):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
+               adapters=True):
     cfg = self.cfg
     compute_dtype = jnp.dtype(cfg.compute_dtype)
     if positions_BT is None:
@@ -225,20 +241,27 @@ class Transformer(nnx.Module):
     key = self.dropout_key if adapters else None
     layer_keys = None if key is None else jax.random.split(key, cfg.n_layers + 1)
 
+    kv = None if cache is None else {'k': cache['k'], 'v': cache['v']}
+    shared = None if cache is None else {k: v for k, v in cache.items() if k not in ('k', 'v')}
+
     def layer(x_BTD, xs):
-      layer_params, layer_key = xs
+      layer_params, layer_key, layer_kv = xs
       block = nnx.merge(graphdef, layer_params)
       _configure_adapters(block, adapters, layer_key)
-      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq), None
+      layer_cache = None if layer_kv is None else {**layer_kv, **shared}
+      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq, layer_cache)
 
-    if cfg.remat != 'none':
+    if cfg.remat != 'none' and cache is None:
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    xs = (stacked, None if key is None else layer_keys[1:])
+    xs = (stacked, None if key is None else layer_keys[1:], kv)
     if cfg.scan_layers:
-      x_BTD, _ = jax.lax.scan(layer, x_BTD, xs)
+      x_BTD, kv = jax.lax.scan(layer, x_BTD, xs)
     else:
+      outs = []
       for i in range(cfg.n_layers):
-        x_BTD, _ = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
+        x_BTD, out = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
+        outs.append(out)
+      kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
@@ -246,7 +269,9 @@ class Transformer(nnx.Module):
     else:
       _configure_adapters(self.lm_head, adapters, None if key is None else layer_keys[0])
       logits_BTV = self.lm_head(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+    if cache is None:
+      return logits_BTV.astype(jnp.float32)
+    return logits_BTV.astype(jnp.float32), {**cache, **kv}
 
 
 def _configure_adapters(module, adapters: bool, key) -> None:

@@ -86,8 +86,9 @@ def labels(param_names, spec: str) -> dict[str, str]:
   if TRAINABLE not in out.values():
     hint = {'lora': '; set model.lora.rank > 0 to add adapters',
             'bitfit': '; this model has no biases (Qwen2-style q/k/v biases: model.qkv_bias=True)'}
-    raise ConfigError(f'train.trainable={spec!r} selects no parameters; nothing would train'
-                      + hint.get(spec, ''))
+    raise ConfigError(f'train.trainable={spec!r} selects no parameters, so nothing would train'
+                      + hint.get(spec, '; match the pattern against names such as '
+                                       'layers.attn.q.kernel'))
   return out
 
 

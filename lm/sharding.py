@@ -18,7 +18,8 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   sizes = [int(mesh_cfg.shape[n]) for n in names]
   n = len(devices)
   if sizes.count(-1) > 1:
-    raise ConfigError(f'mesh.shape={dict(zip(names, sizes))}: at most one axis may be -1')
+    raise ConfigError(f'mesh.shape={dict(zip(names, sizes))}: at most one axis may be -1; give the '
+                      'others fixed sizes')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if n % known:

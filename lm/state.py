@@ -16,6 +16,7 @@ import optax
 from flax import nnx, struct
 from flax import traverse_util
 
+from lm import guard as guard_lib
 from lm import sharding as sharding_lib
 from lm.lora import without_adapters
 from lm.model import Transformer
@@ -90,6 +91,7 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: Any
+  guard: guard_lib.GuardState  # the numerical guard's window and counters (lm/guard.py)
 
 
 def state_shardings(abstract_state: TrainState, param_shardings: dict, mesh) -> TrainState:
@@ -104,10 +106,12 @@ def state_shardings(abstract_state: TrainState, param_shardings: dict, mesh) -> 
     return replicated
 
   return TrainState(step=replicated, params=param_shardings,
-                    opt_state=jax.tree_util.tree_map_with_path(for_leaf, abstract_state.opt_state))
+                    opt_state=jax.tree_util.tree_map_with_path(for_leaf, abstract_state.opt_state),
+                    guard=jax.tree.map(lambda _: replicated, abstract_state.guard))
 
 
-def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules):
+def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules, *,
+                        guard_window: int = 1):
   """(init(rng) -> state placed on the mesh, abstract state, shardings).
 
   The state is known as shapes first; `init` is jitted with the shardings as outputs, so no
@@ -117,7 +121,8 @@ def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh,
 
   def init(rng):
     params = spec.init(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      guard=guard_lib.init(guard_window))
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = state_shardings(abstract, param_sh, mesh)

@@ -3,7 +3,8 @@
 What differs between pretraining, fine-tuning, LoRA and preference tuning arrives as inputs built
 elsewhere: the objective (lm/objectives.py), the parameter labels (lm/partition.py) and the
 optimizer built over them (lm/optim.py). The gradient is taken only with respect to the trainable
-parameters, so frozen ones cost neither gradient memory nor optimizer state.
+parameters, so frozen ones cost neither gradient memory nor optimizer state. A step whose loss or
+gradient is not finite, or whose loss spikes, leaves the state as it was (lm/guard.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import guard as guard_lib
 from lm import partition
 from lm.state import ModelSpec, TrainState
 
@@ -26,7 +28,8 @@ def _split_microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, labels: dict, microbatches: int = 1, seed: int = 0):
+                    schedule: optax.Schedule, labels: dict, microbatches: int = 1, *,
+                    seed: int = 0, spike_zscore: float = 0.0):
   """Returns step(state, batch) -> (state, metrics). Jit it with shardings and donate the state.
 
   Randomness in the model (adapter dropout) comes from (seed, step, microbatch), so a resumed run
@@ -38,7 +41,6 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     return loss_sum, (weight_sum, aux)
 
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
-
 
   def step(state: TrainState, batch: dict):
     trainable, frozen = partition.split(state.params, labels)
@@ -65,10 +67,12 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    metrics = {'loss': loss_sum / denom, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(state.step), 'tokens': weight_sum,
-               **{k: v / denom for k, v in aux_sums.items()}}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+    ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore)
+    params, opt_state = guard_lib.select(ok, (params, opt_state), (state.params, state.opt_state))
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': weight_sum,
+               **{k: v / denom for k, v in aux_sums.items()}, **guard_lib.metrics(ok, guard)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
   return step
 

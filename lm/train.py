@@ -2,7 +2,8 @@
 
 `Trainer` holds the pieces (mesh, spec, optimizer, jitted step) so research code can drive single
 steps; `train(cfg, workdir)` is the whole run behind `lm train`. Running it again on a workdir that
-holds a checkpoint resumes from it, including the data position.
+holds a checkpoint resumes from it, including the data position. What the run survives (kills,
+preemption, corrupt checkpoints, numerical faults) is in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from tqdm import tqdm
 
 from lm import config as config_lib
 from lm import flops as flops_lib
-from lm import objectives, optim, partition, pretrained
+from lm import objectives, optim, partition, preemption, pretrained, rundir
 from lm import sharding as sharding_lib
 from lm.checkpoint import Checkpointer
 from lm.data import pipeline
+from lm.errors import Diverged, Preempted
 from lm.metrics import MetricWriter
 from lm.state import ModelSpec, train_state_factory
 from lm.step import make_eval_step, make_train_step
@@ -46,12 +48,13 @@ class Trainer:
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
                                                   self.row_masks)
     self.init, self.abstract_state, self.shardings = train_state_factory(
-        self.spec, self.tx, self.mesh, rules)
+        self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
     self.objective = objective or objectives.from_config(cfg)
     self.step = jax.jit(
         make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
-                        cfg.train.microbatches, seed=cfg.train.seed),
+                        cfg.train.microbatches, seed=cfg.train.seed,
+                        spike_zscore=cfg.train.spike_zscore),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0)
     self.eval_step = jax.jit(make_eval_step(self.spec, self.objective),
@@ -109,12 +112,47 @@ def _log(msg: str) -> None:
     tqdm.write(msg)
 
 
+def make_checkpointer(cfg, workdir: str, labels: dict) -> Checkpointer:
+  """Saves the trainable parameters (all, unless some are frozen) with a record of where the
+  frozen rest comes from, so a partial run resumes only on top of the same base."""
+  meta = {'base': {'init_from': cfg.train.get('init_from'), 'seed': cfg.train.seed},
+          'seeds': {'train': cfg.train.seed, 'data': cfg.data.seed}}
+  return Checkpointer(workdir, keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every,
+                      async_save=cfg.train.async_checkpoint, labels=labels, meta=meta)
+
+
+def restore(trainer: Trainer, ckpt: Checkpointer):
+  """(state, data_state) from the latest readable checkpoint; frozen parameters from the base."""
+  base = trainer.init_state().params if any(
+      v != partition.TRAINABLE for v in trainer.labels.values()) else None
+  return ckpt.restore(trainer.abstract_state, trainer.shardings, base_params=base)
+
+
+def _evaluation_hooks(cfg, trainer, tokenizer):
+  """(task evaluator or None, early stopping or None) from `train.eval_tasks` / `early_stopping_*`."""
+  if not (cfg.train.eval_tasks or cfg.train.early_stopping_metric):
+    return None, None
+  from lm import evaluate  # pylint: disable=import-outside-toplevel
+  stopper = (evaluate.EarlyStopping(cfg.train.early_stopping_metric,
+                                    cfg.train.early_stopping_patience,
+                                    cfg.train.early_stopping_min_delta)
+             if cfg.train.early_stopping_metric else None)
+  return evaluate.training_evaluator(cfg, trainer.spec, tokenizer, trainer.mesh), stopper
+
+
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
-  """Runs (or resumes) the configured training; returns the final metrics."""
-  pretrained.resolve_config(cfg)
+  """Runs (or resumes) the configured training; returns the final metrics.
+
+  Bad input raises a UserError and leaves no output behind; a stop signal raises Preempted after
+  writing a checkpoint; too many skipped steps raise Diverged.
+  """
+  pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.validate(cfg)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
+    return _train(cfg, rundir.prepare(workdir), progress=progress)
+
+
+def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   is_main = jax.process_index() == 0
 
   if is_main:
@@ -124,20 +162,21 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
   corpus = pipeline.build_corpus(cfg.data, tokenizer)
   trainer = Trainer(cfg)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
 
   train_iter = pipeline.BatchIterator(corpus.train, cfg.data.batch_size, cfg.data.seed,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  ckpt = make_checkpointer(cfg, workdir, trainer.labels)
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(trainer.abstract_state, trainer.shardings)
+    t0 = time.perf_counter()
+    state, data_state = restore(trainer, ckpt)
     train_iter.set_state(data_state)
-    _log(f'resumed from {ckpt.directory} at step {int(state.step)}')
+    _log(f'resumed from {ckpt.directory} at step {int(state.step)} '
+         f'(restored in {time.perf_counter() - t0:.2f}s)')
   else:
     state = trainer.init_state()
+  if is_main:  # after the restore, so a run that cannot resume keeps the record of its own config
+    rundir.write_text(rundir.inside(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
 
   T, B = cfg.data.seq_len, cfg.data.batch_size
   flops_per_token = flops_lib.train_flops_per_token(cfg.model, T)
@@ -150,6 +189,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
        f'unigram baseline perplexity {unigram_ppl:.2f}')
   _log(f'MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})')
 
+  task_eval, stopper = _evaluation_hooks(cfg, trainer, tokenizer)
   writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
   start = int(state.step)
   total = cfg.train.steps
@@ -162,6 +202,9 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   def report(step, metrics):
     nonlocal window_start, window_step
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if metrics['bad_streak'] >= cfg.train.max_bad_steps:
+      writer.write(step, metrics)
+      raise Diverged(diverged_message(cfg, step, metrics, ckpt))
     if step % cfg.train.log_every == 0 or step == total:
       now = time.perf_counter()
       tokens_per_s = (step - window_step) * B * T / max(now - window_start, 1e-9)
@@ -174,38 +217,75 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
                       mfu=f'{metrics["mfu"]:.1%}', refresh=False)
     summary.update(metrics)
 
-  for step in range(start, total):
-    batch = trainer.global_batch(next(train_iter))
-    state, metrics = trainer.step(state, batch)
-    # Fetch the previous step's metrics only after the next step is dispatched.
-    if pending is not None:
-      report(*pending)
-    pending = (step + 1, metrics)
-    bar.update(1)
-    done = step + 1
-    if done % cfg.train.eval_every == 0 or done == total:
-      report(*pending)
-      pending = None
-      eval_metrics = trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches)
-      writer.write(done, eval_metrics)
-      summary.update(eval_metrics)
-      _log(f'step {done}: loss {summary["loss"]:.4f}, held-out perplexity '
-           f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})')
-      window_start, window_step = time.perf_counter(), done
-    if done % cfg.train.checkpoint_every == 0 or done == total:
-      ckpt.save(done, state, train_iter.get_state())
-  if pending is not None:
-    report(*pending)
-  bar.close()
-  train_iter.close()
+  stop = preemption.StopSignal(cfg.train.grace_seconds)
+  fault = preemption.injected_fault()
+  last_saved = start
+  try:
+    with stop:
+      for step in range(start, total):
+        batch = trainer.global_batch(next(train_iter))
+        state, metrics = trainer.step(state, batch)
+        # Fetch the previous step's metrics only after the next step is dispatched.
+        if pending is not None:
+          report(*pending)
+        pending = (step + 1, metrics)
+        bar.update(1)
+        done = step + 1
+        early_stop = False
+        if done % cfg.train.eval_every == 0 or done == total:
+          report(*pending)
+          pending = None
+          eval_metrics = trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches)
+          if task_eval is not None:
+            eval_metrics.update(task_eval(state.params))
+          writer.write(done, eval_metrics)
+          summary.update(eval_metrics)
+          _log(f'step {done}: loss {summary["loss"]:.4f}, held-out perplexity '
+               f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})')
+          window_start, window_step = time.perf_counter(), done
+          early_stop = stopper is not None and stopper.update(done, eval_metrics)
+        if done % cfg.train.checkpoint_every == 0 or done == total or early_stop:
+          ckpt.save(done, state, train_iter.get_state())
+          last_saved = done
+        if early_stop:
+          _log(f'early stopping at step {done}: {cfg.train.early_stopping_metric} has not improved '
+               f'since step {stopper.best_step}')
+          summary['early_stopped_at'] = done
+          break
+        if stop.should_stop() and done < total:
+          if pending is not None:
+            report(*pending)
+            pending = None
+          if last_saved != done:
+            ckpt.save(done, state, train_iter.get_state(), force=True)
+          ckpt.wait()
+          writer.flush()
+          raise Preempted(f'{stop.name} at step {done}: checkpoint written to {ckpt.directory}; '
+                          'run the same command to resume')
+        fault(done)
+      if pending is not None:
+        report(*pending)
+  finally:
+    bar.close()
+    train_iter.close()
+    ckpt.close()  # waits for a checkpoint still being written: it must be whole before exit
+    writer.close()
 
   if start >= total:
     _log(f'already trained to step {start}; evaluating')
     summary.update(trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches))
   summary.update(unigram_perplexity=unigram_ppl, step=int(state.step))
-  ckpt.close()
-  writer.close()
+  if stopper is not None:
+    summary.update(stopper.summary())
   if is_main:
-    with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+    rundir.write_text(rundir.inside(workdir, 'summary.json'), json.dumps(summary, indent=2))
   return summary
+
+
+def diverged_message(cfg, step: int, metrics: dict, ckpt: Checkpointer) -> str:
+  latest = ckpt.latest_step()
+  return (f'step {step}: {int(metrics["bad_streak"])} consecutive steps had a non-finite or spiking '
+          f'loss or gradient (loss {metrics["loss"]:.4g}, grad norm {metrics["grad_norm"]:.4g}) and '
+          f'were skipped; checkpoints hold only accepted updates (latest: '
+          f'{"none" if latest is None else f"step {latest}"}); lower optimizer.lr, check the data '
+          'or raise train.max_bad_steps')

@@ -59,12 +59,14 @@ def test_only_adapters_get_gradients_and_optimizer_state():
   assert moments - {None} == {n for n in before if partition.is_adapter(n)}
   assert 'trainable' in trainer.trainable_summary() and float(metrics['grad_norm']) > 0
 
-  # Memory: the step's inputs are the weights, Adam's two moments of the adapters only, the batch.
+  # Memory: the step's inputs are the weights, Adam's two moments of the adapters only, the batch
+  # (and the guard's loss window).
   batch_bytes = sum(x.nbytes for x in jax.tree.leaves(batch))
   size = lambda names: sum(before[n].nbytes for n in names)
   adapters = [n for n in before if partition.is_adapter(n)]
   memory = trainer.step.lower(state, batch).compile().memory_analysis()
-  expected = size(before) + 2 * size(adapters) + batch_bytes
+  guard_bytes = sum(x.nbytes for x in jax.tree.leaves(state.guard))  # numerical-guard window
+  expected = size(before) + 2 * size(adapters) + batch_bytes + guard_bytes
   assert expected <= memory.argument_size_in_bytes <= expected + 256  # + step counters
 
 

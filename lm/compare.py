@@ -1,0 +1,189 @@
+"""`lm compare`: did fine-tuning help, compared with the base model and with the base model given
+a few-shot prompt, what did it cost in general ability, and what did it cost in compute?
+
+Writes into the output directory:
+  compare.md      task scores (base, base k-shot, each fine-tuned model), forgetting (general-text
+                  perplexity before and after), compute (FLOPs and wall time of every run)
+  compare.json    every figure behind the tables
+  scores.png      each task's headline metric per model
+  loss_curves.png training and held-out loss of every run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from lm import evaluate
+from lm import flops as flops_lib
+from lm import partition
+from lm import tasks as tasks_lib
+from lm.metrics import read_metrics
+from lm.state import ModelSpec
+
+
+def training_compute(run_dir: str) -> dict:
+  """Steps, tokens, FLOPs and wall time the run's own training took (not its initialisation).
+
+  FLOPs per token are 6N + attention for full training; frozen weights skip their weight-gradient
+  matmul, so each frozen matmul parameter saves 2 FLOPs per token (LoRA: ~4N). Wall time is the sum
+  of the logged throughput windows, so evaluation and checkpoint time are excluded.
+  """
+  cfg = evaluate.load_config(run_dir)
+  records = [r for r in read_metrics(run_dir) if 'loss' in r and 'tokens_per_s' in r]
+  if not records:
+    return {}
+  records.sort(key=lambda r: r['step'])
+  every = cfg.train.log_every
+  start = (records[0]['step'] - 1) // every * every  # the step it started (or resumed) from
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  seconds, previous = 0.0, start
+  for r in records:
+    seconds += (r['step'] - previous) * tokens_per_step / max(r['tokens_per_s'], 1e-9)
+    previous = r['step']
+  spec = ModelSpec(cfg.model)
+  labels = partition.labels(spec.names, cfg.train.trainable)
+  frozen = sum(math.prod(s.shape) for n, s in spec.shapes.items()
+               if labels[n] == partition.FROZEN and n.endswith('kernel'))
+  per_token = flops_lib.train_flops_per_token(cfg.model, cfg.data.seq_len) - 2.0 * frozen
+  steps = records[-1]['step'] - start
+  return {'steps': steps, 'first_step': start, 'tokens': steps * tokens_per_step,
+          'flops': steps * tokens_per_step * per_token, 'wall_seconds': seconds,
+          'trainable': cfg.train.trainable}
+
+
+def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list[str],
+            general: list[str], shots: int, settings: tasks_lib.Settings, log=print) -> dict:
+  """Runs the comparison; returns what compare.json holds."""
+  settings = dataclasses.replace(settings, heldout_from=evaluate.parse_run(base)[1])
+  few_shot = dataclasses.replace(settings, shots=shots)
+  scores, forgetting = {}, {}
+
+  base_model = evaluate.load_model(base)
+  log(f'base {base_model.name}: {base_model.run_dir} step {base_model.step}')
+  base_name = base_model.name
+  scores[base_name] = evaluate.run_tasks(base_model, task_names, settings, log=log)
+  if shots:
+    scores[f'{base_name} {shots}-shot'] = evaluate.run_tasks(base_model, task_names, few_shot, log=log)
+  forgetting[base_name] = evaluate.run_tasks(base_model, general, settings, log=log)
+  del base_model
+
+  for spec in finetuned:
+    model = evaluate.load_model(spec, mesh=None)
+    log(f'fine-tuned {model.name}: {model.run_dir} step {model.step}')
+    scores[model.name] = evaluate.run_tasks(model, task_names, settings, log=log)
+    forgetting[model.name] = evaluate.run_tasks(model, general, settings, log=log)
+
+  runs = {base_name: evaluate.parse_run(base)[1],
+          **{evaluate.parse_run(s)[0]: evaluate.parse_run(s)[1] for s in finetuned}}
+  compute = {name: training_compute(d) for name, d in runs.items()}
+  report = {'scores': scores, 'forgetting': forgetting, 'compute': compute, 'base': base_name,
+            'shots': shots, 'settings': dataclasses.asdict(settings)}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'compare.json'), 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(out_dir, 'compare.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown(report))
+  plot_scores(report, os.path.join(out_dir, 'scores.png'))
+  plot_losses(runs, os.path.join(out_dir, 'loss_curves.png'))
+  return report
+
+
+def _pct(new, old):
+  return f'{100 * (new - old) / old:+.1f}%' if old else ''
+
+
+def markdown(report: dict) -> str:
+  base, shots = report['base'], report['shots']
+  s = report['settings']
+  out = [f'# Base vs fine-tuned\n',
+         f'{s["limit"] or "all"} held-out examples per task, greedy decoding'
+         f' (temperature {s["temperature"]}), up to {s["max_new_tokens"]} new tokens; '
+         f'`{base} {shots}-shot` is the base model prompted with {shots} solved training examples.\n',
+         '## Task scores\n']
+  scores = report['scores']
+  tasks = list(dict.fromkeys(t for m in scores.values() for t in m))
+  columns = []
+  for t in tasks:
+    first = next(m[t] for m in scores.values() if t in m)
+    metrics = [k for k, v in first.items() if isinstance(v, float) and k not in ('seconds',)]
+    columns += [(t, k) for k in metrics]
+  out.append(evaluate.markdown_table(scores, columns))
+  out.append('## Forgetting: general text before and after\n')
+  general = list(dict.fromkeys(t for m in report['forgetting'].values() for t in m))
+  lines = ['| model | ' + ' | '.join(f'{t} {tasks_lib.HEADLINE[t][0]}' for t in general) + ' |',
+           '|' + '---|' * (len(general) + 1)]
+  before = report['forgetting'][base]
+  for name, res in report['forgetting'].items():
+    cells = []
+    for t in general:
+      key = tasks_lib.HEADLINE[t][0]
+      value = res[t][key]
+      change = '' if name == base else f' ({_pct(value, before[t][key])})'
+      cells.append(f'{value:.2f}{change}')
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  out.append('\n'.join(lines) + '\n')
+  out.append('## Compute\n')
+  lines = ['| run | trainable | steps | tokens | FLOPs | wall time | FLOPs vs pretraining |',
+           '|---|---|---|---|---|---|---|']
+  pre = report['compute'].get(base, {}).get('flops')
+  for name, c in report['compute'].items():
+    if not c:
+      lines.append(f'| {name} | (no training metrics) | | | | | |')
+      continue
+    ratio = f'{c["flops"] / pre:.3g}x' if pre else ''
+    lines.append(f'| {name} | {c["trainable"]} | {c["steps"]} (from step {c["first_step"]}) | '
+                 f'{c["tokens"]:,} | {c["flops"]:.3g} | {c["wall_seconds"] / 60:.1f} min | {ratio} |')
+  out.append('\n'.join(lines) + '\n')
+  if pre:
+    ratios = [f'{name} {pre / c["flops"]:.1f}x' for name, c in report['compute'].items()
+              if name != base and c]
+    if ratios:
+      out.append(f'Pretraining compute / fine-tuning compute: {", ".join(ratios)}.\n')
+  out.append('![scores](scores.png)\n\n![loss curves](loss_curves.png)\n')
+  return '\n'.join(out)
+
+
+def plot_scores(report: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  panels = [(t, report['scores']) for t in dict.fromkeys(
+      t for m in report['scores'].values() for t in m)]
+  panels += [(t, report['forgetting']) for t in dict.fromkeys(
+      t for m in report['forgetting'].values() for t in m)]
+  color = {name: f'C{i}' for i, name in enumerate(report['scores'])}  # one colour per model
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+  for ax, (task, table) in zip(axes[0], panels):
+    key, higher = tasks_lib.HEADLINE[task]
+    names = [n for n in table if task in table[n]]
+    values = [table[n][task][key] for n in names]
+    ax.bar(range(len(names)), values, color=[color.get(n, 'C7') for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
+    ax.set_title(f'{task}\n{key} ({"higher" if higher else "lower"} is better)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_losses(runs: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for i, (name, run_dir) in enumerate(runs.items()):
+    records = read_metrics(run_dir)
+    train = [(r['step'], r['loss']) for r in records if 'loss' in r]
+    held = [(r['step'], r['eval_loss']) for r in records if 'eval_loss' in r]
+    if train:
+      ax.plot(*zip(*train), color=f'C{i}', lw=1, label=f'{name} train')
+    if held:
+      ax.plot(*zip(*held), 'o--', color=f'C{i}', ms=4, label=f'{name} held-out')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/token, on each run\'s own data)')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

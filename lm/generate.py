@@ -1,0 +1,332 @@
+"""Sampling with a KV cache: one jitted prefill of the prompts, then a `lax.while_loop` of one-token
+decode steps, all on the training mesh.
+
+Prompts of different lengths are left-padded to a shared length P, so every row's next token is
+written to the same cache slot; padding carries segment id 0 and is never attended to, and each
+row's positions start at 0 at its first real token, so a padded row computes exactly what it would
+alone. The cache holds S = P + max_new_tokens slots: [L, B, S, G, K] keys and values, sharded like
+the batch (rows) and the KV heads (tensor axis).
+
+Stops: the end-of-sequence id and `stop` strings. A stop string's token ids end the row on device
+(saving the remaining steps); the decoded text is then cut at the first stop string, which is
+exact even where the model spelled the string with other tokens.
+
+  python -m lm.generate --bench [--config configs/quickstart.py]   # decode tokens/s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from lm import sharding as sharding_lib
+from lm.config import head_dim
+from lm.errors import UserError
+from lm.state import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise UserError(f'max_new_tokens={self.max_new_tokens} must be at least 1')
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise UserError(f'{self}: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1')
+
+
+def sample_logits(logits_BV, rng, sampling: Sampling):
+  """Next token ids [B] from float32 logits."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / sampling.temperature
+  neg_inf = jnp.finfo(logits_BV.dtype).min
+  if sampling.top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)
+  if sampling.top_p < 1:
+    # Keep the smallest set of most likely tokens whose probability reaches top_p: a token stays
+    # if the mass strictly before it (in descending order) is below top_p.
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept = jnp.sum(before_BV < sampling.top_p, axis=-1, keepdims=True)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, kept - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, neg_inf, logits_BV)
+  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def init_cache(model_cfg, B: int, S: int) -> dict:
+  L, G, K = model_cfg.n_layers, model_cfg.n_kv_heads, head_dim(model_cfg)
+  dtype = jnp.dtype(model_cfg.compute_dtype)
+  return {'k': jnp.zeros((L, B, S, G, K), dtype), 'v': jnp.zeros((L, B, S, G, K), dtype),
+          'positions': jnp.zeros((B, S), jnp.int32), 'segment_ids': jnp.zeros((B, S), jnp.int32),
+          'index': jnp.zeros((), jnp.int32)}
+
+
+def _write(cache, index, positions_BT, segment_ids_BT):
+  """The cache with this call's positions and segment ids at slots [index, index + T)."""
+  put = lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new, index, axis=1)
+  return {**cache, 'index': index, 'positions': put(cache['positions'], positions_BT),
+          'segment_ids': put(cache['segment_ids'], segment_ids_BT)}
+
+
+def _stop_length(out_BN, t, stop_ids):
+  """[B] int: length of the stop token sequence the generated row ends with at step t, else 0."""
+  length_B = jnp.zeros(out_BN.shape[0], jnp.int32)
+  for seq in stop_ids:
+    m = len(seq)
+    if m > out_BN.shape[1]:
+      continue  # cannot occur within max_new_tokens
+    window = jax.lax.dynamic_slice_in_dim(out_BN, jnp.maximum(t + 1 - m, 0), m, axis=1)
+    hit_B = (t + 1 >= m) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1)
+    length_B = jnp.where(hit_B & (length_B == 0), m, length_B)
+  return length_B
+
+
+def make_generate_fn(spec: ModelSpec, sampling: Sampling, eos_id: int, pad_id: int,
+                     stop_ids: tuple = (), cache_sharding=None):
+  """fn(params, tokens_BP left-padded, lengths_B, rng) -> (out_BN, n_B): the generated ids (pad
+  after the end) and, per row, how many come before the eos or stop tokens that ended it.
+  Jit it with the parameter and batch shardings."""
+  N = sampling.max_new_tokens
+
+  def generate(params, tokens_BP, lengths_B, rng):
+    model = spec.bind(params)
+    B, P = tokens_BP.shape
+    cache = init_cache(spec.cfg, B, P + N)
+    if cache_sharding is not None:
+      cache = {**cache, 'k': jax.lax.with_sharding_constraint(cache['k'], cache_sharding),
+               'v': jax.lax.with_sharding_constraint(cache['v'], cache_sharding)}
+    start_B = P - lengths_B
+    slot_P = jnp.arange(P, dtype=jnp.int32)
+    real_BP = slot_P[None] >= start_B[:, None]
+    positions_BP = jnp.where(real_BP, slot_P[None] - start_B[:, None], 0)
+    segments_BP = real_BP.astype(jnp.int32)
+    cache = _write(cache, jnp.int32(0), positions_BP, segments_BP)
+    logits_BPV, cache = model(tokens_BP, positions_BP, segments_BP, cache)
+    rng, step_rng = jax.random.split(rng)
+    first_B = sample_logits(logits_BPV[:, -1], step_rng, sampling)
+    out_BN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B)
+    done_B = (first_B == eos_id) | (_stop_length(out_BN, 0, stop_ids) > 0)
+    n_B = jnp.where(done_B, 0, 1)
+
+    def cond(carry):
+      t, _, _, done_B, _, _ = carry
+      return (t < N) & ~jnp.all(done_B)
+
+    def body(carry):
+      t, cache, out_BN, done_B, n_B, rng = carry
+      token_B1 = out_BN[:, t - 1][:, None]
+      pos_B1 = (lengths_B + t - 1)[:, None]
+      cache = _write(cache, P + t - 1, pos_B1, jnp.ones_like(pos_B1))
+      logits_B1V, cache = model(token_B1, pos_B1, jnp.ones_like(pos_B1), cache)
+      rng, step_rng = jax.random.split(rng)
+      next_B = jnp.where(done_B, pad_id, sample_logits(logits_B1V[:, 0], step_rng, sampling))
+      out_BN = out_BN.at[:, t].set(next_B)
+      eos_B, stop_B = next_B == eos_id, _stop_length(out_BN, t, stop_ids)
+      n_B = jnp.where(done_B, n_B, jnp.where(eos_B, t, t + 1 - stop_B))
+      return t + 1, cache, out_BN, done_B | eos_B | (stop_B > 0), n_B, rng
+
+    carry = (jnp.int32(1), cache, out_BN, done_B, n_B, rng)
+    _, _, out_BN, _, n_B, _ = jax.lax.while_loop(cond, body, carry)
+    return out_BN, n_B
+
+  return generate
+
+
+COMPILED: dict = {}  # jitted generate/score functions by (architecture, mesh, shapes, settings)
+
+
+def model_key(spec: ModelSpec) -> str:
+  return json.dumps(spec.cfg.to_dict(), sort_keys=True, default=str)
+
+
+def _bucket(n: int, multiple: int = 32) -> int:
+  """Prompt lengths round up so a few compiled shapes serve every batch."""
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+class Generator:
+  """Text in, text out, for one model on a mesh. Compiled functions are cached per shape."""
+
+  def __init__(self, cfg, params: dict, tokenizer, *, mesh=None, spec: ModelSpec | None = None):
+    self.cfg, self.tokenizer = cfg, tokenizer
+    self.spec = spec or ModelSpec(cfg.model)
+    self.mesh = mesh or sharding_lib.make_mesh(cfg.mesh)
+    rules = tuple(cfg.mesh.rules)
+    self.param_shardings = sharding_lib.param_shardings(
+        self.spec.logical_axes, self.spec.shapes, self.mesh, rules)
+    self.params = jax.device_put(params, {k: self.param_shardings[k] for k in params})
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
+    self.dp = sharding_lib.data_parallel_size(self.mesh, rules)
+    self.rules = rules
+
+  def _cache_sharding(self, B, S):
+    m = self.cfg.model
+    shape = (m.n_layers, B, S, m.n_kv_heads, head_dim(m))
+    spec = sharding_lib.logical_to_mesh_spec(('layers', 'batch', 'length', 'kv_heads', 'head_dim'),
+                                             self.rules)
+    return NamedSharding(self.mesh, sharding_lib.fit_spec(spec, shape, self.mesh))
+
+  def _fn(self, sampling, stop_ids, B, P):
+    # Shared by every Generator of the same architecture and mesh (base and fine-tuned models
+    # in one comparison compile once).
+    key = ('generate', model_key(self.spec), self.mesh, repr(self.rules), sampling, stop_ids,
+           self.tokenizer.eos_id, self.tokenizer.pad_id, B, P)
+    if key not in COMPILED:
+      fn = make_generate_fn(self.spec, sampling, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                            stop_ids, self._cache_sharding(B, P + sampling.max_new_tokens))
+      shardings = {k: self.param_shardings[k] for k in self.params}
+      COMPILED[key] = jax.jit(
+          fn, in_shardings=(shardings, self.batch_sharding, self.batch_sharding, None))
+    return COMPILED[key]
+
+  def generate_ids(self, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
+                   seed: int = 0, batch_size: int = 32) -> list[list[int]]:
+    """Generated ids per prompt, without the prompt and without the eos/stop tokens."""
+    limit = self.cfg.model.max_seq_len - sampling.max_new_tokens
+    if limit < 1:
+      raise UserError(f'max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in '
+                      f'model.max_seq_len={self.cfg.model.max_seq_len}')
+    # Longest prompts first, so each batch pads to a similar length.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    B = max(self.dp, -(-min(batch_size, len(prompts)) // self.dp) * self.dp)
+    stop_ids = tuple(tuple(s) for s in stop_ids if s)
+    results: list = [None] * len(prompts)
+    rng = jax.random.key(seed)
+    for start in range(0, len(order), B):
+      idx = order[start:start + B]
+      rows = [list(prompts[i][-limit:]) or [self.tokenizer.bos_id] for i in idx]
+      P = min(_bucket(max(map(len, rows))), limit)
+      tokens = np.full((B, P), self.tokenizer.pad_id, np.int32)
+      lengths = np.ones((B,), np.int32)
+      tokens[len(rows):, -1] = self.tokenizer.bos_id  # filler rows, discarded
+      for r, row in enumerate(rows):
+        tokens[r, P - len(row):] = row
+        lengths[r] = len(row)
+      rng, batch_rng = jax.random.split(rng)
+      out, n = self._fn(sampling, stop_ids, B, P)(self.params, tokens, lengths, batch_rng)
+      out, n = np.asarray(out), np.asarray(n)
+      for r, i in enumerate(idx):
+        results[i] = out[r, :n[r]].tolist()
+    return results
+
+  def generate(self, prompts: list[str], sampling: Sampling, *, stop=(), seed: int = 0,
+               batch_size: int = 32, bos: bool = True) -> list[str]:
+    """Completions of `prompts`, each cut before the first stop string."""
+    ids = [self.tokenizer.encode(p, bos=bos) for p in prompts]
+    stop_ids = [self._stop_tokens(s) for s in stop]
+    outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size)
+    return [cut_at_stop(self.tokenizer.decode(o), stop) for o in outs]
+
+  def _stop_tokens(self, text: str) -> list[int]:
+    # SentencePiece prefixes a word boundary to a string encoded on its own; decode-compare picks
+    # the spelling that reproduces the string, or gives up on device-side stopping for it.
+    ids = self.tokenizer.encode(text)
+    return ids if self.tokenizer.decode(ids) == text else []
+
+
+def read_prompts(path: str) -> list[str]:
+  """One prompt per line, or a `{"prompt": ...}` record per line of a .jsonl file (multi-line prompts)."""
+  import json  # pylint: disable=import-outside-toplevel
+  with open(path, encoding='utf-8') as f:
+    lines = [line.rstrip('\n') for line in f if line.strip()]
+  if path.endswith('.jsonl'):
+    return [json.loads(line)['prompt'] for line in lines]
+  return lines
+
+
+def cut_at_stop(text: str, stop) -> str:
+  cuts = [text.find(s) for s in stop if s and s in text]
+  return text[:min(cuts)] if cuts else text
+
+
+def benchmark(cfg, *, batch_sizes=(1, 8), prompt_len: int = 64, new_tokens: int = 128,
+              reps: int = 3, params=None, compare_uncached: bool = False) -> list[dict]:
+  """Decode tokens/s of `cfg.model` (random weights unless given): greedy, fixed length (no eos).
+  Decode time is the full generation minus a prefill-only run of the same prompts. With
+  `compare_uncached`, also greedy decoding that recomputes the whole forward pass each step."""
+  spec = ModelSpec(cfg.model)
+  params = params if params is not None else jax.jit(spec.init)(jax.random.key(0))
+  full = jax.jit(make_generate_fn(spec, Sampling(max_new_tokens=new_tokens), eos_id=-1, pad_id=0))
+  prefill = jax.jit(make_generate_fn(spec, Sampling(max_new_tokens=1), eos_id=-1, pad_id=0))
+
+  @jax.jit
+  def uncached(params, tokens_BP, lengths_B, rng):
+    """The baseline a cache replaces: every step recomputes the full forward pass (fixed length
+    P + N, causal, so the not-yet-generated tail does not affect the logits read)."""
+    del lengths_B, rng
+    B, P = tokens_BP.shape
+    buf = jnp.zeros((B, P + new_tokens), jnp.int32).at[:, :P].set(tokens_BP)
+
+    def body(t, buf):
+      logits_BTV = spec.bind(params)(buf)
+      next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BTV, P + t - 1, 1, False), -1)
+      return jax.lax.dynamic_update_slice_in_dim(buf, next_B[:, None].astype(jnp.int32), P + t, 1)
+
+    return jax.lax.fori_loop(0, new_tokens, body, buf)
+
+  rng = np.random.default_rng(0)
+  rows = []
+  for B in batch_sizes:
+    tokens = rng.integers(3, cfg.model.vocab_size, (B, prompt_len), dtype=np.int32)
+    args = (params, tokens, np.full((B,), prompt_len, np.int32), jax.random.key(0))
+    timings = {}
+    runs = (('prefill', prefill), ('total', full)) + ((('uncached', uncached),) if compare_uncached else ())
+    for name, f in runs:
+      jax.block_until_ready(f(*args))  # compile
+      best = math.inf
+      for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - start)
+      timings[name] = best
+    decode_s = max(timings['total'] - timings['prefill'], 1e-9)
+    rows.append({'batch': B, 'prompt_len': prompt_len, 'new_tokens': new_tokens,
+                 'prefill_ms': timings['prefill'] * 1e3,
+                 'decode_tokens_per_s': B * (new_tokens - 1) / decode_s,
+                 'ms_per_step': decode_s / (new_tokens - 1) * 1e3,
+                 'end_to_end_tokens_per_s': B * new_tokens / timings['total'],
+                 'uncached_tokens_per_s': B * new_tokens / timings.get('uncached', math.nan)})
+  return rows
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=import-outside-toplevel
+  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog='python -m lm.generate')
+  parser.add_argument('--bench', action='store_true', required=True)
+  parser.add_argument('--config', default='configs/quickstart.py')
+  parser.add_argument('--batch', default='1,8')
+  parser.add_argument('--prompt-len', type=int, default=64)
+  parser.add_argument('--new-tokens', type=int, default=128)
+  parser.add_argument('--uncached', action='store_true', help='also time decoding without a cache')
+  args = parser.parse_args(argv)
+  cfg = config_lib.load_config(args.config)
+  print(f'decode bench: {args.config}, {jax.device_count()} x {jax.devices()[0].device_kind}, '
+        f'prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, KV cache')
+  for r in benchmark(cfg, batch_sizes=tuple(int(b) for b in args.batch.split(',')),
+                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     compare_uncached=args.uncached):
+    print(f'batch {r["batch"]:3d}: {r["decode_tokens_per_s"]:9,.0f} decode tokens/s '
+          f'({r["ms_per_step"]:.2f} ms/step), prefill {r["prefill_ms"]:.1f} ms, '
+          f'end to end {r["end_to_end_tokens_per_s"]:,.0f} tokens/s'
+          + (f'; without a cache {r["uncached_tokens_per_s"]:,.0f} tokens/s' if args.uncached else ''))
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Metrics on generated text: answer extraction and exact match, token F1, ROUGE-L, BLEU.
+
+Exact match and token F1 follow the SQuAD normalisation (lowercase, no punctuation, no articles,
+single spaces). ROUGE-L is Google's `rouge-score` package and BLEU is `sacrebleu`, so the figures
+mean what they mean elsewhere. Each function takes lists of predictions and references and returns
+the corpus figure in [0, 100] (BLEU's own scale; the others as percentages).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+_ARTICLES = re.compile(r'\b(a|an|the)\b')
+_NUMBER = re.compile(r'-?\$?\d[\d,]*(?:\.\d+)?')
+
+
+def normalize(text: str) -> str:
+  text = text.lower()
+  text = ''.join(ch for ch in text if ch not in set(string.punctuation))
+  text = _ARTICLES.sub(' ', text)
+  return ' '.join(text.split())
+
+
+def normalize_number(text: str) -> str:
+  """'$1,200.00' -> '1200'; '-3.50' -> '-3.5'; anything not a number is returned stripped."""
+  t = text.strip().replace(',', '').replace('$', '').rstrip('.')
+  try:
+    value = float(t)
+  except ValueError:
+    return text.strip()
+  return str(int(value)) if value.is_integer() else repr(value)
+
+
+def extract_answer(text: str, marker: str = '####') -> str:
+  """The final answer of a worked solution: the number after `marker` (GSM8K's `#### 42`), else
+  the last number in the text, else ''. Numbers come back normalised."""
+  if marker in text:
+    after = text.split(marker, 1)[1]
+    found = _NUMBER.search(after)
+    if found:
+      return normalize_number(found.group())
+    return after.strip().split('\n')[0].strip()
+  numbers = _NUMBER.findall(text)
+  return normalize_number(numbers[-1]) if numbers else ''
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+  """% of predictions equal to their reference after normalisation."""
+  _check(predictions, references)
+  hits = [normalize(p) == normalize(r) for p, r in zip(predictions, references)]
+  return 100.0 * sum(hits) / max(len(hits), 1)
+
+
+def token_f1(predictions: list[str], references: list[str]) -> float:
+  """Mean over examples of the F1 of the normalised bags of words (SQuAD's F1), in %."""
+  _check(predictions, references)
+  scores = []
+  for p, r in zip(predictions, references):
+    p_tokens, r_tokens = normalize(p).split(), normalize(r).split()
+    if not p_tokens or not r_tokens:
+      scores.append(float(p_tokens == r_tokens))
+      continue
+    common = sum((collections.Counter(p_tokens) & collections.Counter(r_tokens)).values())
+    if common == 0:
+      scores.append(0.0)
+      continue
+    precision, recall = common / len(p_tokens), common / len(r_tokens)
+    scores.append(2 * precision * recall / (precision + recall))
+  return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+  """Mean ROUGE-L F-measure (longest common subsequence), in %, with Porter stemming."""
+  from rouge_score import rouge_scorer  # pylint: disable=import-outside-toplevel
+  _check(predictions, references)
+  scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
+  scores = [scorer.score(r, p)['rougeL'].fmeasure for p, r in zip(predictions, references)]
+  return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+  """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams, brevity penalty)."""
+  import sacrebleu  # pylint: disable=import-outside-toplevel
+  _check(predictions, references)
+  return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+def _check(predictions, references):
+  if len(predictions) != len(references):
+    raise ValueError(f'{len(predictions)} predictions but {len(references)} references')
+
+
+METRICS = {'exact_match': exact_match, 'token_f1': token_f1, 'rouge_l': rouge_l, 'bleu': bleu}

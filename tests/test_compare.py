@@ -1,0 +1,82 @@
+"""End to end on tiny runs: evaluation during training and early stopping, `lm eval`,
+`lm generate` and `lm compare` (table and plots)."""
+
+import json
+import os
+import shutil
+
+import pytest
+from conftest import tiny_config
+
+from lm import cli
+from lm import train as train_lib
+from lm.metrics import read_metrics
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  import pydoc_data.topics
+  root = tmp_path_factory.mktemp('runs')
+  corpus = root / 'docs.jsonl'
+  with open(corpus, 'w') as f:
+    for key in sorted(pydoc_data.topics.topics)[:40]:
+      f.write(json.dumps({'text': pydoc_data.topics.topics[key]}) + '\n')
+  c = tiny_config(vocab_size=512, max_seq_len=64)
+  c.data.update(train_files=str(corpus), tokenizer_vocab_size=512, seq_len=32, batch_size=8)
+  c.train.update(steps=8, log_every=1, eval_every=2, eval_batches=1, checkpoint_every=2,
+                 eval_tasks='gsm8k_choice', eval_task_limit=2,
+                 # No evaluation improves eval_loss by 100: the second evaluation stops the run.
+                 early_stopping_metric='eval_loss', early_stopping_patience=1,
+                 early_stopping_min_delta=100.0)
+  c.metrics.update(peak_flops_per_device=1e12, tensorboard=False)
+  c.mesh.shape.update(data=-1)
+  base = str(root / 'base')
+  summary = train_lib.train(c, base, progress=False)
+  # "Fine-tune" by continuing the base run's checkpoint for two more steps in a new directory.
+  tuned = str(root / 'tuned')
+  shutil.copytree(os.path.join(base, 'checkpoints'), os.path.join(tuned, 'checkpoints'))
+  shutil.copy(os.path.join(base, 'tokenizer.model'), tuned)
+  c.train.update(steps=6, early_stopping_metric='')
+  train_lib.train(c, tuned, progress=False)
+  return base, tuned, summary
+
+
+def test_early_stopping_and_task_metrics_during_training(runs):
+  base, _, summary = runs
+  assert summary['early_stopped_at'] == 4 and summary['step'] == 4
+  assert summary['early_stopping_best_step'] == 2
+  evals = [r for r in read_metrics(base) if 'eval_loss' in r]
+  assert [r['step'] for r in evals] == [2, 4]
+  assert all('gsm8k_choice/accuracy' in r for r in evals)
+
+
+def test_eval_and_generate_cli(runs, tmp_path, capsys):
+  base, tuned, _ = runs
+  out = str(tmp_path / 'eval')
+  assert cli.main(['eval', f'base={base}@2', tuned, '--tasks', 'wiki_ppl', '--out', out,
+                   '--config.limit=1']) == 0
+  results = json.load(open(os.path.join(out, 'results.json')))['results']
+  assert set(results) == {'base', 'tuned'} and results['base']['wiki_ppl']['perplexity'] > 1
+  assert '| base |' in open(os.path.join(out, 'results.md')).read()
+  assert cli.main(['generate', tuned, '--prompt', 'The', '--max-new-tokens', '4',
+                   '--temperature', '0.7', '--top-k', '20']) == 0
+  assert capsys.readouterr().out.count('The') >= 1
+
+
+def test_compare_writes_table_and_plots(runs, tmp_path):
+  base, tuned, _ = runs
+  out = str(tmp_path / 'compare')
+  assert cli.main(['compare', '--base', base, '--finetuned', f'ft={tuned}', '--out', out,
+                   '--tasks', 'gsm8k,gsm8k_choice', '--general', 'wiki_ppl,heldout_ppl',
+                   '--shots', '1', '--config.limit=2', '--config.max_new_tokens=4']) == 0
+  md = open(os.path.join(out, 'compare.md')).read()
+  for row in ('| base |', '| base 1-shot |', '| ft |'):
+    assert row in md
+  assert 'Forgetting' in md and 'Pretraining compute / fine-tuning compute: ft 2.0x' in md
+  report = json.load(open(os.path.join(out, 'compare.json')))
+  assert report['compute']['base']['steps'] == 4 and report['compute']['ft']['steps'] == 2
+  assert report['compute']['ft']['first_step'] == 4
+  assert report['compute']['base']['flops'] == pytest.approx(2 * report['compute']['ft']['flops'])
+  for png in ('scores.png', 'loss_curves.png'):
+    with open(os.path.join(out, png), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
