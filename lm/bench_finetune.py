@@ -106,7 +106,7 @@ class HfRun:
     start = time.perf_counter()
     for _ in range(n):
       loss = self._step()
-    self.loss = float(loss)
+    self.loss = float(loss.detach())
     if self.device == 'cuda':
       self.torch.cuda.synchronize()
     return (time.perf_counter() - start) / n

@@ -77,8 +77,9 @@ class Linear(nnx.Module):
         keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
       a = self.lora_a[...].astype(self.compute_dtype)
-      b = self.lora_b[...].astype(self.compute_dtype)
-      y = y + self.lora_scale * jnp.tensordot(jnp.tensordot(x, a, axes=self.n_in), b, axes=1)
+      # The scale goes on B [r, *out], not on the [B, T, *out] product: one pass less per layer.
+      b = (self.lora_b[...] * self.lora_scale).astype(self.compute_dtype)
+      y = y + jnp.tensordot(jnp.tensordot(x, a, axes=self.n_in), b, axes=1)
     return y
 
 

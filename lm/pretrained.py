@@ -73,7 +73,7 @@ def resolve_config(cfg) -> None:
 def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dict) -> tuple[dict, dict]:
   """The latest checkpoint's params of run `path`: (base weights, adapters), only the base names
   this model has (plus every adapter, for merging)."""
-  directory = os.path.join(path, 'checkpoints')
+  directory = os.path.join(os.path.abspath(path), 'checkpoints')  # orbax reads absolute paths only
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
   if step is None:

@@ -93,6 +93,7 @@ CASES = {
     'cli-override-without-value': (['--config.train.steps'], '--config.train.steps needs a value'),
     'cli-unknown-benchmark': (['lm', 'bench', 'nonsense'], "unknown benchmark 'nonsense'"),
     'cli-invalid-choice': (['lm', 'data', 'nonsense'], "invalid choice: 'nonsense' (choose from 'show')"),
+    'cli-generate-without-run': (['lm', 'generate'], 'the following arguments are required: run'),
     # Multi-host environment.
     'env-num-processes-not-a-number': ([], "LM_NUM_PROCESSES='two' is not an integer"),
     'env-process-id-out-of-range': ([], 'process id 2 is outside 0..1'),
