@@ -151,9 +151,38 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
     return f'{len(adapters)} adapter arrays (rank {model_cfg.lora.rank}) -> {out} (PEFT format)'
   if adapters:
     base = lora.merge({**base, **adapters}, model_cfg.lora)
-  hf.save(out, base, lora.without_adapters(model_cfg), dtype=dtype)
-  tokenizer = os.path.join(run_dir, 'tokenizer.model')
-  if os.path.isfile(tokenizer) and jax.process_index() == 0:
-    shutil.copyfile(tokenizer, os.path.join(out, 'tokenizer.model'))
+  hf.save(out, base, lora.without_adapters(model_cfg), dtype=dtype, **_token_ids(run_dir))
+  if jax.process_index() == 0:
+    _copy_tokenizer(run_dir, out)
   merged = ' with its LoRA adapters merged' if adapters else ''
   return f'{hf.family_of(model_cfg)} model{merged} -> {out} (config.json + safetensors)'
+
+
+def _copy_tokenizer(run_dir: str, out: str) -> None:
+  """The run's tokenizer beside the exported weights: its own tokenizer.model, or the one its
+  config named (a SentencePiece file, or a HF tokenizer folder's files)."""
+  own = os.path.join(run_dir, 'tokenizer.model')
+  named = _run_config(run_dir).get('data', {}).get('tokenizer') or ''
+  if os.path.isfile(own):
+    shutil.copyfile(own, os.path.join(out, 'tokenizer.model'))
+  elif os.path.isfile(named):
+    target = 'tokenizer.json' if named.endswith('.json') else 'tokenizer.model'
+    shutil.copyfile(named, os.path.join(out, target))
+  elif os.path.isdir(named):
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                 'tokenizer.model'):
+      if os.path.isfile(os.path.join(named, name)):
+        shutil.copyfile(os.path.join(named, name), os.path.join(out, name))
+
+
+def _token_ids(run_dir: str) -> dict:
+  """bos/eos/pad ids for config.json, from the run's tokenizer (lm-trained ones use 2/3/0, not
+  Llama's 1/2), or none when it cannot be read."""
+  from lm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  own = os.path.join(run_dir, 'tokenizer.model')
+  path = own if os.path.isfile(own) else _run_config(run_dir).get('data', {}).get('tokenizer')
+  try:
+    tok = tokenizer_lib.load(path)
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  return {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'pad_token_id': tok.pad_id}
