@@ -53,7 +53,8 @@ def maybe_initialize(dist_cfg=None) -> bool:
   kwargs = settings(dist_cfg)
   if kwargs is None:
     return False
-  # Cross-process collectives between CPU devices; accelerators use their own (NCCL, ICI).
+  # Cross-process collectives between CPU devices (JAX's default in recent versions, not in all
+  # the versions pyproject.toml allows); accelerators use their own (NCCL, ICI).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
   return True

@@ -3,7 +3,6 @@
 
 import json
 import os
-import shutil
 
 import pytest
 from conftest import tiny_config
@@ -32,11 +31,10 @@ def runs(tmp_path_factory):
   c.mesh.shape.update(data=-1)
   base = str(root / 'base')
   summary = train_lib.train(c, base, progress=False)
-  # "Fine-tune" by continuing the base run's checkpoint for two more steps in a new directory.
+  # LoRA fine-tuning from the base: its checkpoints hold only the adapters.
   tuned = str(root / 'tuned')
-  shutil.copytree(os.path.join(base, 'checkpoints'), os.path.join(tuned, 'checkpoints'))
-  shutil.copy(os.path.join(base, 'tokenizer.model'), tuned)
-  c.train.update(steps=6, early_stopping_metric='')
+  c.model.lora.update(rank=4, alpha=8.0)
+  c.train.update(steps=2, init_from=base, trainable='lora', eval_tasks='', early_stopping_metric='')
   train_lib.train(c, tuned, progress=False)
   return base, tuned, summary
 
@@ -72,11 +70,13 @@ def test_compare_writes_table_and_plots(runs, tmp_path):
   md = open(os.path.join(out, 'compare.md')).read()
   for row in ('| base |', '| base 1-shot |', '| ft |'):
     assert row in md
-  assert 'Forgetting' in md and 'Pretraining compute / fine-tuning compute: ft 2.0x' in md
+  assert 'Forgetting' in md and 'Pretraining compute / fine-tuning compute: ft ' in md
   report = json.load(open(os.path.join(out, 'compare.json')))
-  assert report['compute']['base']['steps'] == 4 and report['compute']['ft']['steps'] == 2
-  assert report['compute']['ft']['first_step'] == 4
-  assert report['compute']['base']['flops'] == pytest.approx(2 * report['compute']['ft']['flops'])
+  base_c, ft_c = report['compute']['base'], report['compute']['ft']
+  assert (base_c['steps'], ft_c['steps'], ft_c['first_step']) == (4, 2, 0)
+  # LoRA skips the frozen weights' gradient matmuls: about 4N instead of 6N FLOPs per token.
+  per_token = lambda c: c['flops'] / c['tokens']
+  assert 0.6 < per_token(ft_c) / per_token(base_c) < 0.75
   for png in ('scores.png', 'loss_curves.png'):
     with open(os.path.join(out, png), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'

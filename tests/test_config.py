@@ -13,8 +13,9 @@ def test_config_files_load_locked_with_defaults():
   for name in os.listdir(os.path.join(ROOT, 'configs')):
     if name.endswith('.py'):
       cfg = config_lib.load_config(os.path.join(ROOT, 'configs', name))
-      config_lib.validate(cfg)
       assert cfg.is_locked
+      if 'model' in cfg:  # training configs; configs/eval.py holds evaluation settings only
+        config_lib.validate(cfg)
 
 
 def test_override_parses_by_field_type():

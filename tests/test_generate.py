@@ -33,11 +33,21 @@ def _full_forward(spec, params, rows):
   return np.asarray(jax.jit(lambda p, x: spec.bind(p)(x))(params, tokens))
 
 
-@pytest.mark.parametrize('scan_layers', [True, False])
-def test_cached_logits_equal_full_forward(scan_layers):
+@pytest.mark.parametrize('variant', ['scan', 'unrolled', 'lora'])
+def test_cached_logits_equal_full_forward(variant):
   """Prefill a left-padded batch, then decode token by token: every step's logits equal those of
-  the full forward pass over the unpadded sequence."""
-  c, spec, params = _model(scan_layers=scan_layers)
+  the full forward pass over the unpadded sequence (LoRA: with its adapters applied)."""
+  c, spec, params = _model(scan_layers=variant != 'unrolled')
+  if variant == 'lora':
+    c.model.lora.update(rank=4, alpha=8.0)
+    lora_spec = ModelSpec(c.model)
+    lora = jax.jit(lora_spec.init)(jax.random.key(1))
+    # B starts at zero; make the adapters change the output.
+    lora = {k: (v if k in params else jax.random.normal(jax.random.key(2), v.shape) * 0.5)
+            for k, v in lora.items()}
+    base_logits = _full_forward(spec, params, PROMPTS[:1])
+    spec, params = lora_spec, {**lora, **params}
+    assert not np.allclose(_full_forward(spec, params, PROMPTS[:1]), base_logits, atol=1e-3)
   model = jax.jit(lambda p, *args: spec.bind(p)(*args))
   rng = np.random.default_rng(0)
   continuations = rng.integers(3, c.model.vocab_size, (len(PROMPTS), 4)).astype(np.int32)
