@@ -46,9 +46,10 @@ def warn(message: str) -> None:
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
-               labels: dict | None = None, meta: dict | None = None):
+               labels: dict | None = None, meta: dict | None = None, read_only: bool = False):
     """`labels` ({name: trainable|frozen}) selects the parameters to save; `meta` is a JSON record
-    saved with every step (seeds, base reference) and compared on restore."""
+    saved with every step (seeds, base reference) and compared on restore. `read_only` reads
+    another run's checkpoints without touching them."""
     self.workdir = os.path.abspath(workdir)
     self.directory = rundir.inside(self.workdir, 'checkpoints')
     self.labels = labels
@@ -57,7 +58,8 @@ class Checkpointer:
     if keep_every:
       keep_policies.append(policies.EveryNSteps(keep_every))
     options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
         preservation_policy=policies.AnyPreservationPolicy(keep_policies))
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -113,7 +115,7 @@ class Checkpointer:
                           'start a new run with another --workdir')
 
   def _restore(self, step, abstract_state, shardings, base_params):
-    meta = self._read_meta(step)
+    meta = self.read_meta(step)
     target = abstract_with_shardings(abstract_state, shardings)
     partial = meta.get('params') == 'trainable'
     if partial:
@@ -136,7 +138,8 @@ class Checkpointer:
                                        if self.labels[k] != TRAINABLE}, **state.params})
     return state, restored.data
 
-  def _read_meta(self, step) -> dict:
+  def read_meta(self, step: int) -> dict:
+    """The JSON record saved with `step`: what it holds (`params: all | trainable`), its base."""
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # pylint: disable=broad-except
@@ -175,6 +178,8 @@ class Checkpointer:
         what = f'it lacks {missing[0]}' + (f' and {len(missing) - 1} more' if len(missing) > 1 else '')
       else:
         what = f'it has {extra[0]}, which this run does not'
+      if 'lora_' in (wrong or missing or extra)[0]:
+        what += '; model.lora (rank, targets) differs from the run that wrote it'
       raise CheckpointError(f'checkpoint step {step} in {self.directory} does not fit this model '
                             f'and optimizer ({what}); use a new --workdir or the config it was '
                             'trained with')

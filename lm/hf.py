@@ -230,7 +230,8 @@ def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
   for name, (shape, lm_name) in expected.items():
     if name not in reader:
       raise CheckpointError(f'{source}: tensor {name!r} is missing (needed for lm parameter '
-                            f'{lm_name!r})')
+                            f'{lm_name!r}); the directory must hold the whole model its '
+                            'config.json describes')
     if tuple(reader.shape(name)) != tuple(shape):
       raise CheckpointError(f'{source}: tensor {name!r} has shape {tuple(reader.shape(name))}, but '
                             f'the config implies {tuple(shape)} (lm parameter {lm_name!r})')

@@ -113,6 +113,12 @@ def state_shardings(abstract_state: TrainState, param_shardings: dict, mesh) -> 
                     guard=jax.tree.map(lambda _: replicated, abstract_state.guard))
 
 
+def new_train_state(params: dict, tx: optax.GradientTransformation, guard_window: int) -> TrainState:
+  """The state at step 0: `params`, fresh optimizer state, an empty numerical-guard window."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    guard=guard_lib.init(guard_window))
+
+
 def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules, *,
                         guard_window: int = 1):
   """(init(rng) -> state placed on the mesh, abstract state, shardings).

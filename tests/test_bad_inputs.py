@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 import lm_runs
-from lm import cli
+from lm import cli, hf
 from lm import train as train_lib
 from lm.checkpoint import UNREADABLE
 from lm.data import pipeline
@@ -72,6 +72,15 @@ CASES = {
     'checkpoint-partial-other-base': (['--config.train.trainable=regex:attn', '--config.train.seed=1'],
                                       'trained on base seed=0 but this run has 1'),
     'checkpoint-partial-as-full': ([], 'holds only the trained parameters of a partial run'),
+    'checkpoint-lora-rank-mismatch': (['--config.train.trainable=lora', '--config.model.lora.rank=8'],
+                                      'model.lora (rank, targets) differs from the run that wrote it'),
+    # Starting weights (train.init_from) and exports.
+    'init-from-missing': (['--config.train.init_from=/nonexistent/run'],
+                          "train.init_from='/nonexistent/run' does not exist"),
+    'init-from-neither': (['--config.train.init_from={d}'], 'is neither an lm run directory'),
+    'hf-tensors-missing': (['--config.train.init_from={d}/hf'], "tensor 'model.norm.weight' is missing"),
+    'export-not-a-run': (['lm', 'export', '--workdir', '{d}', '--out', '{run}'],
+                         'is neither an lm run directory'),
     # Run directory.
     'workdir-is-a-file': (['--workdir', '{d}/empty.txt'], 'exists and is not a directory'),
     'workdir-not-writable': (['--workdir', '{d}/empty.txt/run'], 'cannot write to --workdir'),
@@ -83,6 +92,7 @@ CASES = {
     'cli-unknown-flag': (['--stepz', '3'], "unexpected argument '--stepz'"),
     'cli-override-without-value': (['--config.train.steps'], '--config.train.steps needs a value'),
     'cli-unknown-benchmark': (['lm', 'bench', 'nonsense'], "unknown benchmark 'nonsense'"),
+    'cli-invalid-choice': (['lm', 'data', 'nonsense'], "invalid choice: 'nonsense' (choose from 'show')"),
     'cli-generate-without-run': (['lm', 'generate'], 'the following arguments are required: run'),
     # Multi-host environment.
     'env-num-processes-not-a-number': ([], "LM_NUM_PROCESSES='two' is not an integer"),
@@ -102,6 +112,7 @@ EXISTING_RUN = {
     'checkpoint-all-unreadable': ([], 'damage'),
     'checkpoint-partial-other-base': (['--config.train.trainable=regex:attn'], None),
     'checkpoint-partial-as-full': (['--config.train.trainable=regex:attn'], None),
+    'checkpoint-lora-rank-mismatch': (['--config.train.trainable=lora', '--config.model.lora.rank=4'], None),
 }
 
 FILES = {
@@ -127,7 +138,19 @@ def prepared(tmp_path_factory):
   corpus = lm_runs.write_corpus(str(d / 'docs.jsonl'))
   data_args = [f'--config.data.train_files={corpus}']
   tokenizer = pipeline.load_tokenizer(lm_runs.tiny_config(*data_args).data, str(d / 'tok'))
+  _hf_directory_lacking(str(d / 'hf'), 'model.norm.weight')
   return d, [*data_args, f'--config.data.tokenizer={tokenizer.path}']
+
+
+def _hf_directory_lacking(path: str, tensor: str) -> None:
+  """A Hugging Face model directory of the tiny model, with one tensor left out."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  cfg = lm_runs.tiny_config()
+  hf.save(path, train_lib.Trainer(cfg, devices=jax.devices()[:1]).init_state().params, cfg.model)
+  file = os.path.join(path, 'model.safetensors')
+  tensors = load_file(file)
+  del tensors[tensor]
+  save_file(tensors, file, metadata={'format': 'pt'})
 
 
 def _make_existing_run(workdir, args, damage):

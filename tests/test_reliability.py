@@ -15,7 +15,7 @@ import pytest
 from conftest import random_batch, tiny_config
 
 import lm_runs
-from lm import objectives
+from lm import lora, objectives, pretrained
 from lm import train as train_lib
 from lm.checkpoint import UNREADABLE, Checkpointer
 from lm.errors import EXIT_DIVERGED, EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, CheckpointError
@@ -99,19 +99,30 @@ def test_restores_onto_a_different_mesh(tmp_path):
       assert array.sharding == trainer.shardings.params[name], name
 
 
-def test_partial_run_saves_only_trainable_parameters_and_checks_its_base(tmp_path):
+def test_lora_run_saves_only_its_adapters_and_restores_on_its_base(tmp_path):
   c = tiny_config()
-  c.train.trainable = 'regex:attn'
+  c.model.lora.update(rank=4, alpha=8.0)
+  c.train.trainable = 'lora'
   trainer = train_lib.Trainer(c, devices=jax.devices()[:1])
   state = trainer.init_state()
+  state = state.replace(params={k: v + 0.1 if k.endswith('lora_b') else v  # adapters that act
+                                for k, v in state.params.items()})
   ckpt = train_lib.make_checkpointer(c, str(tmp_path), trainer.labels)
   ckpt.save(1, state, {'position': 1})
   ckpt.wait()
   saved = ckpt.manager.item_metadata(1).state.tree['params']
   assert sorted(saved) == sorted(n for n, l in trainer.labels.items() if l == 'trainable')
-  assert len(saved) < len(state.params)
+  assert saved and all(lora.is_adapter(n) for n in saved) and len(saved) < len(state.params)
   restored, _ = train_lib.restore(trainer, ckpt)  # frozen parameters rebuilt from the base
   _assert_same(restored, state)
+
+  # train.init_from and `lm export` follow the same reference to the base, then merge.
+  (tmp_path / 'config.json').write_text(c.to_json_best_effort())
+  merged = pretrained.load_params(str(tmp_path), trainer.spec, trainer.shardings.params)
+  expected = lora.merge(state.params, c.model.lora)
+  for name, value in expected.items():
+    np.testing.assert_allclose(np.asarray(merged[name]), np.asarray(value), atol=1e-6, err_msg=name)
+
   c.train.seed = 1  # another base
   with pytest.raises(CheckpointError, match='trained on base seed=0 but this run has 1'):
     train_lib.restore(trainer, train_lib.make_checkpointer(c, str(tmp_path), trainer.labels))
