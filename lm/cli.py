@@ -16,7 +16,7 @@ commands:
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
             [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
-  eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,wiki_ppl --out DIR [--config configs/eval.py]
+  eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,wiki_ppl --out DIR [--config configs/eval/default.py]
             [--config.limit=100 --config.shots=2 ...]
   compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
             [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
@@ -105,7 +105,7 @@ def cmd_export(argv):
 
 
 def _eval_settings(args, overrides):
-  """Settings for lm eval / lm compare: an eval config (configs/eval.py) with --config.* overrides."""
+  """Settings for lm eval / lm compare: an eval config (configs/eval/) with --config.* overrides."""
   from lm import config as config_lib, tasks  # pylint: disable=import-outside-toplevel
   import dataclasses  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
@@ -118,6 +118,10 @@ def _eval_settings(args, overrides):
   for key, value in config_lib.parse_overrides(overrides):
     config_lib.apply_override(cfg, key, value)
   fields = {f.name for f in dataclasses.fields(tasks.Settings)}
+  unknown = set(cfg.keys()) - fields - {'runs', 'tasks'}
+  if unknown:
+    raise UserError(f'{args.config}: unknown evaluation settings {sorted(unknown)}; '
+                    f'known: {sorted(fields | {"runs", "tasks"})}')
   return cfg, tasks.Settings(**{k: v for k, v in cfg.items() if k in fields})
 
 
@@ -170,7 +174,7 @@ def cmd_generate(argv):
 def cmd_eval(argv):
   parser = _Parser(prog='lm eval', allow_abbrev=False)
   parser.add_argument('runs', nargs='*', help='[NAME=]RUN_DIR[@STEP]; or set runs in --config')
-  parser.add_argument('--config', help='an eval config (configs/eval.py[:arg])')
+  parser.add_argument('--config', help='an eval config (configs/eval/default.py[:arg])')
   parser.add_argument('--tasks', help='comma-separated; see lm/tasks.py')
   parser.add_argument('--out', required=True, help='directory for results.json and results.md')
   args, overrides = parser.parse_known_args(argv)

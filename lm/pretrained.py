@@ -42,14 +42,6 @@ def kind(path: str, what: str = 'train.init_from') -> str:
                     'nor a Hugging Face model directory (config.json + *.safetensors)')
 
 
-def _run_model_config(path: str) -> dict:
-  file = os.path.join(path, 'config.json')
-  if not os.path.isfile(file):
-    raise CheckpointError(f'{path} has checkpoints/ but no config.json to tell its model shape')
-  with open(file, encoding='utf-8') as f:
-    return json.load(f)['model']
-
-
 def resolve_config(cfg) -> None:
   """Sets cfg.model's architecture and, if unset, cfg.data.tokenizer from `train.init_from`.
   Idempotent; a no-op without init_from."""
@@ -59,7 +51,7 @@ def resolve_config(cfg) -> None:
   if kind(source) == 'hf':
     fields = hf.model_config_from_hf(hf.read_config(source))
   else:
-    fields = {k: v for k, v in _run_model_config(source).items() if k in ARCH_KEYS}
+    fields = {k: v for k, v in _run_config(source)['model'].items() if k in ARCH_KEYS}
   for key, value in fields.items():
     cfg.model[key] = value
   if not cfg.data.tokenizer:
@@ -70,12 +62,24 @@ def resolve_config(cfg) -> None:
       cfg.data.tokenizer = os.path.join(source, 'tokenizer.model')
 
 
-def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dict) -> tuple[dict, dict]:
-  """The latest checkpoint's params of run `path`: (base weights, adapters), only the base names
-  this model has (plus every adapter, for merging)."""
-  directory = os.path.join(os.path.abspath(path), 'checkpoints')  # orbax reads absolute paths only
+def _run_config(path: str) -> dict:
+  file = os.path.join(path, 'config.json')
+  if not os.path.isfile(file):
+    raise CheckpointError(f'{path} has checkpoints/ but no config.json to tell its model shape')
+  with open(file, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _lm_run_params(path: str, spec: ModelSpec, shardings: dict, *, merge: bool = True):
+  """The base weights `spec` needs as run `path` last saved them, with its LoRA adapters merged.
+
+  A partial run (LoRA, norms, ...) saves only what it trains; the rest is rebuilt the way that run
+  built it: from its own `train.init_from`, or from its seed when it started from scratch.
+  """
+  directory = os.path.join(os.path.abspath(path), 'checkpoints')  # orbax wants absolute paths
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
+  manager.close()
   if step is None:
     raise CheckpointError(f'{directory} holds no checkpoint')
   item = os.path.join(directory, str(step), 'state')
@@ -83,29 +87,41 @@ def _restore_lm_params(path: str, names: list, spec_shapes: dict, shardings: dic
   saved = checkpointer.metadata(item)
   saved = getattr(saved, 'item_metadata', saved)
   saved = getattr(saved, 'tree', saved)['params']
-  wanted = {n for n in saved if (n in names and not is_adapter(n)) or is_adapter(n)}
-  missing = [n for n in names if not is_adapter(n) and n not in saved]
-  meta = Checkpointer(path, read_only=True).read_meta(step)
-  frozen = _frozen_base(path, meta, missing, shardings) if missing and meta['params'] == 'trainable' else {}
-  missing = [n for n in missing if n not in frozen]
-  if missing:
-    raise CheckpointError(f'{item}: parameter {missing[0]!r} is missing; the run has another model')
-  target, args = {}, {}
+  needed = [n for n in spec.names if not is_adapter(n) and not n.startswith(REF_PREFIX)]
   mesh = next(iter(shardings.values())).mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  wanted = [n for n in saved if n in needed or is_adapter(n)]
+  target, args = {}, {}
   for n in wanted:
-    if n in spec_shapes and tuple(saved[n].shape) != tuple(spec_shapes[n].shape):
+    if n in needed and tuple(saved[n].shape) != tuple(spec.shapes[n].shape):
       raise CheckpointError(f'{item}: parameter {n!r} has shape {tuple(saved[n].shape)}, expected '
-                            f'{tuple(spec_shapes[n].shape)}')
-    sharding = shardings.get(n, replicated) if not is_adapter(n) else replicated
-    dtype = spec_shapes[n].dtype if n in spec_shapes and not is_adapter(n) else saved[n].dtype
+                            f'{tuple(spec.shapes[n].shape)}')
+    sharding = shardings[n] if n in needed else replicated
+    dtype = spec.shapes[n].dtype if n in needed else saved[n].dtype
     target[n] = jax.ShapeDtypeStruct(tuple(saved[n].shape), dtype, sharding=sharding)
     args[n] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype)
-  restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+  params = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
       item={'params': target}, restore_args={'params': args}, partial_restore=True))['params']
-  manager.close()
-  base = {**frozen, **{n: v for n, v in restored.items() if not is_adapter(n)}}
-  return base, {n: v for n, v in restored.items() if is_adapter(n)}
+  missing = [n for n in needed if n not in params]
+  run = _run_config(path)
+  if missing:  # a partial run: its frozen weights come from where that run got them
+    source = run['train'].get('init_from')
+    run_spec = ModelSpec(ml_collections.ConfigDict(run['model']))
+    if any(n not in run_spec.shapes for n in missing):
+      raise CheckpointError(f'{item}: parameter {missing[0]!r} is missing; the run has another model')
+    if source:
+      base = load_params(source, ModelSpec(lora.without_adapters(spec.cfg)), shardings)
+    else:
+      init = jax.jit(lambda rng: {n: v for n, v in run_spec.init(rng).items() if n in missing},
+                     out_shardings={n: shardings[n] for n in missing})
+      base = init(jax.random.key(run['train']['seed']))
+    params.update({n: base[n] for n in missing})
+  adapters = {n: v for n, v in params.items() if is_adapter(n)}
+  if not merge:
+    return {n: params[n] for n in needed}, adapters
+  if adapters:  # a LoRA run: fold its adapters in, with its own lora settings
+    params = lora.merge(params, ml_collections.ConfigDict(run['model']['lora']))
+  return {n: params[n] for n in needed}
 
 
 def _frozen_base(path: str, meta: dict, names: list, shardings: dict) -> dict:
@@ -132,55 +148,66 @@ def _frozen_base(path: str, meta: dict, names: list, shardings: dict) -> dict:
 def load_params(source: str, spec: ModelSpec, shardings: dict) -> dict:
   """{name: array} of the base weights `spec` needs, from `source`, in `shardings`."""
   if kind(source) == 'hf':
-    base_spec = ModelSpec(lora.without_adapters(spec.cfg))
-    return hf.load_params(source, base_spec, shardings)
-  base_names = [n for n in spec.names if not is_adapter(n) and not n.startswith(REF_PREFIX)]
-  base, adapters = _restore_lm_params(source, base_names, spec.shapes, shardings)
-  if adapters:  # a LoRA run: fold its adapters in, with its own lora settings
-    run_lora = ml_collections.ConfigDict(_run_model_config(source)['lora'])
-    base = lora.merge({**base, **adapters}, run_lora)
-  return base
+    return hf.load_params(source, ModelSpec(lora.without_adapters(spec.cfg)), shardings)
+  return _lm_run_params(source, spec, shardings)
 
 
 def init_state(trainer, rng) -> TrainState:
   """The train state with `train.init_from`'s weights; adapters (and any other parameter the
   source lacks) initialised as in pretraining; `ref.*` copies filled from the same weights."""
-  spec, tx = trainer.spec, trainer.tx
-  loaded = load_params(trainer.cfg.train.init_from, spec, trainer.shardings.params)
-
-  def init(rng, loaded):
-    params = spec.init(rng)  # XLA drops the random draws that `loaded` replaces
-    params.update(loaded)
-    params.update({REF_PREFIX + n: v for n, v in loaded.items() if REF_PREFIX + n in params})
-    return new_train_state(params, tx, trainer.cfg.train.spike_window)
-
-  loaded_shardings = {n: trainer.shardings.params[n] for n in loaded}
-  return jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=trainer.shardings,
-                 donate_argnums=1)(rng, loaded)
+  loaded = load_params(trainer.cfg.train.init_from, trainer.spec, trainer.shardings.params)
+  return trainer.init(rng, loaded)
 
 
 def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: str = 'float32') -> str:
   """An lm run's latest weights as a Hugging Face model directory (LoRA adapters merged in), or,
   with `adapters_only`, its adapters as a PEFT directory. Returns a one-line description."""
   from lm import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  if kind(run_dir, what='--workdir') != 'lm':
-    raise ConfigError(f'--workdir {run_dir} is a Hugging Face directory, not an lm run directory '
-                      '(no checkpoints/)')
-  model_cfg = ml_collections.ConfigDict(_run_model_config(run_dir))
+  if kind(run_dir) != 'lm':
+    raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
+  model_cfg = ml_collections.ConfigDict(_run_config(run_dir)['model'])
   spec = ModelSpec(model_cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1), ('data', 'fsdp', 'tensor'))
   rules = (('embed', 'fsdp'), ('vocab', None), ('mlp', None), ('heads', None), ('kv_heads', None))
   shardings = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
-  base_names = [n for n in spec.names if not is_adapter(n)]
-  base, adapters = _restore_lm_params(run_dir, base_names, spec.shapes, shardings)
+  base, adapters = _lm_run_params(run_dir, spec, shardings, merge=False)
   if adapters_only:
     lora.save_peft(out, adapters, model_cfg, base_model=os.path.abspath(run_dir))
     return f'{len(adapters)} adapter arrays (rank {model_cfg.lora.rank}) -> {out} (PEFT format)'
   if adapters:
     base = lora.merge({**base, **adapters}, model_cfg.lora)
-  hf.save(out, base, lora.without_adapters(model_cfg), dtype=dtype)
-  tokenizer = os.path.join(run_dir, 'tokenizer.model')
-  if os.path.isfile(tokenizer) and jax.process_index() == 0:
-    shutil.copyfile(tokenizer, os.path.join(out, 'tokenizer.model'))
+  hf.save(out, base, lora.without_adapters(model_cfg), dtype=dtype, **_token_ids(run_dir))
+  if jax.process_index() == 0:
+    _copy_tokenizer(run_dir, out)
   merged = ' with its LoRA adapters merged' if adapters else ''
   return f'{hf.family_of(model_cfg)} model{merged} -> {out} (config.json + safetensors)'
+
+
+def _copy_tokenizer(run_dir: str, out: str) -> None:
+  """The run's tokenizer beside the exported weights: its own tokenizer.model, or the one its
+  config named (a SentencePiece file, or a HF tokenizer folder's files)."""
+  own = os.path.join(run_dir, 'tokenizer.model')
+  named = _run_config(run_dir).get('data', {}).get('tokenizer') or ''
+  if os.path.isfile(own):
+    shutil.copyfile(own, os.path.join(out, 'tokenizer.model'))
+  elif os.path.isfile(named):
+    target = 'tokenizer.json' if named.endswith('.json') else 'tokenizer.model'
+    shutil.copyfile(named, os.path.join(out, target))
+  elif os.path.isdir(named):
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                 'tokenizer.model'):
+      if os.path.isfile(os.path.join(named, name)):
+        shutil.copyfile(os.path.join(named, name), os.path.join(out, name))
+
+
+def _token_ids(run_dir: str) -> dict:
+  """bos/eos/pad ids for config.json, from the run's tokenizer (lm-trained ones use 2/3/0, not
+  Llama's 1/2), or none when it cannot be read."""
+  from lm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  own = os.path.join(run_dir, 'tokenizer.model')
+  path = own if os.path.isfile(own) else _run_config(run_dir).get('data', {}).get('tokenizer')
+  try:
+    tok = tokenizer_lib.load(path)
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  return {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'pad_token_id': tok.pad_id}

@@ -62,9 +62,12 @@ class ModelSpec:
   def names(self) -> list[str]:
     return list(self.shapes)
 
-  def init(self, rng) -> dict:
+  def init(self, rng, loaded: dict | None = None) -> dict:
+    """Fresh parameters; entries of `loaded` (starting weights) replace theirs. Under jit the
+    random draws that `loaded` replaces are dropped, never computed."""
     model = Transformer(self.cfg, rngs=nnx.Rngs(params=rng))
     params = flatten(nnx.to_pure_dict(nnx.state(model)))
+    params.update(loaded or {})
     if self.reference:
       params.update({REF + n: v for n, v in params.items() if not is_adapter(n)})
     return params
@@ -125,13 +128,15 @@ def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh,
   """
   param_sh = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
 
-  def init(rng):
-    params = spec.init(rng)
-    return new_train_state(params, tx, guard_window)
+  def init(rng, loaded=None):
+    """`loaded`: starting weights for some parameters (lm/pretrained.py), donated."""
+    params = spec.init(rng, loaded)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      guard=guard_lib.init(guard_window))
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = state_shardings(abstract, param_sh, mesh)
-  return jax.jit(init, out_shardings=shardings), abstract, shardings
+  return jax.jit(init, out_shardings=shardings, donate_argnums=1), abstract, shardings
 
 
 def abstract_with_shardings(tree, shardings):

@@ -241,7 +241,8 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
           writer.write(done, eval_metrics)
           summary.update(eval_metrics)
           _log(f'step {done}: loss {summary["loss"]:.4f}, held-out perplexity '
-               f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})')
+               f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})'
+               + ''.join(f', {k} {v:.4g}' for k, v in eval_metrics.items() if '/' in k))
           window_start, window_step = time.perf_counter(), done
           early_stop = stopper is not None and stopper.update(done, eval_metrics)
         if done % cfg.train.checkpoint_every == 0 or done == total or early_stop:

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 
 from lm import cli
 from lm import train as train_lib
@@ -52,6 +52,7 @@ def test_eval_and_generate_cli(runs, tmp_path, capsys):
   base, tuned, _ = runs
   out = str(tmp_path / 'eval')
   assert cli.main(['eval', f'base={base}@2', tuned, '--tasks', 'wiki_ppl', '--out', out,
+                   '--config', os.path.join(ROOT, 'configs', 'eval', 'default.py:quick'),
                    '--config.limit=1']) == 0
   results = json.load(open(os.path.join(out, 'results.json')))['results']
   assert set(results) == {'base', 'tuned'} and results['base']['wiki_ppl']['perplexity'] > 1

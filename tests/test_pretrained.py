@@ -43,7 +43,8 @@ def test_full_finetune_from_an_lm_lora_run_merges_it_and_exports(tmp_path):
   state = source.init_state()
   params = {k: (v + 0.1 if k.endswith('lora_b') else v) for k, v in state.params.items()}
   state = state.replace(params=params)
-  ckpt = Checkpointer(str(run), async_save=False)
+  # As `lm train` saves a LoRA run: the adapters only; the base is rebuilt from the run's seed.
+  ckpt = Checkpointer(str(run), async_save=False, labels=source.labels)
   ckpt.save(3, state, {'position': 3})
   ckpt.close()
   (run / 'config.json').write_text(c.to_json_best_effort())

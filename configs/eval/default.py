@@ -1,8 +1,8 @@
 """Evaluation settings for `lm eval` and `lm compare` (lm/tasks.py Settings), overridable as
 --config.limit=20 etc.
 
-  lm eval runs/quickstart runs/gsm8k_full --config configs/eval.py --out runs/eval
-  lm eval runs/quickstart --config configs/eval.py:quick --out runs/eval_quick   # a few examples
+  lm eval runs/quickstart runs/gsm8k_full --config configs/eval/default.py --out runs/eval
+  lm eval runs/quickstart --config configs/eval/default.py:quick --out runs/eval_quick   # a few examples
 """
 
 import ml_collections
