@@ -98,10 +98,13 @@ def _pct(new, old):
 def markdown(report: dict) -> str:
   base, shots = report['base'], report['shots']
   s = report['settings']
+  decoding = ('greedy decoding' if not s['temperature'] else
+              f'sampling at temperature {s["temperature"]}, top-k {s["top_k"] or "off"}, '
+              f'top-p {s["top_p"]}, seed {s["seed"]}')
   out = [f'# Base vs fine-tuned\n',
-         f'{s["limit"] or "all"} held-out examples per task, greedy decoding'
-         f' (temperature {s["temperature"]}), up to {s["max_new_tokens"]} new tokens; '
-         f'`{base} {shots}-shot` is the base model prompted with {shots} solved training examples.\n',
+         f'{s["limit"] or "all"} held-out examples per task; {decoding}; up to '
+         f'{s["max_new_tokens"]} new tokens; `{base} {shots}-shot` is the base model prompted with '
+         f'{shots} solved training examples.\n',
          '## Task scores\n']
   scores = report['scores']
   tasks = list(dict.fromkeys(t for m in scores.values() for t in m))

@@ -49,7 +49,9 @@ class Settings:
   limit: int = 100  # examples per task (0: all of the held-out split)
   shots: int = 0  # solved exemplars before each prompt (gsm8k, gsm8k_nll, alpaca)
   max_new_tokens: int = 160
-  temperature: float = 0.0
+  temperature: float = 0.0  # 0: greedy
+  top_k: int = 0
+  top_p: float = 1.0
   batch_size: int = 16
   seed: int = 0
   heldout_from: str = ''  # heldout_ppl: whose held-out split ('' = the model's own run)
@@ -113,7 +115,8 @@ def _split_encode(tokenizer, context: str, continuation: str):
 
 def _generate(model, prompts, settings, stop):
   from lm.generate import Sampling  # pylint: disable=import-outside-toplevel
-  sampling = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+  sampling = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                      top_k=settings.top_k, top_p=settings.top_p)
   return model.generator.generate(prompts, sampling, stop=stop, seed=settings.seed,
                                   batch_size=settings.batch_size)
 

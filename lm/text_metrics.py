@@ -9,6 +9,7 @@ the corpus figure in [0, 100] (BLEU's own scale; the others as percentages).
 from __future__ import annotations
 
 import collections
+import decimal
 import re
 import string
 
@@ -24,13 +25,18 @@ def normalize(text: str) -> str:
 
 
 def normalize_number(text: str) -> str:
-  """'$1,200.00' -> '1200'; '-3.50' -> '-3.5'; anything not a number is returned stripped."""
+  """'$1,200.00' -> '1200'; '-3.50' -> '-3.5'; exact for any length (decimal, not float);
+  anything not a number is returned stripped."""
   t = text.strip().replace(',', '').replace('$', '').rstrip('.')
   try:
-    value = float(t)
-  except ValueError:
+    value = decimal.Decimal(t)
+  except decimal.InvalidOperation:
     return text.strip()
-  return str(int(value)) if value.is_integer() else repr(value)
+  if not value.is_finite():
+    return text.strip()
+  if value == value.to_integral_value():
+    return str(int(value))
+  return format(value.normalize(), 'f')
 
 
 def extract_answer(text: str, marker: str = '####') -> str:

@@ -18,6 +18,8 @@ def test_extract_answer():
   assert tm.extract_answer('2 + 3 = 5, so the answer is 42.') == '42'  # no marker: last number
   assert tm.extract_answer('3.0') == '3'
   assert tm.extract_answer('no digits at all') == ''
+  assert tm.extract_answer('#### 1' + '0' * 40) == '1' + '0' * 40  # exact, not via float
+  assert tm.normalize_number('0.10') == '0.1' and tm.normalize_number('nan') == 'nan'
 
 
 def test_exact_match_normalises_case_punctuation_and_articles():

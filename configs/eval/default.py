@@ -15,7 +15,9 @@ def get_config(arg=None):
       limit=100,  # examples per task; 0 = the whole held-out split
       shots=0,
       max_new_tokens=160,
-      temperature=0.0,
+      temperature=0.0,  # 0: greedy
+      top_k=0,
+      top_p=1.0,
       batch_size=16,
       seed=0,
       heldout_from='',
