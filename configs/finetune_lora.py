@@ -1,4 +1,4 @@
-"""LoRA fine-tuning (SFT on alpaca): rank-16 adapters on every linear layer of the blocks; only
+r"""LoRA fine-tuning (SFT on alpaca): rank-16 adapters on every linear layer of the blocks; only
 the adapters get gradients and optimizer state. The base weights never change.
 
   lm train --config configs/quickstart.py --workdir runs/quickstart      # once: the base model
