@@ -5,7 +5,7 @@ The few names a notebook needs (loaded lazily, so `import lm` stays cheap):
   cfg = lm.load_config('configs/quickstart.py', {'train.steps': 100})
   summary = lm.run_training(cfg, 'runs/demo')       # the whole run, as `lm train`
   trainer = lm.Trainer(cfg)                         # or single steps: trainer.step(state, batch)
-  model = lm.load_model('runs/demo')                # a trained run: params, tokenizer, mesh
+  model = lm.load_model('runs/demo')                # a trained run (or a HF model directory)
   lm.complete(model, ['def main('], max_new_tokens=32)
   lm.evaluate_model(model, ['heldout_ppl'])
   params = lm.load_hf('path/to/hf_model', lm.ModelSpec(cfg.model), shardings)

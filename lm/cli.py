@@ -50,9 +50,9 @@ def cmd_train(argv):
   from lm import distributed, train  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize(cfg.distributed)
   summary = train.train(cfg, args.workdir, progress=not args.no_progress)
-  print(f'done: step {summary["step"]}, loss {summary.get("loss", float("nan")):.4f}, held-out '
-        f'perplexity {summary["eval_perplexity"]:.2f} vs unigram baseline '
-        f'{summary["unigram_perplexity"]:.2f}; run directory {args.workdir}')
+  loss = f', loss {summary["loss"]:.4f}' if 'loss' in summary else ''
+  print(f'done: step {summary["step"]}{loss}, held-out perplexity {summary["eval_perplexity"]:.2f} '
+        f'vs unigram baseline {summary["unigram_perplexity"]:.2f}; run directory {args.workdir}')
   return 0
 
 

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from lm import sharding as sharding_lib
 from lm import tasks as tasks_lib
+from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import Tokenizer
 from lm.errors import CheckpointError, UserError
 from lm.state import ModelSpec
@@ -55,9 +56,11 @@ def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
       node[key] = value
 
 
-def run_tokenizer(run_dir: str, cfg) -> Tokenizer:
+def run_tokenizer(run_dir: str, cfg):
+  """The run's own trained tokenizer, else the one it was configured with (a SentencePiece model,
+  a tokenizer.json or a Hugging Face folder holding one)."""
   own = os.path.join(run_dir, 'tokenizer.model')
-  return Tokenizer(own if os.path.isfile(own) else cfg.data.tokenizer)
+  return Tokenizer(own) if os.path.isfile(own) else tokenizer_lib.load(cfg.data.tokenizer)
 
 
 def restore_params(run_dir: str, cfg, spec: ModelSpec, shardings: dict, step: int | None = None):
@@ -101,7 +104,7 @@ class Model:
   cfg: ml_collections.ConfigDict
   spec: ModelSpec
   params: dict
-  tokenizer: Tokenizer
+  tokenizer: Tokenizer  # or tokenizer_lib.HFTokenizer: the same interface
   mesh: jax.sharding.Mesh
   run_dir: str = ''
   step: int = 0
@@ -127,7 +130,12 @@ def parse_run(spec: str) -> tuple[str, str, int | None]:
 
 
 def load_model(spec: str, *, mesh=None) -> Model:
+  """A model ready to generate and evaluate from `[NAME=]DIR[@STEP]`: an lm run directory (its
+  latest checkpoint, or STEP) or a Hugging Face model directory (config.json, *.safetensors and a
+  tokenizer.json or tokenizer.model)."""
   name, run_dir, step = parse_run(spec)
+  if _is_hf_directory(run_dir):
+    return _load_hf_model(name, run_dir, step, mesh)
   cfg = load_config(run_dir)
   model_spec = ModelSpec(cfg.model)
   mesh = mesh or sharding_lib.make_mesh(cfg.mesh)
@@ -135,6 +143,30 @@ def load_model(spec: str, *, mesh=None) -> Model:
                                            tuple(cfg.mesh.rules))
   params, step = restore_params(run_dir, cfg, model_spec, shardings, step)
   return Model(name, cfg, model_spec, params, run_tokenizer(run_dir, cfg), mesh, run_dir, step)
+
+
+def _is_hf_directory(path: str) -> bool:
+  return (os.path.isdir(path) and not os.path.isdir(os.path.join(path, 'checkpoints'))
+          and os.path.isfile(os.path.join(path, 'config.json'))
+          and any(n.endswith('.safetensors') for n in os.listdir(path)))
+
+
+def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
+  from lm import config as config_lib, hf, pretrained  # pylint: disable=import-outside-toplevel
+  if step is not None:
+    raise UserError(f'{path}@{step}: a Hugging Face directory has one set of weights; drop @{step}')
+  cfg = config_lib.base_config()
+  cfg.train.init_from = path
+  pretrained.resolve_config(cfg)  # the architecture, and the tokenizer if the folder has one
+  if not cfg.data.tokenizer:
+    raise UserError(f'{path} has no tokenizer.json or tokenizer.model; copy the model\'s '
+                    'tokenizer into it')
+  model_spec = ModelSpec(cfg.model)
+  mesh = mesh or sharding_lib.make_mesh(cfg.mesh)
+  shardings = sharding_lib.param_shardings(model_spec.logical_axes, model_spec.shapes, mesh,
+                                           tuple(cfg.mesh.rules))
+  params = hf.load_params(path, model_spec, shardings)
+  return Model(name, cfg, model_spec, params, tokenizer_lib.load(cfg.data.tokenizer), mesh, path, 0)
 
 
 def run_tasks(model: Model, names: list[str], settings: tasks_lib.Settings, *,

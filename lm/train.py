@@ -274,6 +274,10 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
 
   if start >= total:
     _log(f'already trained to step {start}; evaluating')
+    previous = os.path.join(workdir, 'summary.json')
+    if os.path.isfile(previous):  # keep what the training run recorded (its loss, early stopping)
+      with open(previous, encoding='utf-8') as f:
+        summary.update(json.load(f))
     summary.update(trainer.evaluate(state.params, corpus.eval, cfg.train.eval_batches))
   summary.update(unigram_perplexity=unigram_ppl, step=int(state.step))
   if stopper is not None:

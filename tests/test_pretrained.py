@@ -75,3 +75,25 @@ def test_init_from_a_directory_that_is_neither_is_a_clear_error(tmp_path):
   c.train.init_from = str(tmp_path)
   with pytest.raises(ConfigError, match='neither an lm run directory'):
     Trainer(c)
+
+
+def test_load_model_takes_a_hf_directory_and_generates(tmp_path):
+  """lm.load_model (and so lm generate / eval / compare) accepts a Hugging Face directory."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  import lm
+  from lm.data import tokenizer as tokenizer_lib
+  from test_hf import TOKENS, hf_logits, make_hf_model
+  expected = hf_logits(make_hf_model('llama2', tmp_path / 'hf'))
+  import pydoc_data.topics
+  docs = [t.lower() for t in pydoc_data.topics.topics.values()]
+  tokenizer_lib.train_tokenizer(docs, str(tmp_path / 'hf' / 'tokenizer.model'), 128,
+                                byte_fallback=False)
+  model = lm.load_model(f'hf={tmp_path / "hf"}')
+  assert model.name == 'hf' and model.cfg.model.vocab_size == 128
+  got = np.asarray(jax.jit(lambda p: model.spec.bind(p)(TOKENS))(model.params))
+  assert np.max(np.abs(got - expected)) <= 1e-4
+  completions = lm.complete(model, ['the cat', 'a dog'], max_new_tokens=5)
+  assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
+  with pytest.raises(lm.errors.UserError, match='one set of weights'):
+    lm.load_model(f'{tmp_path / "hf"}@3')

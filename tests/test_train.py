@@ -84,6 +84,11 @@ def test_train_writes_run_directory_and_resumes_exactly(tmp_path, corpus_file):
   assert logged and all(m['tokens_per_s'] > 0 and 0 < m['mfu'] < 1 for m in logged)
   assert any('eval_perplexity' in m for m in rows)
   assert np.isfinite(straight['eval_perplexity']) and straight['unigram_perplexity'] > 1
+  # The same command on the finished run trains nothing and keeps what the training recorded.
+  again = train_lib.train(run_config(corpus_file, 8), str(run_dir), progress=False)
+  assert again['step'] == 8 and again['loss'] == resumed['loss']
+  assert again['eval_loss'] == pytest.approx(resumed['eval_loss'], rel=1e-6)
+  assert json.loads((run_dir / 'summary.json').read_text())['loss'] == resumed['loss']
 
 
 def _cli(*args, cwd=ROOT):
