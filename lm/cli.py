@@ -31,9 +31,13 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f'{self.prog}: {message}')
 
 
-def _config_from_args(args, overrides):
+def _config_from_args(args, overrides, model_preset=None):
+  """The config file, then a model preset (lm bench --model-preset), then the overrides."""
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.load_config(args.config)
+  if model_preset:
+    config_lib.model_config(model_preset)  # a clear error for an unknown name
+    cfg.model.update(config_lib.MODEL_PRESETS[model_preset])
   for key, value in config_lib.parse_overrides(overrides):
     config_lib.apply_override(cfg, key, value)
   config_lib.validate(cfg)
@@ -78,11 +82,7 @@ def cmd_bench(argv):
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
                     'choose train, finetune, attention, decode or checkpoint')
-  cfg = _config_from_args(args, overrides)
-  if args.model_preset:
-    from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-    config_lib.model_config(args.model_preset)  # a clear error for an unknown name
-    cfg.model.update(config_lib.MODEL_PRESETS[args.model_preset])
+  cfg = _config_from_args(args, overrides, args.model_preset)
   if args.what == 'checkpoint':
     from lm import checkpoint_bench  # pylint: disable=import-outside-toplevel
     return checkpoint_bench.main(cfg)

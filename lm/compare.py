@@ -101,7 +101,7 @@ def markdown(report: dict) -> str:
   decoding = ('greedy decoding' if not s['temperature'] else
               f'sampling at temperature {s["temperature"]}, top-k {s["top_k"] or "off"}, '
               f'top-p {s["top_p"]}, seed {s["seed"]}')
-  out = [f'# Base vs fine-tuned\n',
+  out = ['# Base vs fine-tuned\n',
          f'{s["limit"] or "all"} held-out examples per task; {decoding}; up to '
          f'{s["max_new_tokens"]} new tokens; `{base} {shots}-shot` is the base model prompted with '
          f'{shots} solved training examples.\n',

@@ -15,8 +15,7 @@ class MetricWriter:
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
     self.tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.tb = _summary_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -44,3 +43,18 @@ def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is
+  installed (seconds of start-up) only to accept torch tensors, and lm writes Python floats."""
+  import sys  # pylint: disable=import-outside-toplevel
+  hide_torch = 'torch' not in sys.modules
+  if hide_torch:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if hide_torch:
+      del sys.modules['torch']  # a later `import torch` (the HF comparisons) works as usual
+  return SummaryWriter(logdir)

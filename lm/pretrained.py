@@ -18,10 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lm import hf, lora
-from lm.checkpoint import Checkpointer
 from lm.errors import CheckpointError, ConfigError
 from lm.partition import REF_PREFIX, is_adapter
-from lm.state import ModelSpec, TrainState, new_train_state
+from lm.state import ModelSpec, TrainState
 
 # The model fields that describe the weights; the rest (dtypes, remat, attention, lora) stay the run's.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
@@ -122,27 +121,6 @@ def _lm_run_params(path: str, spec: ModelSpec, shardings: dict, *, merge: bool =
   if adapters:  # a LoRA run: fold its adapters in, with its own lora settings
     params = lora.merge(params, ml_collections.ConfigDict(run['model']['lora']))
   return {n: params[n] for n in needed}
-
-
-def _frozen_base(path: str, meta: dict, names: list, shardings: dict) -> dict:
-  """Parameters `names` that a partial run (LoRA, ...) did not save because they were frozen,
-  rebuilt from the base its checkpoint names: its own train.init_from, else its initialisation."""
-  run_model = ml_collections.ConfigDict(_run_model_config(path))
-  mesh = next(iter(shardings.values())).mesh
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  base = meta.get('base') or {}
-  if base.get('init_from'):
-    base_spec = ModelSpec(lora.without_adapters(run_model))
-    loaded = load_params(base['init_from'], base_spec,
-                         {n: shardings.get(n, replicated) for n in base_spec.names})
-    return {n: loaded[n] for n in names if n in loaded}
-  spec = ModelSpec(run_model)
-
-  def init():
-    params = spec.init(jax.random.key(base.get('seed', 0)))  # as the run's Trainer.init_state
-    return {n: params[n] for n in names}
-
-  return jax.jit(init, out_shardings={n: shardings.get(n, replicated) for n in names})()
 
 
 def load_params(source: str, spec: ModelSpec, shardings: dict) -> dict:

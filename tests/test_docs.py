@@ -46,7 +46,7 @@ lm() {{
     bench)
       case "${{2:-}}" in
         finetune) command lm "$@" --steps 1 --rounds 1 ;;
-        checkpoint) command lm "$@" ;;
+        checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
         *) command lm "$@" --steps 2 ;;
       esac ;;
     *) command lm "$@" ;;
@@ -65,6 +65,8 @@ SUBSTITUTIONS = [
     # The full quickstart's install is CI's own (`.ci/run` installs the package the same way).
     ('README.md', 'python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/lm train',
      'lm train'),
+    ('docs/quickstart.md',
+     'python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/lm train', 'lm train'),
     # The drill kills the run after its step-2 checkpoint instead of after step 300's.
     ('docs/reliability.md', 'LM_INJECT_FAULT=kill@350', 'LM_INJECT_FAULT=kill@3'),
     ('docs/reliability.md', 'resumes from step 300', 'resumes from step 2'),

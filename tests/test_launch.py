@@ -516,41 +516,5 @@ def test_sweep_runner_takes_the_command(tmp_path, capsys):
   assert (tmp_path / 'sw' / 'summary.png').stat().st_size > 0
 
 
-# ----------------------------------------------------------------------------------------------
-# End to end: three real `lm train` runs of configs/sweep_lr.py on CPU (~1 minute).
-
-
-def _corpus(path):
-  """A small real-text corpus (CPython's pydoc topics) so that reading data takes no time."""
-  import pydoc_data.topics
-  with open(path, 'w') as f:
-    f.write('\n\n'.join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)))
-
-
-def test_e2e_local_sweep_of_three_learning_rates(tmp_path):
-  """END TO END: `python -m launch.sweep` runs three tiny `lm train` runs and summarizes them."""
-  assert os.path.isfile(os.path.join(ROOT, 'lm', 'train.py')), 'lm train has not landed yet'
-  corpus = tmp_path / 'corpus.txt'
-  _corpus(corpus)
-  workdir = tmp_path / 'sweep'
-  env = {**os.environ, 'PYTHONPATH': ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-         'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run(
-      [sys.executable, '-m', 'launch.sweep', '--config', SWEEP_CONFIG, '--workdir', str(workdir),
-       f'--config.data.train_files={corpus}', '--config.train.steps=20'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  names = ['lr=0.003', 'lr=0.001', 'lr=0.0003']
-  for name in names:
-    recs = sweep.read_metrics(str(workdir / name))
-    assert max(r['step'] for r in recs) == 20
-    assert any('eval_loss' in r for r in recs)
-  rows = json.load(open(workdir / 'summary.json'))
-  assert [r['name'] for r in rows] == names
-  assert all(r['status'] == 'ok' and r['steps'] == 20 for r in rows)
-  assert all(r['final_loss'] < 7.0 and r['best_eval_perplexity'] > 1 for r in rows)
-  table = (workdir / 'summary.md').read_text()
-  assert table.count('| ok |') == 3 and 'Best run by best eval loss' in table
-  assert f'Every run: `data.train_files={corpus} train.steps=20`' in table
-  assert '| lr=0.001 | `optimizer.lr=0.001` | 20 |' in table
-  assert (workdir / 'summary.png').read_bytes()[:4] == b'\x89PNG'
+# The end-to-end local sweep of configs/sweep_lr.py (three real `lm train` runs, the table and
+# the plot) runs as docs/sweeps.md shows it, in tests/test_docs.py.
