@@ -376,6 +376,10 @@ def main(argv=None, command: Callable[[str, common.Run], list[str]] | None = Non
     md, png = write_summary(summary_dir, runs)
     print(open(md).read() + f'\nwrote {md} and {png}')
     return 0
+  if '://' in args.workdir:
+    p.error(f'--workdir {args.workdir} is a URL; lm train writes through the file system: mount the '
+            'bucket (gcsfuse) at the same path wherever the runs go and pass that path '
+            '(--summarize-only does read URLs)')
 
   if args.slurm or args.tpu:
     from launch import slurm, tpu

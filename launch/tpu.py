@@ -1,6 +1,6 @@
 """Run `lm train` on every worker of a Cloud TPU VM slice.
 
-    python -m launch.tpu --config configs/NAME.py --workdir gs://BUCKET/runs/NAME \
+    python -m launch.tpu --config configs/NAME.py --workdir /mnt/shared/runs/NAME \
         --name my-tpu --zone us-central2-b --accelerator-type v4-32 \
         [--create | --queued] [--spot] [--install git+https://github.com/ORG/lm@main | dist/lm.whl] \
         [--restarts 5] [--config.k=v ...] [--dry-run]
@@ -22,7 +22,8 @@ Steps, each a `gcloud` command that `--dry-run` prints instead of running:
 4. On failure, check the slice's state. A preempted slice (anything but READY) is deleted,
    re-created and set up again when this launcher provisioned it; then `lm train` runs again on
    the same workdir and resumes from its latest checkpoint, up to `--restarts` times. The workdir
-   must therefore outlive the VMs: use a GCS bucket (gs://...), not a worker's local disk.
+   must therefore outlive the VMs and be the same on every worker: a shared mount (Filestore/NFS,
+   or a GCS bucket mounted with gcsfuse at the same path), not a worker's local disk.
 5. Collect the workers' log files with `gcloud compute tpus tpu-vm scp --worker=all`, and with
    `--delete-after` delete the slice.
 """
@@ -159,9 +160,9 @@ class Tpu:
 def dry_run_lines(opts, config: str, runs: list[common.Run], provision=True, teardown=True):
   t = Tpu(opts)
   out = []
-  if not runs[0].workdir.startswith(('gs://', '/')):
+  if not runs[0].workdir.startswith('/'):
     out.append(f'# warning: workdir {runs[0].workdir} is relative: it would sit on each worker\'s '
-               'own disk, which a preemption loses; use a shared mount or gs://')
+               'own disk, which a preemption loses; use a shared mount')
   if provision and (opts.create or opts.queued):
     out += [common.join(c) for c in t.create()]
     if opts.queued:
@@ -244,13 +245,17 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               allow_abbrev=False)
   p.add_argument('--config', required=True, help='configs/NAME.py[:arg] (path on this machine)')
-  p.add_argument('--workdir', required=True, help='gs://BUCKET/... so that it outlives the VMs')
+  p.add_argument('--workdir', required=True,
+                 help='a path on a mount every worker shares (NFS, gcsfuse), so that it outlives the VMs')
   p.add_argument('--dry-run', action='store_true', help='print the gcloud commands; run nothing')
   add_args(p)
   args, rest = p.parse_known_args(argv)
   overrides, unknown = common.split_overrides(rest)
   if unknown:
     p.error(f'unrecognized arguments: {" ".join(unknown)}')
+  if '://' in args.workdir:
+    p.error(f'--workdir {args.workdir} is a URL; lm train writes through the file system: mount the '
+            'bucket with gcsfuse at the same path on every worker and pass that path')
   runs = [common.Run(os.path.basename(args.workdir.rstrip('/')), args.workdir, overrides)]
   if args.dry_run:
     print('\n'.join(dry_run_lines(args, args.config, runs)))

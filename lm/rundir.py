@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 
@@ -17,6 +18,9 @@ from lm.errors import UserError
 
 def prepare(workdir: str) -> str:
   """The absolute run directory, created if needed, or a UserError saying why it cannot be."""
+  if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', workdir):  # else gs://b/x would become ./gs:/b/x
+    raise UserError(f'--workdir {workdir} is a URL; lm writes runs through the file system: mount '
+                    'the bucket (e.g. with gcsfuse) and pass the mounted path')
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir {workdir} exists and is not a directory; choose another path')

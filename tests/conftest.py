@@ -2,10 +2,20 @@
 
 import os
 import sys
+import tempfile
 
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+# One persistent compilation cache for the whole session, shared by the pytest-xdist workers (they
+# inherit the controller's environment): many tests compile the same small programs. Entries are
+# keyed by the program and the compiler, so a hit is the executable a fresh compile would give.
+if 'LM_TEST_JAX_CACHE' not in os.environ:
+  os.environ['LM_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='lm-test-jax-cache-')
+jax.config.update('jax_compilation_cache_dir', os.environ['LM_TEST_JAX_CACHE'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -37,6 +37,8 @@ def write_corpus(path: str, n_docs: int = 40) -> str:
 def env(cache_dir: str, **extra) -> dict:
   out = {k: v for k, v in os.environ.items()
          if not k.startswith(('LM_', 'JAX_', 'XLA_FLAGS'))}
+  # The session's shared compilation cache (conftest.py) when there is one.
+  cache_dir = os.environ.get('LM_TEST_JAX_CACHE', cache_dir)
   out.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')

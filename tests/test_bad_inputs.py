@@ -84,6 +84,7 @@ CASES = {
     # Run directory.
     'workdir-is-a-file': (['--workdir', '{d}/empty.txt'], 'exists and is not a directory'),
     'workdir-not-writable': (['--workdir', '{d}/empty.txt/run'], 'cannot write to --workdir'),
+    'workdir-url': (['--workdir', 'gs://lm-test-bucket/run'], 'is a URL'),
     # Command line.
     'cli-unknown-command': (['lm', 'frobnicate'], "unknown command 'frobnicate'"),
     'cli-missing-workdir': (['lm', 'train', '--config', 'configs/quickstart.py'],
@@ -208,6 +209,7 @@ def test_bad_input(case, prepared, tmp_path, capfd, monkeypatch):
     assert _tree(run) == before
   for path in (d / 'empty.txt',):  # a bad --workdir must not turn into output either
     assert path.read_bytes() == b''
+  assert not os.path.exists('gs:')
 
 
 def test_the_real_command_exits_2(tmp_path):

@@ -160,8 +160,9 @@ def _environment(tmp_path_factory):
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
   env.pop('XLA_FLAGS', None)
   env.update(JAX_PLATFORMS='cpu', TQDM_DISABLE='1',
-             # Runs of one model shape compile once for the whole file.
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / 'jax-cache'),
+             # Runs of one model shape compile once for the whole session.
+             JAX_COMPILATION_CACHE_DIR=os.environ.get(
+                 'LM_TEST_JAX_CACHE', str(tmp_path_factory.getbasetemp() / 'jax-cache')),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return env

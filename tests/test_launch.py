@@ -251,7 +251,7 @@ def test_slurm_requeues_on_usr1(tmp_path):
 
 
 def test_tpu_dry_run_existing_slice(capsys):
-  out = _dry(tpu.main, ['--config', 'configs/quickstart.py', '--workdir', 'gs://bkt/runs/q',
+  out = _dry(tpu.main, ['--config', 'configs/quickstart.py', '--workdir', '/mnt/gcs/runs/q',
                         '--name', 'my-tpu', '--zone', 'us-central2-b', '--project', 'proj',
                         '--install', 'git+https://github.com/org/lm@main', '--restarts', '2',
                         '--config.train.steps=100', '--dry-run'], capsys)
@@ -263,11 +263,11 @@ def test_tpu_dry_run_existing_slice(capsys):
       f"{ssh} 'python3 -m pip install -U \"jax[tpu]\" git+https://github.com/org/lm@main'",
       'mkdir -p logs/my-tpu/q-attempt0',
       f"{ssh} 'cd lm_launch && LM_DISTRIBUTED=1 python3 -m lm train --config "
-      'configs/quickstart.py --workdir gs://bkt/runs/q --config.train.steps=100 2>&1 '
+      'configs/quickstart.py --workdir /mnt/gcs/runs/q --config.train.steps=100 2>&1 '
       "| tee -a logs/q-$(hostname).log; exit ${PIPESTATUS[0]}' "
       '--output-directory=logs/my-tpu/q-attempt0',
       f"# on failure, up to 2 times: gcloud compute tpus tpu-vm describe my-tpu {loc} "
-      "--format 'value(state)'; if not READY: re-run (resumes from gs://bkt/runs/q)",
+      "--format 'value(state)'; if not READY: re-run (resumes from /mnt/gcs/runs/q)",
       f"gcloud compute tpus tpu-vm scp 'my-tpu:lm_launch/logs/*' logs/my-tpu/ {loc} --worker=all",
   ]
 
@@ -314,6 +314,13 @@ def test_tpu_create_spot_vm_command():
       '--version=tpu-ubuntu2204-base --spot']
   assert [common.join(c) for c in tpu.Tpu(opts).delete()] == [
       'gcloud compute tpus tpu-vm delete t --zone=z --quiet']
+
+
+def test_tpu_refuses_a_url_workdir(capsys):
+  with pytest.raises(SystemExit) as e:
+    tpu.main(['--config', 'configs/q.py', '--workdir', 'gs://bkt/q', '--name', 't', '--zone', 'z',
+              '--dry-run'])
+  assert e.value.code == 2 and 'is a URL' in capsys.readouterr().err
 
 
 def test_tpu_relative_workdir_warns(capsys):
@@ -425,12 +432,16 @@ def test_sweep_dry_run_slurm_array(capsys, monkeypatch):
 
 def test_sweep_dry_run_tpu(capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
-  out = _dry(sweep.main, ['--config', 'configs/sweep_lr.py', '--workdir', 'gs://b/s', '--tpu',
+  out = _dry(sweep.main, ['--config', 'configs/sweep_lr.py', '--workdir', '/mnt/gcs/s', '--tpu',
                           '--name', 't', '--zone', 'z', '--dry-run'], capsys)
   train_lines = [l for l in out.splitlines() if 'lm train' in l]
   assert [l.split('--workdir ')[1].split()[0] for l in train_lines] == [
-      'gs://b/s/lr=0.003', 'gs://b/s/lr=0.001', 'gs://b/s/lr=0.0003']
-  assert out.splitlines()[-1] == '# then: sweeps/s/summary.md and sweeps/s/summary.png'
+      '/mnt/gcs/s/lr=0.003', '/mnt/gcs/s/lr=0.001', '/mnt/gcs/s/lr=0.0003']
+  assert out.splitlines()[-1] == '# then: /mnt/gcs/s/summary.md and /mnt/gcs/s/summary.png'
+  with pytest.raises(SystemExit) as e:
+    sweep.main(['--config', 'configs/sweep_lr.py', '--workdir', 'gs://b/s', '--tpu', '--name', 't',
+                '--zone', 'z', '--dry-run'])
+  assert e.value.code == 2 and 'is a URL' in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
