@@ -55,8 +55,8 @@ def cmd_train(argv):
   distributed.maybe_initialize(cfg.distributed)
   summary = train.train(cfg, args.workdir, progress=not args.no_progress)
   loss = f', loss {summary["loss"]:.4f}' if 'loss' in summary else ''
-  print(f'done: step {summary["step"]}{loss}, held-out perplexity {summary["eval_perplexity"]:.2f} '
-        f'vs unigram baseline {summary["unigram_perplexity"]:.2f}; run directory {args.workdir}')
+  held_out = train.held_out_line(cfg, summary, summary['unigram_perplexity'], final=True)
+  print(f'done: step {summary["step"]}{loss}, {held_out}; run directory {args.workdir}')
   return 0
 
 

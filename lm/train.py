@@ -240,8 +240,8 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
             eval_metrics.update(task_eval(state.params))
           writer.write(done, eval_metrics)
           summary.update(eval_metrics)
-          _log(f'step {done}: loss {summary["loss"]:.4f}, held-out perplexity '
-               f'{eval_metrics["eval_perplexity"]:.2f} (unigram baseline {unigram_ppl:.2f})'
+          _log(f'step {done}: loss {summary["loss"]:.4f}, '
+               + held_out_line(cfg, eval_metrics, unigram_ppl)
                + ''.join(f', {k} {v:.4g}' for k, v in eval_metrics.items() if '/' in k))
           window_start, window_step = time.perf_counter(), done
           early_stop = stopper is not None and stopper.update(done, eval_metrics)
@@ -285,6 +285,16 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   if is_main:
     rundir.write_text(rundir.inside(workdir, 'summary.json'), json.dumps(summary, indent=2))
   return summary
+
+
+def held_out_line(cfg, metrics: dict, unigram_perplexity: float, *, final: bool = False) -> str:
+  """The held-out figure a log line shows: perplexity beside the unigram baseline for language
+  modelling; the objective's own loss otherwise (exp of a DPO loss is no perplexity)."""
+  if cfg.train.objective == 'next_token_xent':
+    baseline = (f' vs unigram baseline {unigram_perplexity:.2f}' if final else
+                f' (unigram baseline {unigram_perplexity:.2f})')
+    return f'held-out perplexity {metrics["eval_perplexity"]:.2f}{baseline}'
+  return f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
 
 
 def diverged_message(cfg, step: int, metrics: dict, ckpt: Checkpointer) -> str:
