@@ -1,6 +1,7 @@
 """Tests run on 8 virtual CPU devices so sharded code paths run everywhere (CI has no accelerator)."""
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,7 +12,8 @@ jax.config.update('jax_num_cpu_devices', 8)
 # One persistent compilation cache for the whole session, shared by the pytest-xdist workers (they
 # inherit the controller's environment): many tests compile the same small programs. Entries are
 # keyed by the program and the compiler, so a hit is the executable a fresh compile would give.
-if 'LM_TEST_JAX_CACHE' not in os.environ:
+_OWN_CACHE = 'LM_TEST_JAX_CACHE' not in os.environ  # the controller (or a run without xdist)
+if _OWN_CACHE:
   os.environ['LM_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='lm-test-jax-cache-')
 jax.config.update('jax_compilation_cache_dir', os.environ['LM_TEST_JAX_CACHE'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -57,3 +59,9 @@ def random_batch(c, seed=0, docs_per_row=1):
 @pytest.fixture
 def cfg():
   return tiny_config()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:  # the workers have finished: the cache goes with the session
+    shutil.rmtree(os.environ['LM_TEST_JAX_CACHE'], ignore_errors=True)
