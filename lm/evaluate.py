@@ -23,7 +23,7 @@ from lm import sharding as sharding_lib
 from lm import tasks as tasks_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import Tokenizer
-from lm.errors import CheckpointError, UserError
+from lm.errors import CheckpointError, ConfigError, UserError
 from lm.state import ModelSpec
 
 
@@ -137,18 +137,26 @@ def load_model(spec: str, *, mesh=None) -> Model:
   if _is_hf_directory(run_dir):
     return _load_hf_model(name, run_dir, step, mesh)
   cfg = load_config(run_dir)
-  model_spec = ModelSpec(cfg.model)
-  mesh = mesh or sharding_lib.make_mesh(cfg.mesh)
-  shardings = sharding_lib.param_shardings(model_spec.logical_axes, model_spec.shapes, mesh,
-                                           tuple(cfg.mesh.rules))
+  model_spec, mesh, shardings = _placement(cfg, mesh)
   params, step = restore_params(run_dir, cfg, model_spec, shardings, step)
   return Model(name, cfg, model_spec, params, run_tokenizer(run_dir, cfg), mesh, run_dir, step)
 
 
+def _placement(cfg, mesh):
+  """(model spec, mesh, parameter shardings) for `cfg` on `mesh` (default: the config's mesh)."""
+  model_spec = ModelSpec(cfg.model)
+  mesh = mesh or sharding_lib.make_mesh(cfg.mesh)
+  shardings = sharding_lib.param_shardings(model_spec.logical_axes, model_spec.shapes, mesh,
+                                           tuple(cfg.mesh.rules))
+  return model_spec, mesh, shardings
+
+
 def _is_hf_directory(path: str) -> bool:
-  return (os.path.isdir(path) and not os.path.isdir(os.path.join(path, 'checkpoints'))
-          and os.path.isfile(os.path.join(path, 'config.json'))
-          and any(n.endswith('.safetensors') for n in os.listdir(path)))
+  from lm import pretrained  # pylint: disable=import-outside-toplevel
+  try:
+    return pretrained.kind(path) == 'hf'
+  except ConfigError:  # neither kind: load_config below says what a run directory needs
+    return False
 
 
 def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
@@ -161,10 +169,7 @@ def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
   if not cfg.data.tokenizer:
     raise UserError(f'{path} has no tokenizer.json or tokenizer.model; copy the model\'s '
                     'tokenizer into it')
-  model_spec = ModelSpec(cfg.model)
-  mesh = mesh or sharding_lib.make_mesh(cfg.mesh)
-  shardings = sharding_lib.param_shardings(model_spec.logical_axes, model_spec.shapes, mesh,
-                                           tuple(cfg.mesh.rules))
+  model_spec, mesh, shardings = _placement(cfg, mesh)
   params = hf.load_params(path, model_spec, shardings)
   return Model(name, cfg, model_spec, params, tokenizer_lib.load(cfg.data.tokenizer), mesh, path, 0)
 
