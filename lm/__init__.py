@@ -18,18 +18,18 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    'Trainer': ('lm.train', 'Trainer'),
-    'run_training': ('lm.train', 'train'),
-    'ModelSpec': ('lm.state', 'ModelSpec'),
-    'load_model': ('lm.evaluate', 'load_model'),
-    'Sampling': ('lm.generate', 'Sampling'),
+    'Trainer': ('lm.train.loop', 'Trainer'),
+    'run_training': ('lm.train.loop', 'train'),
+    'ModelSpec': ('lm.train.state', 'ModelSpec'),
+    'load_model': ('lm.eval.evaluate', 'load_model'),
+    'Sampling': ('lm.eval.generate', 'Sampling'),
     'base_config': ('lm.config', 'base_config'),
     'model_config': ('lm.config', 'model_config'),
-    'load_hf': ('lm.hf', 'load_params'),
-    'save_hf': ('lm.hf', 'save'),
+    'load_hf': ('lm.io.hf', 'load_params'),
+    'save_hf': ('lm.io.hf', 'save'),
 }
 
-# Function names differ from the submodules (lm.train, lm.generate, lm.evaluate): importing a
+# Function names differ from the submodules (lm.train.loop, lm.eval.generate, lm.eval.evaluate): importing a
 # submodule binds its name on the package and would shadow a function of the same name.
 __all__ = ['load_config', 'complete', 'evaluate_model', *_LAZY]
 
@@ -55,12 +55,12 @@ def load_config(path: str, overrides: dict | None = None):
 def complete(model, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop=(), seed: int = 0) -> list[str]:
   """Completions of `prompts` by a loaded model (lm.load_model), with a KV cache."""
-  from lm.generate import Sampling  # pylint: disable=import-outside-toplevel
+  from lm.eval.generate import Sampling  # pylint: disable=import-outside-toplevel
   sampling = Sampling(max_new_tokens, temperature, top_k, top_p)
   return model.generator.generate(list(prompts), sampling, stop=list(stop), seed=seed)
 
 
 def evaluate_model(model, tasks: list[str], **settings) -> dict:
   """{task: metrics} for a loaded model; task names and settings are those of `lm eval`."""
-  from lm import evaluate as evaluate_lib, tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  from lm.eval import evaluate as evaluate_lib, tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   return evaluate_lib.run_tasks(model, list(tasks), tasks_lib.Settings(**settings), log=lambda _: None)

@@ -51,7 +51,8 @@ def cmd_train(argv):
   parser.add_argument('--no-progress', action='store_true')
   args, overrides = parser.parse_known_args(argv)
   cfg = _config_from_args(args, overrides)
-  from lm import distributed, train  # pylint: disable=import-outside-toplevel
+  from lm import distributed  # pylint: disable=import-outside-toplevel
+  from lm.train import loop as train  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize(cfg.distributed)
   summary = train.train(cfg, args.workdir, progress=not args.no_progress)
   loss = f', loss {summary["loss"]:.4f}' if 'loss' in summary else ''
@@ -70,13 +71,13 @@ def cmd_bench(argv):
   parser.add_argument('--no-hf', action='store_true', help='skip the HF transformers comparison')
   args, overrides = parser.parse_known_args(argv)
   if args.what == 'finetune':
-    from lm import bench_finetune  # pylint: disable=import-outside-toplevel
+    from lm.bench import finetune as bench_finetune  # pylint: disable=import-outside-toplevel
     return bench_finetune.main([a for a in argv if a != 'finetune'])
   if args.what == 'attention':
-    from lm.kernels import bench as attention_bench  # pylint: disable=import-outside-toplevel
+    from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
-  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.generate -h)
-    from lm import generate  # pylint: disable=import-outside-toplevel
+  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.eval.generate -h)
+    from lm.eval import generate  # pylint: disable=import-outside-toplevel
     config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
     return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
@@ -84,9 +85,9 @@ def cmd_bench(argv):
                     'choose train, finetune, attention, decode or checkpoint')
   cfg = _config_from_args(args, overrides, args.model_preset)
   if args.what == 'checkpoint':
-    from lm import checkpoint_bench  # pylint: disable=import-outside-toplevel
+    from lm.bench import checkpoint as checkpoint_bench  # pylint: disable=import-outside-toplevel
     return checkpoint_bench.main(cfg)
-  from lm import bench  # pylint: disable=import-outside-toplevel
+  from lm.bench import train as bench  # pylint: disable=import-outside-toplevel
   bench.run(cfg, steps=args.steps, compare_hf=not args.no_hf)
   return 0
 
@@ -98,7 +99,7 @@ def cmd_export(argv):
   parser.add_argument('--adapters-only', action='store_true', help='write LoRA adapters for PEFT')
   parser.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16')
   args = parser.parse_args(argv)
-  from lm import pretrained  # pylint: disable=import-outside-toplevel
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   print(pretrained.export_run(args.workdir, args.out, adapters_only=args.adapters_only,
                               dtype=args.dtype))
   return 0
@@ -106,7 +107,8 @@ def cmd_export(argv):
 
 def _eval_settings(args, overrides):
   """Settings for lm eval / lm compare: an eval config (configs/eval/) with --config.* overrides."""
-  from lm import config as config_lib, tasks  # pylint: disable=import-outside-toplevel
+  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+  from lm.eval import tasks  # pylint: disable=import-outside-toplevel
   import dataclasses  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   if args.config:
@@ -139,7 +141,7 @@ def cmd_generate(argv):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--batch-size', type=int, default=16)
   args = parser.parse_args(argv)
-  from lm import evaluate, generate  # pylint: disable=import-outside-toplevel
+  from lm.eval import evaluate, generate  # pylint: disable=import-outside-toplevel
   sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
   model = evaluate.load_model(args.run)
   run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
@@ -182,7 +184,7 @@ def cmd_eval(argv):
   runs = args.runs or [r for r in cfg.get('runs', '').split(',') if r]
   if not runs:
     raise UserError('lm eval: name at least one run directory')
-  from lm import evaluate, tasks  # pylint: disable=import-outside-toplevel
+  from lm.eval import evaluate, tasks  # pylint: disable=import-outside-toplevel
   names = tasks.parse_tasks(args.tasks or cfg.tasks)
   evaluate.evaluate_runs(runs, names, settings, args.out)
   with open(f'{args.out}/results.md', encoding='utf-8') as f:
@@ -202,7 +204,7 @@ def cmd_compare(argv):
   parser.add_argument('--config', help='an eval config for the settings (limit, max_new_tokens...)')
   args, overrides = parser.parse_known_args(argv)
   _, settings = _eval_settings(args, overrides)
-  from lm import compare, tasks  # pylint: disable=import-outside-toplevel
+  from lm.eval import compare, tasks  # pylint: disable=import-outside-toplevel
   compare.compare(args.base, args.finetuned, args.out, task_names=tasks.parse_tasks(args.tasks),
                   general=tasks.parse_tasks(args.general), shots=args.shots, settings=settings)
   print(f'wrote {args.out}/compare.md, compare.json, scores.png, loss_curves.png')

@@ -14,9 +14,10 @@ import pytest
 from conftest import ROOT
 
 import lm_runs
-from lm import cli, hf
-from lm import train as train_lib
-from lm.checkpoint import UNREADABLE
+from lm import cli
+from lm.io import hf
+from lm.train import loop as train_lib
+from lm.train.checkpoint import UNREADABLE
 from lm.data import pipeline
 
 # id -> (extra argv or a full argv starting with 'lm', expected fragment of the one-line message).

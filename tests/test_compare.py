@@ -8,8 +8,8 @@ import pytest
 from conftest import ROOT, tiny_config
 
 from lm import cli
-from lm import train as train_lib
-from lm.metrics import read_metrics
+from lm.train import loop as train_lib
+from lm.train.metrics import read_metrics
 
 
 @pytest.fixture(scope='module')

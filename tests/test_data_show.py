@@ -8,7 +8,7 @@ from conftest import ROOT
 from data_util import ALPACA, LLAMA2, SHAKESPEARE, head_lines, needs_shared, slice_json
 
 from lm import cli
-from lm.data import bench
+from lm.bench import data as bench
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.show import render
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, tiny_config
 
-from lm import objectives, partition
+from lm.train import objectives, partition
 from lm.data.tokenizer import Tokenizer
-from lm.state import ModelSpec
-from lm.train import Trainer
+from lm.train.state import ModelSpec
+from lm.train.loop import Trainer
 
 T = 64
 DEMO = os.path.join(SHARED_DATA, 'llamafactory-dpo-demo', 'dpo_en_demo.json')

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lm import generate as gen
+from lm.eval import generate as gen
 from lm import sharding as sharding_lib
-from lm.state import ModelSpec
+from lm.train.state import ModelSpec
 
 PROMPTS = [[5, 9, 14, 3, 7, 30, 2], [11, 4], [8, 8, 21, 40, 17]]
 

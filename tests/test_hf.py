@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lm import hf
+from lm.io import hf
 from lm import sharding as sharding_lib
 from lm.errors import CheckpointError
-from lm.state import ModelSpec
+from lm.train.state import ModelSpec
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -80,7 +80,7 @@ def test_import_matches_transformers_and_export_round_trips(family, tmp_path):
 
 
 def _rewrite(path, drop=None, reshape=None):
-  from lm import safetensors_io
+  from lm.io import safetensors as safetensors_io
   files = list(path.glob('*.safetensors'))
   assert len(files) == 1
   reader = safetensors_io.Reader(str(files[0]))

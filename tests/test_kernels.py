@@ -1,4 +1,4 @@
-"""Flash attention (lm.kernels) against the XLA reference, on CPU in Pallas interpret mode.
+"""Flash attention (lm.model.kernels) against the XLA reference, on CPU in Pallas interpret mode.
 
 Both lowerings run here: the GPU (Triton-style) and TPU (Mosaic) kernels, with small blocks so
 that every case spans several query and key blocks of unequal size. Hardware lowering is
@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import attention as attention_lib
-from lm.attention import xla_attention
-from lm.kernels import flash_attention, flash_gpu, flash_tpu, tiles
+from lm.model import attention as attention_lib
+from lm.model.attention import xla_attention
+from lm.model.kernels import flash_attention, flash_gpu, flash_tpu, tiles
 
 SMALL = dict(q=64, kv=32, dq_q=32, dq_kv=64, dkv_q=64, dkv_kv=32)
 BLOCKS = {'gpu': flash_gpu.Blocks(**SMALL), 'tpu': flash_tpu.Blocks(**SMALL)}

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from conftest import random_batch, tiny_config
 
-from lm import lora, partition
-from lm.state import ModelSpec
-from lm.train import Trainer
+from lm.model import lora
+from lm.train import partition
+from lm.train.state import ModelSpec
+from lm.train.loop import Trainer
 
 
 def lora_config(rank=4, **lora_fields):
@@ -126,7 +127,7 @@ def test_peft_round_trip(tmp_path):
   peft = pytest.importorskip('peft')
   from test_hf import TOKENS, hf_logits, make_hf_model
 
-  from lm import hf
+  from lm.io import hf
   base_hf = make_hf_model('llama2', tmp_path / 'base')
   c = tiny_config()
   c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'base')))

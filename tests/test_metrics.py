@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lm import scoring
+from lm.eval import scoring
 from lm import sharding as sharding_lib
-from lm import text_metrics as tm
-from lm.state import ModelSpec
+from lm.eval import text_metrics as tm
+from lm.train.state import ModelSpec
 
 
 def test_extract_answer():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import random_batch, tiny_config
 
-from lm import objectives
-from lm.model import rope_frequencies
-from lm.state import ModelSpec
+from lm.train import objectives
+from lm.model.transformer import rope_frequencies
+from lm.train.state import ModelSpec
 
 
 def _model(c, seed=0):

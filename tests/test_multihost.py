@@ -8,8 +8,8 @@ import numpy as np
 
 import lm_runs
 from lm import distributed
-from lm import train as train_lib
-from lm.checkpoint import Checkpointer
+from lm.train import loop as train_lib
+from lm.train.checkpoint import Checkpointer
 
 
 def _free_port() -> int:

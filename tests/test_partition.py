@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import random_batch, tiny_config
 
-from lm import partition
+from lm.train import partition
 from lm.errors import ConfigError
-from lm.state import ModelSpec
-from lm.train import Trainer
+from lm.train.state import ModelSpec
+from lm.train.loop import Trainer
 
 
 def trainable(spec, value):

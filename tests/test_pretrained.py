@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from conftest import random_batch, tiny_config
 
-from lm import lora, pretrained
-from lm.checkpoint import Checkpointer
+from lm.model import lora
+from lm.io import pretrained
+from lm.train.checkpoint import Checkpointer
 from lm.errors import ConfigError
-from lm.train import Trainer
+from lm.train.loop import Trainer
 
 
 def logits(trainer, params, tokens):

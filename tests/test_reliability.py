@@ -15,11 +15,13 @@ import pytest
 from conftest import random_batch, tiny_config
 
 import lm_runs
-from lm import lora, objectives, pretrained
-from lm import train as train_lib
-from lm.checkpoint import UNREADABLE, Checkpointer
+from lm.model import lora
+from lm.train import objectives
+from lm.io import pretrained
+from lm.train import loop as train_lib
+from lm.train.checkpoint import UNREADABLE, Checkpointer
 from lm.errors import EXIT_DIVERGED, EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, CheckpointError
-from lm.metrics import read_metrics
+from lm.train.metrics import read_metrics
 
 
 def _host(tree):

@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from lm import rundir
+from lm.train import rundir
 from lm.errors import UserError
 
 

@@ -4,9 +4,9 @@ import optax
 import pytest
 from conftest import random_batch, tiny_config
 
-from lm import partition
+from lm.train import partition
 from lm.errors import ConfigError
-from lm.train import Trainer
+from lm.train.loop import Trainer
 
 
 def _run(c, steps=3, devices=None, seed=0):
@@ -109,7 +109,7 @@ def test_optimizer_choices_and_schedule(cfg):
     cfg.optimizer.name = name
     _, _, losses = _run(cfg, steps=2, devices=jax.devices()[:1])
     assert np.isfinite(losses).all()
-  from lm.optim import make_schedule
+  from lm.train.optim import make_schedule
   cfg.optimizer.update(lr=1.0, warmup_steps=10, schedule='cosine', end_lr_ratio=0.1)
   sched = make_schedule(cfg.optimizer, 110)
   assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
@@ -117,7 +117,7 @@ def test_optimizer_choices_and_schedule(cfg):
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
-  from lm.optim import decay_mask
+  from lm.train.optim import decay_mask
   mask = decay_mask(['embed', 'layers.attn_norm.scale', 'layers.attn.q.bias', 'layers.attn.q.kernel'],
                     ('norm', 'bias', 'embed'))
   assert mask == {'embed': False, 'layers.attn_norm.scale': False, 'layers.attn.q.bias': False,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, random_batch, tiny_config
 
-from lm import train as train_lib
-from lm.checkpoint import Checkpointer
+from lm.train import loop as train_lib
+from lm.train.checkpoint import Checkpointer
 from lm.errors import CheckpointError
-from lm.metrics import read_metrics
+from lm.train.metrics import read_metrics
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ Stops: the end-of-sequence id and `stop` strings. A stop string's token ids end 
 (saving the remaining steps); the decoded text is then cut at the first stop string, which is
 exact even where the model spelled the string with other tokens.
 
-  python -m lm.generate --bench [--config configs/quickstart.py]   # decode tokens/s
+  python -m lm.eval.generate --bench [--config configs/quickstart.py]   # decode tokens/s
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from lm import sharding as sharding_lib
 from lm.config import head_dim
 from lm.errors import UserError
-from lm.state import ModelSpec
+from lm.train.state import ModelSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +307,7 @@ def benchmark(cfg, *, batch_sizes=(1, 8), prompt_len: int = 64, new_tokens: int 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog='python -m lm.generate')
+  parser = argparse.ArgumentParser(prog='python -m lm.eval.generate')
   parser.add_argument('--bench', action='store_true', required=True)
   parser.add_argument('--config', default='configs/quickstart.py')
   parser.add_argument('--batch', default='1,8')

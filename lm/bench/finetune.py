@@ -20,8 +20,8 @@ import time
 import jax
 import numpy as np
 
-from lm import bench
-from lm.train import Trainer
+from lm.bench import train as bench
+from lm.train.loop import Trainer
 
 LORA_TARGETS = r'layers\.(attn|mlp)\.'
 HF_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
@@ -174,7 +174,7 @@ def run(cfg, *, steps: int = 5, rounds: int = 3, rank: int = 16, compare_hf: boo
 
 
 def main(argv=None) -> int:
-  """python -m lm.bench_finetune [--config configs/bench_tiny.py] [--steps N] [--rank R] [--no-hf]"""
+  """python -m lm.bench.finetune [--config configs/bench_tiny.py] [--steps N] [--rank R] [--no-hf]"""
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog='lm bench finetune', allow_abbrev=False)
   parser.add_argument('--config', default='configs/bench_tiny.py')

@@ -16,12 +16,12 @@ import optax
 from flax import nnx, struct
 from flax import traverse_util
 
-from lm import guard as guard_lib
+from lm.train import guard as guard_lib
 from lm import sharding as sharding_lib
-from lm.lora import without_adapters
-from lm.model import Transformer
-from lm.partition import REF_PREFIX as REF
-from lm.partition import is_adapter
+from lm.model.lora import without_adapters
+from lm.model.transformer import Transformer
+from lm.train.partition import REF_PREFIX as REF
+from lm.train.partition import is_adapter
 
 SEP = '.'
 

@@ -22,8 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lm import attention as attention_lib
-from lm.kernels import flash_attention
+from lm.model import attention as attention_lib
+from lm.model.kernels import flash_attention
 
 
 def _ints(text):

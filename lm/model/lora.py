@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import hf
+from lm.io import hf
 from lm.errors import CheckpointError
-from lm.partition import is_adapter
-from lm.safetensors_io import Reader, write
+from lm.train.partition import is_adapter
+from lm.io.safetensors import Reader, write
 
 PEFT_PREFIX = 'base_model.model.'
 _HF_SHORT = {module: hf_module.rsplit('.', 1)[-1] for module, hf_module in hf.MODULES.items()}
@@ -105,7 +105,7 @@ class AdapterSet:
   """
 
   def __init__(self, model_cfg, base_params: dict):
-    from lm.state import ModelSpec  # pylint: disable=import-outside-toplevel
+    from lm.train.state import ModelSpec  # pylint: disable=import-outside-toplevel
     self._spec_cls = ModelSpec
     self.model_cfg = without_adapters(model_cfg)
     self.base = split(base_params)[0]

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lm.kernels import tiles
-from lm.kernels.tiles import NN, NT, TN, Spec
+from lm.model.kernels import tiles
+from lm.model.kernels.tiles import NN, NT, TN, Spec
 
 
 @dataclasses.dataclass(frozen=True)

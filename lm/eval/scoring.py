@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import sharding as sharding_lib
-from lm.generate import COMPILED, model_key
-from lm.state import ModelSpec
+from lm.eval.generate import COMPILED, model_key
+from lm.train.state import ModelSpec
 
 
 def make_score_fn(spec: ModelSpec):

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm import guard as guard_lib
-from lm import partition
-from lm.state import ModelSpec, TrainState
+from lm.train import guard as guard_lib
+from lm.train import partition
+from lm.train.state import ModelSpec, TrainState
 
 
 def _split_microbatches(batch: dict, k: int) -> dict:

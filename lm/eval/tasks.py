@@ -13,7 +13,7 @@
                 model's run): the pretraining text, for forgetting
 
 GSM8K's file has 7,473 problems; the last 500 are this library's held-out split and are never
-written to fine-tuning text (`python -m lm.tasks gsm8k-train-text OUT.jsonl`); few-shot
+written to fine-tuning text (`python -m lm.eval.tasks gsm8k-train-text OUT.jsonl`); few-shot
 exemplars come from the training split. Prompts are `Question: ...\nAnswer: ...`, the format the
 fine-tuning text uses. Answers carry GSM8K's `<<48/2=24>>` calculator notes removed.
 """
@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from lm import text_metrics as tm
+from lm.eval import text_metrics as tm
 from lm.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def _split_encode(tokenizer, context: str, continuation: str):
 # --- tasks --------------------------------------------------------------------------------------
 
 def _generate(model, prompts, settings, stop):
-  from lm.generate import Sampling  # pylint: disable=import-outside-toplevel
+  from lm.eval.generate import Sampling  # pylint: disable=import-outside-toplevel
   sampling = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                       top_k=settings.top_k, top_p=settings.top_p)
   return model.generator.generate(prompts, sampling, stop=stop, seed=settings.seed,
@@ -212,7 +212,7 @@ def task_wiki_cloze(model, settings: Settings) -> dict:
 
 def task_heldout_ppl(model, settings: Settings) -> dict:
   from lm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from lm.evaluate import load_config  # pylint: disable=import-outside-toplevel
+  from lm.eval.evaluate import load_config  # pylint: disable=import-outside-toplevel
   data_cfg = load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
   rows = pipeline.build_corpus(data_cfg, model.tokenizer).eval
   if settings.limit:
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
   import sys  # pylint: disable=import-outside-toplevel
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) != 2 or argv[0] != 'gsm8k-train-text':
-    print('usage: python -m lm.tasks gsm8k-train-text OUT.jsonl')
+    print('usage: python -m lm.eval.tasks gsm8k-train-text OUT.jsonl')
     return 2
   n = write_gsm8k_train_text(argv[1])
   print(f'wrote {n} GSM8K training problems (held-out {GSM8K_HELDOUT} excluded) to {argv[1]}')

@@ -12,8 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lm.kernels import flash_gpu, flash_tpu
-from lm.kernels.tiles import Spec
+from lm.model.kernels import flash_gpu, flash_tpu
+from lm.model.kernels.tiles import Spec
 
 LOWERINGS = {'gpu': flash_gpu, 'tpu': flash_tpu}
 PAD_SEGMENT = -1  # id for padded tokens: never equal to a real id (real ids are >= 0)
@@ -34,7 +34,7 @@ def default_lowering():
 
 def flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
                     softcap=None, scale=None, lowering=None, blocks=None, interpret=None):
-  """Fused attention with the semantics of `lm.attention.xla_attention` (self-attention).
+  """Fused attention with the semantics of `lm.model.attention.xla_attention` (self-attention).
 
   q [B, T, H, K]; k, v [B, T, G, K] with H % G == 0; segment_ids [B, T] int (tokens attend
   only within equal ids; 0 is padding and attends to other padding). bf16/f16/f32 inputs,

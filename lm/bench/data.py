@@ -1,6 +1,6 @@
 """Pipeline throughput next to the train step's: the data must never be the bottleneck.
 
-  python -m lm.data.bench [--config configs/quickstart.py] [--batches 200] [--no-step]
+  python -m lm.bench.data [--config configs/quickstart.py] [--batches 200] [--no-step]
                           [--config.a.b=value ...]
 
 Prints tokens/s of the pipeline (batches of the config's shape, from encoded records to packed
@@ -36,7 +36,7 @@ def pipeline_tokens_per_s(cfg, workdir: str, batches: int, prefetch: int | None 
 def step_tokens_per_s(cfg, steps: int = 5) -> float:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from lm.train import Trainer  # pylint: disable=import-outside-toplevel
+  from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
   trainer = Trainer(cfg)
   state = trainer.init_state()
   B, T = cfg.data.batch_size, cfg.data.seq_len
@@ -57,7 +57,7 @@ def step_tokens_per_s(cfg, steps: int = 5) -> float:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(prog='python -m lm.data.bench', allow_abbrev=False)
+  parser = argparse.ArgumentParser(prog='python -m lm.bench.data', allow_abbrev=False)
   parser.add_argument('--config', default='configs/quickstart.py')
   parser.add_argument('--batches', type=int, default=200)
   parser.add_argument('--steps', type=int, default=5, help='train steps timed')

@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lm.kernels import tiles
-from lm.kernels.tiles import NN, NT, Spec
+from lm.model.kernels import tiles
+from lm.model.kernels.tiles import NN, NT, Spec
 
 LANES, SUBLANES = 128, 8
 

@@ -17,10 +17,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm import hf, lora
+from lm.io import hf
+from lm.model import lora
 from lm.errors import CheckpointError, ConfigError
-from lm.partition import REF_PREFIX, is_adapter
-from lm.state import ModelSpec, TrainState
+from lm.train.partition import REF_PREFIX, is_adapter
+from lm.train.state import ModelSpec, TrainState
 
 # The model fields that describe the weights; the rest (dtypes, remat, attention, lora) stay the run's.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.errors import ConfigError
-from lm.partition import FROZEN, TRAINABLE
+from lm.train.partition import FROZEN, TRAINABLE
 
 
 def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:

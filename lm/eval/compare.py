@@ -16,12 +16,12 @@ import json
 import math
 import os
 
-from lm import evaluate
-from lm import flops as flops_lib
-from lm import partition
-from lm import tasks as tasks_lib
-from lm.metrics import read_metrics
-from lm.state import ModelSpec
+from lm.eval import evaluate
+from lm.train import flops as flops_lib
+from lm.train import partition
+from lm.eval import tasks as tasks_lib
+from lm.train.metrics import read_metrics
+from lm.train.state import ModelSpec
 
 
 def training_compute(run_dir: str) -> dict:

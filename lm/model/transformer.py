@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm import attention as attention_lib
+from lm.model import attention as attention_lib
 from lm.config import head_dim
 
 _REMAT_POLICIES = {

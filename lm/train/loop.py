@@ -19,15 +19,16 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lm import config as config_lib
-from lm import flops as flops_lib
-from lm import objectives, optim, partition, preemption, pretrained, rundir
+from lm.train import flops as flops_lib
+from lm.train import objectives, optim, partition, preemption, rundir
+from lm.io import pretrained
 from lm import sharding as sharding_lib
-from lm.checkpoint import Checkpointer
+from lm.train.checkpoint import Checkpointer
 from lm.data import pipeline
 from lm.errors import Diverged, Preempted
-from lm.metrics import MetricWriter
-from lm.state import ModelSpec, train_state_factory
-from lm.step import make_eval_step, make_train_step
+from lm.train.metrics import MetricWriter
+from lm.train.state import ModelSpec, train_state_factory
+from lm.train.step import make_eval_step, make_train_step
 
 
 class Trainer:
@@ -132,7 +133,7 @@ def _evaluation_hooks(cfg, trainer, tokenizer):
   """(task evaluator or None, early stopping or None) from `train.eval_tasks` / `early_stopping_*`."""
   if not (cfg.train.eval_tasks or cfg.train.early_stopping_metric):
     return None, None
-  from lm import evaluate  # pylint: disable=import-outside-toplevel
+  from lm.eval import evaluate  # pylint: disable=import-outside-toplevel
   stopper = (evaluate.EarlyStopping(cfg.train.early_stopping_metric,
                                     cfg.train.early_stopping_patience,
                                     cfg.train.early_stopping_min_delta)

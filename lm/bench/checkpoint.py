@@ -15,8 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lm.checkpoint import Checkpointer
-from lm.train import Trainer
+from lm.train.checkpoint import Checkpointer
+from lm.train.loop import Trainer
 
 
 def _timed(fn):

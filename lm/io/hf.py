@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from lm.config import head_dim
 from lm.errors import CheckpointError
-from lm.safetensors_io import Reader, Writer
+from lm.io.safetensors import Reader, Writer
 
 FAMILIES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
             'qwen2': 'Qwen2ForCausalLM', 'gemma': 'GemmaForCausalLM'}

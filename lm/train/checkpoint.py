@@ -25,10 +25,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lm import rundir
+from lm.train import rundir
 from lm.errors import CheckpointError
-from lm.partition import TRAINABLE
-from lm.state import TrainState, abstract_with_shardings
+from lm.train.partition import TRAINABLE
+from lm.train.state import TrainState, abstract_with_shardings
 
 FORMAT = 1
 UNREADABLE = 'checkpoints-unreadable'

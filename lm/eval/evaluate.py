@@ -20,11 +20,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from lm import sharding as sharding_lib
-from lm import tasks as tasks_lib
+from lm.eval import tasks as tasks_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import Tokenizer
 from lm.errors import CheckpointError, ConfigError, UserError
-from lm.state import ModelSpec
+from lm.train.state import ModelSpec
 
 
 def load_config(run_dir: str) -> ml_collections.ConfigDict:
@@ -91,7 +91,7 @@ def restore_params(run_dir: str, cfg, spec: ModelSpec, shardings: dict, step: in
     if not cfg.train.get('init_from'):
       raise CheckpointError(f'checkpoint step {step} in {directory} lacks {missing[0]!r} (and '
                             f'{len(missing) - 1} more) and the run names no train.init_from')
-    from lm import pretrained  # pylint: disable=import-outside-toplevel
+    from lm.io import pretrained  # pylint: disable=import-outside-toplevel
     base = pretrained.load_params(cfg.train.init_from, spec, shardings)
     params = {**{k: base[k] for k in missing}, **params}
   return params, step
@@ -111,12 +111,12 @@ class Model:
 
   @functools.cached_property
   def generator(self):
-    from lm.generate import Generator  # pylint: disable=import-outside-toplevel
+    from lm.eval.generate import Generator  # pylint: disable=import-outside-toplevel
     return Generator(self.cfg, self.params, self.tokenizer, mesh=self.mesh, spec=self.spec)
 
   @functools.cached_property
   def scorer(self):
-    from lm.scoring import Scorer  # pylint: disable=import-outside-toplevel
+    from lm.eval.scoring import Scorer  # pylint: disable=import-outside-toplevel
     return Scorer(self.cfg, self.params, mesh=self.mesh, spec=self.spec)
 
 
@@ -152,7 +152,7 @@ def _placement(cfg, mesh):
 
 
 def _is_hf_directory(path: str) -> bool:
-  from lm import pretrained  # pylint: disable=import-outside-toplevel
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   try:
     return pretrained.kind(path) == 'hf'
   except ConfigError:  # neither kind: load_config below says what a run directory needs
@@ -160,7 +160,8 @@ def _is_hf_directory(path: str) -> bool:
 
 
 def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
-  from lm import config as config_lib, hf, pretrained  # pylint: disable=import-outside-toplevel
+  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+  from lm.io import hf, pretrained  # pylint: disable=import-outside-toplevel
   if step is not None:
     raise UserError(f'{path}@{step}: a Hugging Face directory has one set of weights; drop @{step}')
   cfg = config_lib.base_config()

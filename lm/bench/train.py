@@ -12,8 +12,8 @@ import time
 import jax
 import numpy as np
 
-from lm import flops as flops_lib
-from lm.train import Trainer
+from lm.train import flops as flops_lib
+from lm.train.loop import Trainer
 
 
 def random_batch(cfg, seed: int = 0) -> dict:

@@ -74,7 +74,7 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True,
 
 
 def pallas_supported(q_BTHK, k_BSGK, **kwargs):
-  """Whether lm.kernels.flash_attention can run this call on the current backend."""
+  """Whether lm.model.kernels.flash_attention can run this call on the current backend."""
   K = q_BTHK.shape[-1]
   if kwargs or q_BTHK.shape[1] != k_BSGK.shape[1]:  # explicit positions / cached decoding
     return False
@@ -111,7 +111,7 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
   if implementation == 'cudnn':
     return cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
   if implementation == 'pallas':
-    from lm.kernels import flash_attention  # pylint: disable=import-outside-toplevel
+    from lm.model.kernels import flash_attention  # pylint: disable=import-outside-toplevel
     extra = sorted(k for k in kwargs if k not in ('causal', 'window', 'softcap'))
     if extra:
       raise ValueError(f"model.attention='pallas' does not take {extra}; use 'xla'")

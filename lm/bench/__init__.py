@@ -1,0 +1,1 @@
+"""Benchmarks behind `lm bench`: one harness, one module per benchmark."""

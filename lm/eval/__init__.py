@@ -1,0 +1,1 @@
+"""Evaluation: KV-cache generation, scoring, tasks, text metrics, `lm eval` and `lm compare`."""

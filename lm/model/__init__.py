@@ -1,0 +1,1 @@
+"""The model: the decoder (transformer), attention dispatch, LoRA adapters and Pallas kernels."""
