@@ -69,6 +69,9 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       remat='none',  # none | full | dots | dots_no_batch
       scan_layers=True,  # lax.scan over stacked layers: compile time independent of depth
       attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
+      # Sequence positions per chunk of the loss's unembedding + softmax (lm/train/losses.py):
+      # the [B, T, V] logits never exist whole. 0: compute the whole logits (the plain path).
+      loss_chunk_size=512,
   ))
   m.update(MODEL_PRESETS[preset])
   return m
@@ -180,7 +183,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.metrics = ml_collections.ConfigDict(dict(
       # Peak FLOP/s per device for MFU; 0 uses the known figure for the device kind
-      # (lm/flops.py) or, on CPU, a short measured matmul rate.
+      # (lm/train/flops.py) or, on CPU, a matmul rate measured once per machine and cached in
+      # ~/.cache/lm/cpu_peak.json (delete it on an idle machine to measure again).
       peak_flops_per_device=0.0,
       tensorboard=True,
   ))
@@ -287,7 +291,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 _AT_LEAST_ONE = ('data.batch_size', 'data.seq_len', 'train.steps', 'train.log_every',
                  'train.eval_every', 'train.checkpoint_every', 'train.keep_checkpoints',
                  'train.max_bad_steps', 'train.spike_window')
-_NOT_NEGATIVE = ('train.eval_batches', 'train.keep_every', 'train.spike_zscore',
+_NOT_NEGATIVE = ('model.loss_chunk_size', 'train.eval_batches', 'train.keep_every', 'train.spike_zscore',
                  'train.grace_seconds')
 
 

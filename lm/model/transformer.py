@@ -226,6 +226,31 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
                adapters=True):
+    x_BTD, kv = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache,
+                                   adapters=adapters)
+    if self.lm_head is None:
+      project, weights = self.unembedding(adapters=adapters)
+      logits_BTV = project(weights, x_BTD)
+    else:  # through the Linear, so an adapted lm_head keeps its adapter dropout
+      _configure_adapters(self.lm_head, adapters, self._head_key(adapters))
+      logits_BTV = _final_logits(self.lm_head(x_BTD))
+    if cache is None:
+      return logits_BTV
+    return logits_BTV, {**cache, **kv}
+
+  def _layer_keys(self, adapters):
+    """Adapter-dropout keys: [0] for lm_head, [1:] one per layer; None without dropout."""
+    key = self.dropout_key if adapters else None
+    return None if key is None else jax.random.split(key, self.cfg.n_layers + 1)
+
+  def _head_key(self, adapters):
+    keys = self._layer_keys(adapters)
+    return None if keys is None else keys[0]
+
+  def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
+                    adapters=True):
+    """The final-normed hidden states [B, T, D] in the compute dtype, and the updated per-layer
+    k/v (None without a cache): everything but the unembedding."""
     cfg = self.cfg
     compute_dtype = jnp.dtype(cfg.compute_dtype)
     if positions_BT is None:
@@ -238,8 +263,7 @@ class Transformer(nnx.Module):
     inv_freq = rope_frequencies(cfg)
 
     graphdef, stacked = nnx.split(self.layers)
-    key = self.dropout_key if adapters else None
-    layer_keys = None if key is None else jax.random.split(key, cfg.n_layers + 1)
+    layer_keys = self._layer_keys(adapters)
 
     kv = None if cache is None else {'k': cache['k'], 'v': cache['v']}
     shared = None if cache is None else {k: v for k, v in cache.items() if k not in ('k', 'v')}
@@ -253,7 +277,7 @@ class Transformer(nnx.Module):
 
     if cfg.remat != 'none' and cache is None:
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    xs = (stacked, None if key is None else layer_keys[1:], kv)
+    xs = (stacked, None if layer_keys is None else layer_keys[1:], kv)
     if cfg.scan_layers:
       x_BTD, kv = jax.lax.scan(layer, x_BTD, xs)
     else:
@@ -262,16 +286,37 @@ class Transformer(nnx.Module):
         x_BTD, out = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
         outs.append(out)
       kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return self.final_norm(x_BTD), kv
 
-    x_BTD = self.final_norm(x_BTD)
+  def unembedding(self, *, adapters=True):
+    """(project, weights): `project(weights, x_BTD)` gives the float32 logits and is a pure
+    function of its arguments, so a loss can run it chunk by chunk (lm/train/losses.py).
+
+    None when lm_head carries a LoRA adapter with dropout in training: that head is no single
+    matrix, and callers fall back to the whole logits.
+    """
+    compute_dtype = jnp.dtype(self.cfg.compute_dtype)
     if self.lm_head is None:
-      logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embed[...].astype(compute_dtype))
+      weights, spec = self.embed[...], 'btd,vd->btv'
     else:
-      _configure_adapters(self.lm_head, adapters, None if key is None else layer_keys[0])
-      logits_BTV = self.lm_head(x_BTD)
-    if cache is None:
-      return logits_BTV.astype(jnp.float32)
-    return logits_BTV.astype(jnp.float32), {**cache, **kv}
+      head = self.lm_head
+      weights, spec = head.kernel[...], 'btd,dv->btv'
+      if head.lora_rank and adapters:
+        if head.lora_dropout and self._head_key(adapters) is not None:
+          return None
+        weights = weights + jnp.tensordot(head.lora_a[...], head.lora_b[...] * head.lora_scale, 1)
+
+    def project(w, x_BTD):
+      logits = jnp.einsum(spec, x_BTD.astype(compute_dtype), w.astype(compute_dtype))
+      return _final_logits(logits)
+
+    return project, weights
+
+
+def _final_logits(logits_BTV):
+  """Logits as the losses and decoding see them: float32. A final-logit soft cap (Gemma 2's
+  cap * tanh(logits / cap)) would go here, where both the plain and the chunked loss apply it."""
+  return logits_BTV.astype(jnp.float32)
 
 
 def _configure_adapters(module, adapters: bool, key) -> None:

@@ -11,33 +11,57 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lm.errors import ConfigError
+from lm.train import losses
+
+
+def token_logprobs(model, tokens_BT, positions_BT, segment_ids_BT, targets_BT, *,
+                   adapters=True) -> losses.TokenScores:
+  """log p(target) per token (with the log-partition and whether the target is the argmax).
+
+  With `model.loss_chunk_size` > 0 the unembedding and the softmax run over that many positions
+  at a time and the [B, T, V] logits never exist (lm/train/losses.py); 0 computes the whole
+  logits. Both give the same values and gradients. Every objective that needs token
+  log-probabilities should come through here.
+  """
+  chunk = model.cfg.get('loss_chunk_size', 0)
+  head = model.unembedding(adapters=adapters) if chunk else None
+  if head is None:
+    logits_BTV = model(tokens_BT, positions_BT, segment_ids_BT, adapters=adapters)
+    return losses.scores_from_logits(logits_BTV, targets_BT)
+  x_BTD, _ = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, adapters=adapters)
+  project, weights = head
+  return losses.chunked_token_logprobs(project, weights, x_BTD, targets_BT, chunk)
+
+
+def chunked_cross_entropy(model, batch, *, prefix: str = '', adapters=True):
+  """Cross-entropy per token [B, T] of `<prefix>targets` (unweighted), through token_logprobs."""
+  scores = token_logprobs(model, batch[prefix + 'tokens'], batch[prefix + 'positions'],
+                          batch[prefix + 'segment_ids'], batch[prefix + 'targets'],
+                          adapters=adapters)
+  return -scores.logp
 
 
 def next_token_xent(model, batch):
   """Cross-entropy of `targets` under the model, weighted per token by `weights`."""
-  logits_BTV = model(batch['tokens'], batch['positions'], batch['segment_ids'])
-  xent_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
+  scores = token_logprobs(model, batch['tokens'], batch['positions'], batch['segment_ids'],
+                          batch['targets'])
   weights_BT = batch['weights'].astype(jnp.float32)
-  loss_sum = jnp.sum(xent_BT * weights_BT)
-  # "The target has the highest logit", without argmax: XLA's CPU variadic (value, index)
-  # reduce over the vocabulary costs ~5% of a small model's step; a max is nearly free.
-  target_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], axis=-1)[..., 0]
-  correct = target_BT >= jnp.max(logits_BTV, axis=-1)
-  return loss_sum, jnp.sum(weights_BT), {'accuracy': jnp.sum(correct * weights_BT)}
+  loss_sum = -jnp.sum(scores.logp * weights_BT)
+  return loss_sum, jnp.sum(weights_BT), {'accuracy': jnp.sum(scores.correct * weights_BT)}
 
 
-def segment_log_probs(model_fn, batch, prefix: str):
+def segment_log_probs(model, batch, prefix: str, *, adapters=True):
   """(sum of log p(target) over each segment's weighted tokens [B, T+1], weight per segment).
 
   Index s of the last axis is segment id s (0: padding), so packed rows holding several
   sequences give one log-probability per sequence.
   """
   tokens = batch[prefix + 'tokens']
-  logits_BTV = model_fn(tokens, batch[prefix + 'positions'], batch[prefix + 'segment_ids'])
-  logp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch[prefix + 'targets'])
+  logp_BT = token_logprobs(model, tokens, batch[prefix + 'positions'],
+                           batch[prefix + 'segment_ids'], batch[prefix + 'targets'],
+                           adapters=adapters).logp
   weights_BT = batch[prefix + 'weights'].astype(jnp.float32)
   segments = tokens.shape[1] + 1
   per_segment = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=segments))
@@ -45,15 +69,21 @@ def segment_log_probs(model_fn, batch, prefix: str):
   return per_segment(logp_BT * weights_BT, seg_BT), per_segment(weights_BT, seg_BT)
 
 
-def reference_of(model):
-  """The frozen reference policy: the state's `ref.*` copy if it carries one, else the same
-  model with its LoRA adapters switched off (no second copy of the weights)."""
+def reference_policy(model):
+  """(module, adapters) of the frozen reference policy: the state's `ref.*` copy if it carries
+  one, else the same model with its LoRA adapters switched off (no second copy of the weights)."""
   if model.reference is not None:
-    return model.reference
+    return model.reference, True
   if model.cfg.lora.rank:
-    return functools.partial(model, adapters=False)
+    return model, False
   raise ConfigError('DPO needs a reference policy: train LoRA adapters (model.lora.rank > 0) or '
                     'let the Trainer carry a frozen copy (train.objective=dpo does)')
+
+
+def reference_of(model):
+  """The frozen reference policy as a logits function (see reference_policy)."""
+  module, adapters = reference_policy(model)
+  return functools.partial(module, adapters=adapters)
 
 
 def dpo(model, batch, *, beta: float = 0.1, label_smoothing: float = 0.0):
@@ -64,11 +94,11 @@ def dpo(model, batch, *, beta: float = 0.1, label_smoothing: float = 0.0):
   margin = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected));
   label_smoothing > 0 gives conservative DPO.
   """
-  reference = reference_of(model)
+  reference, ref_adapters = reference_policy(model)
   logp, n = {}, {}
   for side in ('chosen', 'rejected'):
     policy, n[side] = segment_log_probs(model, batch, side + '_')
-    ref, _ = segment_log_probs(reference, batch, side + '_')
+    ref, _ = segment_log_probs(reference, batch, side + '_', adapters=ref_adapters)
     logp[side] = (policy, jax.lax.stop_gradient(ref))
   valid = ((n['chosen'] > 0) & (n['rejected'] > 0)).astype(jnp.float32)
   chosen_reward = beta * (logp['chosen'][0] - logp['chosen'][1])
