@@ -123,7 +123,7 @@ def test_sharded_step_with_vocab_sharded_head_matches_plain_path():
     c.mesh.shape.update(data=1, fsdp=2, tensor=4)
     c.optimizer.update(name='sgd', b1=0.0, grad_clip=0.0, weight_decay=0.0)
     trainer = Trainer(c)
-    assert trainer.shardings.params['lm_head.kernel'].spec == ('fsdp', 'tensor')
+    assert tuple(trainer.shardings.params['lm_head.kernel'].spec) == ('fsdp', 'tensor')
     state = trainer.init_state()
     state, metrics = trainer.step(state, trainer.global_batch(random_batch(c)))
     after.append((jax.device_get(state.params), float(metrics['loss'])))
