@@ -69,9 +69,8 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       remat='none',  # none | full | dots | dots_no_batch
       scan_layers=True,  # lax.scan over stacked layers: compile time independent of depth
       attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
-      # Sequence positions per chunk of the loss's unembedding + softmax (lm/train/losses.py):
-      # the [B, T, V] logits never exist whole. 0: compute the whole logits (the plain path).
-      loss_chunk_size=512,
+      # The [B, T, V] logits never exist whole: lm/train/losses.py.
+      loss_chunk_size=512,  # sequence positions per chunk of the loss's unembedding and softmax; 0: whole logits
   ))
   m.update(MODEL_PRESETS[preset])
   return m

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -95,3 +97,31 @@ def check_batch_divides(batch_size: int, microbatches: int, mesh: Mesh, rules) -
         f'data.batch_size={batch_size} / train.microbatches={microbatches} = {per_micro} sequences per '
         f'microbatch is not divisible by the {dp}-way data parallelism of mesh {dict(mesh.shape)}; '
         f'use a batch size that is a multiple of {dp * microbatches}')
+
+
+# The mesh and rules of the step being traced (Trainer sets them), so code deep inside the model
+# and the loss can pin an intermediate's sharding by logical axis names.
+_ACTIVE = contextvars.ContextVar('lm_activation_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """Within this context, `constrain` maps logical axes to `mesh` by `rules`."""
+  token = _ACTIVE.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x, logical_axes):
+  """`x` pinned to the mesh axes its logical axes map to, inside activation_sharding; else `x`.
+
+  For intermediates whose sharding XLA's propagation would otherwise choose badly, e.g. inside a
+  loop, where it may prefer replicating a large temporary to moving a small one."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = fit_spec(logical_to_mesh_spec(logical_axes, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -229,7 +229,7 @@ class Transformer(nnx.Module):
     x_BTD, kv = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache,
                                    adapters=adapters)
     if self.lm_head is None:
-      project, weights = self.unembedding(adapters=adapters)
+      project, weights, _ = self.unembedding(adapters=adapters)
       logits_BTV = project(weights, x_BTD)
     else:  # through the Linear, so an adapted lm_head keeps its adapter dropout
       _configure_adapters(self.lm_head, adapters, self._head_key(adapters))
@@ -289,18 +289,19 @@ class Transformer(nnx.Module):
     return self.final_norm(x_BTD), kv
 
   def unembedding(self, *, adapters=True):
-    """(project, weights): `project(weights, x_BTD)` gives the float32 logits and is a pure
-    function of its arguments, so a loss can run it chunk by chunk (lm/train/losses.py).
+    """(project, weights, axes): `project(weights, x_BTD)` gives the float32 logits and is a pure
+    function of its arguments, so a loss can run it chunk by chunk (lm/train/losses.py); `axes`
+    are the weights' logical axis names.
 
     None when lm_head carries a LoRA adapter with dropout in training: that head is no single
     matrix, and callers fall back to the whole logits.
     """
     compute_dtype = jnp.dtype(self.cfg.compute_dtype)
     if self.lm_head is None:
-      weights, spec = self.embed[...], 'btd,vd->btv'
+      weights, spec, axes = self.embed[...], 'btd,vd->btv', ('vocab', 'embed')
     else:
       head = self.lm_head
-      weights, spec = head.kernel[...], 'btd,dv->btv'
+      weights, spec, axes = head.kernel[...], 'btd,dv->btv', ('embed', 'vocab')
       if head.lora_rank and adapters:
         if head.lora_dropout and self._head_key(adapters) is not None:
           return None
@@ -310,7 +311,7 @@ class Transformer(nnx.Module):
       logits = jnp.einsum(spec, x_BTD.astype(compute_dtype), w.astype(compute_dtype))
       return _final_logits(logits)
 
-    return project, weights
+    return project, weights, axes
 
 
 def _final_logits(logits_BTV):

@@ -52,13 +52,14 @@ class Trainer:
         self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
     self.objective = objective or objectives.from_config(cfg)
+    in_mesh = lambda fn: _traced_in(self.mesh, rules, fn)
     self.step = jax.jit(
-        make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
-                        cfg.train.microbatches, seed=cfg.train.seed,
-                        spike_zscore=cfg.train.spike_zscore),
+        in_mesh(make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
+                                cfg.train.microbatches, seed=cfg.train.seed,
+                                spike_zscore=cfg.train.spike_zscore)),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.spec, self.objective),
+    self.eval_step = jax.jit(in_mesh(make_eval_step(self.spec, self.objective)),
                              in_shardings=(self.shardings.params, self.batch_sharding))
 
   def init_state(self, seed: int | None = None):
@@ -89,6 +90,14 @@ class Trainer:
       weight_sum += float(out['weight_sum'])
     loss = loss_sum / max(weight_sum, 1.0)
     return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+
+
+def _traced_in(mesh, rules, fn):
+  """`fn` traced with the mesh's logical-axis rules active (sharding.constrain inside the model)."""
+  def traced(*args):
+    with sharding_lib.activation_sharding(mesh, rules):
+      return fn(*args)
+  return traced
 
 
 def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=0, process_count=1):

@@ -31,8 +31,9 @@ def token_logprobs(model, tokens_BT, positions_BT, segment_ids_BT, targets_BT, *
     logits_BTV = model(tokens_BT, positions_BT, segment_ids_BT, adapters=adapters)
     return losses.scores_from_logits(logits_BTV, targets_BT)
   x_BTD, _ = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, adapters=adapters)
-  project, weights = head
-  return losses.chunked_token_logprobs(project, weights, x_BTD, targets_BT, chunk)
+  project, weights, weight_axes = head
+  return losses.chunked_token_logprobs(project, weights, x_BTD, targets_BT, chunk,
+                                       weight_axes=weight_axes)
 
 
 def chunked_cross_entropy(model, batch, *, prefix: str = '', adapters=True):
