@@ -8,6 +8,7 @@ preemption, corrupt checkpoints, numerical faults) is in docs/reliability.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -94,6 +95,7 @@ class Trainer:
 
 def _traced_in(mesh, rules, fn):
   """`fn` traced with the mesh's logical-axis rules active (sharding.constrain inside the model)."""
+  @functools.wraps(fn)  # keeps the jitted program's name (jit_step) in dumps and profiles
   def traced(*args):
     with sharding_lib.activation_sharding(mesh, rules):
       return fn(*args)
