@@ -11,7 +11,7 @@ USAGE = """usage: lm <command> [options]
 
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
-  bench     lm bench [train|finetune|attention|checkpoint] --config configs/bench_tiny.py [--steps N] [--no-hf]
+  bench     lm bench [train|finetune|attention|checkpoint|data] --config configs/bench_tiny.py [--steps N] [--no-hf]
             lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
@@ -64,7 +64,7 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | finetune | attention | decode | checkpoint')
+                      help='train (default) | finetune | attention | decode | checkpoint | data')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
@@ -73,6 +73,9 @@ def cmd_bench(argv):
   if args.what == 'finetune':
     from lm.bench import finetune as bench_finetune  # pylint: disable=import-outside-toplevel
     return bench_finetune.main([a for a in argv if a != 'finetune'])
+  if args.what == 'data':  # the input pipeline's tokens/s beside the train step's
+    from lm.bench import data as data_bench  # pylint: disable=import-outside-toplevel
+    return data_bench.main([a for a in argv if a != 'data'])
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
@@ -82,7 +85,7 @@ def cmd_bench(argv):
     return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
-                    'choose train, finetune, attention, decode or checkpoint')
+                    'choose train, finetune, attention, decode, checkpoint or data')
   cfg = _config_from_args(args, overrides, args.model_preset)
   if args.what == 'checkpoint':
     from lm.bench import checkpoint as checkpoint_bench  # pylint: disable=import-outside-toplevel
@@ -177,7 +180,7 @@ def cmd_eval(argv):
   parser = _Parser(prog='lm eval', allow_abbrev=False)
   parser.add_argument('runs', nargs='*', help='[NAME=]RUN_DIR[@STEP]; or set runs in --config')
   parser.add_argument('--config', help='an eval config (configs/eval/default.py[:arg])')
-  parser.add_argument('--tasks', help='comma-separated; see lm/tasks.py')
+  parser.add_argument('--tasks', help='comma-separated; see lm/eval/tasks.py')
   parser.add_argument('--out', required=True, help='directory for results.json and results.md')
   args, overrides = parser.parse_known_args(argv)
   cfg, settings = _eval_settings(args, overrides)

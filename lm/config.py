@@ -51,7 +51,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       qkv_bias=False,
       tie_embeddings=False,
       norm_eps=1e-5,
-      # Family variants (lm/hf.py sets them from a Hugging Face config.json; defaults are Llama's).
+      # Family variants (lm/io/hf.py sets them from a Hugging Face config.json; defaults are Llama's).
       norm_offset=0.0,  # RMSNorm multiplies by (norm_offset + scale): 0 Llama, 1 Gemma
       embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
@@ -133,15 +133,15 @@ def base_config() -> ml_collections.ConfigDict:
       keep_every=0,  # also keep every checkpoint whose step is a multiple of this; 0: only the latest
       async_checkpoint=True,  # write checkpoints in the background while training continues
       grace_seconds=120.0,  # after SIGTERM/SIGINT: time to checkpoint and exit before a hard exit
-      # Numerical guard (lm/guard.py): a step with a non-finite loss or gradient is skipped.
+      # Numerical guard (lm/train/guard.py): a step with a non-finite loss or gradient is skipped.
       max_bad_steps=5,  # this many skipped steps in a row stop the run (exit 3)
       spike_zscore=0.0,  # also skip a loss this many std devs above the recent window; 0: off
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
-      trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
-      objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
+      trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/train/partition.py
+      objective='next_token_xent',  # next_token_xent | dpo (lm/train/objectives.py)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
-      eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_tasks='',  # lm/eval/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
       early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
       early_stopping_patience=3,  # evaluations without improvement before stopping
@@ -180,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.metrics = ml_collections.ConfigDict(dict(
       # Peak FLOP/s per device for MFU; 0 uses the known figure for the device kind
-      # (lm/flops.py) or, on CPU, a short measured matmul rate.
+      # (lm/train/flops.py) or, on CPU, a short measured matmul rate.
       peak_flops_per_device=0.0,
       tensorboard=True,
   ))

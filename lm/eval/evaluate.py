@@ -24,36 +24,10 @@ from lm.eval import tasks as tasks_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import Tokenizer
 from lm.errors import CheckpointError, ConfigError, UserError
+from lm.eval.generate import Generator
+from lm.eval.scoring import Scorer
+from lm.io.runs import load_config
 from lm.train.state import ModelSpec
-
-
-def load_config(run_dir: str) -> ml_collections.ConfigDict:
-  """The run's resolved config over today's defaults, so a run saved before a key existed loads
-  with that key's default (which is the behaviour it was trained with)."""
-  path = os.path.join(run_dir, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{run_dir} is not a run directory (no config.json); pass what `lm train '
-                    '--workdir` wrote')
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.base_config()
-  _merge(cfg, saved)
-  return cfg
-
-
-def _as_tuple(value):
-  return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
-  for key, value in saved.items():
-    if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      _merge(node[key], value)
-    elif key in node and isinstance(node[key], tuple):
-      node[key] = _as_tuple(value)  # JSON wrote tuples as lists
-    else:
-      node[key] = value
 
 
 def run_tokenizer(run_dir: str, cfg):
@@ -111,12 +85,10 @@ class Model:
 
   @functools.cached_property
   def generator(self):
-    from lm.eval.generate import Generator  # pylint: disable=import-outside-toplevel
     return Generator(self.cfg, self.params, self.tokenizer, mesh=self.mesh, spec=self.spec)
 
   @functools.cached_property
   def scorer(self):
-    from lm.eval.scoring import Scorer  # pylint: disable=import-outside-toplevel
     return Scorer(self.cfg, self.params, mesh=self.mesh, spec=self.spec)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from lm import sharding as sharding_lib
+from lm import config as config_lib
 from lm.config import head_dim
 from lm.errors import UserError
 from lm.train.state import ModelSpec
@@ -306,7 +307,6 @@ def benchmark(cfg, *, batch_sizes=(1, 8), prompt_len: int = 64, new_tokens: int 
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog='python -m lm.eval.generate')
   parser.add_argument('--bench', action='store_true', required=True)
   parser.add_argument('--config', default='configs/quickstart.py')

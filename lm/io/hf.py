@@ -219,8 +219,8 @@ def read_stacked(reader, names, shape, layout, dtype, stacked):
   """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked)."""
   def read(index):
     if not stacked:
-      return np.asarray(to_lm(reader.get(names[0]), shape, layout)[index], dtype)
-    return np.stack([np.asarray(to_lm(reader.get(names[i]), shape[1:], layout)[index[1:]], dtype)
+      return np.asarray(reader.read(names[0], shape, layout, index), dtype)
+    return np.stack([np.asarray(reader.read(names[i], shape[1:], layout, index[1:]), dtype)
                      for i in range(shape[0])[index[0]]])
   return read
 

@@ -17,7 +17,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm.io import hf
+from lm import sharding as sharding_lib
+from lm.data import tokenizer as tokenizer_lib
+from lm.io import hf, peft
 from lm.model import lora
 from lm.errors import CheckpointError, ConfigError
 from lm.train.partition import REF_PREFIX, is_adapter
@@ -141,7 +143,6 @@ def init_state(trainer, rng) -> TrainState:
 def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: str = 'float32') -> str:
   """An lm run's latest weights as a Hugging Face model directory (LoRA adapters merged in), or,
   with `adapters_only`, its adapters as a PEFT directory. Returns a one-line description."""
-  from lm import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   if kind(run_dir) != 'lm':
     raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
   model_cfg = ml_collections.ConfigDict(_run_config(run_dir)['model'])
@@ -151,7 +152,7 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
   shardings = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
   base, adapters = _lm_run_params(run_dir, spec, shardings, merge=False)
   if adapters_only:
-    lora.save_peft(out, adapters, model_cfg, base_model=os.path.abspath(run_dir))
+    peft.save_peft(out, adapters, model_cfg, base_model=os.path.abspath(run_dir))
     return f'{len(adapters)} adapter arrays (rank {model_cfg.lora.rank}) -> {out} (PEFT format)'
   if adapters:
     base = lora.merge({**base, **adapters}, model_cfg.lora)
@@ -182,7 +183,6 @@ def _copy_tokenizer(run_dir: str, out: str) -> None:
 def _token_ids(run_dir: str) -> dict:
   """bos/eos/pad ids for config.json, from the run's tokenizer (lm-trained ones use 2/3/0, not
   Llama's 1/2), or none when it cannot be read."""
-  from lm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   own = os.path.join(run_dir, 'tokenizer.model')
   path = own if os.path.isfile(own) else _run_config(run_dir).get('data', {}).get('tokenizer')
   try:

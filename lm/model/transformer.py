@@ -200,7 +200,7 @@ class Transformer(nnx.Module):
   LoRA run). `dropout_key` (set by ModelSpec.bind in training) drives adapter dropout; `reference`
   (set by ModelSpec.bind when the state carries `ref.*` weights) is a frozen copy for DPO.
 
-  The cache (lm/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
+  The cache (lm/eval/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
   'segment_ids': [B, S] already holding this call's tokens, 'index': slot of this call's first
   token}; its per-layer k/v travel through the layer scan as inputs and outputs.
   """
