@@ -34,7 +34,7 @@ from lm.eval.generate import Sampling
 from lm.io.runs import load_config
 from lm.train.metrics import perplexity
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 GSM8K_HELDOUT = 500
 ALPACA_HELDOUT = 500
 

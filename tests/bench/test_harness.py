@@ -1,6 +1,7 @@
 """The benchmark harness: batches of the config's shape, lm and HF steps behind one interface,
 alternating rounds, and the benchmarks built on them."""
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -39,7 +40,7 @@ def test_rounds_alternate_between_runs_and_keep_each_runs_best():
 
 
 def test_lm_step_trains_and_accounts_its_memory():
-  run = harness.LmStep(tiny_config())
+  run = harness.LmStep(tiny_config(), devices=jax.devices()[:1])
   first = run.steps(1)
   assert first > 0 and np.isfinite(run.loss)
   loss0 = run.loss
@@ -55,6 +56,7 @@ def test_bench_train_and_finetune_print_lm_beside_hf(capsys):
   pytest.importorskip('transformers')
   pytest.importorskip('peft')
   c = tiny_config()
+  c.mesh.shape.update(data=-1)  # every test device
   result = bench_train.run(c, steps=1, rounds=1)
   assert set(result) == {'lm', 'hf'} and result['lm']['tokens_per_s'] > 0
   assert 0 < result['lm']['mfu'] < 1
