@@ -16,6 +16,7 @@ import optax
 from flax import nnx, struct
 from flax import traverse_util
 
+from lm.config import with_model_defaults
 from lm.train import guard as guard_lib
 from lm import sharding as sharding_lib
 from lm.model.lora import without_adapters
@@ -42,7 +43,7 @@ class ModelSpec:
   """
 
   def __init__(self, model_cfg, *, reference: bool = False):
-    self.cfg = ml_collections.FrozenConfigDict(model_cfg)
+    self.cfg = ml_collections.FrozenConfigDict(with_model_defaults(model_cfg))
     self.reference = reference
     abstract = nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
