@@ -146,7 +146,8 @@ def model_config_from_hf(hf: dict) -> dict:
     local_theta, local_scaling = _rope(local_rope, hf)
     if local_scaling:
       raise CheckpointError(f'{arch} with RoPE scaling on sliding layers is not supported')
-  activation = hf.get('hidden_activation') or hf.get('hidden_act', 'silu')
+  activation = hf.get('hidden_activation') or hf.get('hidden_act') or (
+      'gelu_pytorch_tanh' if gemma else 'silu')
   activation = {'silu': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu_tanh'}.get(activation)
   if activation is None or (activation == 'gelu_tanh') != gemma:
     raise CheckpointError(f'{arch} with activation {hf.get("hidden_act")!r} is not supported')
@@ -261,14 +262,16 @@ def hf_config(m, *, dtype: str = 'float32', family: str | None = None, **extra) 
     out['sliding_window'] = m.sliding_window or None
   if family in ('qwen2', 'qwen3'):
     out.update(use_sliding_window=False, sliding_window=None)
-  if family == 'phi3':
-    out.update(original_max_position_embeddings=m.max_seq_len, partial_rotary_factor=1.0)
+  if family == 'phi3':  # Phi3Config's default pad id (32000) only fits Phi-3's own vocabulary
+    out.update(original_max_position_embeddings=m.max_seq_len, partial_rotary_factor=1.0,
+               pad_token_id=None)
   if gemma:
     out['hidden_activation'] = 'gelu_pytorch_tanh'
   if family in ('gemma2', 'gemma3_text'):
     kinds = tuple(m.layer_types) or ('sliding' if m.sliding_window else 'full',) * m.n_layers
     names = {kind: hf_name for hf_name, kind in LAYER_TYPES.items()}
-    out.update(query_pre_attn_scalar=m.query_pre_attn_scalar or K,
+    scalar = m.query_pre_attn_scalar or K
+    out.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
                attn_logit_softcapping=m.attn_logit_softcap or None,
                final_logit_softcapping=m.final_logit_softcap or None,
                sliding_window=m.sliding_window or m.max_seq_len,

@@ -1,0 +1,152 @@
+"""Parity with transformers for the families beyond Llama/Mistral/Qwen2/Gemma (tests/test_hf.py):
+Qwen3, Gemma 2, Gemma 3 (text), Phi-3 and Llama with attention/MLP biases, with linear and YaRN
+RoPE. Each tiny model is made and saved by transformers itself, with every weight random; lm
+imports it and must give the same fp32 logits, the same greedy tokens through its KV-cache
+generator, and export the very tensors it read."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from lm.eval import generate as generate_lib
+from lm.errors import CheckpointError, ConfigError
+from lm.io import hf
+from lm.io.safetensors import Reader
+from lm.train.state import ModelSpec
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)
+FAMILIES = {
+    # head_dim 32 with hidden 64 and 4 heads: head_dim decoupled from d_model / n_heads.
+    'qwen3': ('Qwen3Config', dict(head_dim=32, tie_word_embeddings=True, rope_parameters=YARN)),
+    'gemma2': ('Gemma2Config', dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    'gemma3': ('Gemma3TextConfig', dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=3.0,
+        layer_types=['sliding_attention', 'full_attention'],
+        rope_parameters={'full_attention': dict(rope_type='linear', factor=4.0, rope_theta=1e6),
+                         'sliding_attention': dict(rope_type='default', rope_theta=1e4)})),
+    'phi3': ('Phi3Config', dict(sliding_window=6)),
+    'llama_bias': ('LlamaConfig', dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(
+        rope_type='linear', rope_theta=10000.0, factor=2.0))),
+}
+TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
+
+
+def make_hf_model(family, path):
+  """A tiny random `family` model saved by transformers; norms and biases random too."""
+  cls, extra = FAMILIES[family]
+  config = getattr(transformers, cls)(**{**COMMON, **extra})
+  config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+  gen = torch.Generator().manual_seed(1)
+  gemma = family.startswith('gemma')
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm = name.endswith('norm.weight')
+      std = 0.3 if is_norm or name.endswith('.bias') else 0.2
+      p.copy_((1.0 if is_norm and not gemma else 0.0) + std * torch.randn(p.shape, generator=gen))
+  model.save_pretrained(path)
+  return model
+
+
+def lm_import(path):
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(path)))
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  return c, spec, hf.load_params(str(path), spec, shardings)
+
+
+def tensors(path):
+  reader = Reader(str(path))
+  return {n: np.array(reader.get(n)) for n in reader.names()}
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_family_matches_transformers(family, tmp_path):
+  model = make_hf_model(family, tmp_path / 'hf')
+  with torch.no_grad():
+    reference = model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+  c, spec, params = lm_import(tmp_path / 'hf')
+  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  error = float(np.max(np.abs(ours - reference)))
+  print(f'{family}: max |dlogit| {error:.2e} (logit std {np.std(reference):.2f})')
+  assert error <= 1e-4 and np.std(reference) > 0.3
+
+  # Greedy decoding: lm's KV-cache generator against transformers' generate, 12 new tokens past
+  # the sliding windows (4 and 6), so windowed cached decoding is exercised.
+  prompt, N = TOKENS[:1, :6], 12
+  with torch.no_grad():
+    expected = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=N,
+                              min_new_tokens=N, do_sample=False, pad_token_id=0)[0, 6:].numpy()
+  fn = generate_lib.make_generate_fn(spec, generate_lib.Sampling(max_new_tokens=N), eos_id=-1,
+                                     pad_id=0)
+  out, _ = jax.jit(fn)(params, prompt, np.asarray([6], np.int32), jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out)[0], expected)
+
+  # Export writes back exactly the tensors transformers saved (fused Phi-3 layers included).
+  hf.save(str(tmp_path / 'out'), params, c.model)
+  original, exported = tensors(tmp_path / 'hf' / 'model.safetensors'), tensors(
+      tmp_path / 'out' / 'model.safetensors')
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert config['architectures'] == hf.read_config(tmp_path / 'hf')['architectures']
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
+  with torch.no_grad():
+    again = reloaded(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+  assert np.max(np.abs(again - reference)) <= 1e-5
+
+
+def test_per_layer_windows_and_rope_compile_as_one_scan():
+  config = hf.model_config_from_hf({**COMMON, **FAMILIES['gemma3'][1], 'model_type': 'gemma3_text',
+                                    'architectures': ['Gemma3ForCausalLM']})
+  c = tiny_config(**{**config, 'n_layers': 4, 'layer_types': ('sliding', 'full') * 2})
+  spec = ModelSpec(c.model)
+  params = spec.init(jax.random.key(0))
+  text = jax.jit(lambda p: spec.bind(p)(TOKENS)).lower(params).as_text()
+  assert text.count('stablehlo.while') == 1  # the layer scan; a switch, not one copy per layer
+  assert 'stablehlo.case' in text
+
+
+def test_unsupported_variants_are_one_line_errors(tmp_path):
+  base = {**COMMON, 'model_type': 'llama', 'architectures': ['LlamaForCausalLM']}
+  with pytest.raises(CheckpointError, match=r"unsupported architecture Olmo2ForCausalLM "
+                                            r"\(model_type 'olmo2'\); lm imports LlamaForCausalLM, "
+                                            r".*Qwen3ForCausalLM, .*Phi3ForCausalLM"):
+    hf.model_config_from_hf({**base, 'model_type': 'olmo2', 'architectures': ['Olmo2ForCausalLM']})
+  with pytest.raises(ConfigError, match=r"rope type 'longrope' is not supported; lm implements "
+                                        r"default, llama3, linear, yarn$"):
+    hf.model_config_from_hf({**base, 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}})
+  c = tiny_config(rope_scaling={'type': 'dynamic', 'factor': 2.0})
+  with pytest.raises(ConfigError, match="rope_scaling type 'dynamic' is not supported"):
+    from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+    config_lib.validate(c)
+  # A Phi-3 checkpoint whose fused qkv_proj does not fit its config: the tensor and both shapes.
+  make_hf_model('phi3', tmp_path)
+  config = hf.read_config(tmp_path)
+  config['num_key_value_heads'] = 4
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.qkv_proj.weight' has shape "
+                                            r"\(128, 64\), but the config implies \(192, 64\)"):
+    lm_import(tmp_path)
+
+
+def test_llama_with_biases_round_trips_and_old_message_is_gone(tmp_path):
+  """Llama attention_bias puts biases on q, k, v and o; lm reads all four (once refused)."""
+  make_hf_model('llama_bias', tmp_path)
+  c, spec, params = lm_import(tmp_path)
+  assert c.model.qkv_bias and c.model.attn_out_bias and c.model.mlp_bias
+  assert {'layers.attn.o.bias', 'layers.mlp.down.bias'} <= set(params)
+  assert hf.family_of(c.model) == 'llama'
