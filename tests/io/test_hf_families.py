@@ -150,3 +150,43 @@ def test_llama_with_biases_round_trips_and_old_message_is_gone(tmp_path):
   assert c.model.qkv_bias and c.model.attn_out_bias and c.model.mlp_bias
   assert {'layers.attn.o.bias', 'layers.mlp.down.bias'} <= set(params)
   assert hf.family_of(c.model) == 'llama'
+
+
+def test_peft_adapters_of_a_run_from_hf_load_with_auto_peft(tmp_path):
+  """A LoRA run started from a HF directory exports adapters whose adapter_config.json names
+  that directory, so AutoPeftModelForCausalLM rebuilds the model lm trained."""
+  peft = pytest.importorskip('peft')
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
+  from lm.model import lora  # pylint: disable=import-outside-toplevel
+  from lm.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
+  make_hf_model('qwen3', tmp_path / 'hf')
+  c = tiny_config()
+  c.train.update(init_from=str(tmp_path / 'hf'), trainable='lora')
+  c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|k|v|o)|mlp\.(gate|up|down)')
+  trainer = Trainer(c, devices=jax.devices()[:1])
+  state = trainer.init_state()
+  keys = iter(jax.random.split(jax.random.key(1), len(state.params)))
+  params = {n: v + 0.1 * jax.random.normal(next(keys), v.shape) if n.endswith('lora_b') else v
+            for n, v in state.params.items()}
+  run = tmp_path / 'run'
+  ckpt = Checkpointer(str(run), async_save=False, labels=trainer.labels)
+  ckpt.save(1, state.replace(params=params), {'position': 1})
+  ckpt.close()
+  (run / 'config.json').write_text(c.to_json_best_effort())
+
+  pretrained.export_run(str(run), str(tmp_path / 'adapter'), adapters_only=True)
+  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert adapter_config['base_model_name_or_path'] == str((tmp_path / 'hf').resolve())
+  peft_model = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / 'adapter')).eval()
+  with torch.no_grad():
+    got = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+  merged_spec = ModelSpec(lora.without_adapters(c.model))
+  merged = lora.merge(params, c.model.lora)
+  expected = np.asarray(jax.jit(lambda p: merged_spec.bind(p)(TOKENS))(merged))
+  with peft_model.disable_adapter(), torch.no_grad():
+    base = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+  assert np.max(np.abs(base - expected)) > 0.1  # the adapters matter
+  error = float(np.max(np.abs(got - expected)))
+  print(f'qwen3 PEFT: max |dlogit| {error:.2e}')
+  assert error <= 1e-4
