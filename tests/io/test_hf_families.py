@@ -92,10 +92,13 @@ def test_family_matches_transformers(family, tmp_path):
 
   # Greedy decoding: lm's KV-cache generator against transformers' generate, 12 new tokens past
   # the sliding windows (4 and 6), so windowed cached decoding is exercised.
+  # No end-of-sequence id on either side: both generate all N tokens, whatever they are.
   prompt, N = TOKENS[:1, :6], 12
+  model.generation_config.eos_token_id = None
   with torch.no_grad():
     expected = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=N,
-                              min_new_tokens=N, do_sample=False, pad_token_id=0)[0, 6:].numpy()
+                              do_sample=False, pad_token_id=0)[0, 6:].numpy()
+  assert len(expected) == N
   fn = generate_lib.make_generate_fn(spec, generate_lib.Sampling(max_new_tokens=N), eos_id=-1,
                                      pad_id=0)
   out, _ = jax.jit(fn)(params, prompt, np.asarray([6], np.int32), jax.random.key(0))
