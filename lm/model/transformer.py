@@ -20,9 +20,8 @@ import re
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
 import numpy as np
+from flax import nnx
 
 from lm.model import attention as attention_lib
 from lm.config import ROPE_SCALING_TYPES, head_dim

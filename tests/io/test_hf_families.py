@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from lm import config as config_lib
 from lm.eval import generate as generate_lib
 from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
@@ -141,7 +142,6 @@ def test_unsupported_variants_are_one_line_errors(tmp_path):
     hf.model_config_from_hf({**base, 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}})
   c = tiny_config(rope_scaling={'type': 'dynamic', 'factor': 2.0})
   with pytest.raises(ConfigError, match="rope_scaling type 'dynamic' is not supported"):
-    from lm import config as config_lib  # pylint: disable=import-outside-toplevel
     config_lib.validate(c)
   # A Phi-3 checkpoint whose fused qkv_proj does not fit its config: the tensor and both shapes.
   make_hf_model('phi3', tmp_path)
@@ -153,8 +153,8 @@ def test_unsupported_variants_are_one_line_errors(tmp_path):
     lm_import(tmp_path)
 
 
-def test_llama_with_biases_round_trips_and_old_message_is_gone(tmp_path):
-  """Llama attention_bias puts biases on q, k, v and o; lm reads all four (once refused)."""
+def test_llama_attention_bias_imports_q_k_v_and_o_biases(tmp_path):
+  """Llama attention_bias puts biases on q, k, v and o; lm reads all four (it used to refuse them, naming only o_proj)."""
   make_hf_model('llama_bias', tmp_path)
   c, spec, params = lm_import(tmp_path)
   assert c.model.qkv_bias and c.model.attn_out_bias and c.model.mlp_bias
