@@ -131,6 +131,30 @@ def test_per_layer_windows_and_rope_compile_as_one_scan():
   assert 'stablehlo.case' in text
 
 
+def test_mixed_layers_scanned_equal_unrolled_with_gradients():
+  """Sliding and full layers with their own RoPE, soft-caps, q/k and post norms: the scan gives
+  the unrolled layers' logits and gradients (remat on, as in training)."""
+  c = tiny_config(n_layers=3, layer_types=('sliding', 'full', 'sliding'), sliding_window=4,
+                  rope_local_theta=100.0, rope_scaling={'type': 'yarn', 'factor': 2.0,
+                                                        'original_max_seq_len': 16},
+                  qk_norm=True, post_norms=True, query_pre_attn_scalar=12.0,
+                  attn_logit_softcap=2.0, final_logit_softcap=5.0, attn_out_bias=True,
+                  qkv_bias=True, mlp_bias=True, remat='full')
+  tokens = TOKENS[:, :12] % c.model.vocab_size
+  results = []
+  for scan in (True, False):
+    c.model.scan_layers = scan
+    spec = ModelSpec(c.model)
+    params = spec.init(jax.random.key(0))
+    loss = lambda p, spec=spec: jax.numpy.mean(jax.nn.log_softmax(spec.bind(p)(tokens))[..., 0])
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss_scan, grad_scan), (loss_unrolled, grad_unrolled) = results
+  np.testing.assert_allclose(loss_scan, loss_unrolled, rtol=1e-6)
+  for name in grad_scan:
+    np.testing.assert_allclose(grad_scan[name], grad_unrolled[name], atol=1e-6, err_msg=name)
+  assert float(np.max(np.abs(grad_scan['layers.attn.q_norm.scale']))) > 0
+
+
 def test_unsupported_variants_are_one_line_errors(tmp_path):
   base = {**COMMON, 'model_type': 'llama', 'architectures': ['LlamaForCausalLM']}
   with pytest.raises(CheckpointError, match=r"unsupported architecture Olmo2ForCausalLM "
