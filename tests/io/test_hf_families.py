@@ -134,7 +134,7 @@ def test_per_layer_windows_and_rope_compile_as_one_scan():
 def test_mixed_layers_scanned_equal_unrolled_with_gradients():
   """Sliding and full layers with their own RoPE, soft-caps, q/k and post norms: the scan gives
   the unrolled layers' logits and gradients (remat on, as in training)."""
-  c = tiny_config(n_layers=3, layer_types=('sliding', 'full', 'sliding'), sliding_window=4,
+  c = tiny_config(layer_types=('sliding', 'full'), sliding_window=4,
                   rope_local_theta=100.0, rope_scaling={'type': 'yarn', 'factor': 2.0,
                                                         'original_max_seq_len': 16},
                   qk_norm=True, post_norms=True, query_pre_attn_scalar=12.0,
