@@ -32,6 +32,9 @@ MODEL_PRESETS = {
 }
 
 
+ROPE_SCALING_TYPES = ('llama3', 'linear', 'yarn')  # model.rope_scaling['type'] (lm/model/transformer.py)
+
+
 def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   """The model section: Llama-family decoder, configured rather than forked (Qwen2 = qkv_bias)."""
   if preset not in MODEL_PRESETS:
@@ -46,7 +49,8 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       mlp_dim=384,
       max_seq_len=2048,  # longest sequence the positions support; data.seq_len must fit
       rope_theta=10000.0,
-      # Llama-3 style frequency scaling; None leaves RoPE unscaled.
+      # RoPE frequency scaling: {'type': 'llama3' (the default) | 'linear' | 'yarn', 'factor', ...}
+      # with the fields Hugging Face uses (lm/io/hf.py); None leaves RoPE unscaled.
       rope_scaling=config_dict.placeholder(dict),
       qkv_bias=False,
       tie_embeddings=False,
@@ -56,6 +60,16 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
       sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
+      layer_types=(),  # per layer 'sliding' | 'full' (Gemma 2/3): only sliding layers use sliding_window; (): all alike
+      rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
+      attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
+      mlp_bias=False,  # biases on gate/up/down (Llama mlp_bias)
+      qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Gemma 3)
+      post_norms=False,  # also norm the attention and MLP outputs before the residual add (Gemma 2/3)
+      query_pre_attn_scalar=0.0,  # attention logits scale by this ** -0.5; 0: head_dim (Gemma 2/3 set it)
+      attn_logit_softcap=0.0,  # c · tanh(logits / c) on attention logits (Gemma 2); 0: off
+      final_logit_softcap=0.0,  # the same on the output logits (Gemma 2/3); 0: off
+      hf_family='',  # the Hugging Face model_type export writes (set by import); '': inferred
       # LoRA adapters on the linear layers whose names match `targets` (docs/finetuning.md).
       lora=ml_collections.ConfigDict(dict(
           rank=0,  # 0: no adapters
@@ -72,6 +86,18 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   ))
   m.update(MODEL_PRESETS[preset])
   return m
+
+
+def with_model_defaults(m) -> ml_collections.ConfigDict:
+  """Model config `m` with any key it lacks at its default: runs saved by an older lm load."""
+  def fill(defaults: dict, given: dict) -> dict:
+    out = dict(defaults)
+    for key, value in given.items():
+      out[key] = fill(defaults[key], value) if isinstance(defaults.get(key), dict) and isinstance(
+          value, dict) else value
+    return out
+  given = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
+  return ml_collections.ConfigDict(fill(model_config().to_dict(), given))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -319,6 +345,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.remat={cfg.model.remat!r}; choose none, full, dots or dots_no_batch')
   if m.mlp_activation not in ('silu', 'gelu_tanh'):
     raise ConfigError(f'model.mlp_activation={m.mlp_activation!r}; choose silu or gelu_tanh')
+  if m.rope_scaling and m.rope_scaling.get('type', 'llama3') not in ROPE_SCALING_TYPES:
+    raise ConfigError(f"model.rope_scaling type {m.rope_scaling['type']!r} is not supported; "
+                      f'lm implements {", ".join(ROPE_SCALING_TYPES)} (or None for unscaled RoPE)')
+  if m.layer_types and (len(m.layer_types) != m.n_layers
+                        or set(m.layer_types) - {'sliding', 'full'}):
+    raise ConfigError(f'model.layer_types={tuple(m.layer_types)} must name each of the '
+                      f'{m.n_layers} layers sliding or full, or be () for all alike')
   if m.lora.rank < 0 or not 0.0 <= m.lora.dropout < 1.0:
     raise ConfigError(f'model.lora.rank={m.lora.rank} must be >= 0 and model.lora.dropout='
                       f'{m.lora.dropout} in [0, 1)')

@@ -34,6 +34,9 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
   _, adapter = split(params)
   if not adapter:
     raise CheckpointError('no LoRA adapters in these parameters (model.lora.rank is 0)')
+  if model_cfg.get('hf_family') in hf.FUSED:
+    raise CheckpointError(f'PEFT adapters for {model_cfg.hf_family} (fused qkv_proj and '
+                          'gate_up_proj) are not supported; export the merged model instead')
   lora_cfg = model_cfg.lora
   os.makedirs(path, exist_ok=True)
   tensors = {}

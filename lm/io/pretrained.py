@@ -21,6 +21,7 @@ from lm import sharding as sharding_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.io import hf, peft
 from lm.model import lora
+from lm.config import with_model_defaults
 from lm.errors import CheckpointError, ConfigError
 from lm.train.partition import REF_PREFIX, is_adapter
 from lm.train.state import ModelSpec, TrainState
@@ -28,7 +29,9 @@ from lm.train.state import ModelSpec, TrainState
 # The model fields that describe the weights; the rest (dtypes, remat, attention, lora) stay the run's.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
              'max_seq_len', 'rope_theta', 'rope_scaling', 'qkv_bias', 'tie_embeddings', 'norm_eps',
-             'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window')
+             'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window', 'layer_types',
+             'rope_local_theta', 'attn_out_bias', 'mlp_bias', 'qk_norm', 'post_norms',
+             'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family')
 
 
 def kind(path: str, what: str = 'train.init_from') -> str:
@@ -145,14 +148,14 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
   with `adapters_only`, its adapters as a PEFT directory. Returns a one-line description."""
   if kind(run_dir) != 'lm':
     raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
-  model_cfg = ml_collections.ConfigDict(_run_config(run_dir)['model'])
+  model_cfg = with_model_defaults(_run_config(run_dir)['model'])
   spec = ModelSpec(model_cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1), ('data', 'fsdp', 'tensor'))
   rules = (('embed', 'fsdp'), ('vocab', None), ('mlp', None), ('heads', None), ('kv_heads', None))
   shardings = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
   base, adapters = _lm_run_params(run_dir, spec, shardings, merge=False)
   if adapters_only:
-    peft.save_peft(out, adapters, model_cfg, base_model=os.path.abspath(run_dir))
+    peft.save_peft(out, adapters, model_cfg, base_model=hf_base(run_dir))
     return f'{len(adapters)} adapter arrays (rank {model_cfg.lora.rank}) -> {out} (PEFT format)'
   if adapters:
     base = lora.merge({**base, **adapters}, model_cfg.lora)
@@ -161,6 +164,19 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
     _copy_tokenizer(run_dir, out)
   merged = ' with its LoRA adapters merged' if adapters else ''
   return f'{hf.family_of(model_cfg)} model{merged} -> {out} (config.json + safetensors)'
+
+
+def hf_base(run_dir: str) -> str:
+  """What a PEFT adapter of this run applies to, for adapter_config.json: the Hugging Face
+  directory the run started from (so AutoPeftModelForCausalLM loads it), else the run itself.
+
+  A run started from another lm run trained on that run's weights, not on any HF model's, so
+  the chain is not followed: its base is exported with `lm export` first.
+  """
+  source = _run_config(run_dir).get('train', {}).get('init_from')
+  if source and os.path.isdir(source) and kind(source) == 'hf':
+    return os.path.abspath(source)
+  return os.path.abspath(run_dir)
 
 
 def _copy_tokenizer(run_dir: str, out: str) -> None:

@@ -11,6 +11,7 @@ import ml_collections
 from flax import nnx
 from flax import traverse_util
 
+from lm.config import with_model_defaults
 from lm.model.lora import is_adapter, without_adapters
 from lm.model.transformer import Transformer
 
@@ -36,7 +37,7 @@ class ModelSpec:
   """
 
   def __init__(self, model_cfg, *, reference: bool = False):
-    self.cfg = ml_collections.FrozenConfigDict(model_cfg)
+    self.cfg = ml_collections.FrozenConfigDict(with_model_defaults(model_cfg))
     self.reference = reference
     abstract = nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
