@@ -394,7 +394,7 @@ def place(shape, sharding, read):
 def read_stacked(reader, names, shape, layout, dtype, stacked, rows=None):
   """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked);
   `rows`: the slice of each HF tensor that holds it (a part of a fused tensor)."""
-  get = reader.get if rows is None else (lambda name: reader.get(name)[rows])
+  get = lambda name: reader.get(name)[rows]  # a fused tensor's part: read whole, then sliced
 
   def read(index):
     if not stacked:
