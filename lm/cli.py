@@ -95,13 +95,16 @@ def cmd_bench(argv):
 def cmd_export(argv):
   parser = _Parser(prog='lm export', allow_abbrev=False)
   parser.add_argument('--workdir', required=True, help='an lm run directory')
-  parser.add_argument('--out', required=True, help='the Hugging Face (or PEFT) directory to write')
+  parser.add_argument('--out', required=True,
+                      help='the Hugging Face (or PEFT) directory, or the .gguf file, to write')
   parser.add_argument('--adapters-only', action='store_true', help='write LoRA adapters for PEFT')
-  parser.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16')
+  parser.add_argument('--format', default='hf', choices=('hf', 'gguf'),
+                      help='hf: config.json + safetensors; gguf: one llama.cpp file')
+  parser.add_argument('--dtype', help='hf: float32 (default) | bfloat16 | float16; gguf: f16 (default) | q8_0')
   args = parser.parse_args(argv)
   from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   print(pretrained.export_run(args.workdir, args.out, adapters_only=args.adapters_only,
-                              dtype=args.dtype))
+                              dtype=args.dtype, fmt=args.format))
   return 0
 
 
