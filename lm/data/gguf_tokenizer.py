@@ -41,6 +41,11 @@ def read_fields(path: str) -> dict:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # pylint: disable=broad-except  # a truncated or foreign file
     raise DataError(f'{path} is not a readable GGUF file ({str(e)[:200]})') from None
+  return fields_of(reader)
+
+
+def fields_of(reader) -> dict:
+  """{key: value} of a gguf.GGUFReader's metadata."""
   out = {}
   for key, field in reader.fields.items():
     if key.startswith('GGUF.'):
