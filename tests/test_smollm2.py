@@ -124,3 +124,15 @@ def test_greedy_chat_answer_is_sensible_and_stable():
   answer = model.tokenizer.decode(first[0])
   print(f'SmolLM2 greedy answer: {answer!r}')
   assert first == again and 'Paris' in answer
+
+
+def test_named_chatml_template_matches_the_embedded_jinja_one(tokenizer):
+  messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Who are you?'},
+              {'role': 'assistant', 'content': 'SmolLM.'}, {'role': 'user', 'content': 'Sure?'},
+              {'role': 'assistant', 'content': 'Yes, quite sure.'}]
+  named = chat.ChatEncoder(chat.get_template('chatml', tokenizer), tokenizer)
+  embedded = chat.ChatEncoder(chat.get_template('tokenizer', tokenizer), tokenizer)
+  (ids_n, mask_n), (ids_e, mask_e) = named.encode(messages), embedded.encode(messages)
+  np.testing.assert_array_equal(ids_n, ids_e)
+  np.testing.assert_array_equal(mask_n, mask_e)
+  assert named.stop_ids() == [2]
