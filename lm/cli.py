@@ -143,12 +143,22 @@ def cmd_generate(argv):
   parser.add_argument('--stop', action='append', default=[], help='stop string; repeatable')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--batch-size', type=int, default=16)
+  parser.add_argument('--chat', action='store_true',
+                      help="each prompt is a user message in the model's chat template "
+                           '(the run\'s data.chat_template, else the tokenizer\'s own); prints the reply')
+  parser.add_argument('--system', help='with --chat: a system message before each prompt')
   args = parser.parse_args(argv)
   from lm.eval import evaluate, generate  # pylint: disable=import-outside-toplevel
   sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
   model = evaluate.load_model(args.run)
-  run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
-                                                 batch_size=args.batch_size)
+  if args.chat:
+    template = model.cfg.data.get('chat_template') or 'auto'
+    run = lambda prompts: model.generator.chat(prompts, sampling, template=template,
+                                               system=args.system, seed=args.seed,
+                                               batch_size=args.batch_size)
+  else:
+    run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
+                                                   batch_size=args.batch_size)
   prompts = list(args.prompt)
   if args.prompts_file:
     prompts += generate.read_prompts(args.prompts_file)
@@ -161,7 +171,7 @@ def cmd_generate(argv):
         break
       if not prompt:
         break
-      print(prompt + run([prompt])[0])
+      print(('' if args.chat else prompt) + run([prompt])[0])
     return 0
   completions = run(prompts)
   if args.out:
@@ -172,7 +182,7 @@ def cmd_generate(argv):
     print(f'wrote {len(prompts)} completions to {args.out}')
   else:
     for p, c in zip(prompts, completions):
-      print(f'{p}{c}\n')
+      print(f'> {p}\n{c}\n' if args.chat else f'{p}{c}\n')
   return 0
 
 

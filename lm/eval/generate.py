@@ -232,6 +232,18 @@ class Generator:
     outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size)
     return [cut_at_stop(self.tokenizer.decode(o), stop) for o in outs]
 
+  def chat(self, prompts: list[str], sampling: Sampling, *, template: str = 'auto',
+           system: str | None = None, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """Replies to `prompts`, each the user's message of a new conversation rendered with chat
+    template `template` (data.chat_template's names); generation stops at the end of the turn."""
+    from lm.data import chat as chat_lib  # pylint: disable=import-outside-toplevel
+    encoder = chat_lib.ChatEncoder(chat_lib.get_template(template, self.tokenizer), self.tokenizer)
+    head = [{'role': 'system', 'content': system}] if system else []
+    ids = [encoder.encode_prompt(head + [{'role': 'user', 'content': p}]).tolist() for p in prompts]
+    outs = self.generate_ids(ids, sampling, stop_ids=[[i] for i in encoder.stop_ids()], seed=seed,
+                             batch_size=batch_size)
+    return [self.tokenizer.decode(o) for o in outs]
+
   def _stop_tokens(self, text: str) -> list[int]:
     # SentencePiece prefixes a word boundary to a string encoded on its own; decode-compare picks
     # the spelling that reproduces the string, or gives up on device-side stopping for it.
