@@ -76,10 +76,9 @@ def cmd_bench(argv):
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
-  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.eval.generate -h)
-    from lm.eval import generate  # pylint: disable=import-outside-toplevel
-    config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
-    return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
+  if args.what == 'decode':  # KV-cache decoding tokens/s; --model: beside HF generate (lm/bench/decode.py)
+    from lm.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
+    return decode_bench.main([a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
                     'choose train, finetune, attention, decode or checkpoint')

@@ -326,12 +326,13 @@ def main(argv=None) -> int:
   parser.add_argument('--prompt-len', type=int, default=64)
   parser.add_argument('--new-tokens', type=int, default=128)
   parser.add_argument('--uncached', action='store_true', help='also time decoding without a cache')
+  parser.add_argument('--reps', type=int, default=3, help='timed repetitions (best kept)')
   args = parser.parse_args(argv)
   cfg = config_lib.load_config(args.config)
   print(f'decode bench: {args.config}, {jax.device_count()} x {jax.devices()[0].device_kind}, '
         f'prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, KV cache')
   for r in benchmark(cfg, batch_sizes=tuple(int(b) for b in args.batch.split(',')),
-                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
                      compare_uncached=args.uncached):
     print(f'batch {r["batch"]:3d}: {r["decode_tokens_per_s"]:9,.0f} decode tokens/s '
           f'({r["ms_per_step"]:.2f} ms/step), prefill {r["prefill_ms"]:.1f} ms, '
