@@ -136,3 +136,15 @@ def test_named_chatml_template_matches_the_embedded_jinja_one(tokenizer):
   np.testing.assert_array_equal(ids_n, ids_e)
   np.testing.assert_array_equal(mask_n, mask_e)
   assert named.stop_ids() == [2]
+
+
+def test_hf_export_of_a_gguf_run_writes_its_tokenizer_as_hf_files(tokenizer, tmp_path):
+  """`lm export --format hf` of a run started from the GGUF: the embedded vocabulary and chat
+  template become tokenizer.json and tokenizer_config.json."""
+  from lm.io import pretrained
+  pretrained._write_gguf_tokenizer(FILE, str(tmp_path))  # pylint: disable=protected-access
+  written = tokenizer_lib.load(str(tmp_path))
+  assert (written.bos_id, written.eos_id, written.chat_template) == (
+      tokenizer.bos_id, tokenizer.eos_id, tokenizer.chat_template)
+  for text in TEXTS:
+    assert written.encode(text, specials=True) == tokenizer.encode(text, specials=True)

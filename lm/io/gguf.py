@@ -119,6 +119,10 @@ def model_config(path: str) -> dict:
       raise CheckpointError(f'{path}: per-layer head_count_kv {sorted(set(kv))} is not supported')
     kv = kv[0]
   K = int(_value(reader, f'{arch}.attention.key_length', D // H))
+  rotary = _value(reader, f'{arch}.rope.dimension_count', K)
+  if int(rotary) != K:
+    raise CheckpointError(f'{path}: partial RoPE ({arch}.rope.dimension_count={rotary} of head size '
+                          f'{K}) is not supported; lm rotates whole heads')
   embed = names.get('token_embd.weight')
   if embed is None:
     raise CheckpointError(f'{path}: tensor token_embd.weight is missing')

@@ -204,6 +204,8 @@ def _copy_tokenizer(run_dir: str, out: str) -> None:
   named = _run_config(run_dir).get('data', {}).get('tokenizer') or ''
   if os.path.isfile(own):
     shutil.copyfile(own, os.path.join(out, 'tokenizer.model'))
+  elif named.endswith('.gguf') and os.path.isfile(named):
+    _write_gguf_tokenizer(named, out)
   elif os.path.isfile(named):
     target = 'tokenizer.json' if named.endswith('.json') else 'tokenizer.model'
     shutil.copyfile(named, os.path.join(out, target))
@@ -212,6 +214,24 @@ def _copy_tokenizer(run_dir: str, out: str) -> None:
                  'tokenizer.model'):
       if os.path.isfile(os.path.join(named, name)):
         shutil.copyfile(os.path.join(named, name), os.path.join(out, name))
+
+
+def _write_gguf_tokenizer(gguf_file: str, out: str) -> None:
+  """A GGUF file's embedded vocabulary as Hugging Face tokenizer files: tokenizer.json and a
+  tokenizer_config.json with its special tokens and chat template (or a SentencePiece
+  tokenizer.model for a 'llama' vocabulary)."""
+  from lm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  tok = tokenizer_lib.load(gguf_file)
+  if isinstance(tok, tokenizer_lib.HFTokenizer):
+    tok.tok.save(os.path.join(out, 'tokenizer.json'))
+    config = {k: v for k, v in tok.config.items() if v is not None}
+  else:
+    with open(os.path.join(out, 'tokenizer.model'), 'wb') as f:
+      f.write(tok.sp.serialized_model_proto())
+    config = {'chat_template': tok.chat_template} if tok.chat_template else {}
+  if config:
+    with open(os.path.join(out, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+      json.dump(config, f, indent=2)
 
 
 def _run_tokenizer(run_dir: str):
