@@ -54,9 +54,11 @@ def fields_of(reader) -> dict:
   return out
 
 
-def load(path: str, fields: dict | None = None):
-  """The tokenizer embedded in GGUF file `path` (an HFTokenizer or a SentencePiece Tokenizer)."""
-  from lm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+def spec(path: str, fields: dict | None = None) -> tuple[str, object, dict, dict]:
+  """(kind, definition, config, fields) of the tokenizer embedded in GGUF file `path`: kind
+  'gpt2' with a tokenizer.json string, or 'llama' with a SentencePiece model proto; config holds
+  tokenizer_config.json's fields (special token strings, chat template). lm.data.tokenizer.load
+  builds the tokenizer from it."""
   fields = read_fields(path) if fields is None else fields
   model = fields.get('tokenizer.ggml.model')
   if 'tokenizer.ggml.tokens' not in fields:
@@ -67,16 +69,14 @@ def load(path: str, fields: dict | None = None):
     i = fields.get(f'tokenizer.ggml.{key}_token_id')
     if i is not None and 0 <= int(i) < len(tokens):
       config[{'padding': 'pad_token', 'unknown': 'unk_token'}.get(key, f'{key}_token')] = tokens[int(i)]
+  own = {k: v for k, v in fields.items() if k.startswith('tokenizer.')}
   if model == 'gpt2':
-    tok = tokenizer_lib.HFTokenizer.from_json(_bpe_json(path, fields), config, path)
-  elif model == 'llama':
-    tok = tokenizer_lib.Tokenizer.from_proto(_sentencepiece_proto(fields), path, config)
-  else:
-    raise DataError(f'{path}: tokenizer.ggml.model={model!r} is not supported; lm reads gpt2 (byte-level '
+    return 'gpt2', _bpe_json(path, fields), config, own
+  if model == 'llama':
+    return 'llama', _sentencepiece_proto(fields), config, own
+  raise DataError(f'{path}: tokenizer.ggml.model={model!r} is not supported; lm reads gpt2 (byte-level '
                   'BPE) and llama (SentencePiece) GGUF tokenizers; set data.tokenizer to the '
                   "model's tokenizer.json")
-  tok.gguf_fields = {k: v for k, v in fields.items() if k.startswith('tokenizer.')}
-  return tok
 
 
 def _bpe_json(path: str, fields: dict) -> str:
@@ -147,12 +147,11 @@ def fields_for(tokenizer) -> dict:
   A tokenizer loaded from a GGUF file gives back its own fields; a tokenizer.json with a
   byte-level BPE model becomes 'gpt2'; a SentencePiece model becomes 'llama'.
   """
-  from lm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   own = getattr(tokenizer, 'gguf_fields', None)
   if own:
     return {k: v for k, v in own.items() if k.startswith('tokenizer.')}
   out = {}
-  if isinstance(tokenizer, tokenizer_lib.Tokenizer):
+  if hasattr(tokenizer, 'sp'):  # a SentencePiece model
     sp = tokenizer.sp
     n = sp.GetPieceSize()
     kinds = [CONTROL if sp.IsControl(i) else UNKNOWN if sp.IsUnknown(i) else
@@ -164,7 +163,7 @@ def fields_for(tokenizer) -> dict:
                 'tokenizer.ggml.add_space_prefix': True})
     if sp.unk_id() >= 0:
       out['tokenizer.ggml.unknown_token_id'] = sp.unk_id()
-  else:
+  elif hasattr(tokenizer, 'tok'):  # a tokenizers (tokenizer.json) model
     spec = json.loads(tokenizer.tok.to_str())
     model = spec['model']
     if model.get('type') != 'BPE' or 'ByteLevel' not in json.dumps(spec.get('pre_tokenizer')):
@@ -185,6 +184,9 @@ def fields_for(tokenizer) -> dict:
                     (CONTROL if specials[i] else USER_DEFINED) if i in specials else NORMAL
                     for i in range(len(tokens))],
                 'tokenizer.ggml.merges': merges})
+  else:
+    raise DataError(f'GGUF export embeds SentencePiece and tokenizer.json vocabularies, not '
+                    f'{type(tokenizer).__name__}')
   for key, value in (('bos', tokenizer.bos_id), ('eos', tokenizer.eos_id),
                      ('padding', tokenizer.pad_id)):
     if value is not None:

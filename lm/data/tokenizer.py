@@ -199,13 +199,24 @@ def load(path: str):
   """A tokenizer from a SentencePiece model file, a tiktoken rank file (Llama 3's tokenizer.model),
   a tokenizer.json, a folder holding one, or a llama.cpp GGUF file (its embedded vocabulary)."""
   if path.endswith('.gguf'):
-    from lm.data import gguf_tokenizer  # pylint: disable=import-outside-toplevel
-    return gguf_tokenizer.load(path)
+    return _from_gguf(path)
   if os.path.isdir(path) or path.endswith('.json'):
     return HFTokenizer(path)
   if path.endswith('.tiktoken') or is_tiktoken_file(path):
     return TiktokenTokenizer(path)
   return Tokenizer(path)
+
+
+def _from_gguf(path: str):
+  """The tokenizer a llama.cpp GGUF file embeds (lm/data/gguf_tokenizer.py reads it)."""
+  from lm.data import gguf_tokenizer  # pylint: disable=import-outside-toplevel
+  kind, definition, config, fields = gguf_tokenizer.spec(path)
+  if kind == 'gpt2':
+    tok = HFTokenizer.from_json(definition, config, path)
+  else:
+    tok = Tokenizer.from_proto(definition, path, config)
+  tok.gguf_fields = fields
+  return tok
 
 
 _TIKTOKEN_LINE = re.compile(rb'^[A-Za-z0-9+/]+=* \d+$')
