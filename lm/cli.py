@@ -79,10 +79,9 @@ def cmd_bench(argv):
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
-  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.eval.generate -h)
-    from lm.eval import generate  # pylint: disable=import-outside-toplevel
-    config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
-    return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
+  if args.what == 'decode':  # KV-cache decoding tokens/s; --model: beside HF generate (lm/bench/decode.py)
+    from lm.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
+    return decode_bench.main([a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
                     'choose train, finetune, attention, decode, checkpoint or data')
@@ -98,13 +97,16 @@ def cmd_bench(argv):
 def cmd_export(argv):
   parser = _Parser(prog='lm export', allow_abbrev=False)
   parser.add_argument('--workdir', required=True, help='an lm run directory')
-  parser.add_argument('--out', required=True, help='the Hugging Face (or PEFT) directory to write')
+  parser.add_argument('--out', required=True,
+                      help='the Hugging Face (or PEFT) directory, or the .gguf file, to write')
   parser.add_argument('--adapters-only', action='store_true', help='write LoRA adapters for PEFT')
-  parser.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16')
+  parser.add_argument('--format', default='hf', choices=('hf', 'gguf'),
+                      help='hf: config.json + safetensors; gguf: one llama.cpp file')
+  parser.add_argument('--dtype', help='hf: float32 (default) | bfloat16 | float16; gguf: f16 (default) | q8_0')
   args = parser.parse_args(argv)
   from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   print(pretrained.export_run(args.workdir, args.out, adapters_only=args.adapters_only,
-                              dtype=args.dtype))
+                              dtype=args.dtype, fmt=args.format))
   return 0
 
 
@@ -143,12 +145,22 @@ def cmd_generate(argv):
   parser.add_argument('--stop', action='append', default=[], help='stop string; repeatable')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--batch-size', type=int, default=16)
+  parser.add_argument('--chat', action='store_true',
+                      help="each prompt is a user message in the model's chat template "
+                           '(the run\'s data.chat_template, else the tokenizer\'s own); prints the reply')
+  parser.add_argument('--system', help='with --chat: a system message before each prompt')
   args = parser.parse_args(argv)
   from lm.eval import evaluate, generate  # pylint: disable=import-outside-toplevel
   sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
   model = evaluate.load_model(args.run)
-  run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
-                                                 batch_size=args.batch_size)
+  if args.chat:
+    template = model.cfg.data.get('chat_template') or 'auto'
+    run = lambda prompts: model.generator.chat(prompts, sampling, template=template,
+                                               system=args.system, seed=args.seed,
+                                               batch_size=args.batch_size)
+  else:
+    run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
+                                                   batch_size=args.batch_size)
   prompts = list(args.prompt)
   if args.prompts_file:
     prompts += generate.read_prompts(args.prompts_file)
@@ -161,7 +173,7 @@ def cmd_generate(argv):
         break
       if not prompt:
         break
-      print(prompt + run([prompt])[0])
+      print(('' if args.chat else prompt) + run([prompt])[0])
     return 0
   completions = run(prompts)
   if args.out:
@@ -172,7 +184,7 @@ def cmd_generate(argv):
     print(f'wrote {len(prompts)} completions to {args.out}')
   else:
     for p, c in zip(prompts, completions):
-      print(f'{p}{c}\n')
+      print(f'> {p}\n{c}\n' if args.chat else f'{p}{c}\n')
   return 0
 
 

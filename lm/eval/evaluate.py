@@ -103,8 +103,8 @@ def parse_run(spec: str) -> tuple[str, str, int | None]:
 
 def load_model(spec: str, *, mesh=None) -> Model:
   """A model ready to generate and evaluate from `[NAME=]DIR[@STEP]`: an lm run directory (its
-  latest checkpoint, or STEP) or a Hugging Face model directory (config.json, *.safetensors and a
-  tokenizer.json or tokenizer.model)."""
+  latest checkpoint, or STEP), a Hugging Face model directory (config.json, *.safetensors and a
+  tokenizer.json or tokenizer.model) or a llama.cpp GGUF file (or a directory holding one)."""
   name, run_dir, step = parse_run(spec)
   if _is_hf_directory(run_dir):
     return _load_hf_model(name, run_dir, step, mesh)
@@ -126,16 +126,17 @@ def _placement(cfg, mesh):
 def _is_hf_directory(path: str) -> bool:
   from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   try:
-    return pretrained.kind(path) == 'hf'
+    return pretrained.kind(path) in ('hf', 'gguf')
   except ConfigError:  # neither kind: load_config below says what a run directory needs
     return False
 
 
 def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  from lm.io import hf, pretrained  # pylint: disable=import-outside-toplevel
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   if step is not None:
-    raise UserError(f'{path}@{step}: a Hugging Face directory has one set of weights; drop @{step}')
+    raise UserError(f'{path}@{step}: a Hugging Face directory or GGUF file has one set of weights; '
+                    f'drop @{step}')
   cfg = config_lib.base_config()
   cfg.train.init_from = path
   pretrained.resolve_config(cfg)  # the architecture, and the tokenizer if the folder has one
@@ -143,7 +144,7 @@ def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
     raise UserError(f'{path} has no tokenizer.json or tokenizer.model; copy the model\'s '
                     'tokenizer into it')
   model_spec, mesh, shardings = _placement(cfg, mesh)
-  params = hf.load_params(path, model_spec, shardings)
+  params = pretrained.load_params(path, model_spec, shardings)
   return Model(name, cfg, model_spec, params, tokenizer_lib.load(cfg.data.tokenizer), mesh, path, 0)
 
 
