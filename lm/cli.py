@@ -34,14 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def _config_from_args(args, overrides, model_preset=None):
   """The config file, then a model preset (lm bench --model-preset), then the overrides."""
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load_config(args.config)
-  if model_preset:
-    config_lib.model_config(model_preset)  # a clear error for an unknown name
-    cfg.model.update(config_lib.MODEL_PRESETS[model_preset])
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
-  config_lib.validate(cfg)
-  return cfg
+  return config_lib.load_config(args.config, overrides, model_preset=model_preset)
 
 
 def cmd_train(argv):
@@ -111,14 +104,14 @@ def _eval_settings(args, overrides):
   from lm.eval import tasks  # pylint: disable=import-outside-toplevel
   import dataclasses  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
-  if args.config:
-    cfg = config_lib.load_config(args.config)
+  if args.config:  # evaluation settings, not a training config: no training schema
+    cfg = config_lib.load_config(args.config, overrides, schema=False)
   else:
     cfg = ml_collections.ConfigDict(dataclasses.asdict(tasks.Settings()))
     cfg.tasks = ''
     cfg.lock()
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
+    for key, value in config_lib.parse_overrides(overrides):
+      config_lib.apply_override(cfg, key, value)
   fields = {f.name for f in dataclasses.fields(tasks.Settings)}
   unknown = set(cfg.keys()) - fields - {'runs', 'tasks'}
   if unknown:

@@ -67,10 +67,7 @@ def main(argv=None) -> int:
                       help='where a trained tokenizer is kept between runs')
   args, overrides = parser.parse_known_args(argv)
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load_config(args.config)
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
-  config_lib.validate(cfg)
+  cfg = config_lib.load_config(args.config, overrides)
   os.makedirs(args.workdir, exist_ok=True)
   data = pipeline_tokens_per_s(cfg, args.workdir, args.batches, args.prefetch)
   print(data['describe'])

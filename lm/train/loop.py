@@ -36,7 +36,7 @@ class Trainer:
 
   def __init__(self, cfg, *, objective=None, devices=None):
     pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
-    config_lib.validate(cfg)
+    config_lib.ensure_valid(cfg)  # a no-op for a config lm.config.load_config already checked
     self.cfg = cfg
     self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
@@ -148,13 +148,14 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   writing a checkpoint; too many skipped steps raise Diverged.
   """
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
-  config_lib.validate(cfg)
+  config_lib.ensure_valid(cfg)
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
     return _train(cfg, rundir.prepare(workdir), progress=progress)
 
 
 def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   is_main = jax.process_index() == 0
+  trainer = Trainer(cfg)  # the mesh and partition checks, before any data is read
 
   if is_main:
     tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
@@ -162,7 +163,6 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
   corpus = pipeline.build_corpus(cfg.data, tokenizer)
-  trainer = Trainer(cfg)
 
   train_iter = pipeline.BatchIterator(corpus.train, cfg.data.batch_size, cfg.data.seed,
                                       process_index=jax.process_index(),
