@@ -212,7 +212,7 @@ def task_wiki_cloze(model, settings: Settings) -> dict:
 
 def task_heldout_ppl(model, settings: Settings) -> dict:
   from lm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from lm.eval.evaluate import load_config  # pylint: disable=import-outside-toplevel
+  from lm.io.runs import load_config  # pylint: disable=import-outside-toplevel
   data_cfg = load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
   rows = pipeline.build_corpus(data_cfg, model.tokenizer).eval
   if settings.limit:

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm.config import head_dim
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, read_json
 from lm.io.safetensors import Reader, Writer
 
 FAMILIES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
@@ -145,8 +145,7 @@ def read_config(path: str) -> dict:
   if not os.path.isfile(file):
     raise CheckpointError(f'{path} has no config.json; a Hugging Face model directory holds '
                           'config.json and *.safetensors')
-  with open(file, encoding='utf-8') as f:
-    return json.load(f)
+  return read_json(file, 'Hugging Face config', CheckpointError)
 
 
 # ----------------------------------------------------------------------------- layouts

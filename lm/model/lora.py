@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from lm.io import hf
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, read_json
 from lm.train.partition import is_adapter
 from lm.io.safetensors import Reader, write
 
@@ -206,8 +206,7 @@ def read_peft_config(path: str) -> dict:
   file = os.path.join(path, 'adapter_config.json')
   if not os.path.isfile(file):
     raise CheckpointError(f'{path} has no adapter_config.json; not a PEFT adapter directory')
-  with open(file, encoding='utf-8') as f:
-    return json.load(f)
+  return read_json(file, 'PEFT adapter config', CheckpointError)
 
 
 def load_peft(path: str, spec, shardings: dict | None = None) -> dict:
