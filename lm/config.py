@@ -364,21 +364,13 @@ def _process_id(c):
     return f'process id {d.process_id} is outside 0..{d.num_processes - 1} (distributed.process_id)'
 
 
-@_rule('a tokenizer trained into the run (`data.tokenizer` and `train.init_from` unset) has at '
-       'most `model.vocab_size` tokens')
-def _trained_vocab(c):
-  if (not c.data.tokenizer and not c.train.init_from
-      and c.data.tokenizer_vocab_size > c.model.vocab_size):
-    return (f'data.tokenizer_vocab_size={c.data.tokenizer_vocab_size} exceeds model.vocab_size='
-            f'{c.model.vocab_size}; the trained tokenizer must fit the model\'s embedding')
-
-
 # Checked where the information exists, listed here so the reference names every rule.
 LATER_RULES = (
     'the product of `mesh.shape` equals the device count (checked when the mesh is built, after '
     'multi-host initialisation, before any data is read or step compiled)',
     '`data.batch_size / train.microbatches` is divisible by the data-parallel mesh axes (same)',
     '`train.trainable` names a known partition that selects at least one parameter (same)',
+    'the tokenizer has at most `model.vocab_size` tokens (checked once it is loaded or trained)',
     '`optimizer.warmup_steps` beyond `train.steps` is cut to `train.steps - 1`, so a short smoke '
     'run of a long config keeps its shape',
 )

@@ -244,7 +244,8 @@ def test_consecutive_bad_steps_stop_the_run_with_exit_3(reference, tmp_path):
                     '--config.train.max_bad_steps=3', cache_dir=reference['cache'])
   assert out.returncode == EXIT_DIVERGED, out.stderr
   line = lm_runs.last_line(out.stderr)
-  assert line.startswith('lm: stopped: step 4: 3 consecutive steps had a non-finite'), line
+  assert line.startswith('lm: stopped: step 4: 3 consecutive steps were skipped, the last for a '
+                         'non-finite'), line
   rows = [m for m in read_metrics(str(workdir)) if 'skipped' in m]
   assert [m['skipped'] for m in rows] == [0, 1, 1, 1] and rows[-1]['skipped_total'] == 3
   # The checkpoint holds the last accepted parameters, finite.

@@ -220,11 +220,12 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
 
   stop = preemption.StopSignal(cfg.train.grace_seconds)
   fault = preemption.injected_fault()
+  poison = preemption.injected_numbers()
   last_saved = start
   try:
     with stop:
       for step in range(start, total):
-        batch = trainer.global_batch(next(train_iter))
+        batch = trainer.global_batch(poison(step + 1, next(train_iter)))
         state, metrics = trainer.step(state, batch)
         # Fetch the previous step's metrics only after the next step is dispatched.
         if pending is not None:
@@ -299,9 +300,18 @@ def held_out_line(cfg, metrics: dict, unigram_perplexity: float, *, final: bool 
 
 
 def diverged_message(cfg, step: int, metrics: dict, ckpt: Checkpointer) -> str:
+  """What the last skipped step got wrong, in the order the guard checks it."""
   latest = ckpt.latest_step()
-  return (f'step {step}: {int(metrics["bad_streak"])} consecutive steps had a non-finite or spiking '
-          f'loss or gradient (loss {metrics["loss"]:.4g}, grad norm {metrics["grad_norm"]:.4g}) and '
-          f'were skipped; checkpoints hold only accepted updates (latest: '
+  if not math.isfinite(metrics['loss']):
+    what = f'a non-finite loss ({metrics["loss"]:.4g})'
+  elif not math.isfinite(metrics['grad_norm']):
+    what = f'a non-finite gradient (norm {metrics["grad_norm"]:.4g})'
+  elif metrics.get('nonfinite_weights'):
+    what = (f'an update that made weights non-finite (loss {metrics["loss"]:.4g}, grad norm '
+            f'{metrics["grad_norm"]:.4g}): the learning rate is too large')
+  else:
+    what = f'a loss spike (loss {metrics["loss"]:.4g}, train.spike_zscore={cfg.train.spike_zscore:g})'
+  return (f'step {step}: {int(metrics["bad_streak"])} consecutive steps were skipped, the last for '
+          f'{what}; checkpoints hold only accepted, finite updates (latest: '
           f'{"none" if latest is None else f"step {latest}"}); lower optimizer.lr, check the data '
           'or raise train.max_bad_steps')
