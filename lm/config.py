@@ -151,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
       early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
       early_stopping_patience=3,  # evaluations without improvement before stopping
       early_stopping_min_delta=0.0,  # smallest change that counts as an improvement
+      # Resuming checks the run's identity.json; name parts that may change deliberately:
+      resume_changes='',  # comma-separated: model, tokenizer, data, objective, partition, all
   ))
 
   c.dpo = ml_collections.ConfigDict(dict(
@@ -355,6 +357,18 @@ def _mesh(c):
       if axis is not None and axis not in sizes:
         return (f'mesh.rules maps {logical!r} to mesh axis {axis!r}, which mesh.shape '
                 f'{sorted(sizes)} lacks; name an axis of mesh.shape')
+
+
+@_rule('`train.resume_changes` names only model, tokenizer, data, objective, partition or all')
+def _resume_changes(c):
+  parts = [p.strip() for p in c.train.resume_changes.split(',') if p.strip()]
+  unknown = [p for p in parts if p not in RESUME_PARTS]
+  if unknown:
+    return (f'train.resume_changes={c.train.resume_changes!r}: {unknown[0]!r} is not a part of a '
+            f'run\'s identity; choose from {", ".join(RESUME_PARTS)}')
+
+
+RESUME_PARTS = ('model', 'tokenizer', 'data', 'objective', 'partition', 'all')
 
 
 @_rule('`distributed.process_id` < `distributed.num_processes` when both are set')

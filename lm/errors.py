@@ -1,13 +1,13 @@
 """Errors a user can fix, faults that stop a run, and the exit codes `lm` returns for each.
 
 The CLI prints either kind as one line and exits with the code below (docs/reliability.md);
-anything else is a bug and keeps its traceback (exit 1).
+anything else is a bug: one line naming the file that holds its traceback (exit 1).
 """
 
 import json
 
 EXIT_OK = 0
-EXIT_BUG = 1  # an unexpected exception: a traceback, please report it
+EXIT_BUG = 1  # an unexpected exception: one line, the traceback in a file; please report it
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or command line; nothing was trained or written
 EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite or spiking steps; no checkpoint written
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint written, rerun the same command to resume (EX_TEMPFAIL)

@@ -63,6 +63,10 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
   raise CheckpointError(f'rope type {kind!r} is not supported; lm implements default and llama3 RoPE')
 
 
+REQUIRED_KEYS = ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'intermediate_size',
+                 'vocab_size')
+
+
 def model_config_from_hf(hf: dict) -> dict:
   """A Hugging Face config.json (as a dict) -> lm `model` fields."""
   arch = (hf.get('architectures') or ['?'])[0]
@@ -75,6 +79,11 @@ def model_config_from_hf(hf: dict) -> dict:
       raise CheckpointError(f'{arch} with {flag}=true ({what}) is not supported')
   if family == 'llama' and hf.get('attention_bias'):
     raise CheckpointError('LlamaForCausalLM with attention_bias=true (o_proj bias) is not supported')
+  lacking = [k for k in REQUIRED_KEYS if not isinstance(hf.get(k), int) or hf[k] < 1]
+  if lacking:
+    raise CheckpointError(f'the Hugging Face config.json lacks a positive integer {lacking[0]!r}'
+                          + (f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else '')
+                          + '; restore the model\'s own config.json')
   D, H = hf['hidden_size'], hf['num_attention_heads']
   K = hf.get('head_dim') or D // H
   theta, scaling = _rope(hf)

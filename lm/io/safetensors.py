@@ -49,10 +49,14 @@ class Reader:
     self.entries = {}  # name -> (path, dtype, shape, start)
     for path in paths:
       header, data_start = _header(path)
+      size = os.path.getsize(path)
       for name, info in header.items():
-        if info['dtype'] not in DTYPES:
-          raise CheckpointError(f'{path}: tensor {name!r} has unsupported dtype {info["dtype"]}')
-        begin, _ = info['data_offsets']
+        if not isinstance(info, dict) or info.get('dtype') not in DTYPES:
+          raise CheckpointError(f'{path}: tensor {name!r} has an unsupported or missing dtype')
+        begin, end = info['data_offsets']
+        if data_start + end > size:  # memory-mapping it would fail later, far from the cause
+          raise CheckpointError(f'{path} is truncated: tensor {name!r} ends at byte '
+                                f'{data_start + end} but the file has {size}; download it again')
         self.entries[name] = (path, np.dtype(DTYPES[info['dtype']]), tuple(info['shape']),
                               data_start + begin)
     self._maps = {}

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from lm import config as config_lib
 from lm.train import flops as flops_lib
-from lm.train import objectives, optim, partition, preemption, rundir
+from lm.train import identity, objectives, optim, partition, preemption, rundir
 from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
@@ -149,8 +149,11 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.ensure_valid(cfg)
-  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
-    return _train(cfg, rundir.prepare(workdir), progress=progress)
+  is_main = jax.process_index() == 0
+  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=is_main):
+    workdir = rundir.prepare(workdir)
+    with rundir.single_writer(workdir, enabled=is_main):
+      return _train(cfg, workdir, progress=progress)
 
 
 def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
@@ -162,6 +165,9 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   multihost_utils.sync_global_devices('tokenizer')
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
+  run_identity = identity.of(cfg, tokenizer)
+  if rundir.has_checkpoints(workdir):  # resuming: the same run, or a stated change
+    identity.check(workdir, run_identity, cfg.train.resume_changes)
   corpus = pipeline.build_corpus(cfg.data, tokenizer)
 
   train_iter = pipeline.BatchIterator(corpus.train, cfg.data.batch_size, cfg.data.seed,
@@ -178,6 +184,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
     state = trainer.init_state()
   if is_main:  # after the restore, so a run that cannot resume keeps the record of its own config
     rundir.write_text(rundir.inside(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+    identity.record(workdir, run_identity)
 
   T, B = cfg.data.seq_len, cfg.data.batch_size
   flops_per_token = flops_lib.train_flops_per_token(cfg.model, T)
