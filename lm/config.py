@@ -419,15 +419,8 @@ def _schema_spec(key: str):
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Every key against SCHEMA (presence, type, range, choice), then the cross-field RULES.
   Raises ConfigError with the first problem."""
-  reference = base_config()
-  saved = dict(_flat_items(cfg))
-  expected = dict(_flat_items(reference))
-  missing = [k for k in expected if k not in saved and not k.startswith('mesh.shape.')]
-  if missing:
-    raise ConfigError(f'the config lacks {missing[0]}' + (f' and {len(missing) - 1} more keys'
-                      if len(missing) > 1 else '') + '; build it from lm.config.base_config() '
-                      'and change what differs')
-  for key, value in saved.items():
+  expected = _check_keys(cfg)
+  for key, value in dict(_flat_items(cfg)).items():
     if key not in expected and not key.startswith('mesh.shape.'):
       raise ConfigError(f'unknown config key {key!r}' + _nearest(key.rpartition('.')[2], [
           k.rpartition('.')[2] for k in expected if k.rpartition('.')[0] == key.rpartition('.')[0]]))
@@ -439,6 +432,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if problem:
       raise ConfigError(problem)
   _VALIDATED[id(cfg)] = (weakref.ref(cfg), _fingerprint(cfg))
+
+
+def _check_keys(cfg) -> dict:
+  """Raises ConfigError when `cfg` lacks a key of base_config() (a config file that built its own
+  partial ConfigDict); returns base_config()'s {key: default}."""
+  expected = dict(_flat_items(base_config()))
+  saved = dict(_flat_items(cfg))
+  missing = [k for k in expected if k not in saved and not k.startswith('mesh.shape.')
+             and not k.startswith('model.rope_scaling')]
+  if missing:
+    raise ConfigError(f'the config lacks {missing[0]}' + (f' and {len(missing) - 1} more keys'
+                      if len(missing) > 1 else '') + '; build it from lm.config.base_config() '
+                      'and change what differs')
+  return expected
 
 
 _VALIDATED: dict[int, tuple] = {}  # id -> (weak reference, fingerprint) of configs that passed
@@ -504,6 +511,8 @@ def load_config(spec: str, overrides=(), *, model_preset: str | None = None,
     raise ConfigError(f'{path}: get_config() returned {type(cfg).__name__}, not an '
                       'ml_collections.ConfigDict; start from lm.config.base_config()')
   cfg.lock()
+  if schema:
+    _check_keys(cfg)  # before the overrides, which would name the first missing section
   if model_preset:
     model_config(model_preset)  # a clear error for an unknown name
     cfg.model.update(MODEL_PRESETS[model_preset])
@@ -651,7 +660,7 @@ def reference_markdown() -> str:
 def _flat_items(node, prefix=''):
   for key in node.keys():
     value = node[key]
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict) and key != 'rope_scaling':  # a dict-valued key
       yield from _flat_items(value, f'{prefix}{key}.')
     else:
       yield f'{prefix}{key}', value

@@ -153,6 +153,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=is_main):
     workdir = rundir.prepare(workdir)
     with rundir.single_writer(workdir, enabled=is_main):
+      rundir.check_confined(workdir)
       return _train(cfg, workdir, progress=progress)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from lm.train import rundir
+
 
 class MetricWriter:
 
@@ -12,10 +14,11 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    # `inside`: a metrics.jsonl or tensorboard/ symlinked out of the run is refused, not followed.
+    self.jsonl = open(rundir.inside(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
     self.tb = None
     if tensorboard:
-      self.tb = _summary_writer(os.path.join(workdir, 'tensorboard'))
+      self.tb = _summary_writer(rundir.inside(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

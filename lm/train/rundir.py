@@ -52,6 +52,18 @@ def inside(root: str, *names: str) -> str:
   return path
 
 
+# Every name a training run writes directly under its run directory.
+WRITTEN = ('checkpoints', 'checkpoints-unreadable', 'config.json', 'identity.json', 'summary.json',
+           'metrics.jsonl', 'tensorboard', 'tokenizer.model')
+
+
+def check_confined(workdir: str) -> None:
+  """Refuses, before anything is written, a run directory where a name the run writes is a
+  symbolic link leading out of it."""
+  for name in WRITTEN:
+    inside(workdir, name)
+
+
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically: readers see the old file or the new one, never half."""
   directory = os.path.dirname(path)
