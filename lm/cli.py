@@ -284,13 +284,13 @@ def main(argv=None) -> int:
 def os_error_line(e: OSError) -> str:
   """One line for a file-system failure, with what to do about the common ones."""
   import errno  # pylint: disable=import-outside-toplevel
-  where = ' '.join(str(f) for f in (e.filename, e.filename2) if f) or 'a file'
+  where = ''.join(f': {f}' for f in (e.filename, e.filename2) if f)  # a failed write names none
   hint = {errno.ENOSPC: 'free some space or write elsewhere',
           errno.EDQUOT: 'free some space or write elsewhere',
           errno.EACCES: 'check its permissions', errno.EPERM: 'check its permissions',
           errno.EROFS: 'the file system is read-only; write elsewhere',
           errno.ENOENT: 'check the path'}.get(e.errno, 'check the path and the file system')
-  return f'{e.strerror or type(e).__name__}: {where}; {hint}'
+  return f'{e.strerror or type(e).__name__}{where}; {hint}'
 
 
 def _first_line(e: Exception) -> str:

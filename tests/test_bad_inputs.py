@@ -5,13 +5,12 @@ Cases run through `lm.cli.main` in this process (8 CPU devices), the same code `
 runs; `test_the_real_command_exits_2` checks the process exit code itself.
 """
 
+import errno
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
-import time
 
 import jax
 import pytest
@@ -343,3 +342,51 @@ def test_every_case_is_in_the_docs_table():
     documented = set(re.findall(r'^\| `([a-z0-9-]+)` \|', f.read(), re.M))
   assert documented == set(CASES)
   assert len(CASES) >= 30
+
+
+def test_an_unexpected_exception_is_one_line_naming_its_traceback_file(monkeypatch, capfd):
+  def broken_command(argv):
+    raise RuntimeError('an internal fault\nwith a second line')
+  monkeypatch.setitem(cli.COMMANDS, 'train', broken_command)
+  assert cli.main(['train', '--x']) == 1
+  lines = capfd.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      'lm: internal error: RuntimeError: an internal fault (full traceback in '), lines
+  path = re.search(r'full traceback in (\S+);', lines[0]).group(1)
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  assert text.startswith('lm train --x\n') and 'Traceback' in text and 'broken_command' in text
+  os.unlink(path)
+
+
+@pytest.mark.parametrize('code, hint', [(errno.ENOSPC, 'free some space or write elsewhere'),
+                                        (errno.EACCES, 'check its permissions'),
+                                        (errno.EROFS, 'the file system is read-only')])
+def test_file_system_failures_are_one_line(monkeypatch, capfd, code, hint):
+  def failing_command(argv):
+    raise OSError(code, os.strerror(code), '/runs/x/metrics.jsonl')
+  monkeypatch.setitem(cli.COMMANDS, 'train', failing_command)
+  assert cli.main(['train']) == 2
+  assert capfd.readouterr().err.strip() == (
+      f'lm: error: {os.strerror(code)}: /runs/x/metrics.jsonl; {hint}')
+
+
+def test_a_full_disk_is_one_line():
+  """A real ENOSPC: /dev/full accepts the open and fails the write."""
+  if not os.path.exists('/dev/full'):
+    pytest.skip('no /dev/full on this system')
+
+  def write_to_full(argv):
+    with open('/dev/full', 'w', encoding='utf-8') as f:
+      f.write('x' * 65536)
+
+  assert cli.os_error_line(_raised(write_to_full)) == (
+      'No space left on device; free some space or write elsewhere')
+
+
+def _raised(fn) -> OSError:
+  try:
+    fn([])
+  except OSError as e:
+    return e
+  raise AssertionError('no OSError')

@@ -51,7 +51,8 @@ def first_readable(steps, read, on_unreadable, directory: str):
     except Unreadable as e:
       on_unreadable(step, str(e))
       failed.append(step)
-  raise CheckpointError(f'no readable checkpoint in {directory} (steps {failed} are unreadable)')
+  raise CheckpointError(f'no readable checkpoint in {directory} (steps {failed} are unreadable); '
+                        'train the run again or restore its checkpoints from a copy')
 
 
 @contextlib.contextmanager
