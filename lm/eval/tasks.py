@@ -29,6 +29,7 @@ import numpy as np
 
 from lm.eval import text_metrics as tm
 from lm.errors import UserError
+from lm.io import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K_HELDOUT = 500
@@ -212,8 +213,7 @@ def task_wiki_cloze(model, settings: Settings) -> dict:
 
 def task_heldout_ppl(model, settings: Settings) -> dict:
   from lm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from lm.io.runs import load_config  # pylint: disable=import-outside-toplevel
-  data_cfg = load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
+  data_cfg = runs.load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
   rows = pipeline.build_corpus(data_cfg, model.tokenizer).eval
   if settings.limit:
     rows = {k: v[:settings.limit] for k, v in rows.items()}

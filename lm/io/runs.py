@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lm import config as config_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import CheckpointError, ConfigError, UserError, read_json
 from lm.io import hf
@@ -67,7 +68,6 @@ def run_config(run_dir: str) -> dict:
 def load_config(run_dir: str) -> ml_collections.ConfigDict:
   """The run's resolved config over today's defaults, so a run saved before a key existed loads
   with that key's default (which is the behaviour it was trained with)."""
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.base_config()
   try:
     _merge(cfg, run_config(run_dir))
