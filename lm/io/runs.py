@@ -13,7 +13,6 @@ One behaviour everywhere:
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import jax
