@@ -361,7 +361,7 @@ def test_an_unexpected_exception_is_one_line_naming_its_traceback_file(monkeypat
 
 @pytest.mark.parametrize('code, hint', [(errno.ENOSPC, 'free some space or write elsewhere'),
                                         (errno.EACCES, 'check its permissions'),
-                                        (errno.EROFS, 'the file system is read-only')])
+                                        (errno.EROFS, 'the file system is read-only; write elsewhere')])
 def test_file_system_failures_are_one_line(monkeypatch, capfd, code, hint):
   def failing_command(argv):
     raise OSError(code, os.strerror(code), '/runs/x/metrics.jsonl')
