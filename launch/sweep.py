@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import importlib.util
 import inspect
 import itertools
 import json
@@ -39,6 +38,8 @@ import sys
 from typing import Callable, Sequence
 
 from launch import common
+from lm import config as config_lib
+from lm.errors import UserError
 from lm.train.metrics import perplexity, plot_loss_curves, read_metrics
 
 # ---------------------------------------------------------------------------------------------
@@ -97,11 +98,10 @@ def chain(*lists) -> list[dict]:
 def load_hyper(config: str) -> list[dict]:
   """Calls `get_hyper(hyper)` (or `get_hyper(hyper, arg)`) of a `path.py[:arg]` config file."""
   path, _, arg = config.partition(':')
-  if not os.path.isfile(path):
-    raise SystemExit(f'config file {path!r} not found')
-  spec = importlib.util.spec_from_file_location('lm_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    module = config_lib.load_module(path)
+  except UserError as e:
+    raise SystemExit(str(e)) from None
   if not hasattr(module, 'get_hyper'):
     raise SystemExit(f'{path} defines no get_hyper(hyper); a sweep config must define one '
                      '(see launch/sweep.py)')
@@ -318,6 +318,9 @@ def main(argv=None, command: Callable[[str, common.Run], list[str]] | None = Non
       p.error(f'--only {unknown}: no such run; runs are {[r.name for r in runs]}')
     runs = [r for r in runs if r.name in args.only]
 
+  if not args.summarize_only:  # every run's config, checked here before any is launched
+    for r in runs:
+      common.check_config(args.config, r.overrides, what=f'run {r.name}: ')
   if args.summarize_only:
     md, png = write_summary(summary_dir, runs)
     print(open(md).read() + f'\nwrote {md} and {png}')

@@ -45,11 +45,7 @@ def load_config(path: str, overrides: dict | None = None):
   """A locked config from `configs/X.py[:arg]`, with `{'optimizer.lr': 1e-4, ...}` applied and
   validated exactly as `lm train --config ... --config.optimizer.lr=1e-4` would."""
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load_config(path)
-  for key, value in (overrides or {}).items():
-    config_lib.apply_override(cfg, key, value if isinstance(value, str) else repr(value))
-  config_lib.validate(cfg)
-  return cfg
+  return config_lib.load_config(path, overrides or {})
 
 
 def complete(model, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm.errors import EXIT_USER_ERROR, RunStopped, UserError
+from lm.errors import EXIT_BUG, EXIT_USER_ERROR, RunStopped, UserError
 
 USAGE = """usage: lm <command> [options]
 
@@ -34,14 +34,7 @@ class _Parser(argparse.ArgumentParser):
 def _config_from_args(args, overrides, model_preset=None):
   """The config file, then a model preset (lm bench --model-preset), then the overrides."""
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load_config(args.config)
-  if model_preset:
-    config_lib.model_config(model_preset)  # a clear error for an unknown name
-    cfg.model.update(config_lib.MODEL_PRESETS[model_preset])
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
-  config_lib.validate(cfg)
-  return cfg
+  return config_lib.load_config(args.config, overrides, model_preset=model_preset)
 
 
 def cmd_train(argv):
@@ -116,14 +109,14 @@ def _eval_settings(args, overrides):
   from lm.eval import tasks  # pylint: disable=import-outside-toplevel
   import dataclasses  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
-  if args.config:
-    cfg = config_lib.load_config(args.config)
+  if args.config:  # evaluation settings, not a training config: no training schema
+    cfg = config_lib.load_config(args.config, overrides, schema=False)
   else:
     cfg = ml_collections.ConfigDict(dataclasses.asdict(tasks.Settings()))
     cfg.tasks = ''
     cfg.lock()
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
+    for key, value in config_lib.parse_overrides(overrides):
+      config_lib.apply_override(cfg, key, value)
   fields = {f.name for f in dataclasses.fields(tasks.Settings)}
   unknown = set(cfg.keys()) - fields - {'runs', 'tasks'}
   if unknown:
@@ -151,7 +144,15 @@ def cmd_generate(argv):
   parser.add_argument('--system', help='with --chat: a system message before each prompt')
   args = parser.parse_args(argv)
   from lm.eval import evaluate, generate  # pylint: disable=import-outside-toplevel
+  # Everything the command line can get wrong, before the model is loaded.
   sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  if args.batch_size < 1:
+    raise UserError(f'--batch-size {args.batch_size} must be at least 1')
+  if args.out:
+    _check_output_file(args.out, '--out')
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    prompts += generate.read_prompts(args.prompts_file)
   model = evaluate.load_model(args.run)
   if args.chat:
     template = model.cfg.data.get('chat_template') or 'auto'
@@ -161,9 +162,6 @@ def cmd_generate(argv):
   else:
     run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
                                                    batch_size=args.batch_size)
-  prompts = list(args.prompt)
-  if args.prompts_file:
-    prompts += generate.read_prompts(args.prompts_file)
   if not prompts:  # interactive
     print(f'{model.name} step {model.step}: type a prompt, an empty line to quit', file=sys.stderr)
     while True:
@@ -188,6 +186,22 @@ def cmd_generate(argv):
   return 0
 
 
+def _check_output_file(path: str, flag: str) -> None:
+  """A file we may (over)write: not a directory, in a directory that exists."""
+  import os  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(path):
+    raise UserError(f'{flag} {path} is a directory; name a file to write, e.g. {path}/out.jsonl')
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UserError(f'{flag} {path}: directory {parent} does not exist; create it first')
+
+
+def _check_output_dir(path: str, flag: str) -> None:
+  import os  # pylint: disable=import-outside-toplevel
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'{flag} {path} exists and is not a directory; name a directory to write into')
+
+
 def cmd_eval(argv):
   parser = _Parser(prog='lm eval', allow_abbrev=False)
   parser.add_argument('runs', nargs='*', help='[NAME=]RUN_DIR[@STEP]; or set runs in --config')
@@ -195,6 +209,7 @@ def cmd_eval(argv):
   parser.add_argument('--tasks', help='comma-separated; see lm/eval/tasks.py')
   parser.add_argument('--out', required=True, help='directory for results.json and results.md')
   args, overrides = parser.parse_known_args(argv)
+  _check_output_dir(args.out, '--out')
   cfg, settings = _eval_settings(args, overrides)
   runs = args.runs or [r for r in cfg.get('runs', '').split(',') if r]
   if not runs:
@@ -218,6 +233,7 @@ def cmd_compare(argv):
   parser.add_argument('--shots', type=int, default=2, help='exemplars for the prompted base')
   parser.add_argument('--config', help='an eval config for the settings (limit, max_new_tokens...)')
   args, overrides = parser.parse_known_args(argv)
+  _check_output_dir(args.out, '--out')
   _, settings = _eval_settings(args, overrides)
   from lm.eval import compare, tasks  # pylint: disable=import-outside-toplevel
   compare.compare(args.base, args.finetuned, args.out, task_names=tasks.parse_tasks(args.tasks),
@@ -268,6 +284,42 @@ def main(argv=None) -> int:
   except RunStopped as e:  # preempted or diverged: exit codes in lm/errors.py, docs/reliability.md
     print(f'lm: stopped: {e}', file=sys.stderr)
     return e.exit_code
+  except OSError as e:  # the file system said no: missing, permission, disk full, read-only
+    print(f'lm: error: {os_error_line(e)}', file=sys.stderr)
+    return EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print('lm: interrupted', file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'lm: internal error: {type(e).__name__}: {_first_line(e)} (full traceback in '
+          f'{_write_traceback(argv)}; please report it)', file=sys.stderr)
+    return EXIT_BUG
+
+
+def os_error_line(e: OSError) -> str:
+  """One line for a file-system failure, with what to do about the common ones."""
+  import errno  # pylint: disable=import-outside-toplevel
+  where = ''.join(f': {f}' for f in (e.filename, e.filename2) if f)  # a failed write names none
+  hint = {errno.ENOSPC: 'free some space or write elsewhere',
+          errno.EDQUOT: 'free some space or write elsewhere',
+          errno.EACCES: 'check its permissions', errno.EPERM: 'check its permissions',
+          errno.EROFS: 'the file system is read-only; write elsewhere',
+          errno.ENOENT: 'check the path'}.get(e.errno, 'check the path and the file system')
+  return f'{e.strerror or type(e).__name__}{where}; {hint}'
+
+
+def _first_line(e: Exception) -> str:
+  return ((str(e).strip().splitlines() or [''])[0])[:200]
+
+
+def _write_traceback(argv) -> str:
+  """The full traceback of the exception being handled, in a file; its path."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import traceback  # pylint: disable=import-outside-toplevel
+  fd, path = tempfile.mkstemp(prefix='lm-traceback-', suffix='.txt')
+  with open(fd, 'w', encoding='utf-8') as f:
+    f.write('lm ' + ' '.join(argv) + '\n\n' + traceback.format_exc())
+  return path
 
 
 if __name__ == '__main__':

@@ -53,10 +53,7 @@ def main(argv=None) -> int:
   parser.add_argument('--workdir', default=os.path.join('/tmp', 'lm-data-bench'),
                       help='where a trained tokenizer is kept between runs')
   args, overrides = parser.parse_known_args(argv)
-  cfg = config_lib.load_config(args.config)
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
-  config_lib.validate(cfg)
+  cfg = config_lib.load_config(args.config, overrides)
   os.makedirs(args.workdir, exist_ok=True)
   data = pipeline_tokens_per_s(cfg, args.workdir, args.batches, args.prefetch)
   print(data['describe'])

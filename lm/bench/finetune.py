@@ -58,9 +58,7 @@ def main(argv=None) -> int:
   parser.add_argument('--rank', type=int, default=16)
   parser.add_argument('--no-hf', action='store_true')
   args, overrides = parser.parse_known_args(argv)
-  cfg = config_lib.load_config(args.config)
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
+  cfg = config_lib.load_config(args.config, overrides)
   run(cfg, steps=args.steps, rounds=args.rounds, rank=args.rank, compare_hf=not args.no_hf)
   return 0
 

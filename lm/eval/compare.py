@@ -17,6 +17,7 @@ import math
 import os
 
 from lm.eval import evaluate
+from lm.io import runs
 from lm.train import flops as flops_lib
 from lm.train import partition
 from lm.eval import tasks as tasks_lib
@@ -31,7 +32,7 @@ def training_compute(run_dir: str) -> dict:
   matmul, so each frozen matmul parameter saves 2 FLOPs per token (LoRA: ~4N). Wall time is the sum
   of the logged throughput windows, so evaluation and checkpoint time are excluded.
   """
-  cfg = evaluate.load_config(run_dir)
+  cfg = runs.load_config(run_dir)
   records = [r for r in read_metrics(run_dir) if 'loss' in r and 'tokens_per_s' in r]
   if not records:
     return {}

@@ -17,58 +17,17 @@ import time
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
+from lm import config as config_lib
 from lm import sharding as sharding_lib
 from lm.eval import tasks as tasks_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import Tokenizer
-from lm.errors import CheckpointError, ConfigError, UserError
+from lm.errors import UserError
 from lm.eval.generate import Generator
 from lm.eval.scoring import Scorer
-from lm.io.runs import load_config
+from lm.io import pretrained, runs
 from lm.train.state import ModelSpec
-
-
-def run_tokenizer(run_dir: str, cfg):
-  """The run's own trained tokenizer, else the one it was configured with (a SentencePiece model,
-  a tokenizer.json or a Hugging Face folder holding one)."""
-  own = os.path.join(run_dir, 'tokenizer.model')
-  return Tokenizer(own) if os.path.isfile(own) else tokenizer_lib.load(cfg.data.tokenizer)
-
-
-def restore_params(run_dir: str, cfg, spec: ModelSpec, shardings: dict, step: int | None = None):
-  """(params, step): the parameters of a checkpoint, without its optimizer state.
-
-  A partial run (LoRA and other frozen partitions) saves only what it trains; its frozen weights
-  come from its `train.init_from`, as they did in training.
-  """
-  directory = os.path.join(os.path.abspath(run_dir), 'checkpoints')
-  # Read-only: no directory creation or cleanup in a run that may still be writing.
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-      'meta': ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise CheckpointError(f'no checkpoint {"" if step is None else step} in {directory}; '
-                          f'have {sorted(manager.all_steps())}')
-  saved = manager.item_metadata(step).state
-  saved = getattr(saved, 'tree', saved)['params']
-  target = {'params': {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[k])
-                       for k, s in spec.shapes.items() if k in saved}}
-  args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  params = manager.restore(step, args=ocp.args.Composite(state=args)).state['params']
-  manager.close()
-  missing = [k for k in spec.names if k not in params]
-  if missing:
-    if not cfg.train.get('init_from'):
-      raise CheckpointError(f'checkpoint step {step} in {directory} lacks {missing[0]!r} (and '
-                            f'{len(missing) - 1} more) and the run names no train.init_from')
-    from lm.io import pretrained  # pylint: disable=import-outside-toplevel
-    base = pretrained.load_params(cfg.train.init_from, spec, shardings)
-    params = {**{k: base[k] for k in missing}, **params}
-  return params, step
 
 
 @dataclasses.dataclass
@@ -106,12 +65,13 @@ def load_model(spec: str, *, mesh=None) -> Model:
   latest checkpoint, or STEP), a Hugging Face model directory (config.json, *.safetensors and a
   tokenizer.json or tokenizer.model) or a llama.cpp GGUF file (or a directory holding one)."""
   name, run_dir, step = parse_run(spec)
-  if _is_hf_directory(run_dir):
+  if runs.is_hf_directory(run_dir):
     return _load_hf_model(name, run_dir, step, mesh)
-  cfg = load_config(run_dir)
+  cfg = runs.load_config(run_dir)
+  tokenizer = runs.run_tokenizer(run_dir, cfg)  # before the weights: the cheaper error first
   model_spec, mesh, shardings = _placement(cfg, mesh)
-  params, step = restore_params(run_dir, cfg, model_spec, shardings, step)
-  return Model(name, cfg, model_spec, params, run_tokenizer(run_dir, cfg), mesh, run_dir, step)
+  params, step = runs.restore_params(run_dir, cfg, model_spec, shardings, step)
+  return Model(name, cfg, model_spec, params, tokenizer, mesh, run_dir, step)
 
 
 def _placement(cfg, mesh):
@@ -123,17 +83,7 @@ def _placement(cfg, mesh):
   return model_spec, mesh, shardings
 
 
-def _is_hf_directory(path: str) -> bool:
-  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
-  try:
-    return pretrained.kind(path) in ('hf', 'gguf')
-  except ConfigError:  # neither kind: load_config below says what a run directory needs
-    return False
-
-
 def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   if step is not None:
     raise UserError(f'{path}@{step}: a Hugging Face directory or GGUF file has one set of weights; '
                     f'drop @{step}')

@@ -44,8 +44,10 @@ class Sampling:
   def __post_init__(self):
     if self.max_new_tokens < 1:
       raise UserError(f'max_new_tokens={self.max_new_tokens} must be at least 1')
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise UserError(f'{self}: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1')
+    # Written so that NaN fails every test (NaN compares false both ways).
+    if not (0 <= self.temperature < math.inf and self.top_k >= 0 and 0 < self.top_p <= 1):
+      raise UserError(f'temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: '
+                      'need a finite temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1')
 
 
 def sample_logits(logits_BV, rng, sampling: Sampling):
@@ -198,6 +200,11 @@ class Generator:
   def generate_ids(self, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
                    seed: int = 0, batch_size: int = 32) -> list[list[int]]:
     """Generated ids per prompt, without the prompt and without the eos/stop tokens."""
+    if sampling.top_k > self.cfg.model.vocab_size:
+      raise UserError(f'top_k={sampling.top_k} exceeds the vocabulary ({self.cfg.model.vocab_size} '
+                      'tokens); use at most that, or 0 for no top-k cut')
+    if batch_size < 1:
+      raise UserError(f'batch size {batch_size} must be at least 1')
     limit = self.cfg.model.max_seq_len - sampling.max_new_tokens
     if limit < 1:
       raise UserError(f'max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in '
@@ -255,11 +262,27 @@ class Generator:
 def read_prompts(path: str) -> list[str]:
   """One prompt per line, or a `{"prompt": ...}` record per line of a .jsonl file (multi-line prompts)."""
   import json  # pylint: disable=import-outside-toplevel
-  with open(path, encoding='utf-8') as f:
-    lines = [line.rstrip('\n') for line in f if line.strip()]
-  if path.endswith('.jsonl'):
-    return [json.loads(line)['prompt'] for line in lines]
-  return lines
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.rstrip('\n') for line in f if line.strip()]
+  except FileNotFoundError:
+    raise UserError(f'prompts file {path} not found') from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f'prompts file {path} cannot be read ({getattr(e, "strerror", None) or e})') from None
+  if not lines:
+    raise UserError(f'prompts file {path} holds no prompt')
+  if not path.endswith('.jsonl'):
+    return lines
+  prompts = []
+  for i, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f'{path}:{i}: malformed JSON ({e.msg})') from None
+    if not isinstance(record, dict) or not isinstance(record.get('prompt'), str):
+      raise UserError(f'{path}:{i}: expected an object with a string "prompt" field')
+    prompts.append(record['prompt'])
+  return prompts
 
 
 def cut_at_stop(text: str, stop) -> str:

@@ -31,7 +31,7 @@ from lm.data import pipeline
 from lm.eval import text_metrics as tm
 from lm.errors import UserError
 from lm.eval.generate import Sampling
-from lm.io.runs import load_config
+from lm.io import runs
 from lm.train.metrics import perplexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -214,7 +214,7 @@ def task_wiki_cloze(model, settings: Settings) -> dict:
 
 
 def task_heldout_ppl(model, settings: Settings) -> dict:
-  data_cfg = load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
+  data_cfg = runs.load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
   rows = pipeline.build_corpus(data_cfg, model.tokenizer).eval
   if settings.limit:
     rows = {k: v[:settings.limit] for k, v in rows.items()}

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm.config import ROPE_SCALING_TYPES, head_dim
-from lm.errors import CheckpointError, ConfigError
+from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.safetensors import Reader, Writer
 
 # model_type -> architecture. Phi-3 computes what Llama/Mistral do; only its file layout differs.
@@ -122,6 +122,10 @@ def _layer_types(hf: dict, family: str, n_layers: int) -> tuple[str, ...]:
   return ('full',) * n_layers
 
 
+REQUIRED_KEYS = ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'intermediate_size',
+                 'vocab_size')
+
+
 def model_config_from_hf(hf: dict) -> dict:
   """A Hugging Face config.json (as a dict) -> lm `model` fields."""
   arch = (hf.get('architectures') or ['?'])[0]
@@ -136,6 +140,11 @@ def model_config_from_hf(hf: dict) -> dict:
                           'max_window_layers on) is not supported')
   if hf.get('use_bidirectional_attention'):
     raise CheckpointError(f'{arch} with use_bidirectional_attention=true is not supported')
+  lacking = [k for k in REQUIRED_KEYS if not isinstance(hf.get(k), int) or hf[k] < 1]
+  if lacking:
+    raise CheckpointError(f'the Hugging Face config.json lacks a positive integer {lacking[0]!r}'
+                          + (f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else '')
+                          + '; restore the model\'s own config.json')
   gemma = family in GEMMAS
   D, H, L = hf['hidden_size'], hf['num_attention_heads'], hf['num_hidden_layers']
   K = hf.get('head_dim') or D // H
@@ -293,8 +302,7 @@ def read_config(path: str) -> dict:
   if not os.path.isfile(file):
     raise CheckpointError(f'{path} has no config.json; a Hugging Face model directory holds '
                           'config.json and *.safetensors')
-  with open(file, encoding='utf-8') as f:
-    return json.load(f)
+  return read_json(file, 'Hugging Face config', CheckpointError)
 
 
 # ----------------------------------------------------------------------------- layouts

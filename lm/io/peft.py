@@ -14,7 +14,7 @@ import re
 import jax
 import numpy as np
 
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, read_json
 from lm.io import hf
 from lm.io.safetensors import Reader, write
 from lm.model.lora import is_adapter, modules, split
@@ -92,8 +92,7 @@ def read_peft_config(path: str) -> dict:
   file = os.path.join(path, 'adapter_config.json')
   if not os.path.isfile(file):
     raise CheckpointError(f'{path} has no adapter_config.json; not a PEFT adapter directory')
-  with open(file, encoding='utf-8') as f:
-    return json.load(f)
+  return read_json(file, 'PEFT adapter config', CheckpointError)
 
 
 def load_peft(path: str, spec, shardings: dict | None = None) -> dict:

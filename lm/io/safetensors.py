@@ -45,8 +45,8 @@ class Reader:
         handle = safe_open(path, framework='np')
         names = handle.keys()
       except (SafetensorError, OSError) as e:
-        raise CheckpointError(f'{path} is not a readable safetensors file ({e}); re-download or '
-                              're-export it') from None
+        raise CheckpointError(_truncation(path) or f'{path} is not a readable safetensors file '
+                              f'({e}); re-download or re-export it') from None
       self._files[path] = handle
       self._where.update({name: path for name in names})
 
@@ -88,6 +88,26 @@ class Reader:
     block = self._read(name, (slice(r0, r1), slice(c0, c1))).reshape(*out_sub, *in_sub)
     view = block.transpose(*range(len(outs), len(shape)), *range(len(outs)))
     return view[in_rest + out_rest]
+
+
+def _truncation(path: str) -> str | None:
+  """Which tensor a truncated file cuts off, when that is what is wrong with it (a diagnosis
+  only: reading is the package's)."""
+  try:
+    with open(path, 'rb') as f:
+      (n,) = struct.unpack('<Q', f.read(8))
+      header = json.loads(f.read(n))
+    size = os.path.getsize(path)
+    ends = {name: 8 + n + info['data_offsets'][1] for name, info in header.items()
+            if isinstance(info, dict) and 'data_offsets' in info}
+  except (OSError, ValueError, struct.error, TypeError, KeyError, IndexError, MemoryError, OverflowError):
+    return None
+  cut = sorted((end, name) for name, end in ends.items() if end > size)
+  if not cut:
+    return None
+  end, name = cut[0]
+  return (f'{path} is truncated: tensor {name!r} ends at byte {end} but the file has {size}; '
+          'download it again')
 
 
 def _flat_range(dims, index):

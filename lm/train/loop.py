@@ -9,6 +9,7 @@ preemption, corrupt checkpoints, numerical faults) is in docs/reliability.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from lm import config as config_lib
 from lm.train import flops as flops_lib
-from lm.train import objectives, optim, partition, preemption, rundir
+from lm.train import identity, objectives, optim, partition, preemption, rundir
 from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
@@ -37,7 +38,7 @@ class Trainer:
 
   def __init__(self, cfg, *, objective=None, devices=None):
     pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
-    config_lib.validate(cfg)
+    config_lib.ensure_valid(cfg)  # a no-op for a config lm.config.load_config already checked
     self.cfg = cfg
     self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
@@ -148,21 +149,28 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   writing a checkpoint; too many skipped steps raise Diverged.
   """
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
-  config_lib.validate(cfg)
-  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
-    return _train(cfg, rundir.prepare(workdir), progress=progress)
+  config_lib.ensure_valid(cfg)
+  is_main = jax.process_index() == 0
+  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=is_main):
+    workdir = rundir.prepare(workdir)
+    with rundir.single_writer(workdir, enabled=is_main):
+      rundir.check_confined(workdir)
+      return _train(cfg, workdir, progress=progress)
 
 
 def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   is_main = jax.process_index() == 0
+  trainer = Trainer(cfg)  # the mesh and partition checks, before any data is read
 
   if is_main:
     tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   multihost_utils.sync_global_devices('tokenizer')
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
+  run_identity = identity.of(cfg, tokenizer)
+  if rundir.has_checkpoints(workdir):  # resuming: the same run, or a stated change
+    identity.check(workdir, run_identity, cfg.train.resume_changes)
   corpus = pipeline.build_corpus(cfg.data, tokenizer)
-  trainer = Trainer(cfg)
 
   train_iter = pipeline.BatchIterator(corpus.train, cfg.data.batch_size, cfg.data.seed,
                                       process_index=jax.process_index(),
@@ -178,6 +186,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
     state = trainer.init_state()
   if is_main:  # after the restore, so a run that cannot resume keeps the record of its own config
     rundir.write_text(rundir.inside(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+    identity.record(workdir, run_identity)
 
   T, B = cfg.data.seq_len, cfg.data.batch_size
   flops_per_token = flops_lib.train_flops_per_token(cfg.model, T)
@@ -220,11 +229,12 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
 
   stop = preemption.StopSignal(cfg.train.grace_seconds)
   fault = preemption.injected_fault()
+  poison = preemption.injected_numbers()
   last_saved = start
   try:
     with stop:
       for step in range(start, total):
-        batch = trainer.global_batch(next(train_iter))
+        batch = trainer.global_batch(poison(step + 1, next(train_iter)))
         state, metrics = trainer.step(state, batch)
         # Fetch the previous step's metrics only after the next step is dispatched.
         if pending is not None:
@@ -299,9 +309,18 @@ def held_out_line(cfg, metrics: dict, unigram_perplexity: float, *, final: bool 
 
 
 def diverged_message(cfg, step: int, metrics: dict, ckpt: Checkpointer) -> str:
+  """What the last skipped step got wrong, in the order the guard checks it."""
   latest = ckpt.latest_step()
-  return (f'step {step}: {int(metrics["bad_streak"])} consecutive steps had a non-finite or spiking '
-          f'loss or gradient (loss {metrics["loss"]:.4g}, grad norm {metrics["grad_norm"]:.4g}) and '
-          f'were skipped; checkpoints hold only accepted updates (latest: '
+  if not math.isfinite(metrics['loss']):
+    what = f'a non-finite loss ({metrics["loss"]:.4g})'
+  elif not math.isfinite(metrics['grad_norm']):
+    what = f'a non-finite gradient (norm {metrics["grad_norm"]:.4g})'
+  elif metrics.get('nonfinite_weights'):
+    what = (f'an update that made weights non-finite (loss {metrics["loss"]:.4g}, grad norm '
+            f'{metrics["grad_norm"]:.4g}): the learning rate is too large')
+  else:
+    what = f'a loss spike (loss {metrics["loss"]:.4g}, train.spike_zscore={cfg.train.spike_zscore:g})'
+  return (f'step {step}: {int(metrics["bad_streak"])} consecutive steps were skipped, the last for '
+          f'{what}; checkpoints hold only accepted, finite updates (latest: '
           f'{"none" if latest is None else f"step {latest}"}); lower optimizer.lr, check the data '
           'or raise train.max_bad_steps')

@@ -7,6 +7,8 @@ import json
 import math
 import os
 
+from lm.train import rundir
+
 # exp(50) ~ 5e21: a diverged run reports a huge perplexity instead of overflowing.
 MAX_NLL_FOR_PERPLEXITY = 50.0
 
@@ -21,10 +23,11 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    # `inside`: a metrics.jsonl or tensorboard/ symlinked out of the run is refused, not followed.
+    self.jsonl = open(rundir.inside(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
     self.tb = None
     if tensorboard:
-      self.tb = _summary_writer(os.path.join(workdir, 'tensorboard'))
+      self.tb = _summary_writer(rundir.inside(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

@@ -3,8 +3,9 @@
 What differs between pretraining, fine-tuning, LoRA and preference tuning arrives as inputs built
 elsewhere: the objective (lm/train/objectives.py), the parameter labels (lm/train/partition.py) and the
 optimizer built over them (lm/train/optim.py). The gradient is taken only with respect to the trainable
-parameters, so frozen ones cost neither gradient memory nor optimizer state. A step whose loss or
-gradient is not finite, or whose loss spikes, leaves the state as it was (lm/train/guard.py).
+parameters, so frozen ones cost neither gradient memory nor optimizer state. A step whose loss,
+gradient or updated weights are not finite, or whose loss spikes, leaves the state as it was
+(lm/train/guard.py).
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     params = optax.apply_updates(state.params, updates)
 
     loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
-    ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore)
+    weights_finite = guard_lib.all_finite(partition.split(params, labels)[0])
+    ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore, weights_finite)
     params, opt_state = guard_lib.select(ok, (params, opt_state), (state.params, state.opt_state))
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': weight_sum,
-               **{k: v / denom for k, v in aux_sums.items()}, **guard_lib.metrics(ok, guard)}
+               **{k: v / denom for k, v in aux_sums.items()},
+               **guard_lib.metrics(ok, guard, weights_finite)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
   return step
