@@ -23,7 +23,10 @@ import os
 
 import numpy as np
 
+from lm.config import head_dim
+from lm.data import gguf_tokenizer
 from lm.errors import CheckpointError, ConfigError
+from lm.io import hf
 
 ARCHITECTURES = ('llama', 'qwen2')
 TENSOR_TYPES = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K')
@@ -190,15 +193,19 @@ class Tensors:
         array = permute_rows(array, self.n_kv_heads, inverse=True)
     return array
 
+  def read(self, name: str, shape: tuple, layout: int, index: tuple) -> np.ndarray:
+    """`index` of the tensor in lm's layout (lm/io/safetensors.py Reader.read). Quantized blocks
+    are dequantized whole: the tensor is read once per device slice."""
+    return hf.to_lm(self.get(name), shape, layout)[index]
+
 
 def load_params(path: str, spec, shardings: dict) -> dict:
   """The weights of GGUF file `path` as {lm name: array} placed with `shardings`."""
-  from lm.io import hf  # pylint: disable=import-outside-toplevel
   reader = Tensors(path)
   table = hf.param_map(spec.shapes)
   L = spec.cfg.n_layers
   expected, plan = {}, {}
-  for name, (template, layout) in table.items():
+  for name, (template, layout, _) in table.items():
     shape = spec.shapes[name].shape
     stacked = name.startswith('layers.')
     names = [template.format(i=i) for i in range(L)] if stacked else [template]
@@ -220,9 +227,6 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
   """Writes base weights `params` (flat lm names, LoRA already merged) and `tokenizer` as one GGUF
   file at `path`, atomically. Returns the GGUF architecture written."""
   import gguf  # pylint: disable=import-outside-toplevel
-  from lm.data import gguf_tokenizer  # pylint: disable=import-outside-toplevel
-  from lm.io import hf  # pylint: disable=import-outside-toplevel
-  from lm.config import head_dim  # pylint: disable=import-outside-toplevel
   if dtype not in EXPORT_DTYPES:
     raise ConfigError(f'--dtype {dtype} is not a GGUF export type; choose {" or ".join(EXPORT_DTYPES)}')
   family = hf.family_of(model_cfg)
@@ -279,9 +283,8 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
 
 def _tensors(params: dict, m, family: str):
   """(GGUF name, float32 numpy array in GGUF's [out, in] order) for every base weight."""
-  from lm.io import hf  # pylint: disable=import-outside-toplevel
   to_gguf = {hf_name: gguf_name for gguf_name, hf_name in NAMES.items()}
-  for lm_name, (template, layout) in hf.param_map(params).items():
+  for lm_name, (template, layout, _) in hf.param_map(params).items():
     array = np.asarray(hf.host(params[lm_name]), np.float32)
     layers = list(array) if lm_name.startswith('layers.') else [array]
     for i, one in enumerate(layers):
