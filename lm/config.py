@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=8,  # global batch, in sequences
       seed=0,
       # Data pipeline: docs/data.md.
-      format='text',  # text | alpaca | chat | preference
+      format='text',  # text | alpaca | chat | preference | kto
       fields='',  # column mapping for jsonl/json/parquet records, e.g. 'instruction=question,output=answer'
       chat_template='auto',  # auto (the tokenizer's own, else plain) | llama3 | chatml | gemma | mistral | plain | tokenizer | PATH.jinja
       train_on='assistant',  # loss on: assistant (every reply) | last (last reply) | all tokens
@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
-      objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
+      objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
       eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
@@ -151,6 +151,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(dict(
       beta=0.1,  # strength of the pull towards the reference policy
       label_smoothing=0.0,  # conservative DPO: assumed share of flipped preference labels
+  ))
+
+  # The rest of the DPO family (docs/posttraining.md); dpo.beta is also IPO's and KTO's beta.
+  c.preference = ml_collections.ConfigDict(dict(
+      simpo_beta=2.0,  # SimPO: reward = simpo_beta * mean token log-probability of a reply
+      simpo_gamma=1.0,  # SimPO: target reward margin between chosen and rejected
+      orpo_weight=0.1,  # ORPO: weight of the odds-ratio term added to the chosen reply's NLL
+      kto_desirable_weight=1.0,  # KTO: loss weight of desirable examples
+      kto_undesirable_weight=1.0,  # KTO: loss weight of undesirable examples
+  ))
+
+  # Logit distillation from a frozen teacher (train.objective=distill, docs/posttraining.md).
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher=config_dict.placeholder(str),  # an lm run or HF model directory with the student's tokenizer (any size)
+      loss='forward_kl',  # forward_kl (KL(teacher||student)) | reverse_kl | jsd
+      temperature=1.0,  # both distributions softened by this; the term is scaled by temperature^2
+      weight=0.5,  # loss = (1 - weight) * SFT cross-entropy + weight * distillation term
+      jsd_beta=0.5,  # jsd: mixture weight of the teacher in M = beta * teacher + (1 - beta) * student
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

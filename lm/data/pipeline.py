@@ -108,6 +108,8 @@ def source_specs(data_cfg) -> list[SourceSpec]:
   for s in specs:
     if s.format == 'preference' and s.pack_mode == 'stream':
       raise ConfigError('preference pairs cannot be stream-packed; use data.packing=none or whole')
+    if s.format == 'kto' and s.pack_mode == 'stream':
+      raise ConfigError('KTO examples cannot be stream-packed; use data.packing=whole or none')
   return specs
 
 

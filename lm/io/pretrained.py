@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from lm.io import hf
 from lm.model import lora
 from lm.errors import CheckpointError, ConfigError
-from lm.train.partition import REF_PREFIX, is_adapter
+from lm.train.partition import FROZEN_COPIES, TEACHER_PREFIX, is_adapter
 from lm.train.state import ModelSpec, TrainState
 
 # The model fields that describe the weights; the rest (dtypes, remat, attention, lora) stay the run's.
@@ -87,7 +87,7 @@ def _lm_run_params(path: str, spec: ModelSpec, shardings: dict, *, merge: bool =
   saved = checkpointer.metadata(item)
   saved = getattr(saved, 'item_metadata', saved)
   saved = getattr(saved, 'tree', saved)['params']
-  needed = [n for n in spec.names if not is_adapter(n) and not n.startswith(REF_PREFIX)]
+  needed = [n for n in spec.names if not is_adapter(n) and not n.startswith(FROZEN_COPIES)]
   mesh = next(iter(shardings.values())).mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   wanted = [n for n in saved if n in needed or is_adapter(n)]
@@ -136,6 +136,35 @@ def init_state(trainer, rng) -> TrainState:
   source lacks) initialised as in pretraining; `ref.*` copies filled from the same weights."""
   loaded = load_params(trainer.cfg.train.init_from, trainer.spec, trainer.shardings.params)
   return trainer.init(rng, loaded)
+
+
+def teacher_model_config(cfg):
+  """The distillation teacher's model config (`distill.teacher`: an lm run or HF directory), with
+  the student's dtypes and no adapters. A vocabulary that differs from the student's is a
+  ConfigError: logit distillation compares the two distributions token by token."""
+  source = cfg.distill.teacher
+  if not source:
+    raise ConfigError('train.objective=distill needs a teacher: set --config.distill.teacher='
+                      'an lm run directory or a Hugging Face model directory')
+  if kind(source, 'distill.teacher') == 'hf':
+    fields = hf.model_config_from_hf(hf.read_config(source))
+  else:
+    fields = {k: v for k, v in _run_config(source)['model'].items() if k in ARCH_KEYS}
+  teacher = lora.without_adapters(ml_collections.ConfigDict(cfg.model.to_dict()))
+  for key, value in fields.items():
+    teacher[key] = value
+  if teacher.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(f'distill.teacher={source!r} has a vocabulary of {teacher.vocab_size} tokens '
+                      f'but the student has {cfg.model.vocab_size}; the teacher must use the '
+                      "student's tokenizer")
+  return teacher
+
+
+def teacher_params(source: str, spec: ModelSpec, shardings: dict) -> dict:
+  """{'teacher.<name>': array}: the teacher's weights from `source`, in the state's shardings."""
+  teacher_spec = ModelSpec(spec.teacher_cfg)
+  own = {n[len(TEACHER_PREFIX):]: s for n, s in shardings.items() if n.startswith(TEACHER_PREFIX)}
+  return {TEACHER_PREFIX + n: v for n, v in load_params(source, teacher_spec, own).items()}
 
 
 def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: str = 'float32') -> str:

@@ -223,6 +223,7 @@ class Transformer(nnx.Module):
         (D,), (V,), ('embed',), ('vocab',), init_std=0.02, name='lm_head', cfg=cfg, rngs=rngs)
     self.dropout_key = None
     self.reference = None
+    self.teacher = None  # a frozen teacher for distillation (ModelSpec.bind, `teacher.*` weights)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
                adapters=True):

@@ -43,7 +43,9 @@ class Trainer:
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
     # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
     reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
-    self.spec = ModelSpec(cfg.model, reference=reference)
+    teacher = (pretrained.teacher_model_config(cfg) if cfg.train.objective in objectives.NEEDS_TEACHER
+               else None)
+    self.spec = ModelSpec(cfg.model, reference=reference, teacher=teacher)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
     self.row_masks = partition.layer_masks(self.spec.shapes, cfg.train.trainable)
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
@@ -63,6 +65,12 @@ class Trainer:
 
   def init_state(self, seed: int | None = None):
     rng = jax.random.key(self.cfg.train.seed if seed is None else seed)
+    if self.spec.teacher_cfg is not None:  # the frozen teacher's weights join the starting ones
+      loaded = pretrained.teacher_params(self.cfg.distill.teacher, self.spec, self.shardings.params)
+      if self.cfg.train.init_from:
+        loaded.update(pretrained.load_params(self.cfg.train.init_from, self.spec,
+                                             self.shardings.params))
+      return self.init(rng, loaded)
     if self.cfg.train.init_from:
       return pretrained.init_state(self, rng)
     return self.init(rng)
@@ -80,15 +88,22 @@ class Trainer:
             f'train.trainable={self.cfg.train.trainable})')
 
   def evaluate(self, params, rows: dict, max_batches: int) -> dict:
-    """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`."""
+    """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`; for other
+    objectives than next_token_xent also their metrics (reward accuracy, margin, ...) as eval_*."""
     loss_sum = weight_sum = 0.0
+    metric_sums = {}
     for batch in eval_batches(rows, self.cfg.data.batch_size, max_batches,
                               jax.process_index(), jax.process_count()):
-      out = self.eval_step(params, self.global_batch(batch))
+      out = jax.device_get(self.eval_step(params, self.global_batch(batch)))
       loss_sum += float(out['loss_sum'])
       weight_sum += float(out['weight_sum'])
+      for k, v in out['metric_sums'].items():
+        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
     loss = loss_sum / max(weight_sum, 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+    metrics = {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+    if self.cfg.train.objective != 'next_token_xent':
+      metrics.update({f'eval_{k}': v / max(weight_sum, 1.0) for k, v in metric_sums.items()})
+    return metrics
 
 
 def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=0, process_count=1):
@@ -149,6 +164,9 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.validate(cfg)
+  objectives.check_data(cfg)
+  if cfg.train.objective in objectives.NEEDS_TEACHER:
+    pretrained.teacher_model_config(cfg)  # a missing or mismatched teacher fails before any work
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
     return _train(cfg, rundir.prepare(workdir), progress=progress)
 
@@ -295,7 +313,11 @@ def held_out_line(cfg, metrics: dict, unigram_perplexity: float, *, final: bool 
     baseline = (f' vs unigram baseline {unigram_perplexity:.2f}' if final else
                 f' (unigram baseline {unigram_perplexity:.2f})')
     return f'held-out perplexity {metrics["eval_perplexity"]:.2f}{baseline}'
-  return f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
+  line = f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
+  if 'eval_reward_accuracy' in metrics:
+    line += (f', reward accuracy {metrics["eval_reward_accuracy"]:.3f}, '
+             f'margin {metrics["eval_reward_margin"]:.4f}')
+  return line
 
 
 def diverged_message(cfg, step: int, metrics: dict, ckpt: Checkpointer) -> str:

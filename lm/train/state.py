@@ -21,6 +21,7 @@ from lm import sharding as sharding_lib
 from lm.model.lora import without_adapters
 from lm.model.transformer import Transformer
 from lm.train.partition import REF_PREFIX as REF
+from lm.train.partition import TEACHER_PREFIX as TEACHER
 from lm.train.partition import is_adapter
 
 SEP = '.'
@@ -39,11 +40,14 @@ class ModelSpec:
 
   With `reference=True` the parameters also hold `ref.<name>`, a copy of every base weight that
   stays frozen (lm/partition.py never trains it): the reference policy of full-weight DPO.
+  With `teacher=<model config>` they hold `teacher.<name>`, the weights of a frozen distillation
+  teacher of its own shape (any size, same vocabulary).
   """
 
-  def __init__(self, model_cfg, *, reference: bool = False):
+  def __init__(self, model_cfg, *, reference: bool = False, teacher=None):
     self.cfg = ml_collections.FrozenConfigDict(model_cfg)
     self.reference = reference
+    self.teacher_cfg = None if teacher is None else ml_collections.FrozenConfigDict(teacher)
     abstract = nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
     flat = nnx.to_flat_state(abstract_state)
@@ -57,6 +61,13 @@ class ModelSpec:
       base = [n for n in self.shapes if not is_adapter(n)]
       self.logical_axes.update({REF + n: self.logical_axes[n] for n in base})
       self.shapes.update({REF + n: self.shapes[n] for n in base})
+    if teacher is not None:
+      abstract_teacher = nnx.eval_shape(lambda: Transformer(self.teacher_cfg, rngs=nnx.Rngs(0)))
+      self._teacher_graphdef, teacher_state = nnx.split(abstract_teacher)
+      for path, v in nnx.to_flat_state(teacher_state):
+        name = TEACHER + SEP.join(map(str, path))
+        self.logical_axes[name] = tuple(v.get_metadata().get('out_sharding') or ())
+        self.shapes[name] = v.get_value()
 
   @property
   def names(self) -> list[str]:
@@ -70,6 +81,10 @@ class ModelSpec:
     params.update(loaded or {})
     if self.reference:
       params.update({REF + n: v for n, v in params.items() if not is_adapter(n)})
+    if self.teacher_cfg is not None:  # placeholders until the teacher's weights are loaded
+      teacher = Transformer(self.teacher_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(rng, 1)))
+      drawn = {TEACHER + n: v for n, v in flatten(nnx.to_pure_dict(nnx.state(teacher))).items()}
+      params.update({n: (loaded or {}).get(n, v) for n, v in drawn.items()})
     return params
 
   def bind(self, params: dict, *, rng=None) -> Transformer:
@@ -77,16 +92,19 @@ class ModelSpec:
 
     `rng` (training only) drives adapter dropout; `ref.*` entries become `model.reference`.
     """
-    own = {k: v for k, v in params.items() if not k.startswith(REF)}
+    own = {k: v for k, v in params.items() if not k.startswith((REF, TEACHER))}
     model = nnx.merge(self.graphdef, nnx.State(unflatten(own)))
     model.dropout_key = nnx.data(rng)
     if self.reference:
       ref = {k[len(REF):]: v for k, v in params.items() if k.startswith(REF)}
       model.reference = nnx.data(nnx.merge(self._ref_graphdef, nnx.State(unflatten(ref))))
+    if self.teacher_cfg is not None:
+      weights = {k[len(TEACHER):]: v for k, v in params.items() if k.startswith(TEACHER)}
+      model.teacher = nnx.data(nnx.merge(self._teacher_graphdef, nnx.State(unflatten(weights))))
     return model
 
   def param_count(self) -> int:
-    return sum(int(s.size) for n, s in self.shapes.items() if not n.startswith(REF))
+    return sum(int(s.size) for n, s in self.shapes.items() if not n.startswith((REF, TEACHER)))
 
 
 @struct.dataclass
