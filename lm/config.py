@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
-      objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill (lm/train/objectives.py, docs/posttraining.md)
+      objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill | grpo (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
       eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
@@ -169,6 +169,27 @@ def base_config() -> ml_collections.ConfigDict:
       temperature=1.0,  # both distributions softened by this; the term is scaled by temperature^2
       weight=0.5,  # loss = (1 - weight) * SFT cross-entropy + weight * distillation term
       jsd_beta=0.5,  # jsd: mixture weight of the teacher in M = beta * teacher + (1 - beta) * student
+  ))
+
+  # GRPO with verifiable rewards (train.objective=grpo, lm/train/grpo_loop.py, docs/posttraining.md).
+  # data.batch_size rows per round: batch_size / group_size prompts, group_size completions each.
+  c.grpo = ml_collections.ConfigDict(dict(
+      prompts=config_dict.placeholder(str),  # .jsonl/.json of records, e.g. ../shared/data/gsm8k/train.jsonl
+      prompt_format='Question: {question}\nAnswer:',  # str.format over the record's fields
+      rewards='lm.eval.rewards.gsm8k_exact',  # comma-separated dotted names of fn(completion, record) -> float
+      reward_weights=(),  # one weight per reward; () weighs each 1.0
+      group_size=4,  # G: completions sampled per prompt
+      updates_per_batch=1,  # optimizer steps on each sampled batch (train.steps counts these)
+      max_new_tokens=64,  # completion length limit
+      temperature=1.0,  # sampling temperature
+      top_k=0,
+      top_p=1.0,
+      stop=('Question:',),  # strings that end a completion
+      clip_low=0.2,  # ratio clipped to [1 - clip_low, 1 + clip_high]
+      clip_high=0.2,  # > clip_low: DAPO's clip-higher
+      kl_coef=0.04,  # weight of the KL penalty to the reference; 0: no reference pass
+      loss_type='grpo',  # grpo (mean per completion) | dapo (mean per token) | dr_grpo (sum / max_new_tokens)
+      scale_rewards=True,  # divide advantages by the group's reward std (Dr. GRPO: False)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(

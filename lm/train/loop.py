@@ -165,6 +165,9 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.validate(cfg)
   objectives.check_data(cfg)
+  if cfg.train.objective == 'grpo':  # its own loop (sample -> score -> steps), the same step
+    from lm.train import grpo_loop  # pylint: disable=import-outside-toplevel
+    return grpo_loop.train(cfg, workdir, progress=progress)
   if cfg.train.objective in objectives.NEEDS_TEACHER:
     pretrained.teacher_model_config(cfg)  # a missing or mismatched teacher fails before any work
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
@@ -313,6 +316,8 @@ def held_out_line(cfg, metrics: dict, unigram_perplexity: float, *, final: bool 
     baseline = (f' vs unigram baseline {unigram_perplexity:.2f}' if final else
                 f' (unigram baseline {unigram_perplexity:.2f})')
     return f'held-out perplexity {metrics["eval_perplexity"]:.2f}{baseline}'
+  if cfg.train.objective == 'grpo':
+    return f'reward {metrics["reward_mean"]:.4f} (last round)'
   line = f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
   if 'eval_reward_accuracy' in metrics:
     line += (f', reward accuracy {metrics["eval_reward_accuracy"]:.3f}, '

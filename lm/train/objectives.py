@@ -228,10 +228,58 @@ def distill(model, batch, *, loss: str = 'forward_kl', temperature: float = 1.0,
       'xent': total(xent_BT), 'divergence': total(div_BT), 'teacher_xent': total(teacher_xent)}
 
 
+GRPO_LOSSES = ('grpo', 'dr_grpo', 'dapo')
+
+
+def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.04,
+         loss_type: str = 'grpo', max_completion: int = 1):
+  """GRPO's clipped importance-ratio objective (Shao et al. 2024) over completion tokens.
+
+  A row is one prompt + sampled completion (lm/train/grpo_loop.py builds them): `weights` mark
+  the completion's tokens, `old_logps` [B, T] are their log-probs under the policy that sampled
+  them, `advantages` [B] the group-normalised rewards. Per token, with ratio = pi / pi_old:
+  -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A) + kl_coef * KL, KL being the k3
+  estimate exp(ref - pi) - (ref - pi) - 1 against the reference (adapters off, or `ref.*`).
+  `loss_type` says how tokens are averaged: grpo, the mean over each completion then over
+  completions; dapo, the mean over all tokens of the batch; dr_grpo, the sum over each
+  completion divided by `max_completion` (Dr. GRPO, Liu et al. 2025: no length bias).
+  clip_high > clip_low is DAPO's asymmetric clipping ("clip-higher", Yu et al. 2025).
+  """
+  logp_BT = token_log_probs(model, batch)
+  w_BT = batch['weights'].astype(jnp.float32)
+  ratio_BT = jnp.exp(logp_BT - batch['old_logps'])
+  adv_B1 = batch['advantages'].astype(jnp.float32)[:, None]
+  clipped_BT = jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
+  per_token = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
+  if kl_coef:
+    ref_BT = jax.lax.stop_gradient(token_log_probs(reference_of(model), batch))
+    kl_BT = jnp.exp(ref_BT - logp_BT) - (ref_BT - logp_BT) - 1.0
+    per_token = per_token + kl_coef * kl_BT
+  else:
+    kl_BT = jnp.zeros_like(per_token)
+  tokens_B = jnp.sum(w_BT, axis=1)
+  rows = (tokens_B > 0).astype(jnp.float32)
+  if loss_type == 'grpo':
+    token_w, weight = w_BT / jnp.maximum(tokens_B, 1.0)[:, None], jnp.sum(rows)
+  elif loss_type == 'dapo':
+    token_w, weight = w_BT, jnp.sum(tokens_B)
+  elif loss_type == 'dr_grpo':
+    token_w, weight = w_BT / max_completion, jnp.sum(rows)
+  else:
+    raise ConfigError(f'grpo.loss_type={loss_type!r}; choose one of {GRPO_LOSSES}')
+  # Metrics are token means; the step divides sums by `weight`, so scale them to that unit.
+  per_weight = weight / jnp.maximum(jnp.sum(tokens_B), 1.0)
+  token_mean = lambda x: jnp.sum(x * w_BT) * per_weight
+  clipped = (ratio_BT * adv_B1 > clipped_BT * adv_B1)  # the clip bound is the one in effect
+  return jnp.sum(per_token * token_w), weight, {
+      'kl': token_mean(kl_BT), 'clip_fraction': token_mean(clipped.astype(jnp.float32)),
+      'ratio': token_mean(ratio_BT)}
+
+
 OBJECTIVES = {'next_token_xent': next_token_xent, 'dpo': dpo, 'ipo': ipo, 'simpo': simpo,
-              'orpo': orpo, 'kto': kto, 'distill': distill}
+              'orpo': orpo, 'kto': kto, 'distill': distill, 'grpo': grpo}
 NEEDS_TEACHER = {'distill'}
-NEEDS_REFERENCE = {'dpo', 'ipo', 'kto'}
+NEEDS_REFERENCE = {'dpo', 'ipo', 'kto', 'grpo'}
 PAIRED = {'dpo', 'ipo', 'simpo', 'orpo'}  # read chosen_* / rejected_* rows (data.format=preference)
 UNPAIRED = {'kto'}  # read rows of labelled examples (data.format=kto)
 
@@ -266,6 +314,12 @@ def from_config(cfg):
                         f'{cfg.distill.weight} in [0, 1], distill.jsd_beta={cfg.distill.jsd_beta} in (0, 1)')
     return functools.partial(distill, loss=cfg.distill.loss, temperature=cfg.distill.temperature,
                              weight=cfg.distill.weight, jsd_beta=cfg.distill.jsd_beta)
+  if name == 'grpo':
+    g = cfg.grpo
+    if g.loss_type not in GRPO_LOSSES:
+      raise ConfigError(f'grpo.loss_type={g.loss_type!r}; choose one of {GRPO_LOSSES}')
+    return functools.partial(grpo, clip_low=g.clip_low, clip_high=g.clip_high, kl_coef=g.kl_coef,
+                             loss_type=g.loss_type, max_completion=g.max_new_tokens)
   return get(name)
 
 
@@ -273,8 +327,8 @@ def check_data(cfg) -> None:
   """The objective and data.format agree (paired objectives read pairs, KTO labelled examples)."""
   name, fmt = cfg.train.objective, cfg.data.format
   get(name)
-  if name == 'distill':
-    from_config(cfg)  # checks the distill.* settings
+  if name in ('distill', 'grpo'):
+    from_config(cfg)  # checks the distill.* / grpo.* settings
   formats = {entry.get('format', fmt) for entry in (cfg.data.mixture or ())} or {fmt}
   if name in PAIRED and formats != {'preference'}:
     raise ConfigError(f'train.objective={name} reads chosen/rejected pairs; set '
