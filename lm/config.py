@@ -64,6 +64,12 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
           targets=r'layers\.(attn|mlp)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, lm_head
       )),
+      # QLoRA: the layers' linear kernels stored quantized and frozen, dequantized per layer in
+      # the forward (lm/model/quant.py, docs/posttraining.md); needs a partition that trains none of them.
+      quant=ml_collections.ConfigDict(dict(
+          type='none',  # none | int8 | nf4
+          block=64,  # entries per scale, along each kernel's largest input axis
+      )),
       param_dtype='float32',
       compute_dtype='float32',
       remat='none',  # none | full | dots | dots_no_batch
@@ -361,6 +367,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if m.lora.rank < 0 or not 0.0 <= m.lora.dropout < 1.0:
     raise ConfigError(f'model.lora.rank={m.lora.rank} must be >= 0 and model.lora.dropout='
                       f'{m.lora.dropout} in [0, 1)')
+  if m.quant.type not in ('none', 'int8', 'nf4') or m.quant.block < 1:
+    raise ConfigError(f'model.quant.type={m.quant.type!r} / block={m.quant.block}; choose none, int8 '
+                      'or nf4 and a block of at least 1')
   if cfg.train.microbatches < 1 or cfg.data.batch_size % cfg.train.microbatches:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
                       f'train.microbatches={cfg.train.microbatches}; use a divisor of the batch size')

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lm.io import hf
-from lm.model import lora
+from lm.model import lora, quant
 from lm.errors import CheckpointError, ConfigError
 from lm.train.partition import FROZEN_COPIES, TEACHER_PREFIX, is_adapter
 from lm.train.state import ModelSpec, TrainState
@@ -125,7 +125,10 @@ def _lm_run_params(path: str, spec: ModelSpec, shardings: dict, *, merge: bool =
 
 
 def load_params(source: str, spec: ModelSpec, shardings: dict) -> dict:
-  """{name: array} of the base weights `spec` needs, from `source`, in `shardings`."""
+  """{name: array} of the base weights `spec` needs, from `source`, in `shardings`; in float
+  even for a QLoRA spec (ModelSpec.init quantizes them)."""
+  if spec.quantized:
+    spec = ModelSpec(quant.without_quant(spec.cfg))
   if kind(source) == 'hf':
     return hf.load_params(source, ModelSpec(lora.without_adapters(spec.cfg)), shardings)
   return _lm_run_params(source, spec, shardings)
@@ -173,7 +176,7 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
   from lm import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   if kind(run_dir) != 'lm':
     raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
-  model_cfg = ml_collections.ConfigDict(_run_config(run_dir)['model'])
+  model_cfg = quant.without_quant(_run_config(run_dir)['model'])  # QLoRA: the unquantized base
   spec = ModelSpec(model_cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1), ('data', 'fsdp', 'tensor'))
   rules = (('embed', 'fsdp'), ('vocab', None), ('mlp', None), ('heads', None), ('kv_heads', None))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.model import attention as attention_lib
+from lm.model import quant
 from lm.config import head_dim
 
 _REMAT_POLICIES = {
@@ -67,7 +68,8 @@ class Linear(nnx.Module):
     self.dropout_key = None
 
   def __call__(self, x):
-    w = self.kernel[...].astype(self.compute_dtype)
+    # A QLoRA base kernel arrives quantized (lm/model/quant.py) and is dequantized here, per layer.
+    w = quant.as_array(self.kernel.get_value()).astype(self.compute_dtype)
     x = x.astype(self.compute_dtype)
     y = jnp.tensordot(x, w, axes=self.n_in)
     if self.bias is not None:

@@ -25,7 +25,7 @@ from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
 from lm.data import pipeline
-from lm.errors import Diverged, Preempted
+from lm.errors import ConfigError, Diverged, Preempted
 from lm.train.metrics import MetricWriter
 from lm.train.state import ModelSpec, train_state_factory
 from lm.train.step import make_eval_step, make_train_step
@@ -47,6 +47,7 @@ class Trainer:
                else None)
     self.spec = ModelSpec(cfg.model, reference=reference, teacher=teacher)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
+    check_quantized_frozen(self.spec, self.labels, cfg)
     self.row_masks = partition.layer_masks(self.spec.shapes, cfg.train.trainable)
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
                                                   self.row_masks)
@@ -104,6 +105,16 @@ class Trainer:
     if self.cfg.train.objective != 'next_token_xent':
       metrics.update({f'eval_{k}': v / max(weight_sum, 1.0) for k, v in metric_sums.items()})
     return metrics
+
+
+def check_quantized_frozen(spec, labels: dict, cfg) -> None:
+  """QLoRA's quantized base weights cannot train: a partition that would train one is refused."""
+  training = [n for n in spec.quantized if labels[n] == partition.TRAINABLE]
+  if training:
+    raise ConfigError(
+        f'model.quant.type={cfg.model.quant.type} stores the base weights quantized and frozen, but '
+        f'train.trainable={cfg.train.trainable} would train {training[0]} (and '
+        f'{len(training) - 1} more); use train.trainable=lora (QLoRA) or model.quant.type=none')
 
 
 def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=0, process_count=1):
@@ -165,6 +176,9 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.validate(cfg)
   objectives.check_data(cfg)
+  if cfg.model.quant.type != 'none':  # before any data is read or anything compiles
+    spec = ModelSpec(cfg.model)
+    check_quantized_frozen(spec, partition.labels(spec.names, cfg.train.trainable), cfg)
   if cfg.train.objective == 'grpo':  # its own loop (sample -> score -> steps), the same step
     from lm.train import grpo_loop  # pylint: disable=import-outside-toplevel
     return grpo_loop.train(cfg, workdir, progress=progress)

@@ -18,8 +18,9 @@ from flax import traverse_util
 
 from lm.train import guard as guard_lib
 from lm import sharding as sharding_lib
+from lm.model import quant
 from lm.model.lora import without_adapters
-from lm.model.transformer import Transformer
+from lm.model.transformer import Linear, Transformer
 from lm.train.partition import REF_PREFIX as REF
 from lm.train.partition import TEACHER_PREFIX as TEACHER
 from lm.train.partition import is_adapter
@@ -61,6 +62,21 @@ class ModelSpec:
       base = [n for n in self.shapes if not is_adapter(n)]
       self.logical_axes.update({REF + n: self.logical_axes[n] for n in base})
       self.shapes.update({REF + n: self.shapes[n] for n in base})
+    # QLoRA: {kernel name: input dims} of the layers' Linear kernels the state holds quantized.
+    self.qtype = quant.qtype_of(self.cfg)
+    self.quantized = {}
+    if self.qtype != 'none':
+      block = self.cfg.quant.block
+      for path, module in nnx.iter_modules(abstract):
+        name = SEP.join(map(str, path)) + SEP + 'kernel'
+        if isinstance(module, Linear) and name.startswith('layers.'):
+          self.quantized[name] = module.n_in
+          shape = self.shapes[name].shape
+          self.shapes[name] = jax.ShapeDtypeStruct(
+              shape, jnp.uint4 if self.qtype == 'nf4' else jnp.int8)
+          self.shapes[name + quant.SCALE_SUFFIX] = jax.ShapeDtypeStruct(
+              quant.scale_shape(shape, module.n_in, block), jnp.dtype(self.cfg.param_dtype))
+          self.logical_axes[name + quant.SCALE_SUFFIX] = self.logical_axes[name]
     if teacher is not None:
       abstract_teacher = nnx.eval_shape(lambda: Transformer(self.teacher_cfg, rngs=nnx.Rngs(0)))
       self._teacher_graphdef, teacher_state = nnx.split(abstract_teacher)
@@ -81,6 +97,9 @@ class ModelSpec:
     params.update(loaded or {})
     if self.reference:
       params.update({REF + n: v for n, v in params.items() if not is_adapter(n)})
+    for name, n_in in self.quantized.items():  # QLoRA: the float base goes, its quantized form stays
+      params[name], params[name + quant.SCALE_SUFFIX] = quant.quantize(
+          params[name], self.qtype, self.cfg.quant.block, n_in)
     if self.teacher_cfg is not None:  # placeholders until the teacher's weights are loaded
       teacher = Transformer(self.teacher_cfg, rngs=nnx.Rngs(params=jax.random.fold_in(rng, 1)))
       drawn = {TEACHER + n: v for n, v in flatten(nnx.to_pure_dict(nnx.state(teacher))).items()}
@@ -93,6 +112,8 @@ class ModelSpec:
     `rng` (training only) drives adapter dropout; `ref.*` entries become `model.reference`.
     """
     own = {k: v for k, v in params.items() if not k.startswith((REF, TEACHER))}
+    for name in self.quantized:
+      own[name] = quant.quantized_array(own[name], own.pop(name + quant.SCALE_SUFFIX), self.qtype)
     model = nnx.merge(self.graphdef, nnx.State(unflatten(own)))
     model.dropout_key = nnx.data(rng)
     if self.reference:
@@ -104,7 +125,8 @@ class ModelSpec:
     return model
 
   def param_count(self) -> int:
-    return sum(int(s.size) for n, s in self.shapes.items() if not n.startswith((REF, TEACHER)))
+    return sum(int(s.size) for n, s in self.shapes.items()
+               if not n.startswith((REF, TEACHER)) and not n.endswith(quant.SCALE_SUFFIX))
 
 
 @struct.dataclass
