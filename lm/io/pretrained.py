@@ -60,6 +60,8 @@ def resolve_config(cfg) -> None:
       cfg.data.tokenizer = source
     elif os.path.isfile(os.path.join(source, 'tokenizer.model')):
       cfg.data.tokenizer = os.path.join(source, 'tokenizer.model')
+    elif kind(source) == 'lm' and _run_config(source).get('data', {}).get('tokenizer'):
+      cfg.data.tokenizer = _run_config(source)['data']['tokenizer']  # a run that started from another
 
 
 def _run_config(path: str) -> dict:
