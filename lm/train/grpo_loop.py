@@ -166,16 +166,19 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
     if data_state.get('round') != int(state.step) // g.updates_per_batch:
       raise DataError(f'{ckpt.directory}: checkpoint step {int(state.step)} and sampler round '
                       f'{data_state.get("round")} disagree; the checkpoint is not from this GRPO run')
-    tqdm.write(f'resumed from {ckpt.directory} at step {int(state.step)} (round {data_state["round"]})')
+    if is_main:
+      tqdm.write(f'resumed from {ckpt.directory} at step {int(state.step)} '
+                 f'(round {data_state["round"]})')
   else:
     state = trainer.init_state()
   if is_main:
     rundir.write_text(rundir.inside(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
   prompts_per_round = cfg.data.batch_size // g.group_size
   rounds = cfg.train.steps // g.updates_per_batch
-  print(f'lm: grpo: {trainer.trainable_summary()}; {len(records):,} prompts, {prompts_per_round} '
-        f'per round x {g.group_size} completions, {rounds} rounds x {g.updates_per_batch} steps; '
-        f'rewards {", ".join(n for n, _ in reward_fns)}', flush=True)
+  if is_main:
+    tqdm.write(f'lm: grpo: {trainer.trainable_summary()}; {len(records):,} prompts, '
+               f'{prompts_per_round} per round x {g.group_size} completions, {rounds} rounds x '
+               f'{g.updates_per_batch} steps; rewards {", ".join(n for n, _ in reward_fns)}')
   writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
   summary = {}
   start = int(state.step) // g.updates_per_batch
@@ -218,7 +221,8 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
         step = int(state.step)
         writer.write(step, metrics)
         summary.update(metrics)
-        if (r + 1) % max(1, cfg.train.log_every // g.updates_per_batch) == 0 or r + 1 == rounds:
+        if is_main and ((r + 1) % max(1, cfg.train.log_every // g.updates_per_batch) == 0
+                        or r + 1 == rounds):
           tqdm.write(f'round {r + 1}/{rounds} (step {step}): reward {metrics["reward_mean"]:.3f} '
                      f'+- {metrics["reward_std"]:.3f}, loss {metrics["loss"]:.4f}, kl '
                      f'{metrics["kl"]:.4f}, clip {metrics["clip_fraction"]:.3f}, length '
