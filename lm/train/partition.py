@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from lm.errors import ConfigError
+from lm.model.quant import SCALE_SUFFIX
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
 REF_PREFIX = 'ref.'
@@ -115,7 +116,7 @@ def trainable_count(shapes: dict, label_of: dict, masks: dict) -> tuple[int, int
   """(trainable, total) parameter counts; the `ref.*` copy and a teacher count in neither."""
   trainable = total = 0
   for name, s in shapes.items():
-    if name.startswith(FROZEN_COPIES):
+    if name.startswith(FROZEN_COPIES) or name.endswith(SCALE_SUFFIX):  # QLoRA's scales: not weights
       continue
     size = int(np.prod(s.shape))
     total += size
