@@ -19,7 +19,7 @@ import importlib
 
 _LAZY = {
     'Trainer': ('lm.train.loop', 'Trainer'),
-    'run_training': ('lm.train.loop', 'train'),
+    'run_training': ('lm.train.runner', 'train'),
     'ModelSpec': ('lm.model.spec', 'ModelSpec'),
     'load_model': ('lm.eval.evaluate', 'load_model'),
     'Sampling': ('lm.eval.generate', 'Sampling'),

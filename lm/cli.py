@@ -45,7 +45,7 @@ def cmd_train(argv):
   args, overrides = parser.parse_known_args(argv)
   cfg = _config_from_args(args, overrides)
   from lm import distributed  # pylint: disable=import-outside-toplevel
-  from lm.train import loop as train  # pylint: disable=import-outside-toplevel
+  from lm.train import runner as train  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize(cfg.distributed)
   summary = train.train(cfg, args.workdir, progress=not args.no_progress)
   loss = f', loss {summary["loss"]:.4f}' if 'loss' in summary else ''

@@ -83,6 +83,12 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
           targets=r'layers\.(attn|mlp)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, lm_head
       )),
+      # QLoRA: the layers' linear kernels stored quantized and frozen, dequantized per layer in
+      # the forward (lm/model/quant.py, docs/posttraining.md); needs a partition that trains none of them.
+      quant=ml_collections.ConfigDict(dict(
+          type='none',  # none | int8 | nf4
+          block=64,  # entries per scale, along each kernel's largest input axis
+      )),
       param_dtype='float32',
       compute_dtype='float32',
       remat='none',  # none | full | dots | dots_no_batch
@@ -122,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=8,  # global batch, in sequences
       seed=0,
       # Data pipeline: docs/data.md.
-      format='text',  # text | alpaca | chat | preference
+      format='text',  # text | alpaca | chat | preference | kto
       fields='',  # column mapping for jsonl/json/parquet records, e.g. 'instruction=question,output=answer'
       chat_template='auto',  # auto (the tokenizer's own, else plain) | llama3 | chatml | gemma | mistral | plain | tokenizer | PATH.jinja
       train_on='assistant',  # loss on: assistant (every reply) | last (last reply) | all tokens
@@ -170,7 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/train/partition.py
-      objective='next_token_xent',  # next_token_xent | dpo (lm/train/objectives.py)
+      objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill | grpo (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
       eval_tasks='',  # lm/eval/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
@@ -184,6 +190,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(dict(
       beta=0.1,  # strength of the pull towards the reference policy
       label_smoothing=0.0,  # conservative DPO: assumed share of flipped preference labels
+  ))
+
+  # The rest of the DPO family (docs/posttraining.md); dpo.beta is also IPO's and KTO's beta.
+  c.preference = ml_collections.ConfigDict(dict(
+      simpo_beta=2.0,  # SimPO: reward = simpo_beta * mean token log-probability of a reply
+      simpo_gamma=1.0,  # SimPO: target reward margin between chosen and rejected
+      orpo_weight=0.1,  # ORPO: weight of the odds-ratio term added to the chosen reply's NLL
+      kto_desirable_weight=1.0,  # KTO: loss weight of desirable examples
+      kto_undesirable_weight=1.0,  # KTO: loss weight of undesirable examples
+  ))
+
+  # Logit distillation from a frozen teacher (train.objective=distill, docs/posttraining.md).
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher=config_dict.placeholder(str),  # an lm run or HF model directory with the student's tokenizer (any size)
+      loss='forward_kl',  # forward_kl (KL(teacher||student)) | reverse_kl | jsd
+      temperature=1.0,  # both distributions softened by this; the term is scaled by temperature^2
+      weight=0.5,  # loss = (1 - weight) * SFT cross-entropy + weight * distillation term
+      jsd_beta=0.5,  # jsd: mixture weight of the teacher in M = beta * teacher + (1 - beta) * student
+  ))
+
+  # GRPO with verifiable rewards (train.objective=grpo, lm/train/grpo_loop.py, docs/posttraining.md).
+  # data.batch_size rows per round: batch_size / group_size prompts, group_size completions each.
+  c.grpo = ml_collections.ConfigDict(dict(
+      prompts=config_dict.placeholder(str),  # .jsonl/.json of records, e.g. ../shared/data/gsm8k/train.jsonl
+      prompt_format='Question: {question}\nAnswer:',  # str.format over the record's fields
+      rewards='lm.eval.rewards.gsm8k_exact',  # comma-separated dotted names of fn(completion, record) -> float
+      reward_weights=(),  # one weight per reward; () weighs each 1.0
+      group_size=4,  # G: completions sampled per prompt
+      updates_per_batch=1,  # optimizer steps on each sampled batch (train.steps counts these)
+      max_new_tokens=64,  # completion length limit
+      temperature=1.0,  # sampling temperature
+      top_k=0,
+      top_p=1.0,
+      stop=('Question:',),  # strings that end a completion
+      clip_low=0.2,  # ratio clipped to [1 - clip_low, 1 + clip_high]
+      clip_high=0.2,  # > clip_low: DAPO's clip-higher
+      kl_coef=0.04,  # weight of the KL penalty to the reference; 0: no reference pass
+      loss_type='grpo',  # grpo (mean per completion) | dapo (mean per token) | dr_grpo (sum / max_new_tokens)
+      scale_rewards=True,  # divide advantages by the group's reward std (Dr. GRPO: False)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -288,7 +333,7 @@ SCHEMA = {
     'data.eval_fraction': FRACTION, 'data.tokenizer_vocab_size': Bounds(16),
     'data.tokenizer_model_type': Choice(('bpe', 'unigram')),
     'data.seq_len': AT_LEAST_ONE, 'data.batch_size': AT_LEAST_ONE, 'data.seed': NOT_NEGATIVE,
-    'data.format': Choice(('text', 'alpaca', 'chat', 'preference')),
+    'data.format': Choice(('text', 'alpaca', 'chat', 'preference', 'kto')),
     'data.train_on': Choice(('assistant', 'last', 'all')),
     'data.truncate': Choice(('prompt', 'skip', 'fail')),
     'data.packing': Choice(('auto', 'stream', 'whole', 'none')),
@@ -306,9 +351,19 @@ SCHEMA = {
     'train.keep_every': NOT_NEGATIVE, 'train.grace_seconds': NOT_NEGATIVE,
     'train.max_bad_steps': AT_LEAST_ONE, 'train.spike_zscore': NOT_NEGATIVE,
     'train.spike_window': AT_LEAST_ONE, 'train.keep_checkpoints': AT_LEAST_ONE,
-    'train.objective': Choice(('next_token_xent', 'dpo')),
+    'train.objective': Choice(('next_token_xent', 'dpo', 'ipo', 'simpo', 'orpo', 'kto', 'distill', 'grpo')),
+    'model.quant.type': Choice(('none', 'int8', 'nf4')), 'model.quant.block': AT_LEAST_ONE,
     'train.eval_task_limit': AT_LEAST_ONE, 'train.early_stopping_patience': AT_LEAST_ONE,
     'train.early_stopping_min_delta': NOT_NEGATIVE,
+    'preference.simpo_beta': POSITIVE, 'preference.simpo_gamma': NOT_NEGATIVE,
+    'preference.orpo_weight': NOT_NEGATIVE, 'preference.kto_desirable_weight': NOT_NEGATIVE,
+    'preference.kto_undesirable_weight': NOT_NEGATIVE,
+    'distill.loss': Choice(('forward_kl', 'reverse_kl', 'jsd')), 'distill.temperature': POSITIVE,
+    'distill.weight': Bounds(0, 1), 'distill.jsd_beta': Bounds(0, 1),
+    'grpo.group_size': Bounds(2), 'grpo.updates_per_batch': AT_LEAST_ONE,
+    'grpo.max_new_tokens': AT_LEAST_ONE, 'grpo.temperature': POSITIVE, 'grpo.top_k': NOT_NEGATIVE,
+    'grpo.top_p': Bounds(0, 1, lo_open=True), 'grpo.clip_low': FRACTION, 'grpo.clip_high': NOT_NEGATIVE,
+    'grpo.kl_coef': NOT_NEGATIVE, 'grpo.loss_type': Choice(('grpo', 'dapo', 'dr_grpo')),
     'dpo.beta': POSITIVE, 'dpo.label_smoothing': Bounds(0, 0.5, hi_open=True),
     'mesh.shape.*': Bounds(1, also=(-1,)),
     'distributed.num_processes': AT_LEAST_ONE, 'distributed.process_id': NOT_NEGATIVE,

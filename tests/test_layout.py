@@ -18,7 +18,7 @@ LAYERS = [
     ('lm.train',),            # state, partition, optim, objectives, step, guard, checkpoint, ...
     ('lm.io',),               # run directories, Hugging Face, PEFT, export
     ('lm.eval',),             # generation, scoring, tasks, evaluate, compare
-    ('lm.train.loop', 'lm.data.show', 'lm.plan'),  # the loop and commands that compose the above
+    ('lm.train.loop', 'lm.train.grpo_loop', 'lm.train.runner', 'lm.data.show', 'lm.plan'),  # the loop and commands that compose the above
     ('lm.bench', 'lm.cli', 'lm.__main__', 'lm'),
 ]
 

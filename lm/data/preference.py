@@ -1,4 +1,5 @@
-"""Preference pairs for DPO: a prompt with a chosen and a rejected reply.
+"""Preference data: pairs for DPO and its family (a prompt with a chosen and a rejected reply),
+and unpaired labelled examples for KTO (format `kto`, at the end of this file).
 
 Records come in two shapes:
   sharegpt (LLaMA-Factory's dpo_en_demo): {conversations: [{from, value}...], chosen: {from, value},
@@ -71,3 +72,50 @@ def encode(encoder: chat.ChatEncoder, prompt, chosen: str, rejected: str):
     spans = encoder.template.spans(prompt + [{'role': 'assistant', 'content': reply}])
     out.append(encoder.encode_spans(spans, train_on='last'))
   return tuple(out)
+
+
+# -- unpaired examples (KTO) ----------------------------------------------------------------------
+# TRL's unpaired preference format: {prompt, completion, label}; label true (desirable) or false
+# (undesirable). prompt as in pairs (a string or messages); completion a string, one message, or a
+# conversation whose start is the prompt. A preference pair record also reads as two examples. An encoded example is one (ids, weights) item whose
+# weights are +1 on a desirable completion's tokens and -1 on an undesirable one's, so the label
+# rides through packing unchanged and the objective reads it back as the sign.
+
+
+def labelled_from_record(record, fields: dict, where: str = 'record'):
+  """-> [(prompt messages, completion text, desirable: bool)]: one example, or two from a
+  preference pair (its chosen reply desirable, its rejected one not: TRL's unpairing)."""
+  has = lambda name: fields.get(name, name) in record
+  if has('chosen') and has('rejected') and not has('completion'):
+    prompt, chosen, rejected = from_record(record, fields, where)
+    return [(prompt, chosen, True), (prompt, rejected, False)]
+  return [_labelled(record, fields, where)]
+
+
+def _labelled(record, fields: dict, where: str):
+  label = chat.field(record, fields, 'label', where, required=False)
+  if label is None:
+    raise DataError(f'{where}: no field {fields.get("label", "label")!r}: KTO examples need a '
+                    'label (true: desirable, false: undesirable); map it with '
+                    'data.fields="label=COLUMN"')
+  if not isinstance(label, bool) and label not in (0, 1):
+    raise DataError(f'{where}: label is {label!r}; expected true (desirable) or false (undesirable)')
+  completion, context = _reply(chat.field(record, fields, 'completion', where), where, 'completion')
+  prompt = chat.field(record, fields, 'prompt', where, required=False)
+  if prompt is None:
+    if not context:
+      raise DataError(f'{where}: no prompt: give a "prompt" field or a completion conversation '
+                      'that starts with it')
+    prompt = context
+  prompt = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else chat.normalize(prompt, where)
+  if prompt[-1]['role'] == 'assistant':
+    raise DataError(f'{where}: the prompt ends with an assistant message; the completion must come next')
+  if not completion.strip():
+    raise chat.EmptyContent(f'{where}: empty completion')
+  return prompt, completion, bool(label)
+
+
+def encode_labelled(encoder: chat.ChatEncoder, prompt, completion: str):
+  """-> (ids, mask) with the mask on the completion (and its end-of-turn token) only."""
+  spans = encoder.template.spans(prompt + [{'role': 'assistant', 'content': completion}])
+  return encoder.encode_spans(spans, train_on='last')

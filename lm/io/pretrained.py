@@ -14,6 +14,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 
 from lm import sharding as sharding_lib
@@ -22,7 +23,8 @@ from lm.data import tokenizer as tokenizer_lib
 from lm.errors import CheckpointError, ConfigError, UserError
 from lm.io import gguf as gguf_io
 from lm.io import hf, peft, runs
-from lm.model import lora
+from lm.model import lora, quant
+from lm.model.spec import TEACHER_PREFIX
 from lm.train.state import ModelSpec, TrainState
 
 EXPORT_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -63,10 +65,15 @@ def resolve_config(cfg) -> None:
       cfg.data.tokenizer = source
     elif os.path.isfile(os.path.join(source, 'tokenizer.model')):
       cfg.data.tokenizer = os.path.join(source, 'tokenizer.model')
+    elif source_kind == 'lm' and runs.run_config(source).get('data', {}).get('tokenizer'):
+      cfg.data.tokenizer = runs.run_config(source)['data']['tokenizer']  # a run that started from another
 
 
 def load_params(source: str, spec: ModelSpec, shardings: dict) -> dict:
-  """{name: array} of the base weights `spec` needs, from `source` (lm run, HF directory, GGUF)."""
+  """{name: array} of the base weights `spec` needs, from `source` (lm run, HF directory, GGUF);
+  in float even for a QLoRA spec (ModelSpec.init quantizes them)."""
+  if spec.quantized:
+    spec = ModelSpec(quant.without_quant(spec.cfg))
   return runs.load_params(source, spec, shardings)
 
 
@@ -75,6 +82,35 @@ def init_state(trainer, rng) -> TrainState:
   source lacks) initialised as in pretraining; `ref.*` copies filled from the same weights."""
   loaded = load_params(trainer.cfg.train.init_from, trainer.spec, trainer.shardings.params)
   return trainer.init(rng, loaded)
+
+
+def teacher_model_config(cfg):
+  """The distillation teacher's model config (`distill.teacher`: an lm run or HF directory), with
+  the student's dtypes and no adapters. A vocabulary that differs from the student's is a
+  ConfigError: logit distillation compares the two distributions token by token."""
+  source = cfg.distill.teacher
+  if not source:
+    raise ConfigError('train.objective=distill needs a teacher: set --config.distill.teacher='
+                      'an lm run directory or a Hugging Face model directory')
+  if runs.kind(source, 'distill.teacher') == 'hf':
+    fields = hf.model_config_from_hf(hf.read_config(source))
+  else:
+    fields = {k: v for k, v in runs.run_config(source)['model'].items() if k in ARCH_KEYS}
+  teacher = lora.without_adapters(ml_collections.ConfigDict(cfg.model.to_dict()))
+  for key, value in fields.items():
+    teacher[key] = value
+  if teacher.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(f'distill.teacher={source!r} has a vocabulary of {teacher.vocab_size} tokens '
+                      f'but the student has {cfg.model.vocab_size}; the teacher must use the '
+                      "student's tokenizer")
+  return teacher
+
+
+def teacher_params(source: str, spec: ModelSpec, shardings: dict) -> dict:
+  """{'teacher.<name>': array}: the teacher's weights from `source`, in the state's shardings."""
+  teacher_spec = ModelSpec(spec.teacher_cfg)
+  own = {n[len(TEACHER_PREFIX):]: s for n, s in shardings.items() if n.startswith(TEACHER_PREFIX)}
+  return {TEACHER_PREFIX + n: v for n, v in load_params(source, teacher_spec, own).items()}
 
 
 def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: str | None = None,
@@ -97,7 +133,7 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
     raise UserError(f'--out {out} exists and is not a directory; name a new or existing directory')
   if runs.kind(run_dir, '--workdir') != 'lm':
     raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
-  model_cfg = with_model_defaults(runs.run_config(run_dir)['model'])
+  model_cfg = with_model_defaults(quant.without_quant(runs.run_config(run_dir)['model']))  # QLoRA: the unquantized base
   spec = ModelSpec(model_cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1), ('data', 'fsdp', 'tensor'))
   rules = (('embed', 'fsdp'), ('vocab', None), ('mlp', None), ('heads', None), ('kv_heads', None))

@@ -26,7 +26,8 @@ from lm.io import gguf as gguf_io
 from lm.io import hf
 from lm.model import lora
 from lm.train import checkpoint as checkpoint_lib
-from lm.train.partition import REF_PREFIX, is_adapter
+from lm.model.lora import is_adapter
+from lm.model.spec import FROZEN_COPIES
 from lm.train.state import ModelSpec
 
 CONFIG = 'config.json'
@@ -222,7 +223,7 @@ def base_params(run_dir: str, spec: ModelSpec, shardings: dict, *, merge: bool =
   """The base weights `spec` needs as run `run_dir` last saved them (newest readable checkpoint),
   with its LoRA adapters merged; `merge=False` returns (base, adapters) instead."""
   saved = run_config(run_dir)
-  needed = [n for n in spec.names if not is_adapter(n) and not n.startswith(REF_PREFIX)]
+  needed = [n for n in spec.names if not is_adapter(n) and not n.startswith(FROZEN_COPIES)]
   mesh = next(iter(shardings.values())).mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 

@@ -26,6 +26,7 @@ from flax import nnx
 from lm.model import attention as attention_lib
 from lm.config import ROPE_SCALING_TYPES, head_dim
 from lm.errors import ConfigError
+from lm.model import quant
 
 _REMAT_POLICIES = {
     'full': None,
@@ -71,7 +72,8 @@ class Linear(nnx.Module):
     self.dropout_key = None
 
   def __call__(self, x):
-    w = self.kernel[...].astype(self.compute_dtype)
+    # A QLoRA base kernel arrives quantized (lm/model/quant.py) and is dequantized here, per layer.
+    w = quant.as_array(self.kernel.get_value()).astype(self.compute_dtype)
     x = x.astype(self.compute_dtype)
     y = jnp.tensordot(x, w, axes=self.n_in)
     if self.bias is not None:
@@ -330,6 +332,7 @@ class Transformer(nnx.Module):
         (D,), (V,), ('embed',), ('vocab',), init_std=0.02, name='lm_head', cfg=cfg, rngs=rngs)
     self.dropout_key = None
     self.reference = None
+    self.teacher = None  # a frozen teacher for distillation (ModelSpec.bind, `teacher.*` weights)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
                adapters=True):

@@ -26,7 +26,7 @@ from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
 from lm.data import pipeline
 from lm.eval import evaluate
-from lm.errors import Diverged, Preempted
+from lm.errors import ConfigError, Diverged, Preempted
 from lm.train import metrics as metrics_lib
 from lm.train.metrics import MetricWriter
 from lm.train.state import ModelSpec, train_state_factory
@@ -45,8 +45,11 @@ class Trainer:
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
     # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
     reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
-    self.spec = ModelSpec(cfg.model, reference=reference)
+    teacher = (pretrained.teacher_model_config(cfg) if cfg.train.objective in objectives.NEEDS_TEACHER
+               else None)
+    self.spec = ModelSpec(cfg.model, reference=reference, teacher=teacher)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
+    check_quantized_frozen(self.spec, self.labels, cfg)
     self.row_masks = partition.layer_masks(self.spec.shapes, cfg.train.trainable)
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
                                                   self.row_masks)
@@ -65,6 +68,12 @@ class Trainer:
 
   def init_state(self, seed: int | None = None):
     rng = jax.random.key(self.cfg.train.seed if seed is None else seed)
+    if self.spec.teacher_cfg is not None:  # the frozen teacher's weights join the starting ones
+      loaded = pretrained.teacher_params(self.cfg.distill.teacher, self.spec, self.shardings.params)
+      if self.cfg.train.init_from:
+        loaded.update(pretrained.load_params(self.cfg.train.init_from, self.spec,
+                                             self.shardings.params))
+      return self.init(rng, loaded)
     if self.cfg.train.init_from:
       return pretrained.init_state(self, rng)
     return self.init(rng)
@@ -82,15 +91,32 @@ class Trainer:
             f'train.trainable={self.cfg.train.trainable})')
 
   def evaluate(self, params, rows: dict, max_batches: int) -> dict:
-    """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`."""
+    """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`; for other
+    objectives than next_token_xent also their metrics (reward accuracy, margin, ...) as eval_*."""
     loss_sum = weight_sum = 0.0
+    metric_sums = {}
     for batch in eval_batches(rows, self.cfg.data.batch_size, max_batches,
                               jax.process_index(), jax.process_count()):
-      out = self.eval_step(params, self.global_batch(batch))
+      out = jax.device_get(self.eval_step(params, self.global_batch(batch)))
       loss_sum += float(out['loss_sum'])
       weight_sum += float(out['weight_sum'])
+      for k, v in out['metric_sums'].items():
+        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
     loss = loss_sum / max(weight_sum, 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': metrics_lib.perplexity(loss)}
+    metrics = {'eval_loss': loss, 'eval_perplexity': metrics_lib.perplexity(loss)}
+    if self.cfg.train.objective != 'next_token_xent':
+      metrics.update({f'eval_{k}': v / max(weight_sum, 1.0) for k, v in metric_sums.items()})
+    return metrics
+
+
+def check_quantized_frozen(spec, labels: dict, cfg) -> None:
+  """QLoRA's quantized base weights cannot train: a partition that would train one is refused."""
+  training = [n for n in spec.quantized if labels[n] == partition.TRAINABLE]
+  if training:
+    raise ConfigError(
+        f'model.quant.type={cfg.model.quant.type} stores the base weights quantized and frozen, but '
+        f'train.trainable={cfg.train.trainable} would train {training[0]} (and '
+        f'{len(training) - 1} more); use train.trainable=lora (QLoRA) or model.quant.type=none')
 
 
 def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=0, process_count=1):
@@ -150,6 +176,15 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.ensure_valid(cfg)
+  objectives.check_data(cfg)
+  if cfg.model.quant.type != 'none':  # before any data is read or anything compiles
+    spec = ModelSpec(cfg.model)
+    check_quantized_frozen(spec, partition.labels(spec.names, cfg.train.trainable), cfg)
+  if cfg.train.objective == 'grpo':
+    raise ConfigError('train.objective=grpo runs its own loop: use lm.train.runner.train '
+                      '(what `lm train` and lm.run_training call)')
+  if cfg.train.objective in objectives.NEEDS_TEACHER:
+    pretrained.teacher_model_config(cfg)  # a missing or mismatched teacher fails before any work
   is_main = jax.process_index() == 0
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=is_main):
     workdir = rundir.prepare(workdir)
@@ -305,7 +340,13 @@ def held_out_line(cfg, metrics: dict, unigram_perplexity: float, *, final: bool 
     baseline = (f' vs unigram baseline {unigram_perplexity:.2f}' if final else
                 f' (unigram baseline {unigram_perplexity:.2f})')
     return f'held-out perplexity {metrics["eval_perplexity"]:.2f}{baseline}'
-  return f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
+  if cfg.train.objective == 'grpo':
+    return f'reward {metrics["reward_mean"]:.4f} (last round)'
+  line = f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
+  if 'eval_reward_accuracy' in metrics:
+    line += (f', reward accuracy {metrics["eval_reward_accuracy"]:.3f}, '
+             f'margin {metrics["eval_reward_margin"]:.4f}')
+  return line
 
 
 def diverged_message(cfg, step: int, metrics: dict, ckpt: Checkpointer) -> str:

@@ -29,6 +29,18 @@ def next_token_xent(model, batch):
   return loss_sum, jnp.sum(weights_BT), {'accuracy': jnp.sum(correct * weights_BT)}
 
 
+def token_log_probs(model_fn, batch, prefix: str = ''):
+  """log p(target) of every position [B, T] under `model_fn`.
+
+  Every objective that needs per-token log-probabilities (the DPO family, KTO, GRPO) gets them
+  here and only here, so a cheaper way to compute them (a chunked cross-entropy that never holds
+  the [B, T, V] logits) is one change.
+  """
+  logits_BTV = model_fn(batch[prefix + 'tokens'], batch[prefix + 'positions'],
+                        batch[prefix + 'segment_ids'])
+  return -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch[prefix + 'targets'])
+
+
 def segment_log_probs(model_fn, batch, prefix: str):
   """(sum of log p(target) over each segment's weighted tokens [B, T+1], weight per segment).
 
@@ -36,8 +48,7 @@ def segment_log_probs(model_fn, batch, prefix: str):
   sequences give one log-probability per sequence.
   """
   tokens = batch[prefix + 'tokens']
-  logits_BTV = model_fn(tokens, batch[prefix + 'positions'], batch[prefix + 'segment_ids'])
-  logp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch[prefix + 'targets'])
+  logp_BT = token_log_probs(model_fn, batch, prefix)
   weights_BT = batch[prefix + 'weights'].astype(jnp.float32)
   segments = tokens.shape[1] + 1
   per_segment = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=segments))
@@ -52,8 +63,9 @@ def reference_of(model):
     return model.reference
   if model.cfg.lora.rank:
     return functools.partial(model, adapters=False)
-  raise ConfigError('DPO needs a reference policy: train LoRA adapters (model.lora.rank > 0) or '
-                    'let the Trainer carry a frozen copy (train.objective=dpo does)')
+  raise ConfigError('this objective needs a reference policy: train LoRA adapters '
+                    '(model.lora.rank > 0) or let the Trainer carry a frozen copy (train.objective='
+                    'dpo, ipo or kto does)')
 
 
 def dpo(model, batch, *, beta: float = 0.1, label_smoothing: float = 0.0):
@@ -83,8 +95,193 @@ def dpo(model, batch, *, beta: float = 0.1, label_smoothing: float = 0.0):
       'chosen_logp': total(logp['chosen'][0])}
 
 
-OBJECTIVES = {'next_token_xent': next_token_xent, 'dpo': dpo}
-NEEDS_REFERENCE = {'dpo'}
+def _pair_log_probs(model, batch, *, reference: bool):
+  """Per pair (segment) of chosen_* / rejected_* rows: {side: (policy sum log p, reference sum
+  log p or None, trained tokens)} and the mask of pairs where both replies have trained tokens."""
+  ref_fn = reference_of(model) if reference else None
+  out = {}
+  for side in ('chosen', 'rejected'):
+    policy, n = segment_log_probs(model, batch, side + '_')
+    ref = jax.lax.stop_gradient(segment_log_probs(ref_fn, batch, side + '_')[0]) if reference else None
+    out[side] = (policy, ref, n)
+  valid = ((out['chosen'][2] > 0) & (out['rejected'][2] > 0)).astype(jnp.float32)
+  return out, valid
+
+
+def _pair_sums(loss, margin, valid, **more):
+  """(loss sum, pairs, metric sums) with the preference metrics every pair objective reports."""
+  total = lambda x: jnp.sum(x * valid)
+  return total(loss), jnp.sum(valid), {
+      'reward_accuracy': total(margin > 0), 'reward_margin': total(margin),
+      **{k: total(v) for k, v in more.items()}}
+
+
+def ipo(model, batch, *, beta: float = 0.1):
+  """Identity Preference Optimisation (Azar et al. 2023): (h - 1 / (2 beta))^2 per pair, with
+  h = (mean log pi(chosen) - mean log ref(chosen)) - (the same for rejected). Like TRL, the
+  log-probabilities are averaged over each reply's tokens, so long replies do not dominate h."""
+  lp, valid = _pair_log_probs(model, batch, reference=True)
+  ratio = {side: (p - r) / jnp.maximum(n, 1.0) for side, (p, r, n) in lp.items()}
+  margin = ratio['chosen'] - ratio['rejected']
+  return _pair_sums((margin - 1.0 / (2.0 * beta)) ** 2, margin, valid,
+                    chosen_reward=ratio['chosen'], rejected_reward=ratio['rejected'])
+
+
+def simpo(model, batch, *, beta: float = 2.0, gamma: float = 1.0):
+  """SimPO (Meng et al. 2024), reference-free: the reward of a reply is beta times its mean
+  token log-probability; loss -log sigmoid(reward(chosen) - reward(rejected) - gamma)."""
+  lp, valid = _pair_log_probs(model, batch, reference=False)
+  reward = {side: beta * p / jnp.maximum(n, 1.0) for side, (p, _, n) in lp.items()}
+  margin = reward['chosen'] - reward['rejected']
+  return _pair_sums(-jax.nn.log_sigmoid(margin - gamma), margin, valid,
+                    chosen_reward=reward['chosen'], rejected_reward=reward['rejected'])
+
+
+def orpo(model, batch, *, weight: float = 0.1):
+  """ORPO (Hong et al. 2024), reference-free: the chosen reply's mean token NLL plus `weight`
+  times -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p) with p the
+  mean-token probability exp(mean log p(y)). Both terms are per pair (the SFT term is a per-reply
+  mean, not TRL's mean over all chosen tokens of the batch)."""
+  lp, valid = _pair_log_probs(model, batch, reference=False)
+  mean = {side: p / jnp.maximum(n, 1.0) for side, (p, _, n) in lp.items()}
+  # log(p / (1 - p)) = mean - log(1 - exp(mean)); log1p(-exp(x)) is exact for x < 0.
+  log_odds = {side: m - jnp.log1p(-jnp.exp(jnp.minimum(m, -1e-6))) for side, m in mean.items()}
+  margin = log_odds['chosen'] - log_odds['rejected']
+  odds_loss = -jax.nn.log_sigmoid(margin)
+  return _pair_sums(-mean['chosen'] + weight * odds_loss, margin, valid,
+                    sft_loss=-mean['chosen'], odds_ratio_loss=odds_loss)
+
+
+def kto(model, batch, *, beta: float = 0.1, desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0):
+  """KTO (Ethayarajh et al. 2024) over unpaired examples (lm/data/preference.py, format `kto`).
+
+  An example's label travels as the sign of its token weights: +1 desirable, -1 undesirable.
+  With r = log pi(y|x) - log ref(y|x), the loss of a desirable example is
+  desirable_weight * (1 - sigmoid(beta (r - z))), of an undesirable one
+  undesirable_weight * (1 - sigmoid(beta (z - r))). The reference point z = max(0, mean r over
+  the (micro)batch's examples), without gradient: the paper estimates the same KL term from
+  mismatched prompt/completion pairs, which costs two more forward passes.
+  """
+  weights = batch['weights'].astype(jnp.float32)
+  unsigned = {**batch, 'weights': jnp.abs(weights)}
+  policy, n = segment_log_probs(model, unsigned, '')
+  ref = jax.lax.stop_gradient(segment_log_probs(reference_of(model), unsigned, '')[0])
+  per_segment = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=weights.shape[1] + 1))
+  signed = per_segment(weights, batch['segment_ids'])
+  valid = (n > 0).astype(jnp.float32)
+  desirable = (signed > 0).astype(jnp.float32) * valid
+  undesirable = (signed < 0).astype(jnp.float32) * valid
+  reward = policy - ref
+  z = jax.lax.stop_gradient(jnp.maximum(jnp.sum(reward * valid) / jnp.maximum(jnp.sum(valid), 1.0), 0.0))
+  loss = (desirable * desirable_weight * (1.0 - jax.nn.sigmoid(beta * (reward - z)))
+          + undesirable * undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z - reward))))
+  label = desirable - undesirable
+  total = lambda x: jnp.sum(x * valid)
+  return total(loss), jnp.sum(valid), {
+      'reward_accuracy': total(label * reward > 0), 'reward_margin': total(label * reward),
+      'desirable': total(desirable), 'kl_estimate': total(z * jnp.ones_like(reward))}
+
+
+DISTILL_LOSSES = ('forward_kl', 'reverse_kl', 'jsd')
+
+
+def distillation_divergence(student_BTV, teacher_BTV, *, loss: str, temperature: float = 1.0,
+                            jsd_beta: float = 0.5):
+  """Per-token divergence [B, T] between the teacher's and the student's next-token
+  distributions at `temperature`, times temperature^2 (so gradients keep their scale, Hinton
+  et al. 2015). forward_kl: KL(teacher || student), mass-covering; reverse_kl: KL(student ||
+  teacher), mode-seeking; jsd: beta KL(teacher || M) + (1 - beta) KL(student || M) with
+  M = beta teacher + (1 - beta) student (the generalised JSD of GKD, Agarwal et al. 2024)."""
+  s = jax.nn.log_softmax(student_BTV / temperature, axis=-1)
+  t = jax.nn.log_softmax(teacher_BTV / temperature, axis=-1)
+  kl = lambda log_p, log_q: jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  if loss == 'forward_kl':
+    out = kl(t, s)
+  elif loss == 'reverse_kl':
+    out = kl(s, t)
+  elif loss == 'jsd':
+    m = jnp.logaddexp(t + jnp.log(jsd_beta), s + jnp.log1p(-jsd_beta))
+    out = jsd_beta * kl(t, m) + (1.0 - jsd_beta) * kl(s, m)
+  else:
+    raise ConfigError(f'distill.loss={loss!r}; choose one of {DISTILL_LOSSES}')
+  return out * temperature ** 2
+
+
+def distill(model, batch, *, loss: str = 'forward_kl', temperature: float = 1.0,
+            weight: float = 0.5, jsd_beta: float = 0.5):
+  """Logit distillation from the state's frozen teacher (`teacher.*`, any size, same vocabulary)
+  mixed with SFT: per trained token (1 - weight) * cross-entropy + weight * divergence."""
+  if model.teacher is None:
+    raise ConfigError('distillation needs a teacher: set --config.distill.teacher and '
+                      'train.objective=distill (the Trainer then carries it frozen)')
+  args = (batch['tokens'], batch['positions'], batch['segment_ids'])
+  student_BTV = model(*args)
+  teacher_BTV = jax.lax.stop_gradient(model.teacher(*args))
+  xent_BT = optax.softmax_cross_entropy_with_integer_labels(student_BTV, batch['targets'])
+  div_BT = distillation_divergence(student_BTV, teacher_BTV, loss=loss, temperature=temperature,
+                                   jsd_beta=jsd_beta)
+  w_BT = batch['weights'].astype(jnp.float32)
+  total = lambda x: jnp.sum(x * w_BT)
+  teacher_xent = optax.softmax_cross_entropy_with_integer_labels(teacher_BTV, batch['targets'])
+  return total((1.0 - weight) * xent_BT + weight * div_BT), jnp.sum(w_BT), {
+      'xent': total(xent_BT), 'divergence': total(div_BT), 'teacher_xent': total(teacher_xent)}
+
+
+GRPO_LOSSES = ('grpo', 'dr_grpo', 'dapo')
+
+
+def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.04,
+         loss_type: str = 'grpo', max_completion: int = 1):
+  """GRPO's clipped importance-ratio objective (Shao et al. 2024) over completion tokens.
+
+  A row is one prompt + sampled completion (lm/train/grpo_loop.py builds them): `weights` mark
+  the completion's tokens, `old_logps` [B, T] are their log-probs under the policy that sampled
+  them, `advantages` [B] the group-normalised rewards. Per token, with ratio = pi / pi_old:
+  -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A) + kl_coef * KL, KL being the k3
+  estimate exp(ref - pi) - (ref - pi) - 1 against the reference (adapters off, or `ref.*`).
+  `loss_type` says how tokens are averaged: grpo, the mean over each completion then over
+  completions; dapo, the mean over all tokens of the batch; dr_grpo, the sum over each
+  completion divided by `max_completion` (Dr. GRPO, Liu et al. 2025: no length bias).
+  clip_high > clip_low is DAPO's asymmetric clipping ("clip-higher", Yu et al. 2025).
+  """
+  logp_BT = token_log_probs(model, batch)
+  w_BT = batch['weights'].astype(jnp.float32)
+  ratio_BT = jnp.exp(logp_BT - batch['old_logps'])
+  adv_B1 = batch['advantages'].astype(jnp.float32)[:, None]
+  clipped_BT = jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
+  per_token = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
+  if kl_coef:
+    ref_BT = jax.lax.stop_gradient(token_log_probs(reference_of(model), batch))
+    kl_BT = jnp.exp(ref_BT - logp_BT) - (ref_BT - logp_BT) - 1.0
+    per_token = per_token + kl_coef * kl_BT
+  else:
+    kl_BT = jnp.zeros_like(per_token)
+  tokens_B = jnp.sum(w_BT, axis=1)
+  rows = (tokens_B > 0).astype(jnp.float32)
+  if loss_type == 'grpo':
+    token_w, weight = w_BT / jnp.maximum(tokens_B, 1.0)[:, None], jnp.sum(rows)
+  elif loss_type == 'dapo':
+    token_w, weight = w_BT, jnp.sum(tokens_B)
+  elif loss_type == 'dr_grpo':
+    token_w, weight = w_BT / max_completion, jnp.sum(rows)
+  else:
+    raise ConfigError(f'grpo.loss_type={loss_type!r}; choose one of {GRPO_LOSSES}')
+  # Metrics are token means; the step divides sums by `weight`, so scale them to that unit.
+  per_weight = weight / jnp.maximum(jnp.sum(tokens_B), 1.0)
+  token_mean = lambda x: jnp.sum(x * w_BT) * per_weight
+  clipped = (ratio_BT * adv_B1 > clipped_BT * adv_B1)  # the clip bound is the one in effect
+  return jnp.sum(per_token * token_w), weight, {
+      'kl': token_mean(kl_BT), 'clip_fraction': token_mean(clipped.astype(jnp.float32)),
+      'ratio': token_mean(ratio_BT)}
+
+
+OBJECTIVES = {'next_token_xent': next_token_xent, 'dpo': dpo, 'ipo': ipo, 'simpo': simpo,
+              'orpo': orpo, 'kto': kto, 'distill': distill, 'grpo': grpo}
+NEEDS_TEACHER = {'distill'}
+NEEDS_REFERENCE = {'dpo', 'ipo', 'kto', 'grpo'}
+PAIRED = {'dpo', 'ipo', 'simpo', 'orpo'}  # read chosen_* / rejected_* rows (data.format=preference)
+UNPAIRED = {'kto'}  # read rows of labelled examples (data.format=kto)
 
 
 def get(name: str):
@@ -98,4 +295,47 @@ def from_config(cfg):
   name = cfg.train.objective
   if name == 'dpo':
     return functools.partial(dpo, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
+  if name == 'ipo':
+    return functools.partial(ipo, beta=cfg.dpo.beta)
+  if name == 'simpo':
+    return functools.partial(simpo, beta=cfg.preference.simpo_beta, gamma=cfg.preference.simpo_gamma)
+  if name == 'orpo':
+    return functools.partial(orpo, weight=cfg.preference.orpo_weight)
+  if name == 'kto':
+    return functools.partial(kto, beta=cfg.dpo.beta,
+                             desirable_weight=cfg.preference.kto_desirable_weight,
+                             undesirable_weight=cfg.preference.kto_undesirable_weight)
+  if name == 'distill':
+    if cfg.distill.loss not in DISTILL_LOSSES:
+      raise ConfigError(f'distill.loss={cfg.distill.loss!r}; choose one of {DISTILL_LOSSES}')
+    if not (cfg.distill.temperature > 0 and 0.0 <= cfg.distill.weight <= 1.0
+            and 0.0 < cfg.distill.jsd_beta < 1.0):
+      raise ConfigError(f'distill.temperature={cfg.distill.temperature} must be > 0, distill.weight='
+                        f'{cfg.distill.weight} in [0, 1], distill.jsd_beta={cfg.distill.jsd_beta} in (0, 1)')
+    return functools.partial(distill, loss=cfg.distill.loss, temperature=cfg.distill.temperature,
+                             weight=cfg.distill.weight, jsd_beta=cfg.distill.jsd_beta)
+  if name == 'grpo':
+    g = cfg.grpo
+    if g.loss_type not in GRPO_LOSSES:
+      raise ConfigError(f'grpo.loss_type={g.loss_type!r}; choose one of {GRPO_LOSSES}')
+    return functools.partial(grpo, clip_low=g.clip_low, clip_high=g.clip_high, kl_coef=g.kl_coef,
+                             loss_type=g.loss_type, max_completion=g.max_new_tokens)
   return get(name)
+
+
+def check_data(cfg) -> None:
+  """The objective and data.format agree (paired objectives read pairs, KTO labelled examples)."""
+  name, fmt = cfg.train.objective, cfg.data.format
+  get(name)
+  if name in ('distill', 'grpo'):
+    from_config(cfg)  # checks the distill.* / grpo.* settings
+  formats = {entry.get('format', fmt) for entry in (cfg.data.mixture or ())} or {fmt}
+  if name in PAIRED and formats != {'preference'}:
+    raise ConfigError(f'train.objective={name} reads chosen/rejected pairs; set '
+                      f'--config.data.format=preference (got {sorted(formats)})')
+  if name in UNPAIRED and formats != {'kto'}:
+    raise ConfigError(f'train.objective={name} reads labelled examples; set '
+                      f'--config.data.format=kto (got {sorted(formats)})')
+  if 'kto' in formats and name not in UNPAIRED:
+    raise ConfigError(f'data.format=kto holds labelled examples for train.objective=kto, not '
+                      f'{name}; set --config.train.objective=kto')

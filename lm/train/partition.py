@@ -13,7 +13,8 @@ gradient and no optimizer state. Every fine-tuning mode is a value of `train.tra
   freeze_first_layers:N   everything but transformer layers 0..N-1
   regex:<pattern>         parameters whose name matches (re.search)
 
-`ref.*` parameters (DPO's frozen reference copy) are frozen whatever the value.
+`ref.*` parameters (DPO's frozen reference copy) and `teacher.*` ones (a distillation teacher)
+are frozen whatever the value.
 
 Layers are stacked: `layers.attn.q.kernel` is one [L, D, H, K] array, so "the first N layers" is
 not a set of names. `freeze_first_layers:N` labels the stacked arrays trainable and adds a
@@ -32,7 +33,8 @@ import numpy as np
 
 from lm.errors import ConfigError
 from lm.model.lora import is_adapter  # pylint: disable=unused-import (re-exported)
-from lm.model.spec import REF_PREFIX  # pylint: disable=unused-import (re-exported)
+from lm.model.quant import SCALE_SUFFIX
+from lm.model.spec import FROZEN_COPIES
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
 LAYERS_PREFIX = 'layers.'
@@ -78,7 +80,7 @@ def predicate(spec: str) -> Callable[[str], bool]:
 def labels(param_names, spec: str) -> dict[str, str]:
   """{parameter name: 'trainable' | 'frozen'}."""
   is_trainable = predicate(spec)
-  out = {name: TRAINABLE if is_trainable(name) and not name.startswith(REF_PREFIX) else FROZEN
+  out = {name: TRAINABLE if is_trainable(name) and not name.startswith(FROZEN_COPIES) else FROZEN
          for name in param_names}
   if TRAINABLE not in out.values():
     hint = {'lora': '; set model.lora.rank > 0 to add adapters',
@@ -106,10 +108,10 @@ def layer_masks(shapes: dict, spec: str) -> dict[str, np.ndarray]:
 
 
 def trainable_count(shapes: dict, label_of: dict, masks: dict) -> tuple[int, int]:
-  """(trainable, total) parameter counts; the `ref.*` copy counts in neither."""
+  """(trainable, total) parameter counts; the `ref.*` copy and a teacher count in neither."""
   trainable = total = 0
   for name, s in shapes.items():
-    if name.startswith(REF_PREFIX):
+    if name.startswith(FROZEN_COPIES) or name.endswith(SCALE_SUFFIX):  # QLoRA's scales: not weights
       continue
     size = int(np.prod(s.shape))
     total += size

@@ -15,6 +15,7 @@ from lm import sharding as sharding_lib
 from lm.model.spec import ModelSpec  # pylint: disable=unused-import (re-exported)
 from lm.train import guard as guard_lib
 
+
 @struct.dataclass
 class TrainState:
   step: jax.Array

@@ -81,10 +81,11 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
 
 
 def make_eval_step(spec: ModelSpec, objective):
-  """eval(params, batch) -> {'loss_sum', 'weight_sum'}; summed over batches by the caller."""
+  """eval(params, batch) -> {'loss_sum', 'weight_sum', 'metric_sums'}; summed over batches by
+  the caller (the objective's own metrics, e.g. reward accuracy and margin for preferences)."""
 
   def eval_step(params, batch):
-    loss_sum, weight_sum, _ = objective(spec.bind(params), batch)
-    return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+    loss_sum, weight_sum, aux = objective(spec.bind(params), batch)
+    return {'loss_sum': loss_sum, 'weight_sum': weight_sum, 'metric_sums': aux}
 
   return eval_step
