@@ -37,7 +37,7 @@ import yaml
 from lm.eval import text_metrics as tm
 from lm.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'task_files')
 KINDS = ('perplexity', 'generate', 'choice', 'preference')
 GENERATE_METRICS = ('exact_match', 'token_f1', 'rouge_l', 'bleu')
