@@ -237,7 +237,13 @@ def cmd_data(argv):
   parser.add_argument('--batches', type=int, default=8, help='batches measured for packing')
   args, overrides = parser.parse_known_args(argv)
   cfg = _config_from_args(args, overrides)
+  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   from lm.data import show  # pylint: disable=import-outside-toplevel
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
+  # As `lm train` does: train.init_from sets the model's shape and, unless data.tokenizer is set,
+  # the tokenizer, so the examples, truncation and held-out counts shown are training's own.
+  pretrained.resolve_config(cfg)
+  config_lib.validate(cfg)
   show.show(cfg, workdir=args.workdir, examples=args.examples, batches=args.batches)
   return 0
 
