@@ -141,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
       objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
-      eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_tasks='',  # built-in task names or task files (lm/eval/tasks.py), comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
       early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
       early_stopping_patience=3,  # evaluations without improvement before stopping

@@ -160,13 +160,14 @@ def run_harness(model, tasks: list[str], settings, *, progress: bool = True) -> 
                     '`lm_eval ls tasks`') from None
   out = {}
   for task, metrics in results['results'].items():
+    higher = results.get('higher_is_better', {}).get(task, {})
     values = {}
     for key, value in metrics.items():
       metric, _, filt = key.partition(',')
-      if not isinstance(value, (int, float)) or metric.endswith('_stderr') or key == 'alias':
+      # The task's metrics only: not their standard errors, nor sample_len and the like.
+      if not isinstance(value, (int, float)) or (higher and metric not in higher):
         continue
       values[metric if filt in ('', 'none') else f'{metric}_{filt}'] = float(value)
-    higher = results.get('higher_is_better', {}).get(task, {})
     headline = next((m for m in higher if m in values), next(iter(values), ''))
     out[task] = {**values, 'n': results.get('n-samples', {}).get(task, {}).get('effective', 0),
                  'headline': headline}

@@ -534,8 +534,8 @@ def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
   out = {'logp_accuracy': 100.0 * float(np.mean(policy[:, 0] > policy[:, 1])),
          'chosen_logp': float(policy[:, 0].mean()), 'rejected_logp': float(policy[:, 1].mean()),
          'n': len(policy)}
-  if reference is None:  # no reference policy: the rewards are undefined
-    return {**out, 'reward_accuracy': out['logp_accuracy'], 'reference': 'none'}
+  if reference is None:  # no reference policy (no train.init_from): no implicit reward
+    return {**out, 'reference': 'none'}
   ref = np.array([s[0] for s in reference.score(requests, batch_size=settings.batch_size,
                                                 progress=desc and desc + ' (reference)')]
                  ).reshape(-1, 2)

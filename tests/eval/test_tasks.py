@@ -154,6 +154,9 @@ def test_preference_rewards_against_the_reference(model, tmp_path):
     same = tasks.run(str(tmp_path / 'pref.yaml'), model, SETTINGS)
   finally:
     del model.__dict__['reference_scorer']
+  alone = tasks.run(str(tmp_path / 'pref.yaml'), model, SETTINGS)  # no train.init_from: no reward
+  assert alone['reference'] == 'none' and 'reward_accuracy' not in alone
+  assert alone['logp_accuracy'] == out['logp_accuracy']
   assert out['n'] == 2 and out['beta'] == 0.5
   margin = 2 * out['reward_margin']  # mean over pairs of beta*(d_pi(c)-d_ref(c)) - (...)
   policy = out['chosen_logp'] - out['rejected_logp']
