@@ -3,7 +3,7 @@
   lm eval RUN --harness hellaswag,arc_easy --out DIR        harness tasks beside lm's own
   lm eval RUN --harness path/to/task.yaml --out DIR         a harness task YAML (offline with
                                                             dataset_path: json and local files)
-  python -m lm.eval.harness --model lm --model_args run=RUN --tasks hellaswag
+  python -m lm.eval.harness --model lm --model_args run=RUN --tasks hellaswag --batch_size 32
                                                             the harness's own CLI, `lm` registered
 
 lm-eval 0.4.13 finds models in its own registry only (it reads no entry points), so `lm_eval
@@ -38,7 +38,8 @@ def _require():
 class LMHarnessModel(LM):
   """An lm model (run directory or Hugging Face directory) as a harness model.
 
-  model_args: run=[NAME=]DIR[@STEP], batch_size=16, seed=0, progress=true.
+  model_args: run=[NAME=]DIR[@STEP], seed=0, progress=true; the harness's --batch_size (default
+  16 here when it passes none).
   """
 
   def __init__(self, run: str | None = None, model=None, batch_size: int | str = 16,
@@ -52,6 +53,7 @@ class LMHarnessModel(LM):
       from lm.eval import evaluate  # pylint: disable=import-outside-toplevel
       model = evaluate.load_model(run)
     self.model = model
+    # The harness passes --batch_size (an int, or 'auto' which lm does not search for).
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
     self.seed = int(seed)
     self.progress = str(progress).lower() not in ('false', '0', 'no')
@@ -123,7 +125,7 @@ class LMHarnessModel(LM):
     return out
 
 
-if register_model is not None:
+if register_model is not None and __name__ != '__main__':  # `python -m` registers the import below
   register_model('lm')(LMHarnessModel)
 
 
@@ -207,4 +209,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  from lm.eval import harness as _registered  # the package's module, so `lm` is its class
+  _registered.main()
