@@ -185,8 +185,9 @@ def run_tasks(model: Model, tasks: list, settings: tasks_lib.Settings, *, log=pr
     out[task.name] = tasks_lib.run(task, model, settings, progress=progress)
     out[task.name]['seconds'] = time.perf_counter() - start
     headline = out[task.name]['headline']
-    log(f'  {model.name} {task.name}: {headline} {out[task.name][headline]:.4g} '
-        f'({out[task.name]["seconds"]:.0f} s)')
+    value = out[task.name].get(headline)  # absent where undefined (a reward without a reference)
+    log(f'  {model.name} {task.name}: {headline} '
+        f'{"-" if value is None else format(value, ".4g")} ({out[task.name]["seconds"]:.0f} s)')
   return out
 
 

@@ -51,13 +51,15 @@ def test_builtin_tasks_are_task_files_shipped_with_the_package():
   assert 'task_files/*.yaml' in open(os.path.join(root, 'pyproject.toml')).read()
 
 
-def test_perplexity_per_token_word_and_byte(model, tmp_path):
+def test_perplexity_per_token_word_and_byte(model, tmp_path, capsys):
   texts = ['def f(x):\n    return x + 1', 'The list type holds items.']
   _write(tmp_path / 'held.txt', '\n\n'.join(texts) + '\n')
   _jsonl(tmp_path / 'held.jsonl.gz', [{'body': t} for t in texts], compress=True)
   _write(tmp_path / 'ppl_txt.yaml', 'kind: perplexity\ndata: held.txt\n')
   _write(tmp_path / 'ppl_gz.yaml', 'kind: perplexity\ndata: held.jsonl.gz\ntext: body\n')
-  a = tasks.run(str(tmp_path / 'ppl_txt.yaml'), model, SETTINGS)
+  a = tasks.run(str(tmp_path / 'ppl_txt.yaml'), model, SETTINGS, progress=True)
+  bar = capsys.readouterr().err  # a tqdm bar: label, count, elapsed<remaining
+  assert 'random ppl_txt' in bar and '1/1' in bar and '<' in bar
   b = tasks.run(str(tmp_path / 'ppl_gz.yaml'), model, SETTINGS)
   docs = [model.tokenizer.encode(t, bos=True, eos=True) for t in texts]
   direct = model.scorer.perplexity(docs, batch_size=4)
@@ -154,8 +156,11 @@ def test_preference_rewards_against_the_reference(model, tmp_path):
     same = tasks.run(str(tmp_path / 'pref.yaml'), model, SETTINGS)
   finally:
     del model.__dict__['reference_scorer']
-  alone = tasks.run(str(tmp_path / 'pref.yaml'), model, SETTINGS)  # no train.init_from: no reward
+  lines = []  # no train.init_from: no reward
+  alone = evaluate.run_tasks(model, [str(tmp_path / 'pref.yaml')], SETTINGS, log=lines.append)['pref']
   assert alone['reference'] == 'none' and 'reward_accuracy' not in alone
+  assert lines == [f'  random pref: reward_accuracy - ({alone["seconds"]:.0f} s)']
+  assert '| random |  |' in evaluate.markdown_table({'random': {'pref': alone}})
   assert alone['logp_accuracy'] == out['logp_accuracy']
   assert out['n'] == 2 and out['beta'] == 0.5
   margin = 2 * out['reward_margin']  # mean over pairs of beta*(d_pi(c)-d_ref(c)) - (...)
