@@ -113,11 +113,9 @@ class Task:
       return self.metrics[0]
     return {'choice': 'accuracy', 'preference': 'reward_accuracy'}[self.kind]
 
-  def where(self, key: str = '') -> str:
-    return f'{self.path}' + (f' ({key})' if key else '')
 
 
-_FIELDS = {f.name for f in dataclasses.fields(Task)} - {'name', 'path'} | {'name'}
+_FIELDS = {f.name for f in dataclasses.fields(Task)} - {'path'}  # the keys a file may set
 _REQUIRED = {'perplexity': (), 'generate': ('prompt', 'target'),
              'choice': ('prompt', 'choices'), 'preference': ()}
 
@@ -324,17 +322,21 @@ def _label(value, choices: list[str], where: str, fix: str) -> int:
   return value
 
 
-def _labels_from_file(task: Task, n_data: int) -> tuple[list[str], str]:
+def _labels_from_file(task: Task, settings: Settings):
+  """(labels, where) of the label file, one line per record of the whole data file, taken
+  through the same `rows` slice as the records."""
   path = os.path.join(os.path.dirname(task.path), task.label_file)
   try:
     with open(path, encoding='utf-8') as f:
       labels = [line.strip() for line in f if line.strip()]
   except OSError as e:
     raise UserError(f'task file {task.path}: label_file {path}: {e.strerror}') from None
+  n_data = len(load_records(task, task.data, '', settings))
   if len(labels) != n_data:
     raise UserError(f'{path}: {len(labels)} labels for {n_data} records in {task.data}; give one '
                     'label per record, in order')
-  return labels, path
+  index = _slice(task.rows, n_data, f'task file {task.path}')
+  return [labels[i] for i in index], lambda i: f'{path}:{index[i] + 1}'
 
 
 def _limit(task: Task, settings: Settings) -> int:
@@ -474,9 +476,7 @@ def _choice(task: Task, model, settings: Settings, desc: str) -> dict:
   records = _records(task, settings)
   labels, label_where = None, None
   if task.label_file:
-    full = load_records(task, task.data, task.rows, settings)
-    labels, path = _labels_from_file(task, len(full))
-    label_where = lambda i: f'{path}:{i + 1}'
+    labels, label_where = _labels_from_file(task, settings)
 
   def answer(record, where):  # an exemplar's right choice
     options = _choices(task, record, where)

@@ -133,11 +133,17 @@ def test_choice_label_field_label_text_and_label_file_agree(model, tmp_path):
   _write(tmp_path / 'a.yaml', common + 'data: mc.jsonl\nlabel: label\n')
   _write(tmp_path / 'b.yaml', common + 'data: mc_text.jsonl\nlabel: label\n')
   _write(tmp_path / 'c.yaml', common + 'data: mc_nolabel.jsonl\nlabel_file: labels.txt\n')
+  _write(tmp_path / 'd.yaml', common + 'data: mc_nolabel.jsonl\nlabel_file: labels.txt\nrows: "1:"\n')
   expected = _choice_figures(model, MC, [r['label'] for r in MC])
   for name in 'abc':
     out = tasks.run(str(tmp_path / f'{name}.yaml'), model, SETTINGS)
     assert (out['accuracy'], out['accuracy_norm'], out['n']) == (
         expected['accuracy'], expected['accuracy_norm'], 3)
+  # The label file follows the whole data file; `rows` slices both alike.
+  tail = _choice_figures(model, MC[1:], [r['label'] for r in MC[1:]])
+  out = tasks.run(str(tmp_path / 'd.yaml'), model, SETTINGS)
+  assert (out['accuracy'], out['accuracy_norm'], out['n']) == (
+      tail['accuracy'], tail['accuracy_norm'], 2)
 
 
 def test_preference_rewards_against_the_reference(model, tmp_path):
