@@ -1,18 +1,31 @@
-"""The examples of the built-in tasks that are made rather than read: multiple-choice items whose
-wrong options are drawn from other examples. Task files name them as `data: python:MODULE:FN`; each
-function takes the evaluation Settings and returns records."""
+"""The shared data folder (task files' `shared:PATH`), GSM8K's held-out split, and the examples of
+the built-in tasks that are made rather than read: multiple-choice items whose wrong options are
+drawn from other examples. Task files name those as `data: python:MODULE:FN`; each function takes
+the evaluation Settings and returns records."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
 
 from lm.eval import text_metrics as tm
-from lm.eval.tasks import shared_data
+from lm.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 GSM8K_HELDOUT = 500  # the last 500 problems of GSM8K's train.jsonl: never fine-tuned on
+
+
+def shared_data(*parts: str) -> str:
+  """A file under the shared data folder ($LM_SHARED_DATA, default ../shared/data from the repo)."""
+  root = os.environ.get('LM_SHARED_DATA', os.path.join(ROOT, '..', 'shared', 'data'))
+  path = os.path.join(root, *parts)
+  if not os.path.isfile(path):
+    raise UserError(f'{path} not found; set LM_SHARED_DATA to the shared data folder')
+  return path
 
 
 def _clean(answer: str) -> str:

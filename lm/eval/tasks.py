@@ -35,22 +35,12 @@ import numpy as np
 import yaml
 
 from lm.eval import text_metrics as tm
+from lm.eval.task_data import shared_data
 from lm.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'task_files')
 KINDS = ('perplexity', 'generate', 'choice', 'preference')
 GENERATE_METRICS = ('exact_match', 'token_f1', 'rouge_l', 'bleu')
 HELDOUT = 'heldout'  # `data: heldout`: a run's own held-out split
-
-
-def shared_data(*parts: str) -> str:
-  """A file under the shared data folder ($LM_SHARED_DATA, default ../shared/data from the repo)."""
-  root = os.environ.get('LM_SHARED_DATA', os.path.join(ROOT, '..', 'shared', 'data'))
-  path = os.path.join(root, *parts)
-  if not os.path.isfile(path):
-    raise UserError(f'{path} not found; set LM_SHARED_DATA to the shared data folder')
-  return path
 
 
 @dataclasses.dataclass(frozen=True)
