@@ -57,6 +57,7 @@ def complete(model, prompts: list[str], *, max_new_tokens: int = 64, temperature
 
 
 def evaluate_model(model, tasks: list[str], **settings) -> dict:
-  """{task: metrics} for a loaded model; task names and settings are those of `lm eval`."""
+  """{task: metrics} for a loaded model; tasks (built-in names or task files) and settings are those
+  of `lm eval`."""
   from lm.eval import evaluate as evaluate_lib, tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   return evaluate_lib.run_tasks(model, list(tasks), tasks_lib.Settings(**settings), log=lambda _: None)

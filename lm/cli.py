@@ -16,10 +16,11 @@ commands:
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
             [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
-  eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,wiki_ppl --out DIR [--config configs/eval/default.py]
-            [--config.limit=100 --config.shots=2 ...]
+  eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,my_task.yaml --out DIR [--config configs/eval/default.py]
+            [--harness hellaswag,harness_task.yaml] [--config.limit=100 --config.shots=2 ...] [--no-progress]
   compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
             [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
+            [--config configs/eval/default.py] [--config.max_new_tokens=64 ...] [--no-progress]
   data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
 """
 
@@ -206,8 +207,12 @@ def cmd_eval(argv):
   parser = _Parser(prog='lm eval', allow_abbrev=False)
   parser.add_argument('runs', nargs='*', help='[NAME=]RUN_DIR[@STEP]; or set runs in --config')
   parser.add_argument('--config', help='an eval config (configs/eval/default.py[:arg])')
-  parser.add_argument('--tasks', help='comma-separated; see lm/eval/tasks.py')
+  parser.add_argument('--tasks', help='comma-separated built-in tasks (lm/eval/task_files) or '
+                      'task files (docs/evaluation.md)')
+  parser.add_argument('--harness', help='comma-separated lm-eval-harness tasks or harness task '
+                      'YAML files (needs pip install lm[eval])')
   parser.add_argument('--out', required=True, help='directory for results.json and results.md')
+  parser.add_argument('--no-progress', action='store_true', help='no progress bars on stderr')
   args, overrides = parser.parse_known_args(argv)
   _check_output_dir(args.out, '--out')
   cfg, settings = _eval_settings(args, overrides)
@@ -215,8 +220,14 @@ def cmd_eval(argv):
   if not runs:
     raise UserError('lm eval: name at least one run directory')
   from lm.eval import evaluate, tasks  # pylint: disable=import-outside-toplevel
-  names = tasks.parse_tasks(args.tasks or cfg.tasks)
-  evaluate.evaluate_runs(runs, names, settings, args.out)
+  if args.harness:
+    from lm.eval import harness  # pylint: disable=import-outside-toplevel
+    names = tasks.parse_tasks(args.tasks) if args.tasks else []
+    harness.evaluate_runs(runs, harness.parse_tasks(args.harness), settings, args.out,
+                          lm_tasks=names, progress=not args.no_progress)
+  else:
+    names = tasks.parse_tasks(args.tasks or cfg.tasks)
+    evaluate.evaluate_runs(runs, names, settings, args.out, progress=not args.no_progress)
   with open(f'{args.out}/results.md', encoding='utf-8') as f:
     print(f.read())
   return 0
@@ -231,13 +242,19 @@ def cmd_compare(argv):
   parser.add_argument('--general', default='wiki_ppl,heldout_ppl',
                       help='general-ability tasks, run before and after (forgetting)')
   parser.add_argument('--shots', type=int, default=2, help='exemplars for the prompted base')
+  parser.add_argument('--limit', type=int, help='examples per task (the config\'s limit setting)')
   parser.add_argument('--config', help='an eval config for the settings (limit, max_new_tokens...)')
+  parser.add_argument('--no-progress', action='store_true', help='no progress bars on stderr')
   args, overrides = parser.parse_known_args(argv)
   _check_output_dir(args.out, '--out')
   _, settings = _eval_settings(args, overrides)
+  if args.limit is not None:
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    settings = dataclasses.replace(settings, limit=args.limit)
   from lm.eval import compare, tasks  # pylint: disable=import-outside-toplevel
   compare.compare(args.base, args.finetuned, args.out, task_names=tasks.parse_tasks(args.tasks),
-                  general=tasks.parse_tasks(args.general), shots=args.shots, settings=settings)
+                  general=tasks.parse_tasks(args.general), shots=args.shots, settings=settings,
+                  progress=not args.no_progress)
   print(f'wrote {args.out}/compare.md, compare.json, scores.png, loss_curves.png')
   return 0
 
@@ -251,7 +268,13 @@ def cmd_data(argv):
   parser.add_argument('--batches', type=int, default=8, help='batches measured for packing')
   args, overrides = parser.parse_known_args(argv)
   cfg = _config_from_args(args, overrides)
+  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   from lm.data import show  # pylint: disable=import-outside-toplevel
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
+  # As `lm train` does: train.init_from sets the model's shape and, unless data.tokenizer is set,
+  # the tokenizer, so the examples, truncation and held-out counts shown are training's own.
+  pretrained.resolve_config(cfg)
+  config_lib.validate(cfg)
   show.show(cfg, workdir=args.workdir, examples=args.examples, batches=args.batches)
   return 0
 

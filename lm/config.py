@@ -178,7 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/train/partition.py
       objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill | grpo (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
-      eval_tasks='',  # lm/eval/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_tasks='',  # built-in task names or task files (lm/eval/tasks.py), comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
       early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
       early_stopping_patience=3,  # evaluations without improvement before stopping

@@ -6,6 +6,8 @@ Records come in two shapes:
       rejected: {from, value}}
   flat: {prompt, chosen, rejected}; prompt a string (one user turn) or a list of messages; chosen
       and rejected strings, one message, or whole conversations whose shared start is the prompt.
+  HH-RLHF (Anthropic/hh-rlhf): {chosen, rejected}, each a whole dialogue as one string,
+      "\n\nHuman: ...\n\nAssistant: ...", the two sharing every turn but the last.
 
 A batch of pairs holds `chosen_<key>` and `rejected_<key>` for every key of the base format
 (tokens, targets, weights, segment_ids, positions). Row i of the chosen and rejected arrays
@@ -16,6 +18,8 @@ only, so a DPO objective sums log-probabilities per segment over `weights`.
 
 from __future__ import annotations
 
+import re
+
 from lm.data import chat
 from lm.errors import DataError
 
@@ -24,9 +28,26 @@ def pair_keys(keys) -> tuple[str, ...]:
   return tuple(f'{side}_{k}' for side in ('chosen', 'rejected') for k in keys)
 
 
+_HH_TURN = re.compile(r'\n\n(Human|Assistant): ?')
+_HH_ROLES = {'Human': 'user', 'Assistant': 'assistant'}
+
+
+def hh_dialogue(text: str):
+  """HH-RLHF's "\n\nHuman: ...\n\nAssistant: ..." string as messages; None if it is not one."""
+  if not text.startswith(('\n\nHuman:', 'Human:')):
+    return None
+  parts = _HH_TURN.split('\n\n' + text if text.startswith('Human:') else text)
+  # ['', role, content, role, content, ...]
+  return [{'role': _HH_ROLES[role], 'content': content.strip()}
+          for role, content in zip(parts[1::2], parts[2::2])]
+
+
 def _reply(value, where: str, what: str):
   """A reply as text: a string, one message, or the last assistant message of a list."""
   if isinstance(value, str):
+    dialogue = hh_dialogue(value)
+    if dialogue is not None:
+      return _reply(dialogue, where, what)
     return value, None
   if isinstance(value, dict):
     return chat.normalize([value], where)[0]['content'], None

@@ -314,8 +314,12 @@ def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', s
   """Trains a SentencePiece model on `docs` and writes it atomically to `path`.
 
   Ids 0-3 are pad, unk, bos, eos; `special_tokens` (chat markers such as "<|im_end|>") become
-  single pieces that text containing them always encodes to. Byte fallback spells any character
-  outside the vocabulary as UTF-8 bytes instead of <unk>, so decode(encode(text)) == text.
+  single pieces that text containing them always encodes to. decode(encode(text)) == text for any
+  text: no normalisation (SentencePiece's default NFKC rewrites characters and its whitespace
+  handling collapses runs of spaces and newlines, which loses code layout), whitespace-only pieces
+  (indentation, blank lines) allowed, and byte fallback spells any character outside the
+  vocabulary as UTF-8 bytes instead of <unk>. Training sees documents in chunks of whole lines
+  with their newlines, so newlines and indentation get pieces of their own.
   """
   del seed  # SentencePiece's trainer has no seed; its sampling is deterministic for fixed input
   if model_type not in ('bpe', 'unigram'):
@@ -326,9 +330,10 @@ def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', s
     prefix = os.path.join(tmp, 'sp')
     try:
       spm.SentencePieceTrainer.Train(
-          sentence_iterator=(line for d in docs for line in d.split('\n') if line.strip()),
-          model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-          byte_fallback=byte_fallback, character_coverage=0.9995,
+          sentence_iterator=_chunks(docs), model_prefix=prefix, vocab_size=vocab_size,
+          model_type=model_type, byte_fallback=byte_fallback, character_coverage=0.9995,
+          normalization_rule_name='identity', remove_extra_whitespaces=False,
+          allow_whitespace_only_pieces=True, max_sentence_length=_CHUNK_BYTES * 2,
           pad_id=0, unk_id=1, bos_id=2, eos_id=3, split_digits=True,
           **({'user_defined_symbols': list(special_tokens)} if special_tokens else {}),
           input_sentence_size=2_000_000, shuffle_input_sentence=True,
@@ -337,3 +342,27 @@ def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', s
       raise DataError(f'tokenizer training failed: {e}; try a smaller data.tokenizer_vocab_size') from None
     os.replace(prefix + '.model', path)
   return Tokenizer(path)
+
+
+_CHUNK_BYTES = 2048  # SentencePiece skips longer training sentences
+
+
+def _chunks(docs):
+  """Each document as runs of whole lines (newlines kept) of at most _CHUNK_BYTES bytes; a longer
+  line is cut."""
+  for doc in docs:
+    chunk, size = [], 0
+    for line in doc.splitlines(keepends=True):
+      n = len(line.encode('utf-8'))
+      if chunk and size + n > _CHUNK_BYTES:
+        yield ''.join(chunk)
+        chunk, size = [], 0
+      while n > _CHUNK_BYTES:
+        head = line.encode('utf-8')[:_CHUNK_BYTES].decode('utf-8', errors='ignore')
+        yield head
+        line = line[len(head):]
+        n = len(line.encode('utf-8'))
+      chunk.append(line)
+      size += n
+    if ''.join(chunk).strip():
+      yield ''.join(chunk)

@@ -98,17 +98,19 @@ def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
   return Model(name, cfg, model_spec, params, tokenizer_lib.load(cfg.data.tokenizer), mesh, path, 0)
 
 
-def run_tasks(model: Model, names: list[str], settings: tasks_lib.Settings, *,
-              log=print) -> dict:
-  """{task: metrics}, each with its wall time."""
+def run_tasks(model: Model, tasks: list, settings: tasks_lib.Settings, *, log=print,
+              progress: bool = False) -> dict:
+  """{task name: metrics}, each with its wall time. `tasks`: built-in names, task file paths or
+  parsed tasks (tasks_lib.parse_tasks)."""
   out = {}
-  for name in names:
+  for task in [tasks_lib.resolve(t) for t in tasks]:
     start = time.perf_counter()
-    out[name] = tasks_lib.TASKS[name](model, settings)
-    out[name]['seconds'] = time.perf_counter() - start
-    headline, _ = tasks_lib.HEADLINE[name]
-    log(f'  {model.name} {name}: {headline} {out[name][headline]:.4g} '
-        f'({out[name]["seconds"]:.0f} s)')
+    out[task.name] = tasks_lib.run(task, model, settings, progress=progress)
+    out[task.name]['seconds'] = time.perf_counter() - start
+    headline = out[task.name]['headline']
+    value = out[task.name].get(headline)  # absent where undefined (a reward without a reference)
+    log(f'  {model.name} {task.name}: {headline} '
+        f'{"-" if value is None else format(value, ".4g")} ({out[task.name]["seconds"]:.0f} s)')
   return out
 
 
@@ -124,7 +126,8 @@ def markdown_table(results: dict, columns: list[tuple[str, str]] | None = None) 
   models = list(results)
   if columns is None:
     tasks = list(dict.fromkeys(t for m in models for t in results[m]))
-    columns = [(t, tasks_lib.HEADLINE[t][0]) for t in tasks]
+    columns = [(t, next(results[m][t]['headline'] for m in models if t in results[m]))
+               for t in tasks]
   header = '| model | ' + ' | '.join(f'{t} {m}' for t, m in columns) + ' |'
   lines = [header, '|' + '---|' * (len(columns) + 1)]
   for m in models:
@@ -141,16 +144,18 @@ def write_results(out_dir: str, results: dict, meta: dict, table: str) -> None:
     f.write(table)
 
 
-def evaluate_runs(run_specs: list[str], task_names: list[str], settings: tasks_lib.Settings,
-                  out_dir: str, *, log=print) -> dict:
-  """`lm eval`: every task on every run; writes out_dir/results.json and results.md."""
+def evaluate_runs(run_specs: list[str], tasks: list, settings: tasks_lib.Settings,
+                  out_dir: str, *, log=print, progress: bool = False) -> dict:
+  """`lm eval`: every task on every run; writes out_dir/results.json and results.md only once
+  all of them have run."""
+  tasks = [tasks_lib.resolve(t) for t in tasks]
   results = {}
   for spec in run_specs:
     model = load_model(spec)
     log(f'{model.name}: {model.run_dir} step {model.step}')
-    results[model.name] = run_tasks(model, task_names, settings, log=log)
+    results[model.name] = run_tasks(model, tasks, settings, log=log, progress=progress)
   table = markdown_table(results)
-  write_results(out_dir, results, {'runs': run_specs, 'tasks': task_names,
+  write_results(out_dir, results, {'runs': run_specs, 'tasks': [t.path for t in tasks],
                                    'settings': dataclasses.asdict(settings)}, table)
   return results
 
@@ -159,8 +164,8 @@ def evaluate_runs(run_specs: list[str], task_names: list[str], settings: tasks_l
 
 def training_evaluator(cfg, spec: ModelSpec, tokenizer, mesh):
   """fn(params) -> {'task/metric': value} for `train.eval_tasks`, or None when none are set."""
-  names = tasks_lib.parse_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []
-  if not names:
+  tasks = tasks_lib.parse_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []
+  if not tasks:
     return None
   settings = tasks_lib.Settings(limit=cfg.train.eval_task_limit, batch_size=cfg.data.batch_size)
   model = Model('train', cfg, spec, None, tokenizer, mesh)
@@ -173,9 +178,9 @@ def training_evaluator(cfg, spec: ModelSpec, tokenizer, mesh):
       if placed is not None:
         placed.params = params
     out = {}
-    for name in names:
-      metrics = tasks_lib.TASKS[name](model, settings)
-      out.update({f'{name}/{k}': v for k, v in metrics.items()
+    for task in tasks:
+      metrics = tasks_lib.run(task, model, settings)
+      out.update({f'{task.name}/{k}': v for k, v in metrics.items()
                   if isinstance(v, (int, float)) and k != 'n'})
     return out
 
@@ -190,7 +195,7 @@ class EarlyStopping:
 
   def __init__(self, metric: str, patience: int, min_delta: float = 0.0):
     self.metric, self.patience, self.min_delta = metric, patience, min_delta
-    self.lower_is_better = any(s in metric for s in ('loss', 'perplexity', 'nll'))
+    self.lower_is_better = tasks_lib.lower_is_better(metric)
     self.best, self.best_step, self.bad = math.inf, None, 0
 
   def update(self, step: int, metrics: dict) -> bool:

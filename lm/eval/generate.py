@@ -198,8 +198,9 @@ class Generator:
     return COMPILED[key]
 
   def generate_ids(self, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
-                   seed: int = 0, batch_size: int = 32) -> list[list[int]]:
-    """Generated ids per prompt, without the prompt and without the eos/stop tokens."""
+                   seed: int = 0, batch_size: int = 32, progress: str = '') -> list[list[int]]:
+    """Generated ids per prompt, without the prompt and without the eos/stop tokens.
+    `progress`: a label for a progress bar with ETA on stderr ('' for none)."""
     if sampling.top_k > self.cfg.model.vocab_size:
       raise UserError(f'top_k={sampling.top_k} exceeds the vocabulary ({self.cfg.model.vocab_size} '
                       'tokens); use at most that, or 0 for no top-k cut')
@@ -215,7 +216,7 @@ class Generator:
     stop_ids = tuple(tuple(s) for s in stop_ids if s)
     results: list = [None] * len(prompts)
     rng = jax.random.key(seed)
-    for start in range(0, len(order), B):
+    for start in progress_bar(range(0, len(order), B), progress, unit='batch'):
       idx = order[start:start + B]
       rows = [list(prompts[i][-limit:]) or [self.tokenizer.bos_id] for i in idx]
       P = min(_bucket(max(map(len, rows))), limit)
@@ -233,11 +234,12 @@ class Generator:
     return results
 
   def generate(self, prompts: list[str], sampling: Sampling, *, stop=(), seed: int = 0,
-               batch_size: int = 32, bos: bool = True) -> list[str]:
+               batch_size: int = 32, bos: bool = True, progress: str = '') -> list[str]:
     """Completions of `prompts`, each cut before the first stop string."""
     ids = [self.tokenizer.encode(p, bos=bos) for p in prompts]
     stop_ids = [self._stop_tokens(s) for s in stop]
-    outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size)
+    outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
+                             progress=progress)
     return [cut_at_stop(self.tokenizer.decode(o), stop) for o in outs]
 
   def chat(self, prompts: list[str], sampling: Sampling, *, template: str = 'auto',
@@ -257,6 +259,14 @@ class Generator:
     # the spelling that reproduces the string, or gives up on device-side stopping for it.
     ids = self.tokenizer.encode(text)
     return ids if self.tokenizer.decode(ids) == text else []
+
+
+def progress_bar(iterable, label: str, **kwargs):
+  """`iterable`, with a tqdm bar (count, rate, ETA) on stderr when `label` is set."""
+  if not label:
+    return iterable
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(iterable, desc=label, leave=False, dynamic_ncols=True, **kwargs)
 
 
 def read_prompts(path: str) -> list[str]:
