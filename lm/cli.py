@@ -20,6 +20,8 @@ commands:
             [--config.limit=100 --config.shots=2 ...]
   compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
             [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
+  plan      lm plan --config CONFIG --target v5p-8|v6e-8|v5e-16|v4-8|h100x8|h200x8|2xv5p-8 [--mfu 0.4]
+            [--search] [--config.a.b=value ...]   (compiles the step for the target; no hardware)
   data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
 """
 
@@ -225,12 +227,31 @@ def cmd_data(argv):
   return 0
 
 
+def cmd_plan(argv):
+  parser = _Parser(prog='lm plan', allow_abbrev=False)
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:arg]')
+  parser.add_argument('--target', required=True, help='v5p-8, v6e-8, v5e-16, v4-8, h100x8, h200x8, 2xv5p-8, ...')
+  parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 8b')
+  parser.add_argument('--mfu', type=float, default=0.4, help='for the step time and tokens/s')
+  parser.add_argument('--search', action='store_true', help='largest batch per remat policy')
+  args, overrides = parser.parse_known_args(argv)
+  cfg = _config_from_args(args, overrides, args.model_preset)
+  # The target's compiler is loaded on its own; this host's accelerators are not needed.
+  import os  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from lm.bench import plan  # pylint: disable=import-outside-toplevel
+  result = plan.plan(cfg, args.target, mfu=args.mfu, search=args.search)
+  if not args.search:
+    plan.fit_or_raise(result)
+  return 0
+
 
 COMMANDS = {
     'train': cmd_train,
     'bench': cmd_bench,
     'export': cmd_export,
     'data': cmd_data,
+    'plan': cmd_plan,
     'generate': cmd_generate,
     'eval': cmd_eval,
     'compare': cmd_compare,

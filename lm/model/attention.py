@@ -8,10 +8,34 @@ padding and only attends to other padding.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
+
+# (platform, device count) a step is being compiled for, when that is not this host's backend:
+# `lm plan` compiles for a TPU or GPU target on a CPU host, and what 'auto' picks and how the
+# kernels lower must follow the target, not jax.default_backend().
+_TARGET = contextvars.ContextVar('lm_attention_target', default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(devices):
+  """Within this block, attention decides as if running on `devices` (e.g. a TPU topology's)."""
+  platform = devices[0].platform
+  token = _TARGET.set(('gpu' if platform in ('cuda', 'rocm', 'gpu') else platform, len(devices)))
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def target() -> tuple[str, int]:
+  """(platform, device count) attention is compiled for: 'tpu' | 'gpu' | 'cpu'."""
+  return _TARGET.get() or (jax.default_backend(), jax.device_count())
 
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
@@ -78,7 +102,7 @@ def pallas_supported(q_BTHK, k_BSGK, **kwargs):
   K = q_BTHK.shape[-1]
   if kwargs or q_BTHK.shape[1] != k_BSGK.shape[1]:  # explicit positions / cached decoding
     return False
-  backend = jax.default_backend()
+  backend, _ = target()
   if backend == 'gpu':
     try:
       from jax.experimental.pallas import triton  # pylint: disable=import-outside-toplevel,unused-import
@@ -95,7 +119,7 @@ def choose_implementation(q_BTHK, k_BSGK, **kwargs):
   device, 'auto' also stays on XLA: a pallas_call is not partitioned by the SPMD compiler,
   so it needs a shard_map around it first (see docs/attention.md).
   """
-  if jax.device_count() == 1 and pallas_supported(q_BTHK, k_BSGK, **kwargs):
+  if target()[1] == 1 and pallas_supported(q_BTHK, k_BSGK, **kwargs):
     return 'pallas'
   return 'xla'
 
