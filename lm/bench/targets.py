@@ -97,7 +97,8 @@ def parse(name: str) -> Target:
       raise UserError(f'{name}: {chip} slices are named by TensorCores, two per chip '
                       f'(v5p-8 is 4 chips); use an even count')
     chips = count // info['cores_per_chip']
-    tpu_shape(chips, info['dims'])  # a clear error for a count no slice has
+    if chips & (chips - 1):
+      raise UserError(f'{name}: {chips} chips; TPU slices have a power-of-two chip count')
     return Target(text, 'tpu', chip, chips, groups, info['hbm_bytes'], info['peak_flops'])
   chip, count = gpu.group(1), int(gpu.group(2))
   if not 1 <= count <= 8:
