@@ -2,6 +2,7 @@
 
 import dataclasses
 import subprocess
+import types
 
 import jax
 import pytest
@@ -151,3 +152,27 @@ def test_bad_targets_and_meshes_are_one_line_from_the_command(tmp_path):
                          cwd=ROOT, env=lm_runs.env(str(tmp_path / 'cache')), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(line), out.stderr[-2000:]
+
+
+def test_search_reports_the_largest_microbatch_per_remat_policy(monkeypatch):
+  """The search's doubling and its advice, with the compiler replaced by a memory model: a
+  sequence costs 4 units without remat, 2 with dots policies, 1 with full remat; 64 fit."""
+  cost = {'none': 4, 'dots_no_batch': 2, 'dots': 2, 'full': 1}
+  target = targets.parse('v5p-8')
+
+  def fake_compile(c, target, devices=None, *, mfu=0.4):
+    del devices, mfu
+    need = cost[c.model.remat] * c.data.batch_size
+    f = step_flops.StepFlops(1.0, 1.0, 1.0, 0.0, 1.0 if c.model.remat == 'full' else 0.0, 1)
+    return types.SimpleNamespace(fits=need <= 64, total_bytes=need * 2 ** 30, flops=f,
+                                 memory_line=f'{target.name}: needs {need:.1f} GiB per chip of 64.0')
+
+  monkeypatch.setattr(plan_lib, 'compile_step', fake_compile)
+  c = _quiet_tiny()
+  c.data.batch_size = 64
+  lines = list(plan_lib.search_batches(c, target, jax.devices()[:4]))
+  assert '(steps of 4 sequences)' in lines[0]
+  assert [int(line.split()[2]) for line in lines[1:5]] == [16, 32, 32, 64]
+  assert '+33% FLOPs recomputed' in lines[4]
+  assert lines[5] == ('for data.batch_size=64: --config.model.remat=none --config.train.microbatches=4 '
+                      '(least recompute that fits)')
