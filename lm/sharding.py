@@ -95,3 +95,19 @@ def check_batch_divides(batch_size: int, microbatches: int, mesh: Mesh, rules) -
         f'data.batch_size={batch_size} / train.microbatches={microbatches} = {per_micro} sequences per '
         f'microbatch is not divisible by the {dp}-way data parallelism of mesh {dict(mesh.shape)}; '
         f'use a batch size that is a multiple of {dp * microbatches}')
+
+
+class InMesh:
+  """A jitted function traced and run with `mesh` in context (jax.set_mesh), so code inside it
+  (the Pallas attention's shard_map, lm/model/attention.py) sees the mesh and its devices."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)

@@ -132,23 +132,23 @@ def compile_step(cfg, target: targets_lib.Target, devices=None, *, mfu: float = 
   """Compiles `cfg`'s train step for `target`; the Plan says what it needs per device."""
   from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
   devices = target.devices() if devices is None else devices
-  with attention_lib.compiling_for(devices):
-    try:
-      trainer = Trainer(cfg, devices=devices)
-    except ConfigError as e:
-      raise ConfigError(f'{target.name} ({len(devices)} devices): {e}') from None
-    state = abstract_with_shardings(trainer.abstract_state, trainer.shardings)
-    batch = abstract_batch(cfg, trainer.batch_sharding)
-    start = time.perf_counter()
-    lowered = trainer.step.lower(state, batch)
-    needed = None
-    try:
-      memory = lowered.compile().memory_analysis()
-    except Exception as e:  # pylint: disable=broad-except
-      needed = _out_of_memory(e)
-      if needed is None:
-        raise
-    compile_s = time.perf_counter() - start
+  try:
+    trainer = Trainer(cfg, devices=devices)
+  except ConfigError as e:
+    raise ConfigError(f'{target.name} ({len(devices)} devices): {e}') from None
+  state = abstract_with_shardings(trainer.abstract_state, trainer.shardings)
+  batch = abstract_batch(cfg, trainer.batch_sharding)
+  start = time.perf_counter()
+  lowered = trainer.step.lower(state, batch)
+  needed = None
+  try:
+    memory = lowered.compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    needed = _out_of_memory(e)
+    if needed is None:
+      raise
+  compile_s = time.perf_counter() - start
+  with jax.set_mesh(trainer.mesh):
     attention = _resolved_attention(cfg)
 
   labels = trainer.labels

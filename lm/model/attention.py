@@ -8,34 +8,31 @@ padding and only attends to other padding.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
-
-# (platform, device count) a step is being compiled for, when that is not this host's backend:
-# `lm plan` compiles for a TPU or GPU target on a CPU host, and what 'auto' picks and how the
-# kernels lower must follow the target, not jax.default_backend().
-_TARGET = contextvars.ContextVar('lm_attention_target', default=None)
-
-
-@contextlib.contextmanager
-def compiling_for(devices):
-  """Within this block, attention decides as if running on `devices` (e.g. a TPU topology's)."""
-  platform = devices[0].platform
-  token = _TARGET.set(('gpu' if platform in ('cuda', 'rocm', 'gpu') else platform, len(devices)))
-  try:
-    yield
-  finally:
-    _TARGET.reset(token)
+BATCH_AXES = ('data', 'fsdp')  # mesh axes a batch is split over (lm.config mesh.rules 'batch')
+HEAD_AXIS = 'tensor'  # mesh axis heads are split over ('heads', 'kv_heads')
 
 
 def target() -> tuple[str, int]:
-  """(platform, device count) attention is compiled for: 'tpu' | 'gpu' | 'cpu'."""
-  return _TARGET.get() or (jax.default_backend(), jax.device_count())
+  """(platform, device count) the code being traced will run on: 'tpu' | 'gpu' | 'cpu'.
+
+  Inside a mesh context (lm's Trainer sets its mesh around its step) this is the mesh's devices,
+  so a step compiled for a TPU or GPU target on a CPU host (lm plan) decides as the real run
+  would; without one, this host's default backend.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    device = mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return ('gpu' if platform in ('cuda', 'rocm') else platform), mesh.size
+  return jax.default_backend(), jax.device_count()
 
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
@@ -113,13 +110,15 @@ def pallas_supported(q_BTHK, k_BSGK, **kwargs):
 
 
 def choose_implementation(q_BTHK, k_BSGK, **kwargs):
-  """What 'auto' runs: Pallas on one TPU/GPU where it applies, else the XLA reference.
+  """What 'auto' runs: Pallas on TPU/GPU where it applies, else the XLA reference.
 
-  CPU stays on XLA (Pallas only runs there in the slow interpret mode). With more than one
-  device, 'auto' also stays on XLA: a pallas_call is not partitioned by the SPMD compiler,
-  so it needs a shard_map around it first (see docs/attention.md).
+  CPU stays on XLA (Pallas only runs there in the slow interpret mode). On several devices the
+  kernel runs inside a shard_map over the mesh in context (a pallas_call is not partitioned by
+  the SPMD compiler); with no mesh in context it cannot, so 'auto' stays on XLA there.
   """
-  if target()[1] == 1 and pallas_supported(q_BTHK, k_BSGK, **kwargs):
+  _, devices = target()
+  in_mesh = not jax.sharding.get_abstract_mesh().empty
+  if (devices == 1 or in_mesh) and pallas_supported(q_BTHK, k_BSGK, **kwargs):
     return 'pallas'
   return 'xla'
 
@@ -139,5 +138,39 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
     extra = sorted(k for k in kwargs if k not in ('causal', 'window', 'softcap'))
     if extra:
       raise ValueError(f"model.attention='pallas' does not take {extra}; use 'xla'")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+      return sharded_flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh, **kwargs)
     return flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
   return xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
+
+
+def _split_axes(mesh, size: int, candidates) -> tuple:
+  """The mesh axes among `candidates` that evenly split a dimension of `size`, in order."""
+  axes, product = [], 1
+  for name in candidates:
+    n = mesh.shape.get(name, 1)
+    if n > 1 and size % (product * n) == 0:
+      axes.append(name)
+      product *= n
+  return tuple(axes)
+
+
+def sharded_flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh, **kwargs):
+  """The Pallas kernel on each device's block: a shard_map over the batch axes (data, fsdp) and
+  the head axis (tensor). Heads split only when both query and KV heads divide, so each device
+  keeps whole GQA groups; other mesh axes see the whole batch block (XLA gathers it)."""
+  from lm.model.kernels import flash_attention  # pylint: disable=import-outside-toplevel
+  B, _, H, _ = q_BTHK.shape
+  G = k_BSGK.shape[2]
+  batch = _split_axes(mesh, B, BATCH_AXES)
+  heads = _split_axes(mesh, math.gcd(H, G), (HEAD_AXIS,))
+  b = batch if len(batch) > 1 else (batch[0] if batch else None)
+  h = heads[0] if heads else None
+  qkv, seg = P(b, None, h, None), P(b, None)
+  kernel = functools.partial(flash_attention, **kwargs)
+  if segment_ids_BT is None:
+    body, args, specs = (lambda q, k, v: kernel(q, k, v)), (q_BTHK, k_BSGK, v_BSGK), (qkv,) * 3
+  else:
+    body, args, specs = kernel, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT), (qkv,) * 3 + (seg,)
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
