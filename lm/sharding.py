@@ -81,10 +81,28 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
+CONTEXT_AXIS = 'context'  # splits the sequence (length) dim: context parallelism
+
+
+def context_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape.get(CONTEXT_AXIS, 1)
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-  """Batches are split along their leading (batch) dim over the data-parallel axes."""
+  """Batches are split along their leading (batch) dim over the data-parallel axes, and along
+  the sequence over the context axis where it has more than one device."""
   axes = batch_axes(mesh, rules)
-  return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None)))
+  rows = axes if len(axes) > 1 else (axes[0] if axes else None)
+  if context_parallel_size(mesh) > 1:
+    return NamedSharding(mesh, P(rows, CONTEXT_AXIS))
+  return NamedSharding(mesh, P(rows))
+
+
+def check_context_divides(seq_len: int, mesh: Mesh) -> None:
+  cp = context_parallel_size(mesh)
+  if seq_len % cp:
+    raise ConfigError(f'data.seq_len={seq_len} does not split over mesh.shape.context={cp}; use a '
+                      f'sequence length that is a multiple of {cp}')
 
 
 def check_batch_divides(batch_size: int, microbatches: int, mesh: Mesh, rules) -> None:

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 BATCH_AXES = ('data', 'fsdp')  # mesh axes a batch is split over (lm.config mesh.rules 'batch')
 HEAD_AXIS = 'tensor'  # mesh axis heads are split over ('heads', 'kv_heads')
+CONTEXT_AXIS = 'context'  # mesh axis the sequence is split over (context parallelism)
 
 
 def target() -> tuple[str, int]:
@@ -128,6 +129,10 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention={implementation!r}; choose one of {IMPLEMENTATIONS}')
   kwargs = {k: v for k, v in kwargs.items() if v is not None}  # e.g. q_positions_BT=None
+  mesh = jax.sharding.get_abstract_mesh()
+  if (not mesh.empty and mesh.shape.get(CONTEXT_AXIS, 1) > 1
+      and set(kwargs) <= {'causal', 'window', 'softcap'}):
+    return context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh, **kwargs)
   if implementation == 'auto':
     extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap')}
     implementation = choose_implementation(q_BTHK, k_BSGK, **extra)
@@ -174,3 +179,35 @@ def sharded_flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh
   else:
     body, args, specs = kernel, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT), (qkv,) * 3 + (seg,)
   return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+
+
+def context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh, causal=True,
+                               window=None, softcap=None):
+  """Attention with the sequence split over the `context` mesh axis: each device keeps its
+  queries and all-gathers the keys and values (and their segment ids), then masks by global
+  position. The backward pass reduce-scatters dK and dV. Memory per device for everything but
+  K/V falls with the context size. Attention inside is the XLA reference: the Pallas kernels
+  take self-attention only (queries and keys of one length)."""
+  B, T, H, _ = q_BTHK.shape
+  G = k_BSGK.shape[2]
+  batch = _split_axes(mesh, B, BATCH_AXES)
+  heads = _split_axes(mesh, math.gcd(H, G), (HEAD_AXIS,))
+  b = batch if len(batch) > 1 else (batch[0] if batch else None)
+  h = heads[0] if heads else None
+  qkv, rows = P(b, CONTEXT_AXIS, h, None), P(b, CONTEXT_AXIS)
+
+  def body(q, k, v, seg):
+    B_local, T_local = q.shape[:2]
+    gather = lambda x: jax.lax.all_gather(x, CONTEXT_AXIS, axis=1, tiled=True)
+    start = jax.lax.axis_index(CONTEXT_AXIS) * T_local
+    q_pos = jnp.broadcast_to(start + jnp.arange(T_local), (B_local, T_local))
+    kv_pos = jnp.broadcast_to(jnp.arange(T), (B_local, T))
+    return xla_attention(q, gather(k), gather(v), seg, causal=causal, window=window,
+                         softcap=softcap, q_positions_BT=q_pos, kv_positions_BS=kv_pos,
+                         kv_segment_ids_BS=None if seg is None else gather(seg))
+
+  if segment_ids_BT is None:
+    fn, args, specs = (lambda q, k, v: body(q, k, v, None)), (q_BTHK, k_BSGK, v_BSGK), (qkv,) * 3
+  else:
+    fn, args, specs = body, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT), (qkv,) * 3 + (rows,)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)

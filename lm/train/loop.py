@@ -41,6 +41,7 @@ class Trainer:
     self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
+    sharding_lib.check_context_divides(cfg.data.seq_len, self.mesh)
     # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
     reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
     self.spec = ModelSpec(cfg.model, reference=reference)
