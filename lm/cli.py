@@ -12,6 +12,7 @@ USAGE = """usage: lm <command> [options]
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
   bench     lm bench [train|finetune|attention|checkpoint] --config configs/bench_tiny.py [--steps N] [--no-hf]
+            lm bench gpu --out DIR [--smoke]   (attention implementations and the 1B step, JSON + markdown)
             lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
@@ -66,7 +67,7 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | finetune | attention | decode | checkpoint')
+                      help='train (default) | finetune | attention | decode | checkpoint | gpu')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
@@ -75,6 +76,9 @@ def cmd_bench(argv):
   if args.what == 'finetune':
     from lm.bench import finetune as bench_finetune  # pylint: disable=import-outside-toplevel
     return bench_finetune.main([a for a in argv if a != 'finetune'])
+  if args.what == 'gpu':  # the GPU suite: attention implementations and the 1B step, JSON + markdown
+    from lm.bench import gpu_suite  # pylint: disable=import-outside-toplevel
+    return gpu_suite.main([a for a in argv if a != 'gpu'])
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
