@@ -33,8 +33,8 @@ IMPLEMENTATIONS = ('pallas', 'cudnn', 'xla')
 
 def attention_cases(smoke: bool):
   """(case, S, B, H, G, K, documents per row) rows of the attention table."""
-  tokens, K, H = (256, 32, 2) if smoke else (16384, 128, 16)
-  lengths = (128, 256) if smoke else (2048, 4096, 8192, 16384)
+  tokens, K, H = (128, 32, 2) if smoke else (16384, 128, 16)
+  lengths = (128,) if smoke else (2048, 4096, 8192, 16384)
   for case, G, docs in (('causal', H, 1), ('packed', H, 4), ('gqa', max(1, H // 4), 1)):
     for S in lengths:
       yield case, S, max(1, tokens // S), H, G, K, docs
@@ -78,9 +78,9 @@ def run_attention(smoke: bool, iters: int, log) -> list[dict]:
 def train_config(attention: str, smoke: bool):
   c = config_lib.base_config()
   if smoke:
-    c.model.update(vocab_size=256, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=128,
-                   max_seq_len=128)
-    c.data.update(seq_len=128, batch_size=8)
+    c.model.update(vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64,
+                   max_seq_len=64)
+    c.data.update(seq_len=64, batch_size=8)
   else:
     c.model.update(config_lib.MODEL_PRESETS['1b'])
     c.model.update(compute_dtype='bfloat16', remat='full')
