@@ -148,7 +148,7 @@ def test_bad_targets_and_meshes_are_one_line_from_the_command(tmp_path):
   for args, line in [
       (['--target', 'v9-8'], "lm: error: unknown target 'v9-8'; targets look like v5p-8"),
       (['--target', 'v5p-8', '--config.mesh.shape.data=8'],
-       "lm: error: v5p-8 (4 devices): mesh.shape={'data': 8, 'fsdp': 1, 'tensor': 1, 'context': 1} needs 8 devices but 4")]:
+       "lm: error: v5p-8 (4 devices): mesh.shape={'context': 1, 'data': 8, 'fsdp': 1, 'tensor': 1} needs 8 devices but 4")]:
     out = subprocess.run([lm_runs.PYTHON, '-m', 'lm', 'plan', '--config', 'configs/bench_tiny.py', *args],
                          cwd=ROOT, env=lm_runs.env(str(tmp_path / 'cache')), capture_output=True,
                          text=True, timeout=300)
