@@ -9,6 +9,7 @@ The few names a notebook needs (loaded lazily, so `import lm` stays cheap):
   lm.complete(model, ['def main('], max_new_tokens=32)
   lm.evaluate_model(model, ['heldout_ppl'])
   params = lm.load_hf('path/to/hf_model', lm.ModelSpec(cfg.model), shardings)
+  lm.plan(cfg, 'v5p-8')                              # compile the step for a TPU/GPU target, no hardware
 
 See docs/api.md.
 """
@@ -27,6 +28,7 @@ _LAZY = {
     'model_config': ('lm.config', 'model_config'),
     'load_hf': ('lm.io.hf', 'load_params'),
     'save_hf': ('lm.io.hf', 'save'),
+    'plan': ('lm.bench.plan', 'plan'),
 }
 
 # Function names differ from the submodules (lm.train.loop, lm.eval.generate, lm.eval.evaluate): importing a

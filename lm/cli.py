@@ -12,6 +12,7 @@ USAGE = """usage: lm <command> [options]
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
   bench     lm bench [train|finetune|attention|checkpoint|data] --config configs/bench_tiny.py [--steps N] [--no-hf]
+            lm bench gpu --out DIR [--smoke]   (attention implementations and the 1B step, JSON + markdown)
             lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
@@ -21,6 +22,8 @@ commands:
   compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
             [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
             [--config configs/eval/default.py] [--config.max_new_tokens=64 ...] [--no-progress]
+  plan      lm plan --config CONFIG --target v5p-8|v6e-8|v5e-16|v4-8|h100x8|h200x8|2xv5p-8 [--mfu 0.4]
+            [--search] [--config.a.b=value ...]   (compiles the step for the target; no hardware)
   data      lm data show --config CONFIG [--workdir DIR] [--examples N] [--config.a.b=value ...]
 """
 
@@ -58,7 +61,7 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | finetune | attention | decode | checkpoint | data')
+                      help='train (default) | finetune | attention | decode | checkpoint | data | gpu')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
@@ -70,6 +73,9 @@ def cmd_bench(argv):
   if args.what == 'data':  # the input pipeline's tokens/s beside the train step's
     from lm.bench import data as data_bench  # pylint: disable=import-outside-toplevel
     return data_bench.main([a for a in argv if a != 'data'])
+  if args.what == 'gpu':  # the GPU suite: attention implementations and the 1B step, JSON + markdown
+    from lm.bench import gpu_suite  # pylint: disable=import-outside-toplevel
+    return gpu_suite.main([a for a in argv if a != 'gpu'])
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
@@ -279,12 +285,31 @@ def cmd_data(argv):
   return 0
 
 
+def cmd_plan(argv):
+  parser = _Parser(prog='lm plan', allow_abbrev=False)
+  parser.add_argument('--config', required=True, help='configs/NAME.py[:arg]')
+  parser.add_argument('--target', required=True, help='v5p-8, v6e-8, v5e-16, v4-8, h100x8, h200x8, 2xv5p-8, ...')
+  parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 8b')
+  parser.add_argument('--mfu', type=float, default=0.4, help='for the step time and tokens/s')
+  parser.add_argument('--search', action='store_true', help='largest batch per remat policy')
+  args, overrides = parser.parse_known_args(argv)
+  cfg = _config_from_args(args, overrides, args.model_preset)
+  # The target's compiler is loaded on its own; this host's accelerators are not needed.
+  import os  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from lm.bench import plan  # pylint: disable=import-outside-toplevel
+  result = plan.plan(cfg, args.target, mfu=args.mfu, search=args.search)
+  if not args.search:
+    plan.fit_or_raise(result)
+  return 0
+
 
 COMMANDS = {
     'train': cmd_train,
     'bench': cmd_bench,
     'export': cmd_export,
     'data': cmd_data,
+    'plan': cmd_plan,
     'generate': cmd_generate,
     'eval': cmd_eval,
     'compare': cmd_compare,

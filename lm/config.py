@@ -233,7 +233,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(
       # Axis sizes; one -1 takes the remaining devices.
-      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      # context > 1 splits each sequence over that many devices (context parallelism: attention
+      # all-gathers K/V; docs/attention.md), for sequences whose activations fit no one device.
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1)),
       # Logical axis -> mesh axes. A parameter's logical names are declared where it is created.
       rules=(
           ('batch', ('data', 'fsdp')),

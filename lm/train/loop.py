@@ -43,6 +43,7 @@ class Trainer:
     self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
+    sharding_lib.check_context_divides(cfg.data.seq_len, self.mesh)
     # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
     reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
     teacher = (pretrained.teacher_model_config(cfg) if cfg.train.objective in objectives.NEEDS_TEACHER
@@ -57,14 +58,15 @@ class Trainer:
         self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
     self.objective = objective or objectives.from_config(cfg)
-    self.step = jax.jit(
+    self.step = sharding_lib.InMesh(jax.jit(
         make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
                         cfg.train.microbatches, seed=cfg.train.seed,
                         spike_zscore=cfg.train.spike_zscore),
         in_shardings=(self.shardings, self.batch_sharding),
-        out_shardings=(self.shardings, None), donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.spec, self.objective),
-                             in_shardings=(self.shardings.params, self.batch_sharding))
+        out_shardings=(self.shardings, None), donate_argnums=0), self.mesh)
+    self.eval_step = sharding_lib.InMesh(jax.jit(make_eval_step(self.spec, self.objective),
+                                                 in_shardings=(self.shardings.params, self.batch_sharding)),
+                                         self.mesh)
 
   def init_state(self, seed: int | None = None):
     rng = jax.random.key(self.cfg.train.seed if seed is None else seed)
