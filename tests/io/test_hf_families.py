@@ -1,6 +1,6 @@
 """Parity with transformers per family: Qwen3, Gemma 2, Gemma 3 (text), Phi-3 and Llama with
 attention/MLP biases, with linear and YaRN RoPE, and again Llama 3, Mistral, Qwen2 and Gemma
-(tests/test_hf.py checks those on a sharded mesh). Each tiny model is made and saved by transformers itself, with every weight random; lm
+(tests/io/test_hf.py checks those on a sharded mesh). Each tiny model is made and saved by transformers itself, with every weight random; lm
 imports it and must give the same fp32 logits, the same greedy tokens through its KV-cache
 generator, and export the very tensors it read."""
 
@@ -38,7 +38,7 @@ FAMILIES = {
     'phi3': ('Phi3Config', dict(sliding_window=6)),
     'llama_bias': ('LlamaConfig', dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(
         rope_type='linear', rope_theta=10000.0, factor=2.0))),
-    # The families tests/test_hf.py covers on a mesh, here for greedy decoding and exact export.
+    # The families tests/io/test_hf.py covers on a mesh, here for greedy decoding and exact export.
     'llama3': ('LlamaConfig', dict(tie_word_embeddings=True, rope_parameters=dict(
         rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
         high_freq_factor=4.0, original_max_position_embeddings=16))),

@@ -127,7 +127,7 @@ def test_peft_round_trip(tmp_path):
   torch = pytest.importorskip('torch')
   pytest.importorskip('transformers')
   peft = pytest.importorskip('peft')
-  from test_hf import TOKENS, hf_logits, make_hf_model
+  from hf_util import TOKENS, hf_logits, make_hf_model
 
   from lm.io import hf
   base_hf = make_hf_model('llama2', tmp_path / 'base')
