@@ -56,6 +56,17 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
       sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
+      qk_norm=False,  # RMSNorm over each head's q and k before RoPE (Qwen3, Qwen3-MoE)
+      # Mixture-of-Experts feed-forward in every layer (docs/moe.md); n_experts=0: a dense MLP.
+      moe=ml_collections.ConfigDict(dict(
+          n_experts=0,  # experts per layer; 0: dense model
+          experts_per_token=2,  # k: experts each token is routed to
+          mlp_dim=0,  # each expert's hidden size; 0: model.mlp_dim
+          norm_topk_prob=True,  # renormalise the k routing weights to sum to 1 (Mixtral: always; Qwen3-MoE: its config)
+          implementation='ragged',  # ragged (dropless grouped matmul) | dense (every expert on every token: reference)
+          aux_loss_weight=0.01,  # load-balancing loss weight in the objective (HF router_aux_loss_coef)
+          z_loss_weight=0.001,  # router z-loss weight (ST-MoE)
+      )),
       # LoRA adapters on the linear layers whose names match `targets` (docs/finetuning.md).
       lora=ml_collections.ConfigDict(dict(
           rank=0,  # 0: no adapters
@@ -155,10 +166,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(
       # Axis sizes; one -1 takes the remaining devices.
-      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1)),
       # Logical axis -> mesh axes. A parameter's logical names are declared where it is created.
       rules=(
-          ('batch', ('data', 'fsdp')),
+          ('batch', ('data', 'fsdp', 'expert')),
           ('vocab', 'tensor'),
           ('embed', 'fsdp'),
           ('mlp', 'tensor'),
@@ -166,6 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
           ('kv_heads', 'tensor'),
           ('head_dim', None),
           ('layers', None),
+          ('expert', 'expert'),  # expert parallelism: each device holds E / mesh.shape.expert experts
       ),
   ))
 
@@ -319,12 +331,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.remat={cfg.model.remat!r}; choose none, full, dots or dots_no_batch')
   if m.mlp_activation not in ('silu', 'gelu_tanh'):
     raise ConfigError(f'model.mlp_activation={m.mlp_activation!r}; choose silu or gelu_tanh')
+  _validate_moe(m.moe)
   if m.lora.rank < 0 or not 0.0 <= m.lora.dropout < 1.0:
     raise ConfigError(f'model.lora.rank={m.lora.rank} must be >= 0 and model.lora.dropout='
                       f'{m.lora.dropout} in [0, 1)')
   if cfg.train.microbatches < 1 or cfg.data.batch_size % cfg.train.microbatches:
     raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
                       f'train.microbatches={cfg.train.microbatches}; use a divisor of the batch size')
+
+
+def _validate_moe(moe) -> None:
+  if moe.n_experts < 0 or (moe.n_experts and not 1 <= moe.experts_per_token <= moe.n_experts):
+    raise ConfigError(f'model.moe.n_experts={moe.n_experts}, experts_per_token={moe.experts_per_token}: '
+                      'need n_experts >= 0 and 1 <= experts_per_token <= n_experts')
+  if moe.implementation not in ('ragged', 'dense'):
+    raise ConfigError(f'model.moe.implementation={moe.implementation!r}; choose ragged or dense')
+  if moe.aux_loss_weight < 0 or moe.z_loss_weight < 0:
+    raise ConfigError('model.moe.aux_loss_weight and z_loss_weight must not be negative')
 
 
 def head_dim(m) -> int:

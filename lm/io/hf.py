@@ -27,6 +27,8 @@ from lm.io.safetensors import Reader, Writer
 
 FAMILIES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
             'qwen2': 'Qwen2ForCausalLM', 'gemma': 'GemmaForCausalLM'}
+MOE_FAMILIES = {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM'}
+FAMILIES.update(MOE_FAMILIES)
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # buffers some old checkpoints saved
 
 # lm module -> HF module ({i}: layer index). Parameters and LoRA adapters hang off these.
@@ -83,6 +85,7 @@ def model_config_from_hf(hf: dict) -> dict:
   if activation is None or (activation == 'gelu_tanh') != (family == 'gemma'):
     raise CheckpointError(f'{arch} with activation {hf.get("hidden_act")!r} is not supported')
   gemma = family == 'gemma'
+  moe = _moe_fields(hf, family)
   return dict(
       vocab_size=hf['vocab_size'], d_model=D, n_layers=hf['num_hidden_layers'], n_heads=H,
       n_kv_heads=hf.get('num_key_value_heads') or H, head_dim=0 if K == D // H else K,
@@ -91,11 +94,42 @@ def model_config_from_hf(hf: dict) -> dict:
       tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)),
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm_offset=1.0 if gemma else 0.0,
       embed_scale=gemma, mlp_activation=activation,
-      sliding_window=int(hf.get('sliding_window') or 0) if family == 'mistral' else 0)
+      sliding_window=int(hf.get('sliding_window') or 0) if family in ('mistral', 'mixtral') else 0,
+      **moe)
+
+
+def _moe_fields(hf: dict, family: str) -> dict:
+  """Mixtral / Qwen3-MoE config.json -> lm `model.moe` (and qk_norm) fields; {} for dense families."""
+  if family not in MOE_FAMILIES:
+    return {}
+  n_experts = hf.get('num_local_experts') or hf.get('num_experts')
+  moe = dict(n_experts=int(n_experts), experts_per_token=int(hf['num_experts_per_tok']))
+  if family == 'mixtral':
+    return dict(moe=dict(moe, mlp_dim=hf['intermediate_size'], norm_topk_prob=True))
+  step, dense_layers = hf.get('decoder_sparse_step', 1), hf.get('mlp_only_layers') or []
+  if step != 1 or dense_layers:
+    raise CheckpointError(f'Qwen3MoeForCausalLM with decoder_sparse_step={step}, mlp_only_layers='
+                          f'{dense_layers} (dense MLP layers among the MoE ones) is not supported; '
+                          'lm supports experts in every layer (decoder_sparse_step=1, mlp_only_layers=[])')
+  if hf.get('attention_bias'):
+    raise CheckpointError('Qwen3MoeForCausalLM with attention_bias=true is not supported')
+  return dict(qk_norm=True, moe=dict(moe, mlp_dim=hf['moe_intermediate_size'],
+                                     norm_topk_prob=bool(hf.get('norm_topk_prob', False))))
+
+
+def _moe_family(m) -> str:
+  if m.qk_norm:
+    return 'qwen3_moe'
+  if not m.moe.norm_topk_prob:
+    raise CheckpointError('no Hugging Face architecture matches this model: experts without q/k '
+                          'norm are Mixtral, which always sets model.moe.norm_topk_prob=true')
+  return 'mixtral'
 
 
 def family_of(m) -> str:
   """The HF architecture that computes the same function as lm model config `m`."""
+  if m.moe.n_experts:
+    return _moe_family(m)
   gemma = (m.norm_offset == 1.0, bool(m.embed_scale), m.mlp_activation == 'gelu_tanh')
   if any(gemma):
     if not all(gemma) or m.qkv_bias or m.sliding_window or not m.tie_embeddings:
@@ -136,8 +170,22 @@ def hf_config(m, *, dtype: str = 'float32', family: str | None = None, **extra) 
     out.update(use_sliding_window=False, sliding_window=None)
   if family == 'gemma':
     out['hidden_activation'] = 'gelu_pytorch_tanh'
+  out.update(_moe_hf_config(m, family))
   out.update(extra)
   return out
+
+
+def _moe_hf_config(m, family: str) -> dict:
+  if family not in MOE_FAMILIES:
+    return {}
+  F = m.moe.mlp_dim or m.mlp_dim
+  out = dict(num_local_experts=m.moe.n_experts, num_experts_per_tok=m.moe.experts_per_token,
+             router_aux_loss_coef=m.moe.aux_loss_weight, output_router_logits=False)
+  if family == 'mixtral':
+    return dict(out, intermediate_size=F, sliding_window=m.sliding_window or None)
+  return dict(out, num_experts=m.moe.n_experts, moe_intermediate_size=F,
+              norm_topk_prob=bool(m.moe.norm_topk_prob), decoder_sparse_step=1, mlp_only_layers=[],
+              attention_bias=False, use_sliding_window=False, sliding_window=None)
 
 
 def read_config(path: str) -> dict:
@@ -152,7 +200,7 @@ def read_config(path: str) -> dict:
 # ----------------------------------------------------------------------------- layouts
 
 
-def param_map(spec_shapes: dict) -> dict[str, tuple[str, int]]:
+def param_map(spec_shapes: dict, family: str | None = None) -> dict[str, tuple[str, int]]:
   """{lm parameter: (HF tensor name with {i} for stacked layers, layout)} for base weights.
 
   layout: n > 0 for a kernel [*in (n dims), *out] stored as [prod(out), prod(in)]; 0 for the
@@ -164,7 +212,40 @@ def param_map(spec_shapes: dict) -> dict[str, tuple[str, int]]:
   for module, hf_module in MODULES.items():
     out[module + '.kernel'] = (hf_module + '.weight', _IN_DIMS.get(module, 1))
     out[module + '.bias'] = (hf_module + '.bias', FLAT)
+  out.update(QK_NORMS)
+  if 'layers.mlp.router' in spec_shapes:
+    out.update(expert_param_map(family))
   return {k: v for k, v in out.items() if k in spec_shapes}
+
+
+QK_NORMS = {'layers.attn.q_norm.scale': ('model.layers.{i}.self_attn.q_norm.weight', 0),
+            'layers.attn.k_norm.scale': ('model.layers.{i}.self_attn.k_norm.weight', 0)}
+# lm expert module -> HF module per family ({e}: expert index); the router is `<moe>.gate`.
+EXPERT_MODULES = {
+    'mixtral': ('model.layers.{i}.block_sparse_moe',
+                {'layers.mlp.gate': 'experts.{e}.w1', 'layers.mlp.up': 'experts.{e}.w3',
+                 'layers.mlp.down': 'experts.{e}.w2'}),
+    'qwen3_moe': ('model.layers.{i}.mlp',
+                  {'layers.mlp.gate': 'experts.{e}.gate_proj', 'layers.mlp.up': 'experts.{e}.up_proj',
+                   'layers.mlp.down': 'experts.{e}.down_proj'}),
+}
+
+
+def expert_param_map(family: str) -> dict[str, tuple[str, int]]:
+  """{lm parameter: (HF tensor name with {i} and {e}, layout)} for a Mixture-of-Experts family:
+  expert kernels [L, E, in, out] are one HF [out, in] tensor per layer and expert."""
+  if family not in EXPERT_MODULES:
+    raise CheckpointError(f'a model with experts exports as {" or ".join(MOE_FAMILIES.values())}, '
+                          f'not as {family!r}')
+  prefix, experts = EXPERT_MODULES[family]
+  out = {'layers.mlp.router': (prefix + '.gate.weight', 1)}
+  out.update({m + '.kernel': (f'{prefix}.{hf_m}.weight', 1) for m, hf_m in experts.items()})
+  return out
+
+
+def stacked_dims(name: str, template: str) -> int:
+  """Leading dims of lm parameter `name` that index separate HF tensors: layers, then experts."""
+  return int(name.startswith('layers.')) + int('{e}' in template)
 
 
 def to_lm(hf_array, shape, layout):
@@ -194,7 +275,9 @@ def hf_shape(shape, layout) -> tuple:
   return (math.prod(shape[layout:]), math.prod(shape[:layout]))
 
 
-def _hf_names(template: str, stacked_layers: int | None) -> list[str]:
+def _hf_names(template: str, stacked_layers: int | None, experts: int | None = None) -> list[str]:
+  if experts is not None:  # layer-major, as the lm array [L, E, ...] is laid out
+    return [template.format(i=i, e=e) for i in range(stacked_layers) for e in range(experts)]
   return [template] if stacked_layers is None else [template.format(i=i) for i in range(stacked_layers)]
 
 
@@ -216,12 +299,16 @@ def place(shape, sharding, read):
 
 
 def read_stacked(reader, names, shape, layout, dtype, stacked):
-  """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked)."""
+  """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked;
+  stacked=2: one per layer and expert, layer-major)."""
+  n = int(stacked)
   def read(index):
-    if not stacked:
+    if not n:
       return np.asarray(to_lm(reader.get(names[0]), shape, layout)[index], dtype)
-    return np.stack([np.asarray(to_lm(reader.get(names[i]), shape[1:], layout)[index[1:]], dtype)
-                     for i in range(shape[0])[index[0]]])
+    grid = np.arange(math.prod(shape[:n])).reshape(shape[:n])[tuple(index[:n])]
+    parts = [np.asarray(to_lm(reader.get(names[j]), shape[n:], layout)[tuple(index[n:])], dtype)
+             for j in grid.reshape(-1)]
+    return np.stack(parts).reshape(*grid.shape, *parts[0].shape)
   return read
 
 
@@ -245,14 +332,15 @@ def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
 def load_params(path: str, spec, shardings: dict) -> dict:
   """The base weights of HF directory `path` as {lm name: array} placed with `shardings`."""
   reader = Reader(path)
-  table = param_map(spec.shapes)
+  moe = spec.cfg.moe.n_experts
+  table = param_map(spec.shapes, family_of(spec.cfg) if moe else None)
   L = spec.cfg.n_layers
   expected, plan = {}, {}
   for name, (template, layout) in table.items():
     shape = spec.shapes[name].shape
-    stacked = name.startswith('layers.')
-    names = _hf_names(template, L if stacked else None)
-    one = hf_shape(shape[1:] if stacked else shape, layout)
+    stacked = stacked_dims(name, template)
+    names = _hf_names(template, L if stacked else None, moe if stacked == 2 else None)
+    one = hf_shape(shape[stacked:], layout)
     expected.update({n: (one, name) for n in names})
     plan[name] = (names, stacked, layout)
   check_tensors(reader, expected, path, spec.cfg.tie_embeddings)
@@ -314,23 +402,30 @@ def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: 
   """Writes base weights `params` (flat lm names) as a Hugging Face model directory."""
   config = hf_config(model_cfg, dtype=dtype, family=family, **config_extra)
   os.makedirs(path, exist_ok=True)
-  table = param_map(params)
+  table = param_map(params, config['model_type'])
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   tensors = []
   for name, (template, layout) in table.items():
     shape = params[name].shape
-    if name.startswith('layers.'):
+    stacked = stacked_dims(name, template)
+    if stacked == 2:
+      tensors += [(template.format(i=i, e=e), hf_shape(shape[2:], layout), np_dtype, (name, (i, e)))
+                  for i in range(shape[0]) for e in range(shape[1])]
+    elif stacked:
       tensors += [(template.format(i=i), hf_shape(shape[1:], layout), np_dtype, (name, i))
                   for i in range(shape[0])]
     else:
       tensors.append((template, hf_shape(shape, layout), np_dtype, (name, None)))
-  layouts = {name: layout for name, (_, layout) in table.items()}
+  layouts = {name: (layout, stacked_dims(name, template)) for name, (template, layout) in table.items()}
 
   def fetch(name):
     array = host(params[name])
-    if name.startswith('layers.'):
-      return np.stack([to_hf(a, layouts[name]) for a in array])
-    return to_hf(array, layouts[name])
+    layout, stacked = layouts[name]
+    if stacked:
+      flat = array.reshape(-1, *array.shape[stacked:])
+      return np.stack([to_hf(a, layout) for a in flat]).reshape(
+          *array.shape[:stacked], *hf_shape(array.shape[stacked:], layout))
+    return to_hf(array, layout)
 
   write_sharded(path, tensors, fetch, max_shard_bytes=max_shard_bytes)
   if jax.process_index() == 0:

@@ -26,7 +26,9 @@ from lm.train.state import ModelSpec, TrainState
 # The model fields that describe the weights; the rest (dtypes, remat, attention, lora) stay the run's.
 ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
              'max_seq_len', 'rope_theta', 'rope_scaling', 'qkv_bias', 'tie_embeddings', 'norm_eps',
-             'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window')
+             'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window', 'qk_norm', 'moe')
+# Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
+MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'mlp_dim', 'norm_topk_prob')
 
 
 def kind(path: str, what: str = 'train.init_from') -> str:
@@ -53,7 +55,10 @@ def resolve_config(cfg) -> None:
   else:
     fields = {k: v for k, v in _run_config(source)['model'].items() if k in ARCH_KEYS}
   for key, value in fields.items():
-    cfg.model[key] = value
+    if key == 'moe':
+      cfg.model.moe.update({k: v for k, v in value.items() if k in MOE_ARCH_KEYS})
+    else:
+      cfg.model[key] = value
   if not cfg.data.tokenizer:
     # A HF tokenizer.json (its folder also holds the chat template) before a SentencePiece model.
     if os.path.isfile(os.path.join(source, 'tokenizer.json')):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.model import attention as attention_lib
+from lm.model import moe as moe_lib
 from lm.config import head_dim
 
 _REMAT_POLICIES = {
@@ -86,12 +87,12 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
   """x / rms(x) · (offset + scale): offset 0 (Llama, scale starts at 1) or 1 (Gemma, scale at 0)."""
 
-  def __init__(self, dim, *, cfg, rngs):
+  def __init__(self, dim, *, cfg, rngs, axis='embed'):
     del rngs
     self.eps = cfg.norm_eps
     self.offset = cfg.norm_offset
     init = jnp.zeros if self.offset else jnp.ones
-    self.scale = nnx.Param(init((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=('embed',),
+    self.scale = nnx.Param(init((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=(axis,),
                            eager_sharding=False)
 
   def __call__(self, x_BTD):
@@ -140,10 +141,16 @@ class Attention(nnx.Module):
     self.o = lin((H, K), (D,), ('heads', 'head_dim'), ('embed',), name='layers.attn.o')
     self.implementation = cfg.attention
     self.window = cfg.sliding_window or None
+    # Qwen3: RMSNorm over each head's K dims of q and k, before RoPE.
+    self.q_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if cfg.qk_norm else None
+    self.k_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if cfg.qk_norm else None
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
-    q_BTHK = apply_rope(self.q(x_BTD), positions_BT, inv_freq)
-    k_BTGK = apply_rope(self.k(x_BTD), positions_BT, inv_freq)
+    q_BTHK, k_BTGK = self.q(x_BTD), self.k(x_BTD)
+    if self.q_norm is not None:
+      q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
+    q_BTHK = apply_rope(q_BTHK, positions_BT, inv_freq)
+    k_BTGK = apply_rope(k_BTGK, positions_BT, inv_freq)
     v_BTGK = self.v(x_BTD)
     if cache is None:
       out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
@@ -185,12 +192,17 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = moe_lib.MoE(cfg, rngs=rngs) if cfg.moe.n_experts else MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
+    """-> (x_BTD, cache, router stats: None for a dense MLP)."""
     h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq, cache)
     x_BTD = x_BTD + h_BTD
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+    if isinstance(self.mlp, moe_lib.MoE):
+      mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
+      h_BTD, stats = self.mlp(self.mlp_norm(x_BTD), mask_BT)
+      return x_BTD + h_BTD, cache, stats
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache, None
 
 
 class Transformer(nnx.Module):
@@ -203,6 +215,10 @@ class Transformer(nnx.Module):
   The cache (lm/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
   'segment_ids': [B, S] already holding this call's tokens, 'index': slot of this call's first
   token}; its per-layer k/v travel through the layer scan as inputs and outputs.
+
+  With experts (model.moe.n_experts > 0), a call without a cache that runs the adapters (the
+  trained policy, not a DPO reference pass) adds its {'load_balancing', 'router_z'} losses to
+  `router_losses` and counts itself in `router_calls`; lm/train/objectives.py reads them.
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -223,6 +239,8 @@ class Transformer(nnx.Module):
         (D,), (V,), ('embed',), ('vocab',), init_std=0.02, name='lm_head', cfg=cfg, rngs=rngs)
     self.dropout_key = None
     self.reference = None
+    self.router_losses = nnx.data(None)
+    self.router_calls = 0
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
                adapters=True):
@@ -249,19 +267,25 @@ class Transformer(nnx.Module):
       block = nnx.merge(graphdef, layer_params)
       _configure_adapters(block, adapters, layer_key)
       layer_cache = None if layer_kv is None else {**layer_kv, **shared}
-      return block(x_BTD, positions_BT, segment_ids_BT, inv_freq, layer_cache)
+      x_BTD, layer_cache, stats = block(x_BTD, positions_BT, segment_ids_BT, inv_freq, layer_cache)
+      return x_BTD, (layer_cache, stats)
 
     if cfg.remat != 'none' and cache is None:
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     xs = (stacked, None if key is None else layer_keys[1:], kv)
     if cfg.scan_layers:
-      x_BTD, kv = jax.lax.scan(layer, x_BTD, xs)
+      x_BTD, (kv, stats) = jax.lax.scan(layer, x_BTD, xs)
     else:
       outs = []
       for i in range(cfg.n_layers):
         x_BTD, out = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
         outs.append(out)
-      kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      kv, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+    if stats is not None and cache is None and adapters:
+      losses = moe_lib.router_losses(stats)
+      if self.router_losses is not None:
+        losses = jax.tree.map(jnp.add, self.router_losses, losses)
+      self.router_losses, self.router_calls = nnx.data(losses), self.router_calls + 1
 
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
@@ -276,7 +300,8 @@ class Transformer(nnx.Module):
 
 def _configure_adapters(module, adapters: bool, key) -> None:
   """Sets the per-call adapter switch and dropout key on every Linear in `module`."""
-  linears = [m for _, m in nnx.iter_modules(module) if isinstance(m, Linear) and m.lora_rank]
+  linears = [m for _, m in nnx.iter_modules(module)
+             if isinstance(m, (Linear, moe_lib.ExpertLinear)) and m.lora_rank]
   keys = [None] * len(linears) if key is None else list(jax.random.split(key, max(len(linears), 1)))
   for linear, k in zip(linears, keys):
     linear.adapters, linear.dropout_key = adapters, nnx.data(k)

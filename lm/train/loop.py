@@ -58,7 +58,7 @@ class Trainer:
                         spike_zscore=cfg.train.spike_zscore),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.spec, self.objective),
+    self.eval_step = jax.jit(make_eval_step(self.spec, objectives.for_evaluation(self.objective)),
                              in_shardings=(self.shardings.params, self.batch_sharding))
 
   def init_state(self, seed: int | None = None):
