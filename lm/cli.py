@@ -13,6 +13,7 @@ commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
   bench     lm bench [train|finetune|attention|checkpoint] --config configs/bench_tiny.py [--steps N] [--no-hf]
             lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
+            lm bench moe [--experts 8] [--top-k 2] [--expert-dim 128] [--seq-len 128]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
             [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
@@ -64,7 +65,7 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | finetune | attention | decode | checkpoint')
+                      help='train (default) | finetune | attention | decode | checkpoint | moe')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
@@ -76,13 +77,16 @@ def cmd_bench(argv):
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
+  if args.what == 'moe':
+    from lm.bench import moe as moe_bench  # pylint: disable=import-outside-toplevel
+    return moe_bench.main([a for a in argv if a != 'moe'])
   if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.eval.generate -h)
     from lm.eval import generate  # pylint: disable=import-outside-toplevel
     config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
     return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
-                    'choose train, finetune, attention, decode or checkpoint')
+                    'choose train, finetune, attention, decode, checkpoint or moe')
   cfg = _config_from_args(args, overrides, args.model_preset)
   if args.what == 'checkpoint':
     from lm.bench import checkpoint as checkpoint_bench  # pylint: disable=import-outside-toplevel

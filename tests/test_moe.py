@@ -17,7 +17,7 @@ from lm.train.state import ModelSpec
 
 def moe_config(**moe_fields):
   c = tiny_config()
-  c.model.moe.update(n_experts=4, experts_per_token=2, mlp_dim=16, **moe_fields)
+  c.model.moe.update(n_experts=4, experts_per_token=2, expert_dim=16, **moe_fields)
   return c
 
 

@@ -105,7 +105,7 @@ def _moe_fields(hf: dict, family: str) -> dict:
   n_experts = hf.get('num_local_experts') or hf.get('num_experts')
   moe = dict(n_experts=int(n_experts), experts_per_token=int(hf['num_experts_per_tok']))
   if family == 'mixtral':
-    return dict(moe=dict(moe, mlp_dim=hf['intermediate_size'], norm_topk_prob=True))
+    return dict(moe=dict(moe, expert_dim=hf['intermediate_size'], norm_topk_prob=True))
   step, dense_layers = hf.get('decoder_sparse_step', 1), hf.get('mlp_only_layers') or []
   if step != 1 or dense_layers:
     raise CheckpointError(f'Qwen3MoeForCausalLM with decoder_sparse_step={step}, mlp_only_layers='
@@ -113,7 +113,7 @@ def _moe_fields(hf: dict, family: str) -> dict:
                           'lm supports experts in every layer (decoder_sparse_step=1, mlp_only_layers=[])')
   if hf.get('attention_bias'):
     raise CheckpointError('Qwen3MoeForCausalLM with attention_bias=true is not supported')
-  return dict(qk_norm=True, moe=dict(moe, mlp_dim=hf['moe_intermediate_size'],
+  return dict(qk_norm=True, moe=dict(moe, expert_dim=hf['moe_intermediate_size'],
                                      norm_topk_prob=bool(hf.get('norm_topk_prob', False))))
 
 
@@ -178,7 +178,7 @@ def hf_config(m, *, dtype: str = 'float32', family: str | None = None, **extra) 
 def _moe_hf_config(m, family: str) -> dict:
   if family not in MOE_FAMILIES:
     return {}
-  F = m.moe.mlp_dim or m.mlp_dim
+  F = m.moe.expert_dim or m.mlp_dim
   out = dict(num_local_experts=m.moe.n_experts, num_experts_per_tok=m.moe.experts_per_token,
              router_aux_loss_coef=m.moe.aux_loss_weight, output_router_logits=False)
   if family == 'mixtral':

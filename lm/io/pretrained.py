@@ -28,7 +28,7 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'max_seq_len', 'rope_theta', 'rope_scaling', 'qkv_bias', 'tie_embeddings', 'norm_eps',
              'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window', 'qk_norm', 'moe')
 # Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
-MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'mlp_dim', 'norm_topk_prob')
+MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob')
 
 
 def kind(path: str, what: str = 'train.init_from') -> str:

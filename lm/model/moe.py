@@ -137,7 +137,7 @@ class MoE(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     D, E = cfg.d_model, cfg.moe.n_experts
-    F = cfg.moe.mlp_dim or cfg.mlp_dim
+    F = cfg.moe.expert_dim or cfg.mlp_dim
     self.router = _param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D, E), ('embed', None),
                          jnp.dtype(cfg.param_dtype))
     experts = functools.partial(ExpertLinear, E, cfg=cfg, rngs=rngs)
