@@ -350,6 +350,12 @@ def _validate_moe(moe) -> None:
     raise ConfigError('model.moe.aux_loss_weight and z_loss_weight must not be negative')
 
 
+def n_experts(m) -> int:
+  """model.moe.n_experts; 0 for model configs saved before Mixture-of-Experts existed."""
+  moe = m.get('moe')
+  return int(moe.n_experts) if moe else 0
+
+
 def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.n_heads
 

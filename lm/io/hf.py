@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm.config import head_dim
+from lm.config import head_dim, n_experts
 from lm.errors import CheckpointError
 from lm.io.safetensors import Reader, Writer
 
@@ -128,7 +128,7 @@ def _moe_family(m) -> str:
 
 def family_of(m) -> str:
   """The HF architecture that computes the same function as lm model config `m`."""
-  if m.moe.n_experts:
+  if n_experts(m):
     return _moe_family(m)
   gemma = (m.norm_offset == 1.0, bool(m.embed_scale), m.mlp_activation == 'gelu_tanh')
   if any(gemma):
@@ -332,7 +332,7 @@ def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
 def load_params(path: str, spec, shardings: dict) -> dict:
   """The base weights of HF directory `path` as {lm name: array} placed with `shardings`."""
   reader = Reader(path)
-  moe = spec.cfg.moe.n_experts
+  moe = n_experts(spec.cfg)
   table = param_map(spec.shapes, family_of(spec.cfg) if moe else None)
   L = spec.cfg.n_layers
   expected, plan = {}, {}

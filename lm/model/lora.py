@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lm.config import n_experts
 from lm.io import hf
 from lm.errors import CheckpointError
 from lm.train.partition import is_adapter
@@ -155,7 +156,7 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
   if not adapter:
     raise CheckpointError('no LoRA adapters in these parameters (model.lora.rank is 0)')
   experts = [m for m in modules(adapter) if m.startswith('layers.mlp.')]
-  if experts and model_cfg.moe.n_experts:
+  if experts and n_experts(model_cfg):
     raise CheckpointError(f'PEFT export of LoRA on experts ({experts[0]}) is not supported; merge '
                           'them (lm export without --adapters) or adapt only attention '
                           r"(model.lora.targets='layers\.attn\.')")

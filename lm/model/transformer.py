@@ -22,7 +22,7 @@ from flax import nnx
 
 from lm.model import attention as attention_lib
 from lm.model import moe as moe_lib
-from lm.config import head_dim
+from lm.config import head_dim, n_experts
 
 _REMAT_POLICIES = {
     'full': None,
@@ -142,8 +142,9 @@ class Attention(nnx.Module):
     self.implementation = cfg.attention
     self.window = cfg.sliding_window or None
     # Qwen3: RMSNorm over each head's K dims of q and k, before RoPE.
-    self.q_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if cfg.qk_norm else None
-    self.k_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if cfg.qk_norm else None
+    qk_norm = cfg.get('qk_norm', False)  # absent from configs saved before it existed
+    self.q_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if qk_norm else None
+    self.k_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if qk_norm else None
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
     q_BTHK, k_BTGK = self.q(x_BTD), self.k(x_BTD)
@@ -192,7 +193,7 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
-    self.mlp = moe_lib.MoE(cfg, rngs=rngs) if cfg.moe.n_experts else MLP(cfg, rngs=rngs)
+    self.mlp = moe_lib.MoE(cfg, rngs=rngs) if n_experts(cfg) else MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
     """-> (x_BTD, cache, router stats: None for a dense MLP)."""
