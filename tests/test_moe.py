@@ -188,3 +188,10 @@ def test_bad_moe_settings_are_one_line_errors():
     c.model.moe.update(fields)
     with pytest.raises(ConfigError, match=match):
       config_lib.validate(c)
+
+
+def test_flops_count_the_routed_experts_not_all_of_them():
+  from lm.train import flops
+  moe_model, dense = moe_config().model, tiny_config(mlp_dim=2 * 16).model  # k * expert_dim
+  router = moe_model.n_layers * moe_model.d_model * 4
+  assert flops.matmul_params(moe_model) == flops.matmul_params(dense) + router

@@ -158,7 +158,7 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
   experts = [m for m in modules(adapter) if m.startswith('layers.mlp.')]
   if experts and n_experts(model_cfg):
     raise CheckpointError(f'PEFT export of LoRA on experts ({experts[0]}) is not supported; merge '
-                          'them (lm export without --adapters) or adapt only attention '
+                          'them (lm export without --adapters-only) or adapt only attention '
                           r"(model.lora.targets='layers\.attn\.')")
   lora_cfg = model_cfg.lora
   os.makedirs(path, exist_ok=True)
