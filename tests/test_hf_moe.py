@@ -159,3 +159,15 @@ def test_unsupported_moe_variants_are_refused_in_one_line(tmp_path):
   c.model.moe.update(n_experts=4, norm_topk_prob=False)
   with pytest.raises(CheckpointError, match='Mixtral, which always sets'):
     hf.family_of(c.model)
+
+
+def test_init_from_sets_the_expert_architecture_and_keeps_the_run_settings(tmp_path):
+  from lm.io import pretrained
+  make_hf_model('qwen3_moe', tmp_path)
+  c = tiny_config()
+  c.model.moe.update(aux_loss_weight=0.5, implementation='dense')
+  c.train.init_from = str(tmp_path)
+  pretrained.resolve_config(c)
+  assert (c.model.moe.n_experts, c.model.moe.experts_per_token, c.model.moe.expert_dim) == (4, 2, 16)
+  assert c.model.qk_norm and not c.model.moe.norm_topk_prob
+  assert (c.model.moe.aux_loss_weight, c.model.moe.implementation) == (0.5, 'dense')
