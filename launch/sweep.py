@@ -39,6 +39,7 @@ import sys
 from typing import Callable, Sequence
 
 from launch import common
+from lm.train.metrics import perplexity, plot_loss_curves, read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # The `hyper` helpers (after big_vision): each returns a list of override dicts.
@@ -192,35 +193,6 @@ def run_local(config: str, runs: list[common.Run],
 # Summaries.
 
 
-def _read_text(path: str) -> str | None:
-  try:
-    if '://' in path:
-      from etils import epath  # gs:// and friends, when the workdir is remote
-      p = epath.Path(path)
-      return p.read_text() if p.exists() else None
-    with open(path) as f:
-      return f.read()
-  except FileNotFoundError:
-    return None
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of `workdir/metrics.jsonl`, skipping a torn last line."""
-  text = _read_text(_join(workdir, 'metrics.jsonl'))
-  records = []
-  for line in (text or '').splitlines():
-    line = line.strip()
-    if not line:
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(rec, dict):
-      records.append(rec)
-  return records
-
-
 def _num(x):
   return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
@@ -251,7 +223,7 @@ def summarize_run(run: common.Run, exit_code: int | None = None, shared=()) -> d
     best = min(evals, key=lambda r: r['eval_loss'])
     row['best_eval_loss'] = best['eval_loss']
     ppl = _num(best.get('eval_perplexity'))
-    row['best_eval_perplexity'] = ppl if ppl is not None else math.exp(min(best['eval_loss'], 700))
+    row['best_eval_perplexity'] = ppl if ppl is not None else perplexity(best['eval_loss'])
     row['best_eval_step'] = best.get('step')
   if not recs:
     row['status'] = 'no metrics' if exit_code in (None, 0) else f'failed (exit {exit_code})'
@@ -289,33 +261,7 @@ def summary_table(rows: list[dict]) -> str:
 
 def plot(runs: list[common.Run], path: str, title: str = '') -> str:
   """Training (and eval) loss against step for every run, as a PNG."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  data = {run.name: read_metrics(run.workdir) for run in runs}
-  has_eval = any('eval_loss' in r for recs in data.values() for r in recs)
-  fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 4),
-                           squeeze=False)
-  panels = [('loss', 'training loss')] + ([('eval_loss', 'eval loss')] if has_eval else [])
-  for ax, (key, label) in builtins.zip(axes[0], panels):
-    for name, recs in data.items():
-      pts = [(r['step'], r[key]) for r in recs
-             if _num(r.get(key)) is not None and _num(r.get('step')) is not None]
-      if pts:
-        xs, ys = builtins.zip(*pts)
-        ax.plot(xs, ys, marker='o' if key == 'eval_loss' else None, markersize=3, label=name)
-    ax.set_xlabel('step')
-    ax.set_ylabel(label)
-    ax.set_title(label)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plot_loss_curves({run.name: read_metrics(run.workdir) for run in runs}, path, title=title)
 
 
 def write_summary(workdir: str, runs: list[common.Run], codes: dict | None = None) -> tuple[str, str]:

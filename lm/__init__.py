@@ -20,7 +20,7 @@ import importlib
 _LAZY = {
     'Trainer': ('lm.train.loop', 'Trainer'),
     'run_training': ('lm.train.loop', 'train'),
-    'ModelSpec': ('lm.train.state', 'ModelSpec'),
+    'ModelSpec': ('lm.model.spec', 'ModelSpec'),
     'load_model': ('lm.eval.evaluate', 'load_model'),
     'Sampling': ('lm.eval.generate', 'Sampling'),
     'base_config': ('lm.config', 'base_config'),

@@ -11,7 +11,7 @@ USAGE = """usage: lm <command> [options]
 
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
-  bench     lm bench [train|finetune|attention|checkpoint] --config configs/bench_tiny.py [--steps N] [--no-hf]
+  bench     lm bench [train|finetune|attention|checkpoint|data|moe] --config configs/bench_tiny.py [--steps N] [--no-hf]
             lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
             lm bench moe [--experts 8] [--top-k 2] [--expert-dim 128] [--seq-len 128]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
@@ -65,7 +65,7 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | finetune | attention | decode | checkpoint | moe')
+                      help='train (default) | finetune | attention | decode | checkpoint | data | moe')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
@@ -74,19 +74,21 @@ def cmd_bench(argv):
   if args.what == 'finetune':
     from lm.bench import finetune as bench_finetune  # pylint: disable=import-outside-toplevel
     return bench_finetune.main([a for a in argv if a != 'finetune'])
+  if args.what == 'data':  # the input pipeline's tokens/s beside the train step's
+    from lm.bench import data as data_bench  # pylint: disable=import-outside-toplevel
+    return data_bench.main([a for a in argv if a != 'data'])
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
   if args.what == 'moe':
     from lm.bench import moe as moe_bench  # pylint: disable=import-outside-toplevel
     return moe_bench.main([a for a in argv if a != 'moe'])
-  if args.what == 'decode':  # KV-cache generation tokens/s; its own flags (python -m lm.eval.generate -h)
-    from lm.eval import generate  # pylint: disable=import-outside-toplevel
-    config = [] if '--config' in argv else ['--config', 'configs/quickstart.py']
-    return generate.main(['--bench'] + config + [a for a in argv if a != 'decode'])
+  if args.what == 'decode':  # KV-cache decoding tokens/s; --model: beside HF generate (lm/bench/decode.py)
+    from lm.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
+    return decode_bench.main([a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
-                    'choose train, finetune, attention, decode, checkpoint or moe')
+                    'choose train, finetune, attention, decode, checkpoint, data or moe')
   cfg = _config_from_args(args, overrides, args.model_preset)
   if args.what == 'checkpoint':
     from lm.bench import checkpoint as checkpoint_bench  # pylint: disable=import-outside-toplevel
@@ -99,13 +101,16 @@ def cmd_bench(argv):
 def cmd_export(argv):
   parser = _Parser(prog='lm export', allow_abbrev=False)
   parser.add_argument('--workdir', required=True, help='an lm run directory')
-  parser.add_argument('--out', required=True, help='the Hugging Face (or PEFT) directory to write')
+  parser.add_argument('--out', required=True,
+                      help='the Hugging Face (or PEFT) directory, or the .gguf file, to write')
   parser.add_argument('--adapters-only', action='store_true', help='write LoRA adapters for PEFT')
-  parser.add_argument('--dtype', default='float32', help='float32 | bfloat16 | float16')
+  parser.add_argument('--format', default='hf', choices=('hf', 'gguf'),
+                      help='hf: config.json + safetensors; gguf: one llama.cpp file')
+  parser.add_argument('--dtype', help='hf: float32 (default) | bfloat16 | float16; gguf: f16 (default) | q8_0')
   args = parser.parse_args(argv)
   from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   print(pretrained.export_run(args.workdir, args.out, adapters_only=args.adapters_only,
-                              dtype=args.dtype))
+                              dtype=args.dtype, fmt=args.format))
   return 0
 
 
@@ -144,12 +149,22 @@ def cmd_generate(argv):
   parser.add_argument('--stop', action='append', default=[], help='stop string; repeatable')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--batch-size', type=int, default=16)
+  parser.add_argument('--chat', action='store_true',
+                      help="each prompt is a user message in the model's chat template "
+                           '(the run\'s data.chat_template, else the tokenizer\'s own); prints the reply')
+  parser.add_argument('--system', help='with --chat: a system message before each prompt')
   args = parser.parse_args(argv)
   from lm.eval import evaluate, generate  # pylint: disable=import-outside-toplevel
   sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
   model = evaluate.load_model(args.run)
-  run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
-                                                 batch_size=args.batch_size)
+  if args.chat:
+    template = model.cfg.data.get('chat_template') or 'auto'
+    run = lambda prompts: model.generator.chat(prompts, sampling, template=template,
+                                               system=args.system, seed=args.seed,
+                                               batch_size=args.batch_size)
+  else:
+    run = lambda prompts: model.generator.generate(prompts, sampling, stop=args.stop, seed=args.seed,
+                                                   batch_size=args.batch_size)
   prompts = list(args.prompt)
   if args.prompts_file:
     prompts += generate.read_prompts(args.prompts_file)
@@ -162,7 +177,7 @@ def cmd_generate(argv):
         break
       if not prompt:
         break
-      print(prompt + run([prompt])[0])
+      print(('' if args.chat else prompt) + run([prompt])[0])
     return 0
   completions = run(prompts)
   if args.out:
@@ -173,7 +188,7 @@ def cmd_generate(argv):
     print(f'wrote {len(prompts)} completions to {args.out}')
   else:
     for p, c in zip(prompts, completions):
-      print(f'{p}{c}\n')
+      print(f'> {p}\n{c}\n' if args.chat else f'{p}{c}\n')
   return 0
 
 
@@ -181,7 +196,7 @@ def cmd_eval(argv):
   parser = _Parser(prog='lm eval', allow_abbrev=False)
   parser.add_argument('runs', nargs='*', help='[NAME=]RUN_DIR[@STEP]; or set runs in --config')
   parser.add_argument('--config', help='an eval config (configs/eval/default.py[:arg])')
-  parser.add_argument('--tasks', help='comma-separated; see lm/tasks.py')
+  parser.add_argument('--tasks', help='comma-separated; see lm/eval/tasks.py')
   parser.add_argument('--out', required=True, help='directory for results.json and results.md')
   args, overrides = parser.parse_known_args(argv)
   cfg, settings = _eval_settings(args, overrides)

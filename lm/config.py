@@ -32,6 +32,9 @@ MODEL_PRESETS = {
 }
 
 
+ROPE_SCALING_TYPES = ('llama3', 'linear', 'yarn')  # model.rope_scaling['type'] (lm/model/transformer.py)
+
+
 def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   """The model section: Llama-family decoder, configured rather than forked (Qwen2 = qkv_bias)."""
   if preset not in MODEL_PRESETS:
@@ -46,17 +49,27 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       mlp_dim=384,
       max_seq_len=2048,  # longest sequence the positions support; data.seq_len must fit
       rope_theta=10000.0,
-      # Llama-3 style frequency scaling; None leaves RoPE unscaled.
+      # RoPE frequency scaling: {'type': 'llama3' (the default) | 'linear' | 'yarn', 'factor', ...}
+      # with the fields Hugging Face uses (lm/io/hf.py); None leaves RoPE unscaled.
       rope_scaling=config_dict.placeholder(dict),
       qkv_bias=False,
       tie_embeddings=False,
       norm_eps=1e-5,
-      # Family variants (lm/hf.py sets them from a Hugging Face config.json; defaults are Llama's).
+      # Family variants (lm/io/hf.py sets them from a Hugging Face config.json; defaults are Llama's).
       norm_offset=0.0,  # RMSNorm multiplies by (norm_offset + scale): 0 Llama, 1 Gemma
       embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
       sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
-      qk_norm=False,  # RMSNorm over each head's q and k before RoPE (Qwen3, Qwen3-MoE)
+      layer_types=(),  # per layer 'sliding' | 'full' (Gemma 2/3): only sliding layers use sliding_window; (): all alike
+      rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
+      attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
+      mlp_bias=False,  # biases on gate/up/down (Llama mlp_bias)
+      qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Qwen3-MoE, Gemma 3)
+      post_norms=False,  # also norm the attention and MLP outputs before the residual add (Gemma 2/3)
+      query_pre_attn_scalar=0.0,  # attention logits scale by this ** -0.5; 0: head_dim (Gemma 2/3 set it)
+      attn_logit_softcap=0.0,  # c · tanh(logits / c) on attention logits (Gemma 2); 0: off
+      final_logit_softcap=0.0,  # the same on the output logits (Gemma 2/3); 0: off
+      hf_family='',  # the Hugging Face model_type export writes (set by import); '': inferred
       # Mixture-of-Experts feed-forward in every layer (docs/moe.md); n_experts=0: a dense MLP.
       moe=ml_collections.ConfigDict(dict(
           n_experts=0,  # experts per layer; 0: dense model
@@ -83,6 +96,18 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   ))
   m.update(MODEL_PRESETS[preset])
   return m
+
+
+def with_model_defaults(m) -> ml_collections.ConfigDict:
+  """Model config `m` with any key it lacks at its default: runs saved by an older lm load."""
+  def fill(defaults: dict, given: dict) -> dict:
+    out = dict(defaults)
+    for key, value in given.items():
+      out[key] = fill(defaults[key], value) if isinstance(defaults.get(key), dict) and isinstance(
+          value, dict) else value
+    return out
+  given = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
+  return ml_collections.ConfigDict(fill(model_config().to_dict(), given))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -144,15 +169,15 @@ def base_config() -> ml_collections.ConfigDict:
       keep_every=0,  # also keep every checkpoint whose step is a multiple of this; 0: only the latest
       async_checkpoint=True,  # write checkpoints in the background while training continues
       grace_seconds=120.0,  # after SIGTERM/SIGINT: time to checkpoint and exit before a hard exit
-      # Numerical guard (lm/guard.py): a step with a non-finite loss or gradient is skipped.
+      # Numerical guard (lm/train/guard.py): a step with a non-finite loss or gradient is skipped.
       max_bad_steps=5,  # this many skipped steps in a row stop the run (exit 3)
       spike_zscore=0.0,  # also skip a loss this many std devs above the recent window; 0: off
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
-      trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
-      objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
+      trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/train/partition.py
+      objective='next_token_xent',  # next_token_xent | dpo (lm/train/objectives.py)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
-      eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_tasks='',  # lm/eval/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
       early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
       early_stopping_patience=3,  # evaluations without improvement before stopping
@@ -192,7 +217,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.metrics = ml_collections.ConfigDict(dict(
       # Peak FLOP/s per device for MFU; 0 uses the known figure for the device kind
-      # (lm/flops.py) or, on CPU, a short measured matmul rate.
+      # (lm/train/flops.py) or, on CPU, a short measured matmul rate.
       peak_flops_per_device=0.0,
       tensorboard=True,
   ))
@@ -332,6 +357,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if m.mlp_activation not in ('silu', 'gelu_tanh'):
     raise ConfigError(f'model.mlp_activation={m.mlp_activation!r}; choose silu or gelu_tanh')
   _validate_moe(m.moe)
+  if m.rope_scaling and m.rope_scaling.get('type', 'llama3') not in ROPE_SCALING_TYPES:
+    raise ConfigError(f"model.rope_scaling type {m.rope_scaling['type']!r} is not supported; "
+                      f'lm implements {", ".join(ROPE_SCALING_TYPES)} (or None for unscaled RoPE)')
+  if m.layer_types and (len(m.layer_types) != m.n_layers
+                        or set(m.layer_types) - {'sliding', 'full'}):
+    raise ConfigError(f'model.layer_types={tuple(m.layer_types)} must name each of the '
+                      f'{m.n_layers} layers sliding or full, or be () for all alike')
   if m.lora.rank < 0 or not 0.0 <= m.lora.dropout < 1.0:
     raise ConfigError(f'model.lora.rank={m.lora.rank} must be >= 0 and model.lora.dropout='
                       f'{m.lora.dropout} in [0, 1)')

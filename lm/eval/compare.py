@@ -20,7 +20,7 @@ from lm.eval import evaluate
 from lm.train import flops as flops_lib
 from lm.train import partition
 from lm.eval import tasks as tasks_lib
-from lm.train.metrics import read_metrics
+from lm.train.metrics import plot_loss_curves, read_metrics
 from lm.train.state import ModelSpec
 
 
@@ -87,7 +87,9 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list[s
   with open(os.path.join(out_dir, 'compare.md'), 'w', encoding='utf-8') as f:
     f.write(markdown(report))
   plot_scores(report, os.path.join(out_dir, 'scores.png'))
-  plot_losses(runs, os.path.join(out_dir, 'loss_curves.png'))
+  plot_loss_curves({name: read_metrics(d) for name, d in runs.items()},
+                   os.path.join(out_dir, 'loss_curves.png'),
+                   ylabel='loss (nats/token, on each run\'s own data)')
   return report
 
 
@@ -166,27 +168,6 @@ def plot_scores(report: dict, path: str) -> None:
     ax.bar(range(len(names)), values, color=[color.get(n, 'C7') for n in names])
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
     ax.set_title(f'{task}\n{key} ({"higher" if higher else "lower"} is better)', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_losses(runs: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for i, (name, run_dir) in enumerate(runs.items()):
-    records = read_metrics(run_dir)
-    train = [(r['step'], r['loss']) for r in records if 'loss' in r]
-    held = [(r['step'], r['eval_loss']) for r in records if 'eval_loss' in r]
-    if train:
-      ax.plot(*zip(*train), color=f'C{i}', lw=1, label=f'{name} train')
-    if held:
-      ax.plot(*zip(*held), 'o--', color=f'C{i}', ms=4, label=f'{name} held-out')
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss (nats/token, on each run\'s own data)')
-  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

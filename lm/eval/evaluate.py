@@ -24,36 +24,10 @@ from lm.eval import tasks as tasks_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import Tokenizer
 from lm.errors import CheckpointError, ConfigError, UserError
+from lm.eval.generate import Generator
+from lm.eval.scoring import Scorer
+from lm.io.runs import load_config
 from lm.train.state import ModelSpec
-
-
-def load_config(run_dir: str) -> ml_collections.ConfigDict:
-  """The run's resolved config over today's defaults, so a run saved before a key existed loads
-  with that key's default (which is the behaviour it was trained with)."""
-  path = os.path.join(run_dir, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{run_dir} is not a run directory (no config.json); pass what `lm train '
-                    '--workdir` wrote')
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.base_config()
-  _merge(cfg, saved)
-  return cfg
-
-
-def _as_tuple(value):
-  return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
-  for key, value in saved.items():
-    if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      _merge(node[key], value)
-    elif key in node and isinstance(node[key], tuple):
-      node[key] = _as_tuple(value)  # JSON wrote tuples as lists
-    else:
-      node[key] = value
 
 
 def run_tokenizer(run_dir: str, cfg):
@@ -111,12 +85,10 @@ class Model:
 
   @functools.cached_property
   def generator(self):
-    from lm.eval.generate import Generator  # pylint: disable=import-outside-toplevel
     return Generator(self.cfg, self.params, self.tokenizer, mesh=self.mesh, spec=self.spec)
 
   @functools.cached_property
   def scorer(self):
-    from lm.eval.scoring import Scorer  # pylint: disable=import-outside-toplevel
     return Scorer(self.cfg, self.params, mesh=self.mesh, spec=self.spec)
 
 
@@ -131,8 +103,8 @@ def parse_run(spec: str) -> tuple[str, str, int | None]:
 
 def load_model(spec: str, *, mesh=None) -> Model:
   """A model ready to generate and evaluate from `[NAME=]DIR[@STEP]`: an lm run directory (its
-  latest checkpoint, or STEP) or a Hugging Face model directory (config.json, *.safetensors and a
-  tokenizer.json or tokenizer.model)."""
+  latest checkpoint, or STEP), a Hugging Face model directory (config.json, *.safetensors and a
+  tokenizer.json or tokenizer.model) or a llama.cpp GGUF file (or a directory holding one)."""
   name, run_dir, step = parse_run(spec)
   if _is_hf_directory(run_dir):
     return _load_hf_model(name, run_dir, step, mesh)
@@ -154,16 +126,17 @@ def _placement(cfg, mesh):
 def _is_hf_directory(path: str) -> bool:
   from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   try:
-    return pretrained.kind(path) == 'hf'
+    return pretrained.kind(path) in ('hf', 'gguf')
   except ConfigError:  # neither kind: load_config below says what a run directory needs
     return False
 
 
 def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  from lm.io import hf, pretrained  # pylint: disable=import-outside-toplevel
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
   if step is not None:
-    raise UserError(f'{path}@{step}: a Hugging Face directory has one set of weights; drop @{step}')
+    raise UserError(f'{path}@{step}: a Hugging Face directory or GGUF file has one set of weights; '
+                    f'drop @{step}')
   cfg = config_lib.base_config()
   cfg.train.init_from = path
   pretrained.resolve_config(cfg)  # the architecture, and the tokenizer if the folder has one
@@ -171,7 +144,7 @@ def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
     raise UserError(f'{path} has no tokenizer.json or tokenizer.model; copy the model\'s '
                     'tokenizer into it')
   model_spec, mesh, shardings = _placement(cfg, mesh)
-  params = hf.load_params(path, model_spec, shardings)
+  params = pretrained.load_params(path, model_spec, shardings)
   return Model(name, cfg, model_spec, params, tokenizer_lib.load(cfg.data.tokenizer), mesh, path, 0)
 
 

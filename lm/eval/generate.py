@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from lm import sharding as sharding_lib
+from lm import config as config_lib
 from lm.config import head_dim
 from lm.errors import UserError
 from lm.train.state import ModelSpec
@@ -232,6 +233,18 @@ class Generator:
     outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size)
     return [cut_at_stop(self.tokenizer.decode(o), stop) for o in outs]
 
+  def chat(self, prompts: list[str], sampling: Sampling, *, template: str = 'auto',
+           system: str | None = None, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """Replies to `prompts`, each the user's message of a new conversation rendered with chat
+    template `template` (data.chat_template's names); generation stops at the end of the turn."""
+    from lm.data import chat as chat_lib  # pylint: disable=import-outside-toplevel
+    encoder = chat_lib.ChatEncoder(chat_lib.get_template(template, self.tokenizer), self.tokenizer)
+    head = [{'role': 'system', 'content': system}] if system else []
+    ids = [encoder.encode_prompt(head + [{'role': 'user', 'content': p}]).tolist() for p in prompts]
+    outs = self.generate_ids(ids, sampling, stop_ids=[[i] for i in encoder.stop_ids()], seed=seed,
+                             batch_size=batch_size)
+    return [self.tokenizer.decode(o) for o in outs]
+
   def _stop_tokens(self, text: str) -> list[int]:
     # SentencePiece prefixes a word boundary to a string encoded on its own; decode-compare picks
     # the spelling that reproduces the string, or gives up on device-side stopping for it.
@@ -306,7 +319,6 @@ def benchmark(cfg, *, batch_sizes=(1, 8), prompt_len: int = 64, new_tokens: int 
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog='python -m lm.eval.generate')
   parser.add_argument('--bench', action='store_true', required=True)
   parser.add_argument('--config', default='configs/quickstart.py')
@@ -314,12 +326,13 @@ def main(argv=None) -> int:
   parser.add_argument('--prompt-len', type=int, default=64)
   parser.add_argument('--new-tokens', type=int, default=128)
   parser.add_argument('--uncached', action='store_true', help='also time decoding without a cache')
+  parser.add_argument('--reps', type=int, default=3, help='timed repetitions (best kept)')
   args = parser.parse_args(argv)
   cfg = config_lib.load_config(args.config)
   print(f'decode bench: {args.config}, {jax.device_count()} x {jax.devices()[0].device_kind}, '
         f'prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, KV cache')
   for r in benchmark(cfg, batch_sizes=tuple(int(b) for b in args.batch.split(',')),
-                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
                      compare_uncached=args.uncached):
     print(f'batch {r["batch"]:3d}: {r["decode_tokens_per_s"]:9,.0f} decode tokens/s '
           f'({r["ms_per_step"]:.2f} ms/step), prefill {r["prefill_ms"]:.1f} ms, '

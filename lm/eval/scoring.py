@@ -8,7 +8,6 @@ over the data-parallel axes, so one compiled function serves a whole task.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 
 from lm import sharding as sharding_lib
 from lm.eval.generate import COMPILED, model_key
+from lm.train.metrics import perplexity
 from lm.train.state import ModelSpec
 
 
@@ -98,7 +98,7 @@ class Scorer:
     logp = sum(s[0] for s in scores)
     tokens = sum(s[1] for s in scores)
     nll = -logp / max(tokens, 1)
-    return {'perplexity': math.exp(min(nll, 50.0)), 'nll': nll, 'tokens': tokens}
+    return {'perplexity': perplexity(nll), 'nll': nll, 'tokens': tokens}
 
   def perplexity_of_rows(self, rows: dict, *, batch_size: int = 16) -> dict:
     """Perplexity of packed rows (lm/data/packing.py: tokens, targets, weights, positions,
@@ -113,7 +113,7 @@ class Scorer:
       lp, count, _ = jax.device_get(self.fn(self.params, batch))
       logp, tokens = logp + float(lp.sum()), tokens + float(count.sum())
     nll = -logp / max(tokens, 1.0)
-    return {'perplexity': math.exp(min(nll, 50.0)), 'nll': nll, 'tokens': int(tokens)}
+    return {'perplexity': perplexity(nll), 'nll': nll, 'tokens': int(tokens)}
 
   def multiple_choice(self, items: list[tuple[list[int], list[list[int]], int]], *,
                       batch_size: int = 16) -> dict:

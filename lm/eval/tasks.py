@@ -27,10 +27,14 @@ import re
 
 import numpy as np
 
+from lm.data import pipeline
 from lm.eval import text_metrics as tm
 from lm.errors import UserError
+from lm.eval.generate import Sampling
+from lm.io.runs import load_config
+from lm.train.metrics import perplexity
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 GSM8K_HELDOUT = 500
 ALPACA_HELDOUT = 500
 
@@ -114,7 +118,6 @@ def _split_encode(tokenizer, context: str, continuation: str):
 # --- tasks --------------------------------------------------------------------------------------
 
 def _generate(model, prompts, settings, stop):
-  from lm.eval.generate import Sampling  # pylint: disable=import-outside-toplevel
   sampling = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                       top_k=settings.top_k, top_p=settings.top_p)
   return model.generator.generate(prompts, sampling, stop=stop, seed=settings.seed,
@@ -143,7 +146,7 @@ def task_gsm8k_nll(model, settings: Settings) -> dict:
   scores = model.scorer.score(requests, batch_size=settings.batch_size)
   logp, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
   nll = -logp / max(tokens, 1)
-  return {'answer_perplexity': float(np.exp(min(nll, 50.0))), 'answer_nll': nll, 'n': len(rows)}
+  return {'answer_perplexity': perplexity(nll), 'answer_nll': nll, 'n': len(rows)}
 
 
 def task_gsm8k_choice(model, settings: Settings) -> dict:
@@ -211,8 +214,6 @@ def task_wiki_cloze(model, settings: Settings) -> dict:
 
 
 def task_heldout_ppl(model, settings: Settings) -> dict:
-  from lm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from lm.eval.evaluate import load_config  # pylint: disable=import-outside-toplevel
   data_cfg = load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
   rows = pipeline.build_corpus(data_cfg, model.tokenizer).eval
   if settings.limit:

@@ -15,13 +15,15 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
-                  softcap=None, q_positions_BT=None, kv_positions_BS=None, kv_segment_ids_BS=None):
-  """The reference: plain einsums and a softmax in float32. Always available."""
+                  softcap=None, scale=None, q_positions_BT=None, kv_positions_BS=None,
+                  kv_segment_ids_BS=None):
+  """The reference: plain einsums and a softmax in float32. Always available.
+  scale: the logits' factor, head_dim ** -0.5 unless given (Gemma 2/3 set their own)."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
   logits_BGRTS = jnp.einsum('btgrk,bsgk->bgrts', q_BTGRK, k_BSGK,
-                            preferred_element_type=jnp.float32) * (K ** -0.5)
+                            preferred_element_type=jnp.float32) * (K ** -0.5 if scale is None else scale)
   if softcap:
     logits_BGRTS = softcap * jnp.tanh(logits_BGRTS / softcap)
   mask_BTS = make_mask(B, T, S, segment_ids_BT, causal=causal, window=window,
@@ -54,7 +56,7 @@ def make_mask(B, T, S, segment_ids_BT=None, *, causal=True, window=None, q_posit
 
 
 def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
-                    softcap=None, **kwargs):
+                    softcap=None, scale=None, **kwargs):
   """cuDNN fused attention through jax.nn.dot_product_attention; never a dense mask.
 
   cuDNN here takes causal masking and a sliding window, but not per-token segment ids (packed
@@ -65,11 +67,11 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True,
   if segment_ids_BT is not None or softcap or q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
     impl = choose_implementation(q_BTHK, k_BSGK, **kwargs)
     return attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, implementation=impl, causal=causal,
-                     window=window, softcap=softcap, **kwargs)
+                     window=window, softcap=softcap, scale=scale, **kwargs)
   if kwargs:
     raise ValueError(f"model.attention='cudnn' does not take {sorted(kwargs)}; use 'xla'")
   local = (window - 1, 0) if window and causal else None
-  return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=causal,
+  return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=causal,
                                       local_window_size=local, implementation='cudnn')
 
 
@@ -106,13 +108,13 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
     raise ValueError(f'model.attention={implementation!r}; choose one of {IMPLEMENTATIONS}')
   kwargs = {k: v for k, v in kwargs.items() if v is not None}  # e.g. q_positions_BT=None
   if implementation == 'auto':
-    extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap')}
+    extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap', 'scale')}
     implementation = choose_implementation(q_BTHK, k_BSGK, **extra)
   if implementation == 'cudnn':
     return cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
   if implementation == 'pallas':
     from lm.model.kernels import flash_attention  # pylint: disable=import-outside-toplevel
-    extra = sorted(k for k in kwargs if k not in ('causal', 'window', 'softcap'))
+    extra = sorted(k for k in kwargs if k not in ('causal', 'window', 'softcap', 'scale'))
     if extra:
       raise ValueError(f"model.attention='pallas' does not take {extra}; use 'xla'")
     return flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)

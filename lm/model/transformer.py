@@ -1,10 +1,12 @@
 """A Llama-family decoder-only transformer in Flax NNX.
 
-One class covers Llama 2/3, Mistral, Qwen2 and Gemma through configuration (RoPE scaling,
-grouped-query attention, q/k/v bias, tied embeddings, sliding window, Gemma's (1 + scale) norms,
-sqrt(D) embedding scale and GeGLU MLP). Layers are created stacked (leading `layers` axis) and run
-with `lax.scan`, so compile time does not grow with depth; `scan_layers=False` unrolls the same
-stacked parameters, so checkpoints are interchangeable between the two.
+One class covers Llama 2/3, Mistral, Qwen2/3, Phi-3/4 and Gemma 1/2/3 through configuration (RoPE
+scaling, grouped-query attention, biases, q/k norms, tied embeddings, sliding windows, Gemma's
+(1 + scale) norms, post-norms, soft-caps, sqrt(D) embedding scale and GeGLU MLP). Layers are
+created stacked (leading `layers` axis) and run with `lax.scan`, so compile time does not grow with
+depth; `scan_layers=False` unrolls the same stacked parameters, so checkpoints are interchangeable
+between the two. Layers that differ in kind (Gemma's sliding and full attention, each with its own
+RoPE) stay one scan: their RoPE tables and window choice are per-layer scanned inputs.
 
 Every parameter carries logical axis names (`out_sharding`); lm/sharding.py maps them to the mesh.
 Shape suffixes: B batch, T length, D d_model, H query heads, G kv heads, K head dim, F mlp, V vocab.
@@ -18,11 +20,13 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm.model import attention as attention_lib
 from lm.model import moe as moe_lib
-from lm.config import head_dim, n_experts
+from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
+from lm.errors import ConfigError
 
 _REMAT_POLICIES = {
     'full': None,
@@ -101,27 +105,98 @@ class RMSNorm(nnx.Module):
     return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x_BTD.dtype)
 
 
-def rope_frequencies(cfg) -> jnp.ndarray:
-  """Inverse frequencies [K/2], with Llama-3 frequency scaling when `rope_scaling` is set."""
+def rope(cfg, *, local: bool = False) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [K/2] float32, attention factor) as transformers computes them.
+
+  `rope_scaling['type']`: llama3 (the default, for configs that predate the key), linear
+  (positions / factor) or yarn (NTK-by-parts with its cos/sin factor). `local`: the table of
+  'sliding' layers, which is unscaled RoPE at `rope_local_theta` when that is set (Gemma 3).
+  """
   K = head_dim(cfg)
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
-  scaling = cfg.rope_scaling
-  if scaling:
-    factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+  theta, scaling = cfg.rope_theta, cfg.rope_scaling
+  if local and cfg.rope_local_theta:
+    theta, scaling = cfg.rope_local_theta, None
+  exponents = np.arange(0, K, 2, dtype=np.float32) / np.float32(K)
+  pos_freqs = np.float32(theta) ** exponents
+  inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+  if not scaling:
+    return inv_freq, 1.0
+  kind = scaling.get('type', 'llama3')
+  factor = float(scaling['factor'])
+  if kind == 'linear':
+    return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+  if kind == 'llama3':
+    low, high = scaling['low_freq_factor'], scaling['high_freq_factor']
     old_len = scaling['original_max_seq_len']
     wavelen = 2 * math.pi / inv_freq
     low_wavelen, high_wavelen = old_len / low, old_len / high
     smooth = (old_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor,
-                         jnp.where(wavelen < high_wavelen, inv_freq, smoothed))
-  return inv_freq
+    inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor,
+                        np.where(wavelen < high_wavelen, inv_freq, smoothed))
+    return inv_freq.astype(np.float32), 1.0
+  if kind == 'yarn':
+    return _yarn(scaling, K, theta, pos_freqs, factor)
+  raise ConfigError(f'model.rope_scaling type {kind!r} is not supported; lm implements '
+                    f'{", ".join(ROPE_SCALING_TYPES)} (or None for unscaled RoPE)')
 
 
-def apply_rope(x_BTHK, positions_BT, inv_freq):
-  """Rotates halves (the Hugging Face Llama layout, so imported weights need no permutation)."""
+def _yarn(scaling, K, theta, pos_freqs, factor):
+  """YaRN, step for step as transformers' _compute_yarn_parameters (float32 tables)."""
+  def get_mscale(scale, mscale=1.0):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+  attention_factor = scaling.get('attention_factor')
+  mscale, mscale_all_dim = scaling.get('mscale'), scaling.get('mscale_all_dim')
+  if attention_factor is None:
+    if mscale and mscale_all_dim:
+      attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    else:
+      attention_factor = get_mscale(factor)
+  beta_fast, beta_slow = scaling.get('beta_fast') or 32, scaling.get('beta_slow') or 1
+  old_len = scaling['original_max_seq_len']
+  correction = lambda rotations: K * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+  low, high = correction(beta_fast), correction(beta_slow)
+  if scaling.get('truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, K - 1)
+  if low == high:
+    high += 0.001  # as transformers: no division by zero
+  ramp = np.clip((np.arange(K // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+  extrapolation = (np.float32(1) - ramp).astype(np.float32)
+  interpolated = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+  extrapolated = np.float32(1.0) / pos_freqs
+  inv_freq = interpolated * (1 - extrapolation) + extrapolated * extrapolation
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_frequencies(cfg) -> jnp.ndarray:
+  """Inverse frequencies [K/2] of the full-attention layers."""
+  return jnp.asarray(rope(cfg)[0])
+
+
+def layer_inputs(cfg) -> tuple[dict, tuple]:
+  """Per-layer values scanned with the layers, and the distinct window sizes they index.
+
+  {'inv_freq': [L, K/2], 'rope_factor': [L], 'window': [L] index into windows}; windows holds
+  None (no window) and/or `sliding_window`, so each layer's attention runs with a static window.
+  """
+  L = cfg.n_layers
+  kinds = tuple(cfg.layer_types) or ('sliding',) * L
+  tables = {kind: rope(cfg, local=kind == 'sliding') for kind in set(kinds)}
+  per_layer = [cfg.sliding_window if kind == 'sliding' and cfg.sliding_window else None
+               for kind in kinds]
+  windows = tuple(sorted(set(per_layer), key=lambda w: w or 0))
+  return {'inv_freq': np.stack([tables[k][0] for k in kinds]),
+          'rope_factor': np.asarray([tables[k][1] for k in kinds], np.float32),
+          'window': np.asarray([windows.index(w) for w in per_layer], np.int32)}, windows
+
+
+def apply_rope(x_BTHK, positions_BT, inv_freq, factor=1.0):
+  """Rotates halves (the Hugging Face Llama layout, so imported weights need no permutation).
+  `factor` scales cos and sin (YaRN's attention factor)."""
   angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  cos, sin = jnp.cos(angles_BTk)[:, :, None], jnp.sin(angles_BTk)[:, :, None]
+  cos = (jnp.cos(angles_BTk) * factor)[:, :, None]
+  sin = (jnp.sin(angles_BTk) * factor)[:, :, None]
   x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHK.dtype)
@@ -138,35 +213,49 @@ class Attention(nnx.Module):
                  name='layers.attn.k')
     self.v = lin((D,), (G, K), ('embed',), ('kv_heads', 'head_dim'), use_bias=cfg.qkv_bias,
                  name='layers.attn.v')
-    self.o = lin((H, K), (D,), ('heads', 'head_dim'), ('embed',), name='layers.attn.o')
+    self.o = lin((H, K), (D,), ('heads', 'head_dim'), ('embed',), use_bias=cfg.attn_out_bias,
+                 name='layers.attn.o')
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim')
+      self.k_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim')
+    self.qk_norm = cfg.qk_norm
     self.implementation = cfg.attention
-    self.window = cfg.sliding_window or None
-    # Qwen3: RMSNorm over each head's K dims of q and k, before RoPE.
-    qk_norm = cfg.get('qk_norm', False)  # absent from configs saved before it existed
-    self.q_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if qk_norm else None
-    self.k_norm = RMSNorm(K, cfg=cfg, rngs=rngs, axis='head_dim') if qk_norm else None
+    self.windows = layer_inputs(cfg)[1]
+    self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+    self.softcap = cfg.attn_logit_softcap or None
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer, cache=None):
+    """layer: this layer's scanned inputs (lm.model.transformer.layer_inputs)."""
     q_BTHK, k_BTGK = self.q(x_BTD), self.k(x_BTD)
-    if self.q_norm is not None:
+    if self.qk_norm:
       q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
-    q_BTHK = apply_rope(q_BTHK, positions_BT, inv_freq)
-    k_BTGK = apply_rope(k_BTGK, positions_BT, inv_freq)
+    q_BTHK = apply_rope(q_BTHK, positions_BT, layer['inv_freq'], layer['rope_factor'])
+    k_BTGK = apply_rope(k_BTGK, positions_BT, layer['inv_freq'], layer['rope_factor'])
     v_BTGK = self.v(x_BTD)
     if cache is None:
-      out_BTHK = attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
-                                         implementation=self.implementation, causal=True,
-                                         window=self.window)
-      return self.o(out_BTHK), None
+      def core(window):
+        return attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
+                                       implementation=self.implementation, causal=True,
+                                       window=window, scale=self.scale, softcap=self.softcap)
+      return self.o(self._per_window(core, layer)), None
     # Decoding: write this step's keys/values at slot `index`, attend over the whole cache. The
     # cache's positions and segment ids (0 = empty or padding) already include this step's.
     write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache['index'], 1)
     k_BSGK, v_BSGK = write(cache['k'], k_BTGK), write(cache['v'], v_BTGK)
-    out_BTHK = attention_lib.xla_attention(
-        q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=True, window=self.window,
-        q_positions_BT=positions_BT, kv_positions_BS=cache['positions'],
-        kv_segment_ids_BS=cache['segment_ids'])
-    return self.o(out_BTHK), {'k': k_BSGK, 'v': v_BSGK}
+
+    def cached(window):
+      return attention_lib.xla_attention(
+          q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=True, window=window, scale=self.scale,
+          softcap=self.softcap, q_positions_BT=positions_BT, kv_positions_BS=cache['positions'],
+          kv_segment_ids_BS=cache['segment_ids'])
+    return self.o(self._per_window(cached, layer)), {'k': k_BSGK, 'v': v_BSGK}
+
+  def _per_window(self, fn, layer):
+    """fn(window) with this layer's window: static when all layers share it, else a switch
+    between one static-window branch per size (so fused kernels keep their static masks)."""
+    if len(self.windows) == 1:
+      return fn(self.windows[0])
+    return jax.lax.switch(layer['window'], [functools.partial(fn, w) for w in self.windows])
 
 
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
@@ -178,9 +267,10 @@ class MLP(nnx.Module):
   def __init__(self, cfg, *, rngs):
     D, F = cfg.d_model, cfg.mlp_dim
     lin = functools.partial(Linear, cfg=cfg, rngs=rngs)
-    self.gate = lin((D,), (F,), ('embed',), ('mlp',), name='layers.mlp.gate')
-    self.up = lin((D,), (F,), ('embed',), ('mlp',), name='layers.mlp.up')
-    self.down = lin((F,), (D,), ('mlp',), ('embed',), name='layers.mlp.down')
+    bias = cfg.mlp_bias
+    self.gate = lin((D,), (F,), ('embed',), ('mlp',), use_bias=bias, name='layers.mlp.gate')
+    self.up = lin((D,), (F,), ('embed',), ('mlp',), use_bias=bias, name='layers.mlp.up')
+    self.down = lin((F,), (D,), ('mlp',), ('embed',), use_bias=bias, name='layers.mlp.down')
     self.activation = cfg.mlp_activation
 
   def __call__(self, x_BTD):
@@ -188,22 +278,33 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+  """Pre-norm residual block; with `post_norms` (Gemma 2/3) each branch's output is normed too."""
 
   def __init__(self, cfg, *, rngs):
     self.attn_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.mlp = moe_lib.MoE(cfg, rngs=rngs) if n_experts(cfg) else MLP(cfg, rngs=rngs)
+    if cfg.post_norms:
+      self.attn_post_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
+      self.mlp_post_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
+    self.post_norms = cfg.post_norms
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, inv_freq, cache=None):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer, cache=None):
     """-> (x_BTD, cache, router stats: None for a dense MLP)."""
-    h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, inv_freq, cache)
+    h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, layer, cache)
+    if self.post_norms:
+      h_BTD = self.attn_post_norm(h_BTD)
     x_BTD = x_BTD + h_BTD
+    stats = None
     if isinstance(self.mlp, moe_lib.MoE):
       mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
       h_BTD, stats = self.mlp(self.mlp_norm(x_BTD), mask_BT)
-      return x_BTD + h_BTD, cache, stats
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache, None
+    else:
+      h_BTD = self.mlp(self.mlp_norm(x_BTD))
+    if self.post_norms:
+      h_BTD = self.mlp_post_norm(h_BTD)
+    return x_BTD + h_BTD, cache, stats
 
 
 class Transformer(nnx.Module):
@@ -213,7 +314,7 @@ class Transformer(nnx.Module):
   LoRA run). `dropout_key` (set by ModelSpec.bind in training) drives adapter dropout; `reference`
   (set by ModelSpec.bind when the state carries `ref.*` weights) is a frozen copy for DPO.
 
-  The cache (lm/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
+  The cache (lm/eval/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
   'segment_ids': [B, S] already holding this call's tokens, 'index': slot of this call's first
   token}; its per-layer k/v travel through the layer scan as inputs and outputs.
 
@@ -254,7 +355,7 @@ class Transformer(nnx.Module):
     if cfg.embed_scale:  # Gemma: the scale is rounded to the weights' dtype, as in HF
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), embed.dtype)
     x_BTD = x_BTD.astype(compute_dtype)
-    inv_freq = rope_frequencies(cfg)
+    per_layer = jax.tree.map(jnp.asarray, layer_inputs(cfg)[0])
 
     graphdef, stacked = nnx.split(self.layers)
     key = self.dropout_key if adapters else None
@@ -264,16 +365,16 @@ class Transformer(nnx.Module):
     shared = None if cache is None else {k: v for k, v in cache.items() if k not in ('k', 'v')}
 
     def layer(x_BTD, xs):
-      layer_params, layer_key, layer_kv = xs
+      layer_params, layer_key, layer_kv, layer_values = xs
       block = nnx.merge(graphdef, layer_params)
       _configure_adapters(block, adapters, layer_key)
       layer_cache = None if layer_kv is None else {**layer_kv, **shared}
-      x_BTD, layer_cache, stats = block(x_BTD, positions_BT, segment_ids_BT, inv_freq, layer_cache)
+      x_BTD, layer_cache, stats = block(x_BTD, positions_BT, segment_ids_BT, layer_values, layer_cache)
       return x_BTD, (layer_cache, stats)
 
     if cfg.remat != 'none' and cache is None:
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    xs = (stacked, None if key is None else layer_keys[1:], kv)
+    xs = (stacked, None if key is None else layer_keys[1:], kv, per_layer)
     if cfg.scan_layers:
       x_BTD, (kv, stats) = jax.lax.scan(layer, x_BTD, xs)
     else:
@@ -294,9 +395,12 @@ class Transformer(nnx.Module):
     else:
       _configure_adapters(self.lm_head, adapters, None if key is None else layer_keys[0])
       logits_BTV = self.lm_head(x_BTD)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if cfg.final_logit_softcap:
+      logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
     if cache is None:
-      return logits_BTV.astype(jnp.float32)
-    return logits_BTV.astype(jnp.float32), {**cache, **kv}
+      return logits_BTV
+    return logits_BTV, {**cache, **kv}
 
 
 def _configure_adapters(module, adapters: bool, key) -> None:

@@ -9,7 +9,6 @@ preemption, corrupt checkpoints, numerical faults) is in docs/reliability.md.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -25,7 +24,9 @@ from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
 from lm.data import pipeline
+from lm.eval import evaluate
 from lm.errors import Diverged, Preempted
+from lm.train import metrics as metrics_lib
 from lm.train.metrics import MetricWriter
 from lm.train.state import ModelSpec, train_state_factory
 from lm.train.step import make_eval_step, make_train_step
@@ -88,7 +89,7 @@ class Trainer:
       loss_sum += float(out['loss_sum'])
       weight_sum += float(out['weight_sum'])
     loss = loss_sum / max(weight_sum, 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+    return {'eval_loss': loss, 'eval_perplexity': metrics_lib.perplexity(loss)}
 
 
 def eval_batches(rows: dict, global_batch: int, max_batches: int, process_index=0, process_count=1):
@@ -133,7 +134,6 @@ def _evaluation_hooks(cfg, trainer, tokenizer):
   """(task evaluator or None, early stopping or None) from `train.eval_tasks` / `early_stopping_*`."""
   if not (cfg.train.eval_tasks or cfg.train.early_stopping_metric):
     return None, None
-  from lm.eval import evaluate  # pylint: disable=import-outside-toplevel
   stopper = (evaluate.EarlyStopping(cfg.train.early_stopping_metric,
                                     cfg.train.early_stopping_patience,
                                     cfg.train.early_stopping_min_delta)

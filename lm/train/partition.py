@@ -1,8 +1,8 @@
 """Trainable partitions: which parameters train. One label per parameter, used twice.
 
-The labels decide both what the gradient is taken against (lm/step.py splits the parameters by
+The labels decide both what the gradient is taken against (lm/train/step.py splits the parameters by
 label and differentiates only the trainable part) and what the optimizer updates
-(`optax.multi_transform` with `set_to_zero` for frozen, lm/optim.py), so frozen weights get no
+(`optax.multi_transform` with `set_to_zero` for frozen, lm/train/optim.py), so frozen weights get no
 gradient and no optimizer state. Every fine-tuning mode is a value of `train.trainable`:
 
   all                     every parameter (pretraining, full fine-tuning)
@@ -17,7 +17,7 @@ gradient and no optimizer state. Every fine-tuning mode is a value of `train.tra
 
 Layers are stacked: `layers.attn.q.kernel` is one [L, D, H, K] array, so "the first N layers" is
 not a set of names. `freeze_first_layers:N` labels the stacked arrays trainable and adds a
-per-layer row mask that lm/optim.py applies to the gradient (before clipping) and to the update
+per-layer row mask that lm/train/optim.py applies to the gradient (before clipping) and to the update
 (after weight decay), so rows 0..N-1 stay bit-identical. The price, said plainly: those rows still
 get weight gradients and Adam moments. Splitting each stacked array in two would save them, at
 the cost of a second parameter layout; LoRA is the partition for saving memory.
@@ -31,14 +31,11 @@ from typing import Callable
 import numpy as np
 
 from lm.errors import ConfigError
+from lm.model.lora import is_adapter  # pylint: disable=unused-import (re-exported)
+from lm.model.spec import REF_PREFIX  # pylint: disable=unused-import (re-exported)
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
-REF_PREFIX = 'ref.'
 LAYERS_PREFIX = 'layers.'
-
-
-def is_adapter(name: str) -> bool:
-  return name.endswith(('.lora_a', '.lora_b'))
 
 
 # name -> predicate over the flat parameter name (e.g. 'layers.attn.q.kernel').

@@ -1,10 +1,10 @@
 """The one train step, shared by every mode.
 
 What differs between pretraining, fine-tuning, LoRA and preference tuning arrives as inputs built
-elsewhere: the objective (lm/objectives.py), the parameter labels (lm/partition.py) and the
-optimizer built over them (lm/optim.py). The gradient is taken only with respect to the trainable
+elsewhere: the objective (lm/train/objectives.py), the parameter labels (lm/train/partition.py) and the
+optimizer built over them (lm/train/optim.py). The gradient is taken only with respect to the trainable
 parameters, so frozen ones cost neither gradient memory nor optimizer state. A step whose loss or
-gradient is not finite, or whose loss spikes, leaves the state as it was (lm/guard.py).
+gradient is not finite, or whose loss spikes, leaves the state as it was (lm/train/guard.py).
 """
 
 from __future__ import annotations

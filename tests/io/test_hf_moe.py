@@ -13,6 +13,7 @@ from lm.errors import CheckpointError
 from lm.eval import generate as gen
 from lm.io import hf
 from lm.io.safetensors import Reader
+from lm.io import peft as peft_io
 from lm.model import lora
 from lm.train.state import ModelSpec
 
@@ -136,16 +137,16 @@ def test_peft_adapter_round_trip_on_a_moe_model(tmp_path):
   ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
   assert np.max(np.abs(ours - hf_logits(base_hf))) > 1e-2  # the adapter changes the function
 
-  lora.save_peft(str(tmp_path / 'adapter'), params, c.model)
+  peft_io.save_peft(str(tmp_path / 'adapter'), params, c.model)
   peft_model = peft.PeftModel.from_pretrained(base_hf, str(tmp_path / 'adapter')).eval()
   assert np.max(np.abs(hf_logits(peft_model) - ours)) <= 1e-4
-  back = lora.load_peft(str(tmp_path / 'adapter'), spec)
+  back = peft_io.load_peft(str(tmp_path / 'adapter'), spec)
   for name, value in back.items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(params[name]))
 
   c.model.lora.targets = r'layers\.(attn|mlp)\.'  # experts too: PEFT has no per-expert layout here
   with pytest.raises(CheckpointError, match='PEFT export of LoRA on experts'):
-    lora.save_peft(str(tmp_path / 'experts'), ModelSpec(c.model).init(jax.random.key(0)), c.model)
+    peft_io.save_peft(str(tmp_path / 'experts'), ModelSpec(c.model).init(jax.random.key(0)), c.model)
 
 
 def test_unsupported_moe_variants_are_refused_in_one_line(tmp_path):

@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from lm.io import hf
 from lm import sharding as sharding_lib
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, ConfigError
 from lm.train.state import ModelSpec
 
 torch = pytest.importorskip('torch')
@@ -105,12 +105,13 @@ def test_clear_errors_name_the_tensor(tmp_path):
   config = json.loads((tmp_path / 'config.json').read_text())
   with pytest.raises(CheckpointError, match='unsupported architecture GPT2LMHeadModel'):
     hf.model_config_from_hf({**config, 'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2'})
-  with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
-    hf.model_config_from_hf({**config, 'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0}})
+  with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported; lm implements "
+                                       "default, llama3, linear, yarn"):
+    hf.model_config_from_hf({**config, 'rope_parameters': {'rope_type': 'dynamic', 'factor': 2.0}})
 
 
 def test_export_of_a_model_no_family_fits_is_refused():
   c = tiny_config(qkv_bias=True, sliding_window=4)
-  with pytest.raises(CheckpointError, match='match no supported HF architecture'):
+  with pytest.raises(CheckpointError, match='no supported HF architecture can express'):
     hf.family_of(c.model)
 
