@@ -179,6 +179,11 @@ class Tensors:
   def shape(self, name) -> tuple:
     return tuple(int(n) for n in reversed(self._tensors[name].shape))
 
+  def read(self, name, shape, layout, index) -> np.ndarray:
+    """lm/io/safetensors.py Reader.read's contract; quantized blocks are dequantized whole."""
+    from lm.io import hf  # pylint: disable=import-outside-toplevel
+    return hf.to_lm(self.get(name), shape, layout)[tuple(index)]
+
   def get(self, name) -> np.ndarray:
     t = self._tensors[name]
     array = self._gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
@@ -198,7 +203,7 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   table = hf.param_map(spec.shapes)
   L = spec.cfg.n_layers
   expected, plan = {}, {}
-  for name, (template, layout) in table.items():
+  for name, (template, layout, _) in table.items():
     shape = spec.shapes[name].shape
     stacked = name.startswith('layers.')
     names = [template.format(i=i) for i in range(L)] if stacked else [template]
@@ -281,7 +286,7 @@ def _tensors(params: dict, m, family: str):
   """(GGUF name, float32 numpy array in GGUF's [out, in] order) for every base weight."""
   from lm.io import hf  # pylint: disable=import-outside-toplevel
   to_gguf = {hf_name: gguf_name for gguf_name, hf_name in NAMES.items()}
-  for lm_name, (template, layout) in hf.param_map(params).items():
+  for lm_name, (template, layout, _) in hf.param_map(params).items():
     array = np.asarray(hf.host(params[lm_name]), np.float32)
     layers = list(array) if lm_name.startswith('layers.') else [array]
     for i, one in enumerate(layers):
