@@ -11,9 +11,10 @@ USAGE = """usage: lm <command> [options]
 
 commands:
   train     lm train --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]
-  bench     lm bench [train|finetune|attention|checkpoint|data] --config configs/bench_tiny.py [--steps N] [--no-hf]
+  bench     lm bench [train|finetune|attention|checkpoint|data|moe] --config configs/bench_tiny.py [--steps N] [--no-hf]
             lm bench gpu --out DIR [--smoke]   (attention implementations and the 1B step, JSON + markdown)
             lm bench decode [--config configs/quickstart.py] [--batch 1,8] [--uncached]
+            lm bench moe [--experts 8] [--top-k 2] [--expert-dim 128] [--seq-len 128]
   export    lm export --workdir RUN --out DIR [--adapters-only] [--dtype bfloat16]
   generate  lm generate RUN_DIR[@STEP] [--prompt TEXT ... | --prompts-file FILE] [--max-new-tokens N]
             [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
@@ -61,7 +62,7 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | finetune | attention | decode | checkpoint | data | gpu')
+                      help='train (default) | finetune | attention | decode | checkpoint | data | gpu | moe')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
@@ -79,12 +80,15 @@ def cmd_bench(argv):
   if args.what == 'attention':
     from lm.bench import attention as attention_bench  # pylint: disable=import-outside-toplevel
     return attention_bench.main(overrides)
+  if args.what == 'moe':
+    from lm.bench import moe as moe_bench  # pylint: disable=import-outside-toplevel
+    return moe_bench.main([a for a in argv if a != 'moe'])
   if args.what == 'decode':  # KV-cache decoding tokens/s; --model: beside HF generate (lm/bench/decode.py)
     from lm.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
     return decode_bench.main([a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
-                    'choose train, finetune, attention, decode, checkpoint or data')
+                    'choose train, finetune, attention, decode, checkpoint, data or moe')
   cfg = _config_from_args(args, overrides, args.model_preset)
   if args.what == 'checkpoint':
     from lm.bench import checkpoint as checkpoint_bench  # pylint: disable=import-outside-toplevel

@@ -69,12 +69,22 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
       attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
       mlp_bias=False,  # biases on gate/up/down (Llama mlp_bias)
-      qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Gemma 3)
+      qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Qwen3-MoE, Gemma 3)
       post_norms=False,  # also norm the attention and MLP outputs before the residual add (Gemma 2/3)
       query_pre_attn_scalar=0.0,  # attention logits scale by this ** -0.5; 0: head_dim (Gemma 2/3 set it)
       attn_logit_softcap=0.0,  # c · tanh(logits / c) on attention logits (Gemma 2); 0: off
       final_logit_softcap=0.0,  # the same on the output logits (Gemma 2/3); 0: off
       hf_family='',  # the Hugging Face model_type export writes (set by import); '': inferred
+      # Mixture-of-Experts feed-forward in every layer (docs/moe.md); n_experts=0: a dense MLP.
+      moe=ml_collections.ConfigDict(dict(
+          n_experts=0,  # experts per layer; 0: dense model
+          experts_per_token=2,  # k: experts each token is routed to
+          expert_dim=0,  # each expert's hidden size; 0: model.mlp_dim
+          norm_topk_prob=True,  # renormalise the k routing weights to sum to 1 (Mixtral: always; Qwen3-MoE: its config)
+          implementation='ragged',  # ragged (dropless grouped matmul) | dense (every expert on every token: reference)
+          aux_loss_weight=0.01,  # load-balancing loss weight in the objective (HF router_aux_loss_coef)
+          z_loss_weight=0.001,  # router z-loss weight (ST-MoE)
+      )),
       # LoRA adapters on the linear layers whose names match `targets` (docs/finetuning.md).
       lora=ml_collections.ConfigDict(dict(
           rank=0,  # 0: no adapters
@@ -233,12 +243,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(
       # Axis sizes; one -1 takes the remaining devices.
+      # expert > 1 splits the experts of Mixture-of-Experts layers (expert parallelism, docs/moe.md);
       # context > 1 splits each sequence over that many devices (context parallelism: attention
       # all-gathers K/V; docs/attention.md), for sequences whose activations fit no one device.
-      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1)),
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1, expert=1)),
       # Logical axis -> mesh axes. A parameter's logical names are declared where it is created.
       rules=(
-          ('batch', ('data', 'fsdp')),
+          ('batch', ('data', 'fsdp', 'expert')),
           ('vocab', 'tensor'),
           ('embed', 'fsdp'),
           ('mlp', 'tensor'),
@@ -246,6 +257,7 @@ def base_config() -> ml_collections.ConfigDict:
           ('kv_heads', 'tensor'),
           ('head_dim', None),
           ('layers', None),
+          ('expert', 'expert'),  # expert parallelism: each device holds E / mesh.shape.expert experts
       ),
   ))
 
@@ -355,6 +367,9 @@ SCHEMA = {
     'train.spike_window': AT_LEAST_ONE, 'train.keep_checkpoints': AT_LEAST_ONE,
     'train.objective': Choice(('next_token_xent', 'dpo', 'ipo', 'simpo', 'orpo', 'kto', 'distill', 'grpo')),
     'model.quant.type': Choice(('none', 'int8', 'nf4')), 'model.quant.block': AT_LEAST_ONE,
+    'model.moe.n_experts': NOT_NEGATIVE, 'model.moe.experts_per_token': AT_LEAST_ONE,
+    'model.moe.expert_dim': NOT_NEGATIVE, 'model.moe.implementation': Choice(('ragged', 'dense')),
+    'model.moe.aux_loss_weight': NOT_NEGATIVE, 'model.moe.z_loss_weight': NOT_NEGATIVE,
     'train.eval_task_limit': AT_LEAST_ONE, 'train.early_stopping_patience': AT_LEAST_ONE,
     'train.early_stopping_min_delta': NOT_NEGATIVE,
     'preference.simpo_beta': POSITIVE, 'preference.simpo_gamma': NOT_NEGATIVE,
@@ -441,6 +456,14 @@ def _layer_types(c):
   if m.layer_types and (len(m.layer_types) != m.n_layers or set(m.layer_types) - {'sliding', 'full'}):
     return (f'model.layer_types={tuple(m.layer_types)} must name each of the {m.n_layers} layers '
             'sliding or full, or be () for all alike')
+
+
+@_rule('`model.moe.experts_per_token` <= `model.moe.n_experts` when the model has experts')
+def _experts_per_token(c):
+  moe = c.model.moe
+  if moe.n_experts and moe.experts_per_token > moe.n_experts:
+    return (f'model.moe.experts_per_token={moe.experts_per_token} exceeds model.moe.n_experts='
+            f'{moe.n_experts}; route each token to at most every expert')
 
 
 @_rule('`model.lora.targets` is a valid regular expression')
@@ -722,6 +745,12 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
   if rest:
     raise ConfigError(f'unexpected argument {rest[0]!r}; overrides look like --config.optimizer.lr=3e-4')
   return out
+
+
+def n_experts(m) -> int:
+  """model.moe.n_experts; 0 for model configs saved before Mixture-of-Experts existed."""
+  moe = m.get('moe')
+  return int(moe.n_experts) if moe else 0
 
 
 def head_dim(m) -> int:

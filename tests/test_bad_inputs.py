@@ -44,6 +44,8 @@ CASES = {
     'config-d-model-vs-heads': (['--config.model.d_model=33'], 'model.d_model=33 is not divisible by model.n_heads=2'),
     'config-microbatches': (['--config.train.microbatches=3'], 'not divisible by train.microbatches=3'),
     'config-remat': (['--config.model.remat=some'], 'choose none, full, dots or dots_no_batch'),
+    'config-moe-top-k': (['--config.model.moe.n_experts=4', '--config.model.moe.experts_per_token=5'],
+                         'need n_experts >= 0 and 1 <= experts_per_token <= n_experts'),
     'config-optimizer': (['--config.optimizer.name=adamx'], "optimizer.name='adamx'; choose"),
     'config-schedule': (['--config.optimizer.schedule=cosin'], "optimizer.schedule='cosin'; choose"),
     'config-unknown-partition': (['--config.train.trainable=most'], "train.trainable='most' is not a known partition"),

@@ -94,7 +94,7 @@ FREE = {
     'train.resume_changes', 'train.trainable', 'distill.teacher', 'grpo.prompts',
     'grpo.prompt_format', 'grpo.rewards', 'grpo.reward_weights', 'grpo.stop', 'grpo.scale_rewards',
     'model.layer_types', 'model.post_norms', 'model.mlp_bias', 'model.qk_norm', 'model.attn_out_bias',
-    'model.hf_family',
+    'model.hf_family', 'model.moe.norm_topk_prob',
 }
 
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm.config import ROPE_SCALING_TYPES, head_dim
+from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
 from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.safetensors import Reader, Writer
 
@@ -32,9 +32,12 @@ FAMILIES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
             'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'gemma': 'GemmaForCausalLM',
             'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM',
             'phi3': 'Phi3ForCausalLM'}
+MOE_FAMILIES = {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM'}
+FAMILIES.update(MOE_FAMILIES)
 GEMMAS = ('gemma', 'gemma2', 'gemma3_text')
 ATTENTION_BIAS = ('llama', 'qwen3', 'gemma2', 'gemma3_text')  # attention_bias: q, k, v and o
-SLIDING = ('mistral', 'phi3', 'gemma2', 'gemma3_text')
+SLIDING = ('mistral', 'mixtral', 'phi3', 'gemma2', 'gemma3_text')
+QK_NORM = ('qwen3', 'qwen3_moe', 'gemma3_text')
 LAYER_TYPES = {'sliding_attention': 'sliding', 'full_attention': 'full'}
 ROPE_TYPES = ('default',) + ROPE_SCALING_TYPES
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # buffers some old checkpoints saved
@@ -174,8 +177,9 @@ def model_config_from_hf(hf: dict) -> dict:
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm_offset=1.0 if gemma else 0.0,
       embed_scale=gemma, mlp_activation=activation, sliding_window=window,
       layer_types=kinds if len(set(kinds)) > 1 else (),
-      qk_norm=family in ('qwen3', 'gemma3_text'), post_norms=family in ('gemma2', 'gemma3_text'),
+      qk_norm=family in QK_NORM, post_norms=family in ('gemma2', 'gemma3_text'),
       hf_family=family)
+  fields.update(_moe_fields(hf, family))
   if family in ('gemma2', 'gemma3_text'):
     defaults = (50.0, 30.0) if family == 'gemma2' else (None, None)
     fields.update(
@@ -187,6 +191,34 @@ def model_config_from_hf(hf: dict) -> dict:
   return fields
 
 
+def _moe_fields(hf: dict, family: str) -> dict:
+  """Mixtral / Qwen3-MoE config.json -> lm `model.moe` fields; {} for dense families."""
+  if family not in MOE_FAMILIES:
+    return {}
+  n_experts = hf.get('num_local_experts') or hf.get('num_experts')
+  moe = dict(n_experts=int(n_experts), experts_per_token=int(hf['num_experts_per_tok']))
+  if family == 'mixtral':
+    return dict(moe=dict(moe, expert_dim=hf['intermediate_size'], norm_topk_prob=True))
+  step, dense_layers = hf.get('decoder_sparse_step', 1), hf.get('mlp_only_layers') or []
+  if step != 1 or dense_layers:
+    raise CheckpointError(f'Qwen3MoeForCausalLM with decoder_sparse_step={step}, mlp_only_layers='
+                          f'{dense_layers} (dense MLP layers among the MoE ones) is not supported; '
+                          'lm supports experts in every layer (decoder_sparse_step=1, mlp_only_layers=[])')
+  if hf.get('attention_bias'):
+    raise CheckpointError('Qwen3MoeForCausalLM with attention_bias=true is not supported')
+  return dict(moe=dict(moe, expert_dim=hf['moe_intermediate_size'],
+                      norm_topk_prob=bool(hf.get('norm_topk_prob', False))))
+
+
+def _moe_family(m) -> str:
+  if m.qk_norm:
+    return 'qwen3_moe'
+  if not m.moe.norm_topk_prob:
+    raise CheckpointError('no Hugging Face architecture matches this model: experts without q/k '
+                          'norm are Mixtral, which always sets model.moe.norm_topk_prob=true')
+  return 'mixtral'
+
+
 def _unfit(m, family: str) -> str | None:
   """The first model field whose value HF `family` cannot express, or None when it fits."""
   gemma = family in GEMMAS
@@ -195,7 +227,7 @@ def _unfit(m, family: str) -> str | None:
       'norm_offset': m.norm_offset == (1.0 if gemma else 0.0),
       'embed_scale': bool(m.embed_scale) == gemma,
       'mlp_activation': (m.mlp_activation == 'gelu_tanh') == gemma,
-      'qk_norm': bool(m.qk_norm) == (family in ('qwen3', 'gemma3_text')),
+      'qk_norm': bool(m.qk_norm) == (family in QK_NORM),
       'post_norms': bool(m.post_norms) == (family in ('gemma2', 'gemma3_text')),
       'qkv_bias': m.qkv_bias if family == 'qwen2' else (not m.qkv_bias or both_biases),
       'attn_out_bias': not m.attn_out_bias or both_biases,
@@ -215,17 +247,28 @@ def family_of(m) -> str:
   """The HF model_type that computes the same function as lm model config `m`: the one it was
   imported from (`hf_family`), else the first that can express every field."""
   family = m.get('hf_family') or ''
+  moe = bool(n_experts(m))
   if family:
     if family not in FAMILIES:
       raise CheckpointError(f'model.hf_family={family!r} is not one lm exports; choose one of '
                             f'{", ".join(FAMILIES)}')
+    if moe != (family in MOE_FAMILIES):
+      raise CheckpointError(f'model.hf_family={family!r} does not match model.moe.n_experts='
+                            f'{n_experts(m)}; experts export as {" or ".join(MOE_FAMILIES)}')
     field = _unfit(m, family)
     if field:
       raise CheckpointError(f'model.hf_family={family!r} cannot express model.{field}='
                             f'{m[field]!r}; change one of them')
     return family
+  if moe:
+    family = _moe_family(m)
+    field = _unfit(m, family)
+    if field:
+      raise CheckpointError(f'no supported HF architecture can express this model ('
+                            f'{MOE_FAMILIES[family]} cannot express model.{field}={m[field]!r})')
+    return family
   for family in FAMILIES:
-    if family != 'phi3' and _unfit(m, family) is None:
+    if family != 'phi3' and family not in MOE_FAMILIES and _unfit(m, family) is None:
       return family
   field = _unfit(m, 'llama')
   raise CheckpointError(f'no supported HF architecture can express this model (Llama cannot '
@@ -293,8 +336,22 @@ def hf_config(m, *, dtype: str = 'float32', family: str | None = None, **extra) 
         'sliding_attention': {'rope_type': 'default', 'rope_theta': local}}
     if not m.rope_local_theta and rope_scaling:  # sliding layers share the full layers' scaling
       out['rope_parameters']['sliding_attention'].update(rope_scaling)
+  out.update(_moe_hf_config(m, family))
   out.update(extra)
   return out
+
+
+def _moe_hf_config(m, family: str) -> dict:
+  if family not in MOE_FAMILIES:
+    return {}
+  F = m.moe.expert_dim or m.mlp_dim
+  out = dict(num_local_experts=m.moe.n_experts, num_experts_per_tok=m.moe.experts_per_token,
+             router_aux_loss_coef=m.moe.aux_loss_weight, output_router_logits=False)
+  if family == 'mixtral':
+    return dict(out, intermediate_size=F, sliding_window=m.sliding_window or None)
+  return dict(out, num_experts=m.moe.n_experts, moe_intermediate_size=F,
+              norm_topk_prob=bool(m.moe.norm_topk_prob), decoder_sparse_step=1, mlp_only_layers=[],
+              attention_bias=False, use_sliding_window=False, sliding_window=None)
 
 
 def read_config(path: str) -> dict:
@@ -309,7 +366,8 @@ def read_config(path: str) -> dict:
 
 
 def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, int, tuple | None]]:
-  """{lm parameter: (HF tensor name with {i} for stacked layers, layout, part)} for base weights.
+  """{lm parameter: (HF tensor name with {i} for stacked layers ({e}: experts), layout, part)}
+  for base weights.
 
   layout: n > 0 for a kernel [*in (n dims), *out] stored as [prod(out), prod(in)]; 0 for the
   same array; FLAT for a [H, K] bias stored as [H * K]. part: None, or (index, names) when the
@@ -336,7 +394,37 @@ def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, 
     else:
       out[kernel] = (hf_module + '.weight', _IN_DIMS.get(module, 1), None)
     out[module + '.bias'] = (hf_module + '.bias', FLAT, None)
+  if 'layers.mlp.router' in spec_shapes:
+    out.update(expert_param_map(family))
   return {k: v for k, v in out.items() if k in spec_shapes}
+
+
+# lm expert module -> HF module per family ({e}: expert index); the router is `<moe>.gate`.
+EXPERT_MODULES = {
+    'mixtral': ('model.layers.{i}.block_sparse_moe',
+                {'layers.mlp.gate': 'experts.{e}.w1', 'layers.mlp.up': 'experts.{e}.w3',
+                 'layers.mlp.down': 'experts.{e}.w2'}),
+    'qwen3_moe': ('model.layers.{i}.mlp',
+                  {'layers.mlp.gate': 'experts.{e}.gate_proj', 'layers.mlp.up': 'experts.{e}.up_proj',
+                   'layers.mlp.down': 'experts.{e}.down_proj'}),
+}
+
+
+def expert_param_map(family: str) -> dict[str, tuple[str, int, None]]:
+  """{lm parameter: (HF tensor name with {i} and {e}, layout, part)} for a Mixture-of-Experts family:
+  expert kernels [L, E, in, out] are one HF [out, in] tensor per layer and expert."""
+  if family not in EXPERT_MODULES:
+    raise CheckpointError(f'a model with experts exports as {" or ".join(MOE_FAMILIES.values())}, '
+                          f'not as {family!r}')
+  prefix, experts = EXPERT_MODULES[family]
+  out = {'layers.mlp.router': (prefix + '.gate.weight', 1, None)}
+  out.update({m + '.kernel': (f'{prefix}.{hf_m}.weight', 1, None) for m, hf_m in experts.items()})
+  return out
+
+
+def stacked_dims(name: str, template: str) -> int:
+  """Leading dims of lm parameter `name` that index separate HF tensors: layers, then experts."""
+  return int(name.startswith('layers.')) + int('{e}' in template)
 
 
 def to_lm(hf_array, shape, layout):
@@ -366,14 +454,16 @@ def hf_shape(shape, layout) -> tuple:
   return (math.prod(shape[layout:]), math.prod(shape[:layout]))
 
 
-def _hf_names(template: str, stacked_layers: int | None) -> list[str]:
+def _hf_names(template: str, stacked_layers: int | None, experts: int | None = None) -> list[str]:
+  if experts is not None:  # layer-major, as the lm array [L, E, ...] is laid out
+    return [template.format(i=i, e=e) for i in range(stacked_layers) for e in range(experts)]
   return [template] if stacked_layers is None else [template.format(i=i) for i in range(stacked_layers)]
 
 
 def _rows(shapes: dict, table: dict, name: str) -> tuple[slice | None, int]:
   """(rows of the HF tensor holding lm parameter `name`, that tensor's row count)."""
   template, layout, part = table[name]
-  one = lambda n: hf_shape(shapes[n][1:] if n.startswith('layers.') else shapes[n], layout)[0]
+  one = lambda n: hf_shape(shapes[n][stacked_dims(n, table[n][0]):], layout)[0]
   if part is None:
     return None, one(name)
   index, parts = part
@@ -400,20 +490,24 @@ def place(shape, sharding, read):
 
 
 def read_stacked(reader, names, shape, layout, dtype, stacked, rows=None):
-  """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked);
-  `rows`: the slice of each HF tensor that holds it (a part of a fused tensor)."""
-  get = lambda name: reader.get(name)[rows]  # a fused tensor's part: read whole, then sliced
+  """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked;
+  stacked=2: one per layer and expert, layer-major); `rows`: the slice of each HF tensor that
+  holds it (a part of a fused tensor)."""
+  n = int(stacked)
+
+  def one(name, one_shape, index):
+    if rows is None:  # only this device's rows and columns are read
+      return np.asarray(reader.read(name, one_shape, layout, index), dtype)
+    # a fused tensor's part: read whole, then sliced
+    return np.asarray(to_lm(reader.get(name)[rows], one_shape, layout)[index], dtype)
 
   def read(index):
-    if not stacked:
-      if rows is None:  # only this device's rows and columns are read
-        return np.asarray(reader.read(names[0], shape, layout, index), dtype)
-      return np.asarray(to_lm(get(names[0]), shape, layout)[index], dtype)
-    if rows is None:
-      return np.stack([np.asarray(reader.read(names[i], shape[1:], layout, index[1:]), dtype)
-                       for i in range(shape[0])[index[0]]])
-    return np.stack([np.asarray(to_lm(get(names[i]), shape[1:], layout)[index[1:]], dtype)
-                     for i in range(shape[0])[index[0]]])
+    index = tuple(index)
+    if not n:
+      return one(names[0], shape, index)
+    grid = np.arange(math.prod(shape[:n])).reshape(shape[:n])[index[:n]]
+    parts = [one(names[j], shape[n:], index[n:]) for j in grid.reshape(-1)]
+    return np.stack(parts).reshape(*grid.shape, *parts[0].shape)
   return read
 
 
@@ -437,6 +531,7 @@ def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
 def load_params(path: str, spec, shardings: dict) -> dict:
   """The base weights of HF directory `path` as {lm name: array} placed with `shardings`."""
   reader = Reader(path)
+  moe = n_experts(spec.cfg)
   # The file layout is the directory's own (config.json's model_type), whatever the run calls it.
   table = param_map(spec.shapes, read_config(path).get('model_type', 'llama'))
   shapes = {n: s.shape for n, s in spec.shapes.items()}
@@ -444,10 +539,10 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   expected, plan = {}, {}
   for name, (template, layout, _) in table.items():
     shape = spec.shapes[name].shape
-    stacked = name.startswith('layers.')
-    names = _hf_names(template, L if stacked else None)
+    stacked = stacked_dims(name, template)
+    names = _hf_names(template, L if stacked else None, moe if stacked == 2 else None)
     rows, total = _rows(shapes, table, name)
-    one = hf_shape(shape[1:] if stacked else shape, layout)
+    one = hf_shape(shape[stacked:], layout)
     expected.update({n: ((total, *one[1:]), name) for n in names})
     plan[name] = (names, stacked, layout, rows)
   check_tensors(reader, expected, path, spec.cfg.tie_embeddings)
@@ -519,21 +614,29 @@ def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: 
       continue  # written with the fused tensor's first part
     key = part[1] if part else (name,)  # the lm parameters concatenated into this tensor
     shape = params[name].shape
+    stacked = stacked_dims(name, template)
     total = _rows(shapes, table, name)[1]
-    if name.startswith('layers.'):
-      one = hf_shape(shape[1:], layout)
+    one = hf_shape(shape[stacked:], layout)
+    if stacked == 2:
+      tensors += [(template.format(i=i, e=e), (total, *one[1:]), np_dtype, (key, (i, e)))
+                  for i in range(shape[0]) for e in range(shape[1])]
+    elif stacked:
       tensors += [(template.format(i=i), (total, *one[1:]), np_dtype, (key, i))
                   for i in range(shape[0])]
     else:
-      one = hf_shape(shape, layout)
       tensors.append((template, (total, *one[1:]), np_dtype, (key, None)))
 
   def fetch(names):
     arrays = []
     for name in names:
-      array, layout = host(params[name]), table[name][1]
-      arrays.append(np.stack([to_hf(a, layout) for a in array]) if name.startswith('layers.')
-                    else to_hf(array, layout))
+      template, layout, _ = table[name]
+      array, stacked = host(params[name]), stacked_dims(name, template)
+      if stacked:
+        flat = array.reshape(-1, *array.shape[stacked:])
+        arrays.append(np.stack([to_hf(a, layout) for a in flat]).reshape(
+            *array.shape[:stacked], *hf_shape(array.shape[stacked:], layout)))
+      else:
+        arrays.append(to_hf(array, layout))
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-2)
 
   write_sharded(path, tensors, fetch, max_shard_bytes=max_shard_bytes)

@@ -14,6 +14,7 @@ import re
 import jax
 import numpy as np
 
+from lm.config import n_experts
 from lm.errors import CheckpointError, read_json
 from lm.io import hf
 from lm.io.safetensors import Reader, write
@@ -37,6 +38,11 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
   if model_cfg.get('hf_family') in hf.FUSED:
     raise CheckpointError(f'PEFT adapters for {model_cfg.hf_family} (fused qkv_proj and '
                           'gate_up_proj) are not supported; export the merged model instead')
+  experts = [m for m in modules(adapter) if m.startswith('layers.mlp.')]
+  if experts and n_experts(model_cfg):
+    raise CheckpointError(f'PEFT export of LoRA on experts ({experts[0]}) is not supported; merge '
+                          'them (lm export without --adapters-only) or adapt only attention '
+                          r"(model.lora.targets='layers\.attn\.')")
   lora_cfg = model_cfg.lora
   os.makedirs(path, exist_ok=True)
   tensors = {}

@@ -34,7 +34,9 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'max_seq_len', 'rope_theta', 'rope_scaling', 'qkv_bias', 'tie_embeddings', 'norm_eps',
              'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window', 'layer_types',
              'rope_local_theta', 'attn_out_bias', 'mlp_bias', 'qk_norm', 'post_norms',
-             'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family')
+             'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family', 'moe')
+# Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
+MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob')
 
 kind = runs.kind  # 'lm', 'hf' or 'gguf'
 
@@ -58,7 +60,10 @@ def resolve_config(cfg) -> None:
   else:
     fields = {k: v for k, v in runs.run_config(source)['model'].items() if k in ARCH_KEYS}
   for key, value in fields.items():
-    cfg.model[key] = value
+    if key == 'moe':
+      cfg.model.moe.update({k: v for k, v in value.items() if k in MOE_ARCH_KEYS})
+    else:
+      cfg.model[key] = value
   if not cfg.data.tokenizer:
     # A HF tokenizer.json (its folder also holds the chat template) before a SentencePiece model.
     if os.path.isfile(os.path.join(source, 'tokenizer.json')):

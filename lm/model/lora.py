@@ -38,11 +38,13 @@ def modules(adapter: dict) -> list[str]:
   return sorted({k.rsplit('.', 1)[0] for k in adapter})
 
 
-def delta(a, b, s, stacked: bool):
-  """s · (A · B): kernel-shaped. a [L?, *in, r], b [L?, r, *out]."""
-  if not stacked:
-    return s * jnp.tensordot(a, b, axes=1)
-  return jax.vmap(lambda x, y: s * jnp.tensordot(x, y, axes=1))(a, b)
+def delta(a, b, s, stacked: int):
+  """s · (A · B): kernel-shaped. a [*batch, *in, r], b [*batch, r, *out], with `stacked` leading
+  batch dims (0; 1: layers; 2: layers and experts)."""
+  fn = lambda x, y: s * jnp.tensordot(x, y, axes=1)
+  for _ in range(int(stacked)):
+    fn = jax.vmap(fn)
+  return fn(a, b)
 
 
 def _apply(params: dict, adapter: dict, s: float, sign: float) -> dict:
@@ -50,7 +52,8 @@ def _apply(params: dict, adapter: dict, s: float, sign: float) -> dict:
   for module in modules(adapter):
     kernel = module + '.kernel'
     a, b = adapter[module + '.lora_a'], adapter[module + '.lora_b']
-    stacked = module.startswith('layers.')
+    # Leading dims shared by kernel, A and B (layers; experts): A·B keeps them, the rest multiply.
+    stacked = a.ndim + b.ndim - 2 - params[kernel].ndim
     sharding = getattr(params[kernel], 'sharding', None)
     if isinstance(sharding, jax.sharding.NamedSharding):  # adapters may live elsewhere: replicate
       a, b = jax.device_put((a, b), jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))

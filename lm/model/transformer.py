@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from lm.model import attention as attention_lib
-from lm.config import ROPE_SCALING_TYPES, head_dim
+from lm.model import moe as moe_lib
+from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
 from lm.errors import ConfigError
 from lm.model import quant
 
@@ -285,21 +286,27 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = moe_lib.MoE(cfg, rngs=rngs) if n_experts(cfg) else MLP(cfg, rngs=rngs)
     if cfg.post_norms:
       self.attn_post_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
       self.mlp_post_norm = RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
     self.post_norms = cfg.post_norms
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, layer, cache=None):
+    """-> (x_BTD, cache, router stats: None for a dense MLP)."""
     h_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, layer, cache)
     if self.post_norms:
       h_BTD = self.attn_post_norm(h_BTD)
     x_BTD = x_BTD + h_BTD
-    h_BTD = self.mlp(self.mlp_norm(x_BTD))
+    stats = None
+    if isinstance(self.mlp, moe_lib.MoE):
+      mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
+      h_BTD, stats = self.mlp(self.mlp_norm(x_BTD), mask_BT)
+    else:
+      h_BTD = self.mlp(self.mlp_norm(x_BTD))
     if self.post_norms:
       h_BTD = self.mlp_post_norm(h_BTD)
-    return x_BTD + h_BTD, cache
+    return x_BTD + h_BTD, cache, stats
 
 
 class Transformer(nnx.Module):
@@ -312,6 +319,10 @@ class Transformer(nnx.Module):
   The cache (lm/eval/generate.py builds it) is {'k', 'v': [L, B, S, G, K], 'positions',
   'segment_ids': [B, S] already holding this call's tokens, 'index': slot of this call's first
   token}; its per-layer k/v travel through the layer scan as inputs and outputs.
+
+  With experts (model.moe.n_experts > 0), a call without a cache that runs the adapters (the
+  trained policy, not a DPO reference pass) adds its {'load_balancing', 'router_z'} losses to
+  `router_losses` and counts itself in `router_calls`; lm/train/objectives.py reads them.
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -333,6 +344,8 @@ class Transformer(nnx.Module):
     self.dropout_key = None
     self.reference = None
     self.teacher = None  # a frozen teacher for distillation (ModelSpec.bind, `teacher.*` weights)
+    self.router_losses = nnx.data(None)
+    self.router_calls = 0
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, *,
                adapters=True):
@@ -359,19 +372,25 @@ class Transformer(nnx.Module):
       block = nnx.merge(graphdef, layer_params)
       _configure_adapters(block, adapters, layer_key)
       layer_cache = None if layer_kv is None else {**layer_kv, **shared}
-      return block(x_BTD, positions_BT, segment_ids_BT, layer_values, layer_cache)
+      x_BTD, layer_cache, stats = block(x_BTD, positions_BT, segment_ids_BT, layer_values, layer_cache)
+      return x_BTD, (layer_cache, stats)
 
     if cfg.remat != 'none' and cache is None:
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     xs = (stacked, None if key is None else layer_keys[1:], kv, per_layer)
     if cfg.scan_layers:
-      x_BTD, kv = jax.lax.scan(layer, x_BTD, xs)
+      x_BTD, (kv, stats) = jax.lax.scan(layer, x_BTD, xs)
     else:
       outs = []
       for i in range(cfg.n_layers):
         x_BTD, out = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
         outs.append(out)
-      kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      kv, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, None)
+    if stats is not None and cache is None and adapters:
+      losses = moe_lib.router_losses(stats)
+      if self.router_losses is not None:
+        losses = jax.tree.map(jnp.add, self.router_losses, losses)
+      self.router_losses, self.router_calls = nnx.data(losses), self.router_calls + 1
 
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
@@ -389,7 +408,8 @@ class Transformer(nnx.Module):
 
 def _configure_adapters(module, adapters: bool, key) -> None:
   """Sets the per-call adapter switch and dropout key on every Linear in `module`."""
-  linears = [m for _, m in nnx.iter_modules(module) if isinstance(m, Linear) and m.lora_rank]
+  linears = [m for _, m in nnx.iter_modules(module)
+             if isinstance(m, (Linear, moe_lib.ExpertLinear)) and m.lora_rank]
   keys = [None] * len(linears) if key is None else list(jax.random.split(key, max(len(linears), 1)))
   for linear, k in zip(linears, keys):
     linear.adapters, linear.dropout_key = adapters, nnx.data(k)

@@ -8,7 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lm.config import head_dim
+from lm.config import head_dim, n_experts
 
 # Dense bf16 peak FLOP/s per chip, from vendor datasheets.
 PEAK_FLOPS = {
@@ -28,7 +28,10 @@ def matmul_params(m) -> int:
   """Parameters that take part in a matmul per token (embedding lookups don't)."""
   D, F, H, G, K, L, V = (m.d_model, m.mlp_dim, m.n_heads, m.n_kv_heads, head_dim(m), m.n_layers,
                          m.vocab_size)
-  per_layer = D * H * K * 2 + D * G * K * 2 + 3 * D * F
+  mlp = 3 * D * F
+  if n_experts(m):  # the k experts a token is routed to, and the router, take part
+    mlp = 3 * D * (m.moe.expert_dim or F) * m.moe.experts_per_token + D * m.moe.n_experts
+  per_layer = D * H * K * 2 + D * G * K * 2 + mlp
   return L * per_layer + D * V
 
 

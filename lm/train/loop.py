@@ -64,9 +64,9 @@ class Trainer:
                         spike_zscore=cfg.train.spike_zscore),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0), self.mesh)
-    self.eval_step = sharding_lib.InMesh(jax.jit(make_eval_step(self.spec, self.objective),
-                                                 in_shardings=(self.shardings.params, self.batch_sharding)),
-                                         self.mesh)
+    self.eval_step = sharding_lib.InMesh(
+        jax.jit(make_eval_step(self.spec, objectives.for_evaluation(self.objective)),
+                in_shardings=(self.shardings.params, self.batch_sharding)), self.mesh)
 
   def init_state(self, seed: int | None = None):
     rng = jax.random.key(self.cfg.train.seed if seed is None else seed)

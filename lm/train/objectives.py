@@ -276,6 +276,35 @@ def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef
       'ratio': token_mean(ratio_BT)}
 
 
+def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: float):
+  """`objective` plus the Mixture-of-Experts router losses (lm/model/moe.py) the model recorded
+  while the objective ran: aux_loss_weight * load balancing + z_loss_weight * router z-loss.
+
+  Both are means (over tokens and layers), so each enters the sum scaled by the batch's weight:
+  after the step's division the loss is objective + weighted router losses, as HF adds
+  router_aux_loss_coef * aux_loss. Logged, unweighted, as moe_load_balancing and moe_router_z.
+  """
+
+  def objective_with_router_losses(model, batch):
+    model.router_losses, model.router_calls = None, 0
+    loss_sum, weight_sum, metrics = objective(model, batch)
+    if not model.router_calls:
+      return loss_sum, weight_sum, metrics
+    mean = {k: v / model.router_calls for k, v in model.router_losses.items()}
+    router = aux_loss_weight * mean['load_balancing'] + z_loss_weight * mean['router_z']
+    return loss_sum + router * weight_sum, weight_sum, {
+        **metrics, 'moe_load_balancing': mean['load_balancing'] * weight_sum,
+        'moe_router_z': mean['router_z'] * weight_sum}
+
+  objective_with_router_losses.without_router_losses = objective
+  return objective_with_router_losses
+
+
+def for_evaluation(objective):
+  """The objective held-out loss is measured with: without router losses (not a model's fit)."""
+  return getattr(objective, 'without_router_losses', objective)
+
+
 OBJECTIVES = {'next_token_xent': next_token_xent, 'dpo': dpo, 'ipo': ipo, 'simpo': simpo,
               'orpo': orpo, 'kto': kto, 'distill': distill, 'grpo': grpo}
 NEEDS_TEACHER = {'distill'}
@@ -291,7 +320,17 @@ def get(name: str):
 
 
 def from_config(cfg):
-  """The objective `train.objective` names, with its settings bound."""
+  """The objective `train.objective` names, with its settings bound (and the router losses of a
+  Mixture-of-Experts model)."""
+  objective = _bound_objective(cfg)
+  moe = cfg.model.moe
+  if moe.n_experts and (moe.aux_loss_weight or moe.z_loss_weight):
+    objective = with_router_losses(objective, aux_loss_weight=moe.aux_loss_weight,
+                                   z_loss_weight=moe.z_loss_weight)
+  return objective
+
+
+def _bound_objective(cfg):
   name = cfg.train.objective
   if name == 'dpo':
     return functools.partial(dpo, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
