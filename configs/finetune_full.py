@@ -9,7 +9,7 @@ run directory (default: the quickstart's) or a local Hugging Face model director
 Continued pretraining is the same run on text:
   --config.data.format=text --config.data.train_files=../shared/data/tinyshakespeare/input.txt
 Other partitions are one value: --config.train.trainable=freeze_embeddings (norms, bitfit,
-freeze_first_layers:N, regex:...; see lm/partition.py).
+freeze_first_layers:N, regex:...; see lm/train/partition.py).
 """
 
 from lm.config import base_config

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from typing import Iterable, Mapping, Sequence
 
+from lm import config as config_lib
+from lm.errors import UserError
+
 Overrides = Sequence[tuple[str, object]]
 
 
@@ -33,25 +36,21 @@ def override_args(overrides: Overrides) -> list[str]:
 
 
 def split_overrides(args: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
-  """Separates `--config.a.b=v` / `--config.a.b v` arguments from everything else."""
-  overrides, rest = [], []
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if arg.startswith('--config.'):
-      key = arg[len('--config.'):]
-      if '=' in key:
-        key, value = key.split('=', 1)
-      elif i + 1 < len(args):
-        i += 1
-        value = args[i]
-      else:
-        raise SystemExit(f'{arg} needs a value: {arg}=VALUE')
-      overrides.append((key, value))
-    else:
-      rest.append(arg)
-    i += 1
-  return overrides, rest
+  """Separates `--config.a.b=v` / `--config.a.b v` arguments from everything else (lm.config's
+  parser, so launchers and `lm train` read overrides the same way)."""
+  try:
+    return config_lib.split_overrides(list(args))
+  except UserError as e:
+    raise SystemExit(str(e)) from None
+
+
+def check_config(config: str, overrides: Overrides = (), what: str = '') -> None:
+  """Loads and validates `config` with `overrides` here, as `lm train` will, so a bad value stops
+  the launch before any job is submitted."""
+  try:
+    config_lib.load_config(config, [(normalize_key(k), v) for k, v in overrides])
+  except UserError as e:
+    raise SystemExit(f'{what}{e}') from None
 
 
 def train_command(config: str, workdir: str, overrides: Overrides = (),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import importlib.util
 import inspect
 import itertools
 import json
@@ -39,6 +38,9 @@ import sys
 from typing import Callable, Sequence
 
 from launch import common
+from lm import config as config_lib
+from lm.errors import UserError
+from lm.train.metrics import perplexity, plot_loss_curves, read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # The `hyper` helpers (after big_vision): each returns a list of override dicts.
@@ -96,11 +98,10 @@ def chain(*lists) -> list[dict]:
 def load_hyper(config: str) -> list[dict]:
   """Calls `get_hyper(hyper)` (or `get_hyper(hyper, arg)`) of a `path.py[:arg]` config file."""
   path, _, arg = config.partition(':')
-  if not os.path.isfile(path):
-    raise SystemExit(f'config file {path!r} not found')
-  spec = importlib.util.spec_from_file_location('lm_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    module = config_lib.load_module(path)
+  except UserError as e:
+    raise SystemExit(str(e)) from None
   if not hasattr(module, 'get_hyper'):
     raise SystemExit(f'{path} defines no get_hyper(hyper); a sweep config must define one '
                      '(see launch/sweep.py)')
@@ -192,35 +193,6 @@ def run_local(config: str, runs: list[common.Run],
 # Summaries.
 
 
-def _read_text(path: str) -> str | None:
-  try:
-    if '://' in path:
-      from etils import epath  # gs:// and friends, when the workdir is remote
-      p = epath.Path(path)
-      return p.read_text() if p.exists() else None
-    with open(path) as f:
-      return f.read()
-  except FileNotFoundError:
-    return None
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of `workdir/metrics.jsonl`, skipping a torn last line."""
-  text = _read_text(_join(workdir, 'metrics.jsonl'))
-  records = []
-  for line in (text or '').splitlines():
-    line = line.strip()
-    if not line:
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(rec, dict):
-      records.append(rec)
-  return records
-
-
 def _num(x):
   return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
@@ -251,7 +223,7 @@ def summarize_run(run: common.Run, exit_code: int | None = None, shared=()) -> d
     best = min(evals, key=lambda r: r['eval_loss'])
     row['best_eval_loss'] = best['eval_loss']
     ppl = _num(best.get('eval_perplexity'))
-    row['best_eval_perplexity'] = ppl if ppl is not None else math.exp(min(best['eval_loss'], 700))
+    row['best_eval_perplexity'] = ppl if ppl is not None else perplexity(best['eval_loss'])
     row['best_eval_step'] = best.get('step')
   if not recs:
     row['status'] = 'no metrics' if exit_code in (None, 0) else f'failed (exit {exit_code})'
@@ -289,33 +261,7 @@ def summary_table(rows: list[dict]) -> str:
 
 def plot(runs: list[common.Run], path: str, title: str = '') -> str:
   """Training (and eval) loss against step for every run, as a PNG."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  data = {run.name: read_metrics(run.workdir) for run in runs}
-  has_eval = any('eval_loss' in r for recs in data.values() for r in recs)
-  fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 4),
-                           squeeze=False)
-  panels = [('loss', 'training loss')] + ([('eval_loss', 'eval loss')] if has_eval else [])
-  for ax, (key, label) in builtins.zip(axes[0], panels):
-    for name, recs in data.items():
-      pts = [(r['step'], r[key]) for r in recs
-             if _num(r.get(key)) is not None and _num(r.get('step')) is not None]
-      if pts:
-        xs, ys = builtins.zip(*pts)
-        ax.plot(xs, ys, marker='o' if key == 'eval_loss' else None, markersize=3, label=name)
-    ax.set_xlabel('step')
-    ax.set_ylabel(label)
-    ax.set_title(label)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plot_loss_curves({run.name: read_metrics(run.workdir) for run in runs}, path, title=title)
 
 
 def write_summary(workdir: str, runs: list[common.Run], codes: dict | None = None) -> tuple[str, str]:
@@ -372,6 +318,9 @@ def main(argv=None, command: Callable[[str, common.Run], list[str]] | None = Non
       p.error(f'--only {unknown}: no such run; runs are {[r.name for r in runs]}')
     runs = [r for r in runs if r.name in args.only]
 
+  if not args.summarize_only:  # every run's config, checked here before any is launched
+    for r in runs:
+      common.check_config(args.config, r.overrides, what=f'run {r.name}: ')
   if args.summarize_only:
     md, png = write_summary(summary_dir, runs)
     print(open(md).read() + f'\nwrote {md} and {png}')

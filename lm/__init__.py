@@ -9,6 +9,7 @@ The few names a notebook needs (loaded lazily, so `import lm` stays cheap):
   lm.complete(model, ['def main('], max_new_tokens=32)
   lm.evaluate_model(model, ['heldout_ppl'])
   params = lm.load_hf('path/to/hf_model', lm.ModelSpec(cfg.model), shardings)
+  lm.plan(cfg, 'v5p-8')                              # compile the step for a TPU/GPU target, no hardware
 
 See docs/api.md.
 """
@@ -19,14 +20,15 @@ import importlib
 
 _LAZY = {
     'Trainer': ('lm.train.loop', 'Trainer'),
-    'run_training': ('lm.train.loop', 'train'),
-    'ModelSpec': ('lm.train.state', 'ModelSpec'),
+    'run_training': ('lm.train.runner', 'train'),
+    'ModelSpec': ('lm.model.spec', 'ModelSpec'),
     'load_model': ('lm.eval.evaluate', 'load_model'),
     'Sampling': ('lm.eval.generate', 'Sampling'),
     'base_config': ('lm.config', 'base_config'),
     'model_config': ('lm.config', 'model_config'),
     'load_hf': ('lm.io.hf', 'load_params'),
     'save_hf': ('lm.io.hf', 'save'),
+    'plan': ('lm.bench.plan', 'plan'),
 }
 
 # Function names differ from the submodules (lm.train.loop, lm.eval.generate, lm.eval.evaluate): importing a
@@ -45,11 +47,7 @@ def load_config(path: str, overrides: dict | None = None):
   """A locked config from `configs/X.py[:arg]`, with `{'optimizer.lr': 1e-4, ...}` applied and
   validated exactly as `lm train --config ... --config.optimizer.lr=1e-4` would."""
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load_config(path)
-  for key, value in (overrides or {}).items():
-    config_lib.apply_override(cfg, key, value if isinstance(value, str) else repr(value))
-  config_lib.validate(cfg)
-  return cfg
+  return config_lib.load_config(path, overrides or {})
 
 
 def complete(model, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -61,6 +59,7 @@ def complete(model, prompts: list[str], *, max_new_tokens: int = 64, temperature
 
 
 def evaluate_model(model, tasks: list[str], **settings) -> dict:
-  """{task: metrics} for a loaded model; task names and settings are those of `lm eval`."""
+  """{task: metrics} for a loaded model; tasks (built-in names or task files) and settings are those
+  of `lm eval`."""
   from lm.eval import evaluate as evaluate_lib, tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   return evaluate_lib.run_tasks(model, list(tasks), tasks_lib.Settings(**settings), log=lambda _: None)

@@ -7,9 +7,14 @@ set exists here, with its default, and a locked config rejects anything else.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import difflib
 import importlib.util
+import math
 import os
+import re
+import weakref
 
 import ml_collections
 from ml_collections import config_dict
@@ -32,6 +37,9 @@ MODEL_PRESETS = {
 }
 
 
+ROPE_SCALING_TYPES = ('llama3', 'linear', 'yarn')  # model.rope_scaling['type'] (lm/model/transformer.py)
+
+
 def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   """The model section: Llama-family decoder, configured rather than forked (Qwen2 = qkv_bias)."""
   if preset not in MODEL_PRESETS:
@@ -46,16 +54,37 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       mlp_dim=384,
       max_seq_len=2048,  # longest sequence the positions support; data.seq_len must fit
       rope_theta=10000.0,
-      # Llama-3 style frequency scaling; None leaves RoPE unscaled.
+      # RoPE frequency scaling: {'type': 'llama3' (the default) | 'linear' | 'yarn', 'factor', ...}
+      # with the fields Hugging Face uses (lm/io/hf.py); None leaves RoPE unscaled.
       rope_scaling=config_dict.placeholder(dict),
       qkv_bias=False,
       tie_embeddings=False,
       norm_eps=1e-5,
-      # Family variants (lm/hf.py sets them from a Hugging Face config.json; defaults are Llama's).
+      # Family variants (lm/io/hf.py sets them from a Hugging Face config.json; defaults are Llama's).
       norm_offset=0.0,  # RMSNorm multiplies by (norm_offset + scale): 0 Llama, 1 Gemma
       embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
       sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
+      layer_types=(),  # per layer 'sliding' | 'full' (Gemma 2/3): only sliding layers use sliding_window; (): all alike
+      rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
+      attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
+      mlp_bias=False,  # biases on gate/up/down (Llama mlp_bias)
+      qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Qwen3-MoE, Gemma 3)
+      post_norms=False,  # also norm the attention and MLP outputs before the residual add (Gemma 2/3)
+      query_pre_attn_scalar=0.0,  # attention logits scale by this ** -0.5; 0: head_dim (Gemma 2/3 set it)
+      attn_logit_softcap=0.0,  # c · tanh(logits / c) on attention logits (Gemma 2); 0: off
+      final_logit_softcap=0.0,  # the same on the output logits (Gemma 2/3); 0: off
+      hf_family='',  # the Hugging Face model_type export writes (set by import); '': inferred
+      # Mixture-of-Experts feed-forward in every layer (docs/moe.md); n_experts=0: a dense MLP.
+      moe=ml_collections.ConfigDict(dict(
+          n_experts=0,  # experts per layer; 0: dense model
+          experts_per_token=2,  # k: experts each token is routed to
+          expert_dim=0,  # each expert's hidden size; 0: model.mlp_dim
+          norm_topk_prob=True,  # renormalise the k routing weights to sum to 1 (Mixtral: always; Qwen3-MoE: its config)
+          implementation='ragged',  # ragged (dropless grouped matmul) | dense (every expert on every token: reference)
+          aux_loss_weight=0.01,  # load-balancing loss weight in the objective (HF router_aux_loss_coef)
+          z_loss_weight=0.001,  # router z-loss weight (ST-MoE)
+      )),
       # LoRA adapters on the linear layers whose names match `targets` (docs/finetuning.md).
       lora=ml_collections.ConfigDict(dict(
           rank=0,  # 0: no adapters
@@ -63,6 +92,12 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           dropout=0.0,  # dropout on the adapter's input, in training only
           rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
           targets=r'layers\.(attn|mlp)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, lm_head
+      )),
+      # QLoRA: the layers' linear kernels stored quantized and frozen, dequantized per layer in
+      # the forward (lm/model/quant.py, docs/posttraining.md); needs a partition that trains none of them.
+      quant=ml_collections.ConfigDict(dict(
+          type='none',  # none | int8 | nf4
+          block=64,  # entries per scale, along each kernel's largest input axis
       )),
       param_dtype='float32',
       compute_dtype='float32',
@@ -74,6 +109,18 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   ))
   m.update(MODEL_PRESETS[preset])
   return m
+
+
+def with_model_defaults(m) -> ml_collections.ConfigDict:
+  """Model config `m` with any key it lacks at its default: runs saved by an older lm load."""
+  def fill(defaults: dict, given: dict) -> dict:
+    out = dict(defaults)
+    for key, value in given.items():
+      out[key] = fill(defaults[key], value) if isinstance(defaults.get(key), dict) and isinstance(
+          value, dict) else value
+    return out
+  given = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
+  return ml_collections.ConfigDict(fill(model_config().to_dict(), given))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -93,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=8,  # global batch, in sequences
       seed=0,
       # Data pipeline: docs/data.md.
-      format='text',  # text | alpaca | chat | preference
+      format='text',  # text | alpaca | chat | preference | kto
       fields='',  # column mapping for jsonl/json/parquet records, e.g. 'instruction=question,output=answer'
       chat_template='auto',  # auto (the tokenizer's own, else plain) | llama3 | chatml | gemma | mistral | plain | tokenizer | PATH.jinja
       train_on='assistant',  # loss on: assistant (every reply) | last (last reply) | all tokens
@@ -135,19 +182,21 @@ def base_config() -> ml_collections.ConfigDict:
       keep_every=0,  # also keep every checkpoint whose step is a multiple of this; 0: only the latest
       async_checkpoint=True,  # write checkpoints in the background while training continues
       grace_seconds=120.0,  # after SIGTERM/SIGINT: time to checkpoint and exit before a hard exit
-      # Numerical guard (lm/guard.py): a step with a non-finite loss or gradient is skipped.
+      # Numerical guard (lm/train/guard.py): a step with a non-finite loss or gradient is skipped.
       max_bad_steps=5,  # this many skipped steps in a row stop the run (exit 3)
       spike_zscore=0.0,  # also skip a loss this many std devs above the recent window; 0: off
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
-      trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/partition.py
-      objective='next_token_xent',  # next_token_xent | dpo (lm/objectives.py)
+      trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/train/partition.py
+      objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill | grpo (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
-      eval_tasks='',  # lm/tasks.py names, comma-separated, run at every evaluation; logged as task/metric
+      eval_tasks='',  # built-in task names or task files (lm/eval/tasks.py), comma-separated, run at every evaluation; logged as task/metric
       eval_task_limit=50,  # examples per task at each evaluation
       early_stopping_metric='',  # '' never stops; else e.g. eval_loss or gsm8k_nll/answer_perplexity
       early_stopping_patience=3,  # evaluations without improvement before stopping
       early_stopping_min_delta=0.0,  # smallest change that counts as an improvement
+      # Resuming checks the run's identity.json; name parts that may change deliberately:
+      resume_changes='',  # comma-separated: model, tokenizer, data, objective, partition, all
   ))
 
   c.dpo = ml_collections.ConfigDict(dict(
@@ -155,12 +204,54 @@ def base_config() -> ml_collections.ConfigDict:
       label_smoothing=0.0,  # conservative DPO: assumed share of flipped preference labels
   ))
 
+  # The rest of the DPO family (docs/posttraining.md); dpo.beta is also IPO's and KTO's beta.
+  c.preference = ml_collections.ConfigDict(dict(
+      simpo_beta=2.0,  # SimPO: reward = simpo_beta * mean token log-probability of a reply
+      simpo_gamma=1.0,  # SimPO: target reward margin between chosen and rejected
+      orpo_weight=0.1,  # ORPO: weight of the odds-ratio term added to the chosen reply's NLL
+      kto_desirable_weight=1.0,  # KTO: loss weight of desirable examples
+      kto_undesirable_weight=1.0,  # KTO: loss weight of undesirable examples
+  ))
+
+  # Logit distillation from a frozen teacher (train.objective=distill, docs/posttraining.md).
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher=config_dict.placeholder(str),  # an lm run or HF model directory with the student's tokenizer (any size)
+      loss='forward_kl',  # forward_kl (KL(teacher||student)) | reverse_kl | jsd
+      temperature=1.0,  # both distributions softened by this; the term is scaled by temperature^2
+      weight=0.5,  # loss = (1 - weight) * SFT cross-entropy + weight * distillation term
+      jsd_beta=0.5,  # jsd: mixture weight of the teacher in M = beta * teacher + (1 - beta) * student
+  ))
+
+  # GRPO with verifiable rewards (train.objective=grpo, lm/train/grpo_loop.py, docs/posttraining.md).
+  # data.batch_size rows per round: batch_size / group_size prompts, group_size completions each.
+  c.grpo = ml_collections.ConfigDict(dict(
+      prompts=config_dict.placeholder(str),  # .jsonl/.json of records, e.g. ../shared/data/gsm8k/train.jsonl
+      prompt_format='Question: {question}\nAnswer:',  # str.format over the record's fields
+      rewards='lm.eval.rewards.gsm8k_exact',  # comma-separated dotted names of fn(completion, record) -> float
+      reward_weights=(),  # one weight per reward; () weighs each 1.0
+      group_size=4,  # G: completions sampled per prompt
+      updates_per_batch=1,  # optimizer steps on each sampled batch (train.steps counts these)
+      max_new_tokens=64,  # completion length limit
+      temperature=1.0,  # sampling temperature
+      top_k=0,
+      top_p=1.0,
+      stop=('Question:',),  # strings that end a completion
+      clip_low=0.2,  # ratio clipped to [1 - clip_low, 1 + clip_high]
+      clip_high=0.2,  # > clip_low: DAPO's clip-higher
+      kl_coef=0.04,  # weight of the KL penalty to the reference; 0: no reference pass
+      loss_type='grpo',  # grpo (mean per completion) | dapo (mean per token) | dr_grpo (sum / max_new_tokens)
+      scale_rewards=True,  # divide advantages by the group's reward std (Dr. GRPO: False)
+  ))
+
   c.mesh = ml_collections.ConfigDict(dict(
       # Axis sizes; one -1 takes the remaining devices.
-      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+      # expert > 1 splits the experts of Mixture-of-Experts layers (expert parallelism, docs/moe.md);
+      # context > 1 splits each sequence over that many devices (context parallelism: attention
+      # all-gathers K/V; docs/attention.md), for sequences whose activations fit no one device.
+      shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1, expert=1)),
       # Logical axis -> mesh axes. A parameter's logical names are declared where it is created.
       rules=(
-          ('batch', ('data', 'fsdp')),
+          ('batch', ('data', 'fsdp', 'expert')),
           ('vocab', 'tensor'),
           ('embed', 'fsdp'),
           ('mlp', 'tensor'),
@@ -168,6 +259,7 @@ def base_config() -> ml_collections.ConfigDict:
           ('kv_heads', 'tensor'),
           ('head_dim', None),
           ('layers', None),
+          ('expert', 'expert'),  # expert parallelism: each device holds E / mesh.shape.expert experts
       ),
   ))
 
@@ -190,31 +282,385 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict."""
-  path, _, arg = spec.partition(':')
+# --- The schema: what every key may hold, checked once when a config is loaded ------------------
+#
+# Types come from the defaults above (a locked ConfigDict keeps each key's type); these say which
+# values are allowed. Choices duplicate the names the lower layers define (attention, objectives,
+# data formats) because this module imports none of them; tests/test_config.py checks they agree.
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+  """lo <= value (< or <=) hi; `also` lists extra allowed values (a mesh axis of -1)."""
+  lo: float | None = None
+  hi: float | None = None
+  hi_open: bool = False
+  lo_open: bool = False
+  also: tuple = ()
+
+  def problem(self, value) -> str | None:
+    if value in self.also:
+      return None
+    low = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+    high = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+    return None if low and high else self.describe()
+
+  def describe(self) -> str:
+    if self.hi is None:
+      text = ('must be positive' if self.lo == 0 and self.lo_open else
+              'must not be negative' if self.lo == 0 else f'must be at least {self.lo:g}')
+    else:
+      text = (f'must be in {"(" if self.lo_open else "["}{self.lo:g}, {self.hi:g}'
+              f'{")" if self.hi_open else "]"}')
+    return text + ''.join(f' or {a}' for a in self.also)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  options: tuple
+
+  def problem(self, value) -> str | None:
+    return None if value in self.options else f'choose {_spoken(self.options)}'
+
+  def describe(self) -> str:
+    return 'one of ' + ', '.join(f'`{o}`' for o in self.options)
+
+
+def _spoken(options) -> str:
+  names = [str(o) for o in options]
+  return names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' or ' + names[-1]
+
+
+POSITIVE, NOT_NEGATIVE, AT_LEAST_ONE = Bounds(0, lo_open=True), Bounds(0), Bounds(1)
+FRACTION = Bounds(0, 1, hi_open=True)  # [0, 1)
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+SCHEMA = {
+    'model.vocab_size': AT_LEAST_ONE, 'model.d_model': AT_LEAST_ONE, 'model.n_layers': AT_LEAST_ONE,
+    'model.n_heads': AT_LEAST_ONE, 'model.n_kv_heads': AT_LEAST_ONE, 'model.head_dim': NOT_NEGATIVE,
+    'model.mlp_dim': AT_LEAST_ONE, 'model.max_seq_len': AT_LEAST_ONE, 'model.rope_theta': POSITIVE,
+    'model.norm_eps': POSITIVE, 'model.sliding_window': NOT_NEGATIVE,
+    'model.rope_local_theta': NOT_NEGATIVE, 'model.query_pre_attn_scalar': NOT_NEGATIVE,
+    'model.attn_logit_softcap': NOT_NEGATIVE, 'model.final_logit_softcap': NOT_NEGATIVE,
+    'model.mlp_activation': Choice(('silu', 'gelu_tanh')),
+    'model.lora.rank': NOT_NEGATIVE, 'model.lora.alpha': POSITIVE, 'model.lora.dropout': FRACTION,
+    'model.param_dtype': Choice(DTYPES), 'model.compute_dtype': Choice(DTYPES),
+    'model.remat': Choice(('none', 'full', 'dots', 'dots_no_batch')),
+    'model.loss_chunk_size': NOT_NEGATIVE,
+    'model.attention': Choice(('auto', 'xla', 'cudnn', 'pallas')),
+    'data.eval_fraction': FRACTION, 'data.tokenizer_vocab_size': Bounds(16),
+    'data.tokenizer_model_type': Choice(('bpe', 'unigram')),
+    'data.seq_len': AT_LEAST_ONE, 'data.batch_size': AT_LEAST_ONE, 'data.seed': NOT_NEGATIVE,
+    'data.format': Choice(('text', 'alpaca', 'chat', 'preference', 'kto')),
+    'data.train_on': Choice(('assistant', 'last', 'all')),
+    'data.truncate': Choice(('prompt', 'skip', 'fail')),
+    'data.packing': Choice(('auto', 'stream', 'whole', 'none')),
+    'data.bad_records': Choice(('fail', 'skip')),
+    'data.text_split': Choice(('paragraph', 'line', 'file')),
+    'data.eval_max_examples': AT_LEAST_ONE, 'data.prefetch': NOT_NEGATIVE,
+    'optimizer.name': Choice(('adamw', 'adafactor', 'lion', 'sgd')), 'optimizer.lr': POSITIVE,
+    'optimizer.schedule': Choice(('cosine', 'linear', 'constant')),
+    'optimizer.warmup_steps': NOT_NEGATIVE, 'optimizer.end_lr_ratio': Bounds(0, 1),
+    'optimizer.weight_decay': NOT_NEGATIVE, 'optimizer.b1': FRACTION, 'optimizer.b2': FRACTION,
+    'optimizer.eps': POSITIVE, 'optimizer.grad_clip': NOT_NEGATIVE,
+    'train.steps': AT_LEAST_ONE, 'train.microbatches': AT_LEAST_ONE, 'train.seed': NOT_NEGATIVE,
+    'train.log_every': AT_LEAST_ONE, 'train.eval_every': AT_LEAST_ONE,
+    'train.eval_batches': NOT_NEGATIVE, 'train.checkpoint_every': AT_LEAST_ONE,
+    'train.keep_every': NOT_NEGATIVE, 'train.grace_seconds': NOT_NEGATIVE,
+    'train.max_bad_steps': AT_LEAST_ONE, 'train.spike_zscore': NOT_NEGATIVE,
+    'train.spike_window': AT_LEAST_ONE, 'train.keep_checkpoints': AT_LEAST_ONE,
+    'train.objective': Choice(('next_token_xent', 'dpo', 'ipo', 'simpo', 'orpo', 'kto', 'distill', 'grpo')),
+    'model.quant.type': Choice(('none', 'int8', 'nf4')), 'model.quant.block': AT_LEAST_ONE,
+    'model.moe.n_experts': NOT_NEGATIVE, 'model.moe.experts_per_token': AT_LEAST_ONE,
+    'model.moe.expert_dim': NOT_NEGATIVE, 'model.moe.implementation': Choice(('ragged', 'dense')),
+    'model.moe.aux_loss_weight': NOT_NEGATIVE, 'model.moe.z_loss_weight': NOT_NEGATIVE,
+    'train.eval_task_limit': AT_LEAST_ONE, 'train.early_stopping_patience': AT_LEAST_ONE,
+    'train.early_stopping_min_delta': NOT_NEGATIVE,
+    'preference.simpo_beta': POSITIVE, 'preference.simpo_gamma': NOT_NEGATIVE,
+    'preference.orpo_weight': NOT_NEGATIVE, 'preference.kto_desirable_weight': NOT_NEGATIVE,
+    'preference.kto_undesirable_weight': NOT_NEGATIVE,
+    'distill.loss': Choice(('forward_kl', 'reverse_kl', 'jsd')), 'distill.temperature': POSITIVE,
+    'distill.weight': Bounds(0, 1), 'distill.jsd_beta': Bounds(0, 1),
+    'grpo.group_size': Bounds(2), 'grpo.updates_per_batch': AT_LEAST_ONE,
+    'grpo.max_new_tokens': AT_LEAST_ONE, 'grpo.temperature': POSITIVE, 'grpo.top_k': NOT_NEGATIVE,
+    'grpo.top_p': Bounds(0, 1, lo_open=True), 'grpo.clip_low': FRACTION, 'grpo.clip_high': NOT_NEGATIVE,
+    'grpo.kl_coef': NOT_NEGATIVE, 'grpo.loss_type': Choice(('grpo', 'dapo', 'dr_grpo')),
+    'dpo.beta': POSITIVE, 'dpo.label_smoothing': Bounds(0, 0.5, hi_open=True),
+    'mesh.shape.*': Bounds(1, also=(-1,)),
+    'distributed.num_processes': AT_LEAST_ONE, 'distributed.process_id': NOT_NEGATIVE,
+    'metrics.peak_flops_per_device': NOT_NEGATIVE,
+}
+
+# Cross-field rules: (what must hold, check(cfg) -> the one-line problem or None). Run after every
+# key passed SCHEMA, so a rule may divide by a count that is known to be >= 1.
+RULES = []
+
+
+def _rule(text: str):
+  def register(check):
+    RULES.append((text, check))
+    return check
+  return register
+
+
+@_rule('`model.n_heads` is a multiple of `model.n_kv_heads`')
+def _kv_heads(c):
+  if c.model.n_heads % c.model.n_kv_heads:
+    return (f'model.n_heads={c.model.n_heads} must be a multiple of model.n_kv_heads='
+            f'{c.model.n_kv_heads}; choose n_kv_heads that divides n_heads')
+
+
+@_rule('`model.d_model` is divisible by `model.n_heads` unless `model.head_dim` is set')
+def _head_dim(c):
+  if not c.model.head_dim and c.model.d_model % c.model.n_heads:
+    return (f'model.d_model={c.model.d_model} is not divisible by model.n_heads={c.model.n_heads}; '
+            'set model.head_dim explicitly')
+
+
+@_rule('`data.seq_len` <= `model.max_seq_len`')
+def _seq_len(c):
+  if c.data.seq_len > c.model.max_seq_len:
+    return (f'data.seq_len={c.data.seq_len} exceeds model.max_seq_len={c.model.max_seq_len}; '
+            'shorten the sequence or raise model.max_seq_len')
+
+
+@_rule('`data.batch_size` is divisible by `train.microbatches`')
+def _microbatches(c):
+  if c.data.batch_size % c.train.microbatches:
+    return (f'data.batch_size={c.data.batch_size} is not divisible by train.microbatches='
+            f'{c.train.microbatches}; use a divisor of the batch size')
+
+
+# The keys each RoPE scaling type needs (lm/model/transformer.py rope_frequencies); others optional.
+ROPE_SCALING_KEYS = {'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_seq_len'),
+                     'linear': ('factor',), 'yarn': ('factor', 'original_max_seq_len')}
+
+
+@_rule('`model.rope_scaling` is None or a dict whose `type` is ' + ', '.join(ROPE_SCALING_TYPES)
+       + ' (default llama3) with that type\'s keys, numbers positive')
+def _rope_scaling(c):
+  scaling = c.model.rope_scaling
+  if scaling is None:
+    return None
+  kind = scaling.get('type', 'llama3')
+  if kind not in ROPE_SCALING_TYPES:
+    return (f'model.rope_scaling type {kind!r} is not supported; lm implements '
+            f'{", ".join(ROPE_SCALING_TYPES)} (or None for unscaled RoPE)')
+  keys = ROPE_SCALING_KEYS[kind]
+  numbers = {k: v for k, v in scaling.items() if k not in ('type', 'truncate')}
+  if any(k not in scaling for k in keys) or not all(_is_number(v) and v > 0 for v in numbers.values()
+                                                      if v is not None):
+    return (f'model.rope_scaling={dict(scaling)!r}: type {kind} needs {", ".join(keys)}, each '
+            'positive; or None for unscaled RoPE')
+
+
+@_rule('`model.layer_types` is () or names each of the `model.n_layers` layers sliding or full')
+def _layer_types(c):
+  m = c.model
+  if m.layer_types and (len(m.layer_types) != m.n_layers or set(m.layer_types) - {'sliding', 'full'}):
+    return (f'model.layer_types={tuple(m.layer_types)} must name each of the {m.n_layers} layers '
+            'sliding or full, or be () for all alike')
+
+
+@_rule('`model.moe.experts_per_token` <= `model.moe.n_experts` when the model has experts')
+def _experts_per_token(c):
+  moe = c.model.moe
+  if moe.n_experts and moe.experts_per_token > moe.n_experts:
+    return (f'model.moe.experts_per_token={moe.experts_per_token} exceeds model.moe.n_experts='
+            f'{moe.n_experts}; route each token to at most every expert')
+
+
+@_rule('`model.lora.targets` is a valid regular expression')
+def _lora_targets(c):
+  try:
+    re.compile(c.model.lora.targets)
+  except re.error as e:
+    return f'model.lora.targets={c.model.lora.targets!r} is not a valid regex ({e})'
+
+
+@_rule('`mesh.shape` has at most one axis of -1, and every axis `mesh.rules` names exists in it')
+def _mesh(c):
+  sizes = dict(c.mesh.shape)
+  if list(sizes.values()).count(-1) > 1:
+    return (f'mesh.shape={sizes}: at most one axis may be -1; give the others fixed sizes')
+  for logical, axes in c.mesh.rules:
+    for axis in (axes,) if isinstance(axes, str) or axes is None else axes:
+      if axis is not None and axis not in sizes:
+        return (f'mesh.rules maps {logical!r} to mesh axis {axis!r}, which mesh.shape '
+                f'{sorted(sizes)} lacks; name an axis of mesh.shape')
+
+
+@_rule('`train.resume_changes` names only model, tokenizer, data, objective, partition or all')
+def _resume_changes(c):
+  parts = [p.strip() for p in c.train.resume_changes.split(',') if p.strip()]
+  unknown = [p for p in parts if p not in RESUME_PARTS]
+  if unknown:
+    return (f'train.resume_changes={c.train.resume_changes!r}: {unknown[0]!r} is not a part of a '
+            f'run\'s identity; choose from {", ".join(RESUME_PARTS)}')
+
+
+RESUME_PARTS = ('model', 'tokenizer', 'data', 'objective', 'partition', 'all')
+
+
+@_rule('`distributed.process_id` < `distributed.num_processes` when both are set')
+def _process_id(c):
+  d = c.distributed
+  if d.process_id is not None and d.num_processes is not None and d.process_id >= d.num_processes:
+    return f'process id {d.process_id} is outside 0..{d.num_processes - 1} (distributed.process_id)'
+
+
+# Checked where the information exists, listed here so the reference names every rule.
+LATER_RULES = (
+    'the product of `mesh.shape` equals the device count (checked when the mesh is built, after '
+    'multi-host initialisation, before any data is read or step compiled)',
+    '`data.batch_size / train.microbatches` is divisible by the data-parallel mesh axes (same)',
+    '`train.trainable` names a known partition that selects at least one parameter (same)',
+    'the tokenizer has at most `model.vocab_size` tokens (checked once it is loaded or trained)',
+    '`optimizer.warmup_steps` beyond `train.steps` is cut to `train.steps - 1`, so a short smoke '
+    'run of a long config keeps its shape',
+)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_leaf(key: str, value, default, spec) -> str | None:
+  """The problem with one key's value, or None: its type against the default's, then its range."""
+  nullable = default is None or isinstance(default, config_dict.FieldReference)
+  if value is None:
+    return None if nullable or spec is None else f'{key}=None is not allowed; {spec.describe()}'
+  if isinstance(value, float) and not math.isfinite(value):
+    return f'{key}={value!r} is not a finite number'
+  if spec is None or (isinstance(spec, Bounds) and not _is_number(value)):
+    return None
+  problem = spec.problem(value)
+  if problem is None:
+    return None
+  return f'{key}={value!r}; {problem}' if isinstance(spec, Choice) else f'{key}={value!r} {problem}'
+
+
+def _schema_spec(key: str):
+  if key in SCHEMA:
+    return SCHEMA[key]
+  parent = key.rpartition('.')[0]
+  return SCHEMA.get(parent + '.*')
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Every key against SCHEMA (presence, type, range, choice), then the cross-field RULES.
+  Raises ConfigError with the first problem."""
+  expected = _check_keys(cfg)
+  for key, value in dict(_flat_items(cfg)).items():
+    if key not in expected and not key.startswith('mesh.shape.'):
+      raise ConfigError(f'unknown config key {key!r}' + _nearest(key.rpartition('.')[2], [
+          k.rpartition('.')[2] for k in expected if k.rpartition('.')[0] == key.rpartition('.')[0]]))
+    problem = _check_leaf(key, value, expected.get(key, -1), _schema_spec(key))
+    if problem:
+      raise ConfigError(problem)
+  for _, check in RULES:
+    problem = check(cfg)
+    if problem:
+      raise ConfigError(problem)
+  _VALIDATED[id(cfg)] = (weakref.ref(cfg), _fingerprint(cfg))
+
+
+def _check_keys(cfg) -> dict:
+  """Raises ConfigError when `cfg` lacks a key of base_config() (a config file that built its own
+  partial ConfigDict); returns base_config()'s {key: default}."""
+  expected = dict(_flat_items(base_config()))
+  saved = dict(_flat_items(cfg))
+  missing = [k for k in expected if k not in saved and not k.startswith('mesh.shape.')
+             and not k.startswith('model.rope_scaling')]
+  if missing:
+    raise ConfigError(f'the config lacks {missing[0]}' + (f' and {len(missing) - 1} more keys'
+                      if len(missing) > 1 else '') + '; build it from lm.config.base_config() '
+                      'and change what differs')
+  return expected
+
+
+_VALIDATED: dict[int, tuple] = {}  # id -> (weak reference, fingerprint) of configs that passed
+
+
+def _fingerprint(cfg) -> str:
+  return repr(sorted(_flat_items(cfg)))
+
+
+def ensure_valid(cfg: ml_collections.ConfigDict) -> None:
+  """validate(cfg), unless this very config already passed it and has not changed since (a config
+  from load_config reaches the Trainer validated; one built by hand, or changed, is checked)."""
+  seen = _VALIDATED.get(id(cfg))
+  if seen is None or seen[0]() is not cfg or seen[1] != _fingerprint(cfg):
+    validate(cfg)
+
+
+# --- Loading -------------------------------------------------------------------------------------
+
+def load_module(path: str, what: str = 'config'):
+  """Runs a config file (`configs/*.py`) and returns it as a module. A config is a Python program:
+  loading it runs it, so load only configs you trust."""
   if not os.path.isfile(path):
-    raise ConfigError(f'config file {path!r} not found; pass --config configs/<name>.py')
-  # A config is a Python program: loading it runs it, so load only configs you trust.
+    raise ConfigError(f'{what} file {path!r} not found; pass --config configs/<name>.py')
   module_spec = importlib.util.spec_from_file_location('lm_user_config', path)
   module = importlib.util.module_from_spec(module_spec)
+  _run_config_code(path, lambda: module_spec.loader.exec_module(module))
+  return module
+
+
+def _run_config_code(spec: str, call):
+  """call(), with whatever a config file's code raises (or exits with) as one ConfigError."""
   try:
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, 'get_config'):
-      raise ConfigError(f'{path} defines no get_config(arg); a config file must define one')
-    cfg = module.get_config(arg) if arg else module.get_config()
+    return call()
   except ConfigError:
     raise
+  except SystemExit as e:  # else a config calling sys.exit(0) would end the run with success
+    raise ConfigError(f'config {spec!r} called sys.exit({e.code!r}) while loading; a config file '
+                      'must only define get_config(arg)') from None
   except Exception as e:  # pylint: disable=broad-except
     where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
     first = e.msg if isinstance(e, SyntaxError) else (str(e).splitlines() or [''])[0]
     raise ConfigError(f'config {spec!r} failed to load: {type(e).__name__}{where}: {first}; '
                       'fix the file or its argument') from None
+
+
+def load_config(spec: str, overrides=(), *, model_preset: str | None = None,
+                schema: bool = True) -> ml_collections.ConfigDict:
+  """THE config loader for every command, the Python API, the benches and the launchers.
+
+  `spec` is `path/to/config.py[:arg]`; `model_preset` (lm bench --model-preset) replaces the
+  model's shape; `overrides` are `{'optimizer.lr': 1e-4}`, `[('optimizer.lr', '1e-4')]` or
+  `['--config.optimizer.lr=1e-4']` (strings are parsed as the field's type). Returns the locked
+  config, validated against SCHEMA and RULES (`schema=False` for evaluation configs, which hold
+  other keys).
+  """
+  path, _, arg = spec.partition(':')
+  module = load_module(path)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config(arg); a config file must define one')
+  cfg = _run_config_code(spec, lambda: module.get_config(arg) if arg else module.get_config())
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f'{path}: get_config() returned {type(cfg).__name__}, not an '
                       'ml_collections.ConfigDict; start from lm.config.base_config()')
   cfg.lock()
+  if schema:
+    _check_keys(cfg)  # before the overrides, which would name the first missing section
+  if model_preset:
+    model_config(model_preset)  # a clear error for an unknown name
+    cfg.model.update(MODEL_PRESETS[model_preset])
+  for key, value in _override_pairs(overrides):
+    apply_override(cfg, key, value)
+  if schema:
+    validate(cfg)
   return cfg
+
+
+def _override_pairs(overrides):
+  if isinstance(overrides, dict):
+    return list(overrides.items())
+  overrides = list(overrides)
+  if overrides and isinstance(overrides[0], str):
+    return parse_overrides(overrides)
+  return overrides
 
 
 def _nearest(key: str, options) -> str:
@@ -222,8 +668,9 @@ def _nearest(key: str, options) -> str:
   return f'; did you mean {match[0]!r}?' if match else f'; valid keys: {sorted(options)}'
 
 
-def apply_override(cfg: ml_collections.ConfigDict, dotted: str, value: str) -> None:
-  """Sets `cfg.<dotted> = value`, parsing `value` as the field's existing type."""
+def apply_override(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """Sets `cfg.<dotted> = value`; a string `value` is parsed as the field's existing type."""
+  dotted = dotted[len('config.'):] if dotted.startswith('config.') else dotted
   *parents, leaf = dotted.split('.')
   node = cfg
   for i, part in enumerate(parents):
@@ -234,11 +681,15 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, value: str) -> N
     node = node[part]
   if leaf not in node:
     raise ConfigError(f'unknown config key {dotted!r}' + _nearest(leaf, node.keys()))
-  node[leaf] = _parse_like(node, leaf, value, dotted)
+  if value is not None and not isinstance(value, str):
+    value = 'true' if value is True else 'false' if value is False else repr(value)
+  try:
+    node[leaf] = None if value is None else _parse_like(node, leaf, value, dotted)
+  except TypeError as e:  # ConfigDict's own type check (e.g. a tuple for a number)
+    raise ConfigError(f'--config.{dotted}={value!r}: {e}') from None
 
 
 def _parse_like(node, leaf, text, dotted):
-  import ast
   current = node[leaf]
   field_type = node.get_type(leaf) if hasattr(node, 'get_type') else type(current)
   try:
@@ -251,7 +702,7 @@ def _parse_like(node, leaf, text, dotted):
         return False
       raise ValueError(text)
     if field_type in (int, float):
-      value = ast.literal_eval(text)
+      value = ast.literal_eval(text) if text.strip().lower() not in _NON_FINITE else float(text)
       if field_type is int and isinstance(value, float) and value.is_integer():
         value = int(value)
       if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -259,21 +710,26 @@ def _parse_like(node, leaf, text, dotted):
       return field_type(value)
     value = ast.literal_eval(text)
     return value
-  except (ValueError, SyntaxError):
+  except (ValueError, SyntaxError, OverflowError):
     name = getattr(field_type, '__name__', str(field_type))
     hint = {bool: '; use true or false', int: '; use a whole number', float: '; use a number'}.get(
         field_type, '; use a Python literal')
     raise ConfigError(f'--config.{dotted}={text!r} is not a valid {name}{hint}') from None
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-  """Splits `--config.a.b=value` (or `--config.a.b value`) arguments into (key, value) pairs."""
-  out = []
+_NON_FINITE = ('nan', 'inf', '-inf', '+inf', 'infinity', '-infinity')
+
+
+def split_overrides(args) -> tuple[list[tuple[str, str]], list[str]]:
+  """(`--config.a.b=value` / `--config.a.b value` pairs, every other argument)."""
+  out, rest = [], []
   i = 0
   while i < len(args):
     arg = args[i]
     if not arg.startswith('--config.'):
-      raise ConfigError(f'unexpected argument {arg!r}; overrides look like --config.optimizer.lr=3e-4')
+      rest.append(arg)
+      i += 1
+      continue
     key = arg[len('--config.'):]
     if '=' in key:
       key, value = key.split('=', 1)
@@ -284,50 +740,21 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
       raise ConfigError(f'{arg} needs a value: {arg}=VALUE')
     out.append((key, value))
     i += 1
+  return out, rest
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+  """Splits `--config.a.b=value` (or `--config.a.b value`) arguments into (key, value) pairs."""
+  out, rest = split_overrides(args)
+  if rest:
+    raise ConfigError(f'unexpected argument {rest[0]!r}; overrides look like --config.optimizer.lr=3e-4')
   return out
 
 
-_AT_LEAST_ONE = ('data.batch_size', 'data.seq_len', 'train.steps', 'train.log_every',
-                 'train.eval_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-                 'train.max_bad_steps', 'train.spike_window')
-_NOT_NEGATIVE = ('model.loss_chunk_size', 'train.eval_batches', 'train.keep_every', 'train.spike_zscore',
-                 'train.grace_seconds')
-
-
-def _get(cfg, dotted: str):
-  for part in dotted.split('.'):
-    cfg = cfg[part]
-  return cfg
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Cross-field checks that types alone cannot express."""
-  for key in _AT_LEAST_ONE:
-    if _get(cfg, key) < 1:
-      raise ConfigError(f'{key}={_get(cfg, key)} must be at least 1')
-  for key in _NOT_NEGATIVE:
-    if _get(cfg, key) < 0:
-      raise ConfigError(f'{key}={_get(cfg, key)} must not be negative')
-  m = cfg.model
-  if m.n_heads % m.n_kv_heads:
-    raise ConfigError(f'model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}; '
-                      'choose n_kv_heads that divides n_heads')
-  if not m.head_dim and m.d_model % m.n_heads:
-    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; '
-                      'set model.head_dim explicitly')
-  if cfg.data.seq_len > m.max_seq_len:
-    raise ConfigError(f'data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; '
-                      'shorten the sequence or raise model.max_seq_len')
-  if cfg.model.remat not in ('none', 'full', 'dots', 'dots_no_batch'):
-    raise ConfigError(f'model.remat={cfg.model.remat!r}; choose none, full, dots or dots_no_batch')
-  if m.mlp_activation not in ('silu', 'gelu_tanh'):
-    raise ConfigError(f'model.mlp_activation={m.mlp_activation!r}; choose silu or gelu_tanh')
-  if m.lora.rank < 0 or not 0.0 <= m.lora.dropout < 1.0:
-    raise ConfigError(f'model.lora.rank={m.lora.rank} must be >= 0 and model.lora.dropout='
-                      f'{m.lora.dropout} in [0, 1)')
-  if cfg.train.microbatches < 1 or cfg.data.batch_size % cfg.train.microbatches:
-    raise ConfigError(f'data.batch_size={cfg.data.batch_size} is not divisible by '
-                      f'train.microbatches={cfg.train.microbatches}; use a divisor of the batch size')
+def n_experts(m) -> int:
+  """model.moe.n_experts; 0 for model configs saved before Mixture-of-Experts existed."""
+  moe = m.get('moe')
+  return int(moe.n_experts) if moe else 0
 
 
 def head_dim(m) -> int:
@@ -344,24 +771,33 @@ def reference_markdown() -> str:
     if m:
       comments.setdefault(m.group(1), m.group(2))
   lines = ['# Configuration reference', '',
-           'Generated from `lm/config.py` by `python -m lm.config > docs/config_reference.md`; '
-           'a test keeps it in sync. Every key can be overridden on the command line as '
-           '`--config.SECTION.KEY=VALUE`.', '']
+           'Generated from `lm/config.py` (its defaults, comments, `SCHEMA` and `RULES`) by '
+           '`python -m lm.config > docs/config_reference.md`; a test keeps it in sync. Every key can '
+           'be overridden on the command line as `--config.SECTION.KEY=VALUE`. Every command and '
+           '`lm.load_config` check each value against the allowed column and the rules below when '
+           'the config is loaded, before any data is read, anything compiled or written; a float '
+           'must also be finite.', '']
   cfg = base_config()
   for section in cfg.keys():
-    lines += [f'## `{section}`', '', '| key | default | notes |', '|---|---|---|']
+    lines += [f'## `{section}`', '', '| key | default | allowed | notes |', '|---|---|---|---|']
     for key, value in _flat_items(cfg[section]):
       note = comments.get(key.split('.')[-1], '').replace('|', '\\|')
       shown = repr(value).replace('|', '\\|')
-      lines.append(f'| `{section}.{key}` | `{shown}` | {note} |')
+      spec = _schema_spec(f'{section}.{key}')
+      allowed = spec.describe().replace('must be ', '').replace('must not be negative', '>= 0') if spec else ''
+      lines.append(f'| `{section}.{key}` | `{shown}` | {allowed} | {note} |')
     lines.append('')
+  lines += ['## Rules across keys', '']
+  lines += [f'- {text}' for text, _ in RULES]
+  lines += [f'- {text}' for text in LATER_RULES]
+  lines.append('')
   return '\n'.join(lines)
 
 
 def _flat_items(node, prefix=''):
   for key in node.keys():
     value = node[key]
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict) and key != 'rope_scaling':  # a dict-valued key
       yield from _flat_items(value, f'{prefix}{key}.')
     else:
       yield f'{prefix}{key}', value

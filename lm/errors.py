@@ -1,11 +1,13 @@
 """Errors a user can fix, faults that stop a run, and the exit codes `lm` returns for each.
 
 The CLI prints either kind as one line and exits with the code below (docs/reliability.md);
-anything else is a bug and keeps its traceback (exit 1).
+anything else is a bug: one line naming the file that holds its traceback (exit 1).
 """
 
+import json
+
 EXIT_OK = 0
-EXIT_BUG = 1  # an unexpected exception: a traceback, please report it
+EXIT_BUG = 1  # an unexpected exception: one line, the traceback in a file; please report it
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or command line; nothing was trained or written
 EXIT_DIVERGED = 3  # train.max_bad_steps consecutive non-finite or spiking steps; no checkpoint written
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint written, rerun the same command to resume (EX_TEMPFAIL)
@@ -41,3 +43,22 @@ class Preempted(RunStopped):
 class Diverged(RunStopped):
   """Too many consecutive steps were skipped by the numerical guard."""
   exit_code = EXIT_DIVERGED
+
+
+def read_json(path: str, what: str = 'file', error=None) -> dict:
+  """A JSON object from `path`, or `error` (default UserError) with one line saying what is wrong
+  with the file: the one reader of JSON files that users hand lm (run, HF and PEFT configs)."""
+  error = error or UserError
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise error(f'{what} {path} not found') from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise error(f'{what} {path} cannot be read ({getattr(e, "strerror", None) or e})') from None
+  except json.JSONDecodeError as e:
+    raise error(f'{what} {path} is not valid JSON (line {e.lineno}: {e.msg}); restore or '
+                'rewrite it') from None
+  if not isinstance(value, dict):
+    raise error(f'{what} {path} holds a JSON {type(value).__name__}, not an object')
+  return value

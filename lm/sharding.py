@@ -83,10 +83,28 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
+CONTEXT_AXIS = 'context'  # splits the sequence (length) dim: context parallelism
+
+
+def context_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape.get(CONTEXT_AXIS, 1)
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-  """Batches are split along their leading (batch) dim over the data-parallel axes."""
+  """Batches are split along their leading (batch) dim over the data-parallel axes, and along
+  the sequence over the context axis where it has more than one device."""
   axes = batch_axes(mesh, rules)
-  return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None)))
+  rows = axes if len(axes) > 1 else (axes[0] if axes else None)
+  if context_parallel_size(mesh) > 1:
+    return NamedSharding(mesh, P(rows, CONTEXT_AXIS))
+  return NamedSharding(mesh, P(rows))
+
+
+def check_context_divides(seq_len: int, mesh: Mesh) -> None:
+  cp = context_parallel_size(mesh)
+  if seq_len % cp:
+    raise ConfigError(f'data.seq_len={seq_len} does not split over mesh.shape.context={cp}; use a '
+                      f'sequence length that is a multiple of {cp}')
 
 
 def check_batch_divides(batch_size: int, microbatches: int, mesh: Mesh, rules) -> None:
@@ -125,3 +143,32 @@ def constrain(x, logical_axes):
   mesh, rules = active
   spec = fit_spec(logical_to_mesh_spec(logical_axes, rules), x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+class InMesh:
+  """A jitted function traced and run with `mesh` in context (jax.set_mesh), so code inside it
+  (the Pallas attention's shard_map, lm/model/attention.py) sees the mesh and its devices."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+
+def target() -> tuple[str, int]:
+  """(platform, device count) the code being traced will run on: 'tpu' | 'gpu' | 'cpu'.
+
+  Inside a mesh context (lm's Trainer sets its mesh around its step) this is the mesh's devices,
+  so a step compiled for a TPU or GPU target on a CPU host (lm plan) decides as the real run
+  would; without one, this host's default backend.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    device = mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return ('gpu' if platform in ('cuda', 'rocm') else platform), mesh.size
+  return jax.default_backend(), jax.device_count()

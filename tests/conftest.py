@@ -5,7 +5,11 @@ import shutil
 import sys
 import tempfile
 
-import jax
+# Tests run on the CPU even where libtpu or the CUDA plugin is installed (the `plan` extra): those
+# compile for TPU/GPU targets without the hardware (lm plan), and must not claim this host's chips.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
 

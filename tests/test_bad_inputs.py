@@ -5,8 +5,11 @@ Cases run through `lm.cli.main` in this process (8 CPU devices), the same code `
 runs; `test_the_real_command_exits_2` checks the process exit code itself.
 """
 
+import errno
+import json
 import os
 import re
+import shutil
 import subprocess
 
 import jax
@@ -17,6 +20,7 @@ import lm_runs
 from lm import cli
 from lm.io import hf
 from lm.train import loop as train_lib
+from lm.train import identity
 from lm.train.checkpoint import UNREADABLE
 from lm.data import pipeline
 
@@ -40,6 +44,8 @@ CASES = {
     'config-d-model-vs-heads': (['--config.model.d_model=33'], 'model.d_model=33 is not divisible by model.n_heads=2'),
     'config-microbatches': (['--config.train.microbatches=3'], 'not divisible by train.microbatches=3'),
     'config-remat': (['--config.model.remat=some'], 'choose none, full, dots or dots_no_batch'),
+    'config-moe-top-k': (['--config.model.moe.n_experts=4', '--config.model.moe.experts_per_token=5'],
+                         'need n_experts >= 0 and 1 <= experts_per_token <= n_experts'),
     'config-optimizer': (['--config.optimizer.name=adamx'], "optimizer.name='adamx'; choose"),
     'config-schedule': (['--config.optimizer.schedule=cosin'], "optimizer.schedule='cosin'; choose"),
     'config-unknown-partition': (['--config.train.trainable=most'], "train.trainable='most' is not a known partition"),
@@ -48,6 +54,29 @@ CASES = {
     'config-file-no-get-config': (['--config', '{d}/no_get_config.py'], 'defines no get_config'),
     'config-file-syntax-error': (['--config', '{d}/syntax_error.py'], 'failed to load: SyntaxError (line 2)'),
     'config-file-raises': (['--config', '{d}/raises.py:big'], "failed to load: ValueError: no variant 'big'"),
+    'config-file-exits': (['--config', '{d}/exits.py'], 'called sys.exit(0) while loading'),
+    'config-file-partial': (['--config', '{d}/partial.py'], 'the config lacks data.bad_records and'),
+    # Config: the schema (lm/config.py SCHEMA and RULES), before anything is read or compiled.
+    'schema-negative-lr': (['--config.optimizer.lr=-1'], 'optimizer.lr=-1.0 must be positive'),
+    'schema-lr-not-finite': (['--config.optimizer.lr=1e400'], 'optimizer.lr=inf is not a finite number'),
+    'schema-lr-nan': (['--config.optimizer.lr=nan'], 'optimizer.lr=nan is not a finite number'),
+    'schema-negative-grad-clip': (['--config.optimizer.grad_clip=-1'], 'optimizer.grad_clip=-1.0 must not be negative'),
+    'schema-end-lr-ratio': (['--config.optimizer.end_lr_ratio=-0.5'], 'optimizer.end_lr_ratio=-0.5 must be in [0, 1]'),
+    'schema-b2-above-one': (['--config.optimizer.b2=1.5'], 'optimizer.b2=1.5 must be in [0, 1)'),
+    'schema-negative-warmup': (['--config.optimizer.warmup_steps=-1'], 'optimizer.warmup_steps=-1 must not be negative'),
+    'schema-eval-fraction': (['--config.data.eval_fraction=-0.1'], 'data.eval_fraction=-0.1 must be in [0, 1)'),
+    'schema-negative-window': (['--config.model.sliding_window=-1'], 'model.sliding_window=-1 must not be negative'),
+    'schema-zero-layers': (['--config.model.n_layers=0'], 'model.n_layers=0 must be at least 1'),
+    'schema-zero-kv-heads': (['--config.model.n_kv_heads=0'], 'model.n_kv_heads=0 must be at least 1'),
+    'schema-negative-head-dim': (['--config.model.head_dim=-8'], 'model.head_dim=-8 must not be negative'),
+    'schema-zero-mesh-axis': (['--config.mesh.shape.fsdp=0'], 'mesh.shape.fsdp=0 must be at least 1 or -1'),
+    'schema-compute-dtype': (['--config.model.compute_dtype=float8'], "model.compute_dtype='float8'; choose float32, bfloat16 or float16"),
+    'schema-attention': (['--config.model.attention=flash'], "model.attention='flash'; choose auto, xla, cudnn or pallas"),
+    'schema-objective': (['--config.train.objective=ppo'], "train.objective='ppo'; choose next_token_xent or dpo"),
+    'schema-data-format': (['--config.data.format=csv'], "data.format='csv'; choose text, alpaca, chat or preference"),
+    'schema-lora-targets-regex': (['--config.model.lora.targets=(attn'], "model.lora.targets='(attn' is not a valid regex"),
+    'schema-mesh-rule-axis': (["--config.mesh.rules=(('batch', 'expert'),)"], "mesh.rules maps 'batch' to mesh axis 'expert'"),
+    'schema-resume-changes': (['--config.train.resume_changes=weights'], "'weights' is not a part of a run's identity"),
     # Data, through `lm train`.
     'data-missing-file': (['--config.data.train_files=/nonexistent/docs.jsonl'], "'/nonexistent/docs.jsonl' not found"),
     'data-glob-matches-nothing': (['--config.data.train_files={d}/*.nothing'], 'not found'),
@@ -75,11 +104,52 @@ CASES = {
     'checkpoint-partial-as-full': ([], 'holds only the trained parameters of a partial run'),
     'checkpoint-lora-rank-mismatch': (['--config.train.trainable=lora', '--config.model.lora.rank=8'],
                                       'model.lora (rank, targets) differs from the run that wrote it'),
+    # Post-training objectives (docs/posttraining.md): refused before any data is read or compiled.
+    'posttrain-objective-vs-data': (['--config.train.objective=simpo'],
+                                    'reads chosen/rejected pairs; set --config.data.format=preference'),
+    'posttrain-kto-without-labels': (['--config.train.objective=kto', '--config.data.format=kto',
+                                      '--config.data.train_files={d}/body.jsonl'],
+                                     'KTO examples need a label'),
+    'posttrain-teacher-vocabulary': (['--config.train.objective=distill', '--config.distill.teacher={d}/hf',
+                                      '--config.model.vocab_size=1024'],
+                                     'has a vocabulary of 512 tokens but the student has 1024'),
+    'posttrain-reward-unresolved': (['--config.train.objective=grpo',
+                                     '--config.grpo.rewards=lm.eval.rewards.exact_answer'],
+                                    "'lm.eval.rewards.exact_answer' does not name a function"),
+    'posttrain-quantized-base-trains': (['--config.model.quant.type=nf4'],
+                                        'stores the base weights quantized and frozen'),
     # Starting weights (train.init_from) and exports.
     'init-from-missing': (['--config.train.init_from=/nonexistent/run'],
                           "train.init_from='/nonexistent/run' does not exist"),
     'init-from-neither': (['--config.train.init_from={d}'], 'is neither an lm run directory'),
     'hf-tensors-missing': (['--config.train.init_from={d}/hf'], "tensor 'model.norm.weight' is missing"),
+    'hf-truncated-safetensors': (['--config.train.init_from={d}/hf_truncated'], 'model.safetensors is truncated'),
+    'hf-config-missing-keys': (['lm', 'generate', '{d}/hf_no_hidden_size', '--prompt', 'x'],
+                               "config.json lacks a positive integer 'hidden_size'"),
+    'hf-config-broken-json': (['--config.train.init_from={d}/hf_broken_json'], 'config.json is not valid JSON'),
+    # Resuming a run as something else (identity.json), and writers.
+    'resume-other-data': (['--config.data.train_files={d}/docs_copy.jsonl'], 'was trained with another data (data.train_files'),
+    'resume-other-partition': (['--config.train.trainable=norms'], "was trained with another partition (partition.trainable: 'all' there, 'norms' now)"),
+    'workdir-locked': ([], 'is being written by another lm train (pid'),
+    'workdir-metrics-symlink-out': ([], "'metrics.jsonl' leads outside the run directory"),
+    # Readers of a run: lm generate, lm eval, lm export.
+    'run-config-broken': (['lm', 'generate', '{run}', '--prompt', 'x'], 'config.json is not valid JSON (line 1'),
+    'run-without-tokenizer': (['lm', 'generate', '{run}', '--prompt', 'x'], 'has no tokenizer.model and its config names no data.tokenizer'),
+    'run-all-checkpoints-unreadable': (['lm', 'eval', '{run}', '--tasks', 'heldout_ppl', '--out', '{d}/eval_out'],
+                                       'no readable checkpoint in'),
+    'generate-top-k-above-vocab': (['lm', 'generate', '{run}', '--prompt', 'x', '--top-k', '100000'],
+                                   'top_k=100000 exceeds the vocabulary (512 tokens)'),
+    'generate-temperature-nan': (['lm', 'generate', '{run}', '--prompt', 'x', '--temperature', 'nan'],
+                                 'need a finite temperature >= 0'),
+    'generate-out-is-a-directory': (['lm', 'generate', '{run}', '--prompt', 'x', '--out', '{d}'], 'is a directory; name a file'),
+    'generate-prompts-file-missing': (['lm', 'generate', '{run}', '--prompts-file', '{d}/nope.txt'], 'prompts file'),
+    'generate-prompts-file-malformed': (['lm', 'generate', '{run}', '--prompts-file', '{d}/malformed.jsonl'],
+                                        'malformed.jsonl:1: expected an object with a string "prompt" field'),
+    'export-int8': (['lm', 'export', '--workdir', '{run}', '--out', '{d}/export_out', '--dtype', 'int8'],
+                    'export writes floating-point weights'),
+    'export-out-is-a-file': (['lm', 'export', '--workdir', '{run}', '--out', '{d}/empty.txt'], 'exists and is not a directory'),
+    'eval-out-is-a-file': (['lm', 'eval', '{run}', '--tasks', 'heldout_ppl', '--out', '{d}/empty.txt'],
+                           'exists and is not a directory'),
     'export-not-a-run': (['lm', 'export', '--workdir', '{d}', '--out', '{run}'],
                          'is neither an lm run directory'),
     # Run directory.
@@ -117,6 +187,16 @@ EXISTING_RUN = {
     'checkpoint-lora-rank-mismatch': (['--config.train.trainable=lora', '--config.model.lora.rank=4'], None),
 }
 
+# Cases whose run directory is a whole run (checkpoint, config.json, identity.json), then changed.
+COMPLETE_RUN = {
+    'resume-other-data': None, 'resume-other-partition': None, 'workdir-locked': 'locked',
+    'workdir-metrics-symlink-out': 'metrics-symlink', 'run-config-broken': 'config-broken',
+    'run-without-tokenizer': 'no-tokenizer', 'run-all-checkpoints-unreadable': 'damage',
+    'generate-top-k-above-vocab': None, 'generate-out-is-a-directory': None,
+    'generate-prompts-file-missing': None, 'generate-prompts-file-malformed': None,
+    'export-int8': None, 'export-out-is-a-file': None, 'eval-out-is-a-file': None,
+}
+
 FILES = {
     'empty.txt': b'',
     'malformed.jsonl': b'{"text": "fine"}\n{"text": \n',
@@ -129,6 +209,10 @@ FILES = {
     'no_get_config.py': b'CONFIG = 1\n',
     'syntax_error.py': b'def get_config(arg=None):\n  return (\n',
     'raises.py': b"def get_config(arg=None):\n  raise ValueError(f'no variant {arg!r}')\n",
+    'exits.py': b'import sys\nsys.exit(0)\n',
+    'partial.py': (b'import ml_collections\ndef get_config(arg=None):\n'
+                   b"  return ml_collections.ConfigDict({'train': {'steps': 3}})\n"),
+    'outside.jsonl': b'',
 }
 
 
@@ -139,20 +223,56 @@ def prepared(tmp_path_factory):
     (d / name).write_bytes(content)
   corpus = lm_runs.write_corpus(str(d / 'docs.jsonl'))
   data_args = [f'--config.data.train_files={corpus}']
+  shutil.copyfile(corpus, d / 'docs_copy.jsonl')
   tokenizer = pipeline.load_tokenizer(lm_runs.tiny_config(*data_args).data, str(d / 'tok'))
-  _hf_directory_lacking(str(d / 'hf'), 'model.norm.weight')
+  _hf_directories(d)
   return d, [*data_args, f'--config.data.tokenizer={tokenizer.path}']
 
 
-def _hf_directory_lacking(path: str, tensor: str) -> None:
-  """A Hugging Face model directory of the tiny model, with one tensor left out."""
+def _hf_directories(d) -> None:
+  """Hugging Face model directories of the tiny model: hf/ without one tensor, hf_truncated/ with
+  its safetensors cut short, hf_no_hidden_size/ and hf_broken_json/ with a damaged config.json."""
   from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
   cfg = lm_runs.tiny_config()
-  hf.save(path, train_lib.Trainer(cfg, devices=jax.devices()[:1]).init_state().params, cfg.model)
-  file = os.path.join(path, 'model.safetensors')
+  whole = str(d / 'hf')
+  hf.save(whole, train_lib.Trainer(cfg, devices=jax.devices()[:1]).init_state().params, cfg.model)
+  for name in ('hf_truncated', 'hf_no_hidden_size', 'hf_broken_json'):
+    shutil.copytree(whole, d / name)
+  file = os.path.join(whole, 'model.safetensors')
   tensors = load_file(file)
-  del tensors[tensor]
+  del tensors['model.norm.weight']
   save_file(tensors, file, metadata={'format': 'pt'})
+  truncated = d / 'hf_truncated' / 'model.safetensors'
+  truncated.write_bytes(truncated.read_bytes()[:truncated.stat().st_size // 2])
+  config = json.loads((d / 'hf_no_hidden_size' / 'config.json').read_text())
+  del config['hidden_size']
+  (d / 'hf_no_hidden_size' / 'config.json').write_text(json.dumps(config))
+  (d / 'hf_broken_json' / 'config.json').write_text('{"model_type": "llama",')
+
+
+def _make_complete_run(workdir, args, change, d):
+  """A run as `lm train` leaves it (a checkpoint, config.json, identity.json), then `change`d."""
+  args = [*args, '--config.data.batch_size=8', '--config.mesh.shape.data=-1']  # as test_bad_input runs
+  _make_existing_run(workdir, args, 'damage' if change == 'damage' else None)
+  cfg = lm_runs.tiny_config(*args)
+  if change == 'no-tokenizer':
+    cfg.data.tokenizer = None
+  (workdir / 'config.json').write_text('{"model": ' if change == 'config-broken' else
+                                       cfg.to_json_best_effort(indent=2))
+  if cfg.data.tokenizer:
+    identity.record(str(workdir), identity.of(cfg, pipeline.load_tokenizer(cfg.data, str(workdir))))
+  if change == 'metrics-symlink':
+    os.symlink(d / 'outside.jsonl', workdir / 'metrics.jsonl')
+
+
+def _hold_lock(workdir) -> subprocess.Popen:
+  """Another process holding the run's writer lock, as a running `lm train` does."""
+  code = ('import sys, time; from lm.train import rundir\n'
+          'with rundir.single_writer(sys.argv[1]):\n  print("locked", flush=True); time.sleep(600)')
+  holder = subprocess.Popen([lm_runs.PYTHON, '-c', code, str(workdir)], cwd=ROOT,
+                            env=lm_runs.env(''), stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == 'locked'
+  return holder
 
 
 def _make_existing_run(workdir, args, damage):
@@ -192,10 +312,18 @@ def test_bad_input(case, prepared, tmp_path, capfd, monkeypatch):
   if case in EXISTING_RUN:
     trained_with, damage = EXISTING_RUN[case]
     _make_existing_run(run, [*base_args, *trained_with], damage)
+  if case in COMPLETE_RUN:
+    _make_complete_run(run, base_args, COMPLETE_RUN[case], d)
+  holder = _hold_lock(run) if COMPLETE_RUN.get(case) == 'locked' else None
   before = _tree(run) if run.exists() else None
   capfd.readouterr()
 
-  code = cli.main(argv)
+  try:
+    code = cli.main(argv)
+  finally:
+    if holder is not None:
+      holder.kill()
+      holder.wait()
 
   err = capfd.readouterr().err
   lines = [l for l in err.strip().splitlines() if not l.startswith('lm: warning:')]
@@ -204,11 +332,13 @@ def test_bad_input(case, prepared, tmp_path, capfd, monkeypatch):
   print(f'{case}: {lines[0]}')
   if before is None:
     assert not run.exists(), os.listdir(run)
+  elif case == 'workdir-locked':
+    assert f'(pid {holder.pid} on ' in lines[0]
   elif case == 'checkpoint-all-unreadable':  # set aside for inspection, not deleted
     assert os.listdir(run / 'checkpoints') == [] and len(os.listdir(run / UNREADABLE)) == 1
   else:
     assert _tree(run) == before
-  for path in (d / 'empty.txt',):  # a bad --workdir must not turn into output either
+  for path in (d / 'empty.txt', d / 'outside.jsonl'):  # nor may anything be written out of place
     assert path.read_bytes() == b''
   assert not os.path.exists('gs:')
 
@@ -228,3 +358,51 @@ def test_every_case_is_in_the_docs_table():
     documented = set(re.findall(r'^\| `([a-z0-9-]+)` \|', f.read(), re.M))
   assert documented == set(CASES)
   assert len(CASES) >= 30
+
+
+def test_an_unexpected_exception_is_one_line_naming_its_traceback_file(monkeypatch, capfd):
+  def broken_command(argv):
+    raise RuntimeError('an internal fault\nwith a second line')
+  monkeypatch.setitem(cli.COMMANDS, 'train', broken_command)
+  assert cli.main(['train', '--x']) == 1
+  lines = capfd.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      'lm: internal error: RuntimeError: an internal fault (full traceback in '), lines
+  path = re.search(r'full traceback in (\S+);', lines[0]).group(1)
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  assert text.startswith('lm train --x\n') and 'Traceback' in text and 'broken_command' in text
+  os.unlink(path)
+
+
+@pytest.mark.parametrize('code, hint', [(errno.ENOSPC, 'free some space or write elsewhere'),
+                                        (errno.EACCES, 'check its permissions'),
+                                        (errno.EROFS, 'the file system is read-only; write elsewhere')])
+def test_file_system_failures_are_one_line(monkeypatch, capfd, code, hint):
+  def failing_command(argv):
+    raise OSError(code, os.strerror(code), '/runs/x/metrics.jsonl')
+  monkeypatch.setitem(cli.COMMANDS, 'train', failing_command)
+  assert cli.main(['train']) == 2
+  assert capfd.readouterr().err.strip() == (
+      f'lm: error: {os.strerror(code)}: /runs/x/metrics.jsonl; {hint}')
+
+
+def test_a_full_disk_is_one_line():
+  """A real ENOSPC: /dev/full accepts the open and fails the write."""
+  if not os.path.exists('/dev/full'):
+    pytest.skip('no /dev/full on this system')
+
+  def write_to_full(argv):
+    with open('/dev/full', 'w', encoding='utf-8') as f:
+      f.write('x' * 65536)
+
+  assert cli.os_error_line(_raised(write_to_full)) == (
+      'No space left on device; free some space or write elsewhere')
+
+
+def _raised(fn) -> OSError:
+  try:
+    fn([])
+  except OSError as e:
+    return e
+  raise AssertionError('no OSError')

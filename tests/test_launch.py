@@ -416,6 +416,13 @@ def test_sweep_dry_run_local(capsys):
   ]
 
 
+def test_sweep_checks_every_run_config_before_launching_any(capsys):
+  with pytest.raises(SystemExit, match=r'^run lr=0.003: train.steps=0 must be at least 1$'):
+    sweep.main(['--config', SWEEP_CONFIG, '--workdir', 'runs/s', '--config.train.steps=0', '--dry-run'])
+  with pytest.raises(SystemExit, match=r'needs a value: --config.train.steps=VALUE'):
+    common.split_overrides(['--config.train.steps'])
+
+
 def test_sweep_dry_run_slurm_array(capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   out = _dry(sweep.main, ['--config', 'configs/sweep_lr.py', '--workdir', '/shared/s', '--slurm',

@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import random_batch, tiny_config
 
@@ -20,8 +21,10 @@ from lm.train import objectives
 from lm.io import pretrained
 from lm.train import loop as train_lib
 from lm.train.checkpoint import UNREADABLE, Checkpointer
-from lm.errors import EXIT_DIVERGED, EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, CheckpointError
+from lm.errors import EXIT_DIVERGED, EXIT_GRACE_EXPIRED, EXIT_PREEMPTED, CheckpointError, UserError
 from lm.train.metrics import read_metrics
+from lm.train.step import make_train_step
+from lm.train import rundir
 
 
 def _host(tree):
@@ -65,6 +68,26 @@ def test_guard_skips_non_finite_and_spiking_steps():
       assert float(m['skipped']) == 1, kind
       _assert_same((state.params, state.opt_state), before)
   assert int(m['skipped_total']) == 2 and int(state.guard.accepted) == 4 and int(state.step) == 6
+
+
+def test_guard_skips_an_update_that_makes_weights_non_finite():
+  """A finite loss and gradient times an overflowing step size: the weights, not the loss, go bad."""
+  c = tiny_config()
+  trainer = train_lib.Trainer(c, devices=jax.devices()[:1])
+  state = trainer.init_state()
+  labels = trainer.labels
+  overflow = optax.multi_transform({'trainable': optax.scale(float('inf')), 'frozen': optax.set_to_zero()},
+                                   labels)
+  step = jax.jit(make_train_step(trainer.spec, objectives.next_token_xent, overflow,
+                                 optax.constant_schedule(1.0), labels))
+  state = state.replace(opt_state=overflow.init(state.params))
+  before = _host(state.params)
+  state, m = step(state, trainer.global_batch(random_batch(c)))
+  assert np.isfinite(float(m['loss'])) and np.isfinite(float(m['grad_norm']))
+  assert float(m['nonfinite_weights']) == 1 and float(m['skipped']) == 1
+  _assert_same(state.params, before)
+  assert 'an update that made weights non-finite' in train_lib.diverged_message(
+      c, 1, {k: float(v) for k, v in m.items()}, type('NoCheckpoints', (), {'latest_step': lambda self: None})())
 
 
 # --- Checkpoint content, policies, meshes --------------------------------------------------------
@@ -244,7 +267,8 @@ def test_consecutive_bad_steps_stop_the_run_with_exit_3(reference, tmp_path):
                     '--config.train.max_bad_steps=3', cache_dir=reference['cache'])
   assert out.returncode == EXIT_DIVERGED, out.stderr
   line = lm_runs.last_line(out.stderr)
-  assert line.startswith('lm: stopped: step 4: 3 consecutive steps had a non-finite'), line
+  assert line.startswith('lm: stopped: step 4: 3 consecutive steps were skipped, the last for a '
+                         'non-finite'), line
   rows = [m for m in read_metrics(str(workdir)) if 'skipped' in m]
   assert [m['skipped'] for m in rows] == [0, 1, 1, 1] and rows[-1]['skipped_total'] == 3
   # The checkpoint holds the last accepted parameters, finite.
@@ -253,3 +277,37 @@ def test_consecutive_bad_steps_stop_the_run_with_exit_3(reference, tmp_path):
   state, _ = Checkpointer(str(workdir)).restore(trainer.abstract_state, trainer.shardings)
   assert all(np.isfinite(np.asarray(p)).all() for p in state.params.values())
   assert int(state.guard.skipped) == 3
+
+
+def test_injected_nan_steps_are_skipped_and_the_run_goes_on(reference, tmp_path):
+  """LM_INJECT_FAULT=nan@3,nan@4: steps 3 and 4 see NaN loss weights; the guard skips exactly
+  those, later steps train on from step 2's weights, and every checkpoint is finite."""
+  workdir = tmp_path / 'run'
+  out = lm_runs.run(workdir, *reference['args'], '--config.train.steps=6',
+                    cache_dir=reference['cache'], LM_INJECT_FAULT='nan@3,nan@4')
+  assert out.returncode == 0, out.stderr
+  rows = {m['step']: m for m in read_metrics(str(workdir)) if 'skipped' in m}
+  assert [rows[s]['skipped'] for s in range(1, 7)] == [0, 0, 1, 1, 0, 0]
+  assert np.isnan(rows[3]['loss']) and rows[6]['skipped_total'] == 2
+  assert [rows[s]['loss'] for s in (1, 2)] == [reference['losses'][s] for s in (1, 2)]
+  cfg = lm_runs.tiny_config(*reference['args'], '--config.train.steps=6')
+  trainer = train_lib.Trainer(cfg, devices=jax.devices()[:1])
+  state, _ = Checkpointer(str(workdir)).restore(trainer.abstract_state, trainer.shardings)
+  assert int(state.step) == 6 and int(state.guard.skipped) == 2
+  assert all(np.isfinite(np.asarray(p)).all() for p in state.params.values())
+
+
+# --- One writer per run ----------------------------------------------------------------------------
+
+def test_a_lock_left_by_a_killed_writer_is_taken_over(tmp_path, capsys):
+  # What a SIGKILLed writer leaves: the record of its pid, and no flock (the kernel dropped it).
+  (tmp_path / rundir.LOCK).write_text('pid 4194303 on elsewhere since 2026-01-01 00:00:00')
+  with rundir.single_writer(str(tmp_path)):
+    assert (tmp_path / rundir.LOCK).read_text().startswith(f'pid {os.getpid()} on ')
+    with pytest.raises(UserError, match=f'being written by another lm train \\(pid {os.getpid()} on '):
+      with rundir.single_writer(str(tmp_path)):  # a second writer, even from this process
+        pass
+  assert capsys.readouterr().err.strip() == (
+      'lm: warning: took over the writer lock of pid 4194303 on elsewhere since 2026-01-01 00:00:00, '
+      'which is no longer running')
+  assert (tmp_path / rundir.LOCK).read_text() == ''  # released: no holder recorded

@@ -1,4 +1,4 @@
-"""Evaluation settings for `lm eval` and `lm compare` (lm/tasks.py Settings), overridable as
+"""Evaluation settings for `lm eval` and `lm compare` (lm/eval/tasks.py Settings), overridable as
 --config.limit=20 etc.
 
   lm eval runs/quickstart runs/gsm8k_full --config configs/eval/default.py --out runs/eval

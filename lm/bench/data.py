@@ -1,6 +1,6 @@
 """Pipeline throughput next to the train step's: the data must never be the bottleneck.
 
-  python -m lm.bench.data [--config configs/quickstart.py] [--batches 200] [--no-step]
+  lm bench data [--config configs/quickstart.py] [--batches 200] [--no-step]
                           [--config.a.b=value ...]
 
 Prints tokens/s of the pipeline (batches of the config's shape, from encoded records to packed
@@ -15,9 +15,12 @@ import os
 import sys
 import time
 
+from lm.bench import harness
+from lm import config as config_lib
+from lm.data import pipeline
+
 
 def pipeline_tokens_per_s(cfg, workdir: str, batches: int, prefetch: int | None = None) -> dict:
-  from lm.data import pipeline  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   corpus = pipeline.build_corpus(cfg.data, tokenizer)
@@ -34,30 +37,14 @@ def pipeline_tokens_per_s(cfg, workdir: str, batches: int, prefetch: int | None 
 
 
 def step_tokens_per_s(cfg, steps: int = 5) -> float:
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
-  trainer = Trainer(cfg)
-  state = trainer.init_state()
-  B, T = cfg.data.batch_size, cfg.data.seq_len
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
-  batch = trainer.global_batch({
-      'tokens': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': np.ones((B, T), np.float32),
-      'segment_ids': np.ones((B, T), np.int32), 'positions': np.tile(np.arange(T, dtype=np.int32), (B, 1))})
-  for _ in range(2):  # compile and warm up
-    state, metrics = trainer.step(state, batch)
-  jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = trainer.step(state, batch)
-  jax.block_until_ready(metrics)
-  return steps * B * T / (time.perf_counter() - t0)
+  run = harness.LmStep(cfg)
+  run.steps(2)  # compile and warm up
+  return cfg.data.batch_size * cfg.data.seq_len / run.steps(steps)
 
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(prog='python -m lm.bench.data', allow_abbrev=False)
+  parser = argparse.ArgumentParser(prog='lm bench data', allow_abbrev=False)
   parser.add_argument('--config', default='configs/quickstart.py')
   parser.add_argument('--batches', type=int, default=200)
   parser.add_argument('--steps', type=int, default=5, help='train steps timed')
@@ -66,11 +53,7 @@ def main(argv=None) -> int:
   parser.add_argument('--workdir', default=os.path.join('/tmp', 'lm-data-bench'),
                       help='where a trained tokenizer is kept between runs')
   args, overrides = parser.parse_known_args(argv)
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load_config(args.config)
-  for key, value in config_lib.parse_overrides(overrides):
-    config_lib.apply_override(cfg, key, value)
-  config_lib.validate(cfg)
+  cfg = config_lib.load_config(args.config, overrides)
   os.makedirs(args.workdir, exist_ok=True)
   data = pipeline_tokens_per_s(cfg, args.workdir, args.batches, args.prefetch)
   print(data['describe'])

@@ -101,8 +101,8 @@ TEMPLATES = {
         roles={'assistant': 'model'}, merge_system=True),
     'mistral': Template(
         'mistral', '<s>', {'user': '[INST] ', 'assistant': ''},
-        {'user': ' [/INST]', 'assistant': '</s>'}, {}, {'<s>': 'bos', '</s>': 'eos'},
-        merge_system=True),
+        {'user': ' [/INST]', 'assistant': '</s>'}, {},
+        {'<s>': 'bos', '</s>': 'eos', '[INST]': 'text', '[/INST]': 'text'}, merge_system=True),
     'plain': Template(
         'plain', '<s>', {'system': '', 'user': 'User:', 'assistant': 'Assistant:'},
         {'system': '\n\n', 'user': '\n', 'assistant': '</s>'}, {'assistant': '\n'},
@@ -187,6 +187,10 @@ def get_template(name: str, tokenizer):
   return JinjaTemplate(source, bos, eos)
 
 
+class _Content(str):
+  """Message text (never edited by template spacing rules)."""
+
+
 class ChatEncoder:
   """Template + tokenizer: conversations -> (ids, mask) with exact answer masks."""
 
@@ -195,6 +199,7 @@ class ChatEncoder:
       raise DataError(f'data.train_on={train_on!r}; choose one of {TRAIN_ON}')
     self.template, self.tokenizer, self.train_on = template, tokenizer, train_on
     self._markers = {}  # marker string -> list of ids
+    self._text_markers = set()  # markers the vocabulary lacks, kept as text
     for marker, fallback in template.markers.items():
       i = tokenizer.token_to_id(marker)
       if i is not None:
@@ -205,33 +210,71 @@ class ChatEncoder:
         self._markers[marker] = [tokenizer.eos_id]
       else:
         self._markers[marker] = tokenizer.encode(marker)
+        self._text_markers.add(marker)
     self._marker_re = (re.compile('(' + '|'.join(map(re.escape, sorted(self._markers, key=len, reverse=True))) + ')')
                        if self._markers else None)
     self._cache = {}
 
-  def _encode_span(self, text: str, kind: str) -> list[int]:
-    if kind == 'content':
-      return self.tokenizer.encode(text)
-    if kind == 'rendered':
-      return self.tokenizer.encode(text, specials=True)
-    ids = self._cache.get(text)  # template text repeats: cache it
-    if ids is None:
-      ids = []
-      for part in self._marker_re.split(text) if self._marker_re else [text]:
-        if part in self._markers:
-          ids.extend(self._markers[part])
-        elif part:
-          ids.extend(self.tokenizer.encode(part))
-      self._cache[text] = ids
+  def _template_parts(self, text: str) -> list:
+    """Template text as parts: str (text) or list of ids (a marker the vocabulary resolves)."""
+    parts = self._cache.get(text)  # template text repeats: cache it
+    if parts is None:
+      parts = []
+      for piece in self._marker_re.split(text) if self._marker_re else [text]:
+        if piece in self._markers and piece not in self._text_markers:
+          parts.append(self._markers[piece])
+        elif piece:
+          parts.append(piece)
+      self._cache[text] = parts
+    return parts
+
+  def _encode_parts(self, parts: list) -> list[int]:
+    """Adjacent text parts are tokenized as one string, so template text and the content beside it
+    tokenize as the rendered string does (no lone SentencePiece "▁" between them). With a
+    SentencePiece vocabulary, a template's space between a control token and text is the word
+    boundary its dummy prefix already marks, so it is dropped: Mistral's `[INST] Hi [/INST]` with
+    [INST] a control token becomes [INST] ▁Hi [/INST], as mistral-common tokenizes it."""
+    sentencepiece = hasattr(self.tokenizer, 'sp')
+    ids, text = [], ''
+    for k, part in enumerate(parts):
+      if not isinstance(part, str):
+        if text:
+          ids.extend(self.tokenizer.encode(text))
+          text = ''
+        ids.extend(part)
+        continue
+      if sentencepiece and not isinstance(part, _Content):
+        if k > 0 and not isinstance(parts[k - 1], str) and part.startswith(' '):
+          part = part[1:]
+        if k + 1 < len(parts) and not isinstance(parts[k + 1], str) and part.endswith(' '):
+          part = part[:-1]
+      text += part
+    if text:
+      ids.extend(self.tokenizer.encode(text))
     return ids
 
   def encode_spans(self, spans, train_on=None):
-    """-> (ids int32 [n], mask bool [n]); mask[i]: token i is a trained target."""
+    """-> (ids int32 [n], mask bool [n]); mask[i]: token i is a trained target.
+
+    The untrained spans between answers are tokenized together (see _encode_parts); each answer
+    starts a new string, so its content's ids are exactly the tokenizer's ids for that text (as
+    mistral-common encodes answers; the only place a SentencePiece dummy prefix enters a turn)."""
     train_on = train_on or self.train_on
     n_answers = 1 + max((a for _, a, _ in spans if a is not None), default=-1)
-    ids, mask = [], []
+    segments = []  # [answer, parts (None when already ids), ids]
     for text, answer, kind in spans:
-      piece = self._encode_span(text, kind)
+      if kind == 'rendered':
+        segments.append([answer, None, self.tokenizer.encode(text, specials=True)])
+        continue
+      parts = [_Content(text)] if kind == 'content' else self._template_parts(text)
+      opens_answer = answer is not None and kind == 'content'
+      if segments and segments[-1][1] is not None and segments[-1][0] == answer and not opens_answer:
+        segments[-1][1].extend(parts)
+      else:
+        segments.append([answer, list(parts), None])
+    ids, mask = [], []
+    for answer, parts, encoded in segments:
+      piece = encoded if parts is None else self._encode_parts(parts)
       if train_on == 'all':
         trained = True
       elif train_on == 'last':

@@ -9,6 +9,8 @@ Formats:
   alpaca      {instruction, input, output[, system]} as one user/assistant exchange
   chat        {messages: [{role, content}]} or sharegpt {conversations: [{from, value}]}
   preference  chosen/rejected pairs (see preference.py)
+  kto         {prompt, completion, label} unpaired examples (or pairs, read as two); the label
+              is the sign of the weights
 
 Truncation (`data.truncate`) of an example longer than seq_len + 1 tokens:
   prompt  drop tokens from the start of the prompt (after BOS), keeping the last answer whole;
@@ -28,7 +30,7 @@ import numpy as np
 from lm.data import chat, preference
 from lm.errors import DataError
 
-FORMATS = ('text', 'alpaca', 'chat', 'preference')
+FORMATS = ('text', 'alpaca', 'chat', 'preference', 'kto')
 TRUNCATE = ('prompt', 'skip', 'fail')
 SKIP_EMPTY = 'empty documents'
 SKIP_TOO_LONG = 'examples longer than seq_len'
@@ -92,6 +94,8 @@ class Encoder:
       return chat.messages_from_alpaca(record, self.fields, where)
     if self.format == 'chat':
       return chat.messages_from_chat(record, self.fields, where)
+    if self.format == 'kto':
+      return preference.labelled_from_record(record, self.fields, where)
     return preference.from_record(record, self.fields, where)
 
   def check(self, record):
@@ -115,6 +119,8 @@ class Encoder:
     if self.format == 'preference':
       prompt, chosen, rejected = content
       return '\n'.join([m['content'] for m in prompt] + [chosen, rejected])
+    if self.format == 'kto':
+      return '\n'.join([m['content'] for m in content[0][0]] + [c for _, c, _ in content])
     return '\n'.join(m['content'] for m in content)
 
   # -- tokens -------------------------------------------------------------------------------------
@@ -134,6 +140,13 @@ class Encoder:
     if self.format == 'preference':
       prompt, chosen, rejected = content
       return self._pair(record, *preference.encode(self.chat, prompt, chosen, rejected))
+    if self.format == 'kto':
+      out, notes = [], []
+      for prompt, completion, desirable in content:
+        items, note = self._fit(record, *preference.encode_labelled(self.chat, prompt, completion))
+        out += [(ids, mask.astype(np.float32) * (1.0 if desirable else -1.0)) for ids, mask in items]
+        notes.append(note)
+      return out, next((n for n in notes if n), None)
     ids, mask = self.chat.encode(content)
     return self._fit(record, ids, mask)
 

@@ -108,6 +108,8 @@ def source_specs(data_cfg) -> list[SourceSpec]:
   for s in specs:
     if s.format == 'preference' and s.pack_mode == 'stream':
       raise ConfigError('preference pairs cannot be stream-packed; use data.packing=none or whole')
+    if s.format == 'kto' and s.pack_mode == 'stream':
+      raise ConfigError('KTO examples cannot be stream-packed; use data.packing=whole or none')
   return specs
 
 
@@ -294,7 +296,8 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
   eval_all = {k: np.concatenate([r[k] for r in eval_rows]) for k in eval_rows[0]}
   sample_all = {k: np.concatenate([r[k] for r in sample_rows]) for k in sample_rows[0]}
   prefix = 'chosen_' if train.pairs else ''
-  tokens = sample_all[prefix + 'targets'][sample_all[prefix + 'weights'] > 0]  # what the loss sees
+  # What the loss sees (KTO's undesirable examples carry negative weights: lm/data/preference.py).
+  tokens = sample_all[prefix + 'targets'][sample_all[prefix + 'weights'] != 0]
   counts = np.bincount(tokens.astype(np.int64), minlength=tokenizer.vocab_size)[:tokenizer.vocab_size]
   counts = counts.astype(np.float64) + 1.0
   return Corpus(train=train, eval=eval_all, unigram_log_probs=np.log(counts / counts.sum()),
@@ -316,7 +319,7 @@ def unigram_perplexity(corpus: Corpus) -> float:
   """Perplexity of the training-sample unigram distribution on the held-out targets: the baseline
   any model that learned something beyond token frequencies must beat."""
   prefix = 'chosen_' if 'chosen_weights' in corpus.eval else ''
-  w = corpus.eval[prefix + 'weights']
+  w = np.abs(corpus.eval[prefix + 'weights'])
   nll = -corpus.unigram_log_probs[np.minimum(corpus.eval[prefix + 'targets'],
                                              len(corpus.unigram_log_probs) - 1)]
   return float(math.exp(np.sum(nll * w) / max(np.sum(w), 1.0)))

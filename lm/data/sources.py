@@ -3,7 +3,8 @@
 Every source becomes `Records`: random access to dict records (a text file's documents become
 {'text': ...}), each able to say where it came from (`path:line`) for error messages.
 
-  path, glob, or 'a.jsonl,b/*.txt'  .jsonl, .json (a list of records), .parquet, anything else text
+  path, glob, or 'a.jsonl,b/*.txt'  .jsonl, .json (a list of records), .parquet, anything else text;
+                                     each may be compressed, .gz or .zst (a.jsonl.gz, b.txt.zst)
   tfds:NAME[:SPLIT]                  TFDS through its array_record data source (no TensorFlow);
                                      NAME may carry a config and version, 'wiki40b/en:1.3.0'
   builtin:python-docs                CPython's own documentation (pydoc topics, stdlib docstrings)
@@ -250,18 +251,40 @@ def _read_text(path, f, raw, policy, text_split, out):
       out.add({'text': doc}, f, line)
 
 
+COMPRESSED = ('.gz', '.zst')
+
+
+def read_bytes(path: str) -> bytes:
+  """The file's bytes, decompressed when it ends in .gz (gzip) or .zst (Zstandard)."""
+  with open(path, 'rb') as fh:
+    raw = fh.read()
+  try:
+    if path.endswith('.gz'):
+      import gzip  # pylint: disable=import-outside-toplevel
+      return gzip.decompress(raw)
+    if path.endswith('.zst'):
+      import zstandard  # pylint: disable=import-outside-toplevel
+      return zstandard.ZstdDecompressor().stream_reader(raw).read()
+  except Exception as e:  # gzip, zlib, EOFError and zstandard each raise their own
+    kind = 'gzip' if path.endswith('.gz') else 'Zstandard'
+    raise DataError(f'{path}: not a readable {kind} file ({str(e)[:120] or type(e).__name__}); '
+                    f're-compress it or give the uncompressed file') from None
+  return raw
+
+
 def read_files(spec: str, *, text_split: str = 'paragraph', bad_records: str = 'fail') -> Records:
   out = _FileRecords()
   for f, path in enumerate(expand_files(spec)):
     out.files.append(path)
-    if path.endswith('.parquet'):
+    name = path[:-len(next(e for e in COMPRESSED if path.endswith(e)))] if path.endswith(
+        COMPRESSED) else path  # the format is the name's inner extension: a.jsonl.gz is jsonl
+    if name.endswith('.parquet'):
       _read_parquet(path, f, out)
       continue
-    with open(path, 'rb') as fh:
-      raw = fh.read()
-    if path.endswith('.jsonl'):
+    raw = read_bytes(path)
+    if name.endswith('.jsonl'):
       _read_jsonl(path, f, raw, bad_records, out)
-    elif path.endswith('.json'):
+    elif name.endswith('.json'):
       _read_json(path, f, raw, bad_records, out)
     else:
       _read_text(path, f, raw, bad_records, text_split, out)

@@ -27,18 +27,22 @@ class Tokenizer:
   """A SentencePiece model (`.model`, also MaxText's `tokenizer.default`)."""
 
   chat_template = None  # SentencePiece files carry no chat template
+  gguf_fields = None  # the tokenizer.* metadata when it came from a GGUF file
 
-  def __init__(self, path: str):
-    if not os.path.isfile(path):
-      raise DataError(f'tokenizer {path!r} not found; pass a SentencePiece .model or tokenizer.json, '
-                      'or leave data.tokenizer unset to train one')
+  def __init__(self, path: str, *, proto: bytes | None = None):
     self.path = path
     self.sp = spm.SentencePieceProcessor()
-    try:
-      self.sp.Load(path)
-    except (OSError, RuntimeError) as e:
-      raise DataError(f'tokenizer {path!r} is not a SentencePiece model ({e}); '
-                      'Hugging Face tokenizers are loaded from tokenizer.json') from None
+    if proto is not None:
+      self.sp.LoadFromSerializedProto(proto)
+    else:
+      if not os.path.isfile(path):
+        raise DataError(f'tokenizer {path!r} not found; pass a SentencePiece .model or tokenizer.json, '
+                        'or leave data.tokenizer unset to train one')
+      try:
+        self.sp.Load(path)
+      except (OSError, RuntimeError) as e:
+        raise DataError(f'tokenizer {path!r} is not a SentencePiece model ({e}); '
+                        'Hugging Face tokenizers are loaded from tokenizer.json') from None
     # Control pieces (<s>, </s>, ...) are never produced by SentencePiece from text; rendered chat
     # templates name them as strings, so `encode(..., specials=True)` splits them out first.
     self._controls = {self.sp.IdToPiece(i): i for i in range(self.sp.GetPieceSize())
@@ -46,6 +50,13 @@ class Tokenizer:
     self._control_re = (re.compile('(' + '|'.join(map(re.escape, sorted(self._controls, key=len,
                                                                           reverse=True))) + ')')
                         if self._controls else None)
+
+  @classmethod
+  def from_proto(cls, proto: bytes, path: str, config: dict) -> 'Tokenizer':
+    """A SentencePiece model given as a serialized proto (a GGUF file's 'llama' vocabulary)."""
+    tok = cls(path, proto=proto)
+    tok.chat_template = config.get('chat_template')
+    return tok
 
   @property
   def vocab_size(self) -> int:
@@ -101,23 +112,26 @@ class HFTokenizer:
   BOS/EOS/pad and the chat template come from `tokenizer_config.json` next to it when present.
   """
 
-  def __init__(self, path: str):
+  gguf_fields = None  # the tokenizer.* metadata when it came from a GGUF file
+
+  def __init__(self, path: str, *, spec: str | None = None, config: dict | None = None):
     file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
-    if not os.path.isfile(file):
+    if spec is None and not os.path.isfile(file):
       raise DataError(f'tokenizer {path!r} not found; pass a tokenizer.json or the folder holding it')
     import tokenizers  # pylint: disable=import-outside-toplevel
     self.path = file
     try:
-      self.tok = tokenizers.Tokenizer.from_file(file)
+      spec = spec if spec is not None else open(file, encoding='utf-8').read()  # pylint: disable=consider-using-with
+      self.tok = tokenizers.Tokenizer.from_str(spec)
       # A second instance that treats special-token strings as text, for documents.
-      self.plain = tokenizers.Tokenizer.from_file(file)
+      self.plain = tokenizers.Tokenizer.from_str(spec)
     except Exception as e:  # the Rust side raises a bare Exception
       raise DataError(f'{file} is not a Hugging Face tokenizer.json ({str(e)[:200]})') from None
     self.plain.encode_special_tokens = True
     self._special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
-    self.config = {}
+    self.config = config or {}
     config_file = os.path.join(os.path.dirname(file), 'tokenizer_config.json')
-    if os.path.isfile(config_file):
+    if config is None and os.path.isfile(config_file):
       with open(config_file, encoding='utf-8') as f:
         self.config = json.load(f)
     self.bos_id = self._config_token('bos_token')
@@ -131,6 +145,11 @@ class HFTokenizer:
     if isinstance(template, list):  # [{name, template}, ...]: take the default one
       template = next((t['template'] for t in template if t.get('name') == 'default'), None)
     self.chat_template = template
+
+  @classmethod
+  def from_json(cls, spec: str, config: dict, path: str) -> 'HFTokenizer':
+    """A tokenizer.json given as a string, with tokenizer_config.json's fields in `config`."""
+    return cls(path, spec=spec, config=config)
 
   def _config_token(self, key: str) -> int | None:
     value = self.config.get(key)
@@ -177,13 +196,117 @@ def _wrap(ids, bos, eos):
 
 
 def load(path: str):
-  """A tokenizer from a SentencePiece model file, a tokenizer.json, or a folder holding one."""
-  if path.endswith('.tiktoken'):
-    raise DataError(f'{path}: tiktoken rank files are not supported; use the model\'s '
-                    'tokenizer.json (Llama-3 ships one) as data.tokenizer')
+  """A tokenizer from a SentencePiece model file, a tiktoken rank file (Llama 3's tokenizer.model),
+  a tokenizer.json, a folder holding one, or a llama.cpp GGUF file (its embedded vocabulary)."""
+  if path.endswith('.gguf'):
+    return _from_gguf(path)
   if os.path.isdir(path) or path.endswith('.json'):
     return HFTokenizer(path)
+  if path.endswith('.tiktoken') or is_tiktoken_file(path):
+    return TiktokenTokenizer(path)
   return Tokenizer(path)
+
+
+def _from_gguf(path: str):
+  """The tokenizer a llama.cpp GGUF file embeds (lm/data/gguf_tokenizer.py reads it)."""
+  from lm.data import gguf_tokenizer  # pylint: disable=import-outside-toplevel
+  kind, definition, config, fields = gguf_tokenizer.spec(path)
+  if kind == 'gpt2':
+    tok = HFTokenizer.from_json(definition, config, path)
+  else:
+    tok = Tokenizer.from_proto(definition, path, config)
+  tok.gguf_fields = fields
+  return tok
+
+
+_TIKTOKEN_LINE = re.compile(rb'^[A-Za-z0-9+/]+=* \d+$')
+
+
+def is_tiktoken_file(path: str) -> bool:
+  """Whether `path` is a tiktoken rank file: lines of a base64 token, a space and its rank."""
+  if not os.path.isfile(path):
+    return False
+  with open(path, 'rb') as f:
+    head = f.read(4096).split(b'\n')
+  lines = [line for line in head[:-1] if line] or [l for l in head if l]
+  return bool(lines) and all(_TIKTOKEN_LINE.match(line) for line in lines[:20])
+
+
+# Llama 3's split regex and its 256 special tokens after the 128,000 ranked ones (from Meta's
+# tokenizer.py, which tokenizer.model files come with).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = (['<|begin_of_text|>', '<|end_of_text|>', '<|reserved_special_token_0|>',
+                    '<|reserved_special_token_1|>', '<|finetune_right_pad_id|>', '<|step_id|>',
+                    '<|start_header_id|>', '<|end_header_id|>', '<|eom_id|>', '<|eot_id|>',
+                    '<|python_tag|>']
+                   + [f'<|reserved_special_token_{i}|>' for i in range(2, 247)])
+
+
+class TiktokenTokenizer:
+  """A tiktoken rank file (the Llama 3 `tokenizer.model` format) through the `tiktoken` package.
+
+  The file holds only the ranked byte sequences; the split regex and the special tokens after
+  them are Llama 3's (<|begin_of_text|> = 128000, <|eot_id|> = 128009, ...), which is what such
+  files are shipped for.
+  """
+
+  chat_template = None
+  gguf_fields = None
+
+  def __init__(self, path: str):
+    try:
+      import tiktoken  # pylint: disable=import-outside-toplevel
+      from tiktoken.load import load_tiktoken_bpe  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise DataError('tiktoken rank files need the tiktoken package: pip install tiktoken') from None
+    if not os.path.isfile(path):
+      raise DataError(f'tokenizer {path!r} not found; pass a tiktoken rank file (Llama 3\'s '
+                      'tokenizer.model), a SentencePiece .model or a tokenizer.json')
+    self.path = path
+    try:
+      ranks = load_tiktoken_bpe(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f'{path} is not a tiktoken rank file ({str(e)[:200]})') from None
+    self._specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+    self.enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
+                                 mergeable_ranks=ranks, special_tokens=self._specials)
+    self._strings = {i: t for t, i in self._specials.items()}
+    self.bos_id = self._specials['<|begin_of_text|>']
+    self.eos_id = self._specials['<|end_of_text|>']
+    self.pad_id = self._specials['<|finetune_right_pad_id|>']
+
+  @property
+  def vocab_size(self) -> int:
+    return self.enc.n_vocab
+
+  def token_to_id(self, token: str) -> int | None:
+    if token in self._specials:
+      return self._specials[token]
+    try:
+      return self.enc.encode_single_token(token)
+    except KeyError:
+      return None
+
+  def token_string(self, i: int) -> str:
+    i = int(i)
+    if i in self._strings:
+      return self._strings[i]
+    return self.enc.decode_single_token_bytes(i).decode('utf-8', errors='replace')
+
+  def is_special(self, i: int) -> bool:
+    return int(i) in self._strings
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False,
+             specials: bool = False) -> list[int]:
+    ids = self.enc.encode(text, allowed_special='all' if specials else set(), disallowed_special=())
+    return _wrap(ids, self.bos_id if bos else None, self.eos_id if eos else None)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self.enc.encode_ordinary_batch(list(texts))
+
+  def decode(self, ids) -> str:
+    return self.enc.decode([int(i) for i in ids])
 
 
 def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', seed: int = 0,
@@ -191,8 +314,12 @@ def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', s
   """Trains a SentencePiece model on `docs` and writes it atomically to `path`.
 
   Ids 0-3 are pad, unk, bos, eos; `special_tokens` (chat markers such as "<|im_end|>") become
-  single pieces that text containing them always encodes to. Byte fallback spells any character
-  outside the vocabulary as UTF-8 bytes instead of <unk>, so decode(encode(text)) == text.
+  single pieces that text containing them always encodes to. decode(encode(text)) == text for any
+  text: no normalisation (SentencePiece's default NFKC rewrites characters and its whitespace
+  handling collapses runs of spaces and newlines, which loses code layout), whitespace-only pieces
+  (indentation, blank lines) allowed, and byte fallback spells any character outside the
+  vocabulary as UTF-8 bytes instead of <unk>. Training sees documents in chunks of whole lines
+  with their newlines, so newlines and indentation get pieces of their own.
   """
   del seed  # SentencePiece's trainer has no seed; its sampling is deterministic for fixed input
   if model_type not in ('bpe', 'unigram'):
@@ -203,9 +330,10 @@ def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', s
     prefix = os.path.join(tmp, 'sp')
     try:
       spm.SentencePieceTrainer.Train(
-          sentence_iterator=(line for d in docs for line in d.split('\n') if line.strip()),
-          model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-          byte_fallback=byte_fallback, character_coverage=0.9995,
+          sentence_iterator=_chunks(docs), model_prefix=prefix, vocab_size=vocab_size,
+          model_type=model_type, byte_fallback=byte_fallback, character_coverage=0.9995,
+          normalization_rule_name='identity', remove_extra_whitespaces=False,
+          allow_whitespace_only_pieces=True, max_sentence_length=_CHUNK_BYTES * 2,
           pad_id=0, unk_id=1, bos_id=2, eos_id=3, split_digits=True,
           **({'user_defined_symbols': list(special_tokens)} if special_tokens else {}),
           input_sentence_size=2_000_000, shuffle_input_sentence=True,
@@ -214,3 +342,27 @@ def train_tokenizer(docs, path: str, vocab_size: int, model_type: str = 'bpe', s
       raise DataError(f'tokenizer training failed: {e}; try a smaller data.tokenizer_vocab_size') from None
     os.replace(prefix + '.model', path)
   return Tokenizer(path)
+
+
+_CHUNK_BYTES = 2048  # SentencePiece skips longer training sentences
+
+
+def _chunks(docs):
+  """Each document as runs of whole lines (newlines kept) of at most _CHUNK_BYTES bytes; a longer
+  line is cut."""
+  for doc in docs:
+    chunk, size = [], 0
+    for line in doc.splitlines(keepends=True):
+      n = len(line.encode('utf-8'))
+      if chunk and size + n > _CHUNK_BYTES:
+        yield ''.join(chunk)
+        chunk, size = [], 0
+      while n > _CHUNK_BYTES:
+        head = line.encode('utf-8')[:_CHUNK_BYTES].decode('utf-8', errors='ignore')
+        yield head
+        line = line[len(head):]
+        n = len(line.encode('utf-8'))
+      chunk.append(line)
+      size += n
+    if ''.join(chunk).strip():
+      yield ''.join(chunk)

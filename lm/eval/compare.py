@@ -12,15 +12,17 @@ Writes into the output directory:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 
 from lm.eval import evaluate
+from lm.io import runs
 from lm.train import flops as flops_lib
 from lm.train import partition
 from lm.eval import tasks as tasks_lib
-from lm.train.metrics import read_metrics
+from lm.train.metrics import plot_loss_curves, read_metrics
 from lm.train.state import ModelSpec
 
 
@@ -31,7 +33,7 @@ def training_compute(run_dir: str) -> dict:
   matmul, so each frozen matmul parameter saves 2 FLOPs per token (LoRA: ~4N). Wall time is the sum
   of the logged throughput windows, so evaluation and checkpoint time are excluded.
   """
-  cfg = evaluate.load_config(run_dir)
+  cfg = runs.load_config(run_dir)
   records = [r for r in read_metrics(run_dir) if 'loss' in r and 'tokens_per_s' in r]
   if not records:
     return {}
@@ -54,9 +56,12 @@ def training_compute(run_dir: str) -> dict:
           'trainable': cfg.train.trainable}
 
 
-def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list[str],
-            general: list[str], shots: int, settings: tasks_lib.Settings, log=print) -> dict:
-  """Runs the comparison; returns what compare.json holds."""
+def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
+            general: list, shots: int, settings: tasks_lib.Settings, log=print,
+            progress: bool = False) -> dict:
+  """Runs the comparison; returns what compare.json holds. `task_names` and `general`: built-in
+  names, task files or parsed tasks."""
+  run_tasks = functools.partial(evaluate.run_tasks, log=log, progress=progress)
   settings = dataclasses.replace(settings, heldout_from=evaluate.parse_run(base)[1])
   few_shot = dataclasses.replace(settings, shots=shots)
   scores, forgetting = {}, {}
@@ -64,17 +69,17 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list[s
   base_model = evaluate.load_model(base)
   log(f'base {base_model.name}: {base_model.run_dir} step {base_model.step}')
   base_name = base_model.name
-  scores[base_name] = evaluate.run_tasks(base_model, task_names, settings, log=log)
+  scores[base_name] = run_tasks(base_model, task_names, settings)
   if shots:
-    scores[f'{base_name} {shots}-shot'] = evaluate.run_tasks(base_model, task_names, few_shot, log=log)
-  forgetting[base_name] = evaluate.run_tasks(base_model, general, settings, log=log)
+    scores[f'{base_name} {shots}-shot'] = run_tasks(base_model, task_names, few_shot)
+  forgetting[base_name] = run_tasks(base_model, general, settings)
   del base_model
 
   for spec in finetuned:
     model = evaluate.load_model(spec, mesh=None)
     log(f'fine-tuned {model.name}: {model.run_dir} step {model.step}')
-    scores[model.name] = evaluate.run_tasks(model, task_names, settings, log=log)
-    forgetting[model.name] = evaluate.run_tasks(model, general, settings, log=log)
+    scores[model.name] = run_tasks(model, task_names, settings)
+    forgetting[model.name] = run_tasks(model, general, settings)
 
   runs = {base_name: evaluate.parse_run(base)[1],
           **{evaluate.parse_run(s)[0]: evaluate.parse_run(s)[1] for s in finetuned}}
@@ -87,7 +92,9 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list[s
   with open(os.path.join(out_dir, 'compare.md'), 'w', encoding='utf-8') as f:
     f.write(markdown(report))
   plot_scores(report, os.path.join(out_dir, 'scores.png'))
-  plot_losses(runs, os.path.join(out_dir, 'loss_curves.png'))
+  plot_loss_curves({name: read_metrics(d) for name, d in runs.items()},
+                   os.path.join(out_dir, 'loss_curves.png'),
+                   ylabel='loss (nats/token, on each run\'s own data)')
   return report
 
 
@@ -116,13 +123,13 @@ def markdown(report: dict) -> str:
   out.append(evaluate.markdown_table(scores, columns))
   out.append('## Forgetting: general text before and after\n')
   general = list(dict.fromkeys(t for m in report['forgetting'].values() for t in m))
-  lines = ['| model | ' + ' | '.join(f'{t} {tasks_lib.HEADLINE[t][0]}' for t in general) + ' |',
-           '|' + '---|' * (len(general) + 1)]
   before = report['forgetting'][base]
+  lines = ['| model | ' + ' | '.join(f'{t} {before[t]["headline"]}' for t in general) + ' |',
+           '|' + '---|' * (len(general) + 1)]
   for name, res in report['forgetting'].items():
     cells = []
     for t in general:
-      key = tasks_lib.HEADLINE[t][0]
+      key = before[t]['headline']
       value = res[t][key]
       change = '' if name == base else f' ({_pct(value, before[t][key])})'
       cells.append(f'{value:.2f}{change}')
@@ -160,33 +167,13 @@ def plot_scores(report: dict, path: str) -> None:
   color = {name: f'C{i}' for i, name in enumerate(report['scores'])}  # one colour per model
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
   for ax, (task, table) in zip(axes[0], panels):
-    key, higher = tasks_lib.HEADLINE[task]
     names = [n for n in table if task in table[n]]
+    key = table[names[0]][task]['headline']
+    higher = not tasks_lib.lower_is_better(key)
     values = [table[n][task][key] for n in names]
     ax.bar(range(len(names)), values, color=[color.get(n, 'C7') for n in names])
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
     ax.set_title(f'{task}\n{key} ({"higher" if higher else "lower"} is better)', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_losses(runs: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for i, (name, run_dir) in enumerate(runs.items()):
-    records = read_metrics(run_dir)
-    train = [(r['step'], r['loss']) for r in records if 'loss' in r]
-    held = [(r['step'], r['eval_loss']) for r in records if 'eval_loss' in r]
-    if train:
-      ax.plot(*zip(*train), color=f'C{i}', lw=1, label=f'{name} train')
-    if held:
-      ax.plot(*zip(*held), 'o--', color=f'C{i}', ms=4, label=f'{name} held-out')
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss (nats/token, on each run\'s own data)')
-  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -17,84 +17,17 @@ import time
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
+from lm import config as config_lib
 from lm import sharding as sharding_lib
 from lm.eval import tasks as tasks_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import Tokenizer
-from lm.errors import CheckpointError, ConfigError, UserError
+from lm.errors import UserError
+from lm.eval.generate import Generator
+from lm.eval.scoring import Scorer
+from lm.io import pretrained, runs
 from lm.train.state import ModelSpec
-
-
-def load_config(run_dir: str) -> ml_collections.ConfigDict:
-  """The run's resolved config over today's defaults, so a run saved before a key existed loads
-  with that key's default (which is the behaviour it was trained with)."""
-  path = os.path.join(run_dir, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{run_dir} is not a run directory (no config.json); pass what `lm train '
-                    '--workdir` wrote')
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.base_config()
-  _merge(cfg, saved)
-  return cfg
-
-
-def _as_tuple(value):
-  return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
-  for key, value in saved.items():
-    if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      _merge(node[key], value)
-    elif key in node and isinstance(node[key], tuple):
-      node[key] = _as_tuple(value)  # JSON wrote tuples as lists
-    else:
-      node[key] = value
-
-
-def run_tokenizer(run_dir: str, cfg):
-  """The run's own trained tokenizer, else the one it was configured with (a SentencePiece model,
-  a tokenizer.json or a Hugging Face folder holding one)."""
-  own = os.path.join(run_dir, 'tokenizer.model')
-  return Tokenizer(own) if os.path.isfile(own) else tokenizer_lib.load(cfg.data.tokenizer)
-
-
-def restore_params(run_dir: str, cfg, spec: ModelSpec, shardings: dict, step: int | None = None):
-  """(params, step): the parameters of a checkpoint, without its optimizer state.
-
-  A partial run (LoRA and other frozen partitions) saves only what it trains; its frozen weights
-  come from its `train.init_from`, as they did in training.
-  """
-  directory = os.path.join(os.path.abspath(run_dir), 'checkpoints')
-  # Read-only: no directory creation or cleanup in a run that may still be writing.
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-      'meta': ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise CheckpointError(f'no checkpoint {"" if step is None else step} in {directory}; '
-                          f'have {sorted(manager.all_steps())}')
-  saved = manager.item_metadata(step).state
-  saved = getattr(saved, 'tree', saved)['params']
-  target = {'params': {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[k])
-                       for k, s in spec.shapes.items() if k in saved}}
-  args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  params = manager.restore(step, args=ocp.args.Composite(state=args)).state['params']
-  manager.close()
-  missing = [k for k in spec.names if k not in params]
-  if missing:
-    if not cfg.train.get('init_from'):
-      raise CheckpointError(f'checkpoint step {step} in {directory} lacks {missing[0]!r} (and '
-                            f'{len(missing) - 1} more) and the run names no train.init_from')
-    from lm.io import pretrained  # pylint: disable=import-outside-toplevel
-    base = pretrained.load_params(cfg.train.init_from, spec, shardings)
-    params = {**{k: base[k] for k in missing}, **params}
-  return params, step
 
 
 @dataclasses.dataclass
@@ -111,12 +44,10 @@ class Model:
 
   @functools.cached_property
   def generator(self):
-    from lm.eval.generate import Generator  # pylint: disable=import-outside-toplevel
     return Generator(self.cfg, self.params, self.tokenizer, mesh=self.mesh, spec=self.spec)
 
   @functools.cached_property
   def scorer(self):
-    from lm.eval.scoring import Scorer  # pylint: disable=import-outside-toplevel
     return Scorer(self.cfg, self.params, mesh=self.mesh, spec=self.spec)
 
 
@@ -131,15 +62,16 @@ def parse_run(spec: str) -> tuple[str, str, int | None]:
 
 def load_model(spec: str, *, mesh=None) -> Model:
   """A model ready to generate and evaluate from `[NAME=]DIR[@STEP]`: an lm run directory (its
-  latest checkpoint, or STEP) or a Hugging Face model directory (config.json, *.safetensors and a
-  tokenizer.json or tokenizer.model)."""
+  latest checkpoint, or STEP), a Hugging Face model directory (config.json, *.safetensors and a
+  tokenizer.json or tokenizer.model) or a llama.cpp GGUF file (or a directory holding one)."""
   name, run_dir, step = parse_run(spec)
-  if _is_hf_directory(run_dir):
+  if runs.is_hf_directory(run_dir):
     return _load_hf_model(name, run_dir, step, mesh)
-  cfg = load_config(run_dir)
+  cfg = runs.load_config(run_dir)
+  tokenizer = runs.run_tokenizer(run_dir, cfg)  # before the weights: the cheaper error first
   model_spec, mesh, shardings = _placement(cfg, mesh)
-  params, step = restore_params(run_dir, cfg, model_spec, shardings, step)
-  return Model(name, cfg, model_spec, params, run_tokenizer(run_dir, cfg), mesh, run_dir, step)
+  params, step = runs.restore_params(run_dir, cfg, model_spec, shardings, step)
+  return Model(name, cfg, model_spec, params, tokenizer, mesh, run_dir, step)
 
 
 def _placement(cfg, mesh):
@@ -151,19 +83,10 @@ def _placement(cfg, mesh):
   return model_spec, mesh, shardings
 
 
-def _is_hf_directory(path: str) -> bool:
-  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
-  try:
-    return pretrained.kind(path) == 'hf'
-  except ConfigError:  # neither kind: load_config below says what a run directory needs
-    return False
-
-
 def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  from lm.io import hf, pretrained  # pylint: disable=import-outside-toplevel
   if step is not None:
-    raise UserError(f'{path}@{step}: a Hugging Face directory has one set of weights; drop @{step}')
+    raise UserError(f'{path}@{step}: a Hugging Face directory or GGUF file has one set of weights; '
+                    f'drop @{step}')
   cfg = config_lib.base_config()
   cfg.train.init_from = path
   pretrained.resolve_config(cfg)  # the architecture, and the tokenizer if the folder has one
@@ -171,21 +94,23 @@ def _load_hf_model(name: str, path: str, step: int | None, mesh) -> Model:
     raise UserError(f'{path} has no tokenizer.json or tokenizer.model; copy the model\'s '
                     'tokenizer into it')
   model_spec, mesh, shardings = _placement(cfg, mesh)
-  params = hf.load_params(path, model_spec, shardings)
+  params = pretrained.load_params(path, model_spec, shardings)
   return Model(name, cfg, model_spec, params, tokenizer_lib.load(cfg.data.tokenizer), mesh, path, 0)
 
 
-def run_tasks(model: Model, names: list[str], settings: tasks_lib.Settings, *,
-              log=print) -> dict:
-  """{task: metrics}, each with its wall time."""
+def run_tasks(model: Model, tasks: list, settings: tasks_lib.Settings, *, log=print,
+              progress: bool = False) -> dict:
+  """{task name: metrics}, each with its wall time. `tasks`: built-in names, task file paths or
+  parsed tasks (tasks_lib.parse_tasks)."""
   out = {}
-  for name in names:
+  for task in [tasks_lib.resolve(t) for t in tasks]:
     start = time.perf_counter()
-    out[name] = tasks_lib.TASKS[name](model, settings)
-    out[name]['seconds'] = time.perf_counter() - start
-    headline, _ = tasks_lib.HEADLINE[name]
-    log(f'  {model.name} {name}: {headline} {out[name][headline]:.4g} '
-        f'({out[name]["seconds"]:.0f} s)')
+    out[task.name] = tasks_lib.run(task, model, settings, progress=progress)
+    out[task.name]['seconds'] = time.perf_counter() - start
+    headline = out[task.name]['headline']
+    value = out[task.name].get(headline)  # absent where undefined (a reward without a reference)
+    log(f'  {model.name} {task.name}: {headline} '
+        f'{"-" if value is None else format(value, ".4g")} ({out[task.name]["seconds"]:.0f} s)')
   return out
 
 
@@ -201,7 +126,8 @@ def markdown_table(results: dict, columns: list[tuple[str, str]] | None = None) 
   models = list(results)
   if columns is None:
     tasks = list(dict.fromkeys(t for m in models for t in results[m]))
-    columns = [(t, tasks_lib.HEADLINE[t][0]) for t in tasks]
+    columns = [(t, next(results[m][t]['headline'] for m in models if t in results[m]))
+               for t in tasks]
   header = '| model | ' + ' | '.join(f'{t} {m}' for t, m in columns) + ' |'
   lines = [header, '|' + '---|' * (len(columns) + 1)]
   for m in models:
@@ -218,16 +144,18 @@ def write_results(out_dir: str, results: dict, meta: dict, table: str) -> None:
     f.write(table)
 
 
-def evaluate_runs(run_specs: list[str], task_names: list[str], settings: tasks_lib.Settings,
-                  out_dir: str, *, log=print) -> dict:
-  """`lm eval`: every task on every run; writes out_dir/results.json and results.md."""
+def evaluate_runs(run_specs: list[str], tasks: list, settings: tasks_lib.Settings,
+                  out_dir: str, *, log=print, progress: bool = False) -> dict:
+  """`lm eval`: every task on every run; writes out_dir/results.json and results.md only once
+  all of them have run."""
+  tasks = [tasks_lib.resolve(t) for t in tasks]
   results = {}
   for spec in run_specs:
     model = load_model(spec)
     log(f'{model.name}: {model.run_dir} step {model.step}')
-    results[model.name] = run_tasks(model, task_names, settings, log=log)
+    results[model.name] = run_tasks(model, tasks, settings, log=log, progress=progress)
   table = markdown_table(results)
-  write_results(out_dir, results, {'runs': run_specs, 'tasks': task_names,
+  write_results(out_dir, results, {'runs': run_specs, 'tasks': [t.path for t in tasks],
                                    'settings': dataclasses.asdict(settings)}, table)
   return results
 
@@ -236,8 +164,8 @@ def evaluate_runs(run_specs: list[str], task_names: list[str], settings: tasks_l
 
 def training_evaluator(cfg, spec: ModelSpec, tokenizer, mesh):
   """fn(params) -> {'task/metric': value} for `train.eval_tasks`, or None when none are set."""
-  names = tasks_lib.parse_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []
-  if not names:
+  tasks = tasks_lib.parse_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []
+  if not tasks:
     return None
   settings = tasks_lib.Settings(limit=cfg.train.eval_task_limit, batch_size=cfg.data.batch_size)
   model = Model('train', cfg, spec, None, tokenizer, mesh)
@@ -250,9 +178,9 @@ def training_evaluator(cfg, spec: ModelSpec, tokenizer, mesh):
       if placed is not None:
         placed.params = params
     out = {}
-    for name in names:
-      metrics = tasks_lib.TASKS[name](model, settings)
-      out.update({f'{name}/{k}': v for k, v in metrics.items()
+    for task in tasks:
+      metrics = tasks_lib.run(task, model, settings)
+      out.update({f'{task.name}/{k}': v for k, v in metrics.items()
                   if isinstance(v, (int, float)) and k != 'n'})
     return out
 
@@ -267,7 +195,7 @@ class EarlyStopping:
 
   def __init__(self, metric: str, patience: int, min_delta: float = 0.0):
     self.metric, self.patience, self.min_delta = metric, patience, min_delta
-    self.lower_is_better = any(s in metric for s in ('loss', 'perplexity', 'nll'))
+    self.lower_is_better = tasks_lib.lower_is_better(metric)
     self.best, self.best_step, self.bad = math.inf, None, 0
 
   def update(self, step: int, metrics: dict) -> bool:

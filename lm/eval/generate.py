@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from lm import sharding as sharding_lib
+from lm import config as config_lib
 from lm.config import head_dim
 from lm.errors import UserError
 from lm.train.state import ModelSpec
@@ -43,8 +44,10 @@ class Sampling:
   def __post_init__(self):
     if self.max_new_tokens < 1:
       raise UserError(f'max_new_tokens={self.max_new_tokens} must be at least 1')
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise UserError(f'{self}: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1')
+    # Written so that NaN fails every test (NaN compares false both ways).
+    if not (0 <= self.temperature < math.inf and self.top_k >= 0 and 0 < self.top_p <= 1):
+      raise UserError(f'temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: '
+                      'need a finite temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1')
 
 
 def sample_logits(logits_BV, rng, sampling: Sampling):
@@ -195,8 +198,14 @@ class Generator:
     return COMPILED[key]
 
   def generate_ids(self, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
-                   seed: int = 0, batch_size: int = 32) -> list[list[int]]:
-    """Generated ids per prompt, without the prompt and without the eos/stop tokens."""
+                   seed: int = 0, batch_size: int = 32, progress: str = '') -> list[list[int]]:
+    """Generated ids per prompt, without the prompt and without the eos/stop tokens.
+    `progress`: a label for a progress bar with ETA on stderr ('' for none)."""
+    if sampling.top_k > self.cfg.model.vocab_size:
+      raise UserError(f'top_k={sampling.top_k} exceeds the vocabulary ({self.cfg.model.vocab_size} '
+                      'tokens); use at most that, or 0 for no top-k cut')
+    if batch_size < 1:
+      raise UserError(f'batch size {batch_size} must be at least 1')
     limit = self.cfg.model.max_seq_len - sampling.max_new_tokens
     if limit < 1:
       raise UserError(f'max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in '
@@ -207,7 +216,7 @@ class Generator:
     stop_ids = tuple(tuple(s) for s in stop_ids if s)
     results: list = [None] * len(prompts)
     rng = jax.random.key(seed)
-    for start in range(0, len(order), B):
+    for start in progress_bar(range(0, len(order), B), progress, unit='batch'):
       idx = order[start:start + B]
       rows = [list(prompts[i][-limit:]) or [self.tokenizer.bos_id] for i in idx]
       P = min(_bucket(max(map(len, rows))), limit)
@@ -225,12 +234,25 @@ class Generator:
     return results
 
   def generate(self, prompts: list[str], sampling: Sampling, *, stop=(), seed: int = 0,
-               batch_size: int = 32, bos: bool = True) -> list[str]:
+               batch_size: int = 32, bos: bool = True, progress: str = '') -> list[str]:
     """Completions of `prompts`, each cut before the first stop string."""
     ids = [self.tokenizer.encode(p, bos=bos) for p in prompts]
     stop_ids = [self._stop_tokens(s) for s in stop]
-    outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size)
+    outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
+                             progress=progress)
     return [cut_at_stop(self.tokenizer.decode(o), stop) for o in outs]
+
+  def chat(self, prompts: list[str], sampling: Sampling, *, template: str = 'auto',
+           system: str | None = None, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """Replies to `prompts`, each the user's message of a new conversation rendered with chat
+    template `template` (data.chat_template's names); generation stops at the end of the turn."""
+    from lm.data import chat as chat_lib  # pylint: disable=import-outside-toplevel
+    encoder = chat_lib.ChatEncoder(chat_lib.get_template(template, self.tokenizer), self.tokenizer)
+    head = [{'role': 'system', 'content': system}] if system else []
+    ids = [encoder.encode_prompt(head + [{'role': 'user', 'content': p}]).tolist() for p in prompts]
+    outs = self.generate_ids(ids, sampling, stop_ids=[[i] for i in encoder.stop_ids()], seed=seed,
+                             batch_size=batch_size)
+    return [self.tokenizer.decode(o) for o in outs]
 
   def _stop_tokens(self, text: str) -> list[int]:
     # SentencePiece prefixes a word boundary to a string encoded on its own; decode-compare picks
@@ -239,14 +261,38 @@ class Generator:
     return ids if self.tokenizer.decode(ids) == text else []
 
 
+def progress_bar(iterable, label: str, **kwargs):
+  """`iterable`, with a tqdm bar (count, rate, ETA) on stderr when `label` is set."""
+  if not label:
+    return iterable
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(iterable, desc=label, leave=False, dynamic_ncols=True, **kwargs)
+
+
 def read_prompts(path: str) -> list[str]:
   """One prompt per line, or a `{"prompt": ...}` record per line of a .jsonl file (multi-line prompts)."""
   import json  # pylint: disable=import-outside-toplevel
-  with open(path, encoding='utf-8') as f:
-    lines = [line.rstrip('\n') for line in f if line.strip()]
-  if path.endswith('.jsonl'):
-    return [json.loads(line)['prompt'] for line in lines]
-  return lines
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.rstrip('\n') for line in f if line.strip()]
+  except FileNotFoundError:
+    raise UserError(f'prompts file {path} not found') from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f'prompts file {path} cannot be read ({getattr(e, "strerror", None) or e})') from None
+  if not lines:
+    raise UserError(f'prompts file {path} holds no prompt')
+  if not path.endswith('.jsonl'):
+    return lines
+  prompts = []
+  for i, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f'{path}:{i}: malformed JSON ({e.msg})') from None
+    if not isinstance(record, dict) or not isinstance(record.get('prompt'), str):
+      raise UserError(f'{path}:{i}: expected an object with a string "prompt" field')
+    prompts.append(record['prompt'])
+  return prompts
 
 
 def cut_at_stop(text: str, stop) -> str:
@@ -306,7 +352,6 @@ def benchmark(cfg, *, batch_sizes=(1, 8), prompt_len: int = 64, new_tokens: int 
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
-  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog='python -m lm.eval.generate')
   parser.add_argument('--bench', action='store_true', required=True)
   parser.add_argument('--config', default='configs/quickstart.py')
@@ -314,12 +359,13 @@ def main(argv=None) -> int:
   parser.add_argument('--prompt-len', type=int, default=64)
   parser.add_argument('--new-tokens', type=int, default=128)
   parser.add_argument('--uncached', action='store_true', help='also time decoding without a cache')
+  parser.add_argument('--reps', type=int, default=3, help='timed repetitions (best kept)')
   args = parser.parse_args(argv)
   cfg = config_lib.load_config(args.config)
   print(f'decode bench: {args.config}, {jax.device_count()} x {jax.devices()[0].device_kind}, '
         f'prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, KV cache')
   for r in benchmark(cfg, batch_sizes=tuple(int(b) for b in args.batch.split(',')),
-                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
                      compare_uncached=args.uncached):
     print(f'batch {r["batch"]:3d}: {r["decode_tokens_per_s"]:9,.0f} decode tokens/s '
           f'({r["ms_per_step"]:.2f} ms/step), prefill {r["prefill_ms"]:.1f} ms, '

@@ -8,14 +8,14 @@ over the data-parallel axes, so one compiled function serves a whole task.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lm import sharding as sharding_lib
-from lm.eval.generate import COMPILED, model_key
+from lm.eval.generate import COMPILED, model_key, progress_bar
+from lm.train.metrics import perplexity
 from lm.train.state import ModelSpec
 
 
@@ -53,9 +53,10 @@ class Scorer:
     self.fn = COMPILED[key]
 
   def score(self, requests: list[tuple[list[int], list[int]]], *, batch_size: int = 16,
-            bucket: int = 64) -> list[tuple[float, int, bool]]:
+            bucket: int = 64, progress: str = '') -> list[tuple[float, int, bool]]:
     """(log-probability sum, continuation tokens, greedy) per request. Inputs longer than
-    model.max_seq_len lose context from the left; the continuation is always scored whole."""
+    model.max_seq_len lose context from the left; the continuation is always scored whole.
+    `progress`: a label for a progress bar with ETA on stderr ('' for none)."""
     max_len = self.cfg.model.max_seq_len
     rows = []
     for context, continuation in requests:
@@ -66,7 +67,7 @@ class Scorer:
     B = max(self.dp, -(-min(batch_size, len(rows)) // self.dp) * self.dp)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out: list = [None] * len(rows)
-    for start in range(0, len(order), B):
+    for start in progress_bar(range(0, len(order), B), progress, unit='batch'):
       idx = order[start:start + B]
       T = min(max(bucket, -(-max(len(rows[i][0]) - 1 for i in idx) // bucket) * bucket), max_len)
       batch = {k: np.zeros((B, T), np.int32) for k in ('tokens', 'targets', 'positions',
@@ -84,7 +85,7 @@ class Scorer:
         out[i] = (float(logp[r]), int(count[r]), bool(greedy[r]))
     return out
 
-  def perplexity(self, docs: list[list[int]], *, batch_size: int = 16) -> dict:
+  def perplexity(self, docs: list[list[int]], *, batch_size: int = 16, progress: str = '') -> dict:
     """Token-level perplexity of documents (ids including BOS), in windows of model.max_seq_len
     or data.seq_len, whichever is shorter; every token after a window's first is predicted."""
     window = min(self.cfg.model.max_seq_len, self.cfg.data.seq_len) + 1
@@ -94,11 +95,11 @@ class Scorer:
         chunk = ids[start:start + window]
         if len(chunk) > 1:
           requests.append((chunk[:1], chunk[1:]))
-    scores = self.score(requests, batch_size=batch_size)
+    scores = self.score(requests, batch_size=batch_size, progress=progress)
     logp = sum(s[0] for s in scores)
     tokens = sum(s[1] for s in scores)
     nll = -logp / max(tokens, 1)
-    return {'perplexity': math.exp(min(nll, 50.0)), 'nll': nll, 'tokens': tokens}
+    return {'perplexity': perplexity(nll), 'nll': nll, 'tokens': tokens}
 
   def perplexity_of_rows(self, rows: dict, *, batch_size: int = 16) -> dict:
     """Perplexity of packed rows (lm/data/packing.py: tokens, targets, weights, positions,
@@ -113,15 +114,15 @@ class Scorer:
       lp, count, _ = jax.device_get(self.fn(self.params, batch))
       logp, tokens = logp + float(lp.sum()), tokens + float(count.sum())
     nll = -logp / max(tokens, 1.0)
-    return {'perplexity': math.exp(min(nll, 50.0)), 'nll': nll, 'tokens': int(tokens)}
+    return {'perplexity': perplexity(nll), 'nll': nll, 'tokens': int(tokens)}
 
   def multiple_choice(self, items: list[tuple[list[int], list[list[int]], int]], *,
-                      batch_size: int = 16) -> dict:
+                      batch_size: int = 16, progress: str = '') -> dict:
     """items: (context ids, option ids, index of the right option). An item counts as right when
     its right option has the highest summed log-probability (`accuracy`) or the highest mean per
     token (`accuracy_norm`, which does not favour short options)."""
     requests = [(ctx, opt) for ctx, options, _ in items for opt in options]
-    scores = self.score(requests, batch_size=batch_size)
+    scores = self.score(requests, batch_size=batch_size, progress=progress)
     right = right_norm = 0
     k = 0
     for _, options, answer in items:

@@ -1,106 +1,73 @@
-"""Evaluation tasks on the shared data: each maps (model, settings) -> {metric: value}.
+"""Evaluation tasks as files: a short YAML file says where the examples are, how a record becomes a
+prompt and an answer, and which of five kinds of test it is. The built-in tasks are such files
+(lm/eval/task_files/*.yaml); a user's own task is one more file, usable wherever a built-in name is
+(`lm eval --tasks my_task.yaml`, `lm compare`, `train.eval_tasks`, early stopping).
 
-  gsm8k         generate a solution; exact match of the extracted `#### N`, and token F1,
-                ROUGE-L and BLEU of the solution text against the reference
-  gsm8k_nll     perplexity of the reference solution given the question (sensitive long before
-                a small model gets answers right)
-  gsm8k_choice  multiple choice: the reference solution ending in the right `#### N` or in one
-                of three other problems' answers
-  alpaca        generate a response to a held-out instruction; ROUGE-L, BLEU, token F1
-  wiki_ppl      perplexity of Wikipedia articles (general text: forgetting)
-  wiki_cloze    multiple choice: the true next sentence of a Wikipedia passage among four
-  heldout_ppl   perplexity of a run's own held-out split (`settings.heldout_from`, default the
-                model's run): the pretraining text, for forgetting
+  perplexity   the text's perplexity per token, per word and in bits per byte; given a `prompt`,
+               the perplexity of the `target` after it (answer_perplexity, ...)
+  generate     generate after `prompt`; exact match (after `answer_pattern`), token F1, ROUGE-L,
+               BLEU against `target`
+  choice       multiple choice: the choice with the highest log-probability after `prompt`
+               (accuracy; accuracy_norm per token)
+  preference   chosen/rejected pairs: implicit reward beta*(log pi - log pi_ref) against the run's
+               reference (its train.init_from): reward accuracy and margin
+  (heldout perplexity: `data: heldout`, a run's own held-out split as training packs it)
 
-GSM8K's file has 7,473 problems; the last 500 are this library's held-out split and are never
-written to fine-tuning text (`python -m lm.eval.tasks gsm8k-train-text OUT.jsonl`); few-shot
-exemplars come from the training split. Prompts are `Question: ...\nAnswer: ...`, the format the
-fine-tuning text uses. Answers carry GSM8K's `<<48/2=24>>` calculator notes removed.
+Why not lm-eval-harness YAML as the format: the harness needs its `datasets` stack and cannot express
+labels in a separate file, preference pairs against a reference model, or a run's own held-out
+split; lm's files run inside training without it. The key names follow the harness where the
+meaning is the same, templates are Jinja2 like the harness's, and any harness task (or harness YAML)
+runs through `lm eval --harness` (lm/eval/harness.py). The format is parsed in lm/eval/task_file.py;
+docs/evaluation.md is the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 
+import jax
 import numpy as np
 
+from lm import sharding as sharding_lib
+from lm.data import chat, formats, pipeline
 from lm.eval import text_metrics as tm
-from lm.errors import UserError
+from lm.eval.task_file import (Records, Task, builtin_tasks, choices_of, label_index,
+                               labels_from_file, limit_of, load_records, load_task, parse_tasks,
+                               render, render_text, resolve)
+from lm.errors import DataError, UserError
+from lm.eval import task_data
+from lm.eval.generate import Sampling
+from lm.eval.scoring import Scorer
+from lm.io import pretrained, runs
+from lm.train.metrics import perplexity
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GSM8K_HELDOUT = 500
-ALPACA_HELDOUT = 500
-
-
-def shared_data(*parts: str) -> str:
-  """A file under the shared data folder ($LM_SHARED_DATA, default ../shared/data from the repo)."""
-  root = os.environ.get('LM_SHARED_DATA', os.path.join(ROOT, '..', 'shared', 'data'))
-  path = os.path.join(root, *parts)
-  if not os.path.isfile(path):
-    raise UserError(f'{path} not found; set LM_SHARED_DATA to the shared data folder')
-  return path
+__all__ = ['Settings', 'Task', 'builtin_tasks', 'load_task', 'parse_tasks', 'resolve', 'run',
+           'lower_is_better']
+HELDOUT = 'heldout'  # `data: heldout`: a run's own held-out split
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  limit: int = 100  # examples per task (0: all of the held-out split)
-  shots: int = 0  # solved exemplars before each prompt (gsm8k, gsm8k_nll, alpaca)
+  limit: int = 100  # examples per task (0: all); a task file's own `limit` caps it further
+  shots: int = 0  # solved exemplars before each prompt (tasks with `fewshot` data)
   max_new_tokens: int = 160
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0
   top_p: float = 1.0
   batch_size: int = 16
   seed: int = 0
-  heldout_from: str = ''  # heldout_ppl: whose held-out split ('' = the model's own run)
+  heldout_from: str = ''  # `data: heldout` tasks: whose held-out split ('' = the model's own run)
 
 
-# --- data ---------------------------------------------------------------------------------------
-
-def _clean(answer: str) -> str:
-  return re.sub(r'<<[^>]*>>', '', answer)
+def lower_is_better(metric: str) -> bool:
+  return any(s in metric for s in ('loss', 'perplexity', 'nll', 'bits_per_byte'))
 
 
-def gsm8k(split: str) -> list[dict]:
-  with open(shared_data('gsm8k', 'train.jsonl'), encoding='utf-8') as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  rows = [{'question': r['question'], 'answer': _clean(r['answer'])} for r in rows]
-  return rows[:-GSM8K_HELDOUT] if split == 'train' else rows[-GSM8K_HELDOUT:]
-
-
-def gsm8k_text(row: dict) -> str:
-  return f'Question: {row["question"]}\nAnswer: {row["answer"]}'
-
-
-def gsm8k_prompt(row: dict, exemplars: list[dict]) -> str:
-  shots = ''.join(gsm8k_text(e) + '\n\n' for e in exemplars)
-  return f'{shots}Question: {row["question"]}\nAnswer:'
-
-
-def alpaca(split: str) -> list[dict]:
-  with open(shared_data('alpaca5k', 'alpaca_5000.json'), encoding='utf-8') as f:
-    rows = json.load(f)
-  return rows[:-ALPACA_HELDOUT] if split == 'train' else rows[-ALPACA_HELDOUT:]
-
-
-def alpaca_prompt(row: dict, exemplars: list[dict]) -> str:
-  def one(r):
-    extra = f'\nInput: {r["input"]}' if r.get('input') else ''
-    return f'Instruction: {r["instruction"]}{extra}\nResponse:'
-  shots = ''.join(f'{one(e)} {e["output"]}\n\n' for e in exemplars)
-  return shots + one(row)
-
-
-def wiki_articles() -> list[str]:
-  with open(shared_data('wiki-demo', 'wiki_demo.txt'), encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
-
-
-def _limit(rows, settings):
-  return rows[:settings.limit] if settings.limit else rows
-
+# --- running ------------------------------------------------------------------------------------
 
 def _split_encode(tokenizer, context: str, continuation: str):
   """(context ids with BOS, continuation ids) such that together they encode context+continuation."""
@@ -111,149 +78,221 @@ def _split_encode(tokenizer, context: str, continuation: str):
   return ctx, tokenizer.encode(continuation)
 
 
-# --- tasks --------------------------------------------------------------------------------------
-
-def _generate(model, prompts, settings, stop):
-  from lm.eval.generate import Sampling  # pylint: disable=import-outside-toplevel
-  sampling = Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                      top_k=settings.top_k, top_p=settings.top_p)
-  return model.generator.generate(prompts, sampling, stop=stop, seed=settings.seed,
-                                  batch_size=settings.batch_size)
-
-
-def task_gsm8k(model, settings: Settings) -> dict:
-  rows = _limit(gsm8k('eval'), settings)
-  exemplars = gsm8k('train')[:settings.shots]
-  outs = _generate(model, [gsm8k_prompt(r, exemplars) for r in rows], settings, ['Question:'])
-  refs = [r['answer'] for r in rows]
-  answers = [tm.extract_answer(o) for o in outs]
-  gold = [tm.extract_answer(r) for r in refs]
-  return {'exact_match': tm.exact_match(answers, gold), 'token_f1': tm.token_f1(outs, refs),
-          'rouge_l': tm.rouge_l(outs, refs), 'bleu': tm.bleu(outs, refs),
-          'answered': 100.0 * np.mean([a != '' for a in answers]), 'n': len(rows),
-          'examples': [{'prompt': r['question'], 'output': o, 'answer': a, 'gold': g}
-                       for r, o, a, g in list(zip(rows, outs, answers, gold))[:3]]}
+def _shots_prefix(task: Task, settings: Settings, answer) -> str:
+  """k solved exemplars, each prompt + delimiter + its answer, then the few-shot delimiter."""
+  shots = settings.shots or task.shots
+  if not shots or not task.fewshot:  # a task without exemplars runs zero-shot
+    return ''
+  records = load_records(task, task.fewshot, task.fewshot_rows, settings)
+  out = []
+  for i in range(min(shots, len(records))):
+    where = records.where(i)
+    out.append(render_text(task, 'prompt', records.items[i], where) + task.target_delimiter
+               + answer(records.items[i], where) + task.fewshot_delimiter)
+  return ''.join(out)
 
 
-def task_gsm8k_nll(model, settings: Settings) -> dict:
-  rows = _limit(gsm8k('eval'), settings)
-  exemplars = gsm8k('train')[:settings.shots]
-  requests = [_split_encode(model.tokenizer, gsm8k_prompt(r, exemplars), ' ' + r['answer'])
-              for r in rows]
-  scores = model.scorer.score(requests, batch_size=settings.batch_size)
-  logp, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
-  nll = -logp / max(tokens, 1)
-  return {'answer_perplexity': float(np.exp(min(nll, 50.0))), 'answer_nll': nll, 'n': len(rows)}
+def run(task, model, settings: Settings, *, progress: bool = False) -> dict:
+  """{metric: value} of one task on one model; `headline` names the figure tables rank by."""
+  task = resolve(task)
+  if task.seed is not None:
+    settings = dataclasses.replace(settings, seed=task.seed)
+  runner = {'perplexity': _perplexity, 'generate': _generate, 'choice': _choice,
+            'preference': _preference}[task.kind]
+  desc = f'{model.name} {task.name}' if progress else ''
+  return {**runner(task, model, settings, desc), 'headline': task.headline_metric}
 
 
-def task_gsm8k_choice(model, settings: Settings) -> dict:
-  rows = _limit(gsm8k('eval'), settings)
-  pool = [tm.extract_answer(r['answer']) for r in gsm8k('eval')]
-  rng = np.random.default_rng(settings.seed)
-  items = []
-  for r in rows:
-    solution, gold = r['answer'].rsplit('####', 1)
-    gold = tm.normalize_number(gold)
-    distractors = [a for a in dict.fromkeys(rng.permutation(pool).tolist()) if a != gold][:3]
-    options = [gold] + distractors
-    order = rng.permutation(len(options))
-    prefix = gsm8k_prompt(r, []) + ' ' + solution + '####'
-    ctx = model.tokenizer.encode(prefix, bos=True)
-    opts = [_split_encode(model.tokenizer, prefix, ' ' + options[i])[1] for i in order]
-    items.append((ctx, opts, int(np.argmin(order))))
-  return {**model.scorer.multiple_choice(items, batch_size=settings.batch_size), 'n': len(items)}
+def _records(task: Task, settings: Settings) -> Records:
+  records = load_records(task, task.data, task.rows, settings)
+  n = limit_of(task, settings)
+  if n and task.limit_by == 'records':
+    return Records(records.items[:n], records.where)
+  return records
 
 
-def task_alpaca(model, settings: Settings) -> dict:
-  rows = _limit(alpaca('eval'), settings)
-  exemplars = alpaca('train')[:settings.shots]
-  outs = _generate(model, [alpaca_prompt(r, exemplars) for r in rows], settings, ['Instruction:'])
-  refs = [r['output'] for r in rows]
-  return {'rouge_l': tm.rouge_l(outs, refs), 'bleu': tm.bleu(outs, refs),
-          'token_f1': tm.token_f1(outs, refs), 'n': len(rows)}
-
-
-def task_wiki_ppl(model, settings: Settings) -> dict:
-  articles = wiki_articles()
-  docs = [model.tokenizer.encode(a, bos=True, eos=True) for a in articles]
-  if settings.limit:  # the first `limit` windows' worth of tokens, spread over all articles
-    per = max(1, settings.limit * model.cfg.data.seq_len // len(docs))
+def _perplexity(task: Task, model, settings: Settings, desc: str) -> dict:
+  if task.data == HELDOUT:
+    return _heldout(model, settings, desc)
+  records = _records(task, settings)
+  if task.prompt:  # the target given the prompt
+    prefix = _shots_prefix(task, settings, lambda r, w: render_text(task, 'target', r, w))
+    requests, chars = [], 0
+    for i, r in enumerate(records.items):
+      where = records.where(i)
+      target = task.target_delimiter + render_text(task, 'target', r, where)
+      requests.append(_split_encode(model.tokenizer, prefix + render_text(task, 'prompt', r, where), target))
+      chars += len(target.encode('utf-8'))
+    scores = model.scorer.score(requests, batch_size=settings.batch_size, progress=desc)
+    logp, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
+    nll = -logp / max(tokens, 1)
+    return {'answer_perplexity': perplexity(nll), 'answer_nll': nll,
+            'answer_bits_per_byte': -logp / math.log(2) / max(chars, 1), 'n': len(requests)}
+  texts = [render_text(task, 'text', r, records.where(i)) for i, r in enumerate(records.items)]
+  docs = [model.tokenizer.encode(t, bos=True, eos=True) for t in texts]
+  n = limit_of(task, settings)
+  if n and task.limit_by == 'windows':  # the first `n` windows' worth of tokens, over all texts
+    per = max(1, n * model.cfg.data.seq_len // max(len(docs), 1))
     docs = [d[:per + 1] for d in docs]
-  return model.scorer.perplexity(docs, batch_size=settings.batch_size)
+    texts = [model.tokenizer.decode([i for i in d if i not in (model.tokenizer.bos_id,
+                                                               model.tokenizer.eos_id)])
+             for d in docs]
+  out = model.scorer.perplexity(docs, batch_size=settings.batch_size, progress=desc)
+  total = out['nll'] * out['tokens']
+  words = sum(len(t.split()) for t in texts)
+  chars = sum(len(t.encode('utf-8')) for t in texts)
+  return {**out, 'word_perplexity': perplexity(total / max(words, 1)),
+          'bits_per_byte': total / math.log(2) / max(chars, 1), 'words': words, 'bytes': chars,
+          'n': len(docs)}
 
 
-def _sentences(text: str) -> list[str]:
-  return [s for s in re.split(r'(?<=[.!?])\s+', text) if 40 <= len(s) <= 300]
-
-
-def task_wiki_cloze(model, settings: Settings) -> dict:
-  """Passage of two sentences; options: its next sentence and three from other articles."""
-  rng = np.random.default_rng(settings.seed)
-  per_article = [_sentences(a) for a in wiki_articles()]
-  items = []
-  n = settings.limit or 200
-  while len(items) < n:
-    a = int(rng.integers(len(per_article)))
-    sents = per_article[a]
-    if len(sents) < 4:
-      continue
-    i = int(rng.integers(len(sents) - 2))
-    others = [b for b in range(len(per_article)) if b != a and per_article[b]]
-    distractors = [per_article[b][int(rng.integers(len(per_article[b])))]
-                   for b in rng.choice(others, 3, replace=False)]
-    options = [sents[i + 2]] + distractors
-    order = rng.permutation(4)
-    context = ' '.join(sents[i:i + 2])
-    ctx = model.tokenizer.encode(context, bos=True)
-    opts = [_split_encode(model.tokenizer, context, ' ' + options[j])[1] for j in order]
-    items.append((ctx, opts, int(np.argmin(order))))
-  return {**model.scorer.multiple_choice(items, batch_size=settings.batch_size), 'n': len(items)}
-
-
-def task_heldout_ppl(model, settings: Settings) -> dict:
-  from lm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from lm.eval.evaluate import load_config  # pylint: disable=import-outside-toplevel
-  data_cfg = load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
+def _heldout(model, settings: Settings, desc: str) -> dict:
+  data_cfg = runs.load_config(settings.heldout_from).data if settings.heldout_from else model.cfg.data
   rows = pipeline.build_corpus(data_cfg, model.tokenizer).eval
   if settings.limit:
     rows = {k: v[:settings.limit] for k, v in rows.items()}
+  del desc  # one pass over packed rows; quick
   return model.scorer.perplexity_of_rows(rows, batch_size=settings.batch_size)
 
 
-TASKS = {
-    'gsm8k': task_gsm8k,
-    'gsm8k_nll': task_gsm8k_nll,
-    'gsm8k_choice': task_gsm8k_choice,
-    'alpaca': task_alpaca,
-    'wiki_ppl': task_wiki_ppl,
-    'wiki_cloze': task_wiki_cloze,
-    'heldout_ppl': task_heldout_ppl,
-}
-
-# The figure each task is ranked by in tables and plots, and whether higher is better.
-HEADLINE = {
-    'gsm8k': ('exact_match', True), 'gsm8k_nll': ('answer_perplexity', False),
-    'gsm8k_choice': ('accuracy', True), 'alpaca': ('rouge_l', True),
-    'wiki_ppl': ('perplexity', False), 'wiki_cloze': ('accuracy', True),
-    'heldout_ppl': ('perplexity', False),
-}
+def extract(task: Task, text: str) -> str:
+  if task.answer_pattern == 'number':
+    return tm.extract_answer(text)
+  found = re.search(task.answer_pattern, text)
+  if not found:
+    return ''
+  return (found.group(1) if found.groups() else found.group(0)).strip()
 
 
-def parse_tasks(spec: str) -> list[str]:
-  names = [t.strip() for t in spec.split(',') if t.strip()]
-  unknown = [t for t in names if t not in TASKS]
-  if unknown or not names:
-    raise UserError(f'unknown task(s) {unknown or spec!r}; choose from {sorted(TASKS)}')
-  return names
+def _generate(task: Task, model, settings: Settings, desc: str) -> dict:
+  records = _records(task, settings)
+  prefix = _shots_prefix(task, settings, lambda r, w: render_text(task, 'target', r, w))
+  prompts = [render_text(task, 'prompt', r, records.where(i)) for i, r in enumerate(records.items)]
+  refs = [render_text(task, 'target', r, records.where(i)) for i, r in enumerate(records.items)]
+  sampling = Sampling(max_new_tokens=task.max_new_tokens or settings.max_new_tokens,
+                      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+  outs = model.generator.generate([prefix + p for p in prompts], sampling, stop=list(task.stop),
+                                  seed=settings.seed, batch_size=settings.batch_size, progress=desc)
+  out = {}
+  if task.answer_pattern:
+    answers = [extract(task, o) for o in outs]
+    gold = [extract(task, r) or r.strip() for r in refs]
+  else:
+    answers, gold = [o.strip() for o in outs], [r.strip() for r in refs]
+  scorers = {'exact_match': lambda: tm.exact_match(answers, gold),
+             'token_f1': lambda: tm.token_f1(outs, refs), 'rouge_l': lambda: tm.rouge_l(outs, refs),
+             'bleu': lambda: tm.bleu(outs, refs)}
+  for metric in task.metrics:
+    out[metric] = scorers[metric]()
+  if task.answer_pattern:
+    out['answered'] = 100.0 * float(np.mean([a != '' for a in answers])) if answers else 0.0
+  out['n'] = len(prompts)
+  out['examples'] = [{'prompt': p, 'output': o, 'answer': a, 'gold': g}
+                     for p, o, a, g in list(zip(prompts, outs, answers, gold))[:3]]
+  return out
 
+
+def _choice(task: Task, model, settings: Settings, desc: str) -> dict:
+  records = _records(task, settings)
+  labels, label_where = None, None
+  if task.label_file:
+    labels, label_where = labels_from_file(task, settings)
+
+  def answer(record, where):  # an exemplar's right choice
+    options = choices_of(task, record, where)
+    return options[label_index(render(task, 'label', task.label, record, where), options, where,
+                          f'fix the record or `label` in {task.path}')]
+
+  prefix = _shots_prefix(task, settings, answer)
+  items = []
+  for i, r in enumerate(records.items):
+    where = records.where(i)
+    options = choices_of(task, r, where)
+    if labels is not None:
+      right = label_index(labels[i], options, f'{label_where(i)} (for {where})',
+                     'give a choice index (0-based) or the text of a choice')
+    else:
+      right = label_index(render(task, 'label', task.label, r, where), options, where,
+                     f'fix the record, or `label` in {task.path}')
+    context = prefix + render_text(task, 'prompt', r, where)
+    ctx = model.tokenizer.encode(context, bos=True)
+    opts = [_split_encode(model.tokenizer, context, task.target_delimiter + o)[1] for o in options]
+    items.append((ctx, opts, right))
+  return {**model.scorer.multiple_choice(items, batch_size=settings.batch_size, progress=desc),
+          'n': len(items)}
+
+
+def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
+  """Implicit DPO rewards beta*(log pi(reply) - log pi_ref(reply)) of the chosen and rejected
+  replies, encoded with the run's chat template exactly as training encodes pairs."""
+  records = _records(task, settings)
+  encoder = formats.Encoder('preference', model.tokenizer, model.cfg.model.max_seq_len,
+                            fields=dict(task.fields), chat_template=model.cfg.data.chat_template,
+                            truncate='prompt')
+  requests = []
+  for i, r in enumerate(records.items):
+    try:
+      encoder.parse(r, records.where(i))
+    except chat.EmptyContent:
+      continue  # an empty reply: nothing to compare
+    except DataError as e:
+      raise UserError(f'{e}; fix the record or `fields` in {task.path}') from None
+    encoded, _ = encoder(r)
+    if not encoded:
+      continue  # a reply longer than the model's context
+    for ids, mask in encoded[0]:
+      trained = np.flatnonzero(mask)
+      requests.append((ids[:trained[0]].tolist(), ids[trained[0]:trained[-1] + 1].tolist()))
+  if not requests:
+    raise UserError(f'{task.path}: no usable preference pairs in {task.data}')
+  policy = np.array([s[0] for s in model.scorer.score(requests, batch_size=settings.batch_size,
+                                                      progress=desc)]).reshape(-1, 2)
+  reference = _reference_scorer(model)
+  beta = task.beta or float(model.cfg.get('dpo', {}).get('beta', 0.1))
+  out = {'logp_accuracy': 100.0 * float(np.mean(policy[:, 0] > policy[:, 1])),
+         'chosen_logp': float(policy[:, 0].mean()), 'rejected_logp': float(policy[:, 1].mean()),
+         'n': len(policy)}
+  if reference is None:  # no reference policy (no train.init_from): no implicit reward
+    return {**out, 'reference': 'none'}
+  ref = np.array([s[0] for s in reference.score(requests, batch_size=settings.batch_size,
+                                                progress=desc and desc + ' (reference)')]
+                 ).reshape(-1, 2)
+  reward = beta * (policy - ref)
+  margin = reward[:, 0] - reward[:, 1]
+  return {**out, 'reward_accuracy': 100.0 * float(np.mean(margin > 0)),
+          'reward_margin': float(margin.mean()), 'chosen_reward': float(reward[:, 0].mean()),
+          'rejected_reward': float(reward[:, 1].mean()), 'beta': beta,
+          'reference': model.cfg.train.get('init_from', '')}
+
+
+def _reference_scorer(model):
+  """A scorer of the run's reference policy: its `train.init_from` weights (what DPO's frozen copy
+  holds, and what a LoRA run's base computes with the adapters off); None without one."""
+  if 'reference_scorer' in model.__dict__:
+    return model.__dict__['reference_scorer']
+  init_from = model.cfg.train.get('init_from', '') if model.run_dir else ''
+  scorer = None
+  if init_from:
+    shardings = sharding_lib.param_shardings(model.spec.logical_axes, model.spec.shapes, model.mesh,
+                                             tuple(model.cfg.mesh.rules))
+    base = pretrained.load_params(init_from, model.spec, shardings)
+    # Names the base lacks are LoRA adapters: zero adapters are the adapters switched off.
+    params = {k: base[k] if k in base else jax.numpy.zeros_like(v) for k, v in model.params.items()}
+    scorer = Scorer(model.cfg, params, mesh=model.mesh, spec=model.spec)
+  model.__dict__['reference_scorer'] = scorer
+  return scorer
+
+
+# --- GSM8K training text ------------------------------------------------------------------------
 
 def write_gsm8k_train_text(path: str) -> int:
-  """The GSM8K training split as `{"text": ...}` lines in the prompt format of the tasks."""
-  rows = gsm8k('train')
+  """The GSM8K training split (the file minus the 500 problems gsm8k.yaml holds out) as
+  `{"text": ...}` lines in the prompt format of the gsm8k tasks."""
+  rows = task_data.gsm8k('train')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
     for r in rows:
-      f.write(json.dumps({'text': gsm8k_text(r)}) + '\n')
+      f.write(json.dumps({'text': f'Question: {r["question"]}\nAnswer: {r["answer"]}'}) + '\n')
   return len(rows)
 
 
@@ -264,7 +303,7 @@ def main(argv=None) -> int:
     print('usage: python -m lm.eval.tasks gsm8k-train-text OUT.jsonl')
     return 2
   n = write_gsm8k_train_text(argv[1])
-  print(f'wrote {n} GSM8K training problems (held-out {GSM8K_HELDOUT} excluded) to {argv[1]}')
+  print(f'wrote {n} GSM8K training problems (held-out 500 excluded) to {argv[1]}')
   return 0
 
 

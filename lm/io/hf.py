@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: Llama (2, 3.x), Mistral, Qwen2/2.5 and Gemma.
+"""Hugging Face checkpoints in and out: Llama (2, 3.x), Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3
+(text) and Phi-3/Phi-4.
 
 Import reads `config.json` for the model's shape and one or many `*.safetensors` shards, memory
 mapped; each device's slice of each parameter is cut from the mapped tensors and put on that
@@ -7,7 +8,8 @@ writes one parameter at a time into size-capped shards with an index, as `save_p
 
 Layouts: HF linear weights are [out, in]; lm kernels are [*in, *out] with heads split out
 (q [D, H, K], o [H, K, D]). RoPE is the same rotate-half layout on both sides, so q/k need only
-reshapes, never a permutation.
+reshapes, never a permutation. Phi-3's fused qkv_proj and gate_up_proj are split on import
+and concatenated again on export.
 """
 
 from __future__ import annotations
@@ -21,12 +23,23 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm.config import head_dim
-from lm.errors import CheckpointError
+from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
+from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.safetensors import Reader, Writer
 
+# model_type -> architecture. Phi-3 computes what Llama/Mistral do; only its file layout differs.
 FAMILIES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-            'qwen2': 'Qwen2ForCausalLM', 'gemma': 'GemmaForCausalLM'}
+            'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'gemma': 'GemmaForCausalLM',
+            'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM',
+            'phi3': 'Phi3ForCausalLM'}
+MOE_FAMILIES = {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM'}
+FAMILIES.update(MOE_FAMILIES)
+GEMMAS = ('gemma', 'gemma2', 'gemma3_text')
+ATTENTION_BIAS = ('llama', 'qwen3', 'gemma2', 'gemma3_text')  # attention_bias: q, k, v and o
+SLIDING = ('mistral', 'mixtral', 'phi3', 'gemma2', 'gemma3_text')
+QK_NORM = ('qwen3', 'qwen3_moe', 'gemma3_text')
+LAYER_TYPES = {'sliding_attention': 'sliding', 'full_attention': 'full'}
+ROPE_TYPES = ('default',) + ROPE_SCALING_TYPES
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # buffers some old checkpoints saved
 
 # lm module -> HF module ({i}: layer index). Parameters and LoRA adapters hang off these.
@@ -40,6 +53,12 @@ MODULES = {
     'layers.mlp.down': 'model.layers.{i}.mlp.down_proj',
     'lm_head': 'lm_head',
 }
+# Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj: module -> (fused, part).
+FUSED = {'phi3': {'layers.attn.q': ('model.layers.{i}.self_attn.qkv_proj', 0),
+                  'layers.attn.k': ('model.layers.{i}.self_attn.qkv_proj', 1),
+                  'layers.attn.v': ('model.layers.{i}.self_attn.qkv_proj', 2),
+                  'layers.mlp.gate': ('model.layers.{i}.mlp.gate_up_proj', 0),
+                  'layers.mlp.up': ('model.layers.{i}.mlp.gate_up_proj', 1)}}
 _IN_DIMS = {'layers.attn.o': 2}  # kernel dims that are inputs (o contracts heads and head_dim)
 FLAT = -1  # a [H, K] bias stored flat [H * K]
 
@@ -47,20 +66,67 @@ FLAT = -1  # a [H, K] bias stored flat [H * K]
 # ----------------------------------------------------------------------------- configs
 
 
-def _rope(hf: dict) -> tuple[float, dict | None]:
-  params = dict(hf.get('rope_parameters') or {})
-  legacy = hf.get('rope_scaling') or {}
+def _rope(params: dict, hf: dict) -> tuple[float, dict | None]:
+  """(theta, lm rope_scaling) from one HF RoPE parameter dict, with transformers' defaults."""
   theta = params.get('rope_theta', hf.get('rope_theta', 10000.0))
-  scaling = {**legacy, **params}
-  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  kind = params.get('rope_type', params.get('type', 'default'))
+  if kind not in ROPE_TYPES:
+    raise ConfigError(f'rope type {kind!r} is not supported; lm implements {", ".join(ROPE_TYPES)}')
+  if params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0)) != 1.0:
+    raise CheckpointError('partial_rotary_factor != 1 (RoPE on part of each head) is not supported')
   if kind == 'default':
     return float(theta), None
+  # transformers reads these from the config itself when the RoPE dict lacks them (Phi-3 keeps
+  # original_max_position_embeddings outside it).
+  old_len = int(hf.get('original_max_position_embeddings') or params.get(
+      'original_max_position_embeddings') or hf.get('max_position_embeddings', 2048))
+  if kind == 'linear':
+    return float(theta), dict(type='linear', factor=float(params['factor']))
   if kind == 'llama3':
-    return float(theta), dict(factor=float(scaling['factor']),
-                              low_freq_factor=float(scaling['low_freq_factor']),
-                              high_freq_factor=float(scaling['high_freq_factor']),
-                              original_max_seq_len=int(scaling['original_max_position_embeddings']))
-  raise CheckpointError(f'rope type {kind!r} is not supported; lm implements default and llama3 RoPE')
+    return float(theta), dict(type='llama3', factor=float(params['factor']),
+                              low_freq_factor=float(params['low_freq_factor']),
+                              high_freq_factor=float(params['high_freq_factor']),
+                              original_max_seq_len=old_len)
+  factor = params.get('factor') or hf.get('max_position_embeddings', 2048) / old_len
+  yarn = dict(type='yarn', factor=float(factor), original_max_seq_len=old_len,
+              beta_fast=float(params.get('beta_fast') or 32),
+              beta_slow=float(params.get('beta_slow') or 1),
+              truncate=bool(params.get('truncate', True)))
+  yarn.update({k: float(params[k]) for k in ('attention_factor', 'mscale', 'mscale_all_dim')
+               if params.get(k) is not None})
+  return float(theta), yarn
+
+
+def _rope_params(hf: dict) -> tuple[dict, dict]:
+  """(full layers' RoPE dict, sliding layers' RoPE dict or {}) in any transformers format."""
+  params = dict(hf.get('rope_parameters') or {})
+  if 'full_attention' in params or 'sliding_attention' in params:  # per layer type (Gemma 3)
+    return dict(params.get('full_attention') or {}), dict(params.get('sliding_attention') or {})
+  params = {**(hf.get('rope_scaling') or {}), **params}
+  local = {'rope_theta': hf['rope_local_base_freq']} if 'rope_local_base_freq' in hf else {}
+  return params, local
+
+
+def _layer_types(hf: dict, family: str, n_layers: int) -> tuple[str, ...]:
+  """Per-layer 'sliding' / 'full' as transformers derives them."""
+  if hf.get('layer_types'):
+    unknown = sorted(set(hf['layer_types']) - set(LAYER_TYPES))
+    if unknown:
+      raise CheckpointError(f'layer type {unknown[0]!r} is not supported; lm implements '
+                            f'{", ".join(LAYER_TYPES)}')
+    return tuple(LAYER_TYPES[t] for t in hf['layer_types'])
+  if family == 'gemma2':
+    return tuple('sliding' if (i + 1) % 2 else 'full' for i in range(n_layers))
+  if family == 'gemma3_text':
+    pattern = hf.get('sliding_window_pattern', 6)
+    return tuple('sliding' if (i + 1) % pattern else 'full' for i in range(n_layers))
+  if family in SLIDING and hf.get('sliding_window'):
+    return ('sliding',) * n_layers
+  return ('full',) * n_layers
+
+
+REQUIRED_KEYS = ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'intermediate_size',
+                 'vocab_size')
 
 
 def model_config_from_hf(hf: dict) -> dict:
@@ -70,74 +136,222 @@ def model_config_from_hf(hf: dict) -> dict:
   if family not in FAMILIES or arch not in (FAMILIES[family], '?'):
     raise CheckpointError(f'unsupported architecture {arch} (model_type {family!r}); lm imports '
                           f'{", ".join(FAMILIES.values())}')
-  for flag, what in (('mlp_bias', 'MLP biases'), ('use_sliding_window', 'per-layer sliding windows')):
-    if hf.get(flag):
-      raise CheckpointError(f'{arch} with {flag}=true ({what}) is not supported')
-  if family == 'llama' and hf.get('attention_bias'):
-    raise CheckpointError('LlamaForCausalLM with attention_bias=true (o_proj bias) is not supported')
-  D, H = hf['hidden_size'], hf['num_attention_heads']
+  if hf.get('mlp_bias') and family != 'llama':
+    raise CheckpointError(f'{arch} with mlp_bias=true (MLP biases) is not supported')
+  if hf.get('use_sliding_window'):
+    raise CheckpointError(f'{arch} with use_sliding_window=true (sliding windows from '
+                          'max_window_layers on) is not supported')
+  if hf.get('use_bidirectional_attention'):
+    raise CheckpointError(f'{arch} with use_bidirectional_attention=true is not supported')
+  lacking = [k for k in REQUIRED_KEYS if not isinstance(hf.get(k), int) or hf[k] < 1]
+  if lacking:
+    raise CheckpointError(f'the Hugging Face config.json lacks a positive integer {lacking[0]!r}'
+                          + (f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else '')
+                          + '; restore the model\'s own config.json')
+  gemma = family in GEMMAS
+  D, H, L = hf['hidden_size'], hf['num_attention_heads'], hf['num_hidden_layers']
   K = hf.get('head_dim') or D // H
-  theta, scaling = _rope(hf)
-  activation = hf.get('hidden_activation') or hf.get('hidden_act', 'silu')
+  full_rope, local_rope = _rope_params(hf)
+  theta, scaling = _rope(full_rope, hf)
+  local_theta = 0.0
+  if local_rope:
+    local_theta, local_scaling = _rope(local_rope, hf)
+    if local_scaling:
+      raise CheckpointError(f'{arch} with RoPE scaling on sliding layers is not supported')
+  activation = hf.get('hidden_activation') or hf.get('hidden_act') or (
+      'gelu_pytorch_tanh' if gemma else 'silu')
   activation = {'silu': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu_tanh'}.get(activation)
-  if activation is None or (activation == 'gelu_tanh') != (family == 'gemma'):
+  if activation is None or (activation == 'gelu_tanh') != gemma:
     raise CheckpointError(f'{arch} with activation {hf.get("hidden_act")!r} is not supported')
-  gemma = family == 'gemma'
-  return dict(
-      vocab_size=hf['vocab_size'], d_model=D, n_layers=hf['num_hidden_layers'], n_heads=H,
+  kinds = _layer_types(hf, family, L) if family in SLIDING else ('full',) * L
+  window = int(hf.get('sliding_window') or 0) if 'sliding' in kinds else 0
+  attention_bias = bool(hf.get('attention_bias')) and family in ATTENTION_BIAS
+  fields = dict(
+      vocab_size=hf['vocab_size'], d_model=D, n_layers=L, n_heads=H,
       n_kv_heads=hf.get('num_key_value_heads') or H, head_dim=0 if K == D // H else K,
       mlp_dim=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
-      rope_theta=theta, rope_scaling=scaling, qkv_bias=family == 'qwen2',
+      rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
+      qkv_bias=family == 'qwen2' or attention_bias, attn_out_bias=attention_bias,
+      mlp_bias=bool(hf.get('mlp_bias')),
       tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)),
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm_offset=1.0 if gemma else 0.0,
-      embed_scale=gemma, mlp_activation=activation,
-      sliding_window=int(hf.get('sliding_window') or 0) if family == 'mistral' else 0)
+      embed_scale=gemma, mlp_activation=activation, sliding_window=window,
+      layer_types=kinds if len(set(kinds)) > 1 else (),
+      qk_norm=family in QK_NORM, post_norms=family in ('gemma2', 'gemma3_text'),
+      hf_family=family)
+  fields.update(_moe_fields(hf, family))
+  if family in ('gemma2', 'gemma3_text'):
+    defaults = (50.0, 30.0) if family == 'gemma2' else (None, None)
+    fields.update(
+        query_pre_attn_scalar=float(hf.get('query_pre_attn_scalar', 256)),
+        # Gemma 3's attention ignores attn_logit_softcapping (transformers never passes it on).
+        attn_logit_softcap=float(hf.get('attn_logit_softcapping', defaults[0]) or 0.0)
+        if family == 'gemma2' else 0.0,
+        final_logit_softcap=float(hf.get('final_logit_softcapping', defaults[1]) or 0.0))
+  return fields
+
+
+def _moe_fields(hf: dict, family: str) -> dict:
+  """Mixtral / Qwen3-MoE config.json -> lm `model.moe` fields; {} for dense families."""
+  if family not in MOE_FAMILIES:
+    return {}
+  n_experts = hf.get('num_local_experts') or hf.get('num_experts')
+  moe = dict(n_experts=int(n_experts), experts_per_token=int(hf['num_experts_per_tok']))
+  if family == 'mixtral':
+    return dict(moe=dict(moe, expert_dim=hf['intermediate_size'], norm_topk_prob=True))
+  step, dense_layers = hf.get('decoder_sparse_step', 1), hf.get('mlp_only_layers') or []
+  if step != 1 or dense_layers:
+    raise CheckpointError(f'Qwen3MoeForCausalLM with decoder_sparse_step={step}, mlp_only_layers='
+                          f'{dense_layers} (dense MLP layers among the MoE ones) is not supported; '
+                          'lm supports experts in every layer (decoder_sparse_step=1, mlp_only_layers=[])')
+  if hf.get('attention_bias'):
+    raise CheckpointError('Qwen3MoeForCausalLM with attention_bias=true is not supported')
+  return dict(moe=dict(moe, expert_dim=hf['moe_intermediate_size'],
+                      norm_topk_prob=bool(hf.get('norm_topk_prob', False))))
+
+
+def _moe_family(m) -> str:
+  if m.qk_norm:
+    return 'qwen3_moe'
+  if not m.moe.norm_topk_prob:
+    raise CheckpointError('no Hugging Face architecture matches this model: experts without q/k '
+                          'norm are Mixtral, which always sets model.moe.norm_topk_prob=true')
+  return 'mixtral'
+
+
+def _unfit(m, family: str) -> str | None:
+  """The first model field whose value HF `family` cannot express, or None when it fits."""
+  gemma = family in GEMMAS
+  both_biases = family in ATTENTION_BIAS and m.qkv_bias == m.attn_out_bias
+  fits = {
+      'norm_offset': m.norm_offset == (1.0 if gemma else 0.0),
+      'embed_scale': bool(m.embed_scale) == gemma,
+      'mlp_activation': (m.mlp_activation == 'gelu_tanh') == gemma,
+      'qk_norm': bool(m.qk_norm) == (family in QK_NORM),
+      'post_norms': bool(m.post_norms) == (family in ('gemma2', 'gemma3_text')),
+      'qkv_bias': m.qkv_bias if family == 'qwen2' else (not m.qkv_bias or both_biases),
+      'attn_out_bias': not m.attn_out_bias or both_biases,
+      'mlp_bias': not m.mlp_bias or family == 'llama',
+      'sliding_window': not m.sliding_window or family in SLIDING,
+      'layer_types': not m.layer_types or family in ('gemma2', 'gemma3_text'),
+      'rope_local_theta': not m.rope_local_theta or family == 'gemma3_text',
+      'rope_scaling': not m.rope_scaling or family != 'phi3',  # transformers turns it into longrope
+      'query_pre_attn_scalar': not m.query_pre_attn_scalar or family in ('gemma2', 'gemma3_text'),
+      'attn_logit_softcap': not m.attn_logit_softcap or family == 'gemma2',
+      'final_logit_softcap': not m.final_logit_softcap or family in ('gemma2', 'gemma3_text'),
+  }
+  return next((field for field, ok in fits.items() if not ok), None)
 
 
 def family_of(m) -> str:
-  """The HF architecture that computes the same function as lm model config `m`."""
-  gemma = (m.norm_offset == 1.0, bool(m.embed_scale), m.mlp_activation == 'gelu_tanh')
-  if any(gemma):
-    if not all(gemma) or m.qkv_bias or m.sliding_window or not m.tie_embeddings:
-      raise CheckpointError('no Hugging Face architecture matches this model: Gemma needs '
-                            'norm_offset=1, embed_scale, gelu_tanh, tied embeddings, no biases')
-    return 'gemma'
-  if m.norm_offset != 0.0:
-    raise CheckpointError(f'model.norm_offset={m.norm_offset} has no Hugging Face equivalent')
-  if m.qkv_bias:
-    if m.sliding_window:
-      raise CheckpointError('q/k/v biases with a sliding window match no supported HF architecture')
-    return 'qwen2'
-  return 'mistral' if m.sliding_window else 'llama'
+  """The HF model_type that computes the same function as lm model config `m`: the one it was
+  imported from (`hf_family`), else the first that can express every field."""
+  family = m.get('hf_family') or ''
+  moe = bool(n_experts(m))
+  if family:
+    if family not in FAMILIES:
+      raise CheckpointError(f'model.hf_family={family!r} is not one lm exports; choose one of '
+                            f'{", ".join(FAMILIES)}')
+    if moe != (family in MOE_FAMILIES):
+      raise CheckpointError(f'model.hf_family={family!r} does not match model.moe.n_experts='
+                            f'{n_experts(m)}; experts export as {" or ".join(MOE_FAMILIES)}')
+    field = _unfit(m, family)
+    if field:
+      raise CheckpointError(f'model.hf_family={family!r} cannot express model.{field}='
+                            f'{m[field]!r}; change one of them')
+    return family
+  if moe:
+    family = _moe_family(m)
+    field = _unfit(m, family)
+    if field:
+      raise CheckpointError(f'no supported HF architecture can express this model ('
+                            f'{MOE_FAMILIES[family]} cannot express model.{field}={m[field]!r})')
+    return family
+  for family in FAMILIES:
+    if family != 'phi3' and family not in MOE_FAMILIES and _unfit(m, family) is None:
+      return family
+  field = _unfit(m, 'llama')
+  raise CheckpointError(f'no supported HF architecture can express this model (Llama cannot '
+                        f'express model.{field}={m[field]!r}); lm exports '
+                        f'{", ".join(FAMILIES.values())}')
+
+
+def _hf_rope_scaling(s) -> dict:
+  if s.get('type', 'llama3') == 'linear':
+    return dict(rope_type='linear', factor=s['factor'])
+  if s.get('type', 'llama3') == 'llama3':
+    return dict(rope_type='llama3', factor=s['factor'], low_freq_factor=s['low_freq_factor'],
+                high_freq_factor=s['high_freq_factor'],
+                original_max_position_embeddings=s['original_max_seq_len'])
+  out = dict(rope_type='yarn', factor=s['factor'],
+             original_max_position_embeddings=s['original_max_seq_len'],
+             beta_fast=s.get('beta_fast', 32.0), beta_slow=s.get('beta_slow', 1.0),
+             truncate=s.get('truncate', True))
+  out.update({k: s[k] for k in ('attention_factor', 'mscale', 'mscale_all_dim') if k in s})
+  return out
 
 
 def hf_config(m, *, dtype: str = 'float32', family: str | None = None, **extra) -> dict:
   """lm model config -> a config.json dict that transformers loads."""
   family = family or family_of(m)
   K = head_dim(m)
+  gemma = family in GEMMAS
   out = dict(
       architectures=[FAMILIES[family]], model_type=family, vocab_size=m.vocab_size,
       hidden_size=m.d_model, intermediate_size=m.mlp_dim, num_hidden_layers=m.n_layers,
       num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=K,
       max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
       tie_word_embeddings=bool(m.tie_embeddings), torch_dtype=dtype,
-      hidden_act='gelu_pytorch_tanh' if family == 'gemma' else 'silu', attention_dropout=0.0)
-  if m.rope_scaling:
-    s = m.rope_scaling
-    out['rope_scaling'] = dict(rope_type='llama3', factor=s['factor'],
-                               low_freq_factor=s['low_freq_factor'],
-                               high_freq_factor=s['high_freq_factor'],
-                               original_max_position_embeddings=s['original_max_seq_len'])
+      hidden_act='gelu_pytorch_tanh' if gemma else 'silu', attention_dropout=0.0)
+  rope_scaling = _hf_rope_scaling(m.rope_scaling) if m.rope_scaling else None
+  if rope_scaling:
+    out['rope_scaling'] = rope_scaling
+  if family in ATTENTION_BIAS:
+    out['attention_bias'] = bool(m.qkv_bias)
   if family == 'llama':
-    out.update(attention_bias=False, mlp_bias=False)
-  if family == 'mistral':
+    out['mlp_bias'] = bool(m.mlp_bias)
+  if family in ('mistral', 'phi3'):
     out['sliding_window'] = m.sliding_window or None
-  if family == 'qwen2':
+  if family in ('qwen2', 'qwen3'):
     out.update(use_sliding_window=False, sliding_window=None)
-  if family == 'gemma':
+  if family == 'phi3':  # Phi3Config's default pad id (32000) only fits Phi-3's own vocabulary
+    out.update(original_max_position_embeddings=m.max_seq_len, partial_rotary_factor=1.0,
+               pad_token_id=None)
+  if gemma:
     out['hidden_activation'] = 'gelu_pytorch_tanh'
+  if family in ('gemma2', 'gemma3_text'):
+    kinds = tuple(m.layer_types) or ('sliding' if m.sliding_window else 'full',) * m.n_layers
+    names = {kind: hf_name for hf_name, kind in LAYER_TYPES.items()}
+    scalar = m.query_pre_attn_scalar or K
+    out.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+               attn_logit_softcapping=m.attn_logit_softcap or None,
+               final_logit_softcapping=m.final_logit_softcap or None,
+               sliding_window=m.sliding_window or m.max_seq_len,
+               layer_types=[names[kind] for kind in kinds])
+  if family == 'gemma3_text':
+    local = m.rope_local_theta or m.rope_theta
+    out['rope_local_base_freq'] = local
+    out['rope_parameters'] = {
+        'full_attention': {'rope_type': 'default', 'rope_theta': m.rope_theta, **(rope_scaling or {})},
+        'sliding_attention': {'rope_type': 'default', 'rope_theta': local}}
+    if not m.rope_local_theta and rope_scaling:  # sliding layers share the full layers' scaling
+      out['rope_parameters']['sliding_attention'].update(rope_scaling)
+  out.update(_moe_hf_config(m, family))
   out.update(extra)
   return out
+
+
+def _moe_hf_config(m, family: str) -> dict:
+  if family not in MOE_FAMILIES:
+    return {}
+  F = m.moe.expert_dim or m.mlp_dim
+  out = dict(num_local_experts=m.moe.n_experts, num_experts_per_tok=m.moe.experts_per_token,
+             router_aux_loss_coef=m.moe.aux_loss_weight, output_router_logits=False)
+  if family == 'mixtral':
+    return dict(out, intermediate_size=F, sliding_window=m.sliding_window or None)
+  return dict(out, num_experts=m.moe.n_experts, moe_intermediate_size=F,
+              norm_topk_prob=bool(m.moe.norm_topk_prob), decoder_sparse_step=1, mlp_only_layers=[],
+              attention_bias=False, use_sliding_window=False, sliding_window=None)
 
 
 def read_config(path: str) -> dict:
@@ -145,26 +359,72 @@ def read_config(path: str) -> dict:
   if not os.path.isfile(file):
     raise CheckpointError(f'{path} has no config.json; a Hugging Face model directory holds '
                           'config.json and *.safetensors')
-  with open(file, encoding='utf-8') as f:
-    return json.load(f)
+  return read_json(file, 'Hugging Face config', CheckpointError)
 
 
 # ----------------------------------------------------------------------------- layouts
 
 
-def param_map(spec_shapes: dict) -> dict[str, tuple[str, int]]:
-  """{lm parameter: (HF tensor name with {i} for stacked layers, layout)} for base weights.
+def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, int, tuple | None]]:
+  """{lm parameter: (HF tensor name with {i} for stacked layers ({e}: experts), layout, part)}
+  for base weights.
 
   layout: n > 0 for a kernel [*in (n dims), *out] stored as [prod(out), prod(in)]; 0 for the
-  same array; FLAT for a [H, K] bias stored as [H * K].
+  same array; FLAT for a [H, K] bias stored as [H * K]. part: None, or (index, names) when the
+  HF tensor is the row-wise concatenation of the lm parameters `names` (Phi-3's fused layers).
   """
+  post = family in ('gemma2', 'gemma3_text')
+  layer = 'model.layers.{i}.'
   out = {'embed': ('model.embed_tokens.weight', 0), 'final_norm.scale': ('model.norm.weight', 0),
-         'layers.attn_norm.scale': ('model.layers.{i}.input_layernorm.weight', 0),
-         'layers.mlp_norm.scale': ('model.layers.{i}.post_attention_layernorm.weight', 0)}
+         'layers.attn_norm.scale': (layer + 'input_layernorm.weight', 0),
+         'layers.mlp_norm.scale': (layer + ('pre_feedforward_layernorm.weight' if post
+                                            else 'post_attention_layernorm.weight'), 0),
+         'layers.attn_post_norm.scale': (layer + 'post_attention_layernorm.weight', 0),
+         'layers.mlp_post_norm.scale': (layer + 'post_feedforward_layernorm.weight', 0),
+         'layers.attn.q_norm.scale': (layer + 'self_attn.q_norm.weight', 0),
+         'layers.attn.k_norm.scale': (layer + 'self_attn.k_norm.weight', 0)}
+  out = {k: (*v, None) for k, v in out.items()}
+  fused = FUSED.get(family, {})
   for module, hf_module in MODULES.items():
-    out[module + '.kernel'] = (hf_module + '.weight', _IN_DIMS.get(module, 1))
-    out[module + '.bias'] = (hf_module + '.bias', FLAT)
+    kernel = module + '.kernel'
+    if module in fused:
+      name, index = fused[module]
+      parts = tuple(m + '.kernel' for m, (n, _) in fused.items() if n == name)
+      out[kernel] = (name + '.weight', _IN_DIMS.get(module, 1), (index, parts))
+    else:
+      out[kernel] = (hf_module + '.weight', _IN_DIMS.get(module, 1), None)
+    out[module + '.bias'] = (hf_module + '.bias', FLAT, None)
+  if 'layers.mlp.router' in spec_shapes:
+    out.update(expert_param_map(family))
   return {k: v for k, v in out.items() if k in spec_shapes}
+
+
+# lm expert module -> HF module per family ({e}: expert index); the router is `<moe>.gate`.
+EXPERT_MODULES = {
+    'mixtral': ('model.layers.{i}.block_sparse_moe',
+                {'layers.mlp.gate': 'experts.{e}.w1', 'layers.mlp.up': 'experts.{e}.w3',
+                 'layers.mlp.down': 'experts.{e}.w2'}),
+    'qwen3_moe': ('model.layers.{i}.mlp',
+                  {'layers.mlp.gate': 'experts.{e}.gate_proj', 'layers.mlp.up': 'experts.{e}.up_proj',
+                   'layers.mlp.down': 'experts.{e}.down_proj'}),
+}
+
+
+def expert_param_map(family: str) -> dict[str, tuple[str, int, None]]:
+  """{lm parameter: (HF tensor name with {i} and {e}, layout, part)} for a Mixture-of-Experts family:
+  expert kernels [L, E, in, out] are one HF [out, in] tensor per layer and expert."""
+  if family not in EXPERT_MODULES:
+    raise CheckpointError(f'a model with experts exports as {" or ".join(MOE_FAMILIES.values())}, '
+                          f'not as {family!r}')
+  prefix, experts = EXPERT_MODULES[family]
+  out = {'layers.mlp.router': (prefix + '.gate.weight', 1, None)}
+  out.update({m + '.kernel': (f'{prefix}.{hf_m}.weight', 1, None) for m, hf_m in experts.items()})
+  return out
+
+
+def stacked_dims(name: str, template: str) -> int:
+  """Leading dims of lm parameter `name` that index separate HF tensors: layers, then experts."""
+  return int(name.startswith('layers.')) + int('{e}' in template)
 
 
 def to_lm(hf_array, shape, layout):
@@ -194,8 +454,22 @@ def hf_shape(shape, layout) -> tuple:
   return (math.prod(shape[layout:]), math.prod(shape[:layout]))
 
 
-def _hf_names(template: str, stacked_layers: int | None) -> list[str]:
+def _hf_names(template: str, stacked_layers: int | None, experts: int | None = None) -> list[str]:
+  if experts is not None:  # layer-major, as the lm array [L, E, ...] is laid out
+    return [template.format(i=i, e=e) for i in range(stacked_layers) for e in range(experts)]
   return [template] if stacked_layers is None else [template.format(i=i) for i in range(stacked_layers)]
+
+
+def _rows(shapes: dict, table: dict, name: str) -> tuple[slice | None, int]:
+  """(rows of the HF tensor holding lm parameter `name`, that tensor's row count)."""
+  template, layout, part = table[name]
+  one = lambda n: hf_shape(shapes[n][stacked_dims(n, table[n][0]):], layout)[0]
+  if part is None:
+    return None, one(name)
+  index, parts = part
+  sizes = [one(n) for n in parts]
+  start = sum(sizes[:index])
+  return slice(start, start + sizes[index]), sum(sizes)
 
 
 # ----------------------------------------------------------------------------- import
@@ -215,13 +489,25 @@ def place(shape, sharding, read):
   return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
 
 
-def read_stacked(reader, names, shape, layout, dtype, stacked):
-  """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked)."""
+def read_stacked(reader, names, shape, layout, dtype, stacked, rows=None):
+  """read(index) for one lm parameter whose HF tensors are `names` (one per layer if stacked;
+  stacked=2: one per layer and expert, layer-major); `rows`: the slice of each HF tensor that
+  holds it (a part of a fused tensor)."""
+  n = int(stacked)
+
+  def one(name, one_shape, index):
+    if rows is None:  # only this device's rows and columns are read
+      return np.asarray(reader.read(name, one_shape, layout, index), dtype)
+    # a fused tensor's part: read whole, then sliced
+    return np.asarray(to_lm(reader.get(name)[rows], one_shape, layout)[index], dtype)
+
   def read(index):
-    if not stacked:
-      return np.asarray(to_lm(reader.get(names[0]), shape, layout)[index], dtype)
-    return np.stack([np.asarray(to_lm(reader.get(names[i]), shape[1:], layout)[index[1:]], dtype)
-                     for i in range(shape[0])[index[0]]])
+    index = tuple(index)
+    if not n:
+      return one(names[0], shape, index)
+    grid = np.arange(math.prod(shape[:n])).reshape(shape[:n])[index[:n]]
+    parts = [one(names[j], shape[n:], index[n:]) for j in grid.reshape(-1)]
+    return np.stack(parts).reshape(*grid.shape, *parts[0].shape)
   return read
 
 
@@ -245,22 +531,26 @@ def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
 def load_params(path: str, spec, shardings: dict) -> dict:
   """The base weights of HF directory `path` as {lm name: array} placed with `shardings`."""
   reader = Reader(path)
-  table = param_map(spec.shapes)
+  moe = n_experts(spec.cfg)
+  # The file layout is the directory's own (config.json's model_type), whatever the run calls it.
+  table = param_map(spec.shapes, read_config(path).get('model_type', 'llama'))
+  shapes = {n: s.shape for n, s in spec.shapes.items()}
   L = spec.cfg.n_layers
   expected, plan = {}, {}
-  for name, (template, layout) in table.items():
+  for name, (template, layout, _) in table.items():
     shape = spec.shapes[name].shape
-    stacked = name.startswith('layers.')
-    names = _hf_names(template, L if stacked else None)
-    one = hf_shape(shape[1:] if stacked else shape, layout)
-    expected.update({n: (one, name) for n in names})
-    plan[name] = (names, stacked, layout)
+    stacked = stacked_dims(name, template)
+    names = _hf_names(template, L if stacked else None, moe if stacked == 2 else None)
+    rows, total = _rows(shapes, table, name)
+    one = hf_shape(shape[stacked:], layout)
+    expected.update({n: ((total, *one[1:]), name) for n in names})
+    plan[name] = (names, stacked, layout, rows)
   check_tensors(reader, expected, path, spec.cfg.tie_embeddings)
   params = {}
-  for name, (names, stacked, layout) in plan.items():
+  for name, (names, stacked, layout, rows) in plan.items():
     shape, dtype = spec.shapes[name].shape, spec.shapes[name].dtype
     params[name] = place(shape, shardings[name],
-                         read_stacked(reader, names, shape, layout, dtype, stacked))
+                         read_stacked(reader, names, shape, layout, dtype, stacked, rows))
   return params
 
 
@@ -312,25 +602,42 @@ def write_sharded(path: str, tensors: list, fetch, *, prefix: str = 'model',
 def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: str | None = None,
          max_shard_bytes: int = 2 ** 31, **config_extra) -> None:
   """Writes base weights `params` (flat lm names) as a Hugging Face model directory."""
+  family = family or family_of(model_cfg)
   config = hf_config(model_cfg, dtype=dtype, family=family, **config_extra)
   os.makedirs(path, exist_ok=True)
-  table = param_map(params)
+  table = param_map(params, family)
+  shapes = {n: p.shape for n, p in params.items()}
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   tensors = []
-  for name, (template, layout) in table.items():
+  for name, (template, layout, part) in table.items():
+    if part is not None and part[0] > 0:
+      continue  # written with the fused tensor's first part
+    key = part[1] if part else (name,)  # the lm parameters concatenated into this tensor
     shape = params[name].shape
-    if name.startswith('layers.'):
-      tensors += [(template.format(i=i), hf_shape(shape[1:], layout), np_dtype, (name, i))
+    stacked = stacked_dims(name, template)
+    total = _rows(shapes, table, name)[1]
+    one = hf_shape(shape[stacked:], layout)
+    if stacked == 2:
+      tensors += [(template.format(i=i, e=e), (total, *one[1:]), np_dtype, (key, (i, e)))
+                  for i in range(shape[0]) for e in range(shape[1])]
+    elif stacked:
+      tensors += [(template.format(i=i), (total, *one[1:]), np_dtype, (key, i))
                   for i in range(shape[0])]
     else:
-      tensors.append((template, hf_shape(shape, layout), np_dtype, (name, None)))
-  layouts = {name: layout for name, (_, layout) in table.items()}
+      tensors.append((template, (total, *one[1:]), np_dtype, (key, None)))
 
-  def fetch(name):
-    array = host(params[name])
-    if name.startswith('layers.'):
-      return np.stack([to_hf(a, layouts[name]) for a in array])
-    return to_hf(array, layouts[name])
+  def fetch(names):
+    arrays = []
+    for name in names:
+      template, layout, _ = table[name]
+      array, stacked = host(params[name]), stacked_dims(name, template)
+      if stacked:
+        flat = array.reshape(-1, *array.shape[stacked:])
+        arrays.append(np.stack([to_hf(a, layout) for a in flat]).reshape(
+            *array.shape[:stacked], *hf_shape(array.shape[stacked:], layout)))
+      else:
+        arrays.append(to_hf(array, layout))
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-2)
 
   write_sharded(path, tensors, fetch, max_shard_bytes=max_shard_bytes)
   if jax.process_index() == 0:

@@ -8,20 +8,33 @@ padding and only attends to other padding.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from lm.model.kernels import flash_attention
+from lm.sharding import target  # pylint: disable=unused-import (lm.model.attention.target: the decision's input)
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
+BATCH_AXES = ('data', 'fsdp')  # mesh axes a batch is split over (lm.config mesh.rules 'batch')
+HEAD_AXIS = 'tensor'  # mesh axis heads are split over ('heads', 'kv_heads')
+CONTEXT_AXIS = 'context'  # mesh axis the sequence is split over (context parallelism)
 
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
-                  softcap=None, q_positions_BT=None, kv_positions_BS=None, kv_segment_ids_BS=None):
-  """The reference: plain einsums and a softmax in float32. Always available."""
+                  softcap=None, scale=None, q_positions_BT=None, kv_positions_BS=None,
+                  kv_segment_ids_BS=None):
+  """The reference: plain einsums and a softmax in float32. Always available.
+  scale: the logits' factor, head_dim ** -0.5 unless given (Gemma 2/3 set their own)."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
   logits_BGRTS = jnp.einsum('btgrk,bsgk->bgrts', q_BTGRK, k_BSGK,
-                            preferred_element_type=jnp.float32) * (K ** -0.5)
+                            preferred_element_type=jnp.float32) * (K ** -0.5 if scale is None else scale)
   if softcap:
     logits_BGRTS = softcap * jnp.tanh(logits_BGRTS / softcap)
   mask_BTS = make_mask(B, T, S, segment_ids_BT, causal=causal, window=window,
@@ -54,7 +67,7 @@ def make_mask(B, T, S, segment_ids_BT=None, *, causal=True, window=None, q_posit
 
 
 def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
-                    softcap=None, **kwargs):
+                    softcap=None, scale=None, **kwargs):
   """cuDNN fused attention through jax.nn.dot_product_attention; never a dense mask.
 
   cuDNN here takes causal masking and a sliding window, but not per-token segment ids (packed
@@ -65,11 +78,11 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True,
   if segment_ids_BT is not None or softcap or q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
     impl = choose_implementation(q_BTHK, k_BSGK, **kwargs)
     return attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, implementation=impl, causal=causal,
-                     window=window, softcap=softcap, **kwargs)
+                     window=window, softcap=softcap, scale=scale, **kwargs)
   if kwargs:
     raise ValueError(f"model.attention='cudnn' does not take {sorted(kwargs)}; use 'xla'")
   local = (window - 1, 0) if window and causal else None
-  return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=causal,
+  return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=causal,
                                       local_window_size=local, implementation='cudnn')
 
 
@@ -78,10 +91,10 @@ def pallas_supported(q_BTHK, k_BSGK, **kwargs):
   K = q_BTHK.shape[-1]
   if kwargs or q_BTHK.shape[1] != k_BSGK.shape[1]:  # explicit positions / cached decoding
     return False
-  backend = jax.default_backend()
+  backend, _ = target()
   if backend == 'gpu':
     try:
-      from jax.experimental.pallas import triton  # pylint: disable=import-outside-toplevel,unused-import
+      importlib.import_module('jax.experimental.pallas.triton')
     except ImportError:  # the Triton backend is deprecated in JAX 0.11 and may be removed
       return False
     return K & (K - 1) == 0 and 16 <= K <= 256  # Triton loads power-of-two tiles
@@ -89,13 +102,15 @@ def pallas_supported(q_BTHK, k_BSGK, **kwargs):
 
 
 def choose_implementation(q_BTHK, k_BSGK, **kwargs):
-  """What 'auto' runs: Pallas on one TPU/GPU where it applies, else the XLA reference.
+  """What 'auto' runs: Pallas on TPU/GPU where it applies, else the XLA reference.
 
-  CPU stays on XLA (Pallas only runs there in the slow interpret mode). With more than one
-  device, 'auto' also stays on XLA: a pallas_call is not partitioned by the SPMD compiler,
-  so it needs a shard_map around it first (see docs/attention.md).
+  CPU stays on XLA (Pallas only runs there in the slow interpret mode). On several devices the
+  kernel runs inside a shard_map over the mesh in context (a pallas_call is not partitioned by
+  the SPMD compiler); with no mesh in context it cannot, so 'auto' stays on XLA there.
   """
-  if jax.device_count() == 1 and pallas_supported(q_BTHK, k_BSGK, **kwargs):
+  _, devices = target()
+  in_mesh = not jax.sharding.get_abstract_mesh().empty
+  if (devices == 1 or in_mesh) and pallas_supported(q_BTHK, k_BSGK, **kwargs):
     return 'pallas'
   return 'xla'
 
@@ -105,15 +120,83 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention={implementation!r}; choose one of {IMPLEMENTATIONS}')
   kwargs = {k: v for k, v in kwargs.items() if v is not None}  # e.g. q_positions_BT=None
+  mesh = jax.sharding.get_abstract_mesh()
+  if (not mesh.empty and mesh.shape.get(CONTEXT_AXIS, 1) > 1
+      and set(kwargs) <= {'causal', 'window', 'softcap'}):
+    return context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh, **kwargs)
   if implementation == 'auto':
-    extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap')}
+    extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap', 'scale')}
     implementation = choose_implementation(q_BTHK, k_BSGK, **extra)
   if implementation == 'cudnn':
     return cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
   if implementation == 'pallas':
-    from lm.model.kernels import flash_attention  # pylint: disable=import-outside-toplevel
-    extra = sorted(k for k in kwargs if k not in ('causal', 'window', 'softcap'))
+    extra = sorted(k for k in kwargs if k not in ('causal', 'window', 'softcap', 'scale'))
     if extra:
       raise ValueError(f"model.attention='pallas' does not take {extra}; use 'xla'")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+      return sharded_flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh, **kwargs)
     return flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
   return xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, **kwargs)
+
+
+def _split_axes(mesh, size: int, candidates) -> tuple:
+  """The mesh axes among `candidates` that evenly split a dimension of `size`, in order."""
+  axes, product = [], 1
+  for name in candidates:
+    n = mesh.shape.get(name, 1)
+    if n > 1 and size % (product * n) == 0:
+      axes.append(name)
+      product *= n
+  return tuple(axes)
+
+
+def sharded_flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh, **kwargs):
+  """The Pallas kernel on each device's block: a shard_map over the batch axes (data, fsdp) and
+  the head axis (tensor). Heads split only when both query and KV heads divide, so each device
+  keeps whole GQA groups; other mesh axes see the whole batch block (XLA gathers it)."""
+  B, _, H, _ = q_BTHK.shape
+  G = k_BSGK.shape[2]
+  batch = _split_axes(mesh, B, BATCH_AXES)
+  heads = _split_axes(mesh, math.gcd(H, G), (HEAD_AXIS,))
+  b = batch if len(batch) > 1 else (batch[0] if batch else None)
+  h = heads[0] if heads else None
+  qkv, seg = P(b, None, h, None), P(b, None)
+  kernel = functools.partial(flash_attention, **kwargs)
+  if segment_ids_BT is None:
+    body, args, specs = (lambda q, k, v: kernel(q, k, v)), (q_BTHK, k_BSGK, v_BSGK), (qkv,) * 3
+  else:
+    body, args, specs = kernel, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT), (qkv,) * 3 + (seg,)
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+
+
+def context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh, causal=True,
+                               window=None, softcap=None):
+  """Attention with the sequence split over the `context` mesh axis: each device keeps its
+  queries and all-gathers the keys and values (and their segment ids), then masks by global
+  position. The backward pass reduce-scatters dK and dV. Memory per device for everything but
+  K/V falls with the context size. Attention inside is the XLA reference: the Pallas kernels
+  take self-attention only (queries and keys of one length)."""
+  B, T, H, _ = q_BTHK.shape
+  G = k_BSGK.shape[2]
+  batch = _split_axes(mesh, B, BATCH_AXES)
+  heads = _split_axes(mesh, math.gcd(H, G), (HEAD_AXIS,))
+  b = batch if len(batch) > 1 else (batch[0] if batch else None)
+  h = heads[0] if heads else None
+  qkv, rows = P(b, CONTEXT_AXIS, h, None), P(b, CONTEXT_AXIS)
+
+  def body(q, k, v, seg):
+    B_local, T_local = q.shape[:2]
+    gather = lambda x: jax.lax.all_gather(x, CONTEXT_AXIS, axis=1, tiled=True)
+    start = jax.lax.axis_index(CONTEXT_AXIS) * T_local
+    q_pos = jnp.broadcast_to(start + jnp.arange(T_local), (B_local, T_local))
+    kv_pos = jnp.broadcast_to(jnp.arange(T), (B_local, T))
+    return xla_attention(q, gather(k), gather(v), seg, causal=causal, window=window,
+                         softcap=softcap, q_positions_BT=q_pos, kv_positions_BS=kv_pos,
+                         kv_segment_ids_BS=None if seg is None else gather(seg))
+
+  if segment_ids_BT is None:
+    fn, args, specs = (lambda q, k, v: body(q, k, v, None)), (q_BTHK, k_BSGK, v_BSGK), (qkv,) * 3
+  else:
+    fn, args, specs = body, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT), (qkv,) * 3 + (rows,)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)

@@ -16,6 +16,8 @@ small JSON record of what was saved.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import time
@@ -34,8 +36,36 @@ FORMAT = 1
 UNREADABLE = 'checkpoints-unreadable'
 
 
-class _Unreadable(Exception):
+class Unreadable(Exception):
   """This step's files are damaged; an older step may still be good."""
+
+
+def first_readable(steps, read, on_unreadable, directory: str):
+  """read(step) for the first of `steps` (newest first) that reads. A step whose read raises
+  Unreadable is passed to on_unreadable(step, reason) (which may raise) and the next is tried:
+  the one fallback every reader of checkpoints shares (resume, generate, eval, export, init_from)."""
+  failed = []
+  for step in steps:
+    try:
+      return read(step)
+    except Unreadable as e:
+      on_unreadable(step, str(e))
+      failed.append(step)
+  raise CheckpointError(f'no readable checkpoint in {directory} (steps {failed} are unreadable); '
+                        'train the run again or restore its checkpoints from a copy')
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+  """Orbax's absl warnings about what it chose not to do (a read-only manager, metadata files of
+  older layouts) are not lm's user's concern; failures still raise."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def warn(message: str) -> None:
@@ -99,17 +129,22 @@ class Checkpointer:
     if not steps:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     set_aside = []
-    for s in steps:
-      try:
-        return self._restore(s, abstract_state, shardings, base_params)
-      except _Unreadable as e:
-        if step is not None:
-          raise CheckpointError(f'checkpoint step {s} in {self.directory} is unreadable ({e}); '
-                                'restore another step') from None
-        moved = self._set_aside(s)
-        set_aside.append(s)
-        warn(f'checkpoint step {s} is unreadable ({e}); moved it to {moved} and falling back to '
-             'the previous checkpoint')
+
+    def unreadable(s, reason):
+      if step is not None:
+        raise CheckpointError(f'checkpoint step {s} in {self.directory} is unreadable ({reason}); '
+                              'restore another step') from None
+      moved = self._set_aside(s)
+      set_aside.append(s)
+      warn(f'checkpoint step {s} is unreadable ({reason}); moved it to {moved} and falling back to '
+           'the previous checkpoint')
+
+    try:
+      return first_readable(steps, lambda s: self._restore(s, abstract_state, shardings, base_params),
+                            unreadable, self.directory)
+    except CheckpointError as e:
+      if not set_aside or 'no readable checkpoint' not in str(e):
+        raise
     raise CheckpointError(f'no readable checkpoint in {self.directory} (steps {set_aside} were '
                           f'unreadable and moved to {os.path.join(self.workdir, UNREADABLE)}); '
                           'start a new run with another --workdir')
@@ -131,7 +166,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise _Unreadable(_first_line(e)) from None
+      raise Unreadable(first_line(e)) from None
     state = restored.state
     if partial:
       state = state.replace(params={**{k: v for k, v in base_params.items()
@@ -143,9 +178,9 @@ class Checkpointer:
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # pylint: disable=broad-except
-      raise _Unreadable(f'its record cannot be read: {_first_line(e)}') from None
+      raise Unreadable(f'its record cannot be read: {first_line(e)}') from None
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
-      raise _Unreadable('its record is missing or malformed')
+      raise Unreadable('its record is missing or malformed')
     return meta
 
   def _check_base(self, meta: dict, step: int) -> None:
@@ -163,7 +198,7 @@ class Checkpointer:
       saved = saved.tree if hasattr(saved, 'tree') else saved
       saved_flat = dict(_flat_shapes(saved))
     except Exception as e:  # pylint: disable=broad-except
-      raise _Unreadable(f'its array metadata cannot be read: {_first_line(e)}') from None
+      raise Unreadable(f'its array metadata cannot be read: {first_line(e)}') from None
     wanted = dict(_flat_shapes(target))
     missing = sorted(set(wanted) - set(saved_flat))
     extra = sorted(set(saved_flat) - set(wanted))
@@ -217,6 +252,6 @@ def _flat_shapes(tree):
     yield '.'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path), tuple(shape)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
   text = (str(e).strip().splitlines() or [''])[0].split('. See full TensorStore details')[0]
   return f'{type(e).__name__}: {text[:200]}'

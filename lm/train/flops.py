@@ -12,7 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lm.config import head_dim
+from lm.config import head_dim, n_experts
 
 # Dense (no sparsity) bf16 peak FLOP/s per chip, from the vendors' datasheets, by the
 # `device_kind` JAX reports. TPU kinds are matched whole: v5p reads 'TPU v5' and v5e 'TPU v5 lite'.
@@ -39,11 +39,16 @@ GPU_PEAK_FLOPS = (
 # On CPU there is no datasheet figure: one float32 matmul measurement per machine, kept here.
 CPU_PEAK_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
                               'lm', 'cpu_peak.json')
+
+
 def matmul_params(m) -> int:
   """Parameters that take part in a matmul per token (embedding lookups don't)."""
   D, F, H, G, K, L, V = (m.d_model, m.mlp_dim, m.n_heads, m.n_kv_heads, head_dim(m), m.n_layers,
                          m.vocab_size)
-  per_layer = D * H * K * 2 + D * G * K * 2 + 3 * D * F
+  mlp = 3 * D * F
+  if n_experts(m):  # the k experts a token is routed to, and the router, take part
+    mlp = 3 * D * (m.moe.expert_dim or F) * m.moe.experts_per_token + D * m.moe.n_experts
+  per_layer = D * H * K * 2 + D * G * K * 2 + mlp
   return L * per_layer + D * V
 
 

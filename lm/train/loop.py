@@ -21,12 +21,14 @@ from tqdm import tqdm
 
 from lm import config as config_lib
 from lm.train import flops as flops_lib
-from lm.train import objectives, optim, partition, preemption, rundir
+from lm.train import identity, objectives, optim, partition, preemption, rundir
 from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
 from lm.data import pipeline
-from lm.errors import Diverged, Preempted
+from lm.eval import evaluate
+from lm.errors import ConfigError, Diverged, Preempted
+from lm.train import metrics as metrics_lib
 from lm.train.metrics import MetricWriter
 from lm.train.state import ModelSpec, train_state_factory
 from lm.train.step import make_eval_step, make_train_step
@@ -37,15 +39,19 @@ class Trainer:
 
   def __init__(self, cfg, *, objective=None, devices=None):
     pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
-    config_lib.validate(cfg)
+    config_lib.ensure_valid(cfg)  # a no-op for a config lm.config.load_config already checked
     self.cfg = cfg
     self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(cfg.mesh.rules)
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
+    sharding_lib.check_context_divides(cfg.data.seq_len, self.mesh)
     # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
     reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
-    self.spec = ModelSpec(cfg.model, reference=reference)
+    teacher = (pretrained.teacher_model_config(cfg) if cfg.train.objective in objectives.NEEDS_TEACHER
+               else None)
+    self.spec = ModelSpec(cfg.model, reference=reference, teacher=teacher)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
+    check_quantized_frozen(self.spec, self.labels, cfg)
     self.row_masks = partition.layer_masks(self.spec.shapes, cfg.train.trainable)
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
                                                   self.row_masks)
@@ -53,18 +59,27 @@ class Trainer:
         self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
     self.objective = objective or objectives.from_config(cfg)
-    in_mesh = lambda fn: _traced_in(self.mesh, rules, fn)
-    self.step = jax.jit(
-        in_mesh(make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
-                                cfg.train.microbatches, seed=cfg.train.seed,
-                                spike_zscore=cfg.train.spike_zscore)),
+    # Traced with the logical-axis rules active (sharding.constrain inside the model and loss) and
+    # run with the mesh set (attention dispatch follows the mesh's devices, sharding.target).
+    traced_in = lambda fn: _traced_in(self.mesh, rules, fn)
+    self.step = sharding_lib.InMesh(jax.jit(
+        traced_in(make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
+                                  cfg.train.microbatches, seed=cfg.train.seed,
+                                  spike_zscore=cfg.train.spike_zscore)),
         in_shardings=(self.shardings, self.batch_sharding),
-        out_shardings=(self.shardings, None), donate_argnums=0)
-    self.eval_step = jax.jit(in_mesh(make_eval_step(self.spec, self.objective)),
-                             in_shardings=(self.shardings.params, self.batch_sharding))
+        out_shardings=(self.shardings, None), donate_argnums=0), self.mesh)
+    self.eval_step = sharding_lib.InMesh(
+        jax.jit(traced_in(make_eval_step(self.spec, objectives.for_evaluation(self.objective))),
+                in_shardings=(self.shardings.params, self.batch_sharding)), self.mesh)
 
   def init_state(self, seed: int | None = None):
     rng = jax.random.key(self.cfg.train.seed if seed is None else seed)
+    if self.spec.teacher_cfg is not None:  # the frozen teacher's weights join the starting ones
+      loaded = pretrained.teacher_params(self.cfg.distill.teacher, self.spec, self.shardings.params)
+      if self.cfg.train.init_from:
+        loaded.update(pretrained.load_params(self.cfg.train.init_from, self.spec,
+                                             self.shardings.params))
+      return self.init(rng, loaded)
     if self.cfg.train.init_from:
       return pretrained.init_state(self, rng)
     return self.init(rng)
@@ -82,15 +97,32 @@ class Trainer:
             f'train.trainable={self.cfg.train.trainable})')
 
   def evaluate(self, params, rows: dict, max_batches: int) -> dict:
-    """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`."""
+    """Mean weighted loss and perplexity over up to `max_batches` batches of `rows`; for other
+    objectives than next_token_xent also their metrics (reward accuracy, margin, ...) as eval_*."""
     loss_sum = weight_sum = 0.0
+    metric_sums = {}
     for batch in eval_batches(rows, self.cfg.data.batch_size, max_batches,
                               jax.process_index(), jax.process_count()):
-      out = self.eval_step(params, self.global_batch(batch))
+      out = jax.device_get(self.eval_step(params, self.global_batch(batch)))
       loss_sum += float(out['loss_sum'])
       weight_sum += float(out['weight_sum'])
+      for k, v in out['metric_sums'].items():
+        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
     loss = loss_sum / max(weight_sum, 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+    metrics = {'eval_loss': loss, 'eval_perplexity': metrics_lib.perplexity(loss)}
+    if self.cfg.train.objective != 'next_token_xent':
+      metrics.update({f'eval_{k}': v / max(weight_sum, 1.0) for k, v in metric_sums.items()})
+    return metrics
+
+
+def check_quantized_frozen(spec, labels: dict, cfg) -> None:
+  """QLoRA's quantized base weights cannot train: a partition that would train one is refused."""
+  training = [n for n in spec.quantized if labels[n] == partition.TRAINABLE]
+  if training:
+    raise ConfigError(
+        f'model.quant.type={cfg.model.quant.type} stores the base weights quantized and frozen, but '
+        f'train.trainable={cfg.train.trainable} would train {training[0]} (and '
+        f'{len(training) - 1} more); use train.trainable=lora (QLoRA) or model.quant.type=none')
 
 
 def _traced_in(mesh, rules, fn):
@@ -144,7 +176,6 @@ def _evaluation_hooks(cfg, trainer, tokenizer):
   """(task evaluator or None, early stopping or None) from `train.eval_tasks` / `early_stopping_*`."""
   if not (cfg.train.eval_tasks or cfg.train.early_stopping_metric):
     return None, None
-  from lm.eval import evaluate  # pylint: disable=import-outside-toplevel
   stopper = (evaluate.EarlyStopping(cfg.train.early_stopping_metric,
                                     cfg.train.early_stopping_patience,
                                     cfg.train.early_stopping_min_delta)
@@ -159,21 +190,37 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   writing a checkpoint; too many skipped steps raise Diverged.
   """
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
-  config_lib.validate(cfg)
-  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
-    return _train(cfg, rundir.prepare(workdir), progress=progress)
+  config_lib.ensure_valid(cfg)
+  objectives.check_data(cfg)
+  if cfg.model.quant.type != 'none':  # before any data is read or anything compiles
+    spec = ModelSpec(cfg.model)
+    check_quantized_frozen(spec, partition.labels(spec.names, cfg.train.trainable), cfg)
+  if cfg.train.objective == 'grpo':
+    raise ConfigError('train.objective=grpo runs its own loop: use lm.train.runner.train '
+                      '(what `lm train` and lm.run_training call)')
+  if cfg.train.objective in objectives.NEEDS_TEACHER:
+    pretrained.teacher_model_config(cfg)  # a missing or mismatched teacher fails before any work
+  is_main = jax.process_index() == 0
+  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=is_main):
+    workdir = rundir.prepare(workdir)
+    with rundir.single_writer(workdir, enabled=is_main):
+      rundir.check_confined(workdir)
+      return _train(cfg, workdir, progress=progress)
 
 
 def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   is_main = jax.process_index() == 0
+  trainer = Trainer(cfg)  # the mesh and partition checks, before any data is read
 
   if is_main:
     tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   multihost_utils.sync_global_devices('tokenizer')
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
+  run_identity = identity.of(cfg, tokenizer)
+  if rundir.has_checkpoints(workdir):  # resuming: the same run, or a stated change
+    identity.check(workdir, run_identity, cfg.train.resume_changes)
   corpus = pipeline.build_corpus(cfg.data, tokenizer)
-  trainer = Trainer(cfg)
 
   train_iter = pipeline.BatchIterator(corpus.train, cfg.data.batch_size, cfg.data.seed,
                                       process_index=jax.process_index(),
@@ -189,6 +236,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
     state = trainer.init_state()
   if is_main:  # after the restore, so a run that cannot resume keeps the record of its own config
     rundir.write_text(rundir.inside(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+    identity.record(workdir, run_identity)
 
   T, B = cfg.data.seq_len, cfg.data.batch_size
   flops_per_token = flops_lib.train_flops_per_token(cfg.model, T)
@@ -231,11 +279,12 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
 
   stop = preemption.StopSignal(cfg.train.grace_seconds)
   fault = preemption.injected_fault()
+  poison = preemption.injected_numbers()
   last_saved = start
   try:
     with stop:
       for step in range(start, total):
-        batch = trainer.global_batch(next(train_iter))
+        batch = trainer.global_batch(poison(step + 1, next(train_iter)))
         state, metrics = trainer.step(state, batch)
         # Fetch the previous step's metrics only after the next step is dispatched.
         if pending is not None:
@@ -306,13 +355,28 @@ def held_out_line(cfg, metrics: dict, unigram_perplexity: float, *, final: bool 
     baseline = (f' vs unigram baseline {unigram_perplexity:.2f}' if final else
                 f' (unigram baseline {unigram_perplexity:.2f})')
     return f'held-out perplexity {metrics["eval_perplexity"]:.2f}{baseline}'
-  return f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
+  if cfg.train.objective == 'grpo':
+    return f'reward {metrics["reward_mean"]:.4f} (last round)'
+  line = f'held-out {cfg.train.objective} loss {metrics["eval_loss"]:.4f}'
+  if 'eval_reward_accuracy' in metrics:
+    line += (f', reward accuracy {metrics["eval_reward_accuracy"]:.3f}, '
+             f'margin {metrics["eval_reward_margin"]:.4f}')
+  return line
 
 
 def diverged_message(cfg, step: int, metrics: dict, ckpt: Checkpointer) -> str:
+  """What the last skipped step got wrong, in the order the guard checks it."""
   latest = ckpt.latest_step()
-  return (f'step {step}: {int(metrics["bad_streak"])} consecutive steps had a non-finite or spiking '
-          f'loss or gradient (loss {metrics["loss"]:.4g}, grad norm {metrics["grad_norm"]:.4g}) and '
-          f'were skipped; checkpoints hold only accepted updates (latest: '
+  if not math.isfinite(metrics['loss']):
+    what = f'a non-finite loss ({metrics["loss"]:.4g})'
+  elif not math.isfinite(metrics['grad_norm']):
+    what = f'a non-finite gradient (norm {metrics["grad_norm"]:.4g})'
+  elif metrics.get('nonfinite_weights'):
+    what = (f'an update that made weights non-finite (loss {metrics["loss"]:.4g}, grad norm '
+            f'{metrics["grad_norm"]:.4g}): the learning rate is too large')
+  else:
+    what = f'a loss spike (loss {metrics["loss"]:.4g}, train.spike_zscore={cfg.train.spike_zscore:g})'
+  return (f'step {step}: {int(metrics["bad_streak"])} consecutive steps were skipped, the last for '
+          f'{what}; checkpoints hold only accepted, finite updates (latest: '
           f'{"none" if latest is None else f"step {latest}"}); lower optimizer.lr, check the data '
           'or raise train.max_bad_steps')

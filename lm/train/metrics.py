@@ -1,9 +1,20 @@
-"""Where metrics go: metrics.jsonl and TensorBoard event files in the workdir."""
+"""Where metrics go (metrics.jsonl and TensorBoard event files in the workdir), how they are read
+back, perplexity from a mean NLL, and the loss-curve plot that `lm compare` and sweeps draw."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+
+from lm.train import rundir
+
+# exp(50) ~ 5e21: a diverged run reports a huge perplexity instead of overflowing.
+MAX_NLL_FOR_PERPLEXITY = 50.0
+
+
+def perplexity(mean_nll: float) -> float:
+  return math.exp(min(mean_nll, MAX_NLL_FOR_PERPLEXITY))
 
 
 class MetricWriter:
@@ -12,10 +23,11 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    # `inside`: a metrics.jsonl or tensorboard/ symlinked out of the run is refused, not followed.
+    self.jsonl = open(rundir.inside(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
     self.tb = None
     if tensorboard:
-      self.tb = _summary_writer(os.path.join(workdir, 'tensorboard'))
+      self.tb = _summary_writer(rundir.inside(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -40,9 +52,52 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of `workdir/metrics.jsonl`; none when there is no file yet. A torn last line (a
+  run killed mid-write) and lines that are not JSON objects are skipped."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  if not os.path.isfile(path):
+    return []
+  records = []
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def plot_loss_curves(records: dict, path: str, *, title: str = '', ylabel: str = 'loss') -> str:
+  """Training loss (and held-out loss, when any run logged it) against step, one line per run.
+  `records`: {run name: metrics records}. Writes a PNG to `path` and returns it."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  has_eval = any('eval_loss' in r for recs in records.values() for r in recs)
+  panels = [('loss', 'training loss')] + ([('eval_loss', 'held-out loss')] if has_eval else [])
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+  for ax, (key, label) in zip(axes[0], panels):
+    for name, recs in records.items():
+      points = [(r['step'], r[key]) for r in recs if _finite(r.get(key)) and _finite(r.get('step'))]
+      if points:
+        ax.plot(*zip(*points), marker='o' if key == 'eval_loss' else None, markersize=3, label=name)
+    ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
+    ax.set_title(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def _summary_writer(logdir: str):

@@ -8,12 +8,28 @@ metric sum by the batch's total weight (tokens for cross-entropy, preference pai
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from lm.errors import ConfigError
 from lm.train import losses
+
+
+class Policy(NamedTuple):
+  """A model run with its LoRA adapters on or off: the trained policy, or the frozen reference
+  of a LoRA run (the same weights, adapters off). Called, it gives the logits, as the model does."""
+  module: Any
+  adapters: bool = True
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    return self.module(tokens_BT, positions_BT, segment_ids_BT, adapters=self.adapters)
+
+
+def _policy(model) -> Policy:
+  return model if isinstance(model, Policy) else Policy(model)
 
 
 def token_logprobs(model, tokens_BT, positions_BT, segment_ids_BT, targets_BT, *,
@@ -23,12 +39,15 @@ def token_logprobs(model, tokens_BT, positions_BT, segment_ids_BT, targets_BT, *
   With `model.loss_chunk_size` > 0 the unembedding and the softmax run over that many positions
   at a time and the [B, T, V] logits never exist (lm/train/losses.py); 0 computes the whole
   logits. Both give the same values and gradients. Every objective that needs token
-  log-probabilities should come through here.
+  log-probabilities comes through here (via token_log_probs).
   """
-  chunk = model.cfg.get('loss_chunk_size', 0)
+  # getattr: a model config saved before the key existed; a test's logits function has none.
+  chunk = getattr(model.cfg, 'loss_chunk_size', 0)
   head = model.unembedding(adapters=adapters) if chunk else None
   if head is None:
-    logits_BTV = model(tokens_BT, positions_BT, segment_ids_BT, adapters=adapters)
+    # `adapters` is passed only to switch them off, so any logits function serves as a model.
+    off = {} if adapters else {'adapters': False}
+    logits_BTV = model(tokens_BT, positions_BT, segment_ids_BT, **off)
     return losses.scores_from_logits(logits_BTV, targets_BT)
   x_BTD, _ = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, adapters=adapters)
   project, weights, weight_axes = head
@@ -36,12 +55,23 @@ def token_logprobs(model, tokens_BT, positions_BT, segment_ids_BT, targets_BT, *
                                        weight_axes=weight_axes)
 
 
-def chunked_cross_entropy(model, batch, *, prefix: str = '', adapters=True):
-  """Cross-entropy per token [B, T] of `<prefix>targets` (unweighted), through token_logprobs."""
-  scores = token_logprobs(model, batch[prefix + 'tokens'], batch[prefix + 'positions'],
-                          batch[prefix + 'segment_ids'], batch[prefix + 'targets'],
-                          adapters=adapters)
-  return -scores.logp
+def token_log_probs(model, batch, prefix: str = ''):
+  """log p(target) of every position [B, T] of `<prefix>targets` under `model` (a model, or a
+  Policy such as reference_of(model)).
+
+  Every objective that needs per-token log-probabilities (next-token, the DPO family, KTO, GRPO)
+  gets them here, through token_logprobs, so they all take the chunked loss when
+  model.loss_chunk_size > 0.
+  """
+  policy = _policy(model)
+  return token_logprobs(policy.module, batch[prefix + 'tokens'], batch[prefix + 'positions'],
+                        batch[prefix + 'segment_ids'], batch[prefix + 'targets'],
+                        adapters=policy.adapters).logp
+
+
+def chunked_cross_entropy(model, batch, *, prefix: str = ''):
+  """Cross-entropy per token [B, T] of `<prefix>targets` (unweighted), through token_log_probs."""
+  return -token_log_probs(model, batch, prefix)
 
 
 def next_token_xent(model, batch):
@@ -53,16 +83,14 @@ def next_token_xent(model, batch):
   return loss_sum, jnp.sum(weights_BT), {'accuracy': jnp.sum(scores.correct * weights_BT)}
 
 
-def segment_log_probs(model, batch, prefix: str, *, adapters=True):
+def segment_log_probs(model, batch, prefix: str):
   """(sum of log p(target) over each segment's weighted tokens [B, T+1], weight per segment).
 
   Index s of the last axis is segment id s (0: padding), so packed rows holding several
-  sequences give one log-probability per sequence.
+  sequences give one log-probability per sequence. `model` may be a Policy (reference_of).
   """
   tokens = batch[prefix + 'tokens']
-  logp_BT = token_logprobs(model, tokens, batch[prefix + 'positions'],
-                           batch[prefix + 'segment_ids'], batch[prefix + 'targets'],
-                           adapters=adapters).logp
+  logp_BT = token_log_probs(model, batch, prefix)
   weights_BT = batch[prefix + 'weights'].astype(jnp.float32)
   segments = tokens.shape[1] + 1
   per_segment = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=segments))
@@ -70,21 +98,16 @@ def segment_log_probs(model, batch, prefix: str, *, adapters=True):
   return per_segment(logp_BT * weights_BT, seg_BT), per_segment(weights_BT, seg_BT)
 
 
-def reference_policy(model):
-  """(module, adapters) of the frozen reference policy: the state's `ref.*` copy if it carries
-  one, else the same model with its LoRA adapters switched off (no second copy of the weights)."""
+def reference_of(model) -> Policy:
+  """The frozen reference policy: the state's `ref.*` copy if it carries one, else the same
+  model with its LoRA adapters switched off (no second copy of the weights)."""
   if model.reference is not None:
-    return model.reference, True
+    return Policy(model.reference)
   if model.cfg.lora.rank:
-    return model, False
-  raise ConfigError('DPO needs a reference policy: train LoRA adapters (model.lora.rank > 0) or '
-                    'let the Trainer carry a frozen copy (train.objective=dpo does)')
-
-
-def reference_of(model):
-  """The frozen reference policy as a logits function (see reference_policy)."""
-  module, adapters = reference_policy(model)
-  return functools.partial(module, adapters=adapters)
+    return Policy(model, adapters=False)
+  raise ConfigError('this objective needs a reference policy: train LoRA adapters '
+                    '(model.lora.rank > 0) or let the Trainer carry a frozen copy (train.objective='
+                    'dpo, ipo or kto does)')
 
 
 def dpo(model, batch, *, beta: float = 0.1, label_smoothing: float = 0.0):
@@ -95,11 +118,11 @@ def dpo(model, batch, *, beta: float = 0.1, label_smoothing: float = 0.0):
   margin = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected));
   label_smoothing > 0 gives conservative DPO.
   """
-  reference, ref_adapters = reference_policy(model)
+  reference = reference_of(model)
   logp, n = {}, {}
   for side in ('chosen', 'rejected'):
     policy, n[side] = segment_log_probs(model, batch, side + '_')
-    ref, _ = segment_log_probs(reference, batch, side + '_', adapters=ref_adapters)
+    ref, _ = segment_log_probs(reference, batch, side + '_')
     logp[side] = (policy, jax.lax.stop_gradient(ref))
   valid = ((n['chosen'] > 0) & (n['rejected'] > 0)).astype(jnp.float32)
   chosen_reward = beta * (logp['chosen'][0] - logp['chosen'][1])
@@ -114,8 +137,224 @@ def dpo(model, batch, *, beta: float = 0.1, label_smoothing: float = 0.0):
       'chosen_logp': total(logp['chosen'][0])}
 
 
-OBJECTIVES = {'next_token_xent': next_token_xent, 'dpo': dpo}
-NEEDS_REFERENCE = {'dpo'}
+def _pair_log_probs(model, batch, *, reference: bool):
+  """Per pair (segment) of chosen_* / rejected_* rows: {side: (policy sum log p, reference sum
+  log p or None, trained tokens)} and the mask of pairs where both replies have trained tokens."""
+  ref_fn = reference_of(model) if reference else None
+  out = {}
+  for side in ('chosen', 'rejected'):
+    policy, n = segment_log_probs(model, batch, side + '_')
+    ref = jax.lax.stop_gradient(segment_log_probs(ref_fn, batch, side + '_')[0]) if reference else None
+    out[side] = (policy, ref, n)
+  valid = ((out['chosen'][2] > 0) & (out['rejected'][2] > 0)).astype(jnp.float32)
+  return out, valid
+
+
+def _pair_sums(loss, margin, valid, **more):
+  """(loss sum, pairs, metric sums) with the preference metrics every pair objective reports."""
+  total = lambda x: jnp.sum(x * valid)
+  return total(loss), jnp.sum(valid), {
+      'reward_accuracy': total(margin > 0), 'reward_margin': total(margin),
+      **{k: total(v) for k, v in more.items()}}
+
+
+def ipo(model, batch, *, beta: float = 0.1):
+  """Identity Preference Optimisation (Azar et al. 2023): (h - 1 / (2 beta))^2 per pair, with
+  h = (mean log pi(chosen) - mean log ref(chosen)) - (the same for rejected). Like TRL, the
+  log-probabilities are averaged over each reply's tokens, so long replies do not dominate h."""
+  lp, valid = _pair_log_probs(model, batch, reference=True)
+  ratio = {side: (p - r) / jnp.maximum(n, 1.0) for side, (p, r, n) in lp.items()}
+  margin = ratio['chosen'] - ratio['rejected']
+  return _pair_sums((margin - 1.0 / (2.0 * beta)) ** 2, margin, valid,
+                    chosen_reward=ratio['chosen'], rejected_reward=ratio['rejected'])
+
+
+def simpo(model, batch, *, beta: float = 2.0, gamma: float = 1.0):
+  """SimPO (Meng et al. 2024), reference-free: the reward of a reply is beta times its mean
+  token log-probability; loss -log sigmoid(reward(chosen) - reward(rejected) - gamma)."""
+  lp, valid = _pair_log_probs(model, batch, reference=False)
+  reward = {side: beta * p / jnp.maximum(n, 1.0) for side, (p, _, n) in lp.items()}
+  margin = reward['chosen'] - reward['rejected']
+  return _pair_sums(-jax.nn.log_sigmoid(margin - gamma), margin, valid,
+                    chosen_reward=reward['chosen'], rejected_reward=reward['rejected'])
+
+
+def orpo(model, batch, *, weight: float = 0.1):
+  """ORPO (Hong et al. 2024), reference-free: the chosen reply's mean token NLL plus `weight`
+  times -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p) with p the
+  mean-token probability exp(mean log p(y)). Both terms are per pair (the SFT term is a per-reply
+  mean, not TRL's mean over all chosen tokens of the batch)."""
+  lp, valid = _pair_log_probs(model, batch, reference=False)
+  mean = {side: p / jnp.maximum(n, 1.0) for side, (p, _, n) in lp.items()}
+  # log(p / (1 - p)) = mean - log(1 - exp(mean)); log1p(-exp(x)) is exact for x < 0.
+  log_odds = {side: m - jnp.log1p(-jnp.exp(jnp.minimum(m, -1e-6))) for side, m in mean.items()}
+  margin = log_odds['chosen'] - log_odds['rejected']
+  odds_loss = -jax.nn.log_sigmoid(margin)
+  return _pair_sums(-mean['chosen'] + weight * odds_loss, margin, valid,
+                    sft_loss=-mean['chosen'], odds_ratio_loss=odds_loss)
+
+
+def kto(model, batch, *, beta: float = 0.1, desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0):
+  """KTO (Ethayarajh et al. 2024) over unpaired examples (lm/data/preference.py, format `kto`).
+
+  An example's label travels as the sign of its token weights: +1 desirable, -1 undesirable.
+  With r = log pi(y|x) - log ref(y|x), the loss of a desirable example is
+  desirable_weight * (1 - sigmoid(beta (r - z))), of an undesirable one
+  undesirable_weight * (1 - sigmoid(beta (z - r))). The reference point z = max(0, mean r over
+  the (micro)batch's examples), without gradient: the paper estimates the same KL term from
+  mismatched prompt/completion pairs, which costs two more forward passes.
+  """
+  weights = batch['weights'].astype(jnp.float32)
+  unsigned = {**batch, 'weights': jnp.abs(weights)}
+  policy, n = segment_log_probs(model, unsigned, '')
+  ref = jax.lax.stop_gradient(segment_log_probs(reference_of(model), unsigned, '')[0])
+  per_segment = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=weights.shape[1] + 1))
+  signed = per_segment(weights, batch['segment_ids'])
+  valid = (n > 0).astype(jnp.float32)
+  desirable = (signed > 0).astype(jnp.float32) * valid
+  undesirable = (signed < 0).astype(jnp.float32) * valid
+  reward = policy - ref
+  z = jax.lax.stop_gradient(jnp.maximum(jnp.sum(reward * valid) / jnp.maximum(jnp.sum(valid), 1.0), 0.0))
+  loss = (desirable * desirable_weight * (1.0 - jax.nn.sigmoid(beta * (reward - z)))
+          + undesirable * undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z - reward))))
+  label = desirable - undesirable
+  total = lambda x: jnp.sum(x * valid)
+  return total(loss), jnp.sum(valid), {
+      'reward_accuracy': total(label * reward > 0), 'reward_margin': total(label * reward),
+      'desirable': total(desirable), 'kl_estimate': total(z * jnp.ones_like(reward))}
+
+
+DISTILL_LOSSES = ('forward_kl', 'reverse_kl', 'jsd')
+
+
+def distillation_divergence(student_BTV, teacher_BTV, *, loss: str, temperature: float = 1.0,
+                            jsd_beta: float = 0.5):
+  """Per-token divergence [B, T] between the teacher's and the student's next-token
+  distributions at `temperature`, times temperature^2 (so gradients keep their scale, Hinton
+  et al. 2015). forward_kl: KL(teacher || student), mass-covering; reverse_kl: KL(student ||
+  teacher), mode-seeking; jsd: beta KL(teacher || M) + (1 - beta) KL(student || M) with
+  M = beta teacher + (1 - beta) student (the generalised JSD of GKD, Agarwal et al. 2024)."""
+  s = jax.nn.log_softmax(student_BTV / temperature, axis=-1)
+  t = jax.nn.log_softmax(teacher_BTV / temperature, axis=-1)
+  kl = lambda log_p, log_q: jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  if loss == 'forward_kl':
+    out = kl(t, s)
+  elif loss == 'reverse_kl':
+    out = kl(s, t)
+  elif loss == 'jsd':
+    m = jnp.logaddexp(t + jnp.log(jsd_beta), s + jnp.log1p(-jsd_beta))
+    out = jsd_beta * kl(t, m) + (1.0 - jsd_beta) * kl(s, m)
+  else:
+    raise ConfigError(f'distill.loss={loss!r}; choose one of {DISTILL_LOSSES}')
+  return out * temperature ** 2
+
+
+def distill(model, batch, *, loss: str = 'forward_kl', temperature: float = 1.0,
+            weight: float = 0.5, jsd_beta: float = 0.5):
+  """Logit distillation from the state's frozen teacher (`teacher.*`, any size, same vocabulary)
+  mixed with SFT: per trained token (1 - weight) * cross-entropy + weight * divergence."""
+  if model.teacher is None:
+    raise ConfigError('distillation needs a teacher: set --config.distill.teacher and '
+                      'train.objective=distill (the Trainer then carries it frozen)')
+  # The one objective that keeps the whole [B, T, V] logits, even with model.loss_chunk_size > 0:
+  # the divergence needs the student's and the teacher's full distributions at every position.
+  args = (batch['tokens'], batch['positions'], batch['segment_ids'])
+  student_BTV = model(*args)
+  teacher_BTV = jax.lax.stop_gradient(model.teacher(*args))
+  xent_BT = optax.softmax_cross_entropy_with_integer_labels(student_BTV, batch['targets'])
+  div_BT = distillation_divergence(student_BTV, teacher_BTV, loss=loss, temperature=temperature,
+                                   jsd_beta=jsd_beta)
+  w_BT = batch['weights'].astype(jnp.float32)
+  total = lambda x: jnp.sum(x * w_BT)
+  teacher_xent = optax.softmax_cross_entropy_with_integer_labels(teacher_BTV, batch['targets'])
+  return total((1.0 - weight) * xent_BT + weight * div_BT), jnp.sum(w_BT), {
+      'xent': total(xent_BT), 'divergence': total(div_BT), 'teacher_xent': total(teacher_xent)}
+
+
+GRPO_LOSSES = ('grpo', 'dr_grpo', 'dapo')
+
+
+def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.04,
+         loss_type: str = 'grpo', max_completion: int = 1):
+  """GRPO's clipped importance-ratio objective (Shao et al. 2024) over completion tokens.
+
+  A row is one prompt + sampled completion (lm/train/grpo_loop.py builds them): `weights` mark
+  the completion's tokens, `old_logps` [B, T] are their log-probs under the policy that sampled
+  them, `advantages` [B] the group-normalised rewards. Per token, with ratio = pi / pi_old:
+  -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A) + kl_coef * KL, KL being the k3
+  estimate exp(ref - pi) - (ref - pi) - 1 against the reference (adapters off, or `ref.*`).
+  `loss_type` says how tokens are averaged: grpo, the mean over each completion then over
+  completions; dapo, the mean over all tokens of the batch; dr_grpo, the sum over each
+  completion divided by `max_completion` (Dr. GRPO, Liu et al. 2025: no length bias).
+  clip_high > clip_low is DAPO's asymmetric clipping ("clip-higher", Yu et al. 2025).
+  """
+  logp_BT = token_log_probs(model, batch)
+  w_BT = batch['weights'].astype(jnp.float32)
+  ratio_BT = jnp.exp(logp_BT - batch['old_logps'])
+  adv_B1 = batch['advantages'].astype(jnp.float32)[:, None]
+  clipped_BT = jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
+  per_token = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
+  if kl_coef:
+    ref_BT = jax.lax.stop_gradient(token_log_probs(reference_of(model), batch))
+    kl_BT = jnp.exp(ref_BT - logp_BT) - (ref_BT - logp_BT) - 1.0
+    per_token = per_token + kl_coef * kl_BT
+  else:
+    kl_BT = jnp.zeros_like(per_token)
+  tokens_B = jnp.sum(w_BT, axis=1)
+  rows = (tokens_B > 0).astype(jnp.float32)
+  if loss_type == 'grpo':
+    token_w, weight = w_BT / jnp.maximum(tokens_B, 1.0)[:, None], jnp.sum(rows)
+  elif loss_type == 'dapo':
+    token_w, weight = w_BT, jnp.sum(tokens_B)
+  elif loss_type == 'dr_grpo':
+    token_w, weight = w_BT / max_completion, jnp.sum(rows)
+  else:
+    raise ConfigError(f'grpo.loss_type={loss_type!r}; choose one of {GRPO_LOSSES}')
+  # Metrics are token means; the step divides sums by `weight`, so scale them to that unit.
+  per_weight = weight / jnp.maximum(jnp.sum(tokens_B), 1.0)
+  token_mean = lambda x: jnp.sum(x * w_BT) * per_weight
+  clipped = (ratio_BT * adv_B1 > clipped_BT * adv_B1)  # the clip bound is the one in effect
+  return jnp.sum(per_token * token_w), weight, {
+      'kl': token_mean(kl_BT), 'clip_fraction': token_mean(clipped.astype(jnp.float32)),
+      'ratio': token_mean(ratio_BT)}
+
+
+def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: float):
+  """`objective` plus the Mixture-of-Experts router losses (lm/model/moe.py) the model recorded
+  while the objective ran: aux_loss_weight * load balancing + z_loss_weight * router z-loss.
+
+  Both are means (over tokens and layers), so each enters the sum scaled by the batch's weight:
+  after the step's division the loss is objective + weighted router losses, as HF adds
+  router_aux_loss_coef * aux_loss. Logged, unweighted, as moe_load_balancing and moe_router_z.
+  """
+
+  def objective_with_router_losses(model, batch):
+    model.router_losses, model.router_calls = None, 0
+    loss_sum, weight_sum, metrics = objective(model, batch)
+    if not model.router_calls:
+      return loss_sum, weight_sum, metrics
+    mean = {k: v / model.router_calls for k, v in model.router_losses.items()}
+    router = aux_loss_weight * mean['load_balancing'] + z_loss_weight * mean['router_z']
+    return loss_sum + router * weight_sum, weight_sum, {
+        **metrics, 'moe_load_balancing': mean['load_balancing'] * weight_sum,
+        'moe_router_z': mean['router_z'] * weight_sum}
+
+  objective_with_router_losses.without_router_losses = objective
+  return objective_with_router_losses
+
+
+def for_evaluation(objective):
+  """The objective held-out loss is measured with: without router losses (not a model's fit)."""
+  return getattr(objective, 'without_router_losses', objective)
+
+
+OBJECTIVES = {'next_token_xent': next_token_xent, 'dpo': dpo, 'ipo': ipo, 'simpo': simpo,
+              'orpo': orpo, 'kto': kto, 'distill': distill, 'grpo': grpo}
+NEEDS_TEACHER = {'distill'}
+NEEDS_REFERENCE = {'dpo', 'ipo', 'kto', 'grpo'}
+PAIRED = {'dpo', 'ipo', 'simpo', 'orpo'}  # read chosen_* / rejected_* rows (data.format=preference)
+UNPAIRED = {'kto'}  # read rows of labelled examples (data.format=kto)
 
 
 def get(name: str):
@@ -125,8 +364,61 @@ def get(name: str):
 
 
 def from_config(cfg):
-  """The objective `train.objective` names, with its settings bound."""
+  """The objective `train.objective` names, with its settings bound (and the router losses of a
+  Mixture-of-Experts model)."""
+  objective = _bound_objective(cfg)
+  moe = cfg.model.moe
+  if moe.n_experts and (moe.aux_loss_weight or moe.z_loss_weight):
+    objective = with_router_losses(objective, aux_loss_weight=moe.aux_loss_weight,
+                                   z_loss_weight=moe.z_loss_weight)
+  return objective
+
+
+def _bound_objective(cfg):
   name = cfg.train.objective
   if name == 'dpo':
     return functools.partial(dpo, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
+  if name == 'ipo':
+    return functools.partial(ipo, beta=cfg.dpo.beta)
+  if name == 'simpo':
+    return functools.partial(simpo, beta=cfg.preference.simpo_beta, gamma=cfg.preference.simpo_gamma)
+  if name == 'orpo':
+    return functools.partial(orpo, weight=cfg.preference.orpo_weight)
+  if name == 'kto':
+    return functools.partial(kto, beta=cfg.dpo.beta,
+                             desirable_weight=cfg.preference.kto_desirable_weight,
+                             undesirable_weight=cfg.preference.kto_undesirable_weight)
+  if name == 'distill':
+    if cfg.distill.loss not in DISTILL_LOSSES:
+      raise ConfigError(f'distill.loss={cfg.distill.loss!r}; choose one of {DISTILL_LOSSES}')
+    if not (cfg.distill.temperature > 0 and 0.0 <= cfg.distill.weight <= 1.0
+            and 0.0 < cfg.distill.jsd_beta < 1.0):
+      raise ConfigError(f'distill.temperature={cfg.distill.temperature} must be > 0, distill.weight='
+                        f'{cfg.distill.weight} in [0, 1], distill.jsd_beta={cfg.distill.jsd_beta} in (0, 1)')
+    return functools.partial(distill, loss=cfg.distill.loss, temperature=cfg.distill.temperature,
+                             weight=cfg.distill.weight, jsd_beta=cfg.distill.jsd_beta)
+  if name == 'grpo':
+    g = cfg.grpo
+    if g.loss_type not in GRPO_LOSSES:
+      raise ConfigError(f'grpo.loss_type={g.loss_type!r}; choose one of {GRPO_LOSSES}')
+    return functools.partial(grpo, clip_low=g.clip_low, clip_high=g.clip_high, kl_coef=g.kl_coef,
+                             loss_type=g.loss_type, max_completion=g.max_new_tokens)
   return get(name)
+
+
+def check_data(cfg) -> None:
+  """The objective and data.format agree (paired objectives read pairs, KTO labelled examples)."""
+  name, fmt = cfg.train.objective, cfg.data.format
+  get(name)
+  if name in ('distill', 'grpo'):
+    from_config(cfg)  # checks the distill.* / grpo.* settings
+  formats = {entry.get('format', fmt) for entry in (cfg.data.mixture or ())} or {fmt}
+  if name in PAIRED and formats != {'preference'}:
+    raise ConfigError(f'train.objective={name} reads chosen/rejected pairs; set '
+                      f'--config.data.format=preference (got {sorted(formats)})')
+  if name in UNPAIRED and formats != {'kto'}:
+    raise ConfigError(f'train.objective={name} reads labelled examples; set '
+                      f'--config.data.format=kto (got {sorted(formats)})')
+  if 'kto' in formats and name not in UNPAIRED:
+    raise ConfigError(f'data.format=kto holds labelled examples for train.objective=kto, not '
+                      f'{name}; set --config.train.objective=kto')

@@ -1,8 +1,8 @@
 """Trainable partitions: which parameters train. One label per parameter, used twice.
 
-The labels decide both what the gradient is taken against (lm/step.py splits the parameters by
+The labels decide both what the gradient is taken against (lm/train/step.py splits the parameters by
 label and differentiates only the trainable part) and what the optimizer updates
-(`optax.multi_transform` with `set_to_zero` for frozen, lm/optim.py), so frozen weights get no
+(`optax.multi_transform` with `set_to_zero` for frozen, lm/train/optim.py), so frozen weights get no
 gradient and no optimizer state. Every fine-tuning mode is a value of `train.trainable`:
 
   all                     every parameter (pretraining, full fine-tuning)
@@ -13,11 +13,12 @@ gradient and no optimizer state. Every fine-tuning mode is a value of `train.tra
   freeze_first_layers:N   everything but transformer layers 0..N-1
   regex:<pattern>         parameters whose name matches (re.search)
 
-`ref.*` parameters (DPO's frozen reference copy) are frozen whatever the value.
+`ref.*` parameters (DPO's frozen reference copy) and `teacher.*` ones (a distillation teacher)
+are frozen whatever the value.
 
 Layers are stacked: `layers.attn.q.kernel` is one [L, D, H, K] array, so "the first N layers" is
 not a set of names. `freeze_first_layers:N` labels the stacked arrays trainable and adds a
-per-layer row mask that lm/optim.py applies to the gradient (before clipping) and to the update
+per-layer row mask that lm/train/optim.py applies to the gradient (before clipping) and to the update
 (after weight decay), so rows 0..N-1 stay bit-identical. The price, said plainly: those rows still
 get weight gradients and Adam moments. Splitting each stacked array in two would save them, at
 the cost of a second parameter layout; LoRA is the partition for saving memory.
@@ -31,14 +32,12 @@ from typing import Callable
 import numpy as np
 
 from lm.errors import ConfigError
+from lm.model.lora import is_adapter  # pylint: disable=unused-import (re-exported)
+from lm.model.quant import SCALE_SUFFIX
+from lm.model.spec import FROZEN_COPIES
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
-REF_PREFIX = 'ref.'
 LAYERS_PREFIX = 'layers.'
-
-
-def is_adapter(name: str) -> bool:
-  return name.endswith(('.lora_a', '.lora_b'))
 
 
 # name -> predicate over the flat parameter name (e.g. 'layers.attn.q.kernel').
@@ -81,7 +80,7 @@ def predicate(spec: str) -> Callable[[str], bool]:
 def labels(param_names, spec: str) -> dict[str, str]:
   """{parameter name: 'trainable' | 'frozen'}."""
   is_trainable = predicate(spec)
-  out = {name: TRAINABLE if is_trainable(name) and not name.startswith(REF_PREFIX) else FROZEN
+  out = {name: TRAINABLE if is_trainable(name) and not name.startswith(FROZEN_COPIES) else FROZEN
          for name in param_names}
   if TRAINABLE not in out.values():
     hint = {'lora': '; set model.lora.rank > 0 to add adapters',
@@ -109,10 +108,10 @@ def layer_masks(shapes: dict, spec: str) -> dict[str, np.ndarray]:
 
 
 def trainable_count(shapes: dict, label_of: dict, masks: dict) -> tuple[int, int]:
-  """(trainable, total) parameter counts; the `ref.*` copy counts in neither."""
+  """(trainable, total) parameter counts; the `ref.*` copy and a teacher count in neither."""
   trainable = total = 0
   for name, s in shapes.items():
-    if name.startswith(REF_PREFIX):
+    if name.startswith(FROZEN_COPIES) or name.endswith(SCALE_SUFFIX):  # QLoRA's scales: not weights
       continue
     size = int(np.prod(s.shape))
     total += size

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm.errors import EXIT_GRACE_EXPIRED
+from lm.errors import EXIT_GRACE_EXPIRED, UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -83,18 +83,44 @@ class StopSignal:
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
+FAULT_SIGNALS = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT}
+
+
+def _injected(actions) -> dict[int, str]:
+  """{step: action} from `LM_INJECT_FAULT=ACTION@STEP[,ACTION@STEP...]`, for `actions` only."""
+  out = {}
+  for part in filter(None, os.environ.get('LM_INJECT_FAULT', '').split(',')):
+    action, _, at = part.partition('@')
+    if action not in (*FAULT_SIGNALS, 'nan') or not at.isdigit():
+      raise UserError(f'LM_INJECT_FAULT={part!r}; use ACTION@STEP with ACTION one of kill, term, '
+                      'int, nan and STEP a number, comma-separated for several')
+    if action in actions:
+      out[int(at)] = action
+  return out
+
+
 def injected_fault():
   """`LM_INJECT_FAULT=ACTION@STEP` makes the run hurt itself after dispatching step STEP (and
   after that step's checkpoint, if any, was started): `kill` (SIGKILL: no clean-up at all),
   `term` (SIGTERM) or `int` (SIGINT). For recovery tests and drills; unset, it does nothing."""
-  spec = os.environ.get('LM_INJECT_FAULT', '')
-  if not spec:
-    return lambda step: None
-  action, _, at = spec.partition('@')
-  signum = {'kill': signal.SIGKILL, 'term': signal.SIGTERM, 'int': signal.SIGINT}[action]
+  faults = _injected(FAULT_SIGNALS)
 
   def fault(step: int) -> None:
-    if step == int(at):
-      os.kill(os.getpid(), signum)
+    if step in faults:
+      os.kill(os.getpid(), FAULT_SIGNALS[faults[step]])
 
   return fault
+
+
+def injected_numbers():
+  """`LM_INJECT_FAULT=nan@STEP` (several: `nan@3,nan@4`) makes step STEP (counted from 1, as the
+  logs count) see NaN loss weights, so its loss and gradient are NaN: the numerical guard's
+  behaviour, tested deterministically. Returns fn(step, local_batch) -> local_batch."""
+  steps = set(_injected(('nan',)))
+
+  def poison(step: int, batch: dict) -> dict:
+    if step not in steps:
+      return batch
+    return {k: np.full_like(v, np.nan) if k.endswith('weights') else v for k, v in batch.items()}
+
+  return poison

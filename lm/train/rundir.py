@@ -8,10 +8,14 @@ under `--workdir`; `inside` is the only way a name becomes a path there.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 
 from lm.errors import UserError
 
@@ -48,6 +52,18 @@ def inside(root: str, *names: str) -> str:
   return path
 
 
+# Every name a training run writes directly under its run directory.
+WRITTEN = ('checkpoints', 'checkpoints-unreadable', 'config.json', 'identity.json', 'summary.json',
+           'metrics.jsonl', 'tensorboard', 'tokenizer.model')
+
+
+def check_confined(workdir: str) -> None:
+  """Refuses, before anything is written, a run directory where a name the run writes is a
+  symbolic link leading out of it."""
+  for name in WRITTEN:
+    inside(workdir, name)
+
+
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically: readers see the old file or the new one, never half."""
   directory = os.path.dirname(path)
@@ -62,6 +78,11 @@ def write_text(path: str, text: str) -> None:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a complete checkpoint step (a resume, not a new run)."""
+  return any(name.isdigit() for name in _checkpoint_steps(workdir))
 
 
 def _checkpoint_steps(workdir: str) -> set[str]:
@@ -92,3 +113,43 @@ def removed_on_user_error(workdir: str, *, is_main: bool = True, keep=('checkpoi
         with contextlib.suppress(OSError):
           os.rmdir(workdir)
     raise
+
+
+LOCK = '.lm-writer.lock'
+
+
+@contextlib.contextmanager
+def single_writer(workdir: str, *, enabled: bool = True):
+  """Holds the run directory's writer lock for the block: a second `lm train` on the same run
+  fails at once naming the holder. The lock is an flock on `LOCK`, which the kernel releases when
+  its process dies however it dies, so a lock left by a killed run is taken over (with a note);
+  the file records the holder's pid, host and start time for the message."""
+  if not enabled:  # other processes of a multi-host run write through process 0
+    yield
+    return
+  path = inside(workdir, LOCK)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      raise UserError(f'run directory {workdir} is being written by another lm train '
+                      f'({_holder(fd) or "holder unknown"}); wait for it to finish or stop it '
+                      '(use another --workdir for a separate run)') from None
+    previous = _holder(fd)
+    if previous:
+      print(f'lm: warning: took over the writer lock of {previous}, which is no longer running',
+            file=sys.stderr, flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since '
+                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}'.encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
+  finally:
+    os.close(fd)  # releases the flock
+
+
+def _holder(fd: int) -> str:
+  return os.pread(fd, 200, 0).decode('utf-8', 'replace').strip()

@@ -1,8 +1,5 @@
-"""The model as data: a spec (graph + parameter names, shapes, logical axes) and the train state.
-
-Parameters live as a flat dict `{'layers.attn.q.kernel': array, ...}` so that partitions, sharding
-rules, checkpoints and HF conversion all address them by one readable name. The state is created
-as shapes first (`jax.eval_shape`), then jitted into place with its shardings.
+"""The train state: parameters (flat names, lm/model/spec.py), optimizer state and the guard's
+state. It is created as shapes first (`jax.eval_shape`), then jitted into place with its shardings.
 """
 
 from __future__ import annotations
@@ -11,82 +8,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
-from flax import nnx, struct
-from flax import traverse_util
+from flax import struct
 
-from lm.train import guard as guard_lib
 from lm import sharding as sharding_lib
-from lm.model.lora import without_adapters
-from lm.model.transformer import Transformer
-from lm.train.partition import REF_PREFIX as REF
-from lm.train.partition import is_adapter
-
-SEP = '.'
-
-
-def flatten(nested: dict) -> dict:
-  return traverse_util.flatten_dict(nested, sep=SEP)
-
-
-def unflatten(flat: dict) -> dict:
-  return traverse_util.unflatten_dict(flat, sep=SEP)
-
-
-class ModelSpec:
-  """What is known about a model before any parameter exists.
-
-  With `reference=True` the parameters also hold `ref.<name>`, a copy of every base weight that
-  stays frozen (lm/partition.py never trains it): the reference policy of full-weight DPO.
-  """
-
-  def __init__(self, model_cfg, *, reference: bool = False):
-    self.cfg = ml_collections.FrozenConfigDict(model_cfg)
-    self.reference = reference
-    abstract = nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
-    self.graphdef, abstract_state = nnx.split(abstract)
-    flat = nnx.to_flat_state(abstract_state)
-    self.logical_axes = {SEP.join(map(str, path)): tuple(v.get_metadata().get('out_sharding') or ())
-                         for path, v in flat}
-    self.shapes = {SEP.join(map(str, path)): v.get_value() for path, v in flat}
-    if reference:
-      base_cfg = ml_collections.FrozenConfigDict(without_adapters(self.cfg))
-      self._ref_graphdef = nnx.split(nnx.eval_shape(
-          lambda: Transformer(base_cfg, rngs=nnx.Rngs(0))))[0]
-      base = [n for n in self.shapes if not is_adapter(n)]
-      self.logical_axes.update({REF + n: self.logical_axes[n] for n in base})
-      self.shapes.update({REF + n: self.shapes[n] for n in base})
-
-  @property
-  def names(self) -> list[str]:
-    return list(self.shapes)
-
-  def init(self, rng, loaded: dict | None = None) -> dict:
-    """Fresh parameters; entries of `loaded` (starting weights) replace theirs. Under jit the
-    random draws that `loaded` replaces are dropped, never computed."""
-    model = Transformer(self.cfg, rngs=nnx.Rngs(params=rng))
-    params = flatten(nnx.to_pure_dict(nnx.state(model)))
-    params.update(loaded or {})
-    if self.reference:
-      params.update({REF + n: v for n, v in params.items() if not is_adapter(n)})
-    return params
-
-  def bind(self, params: dict, *, rng=None) -> Transformer:
-    """A Transformer whose parameters are `params` (arrays or tracers); cheap, used inside jit.
-
-    `rng` (training only) drives adapter dropout; `ref.*` entries become `model.reference`.
-    """
-    own = {k: v for k, v in params.items() if not k.startswith(REF)}
-    model = nnx.merge(self.graphdef, nnx.State(unflatten(own)))
-    model.dropout_key = nnx.data(rng)
-    if self.reference:
-      ref = {k[len(REF):]: v for k, v in params.items() if k.startswith(REF)}
-      model.reference = nnx.data(nnx.merge(self._ref_graphdef, nnx.State(unflatten(ref))))
-    return model
-
-  def param_count(self) -> int:
-    return sum(int(s.size) for n, s in self.shapes.items() if not n.startswith(REF))
+from lm.model.spec import ModelSpec  # pylint: disable=unused-import (re-exported)
+from lm.train import guard as guard_lib
 
 
 @struct.dataclass
@@ -94,7 +21,7 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: Any
-  guard: guard_lib.GuardState  # the numerical guard's window and counters (lm/guard.py)
+  guard: guard_lib.GuardState  # the numerical guard's window and counters (lm/train/guard.py)
 
 
 def state_shardings(abstract_state: TrainState, param_shardings: dict, mesh) -> TrainState:
@@ -129,7 +56,7 @@ def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh,
   param_sh = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
 
   def init(rng, loaded=None):
-    """`loaded`: starting weights for some parameters (lm/pretrained.py), donated."""
+    """`loaded`: starting weights for some parameters (lm/io/pretrained.py), donated."""
     params = spec.init(rng, loaded)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       guard=guard_lib.init(guard_window))

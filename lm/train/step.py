@@ -1,10 +1,11 @@
 """The one train step, shared by every mode.
 
 What differs between pretraining, fine-tuning, LoRA and preference tuning arrives as inputs built
-elsewhere: the objective (lm/objectives.py), the parameter labels (lm/partition.py) and the
-optimizer built over them (lm/optim.py). The gradient is taken only with respect to the trainable
-parameters, so frozen ones cost neither gradient memory nor optimizer state. A step whose loss or
-gradient is not finite, or whose loss spikes, leaves the state as it was (lm/guard.py).
+elsewhere: the objective (lm/train/objectives.py), the parameter labels (lm/train/partition.py) and the
+optimizer built over them (lm/train/optim.py). The gradient is taken only with respect to the trainable
+parameters, so frozen ones cost neither gradient memory nor optimizer state. A step whose loss,
+gradient or updated weights are not finite, or whose loss spikes, leaves the state as it was
+(lm/train/guard.py).
 """
 
 from __future__ import annotations
@@ -68,20 +69,23 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     params = optax.apply_updates(state.params, updates)
 
     loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
-    ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore)
+    weights_finite = guard_lib.all_finite(partition.split(params, labels)[0])
+    ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore, weights_finite)
     params, opt_state = guard_lib.select(ok, (params, opt_state), (state.params, state.opt_state))
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': weight_sum,
-               **{k: v / denom for k, v in aux_sums.items()}, **guard_lib.metrics(ok, guard)}
+               **{k: v / denom for k, v in aux_sums.items()},
+               **guard_lib.metrics(ok, guard, weights_finite)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
   return step
 
 
 def make_eval_step(spec: ModelSpec, objective):
-  """eval(params, batch) -> {'loss_sum', 'weight_sum'}; summed over batches by the caller."""
+  """eval(params, batch) -> {'loss_sum', 'weight_sum', 'metric_sums'}; summed over batches by
+  the caller (the objective's own metrics, e.g. reward accuracy and margin for preferences)."""
 
   def eval_step(params, batch):
-    loss_sum, weight_sum, _ = objective(spec.bind(params), batch)
-    return {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+    loss_sum, weight_sum, aux = objective(spec.bind(params), batch)
+    return {'loss_sum': loss_sum, 'weight_sum': weight_sum, 'metric_sums': aux}
 
   return eval_step

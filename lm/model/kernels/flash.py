@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.model.kernels import flash_gpu, flash_tpu
+from lm.sharding import target
 from lm.model.kernels.tiles import Spec
 
 LOWERINGS = {'gpu': flash_gpu, 'tpu': flash_tpu}
@@ -29,7 +30,7 @@ class _Config:
 
 def default_lowering():
   """'tpu' on TPU, else 'gpu' (the Triton-style kernels; also used in CPU interpret mode)."""
-  return 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+  return 'tpu' if target()[0] == 'tpu' else 'gpu'
 
 
 def flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
@@ -55,7 +56,7 @@ def flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True,
   lowering = lowering or default_lowering()
   module = LOWERINGS[lowering]
   if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
+      interpret = target()[0] == 'cpu'
   blocks = (blocks or module.Blocks()).fit(T)
   spec = Spec(causal=causal, window=window if causal else None, softcap=softcap or None,
               scale=float(K ** -0.5 if scale is None else scale))

@@ -119,7 +119,8 @@ def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, spec: Spec, blocks: Blocks, interpre
       out_shape=[jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
                  jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
       compiler_params=_compiler_params(blocks, K, interpret), interpret=interpret,
-      name='lm_flash_fwd',
+      name='lm_flash_fwd', cost_estimate=tiles.cost_estimate(
+          'fwd', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, seg_BT)),
   )(q_BTHK, k_BSGK, v_BSGK, seg_BT)
 
 
@@ -209,6 +210,8 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
       out_specs=pl.BlockSpec((None, bq, None, K), lambda i, b, h: (b, i, h, 0)),
       out_shape=jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
       compiler_params=params, interpret=interpret, name='lm_flash_dq',
+      cost_estimate=tiles.cost_estimate('dq', q_BTHK.shape, k_BSGK.shape, spec,
+                                        (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
   )(q_BTHK, k_BSGK, v_BSGK, do_BTHK, lse_BHT, delta_BHT, seg_BT)
 
   # Query-side operands grouped by KV head: [B, T, G, R, K] and [B, G, R, T] (free reshapes).
@@ -228,5 +231,7 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
       out_shape=[jax.ShapeDtypeStruct(k_BSGK.shape, k_BSGK.dtype),
                  jax.ShapeDtypeStruct(v_BSGK.shape, v_BSGK.dtype)],
       compiler_params=params, interpret=interpret, name='lm_flash_dkv',
+      cost_estimate=tiles.cost_estimate('dkv', q_BTHK.shape, k_BSGK.shape, spec,
+                                        (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
   )(q_BTGRK, k_BSGK, v_BSGK, do_BTGRK, lse_BGRT, delta_BGRT, seg_BT)
   return dq, dk, dv

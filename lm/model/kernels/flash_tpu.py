@@ -136,7 +136,8 @@ def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, spec: Spec, blocks: Blocks, interpre
       scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, K), jnp.float32)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
-      interpret=interpret, name='lm_flash_fwd',
+      interpret=interpret, name='lm_flash_fwd', cost_estimate=tiles.cost_estimate(
+          'fwd', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, seg_BT)),
   )(_to_bhtk(q_BTHK), _to_bhtk(k_BSGK), _to_bhtk(v_BSGK), segc, segr)
   return _to_bhtk(out_BHTK), lse_BH1T[:, :, 0]
 
@@ -232,7 +233,8 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((bq, K), jnp.float32)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
-      interpret=interpret, name='lm_flash_dq',
+      interpret=interpret, name='lm_flash_dq', cost_estimate=tiles.cost_estimate(
+          'dq', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
   )(q, k, v, do, lse_BH1T, delta_BH1T, segc, segr)
 
   bq, bk = blocks.dkv_q, blocks.dkv_kv
@@ -257,6 +259,7 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary'),
-      interpret=interpret, name='lm_flash_dkv',
+      interpret=interpret, name='lm_flash_dkv', cost_estimate=tiles.cost_estimate(
+          'dkv', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
   )(q, k, v, do, lse_BH1T, delta_BH1T, segc, segr)
   return _to_bhtk(dq), _to_bhtk(dk), _to_bhtk(dv)

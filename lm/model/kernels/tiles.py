@@ -146,3 +146,26 @@ def q_full_range(kv_block, bk, bq, lo, hi, spec: Spec):
 def segments(lo, hi, full_lo, full_hi):
   """The three runs of a block range: (start, stop, needs_position_mask)."""
   return ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True))
+
+
+# Matmuls per (query, key, head dim) in each kernel: forward QKᵀ and PV; dq recomputes QKᵀ and
+# takes dO·Vᵀ and dS·K; dkv recomputes QKᵀ and takes Pᵀ·dO, dO·Vᵀ and dSᵀ·Q.
+MATMULS = {'fwd': 2, 'dq': 3, 'dkv': 4}
+
+
+def cost_estimate(kind: str, q_shape, kv_shape, spec: Spec, operands):
+  """What a kernel costs, for XLA's scheduler (a pallas_call is opaque to it otherwise): 2 FLOPs
+  per multiply-add over the visible (query, key) pairs, one exp each, every operand read once."""
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  B, T, H, K = q_shape
+  S = kv_shape[1]
+  if spec.causal and spec.window:
+    visible_pairs = T * min(spec.window, S)
+  elif spec.causal:
+    visible_pairs = T * (S + 1) // 2
+  else:
+    visible_pairs = T * S
+  pairs = B * H * visible_pairs
+  return pl.CostEstimate(flops=int(2 * MATMULS[kind] * pairs * K), transcendentals=int(pairs),
+                         bytes_accessed=int(sum(np.prod(x.shape) * x.dtype.itemsize
+                                                for x in operands if x is not None)))

@@ -2,6 +2,7 @@
 explicit BOS/EOS/pad handling."""
 
 import json
+import os
 
 import pytest
 from data_util import C4, LLAMA2, MAXTEXT, SHAKESPEARE, head_lines, make_hf_tokenizer, needs_shared
@@ -91,7 +92,7 @@ def test_bad_tokenizer_paths(tmp_path):
   with pytest.raises(DataError, match='not a SentencePiece model'):
     tokenizer_lib.load(str(tmp_path / 'junk.model'))
   with pytest.raises(DataError, match='tiktoken'):
-    tokenizer_lib.load('tokenizer_llama3.tiktoken')
+    tokenizer_lib.load('tokenizer_llama3.tiktoken')  # a missing file
   (tmp_path / 'tokenizer.json').write_text('{}')
   with pytest.raises(DataError, match='not a Hugging Face tokenizer.json'):
     tokenizer_lib.load(str(tmp_path))
@@ -103,3 +104,27 @@ def test_vocabulary_that_does_not_fit_the_model_is_a_data_error():
   pipeline.check_vocab(tok, 32000)
   with pytest.raises(DataError, match='model.vocab_size=2048; set --config.model.vocab_size=32000'):
     pipeline.check_vocab(tok, 2048)
+
+
+def test_tiktoken_rank_file_is_detected_and_has_llama3_specials(tmp_path):
+  """Llama 3's tokenizer.model format: lines of base64 token and rank, read through tiktoken; the
+  special tokens follow the ranked ones, as in Meta's tokenizer."""
+  import base64
+  from lm.data import chat
+  ranked = [bytes([b]) for b in range(256)] + [b'th', b'he', b'the', b' t', b' the', b'in', b'ing']
+  path = tmp_path / 'tokenizer.model'
+  path.write_bytes(b''.join(base64.b64encode(t) + b' %d\n' % i for i, t in enumerate(ranked)))
+  tok = tokenizer_lib.load(str(path))
+  assert isinstance(tok, tokenizer_lib.TiktokenTokenizer)
+  n = len(ranked)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (n + 256, n, n + 1)
+  assert tok.token_to_id('<|eot_id|>') == n + 9 and tok.is_special(n + 9)
+  assert tok.encode('the thing') == [258, 32, 256, 262]  # the | ' ' th ing: merges by rank
+  text = 'the thing <|eot_id|> ünï'
+  assert tok.decode(tok.encode(text)) == text
+  assert n + 9 not in tok.encode(text) and n + 9 in tok.encode(text, specials=True)
+  encoder = chat.ChatEncoder(chat.TEMPLATES['llama3'], tok)
+  ids, mask = encoder.encode([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'the'}])
+  assert ids[0] == n and ids[mask].tolist() == [258, n + 9]
+  # A SentencePiece model is not mistaken for one.
+  assert not tokenizer_lib.is_tiktoken_file(LLAMA2) if os.path.isfile(LLAMA2) else True

@@ -169,3 +169,97 @@ def test_empty_answers_are_skipped_and_reported_even_when_bad_records_fail(llama
   corpus = pipeline.build_corpus(data_config(train_files=path, format='alpaca').data, llama2)
   assert '1 empty instruction or output (first: ' in corpus.describe()
   assert 'alpaca.json[record 2335]' in corpus.describe()
+
+
+CONVERSATION = [{'role': 'system', 'content': 'Be brief.'},
+                {'role': 'user', 'content': 'Who wrote Hamlet?'},
+                {'role': 'assistant', 'content': 'Shakespeare, in about 1600.'},
+                {'role': 'user', 'content': 'And  Macbeth?\nSay more.'},
+                {'role': 'assistant', 'content': 'He did, too.'}]
+
+
+def _smollm2():
+  from data_util import shared
+  import os
+  path = shared('smollm2-135m-instruct', 'SmolLM2-135M-Instruct.Q4_1.gguf')
+  if not os.path.isfile(path):
+    pytest.skip(f'{path} is absent')
+  return tokenizer_lib.load(path)
+
+
+@pytest.fixture(scope='module', params=['llama2', 'maxtext', 'smollm2'])
+def real_tokenizer(request):
+  from data_util import MAXTEXT
+  if request.param == 'smollm2':
+    return _smollm2()
+  return tokenizer_lib.load({'llama2': LLAMA2, 'maxtext': MAXTEXT}[request.param])
+
+
+def rendered_pieces(template, tokenizer, messages):
+  """The conversation rendered as text (a marker the vocabulary lacks written as the bos/eos token
+  it falls back to), cut where each answer starts."""
+  pieces = ['']
+  for text, answer, kind in template.spans(messages):
+    if kind == 'template':
+      for marker, fallback in template.markers.items():
+        if tokenizer.token_to_id(marker) is None and fallback in ('bos', 'eos'):
+          i = tokenizer.bos_id if fallback == 'bos' else tokenizer.eos_id
+          text = text.replace(marker, '' if i is None else tokenizer.token_string(i))
+    if answer is not None and kind == 'content':
+      pieces.append('')
+    pieces[-1] += text
+  return pieces
+
+
+@pytest.mark.parametrize('name', sorted(chat.TEMPLATES))
+def test_named_templates_tokenize_as_the_rendered_string(real_tokenizer, name):
+  """Reference: the tokenizer on the rendered string, special tokens as tokens, each answer
+  tokenized from its own start (as mistral-common does, so an answer's ids are the tokenizer's ids
+  for its text)."""
+  encoder = chat.ChatEncoder(chat.TEMPLATES[name], real_tokenizer)
+  ids, mask = encoder.encode(CONVERSATION)
+  pieces = rendered_pieces(chat.TEMPLATES[name], real_tokenizer, CONVERSATION)
+  expected = [i for p in pieces for i in real_tokenizer.encode(p, specials=True)]
+  assert ids.tolist() == expected
+  if name in ('chatml', 'qwen') and not hasattr(real_tokenizer, 'sp'):
+    # SmolLM2's own template: the whole string, uncut, tokenizes the same (its newline before
+    # each answer is a token of its own either way).
+    assert ids.tolist() == real_tokenizer.encode(''.join(pieces), specials=True)
+  answers = [m['content'] for m in CONVERSATION if m['role'] == 'assistant']
+  trained = ids[mask].tolist()
+  end = trained[-1]
+  assert trained == real_tokenizer.encode(answers[0]) + [end] + real_tokenizer.encode(answers[1]) + [end]
+
+
+def test_mistral_turn_has_no_lone_sentencepiece_spaces(llama2):
+  """Mistral v1 (a Llama-2-like vocabulary without [INST] tokens): [INST] and the question are one
+  string, as SentencePiece on the rendered string gives, not '[INST] ' + '▁' + 'question'."""
+  encoder = chat.ChatEncoder(chat.TEMPLATES['mistral'], llama2)
+  ids, _ = encoder.encode([{'role': 'user', 'content': 'Hello'}, {'role': 'assistant', 'content': 'Hi'}])
+  lone = llama2.token_to_id('▁')
+  assert lone not in ids.tolist()
+  assert ids.tolist() == ([llama2.bos_id] + llama2.encode('[INST] Hello [/INST]') + llama2.encode('Hi')
+                          + [llama2.eos_id])
+
+
+def test_mistral_v3_inst_markers_are_control_tokens(tmp_path):
+  """A Mistral v3 style vocabulary: [INST] = 3 and [/INST] = 4 are control tokens, emitted as such;
+  the spaces around them are the word boundaries SentencePiece marks itself (mistral-common:
+  <s>[INST]▁Hello[/INST]▁Hi</s>)."""
+  import sentencepiece as spm
+  from data_util import SHAKESPEARE, head_lines
+  spm.SentencePieceTrainer.Train(
+      sentence_iterator=iter(head_lines(SHAKESPEARE, 2000)), model_prefix=str(tmp_path / 'v3'),
+      vocab_size=400, model_type='bpe', unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      control_symbols=['[INST]', '[/INST]'], byte_fallback=True, minloglevel=2)
+  tok = tokenizer_lib.load(str(tmp_path / 'v3.model'))
+  assert (tok.token_to_id('[INST]'), tok.token_to_id('[/INST]')) == (3, 4)
+  encoder = chat.ChatEncoder(chat.TEMPLATES['mistral'], tok)
+  ids, mask = encoder.encode([{'role': 'user', 'content': 'Hello there'},
+                              {'role': 'assistant', 'content': 'Hi'},
+                              {'role': 'user', 'content': 'Bye'}, {'role': 'assistant', 'content': 'Go'}])
+  assert ids.tolist() == ([1, 3] + tok.encode('Hello there') + [4] + tok.encode('Hi') + [2]
+                          + [3] + tok.encode('Bye') + [4] + tok.encode('Go') + [2])
+  assert ids[mask].tolist() == tok.encode('Hi') + [2] + tok.encode('Go') + [2]
+  prompt = encoder.encode_prompt([{'role': 'user', 'content': 'Hello there'}]).tolist()
+  assert prompt == [1, 3] + tok.encode('Hello there') + [4]

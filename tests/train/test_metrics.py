@@ -8,6 +8,7 @@ from conftest import tiny_config
 from lm.eval import scoring
 from lm import sharding as sharding_lib
 from lm.eval import text_metrics as tm
+from lm.train.metrics import perplexity, plot_loss_curves, read_metrics
 from lm.train.state import ModelSpec
 
 
@@ -110,3 +111,22 @@ def test_sharded_scores_equal_single_device(model):
   sharded = _scorer(c, params, spec, data=4, tensor=2).score(requests, batch_size=8)
   np.testing.assert_allclose([x[0] for x in single], [x[0] for x in sharded], rtol=1e-5)
   assert [x[1:] for x in single] == [x[1:] for x in sharded]
+
+
+def test_read_metrics_skips_torn_lines_and_a_missing_file_is_empty(tmp_path):
+  assert read_metrics(str(tmp_path)) == []
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": 2.5}\n[1, 2]\n{"step": 2, "lo')
+  assert read_metrics(str(tmp_path)) == [{'step': 1, 'loss': 2.5}]
+
+
+def test_perplexity_is_capped_for_diverged_runs():
+  assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+  assert perplexity(1e6) == math.exp(50.0)
+
+
+def test_loss_curves_plot_both_panels(tmp_path):
+  records = {'a': [{'step': 1, 'loss': 3.0}, {'step': 2, 'loss': 2.0, 'eval_loss': 2.5}],
+             'b': [{'step': 1, 'loss': float('nan')}]}
+  path = plot_loss_curves(records, str(tmp_path / 'curves.png'), title='t')
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -58,8 +58,9 @@ def _grads(cfg, objective, batch, *, reference=False, seed=0):
 
 
 @pytest.mark.parametrize('model', [dict(tie_embeddings=True), dict(tie_embeddings=False),
-                                   dict(lora=dict(rank=4, targets='attn|lm_head'))],
-                         ids=['tied', 'untied', 'lora-lm_head'])
+                                   dict(lora=dict(rank=4, targets='attn|lm_head')),
+                                   dict(tie_embeddings=False, final_logit_softcap=0.5)],
+                         ids=['tied', 'untied', 'lora-lm_head', 'gemma-softcap'])
 def test_next_token_loss_and_gradients_match_plain_path(model):
   batch = random_batch(tiny_config(), docs_per_row=2)
   batch['weights'][:, :5] = 0.0  # masked labels (a prompt)
@@ -100,6 +101,25 @@ def test_dpo_matches_plain_path(lora):
   (loss, aux), g = results[1]
   np.testing.assert_allclose(loss, plain_loss, rtol=TOL)
   assert_trees_close(aux, plain_aux, tol=1e-4)  # sums of log-probabilities, tens in size
+  assert_trees_close(g, plain_g)
+
+
+def test_grpo_with_adapters_off_reference_matches_plain_path():
+  """GRPO's policy and reference (adapters off) log-probs both take the chunked path."""
+  batch = random_batch(tiny_config(), docs_per_row=1)
+  batch['weights'][:, :4] = 0.0  # the prompt
+  B, T = batch['tokens'].shape
+  batch['old_logps'] = np.full((B, T), -4.0, np.float32)
+  batch['advantages'] = np.linspace(-1.0, 1.0, B).astype(np.float32)
+  results = []
+  for chunk in (0, 3):
+    c = tiny_config(loss_chunk_size=chunk, lora=dict(rank=4))
+    results.append(_grads(c, objectives.grpo, batch))
+  (plain_loss, plain_aux), plain_g = results[0]
+  (loss, aux), g = results[1]
+  np.testing.assert_allclose(loss, plain_loss, rtol=TOL)
+  assert float(plain_aux['kl']) > 0  # the reference differs from the policy: the KL term counts
+  assert_trees_close(aux, plain_aux, tol=1e-4)
   assert_trees_close(g, plain_g)
 
 

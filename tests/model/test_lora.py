@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from conftest import random_batch, tiny_config
 
+from lm.io import peft as lm_peft
 from lm.model import lora
+from lm.model.adapter_set import AdapterSet
 from lm.train import partition
 from lm.train.state import ModelSpec
 from lm.train.loop import Trainer
@@ -94,7 +96,7 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores_base():
 def test_named_adapters_share_one_base():
   c = tiny_config()
   base = ModelSpec(c.model).init(jax.random.key(0))
-  bank = lora.AdapterSet(c.model, base)
+  bank = AdapterSet(c.model, base)
   for name, rank, targets in (('small', 2, r'attn\.q'), ('wide', 8, r'mlp\.')):
     spec = ModelSpec(lora.with_adapters(c.model, dict(rank=rank, targets=targets)))
     adapter = lora.split(with_random_b(spec.init(jax.random.key(rank)), seed=rank))[1]
@@ -125,7 +127,7 @@ def test_peft_round_trip(tmp_path):
   torch = pytest.importorskip('torch')
   pytest.importorskip('transformers')
   peft = pytest.importorskip('peft')
-  from test_hf import TOKENS, hf_logits, make_hf_model
+  from hf_util import TOKENS, hf_logits, make_hf_model
 
   from lm.io import hf
   base_hf = make_hf_model('llama2', tmp_path / 'base')
@@ -139,7 +141,7 @@ def test_peft_round_trip(tmp_path):
   ours = np.asarray(forward(spec, params, TOKENS))
 
   # lm -> PEFT: the real peft package loads our adapter onto the HF base.
-  lora.save_peft(str(tmp_path / 'adapter'), params, c.model)
+  lm_peft.save_peft(str(tmp_path / 'adapter'), params, c.model)
   peft_model = peft.PeftModel.from_pretrained(base_hf, str(tmp_path / 'adapter')).eval()
   assert np.max(np.abs(hf_logits(peft_model) - ours)) <= 1e-4
 
@@ -150,10 +152,10 @@ def test_peft_round_trip(tmp_path):
   trained = peft.get_peft_model(hf_base, peft_cfg).eval()  # init_lora_weights=False: B random
   trained.save_pretrained(str(tmp_path / 'peft_adapter'))
   expected = hf_logits(trained)
-  config = lora.lora_config_from_peft(lora.read_peft_config(str(tmp_path / 'peft_adapter')))
+  config = lm_peft.lora_config_from_peft(lm_peft.read_peft_config(str(tmp_path / 'peft_adapter')))
   c.model.lora.update(config)
   spec = ModelSpec(c.model)
-  adapter = lora.load_peft(str(tmp_path / 'peft_adapter'), spec)
+  adapter = lm_peft.load_peft(str(tmp_path / 'peft_adapter'), spec)
   assert set(adapter) == {'layers.attn.k.lora_a', 'layers.attn.k.lora_b', 'layers.mlp.up.lora_a',
                           'layers.mlp.up.lora_b'}
   got = np.asarray(forward(spec, {**base, **adapter}, TOKENS))

@@ -10,45 +10,13 @@ from conftest import tiny_config
 
 from lm.io import hf
 from lm import sharding as sharding_lib
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, ConfigError
 from lm.train.state import ModelSpec
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-FAMILIES = {
-    'llama2': ('LlamaConfig', dict(rms_norm_eps=1e-5)),
-    'llama3': ('LlamaConfig', dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=dict(
-        rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=64))),
-    'mistral': ('MistralConfig', dict(sliding_window=6)),
-    'qwen2': ('Qwen2Config', dict(tie_word_embeddings=True, rope_theta=1e6)),
-    'gemma': ('GemmaConfig', dict(head_dim=16, hidden_act='gelu_pytorch_tanh')),
-}
-TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
-
-
-def make_hf_model(family, path, **save):
-  """A randomly initialised tiny HF model of `family`, every weight (norms, biases) random."""
-  cls, extra = FAMILIES[family]
-  config = getattr(transformers, cls)(**{**COMMON, **extra})
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-  gen = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      std = 0.3 if name.endswith(('norm.weight', '.bias')) else 0.2
-      base = 1.0 if name.endswith('norm.weight') and family != 'gemma' else 0.0
-      p.copy_(base + std * torch.randn(p.shape, generator=gen))
-  model.save_pretrained(path, **save)
-  return model
-
-
-def hf_logits(model):
-  with torch.no_grad():
-    return model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+from hf_util import FAMILIES, TOKENS, hf_logits, make_hf_model  # pylint: disable=unused-import (tests reuse them)
 
 
 def lm_model(path, mesh_shape=None):
@@ -105,12 +73,13 @@ def test_clear_errors_name_the_tensor(tmp_path):
   config = json.loads((tmp_path / 'config.json').read_text())
   with pytest.raises(CheckpointError, match='unsupported architecture GPT2LMHeadModel'):
     hf.model_config_from_hf({**config, 'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2'})
-  with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
-    hf.model_config_from_hf({**config, 'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0}})
+  with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported; lm implements "
+                                       "default, llama3, linear, yarn"):
+    hf.model_config_from_hf({**config, 'rope_parameters': {'rope_type': 'dynamic', 'factor': 2.0}})
 
 
 def test_export_of_a_model_no_family_fits_is_refused():
   c = tiny_config(qkv_bias=True, sliding_window=4)
-  with pytest.raises(CheckpointError, match='match no supported HF architecture'):
+  with pytest.raises(CheckpointError, match='no supported HF architecture can express'):
     hf.family_of(c.model)
 

@@ -21,7 +21,7 @@ def logits(trainer, params, tokens):
 def test_lora_from_a_hf_directory_starts_as_the_hf_model(tmp_path):
   pytest.importorskip('torch')
   pytest.importorskip('transformers')
-  from test_hf import TOKENS, hf_logits, make_hf_model
+  from hf_util import TOKENS, hf_logits, make_hf_model
   expected = hf_logits(make_hf_model('qwen2', tmp_path / 'hf'))
   c = tiny_config(d_model=48, n_layers=3)  # the model section is replaced by the HF config's
   c.train.update(init_from=str(tmp_path / 'hf'), trainable='lora')
@@ -84,7 +84,7 @@ def test_load_model_takes_a_hf_directory_and_generates(tmp_path):
   pytest.importorskip('transformers')
   import lm
   from lm.data import tokenizer as tokenizer_lib
-  from test_hf import TOKENS, hf_logits, make_hf_model
+  from hf_util import TOKENS, hf_logits, make_hf_model
   expected = hf_logits(make_hf_model('llama2', tmp_path / 'hf'))
   import pydoc_data.topics
   docs = [t.lower() for t in pydoc_data.topics.topics.values()]

@@ -1,0 +1,247 @@
+"""GRPO with verifiable rewards: sample -> score -> K optimizer steps, through the one train step.
+
+A round takes batch_size / G prompts (a seeded reshuffle per epoch of `grpo.prompts`), samples G
+completions of each from the current policy with lm's KV-cache generator (lm/eval/generate.py),
+scores them with the reward functions `grpo.rewards` names (lm/eval/rewards.py), normalises the
+rewards within each group into advantages, records the sampling policy's log-probs of the
+completion tokens, and runs `grpo.updates_per_batch` steps of the ordinary train step with the
+`grpo` objective (lm/train/objectives.py) on those rows. The step is the same one every mode uses.
+
+Everything a round draws derives from (train.seed, round): the prompts from the epoch's
+permutation and the sampler's key from fold_in(key(seed), round), so the checkpoint's record of
+the round (with the optimizer state) resumes the exact sequence an uninterrupted run would see.
+
+This module sits with lm/train/loop.py above lm/eval (it imports the generator and rewards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from lm.data import pipeline, sources
+from lm.errors import ConfigError, DataError, Diverged, Preempted
+from lm.eval import generate as generate_lib
+from lm.eval import rewards as rewards_lib
+from lm.train import objectives, preemption, rundir
+from lm.train.loop import Trainer, make_checkpointer, restore
+from lm.train.metrics import MetricWriter
+from lm.train.objectives import token_log_probs
+
+
+def check_config(cfg):
+  """Bad GRPO settings fail here, in one line, before any data is read or anything compiles.
+  Returns the resolved reward functions."""
+  g = cfg.grpo
+  rewards = rewards_lib.resolve(g.rewards)
+  if g.reward_weights and len(g.reward_weights) != len(rewards):
+    raise ConfigError(f'grpo.reward_weights has {len(g.reward_weights)} entries for '
+                      f'{len(rewards)} rewards; give one weight per reward or ()')
+  if g.group_size < 2 or cfg.data.batch_size % g.group_size:
+    raise ConfigError(f'grpo.group_size={g.group_size} must be at least 2 and divide '
+                      f'data.batch_size={cfg.data.batch_size} (batch_size / group_size prompts per round)')
+  if g.updates_per_batch < 1 or cfg.train.steps % g.updates_per_batch:
+    raise ConfigError(f'train.steps={cfg.train.steps} must be a multiple of '
+                      f'grpo.updates_per_batch={g.updates_per_batch}')
+  if g.max_new_tokens + 2 > cfg.data.seq_len:
+    raise ConfigError(f'grpo.max_new_tokens={g.max_new_tokens} leaves no room for a prompt in '
+                      f'data.seq_len={cfg.data.seq_len}; raise data.seq_len')
+  if not g.prompts or not os.path.isfile(g.prompts):
+    raise ConfigError(f'grpo.prompts={g.prompts!r} is not a file; name a .jsonl/.json of prompt '
+                      'records, e.g. ../shared/data/gsm8k/train.jsonl')
+  objectives.from_config(cfg)
+  return rewards
+
+
+def load_prompts(cfg) -> list[dict]:
+  records = list(sources.load(cfg.grpo.prompts).items)
+  if not records:
+    raise DataError(f'{cfg.grpo.prompts}: no records')
+  try:
+    cfg.grpo.prompt_format.format(**records[0])
+  except (KeyError, IndexError, AttributeError, TypeError) as e:
+    raise ConfigError(f'grpo.prompt_format={cfg.grpo.prompt_format!r} does not fit the records '
+                      f'of {cfg.grpo.prompts} (fields {sorted(records[0])}): {e!r}') from None
+  return records
+
+
+def round_prompts(n_records: int, per_round: int, seed: int, round_index: int) -> list[int]:
+  """Record indices of a round: consecutive slices of a per-epoch seeded permutation."""
+  out = []
+  for k in range(round_index * per_round, (round_index + 1) * per_round):
+    epoch, i = divmod(k, n_records)
+    out.append(int(np.random.default_rng([seed, 0x67727030, epoch]).permutation(n_records)[i]))
+  return out
+
+
+def group_advantages(rewards_B: np.ndarray, group_size: int, scale: bool) -> np.ndarray:
+  """(r - mean of its group), divided by the group's std (+1e-4) when `scale`."""
+  r = rewards_B.reshape(-1, group_size)
+  adv = r - r.mean(axis=1, keepdims=True)
+  if scale:
+    adv = adv / (r.std(axis=1, keepdims=True) + 1e-4)
+  return adv.reshape(-1).astype(np.float32)
+
+
+def completion_rows(prompts: list[list[int]], completions: list[list[int]], ended: list[bool],
+                    eos_id: int, pad_id: int, seq_len: int) -> dict:
+  """One row per prompt + completion; weights on the completion's tokens (and its eos when the
+  sampler stopped on one, so stopping is learned too). Prompts are cut from the left to fit."""
+  B = len(prompts)
+  rows = {k: np.zeros((B, seq_len), np.float32 if k == 'weights' else np.int32)
+          for k in ('tokens', 'targets', 'weights', 'segment_ids', 'positions')}
+  rows['tokens'][:], rows['targets'][:] = pad_id, pad_id
+  for b, (p, c, e) in enumerate(zip(prompts, completions, ended)):
+    c = list(c) + ([eos_id] if e else [])
+    p = list(p)[-(seq_len + 1 - len(c)):]
+    ids = np.asarray(p + c, np.int32)
+    n = len(ids) - 1
+    rows['tokens'][b, :n], rows['targets'][b, :n] = ids[:-1], ids[1:]
+    rows['weights'][b, len(p) - 1:n] = 1.0
+    rows['segment_ids'][b, :n] = 1
+    rows['positions'][b, :n] = np.arange(n)
+  return rows
+
+
+class Sampler:
+  """The policy's completions of a round's prompts, and their log-probs at sampling time."""
+
+  def __init__(self, trainer, tokenizer):
+    cfg, g = trainer.cfg, trainer.cfg.grpo
+    self.trainer, self.tokenizer = trainer, tokenizer
+    self.sampling = generate_lib.Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                          top_k=g.top_k, top_p=g.top_p)
+    self.stop = tuple(s for s in g.stop if s)
+    stop_ids = tuple(tuple(tokenizer.encode(s)) for s in self.stop
+                     if tokenizer.decode(tokenizer.encode(s)) == s)
+    self.prompt_len = cfg.data.seq_len - g.max_new_tokens  # prompt + completion fit one row
+    fn = generate_lib.make_generate_fn(trainer.spec, self.sampling, tokenizer.eos_id,
+                                       tokenizer.pad_id, stop_ids)
+    self.generate = jax.jit(fn, in_shardings=(trainer.shardings.params, trainer.batch_sharding,
+                                              trainer.batch_sharding, None))
+    spec = trainer.spec
+    self.log_probs = jax.jit(lambda params, batch: token_log_probs(spec.bind(params), batch),
+                             in_shardings=(trainer.shardings.params, trainer.batch_sharding))
+
+  def __call__(self, params, prompt_ids: list[list[int]], rng):
+    B, P = len(prompt_ids), self.prompt_len
+    tokens = np.full((B, P), self.tokenizer.pad_id, np.int32)
+    lengths = np.zeros((B,), np.int32)
+    cut = [p[-P:] for p in prompt_ids]
+    for b, p in enumerate(cut):
+      tokens[b, P - len(p):], lengths[b] = p, len(p)
+    placed = self.trainer.global_batch({'tokens': tokens, 'lengths': lengths})
+    out, n = jax.device_get(self.generate(params, placed['tokens'], placed['lengths'], rng))
+    completions = [out[b, :n[b]].tolist() for b in range(B)]
+    # A completion ended on eos if the token after its n ids is eos (stop strings: not learned).
+    ended = [bool(n[b] < out.shape[1] and out[b, n[b]] == self.tokenizer.eos_id) for b in range(B)]
+    texts = [generate_lib.cut_at_stop(self.tokenizer.decode(c), self.stop) for c in completions]
+    return cut, completions, ended, texts
+
+
+def train(cfg, workdir: str, *, progress: bool = True) -> dict:
+  """Runs (or resumes) GRPO; returns the final metrics (`lm train` with train.objective=grpo)."""
+  reward_fns = check_config(cfg)
+  with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
+    return _train(cfg, rundir.prepare(workdir), reward_fns, progress=progress)
+
+
+def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
+  g = cfg.grpo
+  is_main = jax.process_index() == 0
+  tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
+  pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
+  records = load_prompts(cfg)
+  weights = list(g.reward_weights) or [1.0] * len(reward_fns)
+  trainer = Trainer(cfg)
+  sampler = Sampler(trainer, tokenizer)
+  ckpt = make_checkpointer(cfg, workdir, trainer.labels)
+  if ckpt.latest_step() is not None:
+    state, data_state = restore(trainer, ckpt)
+    if data_state.get('round') != int(state.step) // g.updates_per_batch:
+      raise DataError(f'{ckpt.directory}: checkpoint step {int(state.step)} and sampler round '
+                      f'{data_state.get("round")} disagree; the checkpoint is not from this GRPO run')
+    if is_main:
+      tqdm.write(f'resumed from {ckpt.directory} at step {int(state.step)} '
+                 f'(round {data_state["round"]})')
+  else:
+    state = trainer.init_state()
+  if is_main:
+    rundir.write_text(rundir.inside(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+  prompts_per_round = cfg.data.batch_size // g.group_size
+  rounds = cfg.train.steps // g.updates_per_batch
+  if is_main:
+    tqdm.write(f'lm: grpo: {trainer.trainable_summary()}; {len(records):,} prompts, '
+               f'{prompts_per_round} per round x {g.group_size} completions, {rounds} rounds x '
+               f'{g.updates_per_batch} steps; rewards {", ".join(n for n, _ in reward_fns)}')
+  writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
+  summary = {}
+  start = int(state.step) // g.updates_per_batch
+  bar = tqdm(total=rounds, initial=start, disable=not (progress and is_main), desc='grpo')
+  stop = preemption.StopSignal(cfg.train.grace_seconds)
+  try:
+    with stop:
+      for r in range(start, rounds):
+        t0 = time.perf_counter()
+        chosen = round_prompts(len(records), prompts_per_round, cfg.train.seed, r)
+        texts_in = [g.prompt_format.format(**records[i]) for i in chosen]
+        ids = [tokenizer.encode(t, bos=tokenizer.bos_id is not None) for t in texts_in]
+        ids = [p for p in ids for _ in range(g.group_size)]  # G copies, grouped
+        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), r)
+        cut, completions, ended, texts = sampler(state.params, ids, rng)
+        scores = np.array([[fn(t, records[chosen[b // g.group_size]]) for _, fn in reward_fns]
+                           for b, t in enumerate(texts)], np.float64)
+        reward = scores @ np.asarray(weights, np.float64)
+        rows = completion_rows(cut, completions, ended, tokenizer.eos_id, tokenizer.pad_id,
+                               cfg.data.seq_len)
+        rows['advantages'] = group_advantages(reward, g.group_size, g.scale_rewards)
+        batch = trainer.global_batch(rows)
+        batch['old_logps'] = sampler.log_probs(state.params, batch)
+        jax.block_until_ready(batch['old_logps'])
+        t1 = time.perf_counter()
+        for _ in range(g.updates_per_batch):
+          state, metrics = trainer.step(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        t2 = time.perf_counter()
+        if metrics['bad_streak'] >= cfg.train.max_bad_steps:
+          raise Diverged(f'round {r}: {int(metrics["bad_streak"])} consecutive steps were skipped '
+                         '(non-finite loss or gradient); lower optimizer.lr')
+        lengths = np.array([len(c) for c in completions], np.float64)
+        metrics.update(
+            reward_mean=float(reward.mean()), reward_std=float(reward.std()),
+            completion_length=float(lengths.mean()), sample_s=t1 - t0, train_s=t2 - t1,
+            groups_with_signal=float(np.mean(reward.reshape(-1, g.group_size).std(axis=1) > 0)),
+            **{f'reward/{n.rsplit(".", 1)[-1]}': float(s) for (n, _), s in
+               zip(reward_fns, scores.mean(axis=0))})
+        step = int(state.step)
+        writer.write(step, metrics)
+        summary.update(metrics)
+        if is_main and ((r + 1) % max(1, cfg.train.log_every // g.updates_per_batch) == 0
+                        or r + 1 == rounds):
+          tqdm.write(f'round {r + 1}/{rounds} (step {step}): reward {metrics["reward_mean"]:.3f} '
+                     f'+- {metrics["reward_std"]:.3f}, loss {metrics["loss"]:.4f}, kl '
+                     f'{metrics["kl"]:.4f}, clip {metrics["clip_fraction"]:.3f}, length '
+                     f'{metrics["completion_length"]:.1f}; sample {t1 - t0:.1f}s, train {t2 - t1:.1f}s')
+        bar.update(1)
+        data_state = {'round': r + 1, 'sampler_seed': cfg.train.seed}
+        if step % cfg.train.checkpoint_every == 0 or r + 1 == rounds:
+          ckpt.save(step, state, data_state)
+        if stop.should_stop() and r + 1 < rounds:
+          ckpt.save(step, state, data_state, force=True)
+          ckpt.wait()
+          raise Preempted(f'{stop.name} at step {step}: checkpoint written to {ckpt.directory}; '
+                          'run the same command to resume')
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+  summary.update(step=int(state.step), unigram_perplexity=float('nan'))
+  if is_main:
+    rundir.write_text(rundir.inside(workdir, 'summary.json'), json.dumps(summary, indent=2))
+  return summary
+

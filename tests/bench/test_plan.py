@@ -1,0 +1,179 @@
+"""`lm plan`: targets, analytic step FLOPs per mode, and the step compiled for a real TPU and GPU."""
+
+import dataclasses
+import subprocess
+import types
+
+import jax
+import pytest
+from conftest import ROOT, tiny_config
+
+import lm_runs
+from lm.bench import plan as plan_lib
+from lm.bench import step_flops, targets
+from lm.config import head_dim
+from lm.errors import ConfigError, UserError
+from lm.train import flops as train_flops
+from lm.train.loop import Trainer
+from lm.train.state import ModelSpec
+
+
+@pytest.mark.parametrize('name,platform,devices,groups', [
+    ('v5p-8', 'tpu', 4, 1), ('v4-8', 'tpu', 4, 1), ('v6e-8', 'tpu', 8, 1), ('v5e-16', 'tpu', 16, 1),
+    ('2xv5p-8', 'tpu', 8, 2), ('h100x8', 'gpu', 8, 1), ('H200x8', 'gpu', 8, 1), ('2xh100x8', 'gpu', 16, 2)])
+def test_target_names(name, platform, devices, groups):
+  t = targets.parse(name)
+  assert (t.platform, t.device_count, t.groups) == (platform, devices, groups)
+
+
+def test_tpu_slice_shapes():
+  assert targets.tpu_shape(4, 3) == (2, 2, 1)
+  assert targets.tpu_shape(16, 3) == (2, 2, 4)
+  assert targets.tpu_shape(64, 3) == (4, 4, 4)
+  assert targets.tpu_shape(8, 2) == (2, 4)
+  assert targets.tpu_shape(16, 2) == (4, 4)
+
+
+@pytest.mark.parametrize('name', ['v7-8', 'a100x8', 'v5p-3', 'h100x16', 'v6e-12'])
+def test_unknown_targets_are_one_line(name):
+  with pytest.raises(UserError) as e:
+    targets.parse(name)
+  assert name in str(e.value) and '\n' not in str(e.value)
+
+
+def _flops(**changes):
+  c = tiny_config()
+  for key, value in changes.items():
+    section, field = key.split('__')
+    if isinstance(value, dict):
+      c[section][field].update(value)
+    else:
+      c[section][field] = value
+  return step_flops.step_flops(Trainer(c, devices=jax.devices()[:1]))
+
+
+def test_full_training_flops_match_6n_plus_attention():
+  c = tiny_config()
+  f = _flops()
+  tokens = c.data.batch_size * c.data.seq_len
+  assert f.tokens == tokens and f.recompute == 0 and f.reference == 0
+  N = train_flops.matmul_params(c.model)
+  attention = 12 * c.model.n_layers * c.model.n_heads * head_dim(c.model) * (c.data.seq_len + 1) / 2
+  assert f.model == pytest.approx((6 * N + attention) * tokens)
+  assert f.weight_grads == pytest.approx(2 * N * tokens)
+
+
+def test_lora_costs_no_base_weight_gradients():
+  full, lora = _flops(), _flops(model__lora=dict(rank=4), train__trainable='lora')
+  adapters = lora.forward - full.forward  # the adapters' own forward
+  assert adapters > 0 and lora.weight_grads == pytest.approx(adapters)
+  assert lora.input_grads == pytest.approx(full.input_grads + adapters)
+  assert lora.model == pytest.approx(full.model - full.weight_grads + 3 * adapters)  # ~4N, not 6N
+
+
+def test_frozen_layers_skip_the_backward_below_them():
+  c = tiny_config()
+  full = _flops()
+  assert _flops(train__trainable='freeze_embeddings').model == pytest.approx(full.model)
+  top = _flops(train__trainable='freeze_first_layers:1')  # the embedding trains: the backward
+  assert top.input_grads == pytest.approx(full.input_grads)  # still reaches the bottom, and stacked
+  assert top.weight_grads == pytest.approx(full.weight_grads)  # rows all get weight gradients
+  head_and_norm = _flops(train__trainable='regex:final_norm|lm_head')  # no layer needs a gradient
+  assert head_and_norm.input_grads == pytest.approx(2 * c.model.d_model * c.model.vocab_size
+                                                    * head_and_norm.tokens)
+  # Only the head trains: nothing below it needs a gradient.
+  head = _flops(train__trainable='regex:^lm_head')
+  assert head.input_grads == 0 and head.weight_grads == pytest.approx(
+      2 * c.model.d_model * c.model.vocab_size * head.tokens)
+
+
+def test_remat_recompute_is_counted_apart_from_model_flops():
+  none, full, dots = _flops(), _flops(model__remat='full'), _flops(model__remat='dots')
+  assert full.model == pytest.approx(none.model) and dots.recompute == 0
+  c = tiny_config()
+  layer_forward = none.forward - 2 * c.model.d_model * c.model.vocab_size * none.tokens
+  assert full.recompute == pytest.approx(layer_forward)
+
+
+def test_dpo_counts_both_replies_and_the_reference_forward():
+  c = tiny_config()
+  f = _flops(train__objective='dpo')
+  assert f.tokens == 2 * c.data.batch_size * c.data.seq_len
+  assert f.reference == pytest.approx(f.forward)
+
+
+def _quiet_tiny(**model):
+  c = tiny_config(**model)
+  c.mesh.shape.update(data=-1)
+  return c
+
+
+def test_compiles_for_a_tpu_slice_and_reports_per_chip_memory():
+  c = _quiet_tiny()
+  c.mesh.shape.update(data=1, fsdp=-1)
+  result = plan_lib.compile_step(c, targets.parse('v5p-8'))
+  assert result.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1, 'context': 1}
+  # The TPU's decision, not this CPU host's: the Pallas kernel, in a shard_map over the 4 chips.
+  assert result.fits and result.attention == 'auto: pallas'
+  params = 4 * ModelSpec(c.model).param_count()  # float32
+  assert result.params_bytes <= params / 4 * 1.5  # FSDP: each chip holds about a quarter
+  assert result.optimizer_bytes == pytest.approx(2 * result.params_bytes, rel=0.05)  # Adam: m, v
+  assert result.total_bytes >= result.params_bytes + result.optimizer_bytes
+  assert result.trainable == result.total_params
+
+
+def test_compiles_lora_for_an_h100_host():
+  c = _quiet_tiny()
+  c.model.lora.rank = 4
+  c.train.trainable = 'lora'
+  result = plan_lib.compile_step(c, targets.parse('h100x8'))
+  assert result.fits and result.trainable < result.total_params / 5
+  assert result.gradient_bytes < result.params_bytes / 5
+  assert 'needs' in result.memory_line and 'per GPU of 79.1: fits' in result.memory_line
+  small = dataclasses.replace(result, target=dataclasses.replace(result.target, hbm_bytes=2 ** 10),
+                              fits=False)
+  with pytest.raises(UserError, match=r'^h100x8: needs \d+\.\d GiB per GPU of 0\.0: does not fit$'):
+    plan_lib.fit_or_raise(small)
+
+
+def test_a_mesh_the_target_cannot_hold_names_both():
+  c = _quiet_tiny()
+  c.mesh.shape.update(data=8)
+  with pytest.raises(ConfigError, match=r"^v5p-8 \(4 devices\): mesh.shape=.*needs 8 devices but 4"):
+    plan_lib.compile_step(c, targets.parse('v5p-8'))
+
+
+def test_bad_targets_and_meshes_are_one_line_from_the_command(tmp_path):
+  """(The command's success path is the compile above; a second compile would double CI time.)"""
+  for args, line in [
+      (['--target', 'v9-8'], "lm: error: unknown target 'v9-8'; targets look like v5p-8"),
+      (['--target', 'v5p-8', '--config.mesh.shape.data=8'],
+       "lm: error: v5p-8 (4 devices): mesh.shape={'context': 1, 'data': 8, 'fsdp': 1, 'tensor': 1} needs 8 devices but 4")]:
+    out = subprocess.run([lm_runs.PYTHON, '-m', 'lm', 'plan', '--config', 'configs/bench_tiny.py', *args],
+                         cwd=ROOT, env=lm_runs.env(str(tmp_path / 'cache')), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(line), out.stderr[-2000:]
+
+
+def test_search_reports_the_largest_microbatch_per_remat_policy(monkeypatch):
+  """The search's doubling and its advice, with the compiler replaced by a memory model: a
+  sequence costs 4 units without remat, 2 with dots policies, 1 with full remat; 64 fit."""
+  cost = {'none': 4, 'dots_no_batch': 2, 'dots': 2, 'full': 1}
+  target = targets.parse('v5p-8')
+
+  def fake_compile(c, target, devices=None, *, mfu=0.4):
+    del devices, mfu
+    need = cost[c.model.remat] * c.data.batch_size
+    f = step_flops.StepFlops(1.0, 1.0, 1.0, 0.0, 1.0 if c.model.remat == 'full' else 0.0, 1)
+    return types.SimpleNamespace(fits=need <= 64, total_bytes=need * 2 ** 30, flops=f,
+                                 memory_line=f'{target.name}: needs {need:.1f} GiB per chip of 64.0')
+
+  monkeypatch.setattr(plan_lib, 'compile_step', fake_compile)
+  c = _quiet_tiny()
+  c.data.batch_size = 64
+  lines = list(plan_lib.search_batches(c, target, jax.devices()[:4]))
+  assert '(steps of 4 sequences)' in lines[0]
+  assert [int(line.split()[2]) for line in lines[1:5]] == [16, 32, 32, 64]
+  assert '+33% FLOPs recomputed' in lines[4]
+  assert lines[5] == ('for data.batch_size=64: --config.model.remat=none --config.train.microbatches=4 '
+                      '(least recompute that fits)')

@@ -1,0 +1,248 @@
+"""Task files: every kind on small files, against the scorer computed directly; the bad inputs a
+user meets (one line naming the file, the record and the fix; exit 2; no results file)."""
+
+import gzip
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from eval_util import random_model
+
+from lm import cli
+from lm.errors import UserError
+from lm.eval import evaluate, tasks
+from lm.eval.scoring import Scorer
+
+SETTINGS = tasks.Settings(limit=0, batch_size=4, max_new_tokens=4)
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+  return random_model(str(tmp_path_factory.mktemp('tok')))
+
+
+def _write(path, text):
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  return str(path)
+
+
+def _jsonl(path, rows, compress=False):
+  data = ''.join(json.dumps(r) + '\n' for r in rows).encode()
+  with (gzip.open if compress else open)(path, 'wb') as f:
+    f.write(data)
+  return str(path)
+
+
+MC = [{'goal': 'Open a jar', 'sol1': 'twist the lid', 'sol2': 'eat the lid', 'label': 0},
+      {'goal': 'Dry hair', 'sol1': 'use a towel', 'sol2': 'use a rock', 'label': 1},
+      {'goal': 'Cool tea', 'sol1': 'wait', 'sol2': 'boil it', 'label': 0}]
+
+
+def test_builtin_tasks_are_task_files_shipped_with_the_package():
+  names = tasks.builtin_tasks()
+  assert set(names) >= {'gsm8k', 'gsm8k_nll', 'gsm8k_choice', 'alpaca', 'wiki_ppl', 'wiki_cloze',
+                        'heldout_ppl'}
+  kinds = {t.name: t.kind for t in tasks.parse_tasks(','.join(names))}
+  assert kinds['gsm8k'] == 'generate' and kinds['wiki_cloze'] == 'choice'
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert 'task_files/*.yaml' in open(os.path.join(root, 'pyproject.toml')).read()
+
+
+def test_perplexity_per_token_word_and_byte(model, tmp_path, capsys):
+  texts = ['def f(x):\n    return x + 1', 'The list type holds items.']
+  _write(tmp_path / 'held.txt', '\n\n'.join(texts) + '\n')
+  _jsonl(tmp_path / 'held.jsonl.gz', [{'body': t} for t in texts], compress=True)
+  _write(tmp_path / 'ppl_txt.yaml', 'kind: perplexity\ndata: held.txt\n')
+  _write(tmp_path / 'ppl_gz.yaml', 'kind: perplexity\ndata: held.jsonl.gz\ntext: body\n')
+  a = tasks.run(str(tmp_path / 'ppl_txt.yaml'), model, SETTINGS, progress=True)
+  bar = capsys.readouterr().err  # a tqdm bar: label, count, elapsed<remaining
+  assert 'random ppl_txt' in bar and '1/1' in bar and '<' in bar
+  b = tasks.run(str(tmp_path / 'ppl_gz.yaml'), model, SETTINGS)
+  docs = [model.tokenizer.encode(t, bos=True, eos=True) for t in texts]
+  direct = model.scorer.perplexity(docs, batch_size=4)
+  for out in (a, b):
+    assert out['perplexity'] == pytest.approx(direct['perplexity']) and out['n'] == 2
+    total = direct['nll'] * direct['tokens']
+    assert out['bits_per_byte'] == pytest.approx(total / math.log(2) / sum(len(t.encode()) for t in texts))
+    assert out['word_perplexity'] == pytest.approx(math.exp(total / sum(len(t.split()) for t in texts)))
+    assert out['headline'] == 'perplexity'
+
+
+def test_answer_perplexity_with_template_and_fewshot_file(model, tmp_path):
+  rows = [{'q': 'What is 2 + 3?', 'a': '#### 5'}, {'q': 'What is 1 + 1?', 'a': '#### 2'}]
+  _jsonl(tmp_path / 'test.jsonl', rows)
+  _jsonl(tmp_path / 'train.jsonl', [{'q': 'What is 4 + 4?', 'a': '#### 8'}])
+  _write(tmp_path / 'nll.yaml', 'kind: perplexity\ndata: test.jsonl\nprompt: "Q: {{q}}\\nA:"\n'
+         'target: a\nfewshot: train.jsonl\n')
+  out = tasks.run(str(tmp_path / 'nll.yaml'), model, tasks.Settings(limit=0, shots=1, batch_size=4))
+  prefix = 'Q: What is 4 + 4?\nA: #### 8\n\n'
+  requests = [tasks._split_encode(model.tokenizer, f'{prefix}Q: {r["q"]}\nA:', ' ' + r['a'])
+              for r in rows]
+  scores = model.scorer.score(requests)
+  nll = -sum(s[0] for s in scores) / sum(s[1] for s in scores)
+  assert out['answer_nll'] == pytest.approx(nll) and out['headline'] == 'answer_perplexity'
+
+
+class _FixedGenerator:
+  def __init__(self, outputs):
+    self.outputs, self.prompts = outputs, None
+
+  def generate(self, prompts, sampling, *, stop=(), seed=0, batch_size=16, progress=''):
+    self.prompts, self.stop = prompts, stop
+    return self.outputs[:len(prompts)]
+
+
+def test_generate_exact_match_with_answer_pattern_and_text_metrics(model, tmp_path):
+  rows = [{'question': 'What is 2 + 3?', 'answer': 'It is 5.'},
+          {'question': 'What is 1 + 1?', 'answer': 'It is 2.'}]
+  _jsonl(tmp_path / 'gen.jsonl', rows)
+  _write(tmp_path / 'gen.yaml', 'kind: generate\ndata: gen.jsonl\nprompt: "Q: {{question}}\\nA:"\n'
+         'target: answer\nanswer_pattern: "is (\\\\d+)"\nstop: ["Q:"]\nlimit: 5\n')
+  fake = _FixedGenerator([' It is 5.', ' I think 3.'])
+  model.__dict__['generator'] = fake
+  try:
+    out = tasks.run(str(tmp_path / 'gen.yaml'), model, SETTINGS)
+  finally:
+    del model.__dict__['generator']
+  assert fake.prompts == ['Q: What is 2 + 3?\nA:', 'Q: What is 1 + 1?\nA:'] and fake.stop == ['Q:']
+  assert out['exact_match'] == 50.0 and out['answered'] == 50.0 and out['n'] == 2
+  assert out['examples'][0]['answer'] == '5' and out['examples'][1]['gold'] == '2'
+  assert 0 < out['token_f1'] < 100 and 0 < out['rouge_l'] < 100 and out['headline'] == 'exact_match'
+
+
+def _choice_figures(model, rows, labels):
+  items = []
+  for r, label in zip(rows, labels):
+    ctx = f'Goal: {r["goal"]}\nSolution:'
+    items.append((model.tokenizer.encode(ctx, bos=True),
+                  [tasks._split_encode(model.tokenizer, ctx, ' ' + r[k])[1] for k in ('sol1', 'sol2')],
+                  label))
+  return model.scorer.multiple_choice(items)
+
+
+def test_choice_label_field_label_text_and_label_file_agree(model, tmp_path):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  _jsonl(tmp_path / 'mc_text.jsonl', [{**r, 'label': r['sol1' if r['label'] == 0 else 'sol2']}
+                                      for r in MC])
+  _jsonl(tmp_path / 'mc_nolabel.jsonl', [{k: v for k, v in r.items() if k != 'label'} for r in MC])
+  _write(tmp_path / 'labels.txt', ''.join(f'{r["label"]}\n' for r in MC))
+  common = 'kind: choice\nprompt: "Goal: {{goal}}\\nSolution:"\nchoices: [sol1, sol2]\n'
+  _write(tmp_path / 'a.yaml', common + 'data: mc.jsonl\nlabel: label\n')
+  _write(tmp_path / 'b.yaml', common + 'data: mc_text.jsonl\nlabel: label\n')
+  _write(tmp_path / 'c.yaml', common + 'data: mc_nolabel.jsonl\nlabel_file: labels.txt\n')
+  _write(tmp_path / 'd.yaml', common + 'data: mc_nolabel.jsonl\nlabel_file: labels.txt\nrows: "1:"\n')
+  expected = _choice_figures(model, MC, [r['label'] for r in MC])
+  for name in 'abc':
+    out = tasks.run(str(tmp_path / f'{name}.yaml'), model, SETTINGS)
+    assert (out['accuracy'], out['accuracy_norm'], out['n']) == (
+        expected['accuracy'], expected['accuracy_norm'], 3)
+  # The label file follows the whole data file; `rows` slices both alike.
+  tail = _choice_figures(model, MC[1:], [r['label'] for r in MC[1:]])
+  out = tasks.run(str(tmp_path / 'd.yaml'), model, SETTINGS)
+  assert (out['accuracy'], out['accuracy_norm'], out['n']) == (
+      tail['accuracy'], tail['accuracy_norm'], 2)
+
+
+def test_preference_rewards_against_the_reference(model, tmp_path):
+  """HH-RLHF-form pairs; reward = beta * (log pi - log pi_ref) per reply, encoded as training
+  encodes pairs. Against itself as reference every margin is 0."""
+  pairs = [{'chosen': '\n\nHuman: Say hi.\n\nAssistant: Hi there.',
+            'rejected': '\n\nHuman: Say hi.\n\nAssistant: No.'},
+           {'chosen': '\n\nHuman: 2+2?\n\nAssistant: 4.', 'rejected': '\n\nHuman: 2+2?\n\nAssistant: 5.'}]
+  _jsonl(tmp_path / 'hh.jsonl', pairs)
+  _write(tmp_path / 'pref.yaml', 'kind: preference\ndata: hh.jsonl\nbeta: 0.5\n')
+  other = random_model(os.path.dirname(model.tokenizer.path), seed=1)
+  model.__dict__['reference_scorer'] = Scorer(other.cfg, other.params, mesh=other.mesh)
+  try:
+    out = tasks.run(str(tmp_path / 'pref.yaml'), model, SETTINGS)
+    model.__dict__['reference_scorer'] = model.scorer
+    same = tasks.run(str(tmp_path / 'pref.yaml'), model, SETTINGS)
+  finally:
+    del model.__dict__['reference_scorer']
+  lines = []  # no train.init_from: no reward
+  alone = evaluate.run_tasks(model, [str(tmp_path / 'pref.yaml')], SETTINGS, log=lines.append)['pref']
+  assert alone['reference'] == 'none' and 'reward_accuracy' not in alone
+  assert lines == [f'  random pref: reward_accuracy - ({alone["seconds"]:.0f} s)']
+  assert '| random |  |' in evaluate.markdown_table({'random': {'pref': alone}})
+  assert alone['logp_accuracy'] == out['logp_accuracy']
+  assert out['n'] == 2 and out['beta'] == 0.5
+  margin = 2 * out['reward_margin']  # mean over pairs of beta*(d_pi(c)-d_ref(c)) - (...)
+  policy = out['chosen_logp'] - out['rejected_logp']
+  assert out['chosen_reward'] - out['rejected_reward'] == pytest.approx(out['reward_margin'])
+  assert margin != 0 and np.isfinite(policy)
+  assert same['reward_margin'] == 0 and same['reward_accuracy'] == 0.0
+  assert same['logp_accuracy'] == out['logp_accuracy']
+
+
+def test_task_file_in_training_evaluation_and_early_stopping_names(model, tmp_path):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  path = _write(tmp_path / 'mine.yaml', 'name: piqa_mini\nkind: choice\ndata: mc.jsonl\n'
+                'prompt: goal\nchoices: [sol1, sol2]\nlabel: label\n')
+  cfg = model.cfg
+  cfg.train.eval_tasks, cfg.train.eval_task_limit = path, 0
+  evaluate_fn = evaluate.training_evaluator(cfg, model.spec, model.tokenizer, model.mesh)
+  metrics = evaluate_fn(model.params)
+  assert {'piqa_mini/accuracy', 'piqa_mini/accuracy_norm'} <= set(metrics)
+  stopper = evaluate.EarlyStopping('piqa_mini/accuracy', patience=1)
+  assert not stopper.lower_is_better and not stopper.update(1, metrics)
+
+
+def _bad(tmp_path, name, yaml_text):
+  return _write(tmp_path / name, yaml_text)
+
+
+def test_bad_task_files_raise_one_line_naming_file_record_and_fix(model, tmp_path):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  base = 'kind: choice\ndata: mc.jsonl\nchoices: [sol1, sol2]\n'
+  cases = {
+      'missing_field.yaml': (base + 'prompt: "{{question}}"\nlabel: label\n',
+                             ['mc.jsonl:1', "'question' is undefined", 'fix `prompt`']),
+      'bad_label.yaml': (base + 'prompt: goal\nlabel: "{{label + 5}}"\n',
+                         ['mc.jsonl:1', 'label 5 is outside the 2 choices']),
+      'short_labels.yaml': (base + 'prompt: goal\nlabel_file: labels.txt\n',
+                            ['labels.txt', '2 labels for 3 records', 'one label per record']),
+      'no_kind.yaml': ('data: mc.jsonl\n', ['no_kind.yaml', 'set kind to one of']),
+      'typo.yaml': (base + 'promt: goal\nlabel: label\n', ["unknown key(s) ['promt']"]),
+      'bad_gz.yaml': ('kind: perplexity\ndata: broken.jsonl.gz\n',
+                      ['broken.jsonl.gz', 'not a readable gzip file', 're-compress it']),
+  }
+  _write(tmp_path / 'labels.txt', '0\n1\n')
+  (tmp_path / 'broken.jsonl.gz').write_bytes(b'\x1f\x8b\x08\x00not gzip at all')
+  for name, (text, needles) in cases.items():
+    path = _bad(tmp_path, name, text)
+    with pytest.raises(UserError) as e:
+      tasks.run(path, model, SETTINGS)
+    message = str(e.value)
+    assert '\n' not in message, name
+    for needle in needles:
+      assert needle in message, (name, message)
+
+
+def test_cli_exits_2_and_writes_no_results_on_a_bad_record(model, tmp_path, monkeypatch, capsys):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  good = _write(tmp_path / 'good.yaml', 'kind: choice\ndata: mc.jsonl\nprompt: goal\n'
+                'choices: [sol1, sol2]\nlabel: label\n')
+  bad = _write(tmp_path / 'bad.yaml', 'kind: choice\ndata: mc.jsonl\nprompt: goal\n'
+               'choices: [sol1, sol2]\nlabel: "{{label + 7}}"\n')
+  monkeypatch.setattr(evaluate, 'load_model', lambda spec, mesh=None: model)
+  out = tmp_path / 'out'
+  assert cli.main(['eval', 'runs/x', '--tasks', f'{good},{bad}', '--out', str(out),
+                   '--no-progress']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'mc.jsonl:1' in err and 'outside the 2 choices' in err
+  assert not out.exists()
+  assert cli.main(['eval', 'runs/x', '--tasks', good, '--out', str(out), '--no-progress']) == 0
+  assert json.load(open(out / 'results.json'))['results']['random']['good']['n'] == 3
+
+
+def test_compare_accepts_the_limit_its_usage_lists(monkeypatch, tmp_path):
+  from lm.eval import compare
+  seen = {}
+  monkeypatch.setattr(compare, 'compare', lambda *a, **k: seen.update(k))
+  assert cli.main(['compare', '--base', 'b', '--finetuned', 'f', '--out', str(tmp_path),
+                   '--limit', '7', '--tasks', 'wiki_cloze', '--general', 'wiki_ppl']) == 0
+  assert seen['settings'].limit == 7 and [t.name for t in seen['task_names']] == ['wiki_cloze']
+  assert '--limit' in cli.USAGE and '--harness' in cli.USAGE

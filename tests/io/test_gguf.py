@@ -1,0 +1,236 @@
+"""llama.cpp GGUF in and out: every supported tensor type against transformers' GGUF loader, the
+export -> import round trip (F16, Q8_0, LoRA merged), and clear refusals.
+
+No llama.cpp binary is available here: exported files are checked with the gguf package's reader
+and by loading them back (into lm, and into transformers)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, random_batch, tiny_config
+
+gguf = pytest.importorskip('gguf')
+
+import lm  # noqa: E402
+from lm.errors import CheckpointError, ConfigError  # noqa: E402
+from lm.io import gguf as gguf_io  # noqa: E402
+from lm.io import pretrained  # noqa: E402
+from lm.train.checkpoint import Checkpointer  # noqa: E402
+from lm.train.loop import Trainer  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+def _byte_level_vocab():
+  """The 256 single-byte tokens of a byte-level BPE, in GPT-2's printable spelling."""
+  bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(
+      range(ord('®'), ord('ÿ') + 1))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def _k_quant_bytes(rng, qtype, rows, cols):
+  """Random blocks of a K-quant type (gguf cannot quantize to them) with finite f16 scales."""
+  block, size = gguf.GGML_QUANT_SIZES[qtype]
+  data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+  scale = np.full((rows, cols // block), 0.01, np.float16).view(np.uint8).reshape(rows, -1, 2)
+  if qtype == Q.Q4_K:  # d, dmin first
+    data[:, :, 0:2] = scale
+    data[:, :, 2:4] = scale
+  else:  # Q6_K: d last
+    data[:, :, size - 2:size] = scale
+  return data.reshape(rows, -1)
+
+
+def write_tiny_llama_gguf(path, types):
+  """A 1-layer Llama GGUF with D=256 (K-quants need rows of 256), its weights stored in `types`
+  (cycled over the 2-D tensors), and a byte-level BPE vocabulary of 256 tokens."""
+  rng = np.random.default_rng(0)
+  D, H, KV, F, V = 256, 4, 2, 256, 256
+  w = gguf.GGUFWriter(str(path), 'llama')
+  w.add_context_length(64)
+  w.add_embedding_length(D)
+  w.add_block_count(1)
+  w.add_feed_forward_length(F)
+  w.add_head_count(H)
+  w.add_head_count_kv(KV)
+  w.add_rope_freq_base(10000.0)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_vocab_size(V)
+  w.add_tokenizer_model('gpt2')
+  w.add_tokenizer_pre('default')
+  w.add_token_list(_byte_level_vocab())
+  w.add_token_types([1] * V)
+  w.add_token_merges([])
+  w.add_eos_token_id(0)
+  shapes = {'token_embd.weight': (V, D), 'output.weight': (V, D),
+            'blk.0.attn_q.weight': (D, D), 'blk.0.attn_k.weight': (KV * D // H, D),
+            'blk.0.attn_v.weight': (KV * D // H, D), 'blk.0.attn_output.weight': (D, D),
+            'blk.0.ffn_gate.weight': (F, D), 'blk.0.ffn_up.weight': (F, D),
+            'blk.0.ffn_down.weight': (D, F)}
+  for k, (name, shape) in enumerate(shapes.items()):
+    qtype = types[k % len(types)]
+    array = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    if qtype in (Q.Q4_K, Q.Q6_K):
+      w.add_tensor(name, _k_quant_bytes(rng, qtype, *shape), raw_dtype=qtype)
+    elif qtype == Q.F32:
+      w.add_tensor(name, array)
+    elif qtype == Q.F16:
+      w.add_tensor(name, array.astype(np.float16))
+    else:
+      w.add_tensor(name, gguf.quantize(array, qtype), raw_dtype=qtype)
+  for name in ('blk.0.attn_norm.weight', 'blk.0.ffn_norm.weight', 'output_norm.weight'):
+    w.add_tensor(name, (1 + 0.1 * rng.standard_normal(D)).astype(np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def lm_logits(model, tokens):
+  return np.asarray(jax.jit(lambda p: model.spec.bind(p)(tokens))(model.params))
+
+
+def test_every_supported_tensor_type_loads_as_transformers_reads_it(tmp_path):
+  """F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K: lm's logits equal transformers' on the same
+  GGUF file (transformers dequantizes with the same gguf package and undoes llama.cpp's q/k
+  permutation its own way), so names, layouts and the permutation are right."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  types = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K]
+  file = write_tiny_llama_gguf(tmp_path / 'tiny.gguf', types)
+  stored = {t.tensor_type for t in gguf.GGUFReader(file).tensors}
+  assert set(types) <= stored
+  model = lm.load_model(file)
+  assert (model.cfg.model.d_model, model.cfg.model.n_kv_heads, model.cfg.model.tie_embeddings) == (
+      256, 2, False)
+  tokens = np.random.default_rng(1).integers(0, 256, (2, 12)).astype(np.int32)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path), gguf_file='tiny.gguf', dtype=torch.float32).eval()
+  with torch.no_grad():
+    expected = hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  assert np.max(np.abs(lm_logits(model, tokens) - expected)) <= 1e-4
+
+
+def test_permutation_is_llama_cpps_and_its_inverse():
+  w = np.arange(2 * 8 * 3).reshape(2 * 8, 3)  # 2 heads of head_dim 8, 3 inputs
+  permuted = gguf_io.permute_rows(w, 2, inverse=False)
+  # llama.cpp: each head's rows (first half, second half) interleaved as pairs.
+  assert permuted[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
+  np.testing.assert_array_equal(gguf_io.permute_rows(permuted, 2, inverse=True), w)
+
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory):
+  """An lm LoRA run (adapters perturbed so merging matters) with a SentencePiece tokenizer and the
+  logits its merged model computes."""
+  from lm.data import tokenizer as tokenizer_lib
+  import pydoc_data.topics
+  tmp = tmp_path_factory.mktemp('gguf_run')
+  run = tmp / 'run'
+  docs = [t.lower() for t in pydoc_data.topics.topics.values()]
+  tokenizer_lib.train_tokenizer(docs, str(tmp / 'sp.model'), 128, byte_fallback=False)
+  c = tiny_config()
+  c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|k|v)|mlp')
+  c.train.trainable = 'lora'
+  c.data.tokenizer = str(tmp / 'sp.model')
+  source = Trainer(c, devices=jax.devices()[:1])
+  state = source.init_state()
+  params = {k: (v + 0.1 if k.endswith('lora_b') else v) for k, v in state.params.items()}
+  state = state.replace(params=params)
+  ckpt = Checkpointer(str(run), async_save=False, labels=source.labels)
+  ckpt.save(3, state, {'position': 3})
+  ckpt.close()
+  (run / 'config.json').write_text(c.to_json_best_effort())
+  tokens = random_batch(c)['tokens']
+  expected = np.asarray(jax.jit(lambda p: source.spec.bind(p)(tokens))(params))
+  return run, tokens, expected
+
+
+@pytest.mark.parametrize('dtype', ['f16', 'q8_0'])
+def test_export_then_import_gives_the_same_logits(lora_run, tmp_path, dtype):
+  run, tokens, expected = lora_run
+  out = tmp_path / 'model.gguf'
+  line = pretrained.export_run(str(run), str(out), fmt='gguf', dtype=dtype)
+  assert 'LoRA adapters merged' in line and os.listdir(tmp_path) == ['model.gguf']
+  reader = gguf.GGUFReader(str(out))
+  meta = {k: f.contents() for k, f in reader.fields.items()}
+  assert meta['general.architecture'] == 'llama'
+  assert (meta['llama.block_count'], meta['llama.embedding_length'], meta['llama.attention.head_count'],
+          meta['llama.attention.head_count_kv'], meta['llama.feed_forward_length']) == (2, 32, 4, 2, 64)
+  assert meta['tokenizer.ggml.model'] == 'llama' and len(meta['tokenizer.ggml.tokens']) == 128
+  types = {t.name: t.tensor_type for t in reader.tensors}
+  assert types['blk.0.attn_q.weight'] == (Q.F16 if dtype == 'f16' else Q.Q8_0)
+  assert types['blk.0.attn_norm.weight'] == Q.F32
+  model = lm.load_model(str(out))
+  got = lm_logits(model, tokens)
+  scale = np.max(np.abs(expected))
+  # F16 keeps 11 significant bits (relative error <= 2^-11 per weight); Q8_0 rounds each weight
+  # to 1/254 of its block's largest magnitude. Measured: F16 ~1e-3, Q8_0 ~1e-2 of the logit scale.
+  bound = {'f16': 5e-3, 'q8_0': 5e-2}[dtype]
+  assert np.max(np.abs(got - expected)) <= bound * scale
+  assert (np.argmax(got, -1) == np.argmax(expected, -1)).mean() >= 0.9
+  # The embedded SentencePiece vocabulary is the run's.
+  text = 'the quick brown fox'
+  from lm.data import tokenizer as tokenizer_lib
+  assert model.tokenizer.encode(text) == tokenizer_lib.load(str(run.parent / 'sp.model')).encode(text)
+
+
+def test_init_from_a_gguf_file_and_its_directory(lora_run, tmp_path):
+  run, tokens, expected = lora_run
+  pretrained.export_run(str(run), str(tmp_path / 'model.gguf'), fmt='gguf', dtype='f16')
+  for source in (tmp_path / 'model.gguf', tmp_path):
+    c = tiny_config(d_model=64)
+    c.train.update(init_from=str(source), trainable='lora')
+    c.model.lora.update(rank=2, alpha=4.0)
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    assert c.model.d_model == 32 and c.data.tokenizer == str(tmp_path / 'model.gguf')
+    state = trainer.init_state()
+    got = np.asarray(jax.jit(lambda p: trainer.spec.bind(p)(tokens))(state.params))
+    assert np.max(np.abs(got - expected)) <= 5e-3 * np.max(np.abs(expected))
+
+
+def test_unsupported_tensor_type_and_architecture_are_one_line_errors(tmp_path):
+  file = write_tiny_llama_gguf(tmp_path / 'q5.gguf', [Q.Q5_0])
+  with pytest.raises(CheckpointError, match=r'tensor token_embd\.weight has GGUF type Q5_0.*supported: '
+                     r'F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K'):
+    lm.load_model(file)
+  w = gguf.GGUFWriter(str(tmp_path / 'phi.gguf'), 'phi3')
+  w.add_tensor('token_embd.weight', np.zeros((4, 4), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(CheckpointError, match="architecture 'phi3' is not supported; lm imports llama, qwen2"):
+    lm.load_model(str(tmp_path / 'phi.gguf'))
+  os.remove(file)
+  with pytest.raises(ConfigError, match='holds 2 .gguf files|neither'):
+    (tmp_path / 'b.gguf').write_bytes(b'')
+    pretrained.kind(str(tmp_path))
+  # The CLI: one line, exit 2.
+  out = subprocess.run([sys.executable, '-m', 'lm', 'generate', str(tmp_path / 'phi.gguf'),
+                        '--prompt', 'x'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith("lm: error: ") and 'phi3' in out.stderr
+
+
+def test_export_refusals_write_nothing(lora_run, tmp_path):
+  run, _, _ = lora_run
+  with pytest.raises(ConfigError, match='not a GGUF export type; choose f16 or q8_0'):
+    pretrained.export_run(str(run), str(tmp_path / 'x.gguf'), fmt='gguf', dtype='q4_0')
+  gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
+                      tie_embeddings=True).model
+  with pytest.raises(CheckpointError, match='GGUF export writes llama and qwen2 models'):
+    gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
+  assert os.listdir(tmp_path) == []

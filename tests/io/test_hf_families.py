@@ -1,0 +1,226 @@
+"""Parity with transformers per family: Qwen3, Gemma 2, Gemma 3 (text), Phi-3 and Llama with
+attention/MLP biases, with linear and YaRN RoPE, and again Llama 3, Mistral, Qwen2 and Gemma
+(tests/io/test_hf.py checks those on a sharded mesh). Each tiny model is made and saved by transformers itself, with every weight random; lm
+imports it and must give the same fp32 logits, the same greedy tokens through its KV-cache
+generator, and export the very tensors it read."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from lm import config as config_lib
+from lm.eval import generate as generate_lib
+from lm.errors import CheckpointError, ConfigError
+from lm.io import hf
+from lm.io.safetensors import Reader
+from lm.train.state import ModelSpec
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+YARN = dict(rope_type='yarn', rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)
+FAMILIES = {
+    # head_dim 32 with hidden 64 and 4 heads: head_dim decoupled from d_model / n_heads.
+    'qwen3': ('Qwen3Config', dict(head_dim=32, tie_word_embeddings=True, rope_parameters=YARN)),
+    'gemma2': ('Gemma2Config', dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    'gemma3': ('Gemma3TextConfig', dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, final_logit_softcapping=3.0,
+        layer_types=['sliding_attention', 'full_attention'],
+        rope_parameters={'full_attention': dict(rope_type='linear', factor=4.0, rope_theta=1e6),
+                         'sliding_attention': dict(rope_type='default', rope_theta=1e4)})),
+    'phi3': ('Phi3Config', dict(sliding_window=6)),
+    'llama_bias': ('LlamaConfig', dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(
+        rope_type='linear', rope_theta=10000.0, factor=2.0))),
+    # The families tests/io/test_hf.py covers on a mesh, here for greedy decoding and exact export.
+    'llama3': ('LlamaConfig', dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    'mistral': ('MistralConfig', dict(sliding_window=4)),
+    'qwen2': ('Qwen2Config', dict(tie_word_embeddings=True, rope_theta=1e6)),
+    'gemma': ('GemmaConfig', dict(head_dim=32)),
+}
+TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
+
+
+def make_hf_model(family, path):
+  """A tiny random `family` model saved by transformers; norms and biases random too."""
+  cls, extra = FAMILIES[family]
+  config = getattr(transformers, cls)(**{**COMMON, **extra})
+  config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+  gen = torch.Generator().manual_seed(1)
+  gemma = family.startswith('gemma')
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm = name.endswith('norm.weight')
+      std = 0.3 if is_norm or name.endswith('.bias') else 0.2
+      p.copy_((1.0 if is_norm and not gemma else 0.0) + std * torch.randn(p.shape, generator=gen))
+  model.save_pretrained(path)
+  return model
+
+
+def lm_import(path):
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(path)))
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  return c, spec, hf.load_params(str(path), spec, shardings)
+
+
+def tensors(path):
+  reader = Reader(str(path))
+  return {n: np.array(reader.get(n)) for n in reader.names()}
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_family_matches_transformers(family, tmp_path):
+  model = make_hf_model(family, tmp_path / 'hf')
+  with torch.no_grad():
+    reference = model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+  c, spec, params = lm_import(tmp_path / 'hf')
+  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  error = float(np.max(np.abs(ours - reference)))
+  print(f'{family}: max |dlogit| {error:.2e} (logit std {np.std(reference):.2f})')
+  assert error <= 1e-4 and np.std(reference) > 0.3
+
+  # Greedy decoding: lm's KV-cache generator against transformers' generate, 12 new tokens past
+  # the sliding windows (4 and 6), so windowed cached decoding is exercised.
+  # No end-of-sequence id on either side: both generate all N tokens, whatever they are.
+  prompt, N = TOKENS[:1, :6], 12
+  model.generation_config.eos_token_id = None
+  with torch.no_grad():
+    expected = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=N,
+                              do_sample=False, pad_token_id=0)[0, 6:].numpy()
+  assert len(expected) == N
+  fn = generate_lib.make_generate_fn(spec, generate_lib.Sampling(max_new_tokens=N), eos_id=-1,
+                                     pad_id=0)
+  out, _ = jax.jit(fn)(params, prompt, np.asarray([6], np.int32), jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out)[0], expected)
+
+  # Export writes back exactly the tensors transformers saved (fused Phi-3 layers included).
+  hf.save(str(tmp_path / 'out'), params, c.model)
+  original, exported = tensors(tmp_path / 'hf' / 'model.safetensors'), tensors(
+      tmp_path / 'out' / 'model.safetensors')
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert config['architectures'] == hf.read_config(tmp_path / 'hf')['architectures']
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
+  with torch.no_grad():
+    again = reloaded(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+  assert np.max(np.abs(again - reference)) <= 1e-5
+
+
+def test_per_layer_windows_and_rope_compile_as_one_scan():
+  config = hf.model_config_from_hf({**COMMON, **FAMILIES['gemma3'][1], 'model_type': 'gemma3_text',
+                                    'architectures': ['Gemma3ForCausalLM']})
+  c = tiny_config(**{**config, 'n_layers': 4, 'layer_types': ('sliding', 'full') * 2})
+  spec = ModelSpec(c.model)
+  params = spec.init(jax.random.key(0))
+  text = jax.jit(lambda p: spec.bind(p)(TOKENS)).lower(params).as_text()
+  assert text.count('stablehlo.while') == 1  # the layer scan; a switch, not one copy per layer
+  assert 'stablehlo.case' in text
+
+
+def test_mixed_layers_scanned_equal_unrolled_with_gradients():
+  """Sliding and full layers with their own RoPE, soft-caps, q/k and post norms: the scan gives
+  the unrolled layers' logits and gradients (remat on, as in training)."""
+  c = tiny_config(layer_types=('sliding', 'full'), sliding_window=4,
+                  rope_local_theta=100.0, rope_scaling={'type': 'yarn', 'factor': 2.0,
+                                                        'original_max_seq_len': 16},
+                  qk_norm=True, post_norms=True, query_pre_attn_scalar=12.0,
+                  attn_logit_softcap=2.0, final_logit_softcap=5.0, attn_out_bias=True,
+                  qkv_bias=True, mlp_bias=True, remat='full')
+  tokens = TOKENS[:, :12] % c.model.vocab_size
+  results = []
+  for scan in (True, False):
+    c.model.scan_layers = scan
+    spec = ModelSpec(c.model)
+    params = spec.init(jax.random.key(0))
+    loss = lambda p, spec=spec: jax.numpy.mean(jax.nn.log_softmax(spec.bind(p)(tokens))[..., 0])
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss_scan, grad_scan), (loss_unrolled, grad_unrolled) = results
+  np.testing.assert_allclose(loss_scan, loss_unrolled, rtol=1e-6)
+  for name in grad_scan:
+    np.testing.assert_allclose(grad_scan[name], grad_unrolled[name], atol=1e-6, err_msg=name)
+  assert float(np.max(np.abs(grad_scan['layers.attn.q_norm.scale']))) > 0
+
+
+def test_unsupported_variants_are_one_line_errors(tmp_path):
+  base = {**COMMON, 'model_type': 'llama', 'architectures': ['LlamaForCausalLM']}
+  with pytest.raises(CheckpointError, match=r"unsupported architecture Olmo2ForCausalLM "
+                                            r"\(model_type 'olmo2'\); lm imports LlamaForCausalLM, "
+                                            r".*Qwen3ForCausalLM, .*Phi3ForCausalLM"):
+    hf.model_config_from_hf({**base, 'model_type': 'olmo2', 'architectures': ['Olmo2ForCausalLM']})
+  with pytest.raises(ConfigError, match=r"rope type 'longrope' is not supported; lm implements "
+                                        r"default, llama3, linear, yarn$"):
+    hf.model_config_from_hf({**base, 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}})
+  c = tiny_config(rope_scaling={'type': 'dynamic', 'factor': 2.0})
+  with pytest.raises(ConfigError, match="rope_scaling type 'dynamic' is not supported"):
+    config_lib.validate(c)
+  # A Phi-3 checkpoint whose fused qkv_proj does not fit its config: the tensor and both shapes.
+  make_hf_model('phi3', tmp_path)
+  config = hf.read_config(tmp_path)
+  config['num_key_value_heads'] = 4
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.qkv_proj.weight' has shape "
+                                            r"\(128, 64\), but the config implies \(192, 64\)"):
+    lm_import(tmp_path)
+
+
+def test_llama_attention_bias_imports_q_k_v_and_o_biases(tmp_path):
+  """Llama attention_bias puts biases on q, k, v and o; lm reads all four (it used to refuse them, naming only o_proj)."""
+  make_hf_model('llama_bias', tmp_path)
+  c, spec, params = lm_import(tmp_path)
+  assert c.model.qkv_bias and c.model.attn_out_bias and c.model.mlp_bias
+  assert {'layers.attn.o.bias', 'layers.mlp.down.bias'} <= set(params)
+  assert hf.family_of(c.model) == 'llama'
+
+
+def test_peft_adapters_of_a_run_from_hf_load_with_auto_peft(tmp_path):
+  """A LoRA run started from a HF directory exports adapters whose adapter_config.json names
+  that directory, so AutoPeftModelForCausalLM rebuilds the model lm trained."""
+  peft = pytest.importorskip('peft')
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
+  from lm.model import lora  # pylint: disable=import-outside-toplevel
+  from lm.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
+  make_hf_model('qwen3', tmp_path / 'hf')
+  c = tiny_config()
+  c.train.update(init_from=str(tmp_path / 'hf'), trainable='lora')
+  c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|k|v|o)|mlp\.(gate|up|down)')
+  trainer = Trainer(c, devices=jax.devices()[:1])
+  state = trainer.init_state()
+  keys = iter(jax.random.split(jax.random.key(1), len(state.params)))
+  params = {n: v + 0.1 * jax.random.normal(next(keys), v.shape) if n.endswith('lora_b') else v
+            for n, v in state.params.items()}
+  run = tmp_path / 'run'
+  ckpt = Checkpointer(str(run), async_save=False, labels=trainer.labels)
+  ckpt.save(1, state.replace(params=params), {'position': 1})
+  ckpt.close()
+  (run / 'config.json').write_text(c.to_json_best_effort())
+
+  pretrained.export_run(str(run), str(tmp_path / 'adapter'), adapters_only=True)
+  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert adapter_config['base_model_name_or_path'] == str((tmp_path / 'hf').resolve())
+  peft_model = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / 'adapter')).eval()
+  with torch.no_grad():
+    got = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+  merged_spec = ModelSpec(lora.without_adapters(c.model))
+  merged = lora.merge(params, c.model.lora)
+  expected = np.asarray(jax.jit(lambda p: merged_spec.bind(p)(TOKENS))(merged))
+  with peft_model.disable_adapter(), torch.no_grad():
+    base = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+  assert np.max(np.abs(base - expected)) > 0.1  # the adapters matter
+  error = float(np.max(np.abs(got - expected)))
+  print(f'qwen3 PEFT: max |dlogit| {error:.2e}')
+  assert error <= 1e-4

@@ -1,0 +1,174 @@
+"""Mixtral and Qwen3-MoE in and out of Hugging Face: logits, greedy decoding, router loss, export
+bit for bit, and a PEFT adapter, each against transformers itself (CPU torch, fp32)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from lm import sharding as sharding_lib
+from lm.errors import CheckpointError
+from lm.eval import generate as gen
+from lm.io import hf
+from lm.io.safetensors import Reader
+from lm.io import peft as peft_io
+from lm.model import lora
+from lm.train.state import ModelSpec
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              num_experts_per_tok=2)
+FAMILIES = {
+    'mixtral': ('MixtralConfig', dict(num_local_experts=4, sliding_window=None)),
+    'qwen3_moe': ('Qwen3MoeConfig', dict(num_experts=4, moe_intermediate_size=16, head_dim=8,
+                                         norm_topk_prob=False)),
+    'qwen3_moe_norm': ('Qwen3MoeConfig', dict(num_experts=4, moe_intermediate_size=16, head_dim=8,
+                                              norm_topk_prob=True, tie_word_embeddings=True)),
+}
+TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
+
+
+def make_hf_model(family, path, **save):
+  """A tiny random HF MoE model; router weights large enough that the top-k choice is decisive."""
+  cls, extra = FAMILIES[family]
+  config = getattr(transformers, cls)(**{**COMMON, **extra})
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+  gen_ = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      std = 0.3 if name.endswith('norm.weight') else (1.0 if name.endswith('gate.weight') else 0.2)
+      base = 1.0 if name.endswith('norm.weight') else 0.0
+      p.copy_(base + std * torch.randn(p.shape, generator=gen_))
+  model.save_pretrained(path, **save)
+  return model
+
+
+def hf_logits(model, tokens=TOKENS):
+  with torch.no_grad():
+    return model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+
+
+def lm_model(path, mesh_shape=None):
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(path)))
+  if mesh_shape:
+    c.mesh.shape.update(mesh_shape)
+  spec = ModelSpec(c.model)
+  mesh = sharding_lib.make_mesh(c.mesh, None if mesh_shape else jax.devices()[:1])
+  shardings = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, c.mesh.rules)
+  return c, spec, hf.load_params(str(path), spec, shardings)
+
+
+def tensors(path):
+  out = {}
+  for file in sorted(path.glob('*.safetensors')):
+    reader = Reader(str(file))
+    out.update({n: np.array(reader.get(n)) for n in reader.names()})
+  return out
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_import_matches_transformers_and_export_is_bit_identical(family, tmp_path):
+  hf_model = make_hf_model(family, tmp_path / 'hf', max_shard_size='40KB')
+  reference = hf_logits(hf_model)
+  c, spec, params = lm_model(tmp_path / 'hf', dict(data=1, fsdp=2, tensor=1, expert=4))
+  assert c.model.moe.n_experts == 4 and c.model.qk_norm == family.startswith('qwen3')
+  gate = params['layers.mlp.gate.kernel']  # [L, E, D, F]: each device holds one expert
+  assert gate.addressable_shards[0].data.shape[1] == 1
+  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  assert np.max(np.abs(ours - reference)) <= 1e-4
+  assert np.std(reference) > 0.5
+
+  # Greedy decoding with lm's KV cache picks the tokens transformers' generate picks.
+  prompt = TOKENS[:, :6]
+  fn = jax.jit(gen.make_generate_fn(spec, gen.Sampling(max_new_tokens=8), eos_id=-1, pad_id=0))
+  out, _ = fn(params, prompt, np.full((2,), 6, np.int32), jax.random.key(0))
+  with torch.no_grad():
+    expected = hf_model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=8,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+  assert np.asarray(out).tolist() == expected[:, 6:].numpy().tolist()
+
+  hf.save(str(tmp_path / 'out'), params, c.model, max_shard_bytes=30_000)
+  original, exported = tensors(tmp_path / 'hf'), tensors(tmp_path / 'out')
+  if c.model.tie_embeddings:
+    original.pop('lm_head.weight', None)
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    assert exported[name].tobytes() == value.tobytes(), name
+  config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert config['model_type'] == family.removesuffix('_norm')
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
+  np.testing.assert_array_equal(hf_logits(reloaded), reference)
+
+
+def test_load_balancing_loss_is_transformers_aux_loss(tmp_path):
+  hf_model = make_hf_model('mixtral', tmp_path)
+  mask = np.ones_like(TOKENS)
+  mask[1, 11:] = 0  # padding is left out of the statistics on both sides
+  with torch.no_grad():
+    out = hf_model(torch.from_numpy(TOKENS.astype(np.int64)), output_router_logits=True,
+                   attention_mask=torch.from_numpy(mask.astype(np.int64)))
+  _, spec, params = lm_model(tmp_path)
+  model = spec.bind(params)
+  model(TOKENS, segment_ids_BT=mask.astype(np.int32))
+  np.testing.assert_allclose(float(model.router_losses['load_balancing']), float(out.aux_loss),
+                             rtol=1e-5)
+
+
+def test_peft_adapter_round_trip_on_a_moe_model(tmp_path):
+  peft = pytest.importorskip('peft')
+  base_hf = make_hf_model('qwen3_moe', tmp_path / 'base')
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'base')))
+  c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|k|v|o)$')
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  base = hf.load_params(str(tmp_path / 'base'), ModelSpec(lora.without_adapters(c.model)), shardings)
+  params = {**spec.init(jax.random.key(0)), **base}
+  rng = np.random.default_rng(0)
+  params.update({n: 0.1 * rng.standard_normal(v.shape).astype(np.float32)
+                 for n, v in params.items() if n.endswith('lora_b')})
+  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  assert np.max(np.abs(ours - hf_logits(base_hf))) > 1e-2  # the adapter changes the function
+
+  peft_io.save_peft(str(tmp_path / 'adapter'), params, c.model)
+  peft_model = peft.PeftModel.from_pretrained(base_hf, str(tmp_path / 'adapter')).eval()
+  assert np.max(np.abs(hf_logits(peft_model) - ours)) <= 1e-4
+  back = peft_io.load_peft(str(tmp_path / 'adapter'), spec)
+  for name, value in back.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(params[name]))
+
+  c.model.lora.targets = r'layers\.(attn|mlp)\.'  # experts too: PEFT has no per-expert layout here
+  with pytest.raises(CheckpointError, match='PEFT export of LoRA on experts'):
+    peft_io.save_peft(str(tmp_path / 'experts'), ModelSpec(c.model).init(jax.random.key(0)), c.model)
+
+
+def test_unsupported_moe_variants_are_refused_in_one_line(tmp_path):
+  make_hf_model('qwen3_moe', tmp_path)
+  config = hf.read_config(tmp_path)
+  with pytest.raises(CheckpointError, match='decoder_sparse_step=2.*not supported'):
+    hf.model_config_from_hf({**config, 'decoder_sparse_step': 2})
+  with pytest.raises(CheckpointError, match=r'mlp_only_layers=\[0\]'):
+    hf.model_config_from_hf({**config, 'mlp_only_layers': [0]})
+  c = tiny_config(qk_norm=False)
+  c.model.moe.update(n_experts=4, norm_topk_prob=False)
+  with pytest.raises(CheckpointError, match='Mixtral, which always sets'):
+    hf.family_of(c.model)
+
+
+def test_init_from_sets_the_expert_architecture_and_keeps_the_run_settings(tmp_path):
+  from lm.io import pretrained
+  make_hf_model('qwen3_moe', tmp_path)
+  c = tiny_config()
+  c.model.moe.update(aux_loss_weight=0.5, implementation='dense')
+  c.train.init_from = str(tmp_path)
+  pretrained.resolve_config(c)
+  assert (c.model.moe.n_experts, c.model.moe.experts_per_token, c.model.moe.expert_dim) == (4, 2, 16)
+  assert c.model.qk_norm and not c.model.moe.norm_topk_prob
+  assert (c.model.moe.aux_loss_weight, c.model.moe.implementation) == (0.5, 'dense')
