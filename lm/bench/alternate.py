@@ -19,7 +19,7 @@ import time
 import jax
 
 from lm import config as config_lib
-from lm.bench.train import random_batch
+from lm.bench.harness import random_batch
 from lm.train.loop import Trainer
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from lm import config as config_lib
-from lm.bench.train import random_batch
+from lm.bench.harness import random_batch
 from lm.model import moe as moe_lib
 from lm.train.loop import Trainer
 

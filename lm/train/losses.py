@@ -7,7 +7,7 @@ a time and keeps only [B, T] statistics. Its custom VJP recomputes each chunk's 
 backward pass and accumulates the gradients of the hidden states and of the unembedding weights
 chunk by chunk, as Liger's fused linear cross-entropy and Cut Cross-Entropy do; the price is one
 more [tokens, D] x [D, V] matmul. The result equals the plain path up to float rounding
-(tests/test_chunked_loss.py).
+(tests/train/test_losses.py).
 """
 
 from __future__ import annotations
