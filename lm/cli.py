@@ -50,11 +50,11 @@ def cmd_train(argv):
   args, overrides = parser.parse_known_args(argv)
   cfg = _config_from_args(args, overrides)
   from lm import distributed  # pylint: disable=import-outside-toplevel
-  from lm.train import runner as train  # pylint: disable=import-outside-toplevel
+  from lm.train import loop, runner  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize(cfg.distributed)
-  summary = train.train(cfg, args.workdir, progress=not args.no_progress)
+  summary = runner.train(cfg, args.workdir, progress=not args.no_progress)
   loss = f', loss {summary["loss"]:.4f}' if 'loss' in summary else ''
-  held_out = train.held_out_line(cfg, summary, summary['unigram_perplexity'], final=True)
+  held_out = loop.held_out_line(cfg, summary, summary['unigram_perplexity'], final=True)
   print(f'done: step {summary["step"]}{loss}, {held_out}; run directory {args.workdir}')
   return 0
 
