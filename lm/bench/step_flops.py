@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from lm.config import head_dim
+from lm.model.spec import FROZEN_COPIES
 from lm.train import partition
 
 _MATMUL_SUFFIXES = ('.kernel', '.lora_a', '.lora_b')
@@ -58,7 +59,7 @@ def step_flops(trainer) -> StepFlops:
   def size(name):
     return int(np.prod(spec.shapes[name].shape))
 
-  names = [n for n in spec.names if not n.startswith(partition.REF_PREFIX)]
+  names = [n for n in spec.names if not n.startswith(FROZEN_COPIES)]
   trains = lambda n: labels[n] == partition.TRAINABLE
   layer_mm = [n for n in names if n.startswith(partition.LAYERS_PREFIX) and n.endswith(_MATMUL_SUFFIXES)]
   head_mm = [n for n in names if n.startswith('lm_head.') and n.endswith(_MATMUL_SUFFIXES)]

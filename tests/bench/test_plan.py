@@ -112,7 +112,7 @@ def test_compiles_for_a_tpu_slice_and_reports_per_chip_memory():
   c = _quiet_tiny()
   c.mesh.shape.update(data=1, fsdp=-1)
   result = plan_lib.compile_step(c, targets.parse('v5p-8'))
-  assert result.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1, 'context': 1}
+  assert result.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1, 'context': 1, 'expert': 1}
   # The TPU's decision, not this CPU host's: the Pallas kernel, in a shard_map over the 4 chips.
   assert result.fits and result.attention == 'auto: pallas'
   params = 4 * ModelSpec(c.model).param_count()  # float32
@@ -148,7 +148,7 @@ def test_bad_targets_and_meshes_are_one_line_from_the_command(tmp_path):
   for args, line in [
       (['--target', 'v9-8'], "lm: error: unknown target 'v9-8'; targets look like v5p-8"),
       (['--target', 'v5p-8', '--config.mesh.shape.data=8'],
-       "lm: error: v5p-8 (4 devices): mesh.shape={'context': 1, 'data': 8, 'fsdp': 1, 'tensor': 1} needs 8 devices but 4")]:
+       "lm: error: v5p-8 (4 devices): mesh.shape={'context': 1, 'data': 8, 'expert': 1, 'fsdp': 1, 'tensor': 1} needs 8 devices but 4")]:
     out = subprocess.run([lm_runs.PYTHON, '-m', 'lm', 'plan', '--config', 'configs/bench_tiny.py', *args],
                          cwd=ROOT, env=lm_runs.env(str(tmp_path / 'cache')), capture_output=True,
                          text=True, timeout=300)
