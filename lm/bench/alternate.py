@@ -7,7 +7,9 @@ their ratio holds.
 
 Each variant is `key=value[,key=value...]` applied over the config; the first is the baseline.
 Prints each variant's median step time over `--rounds` rounds of `--steps` steps and its ratio to
-the baseline.
+the baseline, in wall time and in this process's CPU time. On a loaded machine the CPU time is the
+steadier of the two (it does not count the time other processes hold the cores), though it also
+counts threads that spin while they wait.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _variant(config: str, spec: str):
   for _ in range(2):  # compile, then one more to settle
     state, metrics = trainer.step(state, batch)
   jax.block_until_ready(metrics)
-  return {'trainer': trainer, 'state': state, 'batch': batch, 'times': []}
+  return {'trainer': trainer, 'state': state, 'batch': batch, 'times': [], 'cpu': []}
 
 
 def main(argv=None):
@@ -48,16 +50,18 @@ def main(argv=None):
   variants = {spec: _variant(args.config, spec) for spec in args.variant}
   for _ in range(args.rounds):
     for v in variants.values():
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       for _ in range(args.steps):
         v['state'], metrics = v['trainer'].step(v['state'], v['batch'])
       jax.block_until_ready((v['state'], metrics))
       v['times'].append((time.perf_counter() - start) / args.steps)
-  base = statistics.median(next(iter(variants.values()))['times'])
-  print(f'{"variant":<48}{"median ms/step":>16}{"vs first":>10}')
+      v['cpu'].append((time.process_time() - cpu_start) / args.steps)
+  first = next(iter(variants.values()))
+  base, cpu_base = statistics.median(first['times']), statistics.median(first['cpu'])
+  print(f'{"variant":<48}{"median ms/step":>16}{"vs first":>10}{"CPU ms/step":>13}{"vs first":>10}')
   for spec, v in variants.items():
-    ms = statistics.median(v['times'])
-    print(f'{spec:<48}{ms * 1e3:>16.1f}{ms / base:>9.2f}x')
+    ms, cpu = statistics.median(v['times']), statistics.median(v['cpu'])
+    print(f'{spec:<48}{ms * 1e3:>16.1f}{ms / base:>9.2f}x{cpu * 1e3:>13.1f}{cpu / cpu_base:>9.2f}x')
 
 
 if __name__ == '__main__':

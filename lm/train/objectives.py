@@ -43,7 +43,10 @@ def token_logprobs(model, tokens_BT, positions_BT, segment_ids_BT, targets_BT, *
   """
   # getattr: a model config saved before the key existed; a test's logits function has none.
   chunk = getattr(model.cfg, 'loss_chunk_size', 0)
-  head = model.unembedding(adapters=adapters) if chunk else None
+  # A sequence that fits in one chunk takes the plain path: chunking could save nothing (the one
+  # chunk's logits are the whole logits), and its backward would recompute them (20% of a small
+  # model's CPU step, measured with lm.bench.alternate on configs/bench_tiny.py).
+  head = model.unembedding(adapters=adapters) if 0 < chunk < tokens_BT.shape[1] else None
   if head is None:
     # `adapters` is passed only to switch them off, so any logits function serves as a model.
     off = {} if adapters else {'adapters': False}

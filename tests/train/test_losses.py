@@ -163,3 +163,16 @@ def test_chunked_step_holds_no_whole_logits():
     temps[chunk] = trainer.step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   logits = 8 * 64 * 8192 * 4
   assert temps[8] < temps[0] - logits, temps
+
+
+def test_a_sequence_within_one_chunk_takes_the_plain_path():
+  """With T <= loss_chunk_size chunking saves nothing, so the step must not pay the chunked
+  backward's recomputed logits: its FLOPs equal the whole-logits step's."""
+  flops = {}
+  for chunk in (0, 16):  # tiny_config's seq_len is 16
+    c = tiny_config(vocab_size=4096, loss_chunk_size=chunk)
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    state = trainer.init_state()
+    batch = trainer.global_batch(random_batch(c))
+    flops[chunk] = trainer.step.lower(state, batch).compile().cost_analysis()['flops']
+  assert flops[16] == flops[0], flops
