@@ -13,6 +13,7 @@ FSDP over the topology's chips) and reads XLA's memory_analysis(): arguments + o
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -58,6 +59,8 @@ def compiled_bytes(cfg, devices) -> dict:
 
 def tpu_devices(topology: str):
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # Compile-only use takes no real chips: skip libtpu's machine-wide lock (lm/bench/targets.py).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   return topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
 
 
