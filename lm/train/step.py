@@ -69,7 +69,7 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     params = optax.apply_updates(state.params, updates)
 
     loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
-    weights_finite = _updated_weights_finite(tx, full_grads, state, labels)
+    weights_finite = guard_lib.all_finite(partition.split(params, labels)[0])
     ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore, weights_finite)
     params, opt_state = guard_lib.select(ok, (params, opt_state), (state.params, state.opt_state))
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': weight_sum,
@@ -78,19 +78,6 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
   return step
-
-
-def _updated_weights_finite(tx, grads, state: TrainState, labels: dict):
-  """Whether this update leaves every trainable weight finite, computed apart from the update
-  that is kept. Checked on the kept update itself, the guard's select would need the whole
-  reduction before it could write a weight, so XLA held the updated weights as a temporary
-  copy of every trainable parameter (7.5 GiB a chip for 8B full fine-tuning on v5p-8). Behind
-  the barrier XLA cannot merge the two, so the check recomputes the update from the gradients,
-  optimizer state and weights (one more elementwise pass over them) and the kept update is
-  written once, in place."""
-  grads, opt_state, params = jax.lax.optimization_barrier((grads, state.opt_state, state.params))
-  updates, _ = tx.update(grads, opt_state, params)
-  return guard_lib.all_finite(partition.split(optax.apply_updates(params, updates), labels)[0])
 
 
 def make_eval_step(spec: ModelSpec, objective):
