@@ -6,9 +6,9 @@ worked example.
   lm train --config configs/finetune_smollm2_gsm8k.py:full --workdir runs/smollm2_gsm8k_full
 
 It trains on the text the gsm8k tasks prompt with ("Question: ...\nAnswer: ... #### N"), so
-training and evaluation see one format; the tasks' prompts are plain text, not the model's chat
-template. 40 steps of 8 x 256 tokens (~1,100 problems); `:lora` trains rank-8 adapters on every
-attention and MLP projection, `:full` every weight.
+training and evaluation see one format (the tasks' prompts are plain text, not the model's chat
+template). 30 steps of 4 x 256 tokens (about 200 problems), sized for 2 shared CPU cores; `:lora`
+trains rank-8 adapters on every attention and MLP projection, `:full` every weight.
 """
 
 from lm.config import base_config
@@ -20,11 +20,11 @@ def get_config(arg=None):
   if mode not in ('lora', 'full'):
     raise ConfigError(f'configs/finetune_smollm2_gsm8k.py:{mode}; write :lora or :full')
   c = base_config()
-  c.train.update(init_from='../shared/data/smollm2-135m-instruct', steps=40, log_every=5,
-                 eval_every=40, eval_batches=2, checkpoint_every=40)
+  c.train.update(init_from='../shared/data/smollm2-135m-instruct', steps=30, log_every=5,
+                 eval_every=30, eval_batches=2, checkpoint_every=30)
   c.data.update(train_files='runs/data/gsm8k_train.jsonl', format='text', seq_len=256,
-                batch_size=8)
-  c.optimizer.update(warmup_steps=4, schedule='cosine', weight_decay=0.0)
+                batch_size=4)
+  c.optimizer.update(warmup_steps=3, schedule='cosine', weight_decay=0.0)
   c.metrics.update(tensorboard=False)
   if mode == 'lora':
     c.model.lora.update(rank=8, alpha=16.0, dropout=0.0, targets=r'layers\.(attn|mlp)\.')
