@@ -122,7 +122,8 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
   trained = {evaluate.parse_run(s)[0]: evaluate.parse_run(s)[1] for s in finetuned}
   if not pretrained_base:
     trained = {base_name: base_dir, **trained}
-  compute = {name: training_compute(d) if runs.kind(d) == 'lm' else {} for name, d in trained.items()}
+  compute = {name: training_compute(d) if runs.kind(d) == 'lm' else {}
+             for name, d in trained.items()}
   if base_pretraining_tokens is not None:
     compute[base_name] = pretraining_compute(base_spec, base_pretraining_tokens)
   elif pretrained_base:
@@ -194,7 +195,8 @@ def markdown(report: dict) -> str:
       continue
     ratio = f'{c["flops"] / pre:.3g}x' if pre else ''
     if c.get('estimated'):
-      lines.append(f'| {name} | pretraining (estimate) | | {c["tokens"]:.3g} | {c["flops"]:.3g} | | 1x |')
+      lines.append(f'| {name} | pretraining (estimate) | | {c["tokens"]:.3g} | '
+                   f'{c["flops"]:.3g} | | 1x |')
       continue
     lines.append(f'| {name} | {c["trainable"]} | {c["steps"]} (from step {c["first_step"]}) | '
                  f'{c["tokens"]:,} | {c["flops"]:.3g} | {c["wall_seconds"] / 60:.1f} min | {ratio} |')
