@@ -20,8 +20,9 @@ commands:
             [--temperature T] [--top-k K] [--top-p P] [--stop STR ...]   (no prompt: interactive)
   eval      lm eval RUN_DIR[@STEP] ... --tasks gsm8k,my_task.yaml --out DIR [--config configs/eval/default.py]
             [--harness hellaswag,harness_task.yaml] [--config.limit=100 --config.shots=2 ...] [--no-progress]
-  compare   lm compare --base RUN_DIR --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
+  compare   lm compare --base RUN_DIR|HF_DIR|GGUF --finetuned NAME=RUN_DIR ... --out DIR [--shots 2]
             [--tasks gsm8k,gsm8k_nll,gsm8k_choice] [--general wiki_ppl,heldout_ppl] [--limit 100]
+            [--base-pretraining-tokens 2e12]
             [--config configs/eval/default.py] [--config.max_new_tokens=64 ...] [--no-progress]
   plan      lm plan --config CONFIG --target v5p-8|v6e-8|v5e-16|v4-8|h100x8|h200x8|2xv5p-8 [--mfu 0.4]
             [--search] [--config.a.b=value ...]   (compiles the step for the target; no hardware)
@@ -245,7 +246,9 @@ def cmd_eval(argv):
 
 def cmd_compare(argv):
   parser = _Parser(prog='lm compare', allow_abbrev=False)
-  parser.add_argument('--base', required=True, help='[NAME=]RUN_DIR[@STEP] of the base model')
+  parser.add_argument('--base', required=True,
+                      help='[NAME=]RUN_DIR[@STEP] of the base model, or a Hugging Face directory '
+                           'or GGUF file (or a directory holding one)')
   parser.add_argument('--finetuned', nargs='+', required=True, help='[NAME=]RUN_DIR[@STEP] ...')
   parser.add_argument('--out', required=True)
   parser.add_argument('--tasks', default='gsm8k,gsm8k_nll,gsm8k_choice')
@@ -253,6 +256,9 @@ def cmd_compare(argv):
                       help='general-ability tasks, run before and after (forgetting)')
   parser.add_argument('--shots', type=int, default=2, help='exemplars for the prompted base')
   parser.add_argument('--limit', type=int, help='examples per task (the config\'s limit setting)')
+  parser.add_argument('--base-pretraining-tokens', type=float,
+                      help='tokens the base was pretrained on (e.g. 2e12): the compute table '
+                           'shows 6 x parameters x tokens beside each fine-tune')
   parser.add_argument('--config', help='an eval config for the settings (limit, max_new_tokens...)')
   parser.add_argument('--no-progress', action='store_true', help='no progress bars on stderr')
   args, overrides = parser.parse_known_args(argv)
@@ -264,7 +270,8 @@ def cmd_compare(argv):
   from lm.eval import compare, tasks  # pylint: disable=import-outside-toplevel
   compare.compare(args.base, args.finetuned, args.out, task_names=tasks.parse_tasks(args.tasks),
                   general=tasks.parse_tasks(args.general), shots=args.shots, settings=settings,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress,
+                  base_pretraining_tokens=args.base_pretraining_tokens)
   print(f'wrote {args.out}/compare.md, compare.json, scores.png, loss_curves.png')
   return 0
 

@@ -1,9 +1,14 @@
 """`lm compare`: did fine-tuning help, compared with the base model and with the base model given
 a few-shot prompt, what did it cost in general ability, and what did it cost in compute?
 
+The base is an lm run (its training compute is read from its metrics) or a pretrained model, a
+Hugging Face directory or a GGUF file (its pretraining compute estimated as 6 x parameters x
+tokens from `base_pretraining_tokens`, the number of tokens its makers report).
+
 Writes into the output directory:
   compare.md      task scores (base, base k-shot, each fine-tuned model), forgetting (general-text
-                  perplexity before and after), compute (FLOPs and wall time of every run)
+                  perplexity before and after), compute (FLOPs and wall time of every run, beside
+                  the base's pretraining compute)
   compare.json    every figure behind the tables
   scores.png      each task's headline metric per model
   loss_curves.png training and held-out loss of every run
@@ -18,6 +23,7 @@ import math
 import os
 
 from lm.eval import evaluate
+from lm.errors import UserError
 from lm.io import runs
 from lm.train import flops as flops_lib
 from lm.train import partition
@@ -56,19 +62,51 @@ def training_compute(run_dir: str) -> dict:
           'trainable': cfg.train.trainable}
 
 
+def pretraining_compute(spec: ModelSpec, tokens: float) -> dict:
+  """The usual estimate of a model's pretraining compute: 6 x parameters x tokens (forward 2N,
+  backward 4N FLOPs per token; attention left out)."""
+  params = sum(math.prod(s.shape) for s in spec.shapes.values())
+  return {'tokens': tokens, 'flops': 6.0 * params * tokens, 'parameters': params,
+          'trainable': 'pretraining', 'estimated': True}
+
+
+def _check_runs(base_dir: str, finetuned: list[str], general: list, task_names: list) -> bool:
+  """Each model exists (one line naming the flag otherwise); True when the base is a pretrained
+  model (HF directory or GGUF) rather than an lm run. Runs before any model loads."""
+  pretrained_base = runs.kind(base_dir, '--base') != 'lm'
+  for spec in finetuned:
+    runs.kind(evaluate.parse_run(spec)[1], '--finetuned')
+  if pretrained_base:
+    for task in [tasks_lib.resolve(t) for t in [*task_names, *general]]:
+      if task.data == tasks_lib.HELDOUT:
+        raise UserError(f'--base {base_dir} is a pretrained model without a run, so it has no '
+                        f'held-out split for {task.name}; drop {task.name} from --general/--tasks '
+                        '(e.g. --general wiki_ppl)')
+  return pretrained_base
+
+
 def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
             general: list, shots: int, settings: tasks_lib.Settings, log=print,
-            progress: bool = False) -> dict:
+            progress: bool = False, base_pretraining_tokens: float | None = None) -> dict:
   """Runs the comparison; returns what compare.json holds. `task_names` and `general`: built-in
-  names, task files or parsed tasks."""
+  names, task files or parsed tasks. `base` is an lm run, a Hugging Face directory or a GGUF file;
+  `base_pretraining_tokens` (the tokens the base was pretrained on) puts 6 x parameters x tokens in
+  the compute table as the base's row, in place of an lm base run's measured compute."""
+  base_dir = evaluate.parse_run(base)[1]
+  pretrained_base = _check_runs(base_dir, finetuned, general, task_names)
+  if base_pretraining_tokens is not None and not base_pretraining_tokens > 0:
+    raise UserError(f'--base-pretraining-tokens {base_pretraining_tokens}: give the number of '
+                    'tokens the base was pretrained on, e.g. 2e12')
   run_tasks = functools.partial(evaluate.run_tasks, log=log, progress=progress)
-  settings = dataclasses.replace(settings, heldout_from=evaluate.parse_run(base)[1])
+  # heldout_ppl measures the pretraining text: the base run's held-out split, where it has one.
+  settings = dataclasses.replace(settings, heldout_from='' if pretrained_base else base_dir)
   few_shot = dataclasses.replace(settings, shots=shots)
   scores, forgetting = {}, {}
 
   base_model = evaluate.load_model(base)
   log(f'base {base_model.name}: {base_model.run_dir} step {base_model.step}')
   base_name = base_model.name
+  base_spec = base_model.spec
   scores[base_name] = run_tasks(base_model, task_names, settings)
   if shots:
     scores[f'{base_name} {shots}-shot'] = run_tasks(base_model, task_names, few_shot)
@@ -81,9 +119,16 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
     scores[model.name] = run_tasks(model, task_names, settings)
     forgetting[model.name] = run_tasks(model, general, settings)
 
-  runs = {base_name: evaluate.parse_run(base)[1],
-          **{evaluate.parse_run(s)[0]: evaluate.parse_run(s)[1] for s in finetuned}}
-  compute = {name: training_compute(d) for name, d in runs.items()}
+  trained = {evaluate.parse_run(s)[0]: evaluate.parse_run(s)[1] for s in finetuned}
+  if not pretrained_base:
+    trained = {base_name: base_dir, **trained}
+  compute = {name: training_compute(d) if runs.kind(d) == 'lm' else {}
+             for name, d in trained.items()}
+  if base_pretraining_tokens is not None:
+    compute[base_name] = pretraining_compute(base_spec, base_pretraining_tokens)
+  elif pretrained_base:
+    compute[base_name] = {}
+  compute = {base_name: compute[base_name], **compute}  # the base's row first
   report = {'scores': scores, 'forgetting': forgetting, 'compute': compute, 'base': base_name,
             'shots': shots, 'settings': dataclasses.asdict(settings)}
   os.makedirs(out_dir, exist_ok=True)
@@ -92,7 +137,7 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
   with open(os.path.join(out_dir, 'compare.md'), 'w', encoding='utf-8') as f:
     f.write(markdown(report))
   plot_scores(report, os.path.join(out_dir, 'scores.png'))
-  plot_loss_curves({name: read_metrics(d) for name, d in runs.items()},
+  plot_loss_curves({name: read_metrics(d) for name, d in trained.items()},
                    os.path.join(out_dir, 'loss_curves.png'),
                    ylabel='loss (nats/token, on each run\'s own data)')
   return report
@@ -136,19 +181,28 @@ def markdown(report: dict) -> str:
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   out.append('\n'.join(lines) + '\n')
   out.append('## Compute\n')
-  lines = ['| run | trainable | steps | tokens | FLOPs | wall time | FLOPs vs pretraining |',
+  base_c = report['compute'].get(base, {})
+  pre = base_c.get('flops')
+  if base_c.get('estimated'):
+    out.append(f'`{base}`\'s row is its pretraining compute estimated as 6 x parameters x tokens '
+               f'(6 x {base_c["parameters"]:,} x {base_c["tokens"]:.3g}); the fine-tunes\' FLOPs '
+               'are 6N + attention per token, frozen weights skipping their weight gradients.\n')
+  lines = ['| run | trainable | steps | tokens | FLOPs | wall time | FLOPs vs base pretraining |',
            '|---|---|---|---|---|---|---|']
-  pre = report['compute'].get(base, {}).get('flops')
   for name, c in report['compute'].items():
     if not c:
       lines.append(f'| {name} | (no training metrics) | | | | | |')
       continue
     ratio = f'{c["flops"] / pre:.3g}x' if pre else ''
+    if c.get('estimated'):
+      lines.append(f'| {name} | pretraining (estimate) | | {c["tokens"]:.3g} | '
+                   f'{c["flops"]:.3g} | | 1x |')
+      continue
     lines.append(f'| {name} | {c["trainable"]} | {c["steps"]} (from step {c["first_step"]}) | '
                  f'{c["tokens"]:,} | {c["flops"]:.3g} | {c["wall_seconds"] / 60:.1f} min | {ratio} |')
   out.append('\n'.join(lines) + '\n')
   if pre:
-    ratios = [f'{name} {pre / c["flops"]:.1f}x' for name, c in report['compute'].items()
+    ratios = [f'{name} {pre / c["flops"]:.3g}x' for name, c in report['compute'].items()
               if name != base and c]
     if ratios:
       out.append(f'Pretraining compute / fine-tuning compute: {", ".join(ratios)}.\n')

@@ -81,3 +81,51 @@ def test_compare_writes_table_and_plots(runs, tmp_path):
   for png in ('scores.png', 'loss_curves.png'):
     with open(os.path.join(out, png), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_compare_with_a_pretrained_base(runs, tmp_path):
+  """The base as a user downloads it (here the base run exported to GGUF and to a Hugging Face
+  directory): compared with the fine-tune, the compute table puts the fine-tune's FLOPs beside
+  6 x parameters x the tokens the base was pretrained on."""
+  pytest.importorskip('gguf')
+  from lm.io import pretrained
+  base, tuned, _ = runs
+  pretrained.export_run(base, str(tmp_path / 'gguf' / 'base.gguf'), fmt='gguf', dtype='f16')
+  pretrained.export_run(base, str(tmp_path / 'hf'), fmt='hf')
+  for source in (tmp_path / 'gguf', tmp_path / 'hf'):
+    out = str(tmp_path / f'compare_{source.name}')
+    assert cli.main(['compare', '--base', f'base={source}', '--finetuned', f'ft={tuned}',
+                     '--out', out, '--tasks', 'gsm8k_nll', '--general', 'wiki_ppl', '--shots', '0',
+                     '--config.limit=1', '--base-pretraining-tokens', '2e6']) == 0
+    report = json.load(open(os.path.join(out, 'compare.json')))
+    base_c, ft_c = report['compute']['base'], report['compute']['ft']
+    assert base_c['flops'] == 6 * base_c['parameters'] * 2e6 and base_c['trainable'] == 'pretraining'
+    assert ft_c['steps'] == 2 and ft_c['flops'] > 0
+    md = open(os.path.join(out, 'compare.md')).read()
+    assert '| base | pretraining (estimate) | | 2e+06 |' in md
+    assert '6 x parameters x tokens' in md and 'FLOPs vs base pretraining' in md
+    assert f'Pretraining compute / fine-tuning compute: ft {base_c["flops"] / ft_c["flops"]:.3g}x' in md
+    assert report['forgetting']['ft']['wiki_ppl']['perplexity'] > 1
+
+
+def test_compare_refuses_a_bad_base_in_one_line(runs, tmp_path, capsys):
+  import subprocess
+  import sys
+  base, tuned, _ = runs
+  out = tmp_path / 'out'
+  result = subprocess.run(
+      [sys.executable, '-m', 'lm', 'compare', '--base', str(tmp_path / 'missing'), '--finetuned',
+       tuned, '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 2 and not out.exists()
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('lm: error: --base=') and 'Hugging Face model directory' in last
+  # A pretrained base has no held-out split of its own run: heldout_ppl is refused before loading.
+  pretrained_dir = tmp_path / 'hf'
+  from lm.io import pretrained
+  pretrained.export_run(base, str(pretrained_dir), fmt='hf')
+  capsys.readouterr()
+  assert cli.main(['compare', '--base', str(pretrained_dir), '--finetuned', tuned, '--out', str(out),
+                   '--general', 'wiki_ppl,heldout_ppl']) == 2
+  assert 'has no held-out split for heldout_ppl; drop heldout_ppl' in capsys.readouterr().err
+  assert not out.exists()

@@ -245,6 +245,9 @@ def test_compare_accepts_the_limit_its_usage_lists(monkeypatch, tmp_path):
   seen = {}
   monkeypatch.setattr(compare, 'compare', lambda *a, **k: seen.update(k))
   assert cli.main(['compare', '--base', 'b', '--finetuned', 'f', '--out', str(tmp_path),
-                   '--limit', '7', '--tasks', 'wiki_cloze', '--general', 'wiki_ppl']) == 0
+                   '--limit', '7', '--tasks', 'wiki_cloze', '--general', 'wiki_ppl',
+                   '--base-pretraining-tokens', '2e12']) == 0
   assert seen['settings'].limit == 7 and [t.name for t in seen['task_names']] == ['wiki_cloze']
-  assert '--limit' in cli.USAGE and '--harness' in cli.USAGE
+  assert seen['base_pretraining_tokens'] == 2e12
+  for option in ('--limit', '--harness', '--base-pretraining-tokens'):
+    assert option in cli.USAGE
