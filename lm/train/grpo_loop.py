@@ -28,6 +28,7 @@ from lm.data import chat, pipeline, sources
 from lm.errors import ConfigError, DataError, Diverged, Preempted
 from lm.eval import generate as generate_lib
 from lm.eval import rewards as rewards_lib
+from lm.io import pretrained
 from lm.train import objectives, preemption, rundir
 from lm.train.loop import Trainer, make_checkpointer, restore
 from lm.train.metrics import MetricWriter
@@ -169,6 +170,7 @@ class Sampler:
 
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) GRPO; returns the final metrics (`lm train` with train.objective=grpo)."""
+  pretrained.resolve_config(cfg)  # as lm.train.loop.train: the shape and tokenizer of init_from
   reward_fns = check_config(cfg)
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
     return _train(cfg, rundir.prepare(workdir), reward_fns, progress=progress)
