@@ -2,6 +2,9 @@
 
   lm train --config configs/quickstart.py --workdir runs/quickstart      # once: a base model
   lm train --config configs/grpo.py --workdir runs/grpo                  # LoRA policy, GSM8K rewards
+  # a chat model (e.g. SmolLM2-135M-Instruct): prompts as user turns of its own chat template
+  lm train --config configs/grpo.py --workdir runs/grpo_chat \
+      --config.train.init_from=../shared/data/smollm2-135m-instruct --config.grpo.chat_template=tokenizer
 
 Each round samples data.batch_size / group_size prompts x group_size completions with the KV-cache
 generator, scores them (exact answer + answer format, lm/eval/rewards.py), and takes

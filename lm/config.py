@@ -227,6 +227,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grpo = ml_collections.ConfigDict(dict(
       prompts=config_dict.placeholder(str),  # .jsonl/.json of records, e.g. ../shared/data/gsm8k/train.jsonl
       prompt_format='Question: {question}\nAnswer:',  # str.format over the record's fields
+      chat_template='',  # '': the formatted prompt as plain text; else a data.chat_template name (tokenizer, chatml, auto, PATH.jinja): it is the user turn, completions stop at the end of the turn
       rewards='lm.eval.rewards.gsm8k_exact',  # comma-separated dotted names of fn(completion, record) -> float
       reward_weights=(),  # one weight per reward; () weighs each 1.0
       group_size=4,  # G: completions sampled per prompt

@@ -92,7 +92,7 @@ FREE = {
     'model.rope_scaling', 'model.scan_layers', 'model.tie_embeddings', 'optimizer.no_decay',
     'train.async_checkpoint', 'train.early_stopping_metric', 'train.eval_tasks', 'train.init_from',
     'train.resume_changes', 'train.trainable', 'distill.teacher', 'grpo.prompts',
-    'grpo.prompt_format', 'grpo.rewards', 'grpo.reward_weights', 'grpo.stop', 'grpo.scale_rewards',
+    'grpo.prompt_format', 'grpo.chat_template', 'grpo.rewards', 'grpo.reward_weights', 'grpo.stop', 'grpo.scale_rewards',
     'model.layer_types', 'model.post_norms', 'model.mlp_bias', 'model.qk_norm', 'model.attn_out_bias',
     'model.hf_family', 'model.moe.norm_topk_prob',
 }

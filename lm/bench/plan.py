@@ -110,8 +110,11 @@ def abstract_batch(cfg, sharding) -> dict:
 
 
 def _shard_bytes(tree, shardings) -> int:
+  # Bits, not itemsize: a QLoRA base's uint4 values take one byte each in numpy but are packed
+  # two to a byte on GPU and TPU.
   leaves = jax.tree.leaves(jax.tree.map(
-      lambda x, s: math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize, tree, shardings))
+      lambda x, s: math.prod(s.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) / 8,
+      tree, shardings))
   return int(sum(leaves))
 
 

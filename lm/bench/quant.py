@@ -1,8 +1,9 @@
 """QLoRA's quantization error on a real model: logits of the int8 / NF4 base against float.
 
-  python -m lm.bench.quant RUN_OR_HF_DIR [--rows 16] [--len 128]
+  python -m lm.bench.quant SOURCE [--rows 16] [--len 128]
 
-Loads the weights in float (an lm run, its LoRA adapters merged, or a Hugging Face directory),
+Loads the weights in float (an lm run, its LoRA adapters merged; a Hugging Face directory; a GGUF
+file or a directory holding one, dequantized as `train.init_from` reads it),
 quantizes the layers' linear kernels as `model.quant` would (lm/model/quant.py), and compares the
 logits on held-out GSM8K text (../shared/data/gsm8k): mean |dlogit| and top-1 agreement over every
 position, and the kernels' packed size.
@@ -16,29 +17,30 @@ import jax
 import ml_collections
 import numpy as np
 
+from lm import config as config_lib
 from lm import sharding as sharding_lib
-from lm.eval import evaluate, tasks
-from lm.io import pretrained
+from lm.data import tokenizer as tokenizer_lib
+from lm.eval import task_data
+from lm.io import pretrained, runs
 from lm.model import quant
 from lm.train.state import ModelSpec
 
 
 def compare(source: str, rows: int = 16, length: int = 128, settings=(('int8', 64), ('nf4', 64),
                                                                       ('nf4', 32))) -> list[dict]:
-  if pretrained.kind(source) != 'lm':
-    raise SystemExit(f'{source}: lm.bench.quant reads lm run directories (Hugging Face: not yet)')
-  cfg = evaluate.load_config(source)
+  cfg, tokenizer = _config_and_tokenizer(source)
   model_cfg = quant.without_quant(cfg.model)
   spec = ModelSpec(model_cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'))
   shardings = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, (('embed', None),))
   params = pretrained.load_params(source, spec, shardings)
-  tokenizer = evaluate.run_tokenizer(source, cfg)
   ids = np.full((rows, length), tokenizer.pad_id, np.int32)
-  for i, row in enumerate(tasks.gsm8k('eval')[:rows]):
-    encoded = tokenizer.encode(tasks.gsm8k_text(row), bos=True)[:length]
+  real = np.zeros((rows, length), bool)  # by length: a tokenizer's pad id may also be a real token
+  for i, row in enumerate(task_data.gsm8k('eval')[:rows]):
+    text = f'Question: {row["question"]}\nAnswer: {row["answer"]}'  # the gsm8k tasks' form
+    encoded = tokenizer.encode(text, bos=True)[:length]
     ids[i, :len(encoded)] = encoded
-  real = ids != tokenizer.pad_id
+    real[i, :len(encoded)] = True
   reference = np.asarray(jax.jit(lambda p, t: spec.bind(p)(t))(params, ids))
   out = []
   for qtype, block in settings:
@@ -59,9 +61,23 @@ def compare(source: str, rows: int = 16, length: int = 128, settings=(('int8', 6
   return out
 
 
+def _config_and_tokenizer(source: str):
+  """(config, tokenizer) of an lm run, or of a Hugging Face directory or GGUF file read as
+  `train.init_from` reads it (its architecture and tokenizer; float32 as the config's default)."""
+  if runs.kind(source, 'source') == 'lm':
+    cfg = runs.load_config(source)
+    return cfg, runs.run_tokenizer(source, cfg)
+  cfg = config_lib.base_config()
+  cfg.train.init_from = source
+  pretrained.resolve_config(cfg)
+  if not cfg.data.tokenizer:
+    raise SystemExit(f'{source} has no tokenizer.json or tokenizer.model')
+  return cfg, tokenizer_lib.load(cfg.data.tokenizer)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m lm.bench.quant')
-  parser.add_argument('source', help='an lm run directory')
+  parser.add_argument('source', help='an lm run directory, a Hugging Face directory or a GGUF file (or its directory)')
   parser.add_argument('--rows', type=int, default=16)
   parser.add_argument('--len', type=int, default=128)
   args = parser.parse_args(argv)

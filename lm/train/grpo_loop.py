@@ -24,10 +24,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from lm.data import pipeline, sources
+from lm.data import chat, pipeline, sources
 from lm.errors import ConfigError, DataError, Diverged, Preempted
 from lm.eval import generate as generate_lib
 from lm.eval import rewards as rewards_lib
+from lm.io import pretrained
 from lm.train import objectives, preemption, rundir
 from lm.train.loop import Trainer, make_checkpointer, restore
 from lm.train.metrics import MetricWriter
@@ -70,6 +71,22 @@ def load_prompts(cfg) -> list[dict]:
   return records
 
 
+def prompt_encoder(cfg, tokenizer):
+  """(fn(record) -> prompt ids, end-of-turn ids): `grpo.prompt_format` filled from the record, as
+  plain text, or with `grpo.chat_template` set as the user turn of a conversation in that template
+  (the mechanism of `lm generate --chat` and data.chat_template), ending in the assistant header."""
+  g = cfg.grpo
+  if not g.chat_template:
+    return (lambda record: tokenizer.encode(g.prompt_format.format(**record),
+                                            bos=tokenizer.bos_id is not None)), ()
+  try:
+    encoder = chat.ChatEncoder(chat.get_template(g.chat_template, tokenizer), tokenizer)
+  except DataError as e:
+    raise ConfigError(f'grpo.chat_template={g.chat_template!r}: {e}') from None
+  return (lambda record: encoder.encode_prompt(
+      [{'role': 'user', 'content': g.prompt_format.format(**record)}]).tolist()), tuple(encoder.stop_ids())
+
+
 def round_prompts(n_records: int, per_round: int, seed: int, round_index: int) -> list[int]:
   """Record indices of a round: consecutive slices of a per-epoch seeded permutation."""
   out = []
@@ -88,16 +105,17 @@ def group_advantages(rewards_B: np.ndarray, group_size: int, scale: bool) -> np.
   return adv.reshape(-1).astype(np.float32)
 
 
-def completion_rows(prompts: list[list[int]], completions: list[list[int]], ended: list[bool],
-                    eos_id: int, pad_id: int, seq_len: int) -> dict:
-  """One row per prompt + completion; weights on the completion's tokens (and its eos when the
-  sampler stopped on one, so stopping is learned too). Prompts are cut from the left to fit."""
+def completion_rows(prompts: list[list[int]], completions: list[list[int]], ends: list,
+                    pad_id: int, seq_len: int) -> dict:
+  """One row per prompt + completion; weights on the completion's tokens and on the token that
+  ended it (`ends[b]`: eos or the chat template's end of turn; None when it was cut by length or
+  a stop string), so stopping is learned too. Prompts are cut from the left to fit."""
   B = len(prompts)
   rows = {k: np.zeros((B, seq_len), np.float32 if k == 'weights' else np.int32)
           for k in ('tokens', 'targets', 'weights', 'segment_ids', 'positions')}
   rows['tokens'][:], rows['targets'][:] = pad_id, pad_id
-  for b, (p, c, e) in enumerate(zip(prompts, completions, ended)):
-    c = list(c) + ([eos_id] if e else [])
+  for b, (p, c, e) in enumerate(zip(prompts, completions, ends)):
+    c = list(c) + ([] if e is None else [e])
     p = list(p)[-(seq_len + 1 - len(c)):]
     ids = np.asarray(p + c, np.int32)
     n = len(ids) - 1
@@ -111,14 +129,18 @@ def completion_rows(prompts: list[list[int]], completions: list[list[int]], ende
 class Sampler:
   """The policy's completions of a round's prompts, and their log-probs at sampling time."""
 
-  def __init__(self, trainer, tokenizer):
+  def __init__(self, trainer, tokenizer, end_ids: tuple = ()):
+    """`end_ids`: tokens besides eos that end a completion and are learned as its end (a chat
+    template's end of turn)."""
     cfg, g = trainer.cfg, trainer.cfg.grpo
     self.trainer, self.tokenizer = trainer, tokenizer
     self.sampling = generate_lib.Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                           top_k=g.top_k, top_p=g.top_p)
     self.stop = tuple(s for s in g.stop if s)
+    self.end_ids = {tokenizer.eos_id, *end_ids}
     stop_ids = tuple(tuple(tokenizer.encode(s)) for s in self.stop
                      if tokenizer.decode(tokenizer.encode(s)) == s)
+    stop_ids += tuple((i,) for i in sorted(set(end_ids) - {tokenizer.eos_id}))
     self.prompt_len = cfg.data.seq_len - g.max_new_tokens  # prompt + completion fit one row
     fn = generate_lib.make_generate_fn(trainer.spec, self.sampling, tokenizer.eos_id,
                                        tokenizer.pad_id, stop_ids)
@@ -138,14 +160,17 @@ class Sampler:
     placed = self.trainer.global_batch({'tokens': tokens, 'lengths': lengths})
     out, n = jax.device_get(self.generate(params, placed['tokens'], placed['lengths'], rng))
     completions = [out[b, :n[b]].tolist() for b in range(B)]
-    # A completion ended on eos if the token after its n ids is eos (stop strings: not learned).
-    ended = [bool(n[b] < out.shape[1] and out[b, n[b]] == self.tokenizer.eos_id) for b in range(B)]
+    # A completion ended on eos (or an end of turn) if that is the token after its n ids; stop
+    # strings end it too, but are not learned.
+    ends = [int(out[b, n[b]]) if n[b] < out.shape[1] and int(out[b, n[b]]) in self.end_ids else None
+            for b in range(B)]
     texts = [generate_lib.cut_at_stop(self.tokenizer.decode(c), self.stop) for c in completions]
-    return cut, completions, ended, texts
+    return cut, completions, ends, texts
 
 
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) GRPO; returns the final metrics (`lm train` with train.objective=grpo)."""
+  pretrained.resolve_config(cfg)  # as lm.train.loop.train: the shape and tokenizer of init_from
   reward_fns = check_config(cfg)
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
     return _train(cfg, rundir.prepare(workdir), reward_fns, progress=progress)
@@ -158,8 +183,9 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
   pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
   records = load_prompts(cfg)
   weights = list(g.reward_weights) or [1.0] * len(reward_fns)
+  encode_prompt, end_ids = prompt_encoder(cfg, tokenizer)
   trainer = Trainer(cfg)
-  sampler = Sampler(trainer, tokenizer)
+  sampler = Sampler(trainer, tokenizer, end_ids)
   ckpt = make_checkpointer(cfg, workdir, trainer.labels)
   if ckpt.latest_step() is not None:
     state, data_state = restore(trainer, ckpt)
@@ -189,16 +215,13 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
       for r in range(start, rounds):
         t0 = time.perf_counter()
         chosen = round_prompts(len(records), prompts_per_round, cfg.train.seed, r)
-        texts_in = [g.prompt_format.format(**records[i]) for i in chosen]
-        ids = [tokenizer.encode(t, bos=tokenizer.bos_id is not None) for t in texts_in]
-        ids = [p for p in ids for _ in range(g.group_size)]  # G copies, grouped
+        ids = [encode_prompt(records[i]) for i in chosen for _ in range(g.group_size)]  # G copies, grouped
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), r)
-        cut, completions, ended, texts = sampler(state.params, ids, rng)
+        cut, completions, ends, texts = sampler(state.params, ids, rng)
         scores = np.array([[fn(t, records[chosen[b // g.group_size]]) for _, fn in reward_fns]
                            for b, t in enumerate(texts)], np.float64)
         reward = scores @ np.asarray(weights, np.float64)
-        rows = completion_rows(cut, completions, ended, tokenizer.eos_id, tokenizer.pad_id,
-                               cfg.data.seq_len)
+        rows = completion_rows(cut, completions, ends, tokenizer.pad_id, cfg.data.seq_len)
         rows['advantages'] = group_advantages(reward, g.group_size, g.scale_rewards)
         batch = trainer.global_batch(rows)
         batch['old_logps'] = sampler.log_probs(state.params, batch)

@@ -136,6 +136,14 @@ def test_compiles_lora_for_an_h100_host():
     plan_lib.fit_or_raise(small)
 
 
+def test_a_quantized_base_is_counted_at_its_packed_size():
+  # QLoRA's NF4 values are uint4: numpy's itemsize says 1 byte, the accelerators pack 2 a byte.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = {'values': jax.ShapeDtypeStruct((8, 64), jax.numpy.uint4),
+          'scale': jax.ShapeDtypeStruct((8, 1), jax.numpy.float32)}
+  assert plan_lib._shard_bytes(tree, {'values': one, 'scale': one}) == 8 * 64 // 2 + 8 * 4  # pylint: disable=protected-access
+
+
 def test_a_mesh_the_target_cannot_hold_names_both():
   c = _quiet_tiny()
   c.mesh.shape.update(data=8)

@@ -234,3 +234,19 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
   with pytest.raises(CheckpointError, match='GGUF export writes llama and qwen2 models'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   assert os.listdir(tmp_path) == []
+
+
+def test_quant_bench_reads_a_gguf_file(tmp_path, monkeypatch):
+  """`python -m lm.bench.quant` on a GGUF file: int8 stays close to the float logits, NF4 is
+  coarser, and every real (unpadded) token is counted."""
+  from lm.bench import quant as quant_bench
+  from lm.eval import task_data
+  file = write_tiny_llama_gguf(tmp_path / 'tiny.gguf', [Q.F32])
+  rows = [{'question': f'What is {i} + {i}?', 'answer': f'{i} + {i} = {2 * i}\n#### {2 * i}'}
+          for i in range(3)]
+  monkeypatch.setattr(task_data, 'gsm8k', lambda split: rows)
+  int8, nf4 = quant_bench.compare(file, rows=3, length=16, settings=(('int8', 64), ('nf4', 64)))
+  assert int8['tokens'] == nf4['tokens'] == 3 * 16  # each row is longer than 16 byte tokens
+  assert int8['mean_abs_dlogit'] < nf4['mean_abs_dlogit'] < 0.5 * nf4['mean_abs_logit']
+  assert int8['top1_agreement'] >= nf4['top1_agreement'] > 0.5
+  assert int8['quantized_mb'] < int8['float_mb'] / 3 and nf4['quantized_mb'] < int8['quantized_mb']

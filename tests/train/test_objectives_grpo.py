@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
-from data_util import LLAMA2, needs_shared
+from data_util import LLAMA2, make_hf_tokenizer, needs_shared
 
 from lm.errors import ConfigError
 from lm.eval import rewards
@@ -111,14 +111,33 @@ def test_group_advantages_and_rows():
   np.testing.assert_allclose(adv[:4], [1, -1, -1, 1], rtol=1e-3)
   np.testing.assert_array_equal(adv[4:], 0.0)  # a group without signal gives no gradient
   np.testing.assert_allclose(grpo_loop.group_advantages(r, 4, scale=False)[:4], [.5, -.5, -.5, .5])
-  rows = grpo_loop.completion_rows([[1, 5, 6], [1, 7]], [[8, 9], [10]], [True, False], eos_id=2,
-                                   pad_id=0, seq_len=6)
+  rows = grpo_loop.completion_rows([[1, 5, 6], [1, 7]], [[8, 9], [10]], [2, None], pad_id=0,
+                                   seq_len=6)
   np.testing.assert_array_equal(rows['tokens'][0], [1, 5, 6, 8, 9, 0])
   np.testing.assert_array_equal(rows['targets'][0], [5, 6, 8, 9, 2, 0])
   np.testing.assert_array_equal(rows['weights'][0], [0, 0, 1, 1, 1, 0])  # completion + its eos
   np.testing.assert_array_equal(rows['weights'][1], [0, 1, 0, 0, 0, 0])  # cut by length: no eos
   assert grpo_loop.round_prompts(10, 4, 0, 3) == grpo_loop.round_prompts(10, 4, 0, 3)
   assert sorted(grpo_loop.round_prompts(10, 5, 0, 0) + grpo_loop.round_prompts(10, 5, 0, 1)) == list(range(10))
+
+
+def test_prompts_render_as_a_user_turn_of_the_chat_template(tmp_path):
+  from lm.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.load(make_hf_tokenizer(tmp_path / 'tok', 'qwen'))
+  c = tiny_config()
+  c.grpo.prompt_format = '{question} Answer with #### N.'
+  record = {'question': 'What is 2 + 3?', 'answer': '#### 5'}
+  encode, end_ids = grpo_loop.prompt_encoder(c, tokenizer)  # default '': plain text
+  assert end_ids == () and tokenizer.decode(encode(record)) == 'What is 2 + 3? Answer with #### N.'
+  c.grpo.chat_template = 'tokenizer'  # the tokenizer's own (ChatML) template
+  encode, end_ids = grpo_loop.prompt_encoder(c, tokenizer)
+  assert tokenizer.decode(encode(record)) == (
+      '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n'
+      'What is 2 + 3? Answer with #### N.<|im_end|>\n<|im_start|>assistant\n')
+  assert tokenizer.token_to_id('<|im_end|>') in end_ids  # sampling stops at the end of the turn
+  c.grpo.chat_template = 'no_such_template'
+  with pytest.raises(ConfigError, match="grpo.chat_template='no_such_template'"):
+    grpo_loop.prompt_encoder(c, tokenizer)
 
 
 def test_rewards():
