@@ -270,7 +270,9 @@ def _reference_scorer(model):
   holds, and what a LoRA run's base computes with the adapters off); None without one."""
   if 'reference_scorer' in model.__dict__:
     return model.__dict__['reference_scorer']
-  init_from = model.cfg.train.get('init_from', '') if model.run_dir else ''
+  # A Hugging Face directory or GGUF file is its own init_from: it has no reference of its own.
+  trained = model.run_dir and not runs.is_hf_directory(model.run_dir)
+  init_from = model.cfg.train.get('init_from', '') if trained else ''
   scorer = None
   if init_from:
     shardings = sharding_lib.param_shardings(model.spec.logical_axes, model.spec.shapes, model.mesh,

@@ -106,6 +106,16 @@ def test_compare_with_a_pretrained_base(runs, tmp_path):
     assert '6 x parameters x tokens' in md and 'FLOPs vs base pretraining' in md
     assert f'Pretraining compute / fine-tuning compute: ft {base_c["flops"] / ft_c["flops"]:.3g}x' in md
     assert report['forgetting']['ft']['wiki_ppl']['perplexity'] > 1
+  # A published model is loaded as its own init_from: a preference task must not score it against
+  # itself (a reward accuracy of 0); it has no reference, like a run trained from scratch.
+  from lm.eval import evaluate, tasks  # pylint: disable=import-outside-toplevel
+  published = evaluate.load_model(f'pub={tmp_path / "hf"}')
+  with open(tmp_path / 'pairs.jsonl', 'w') as f:
+    f.write(json.dumps({'prompt': 'Hi.', 'chosen': 'Hello.', 'rejected': 'Go.'}) + '\n')
+  with open(tmp_path / 'pref.yaml', 'w') as f:
+    f.write('kind: preference\ndata: pairs.jsonl\n')
+  out = tasks.run(str(tmp_path / 'pref.yaml'), published, tasks.Settings(limit=0, batch_size=2))
+  assert out['reference'] == 'none' and 'reward_accuracy' not in out and out['n'] == 1
 
 
 def test_compare_refuses_a_bad_base_in_one_line(runs, tmp_path, capsys):
