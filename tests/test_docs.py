@@ -30,7 +30,7 @@ HARDWARE_TAGS = ('needs-gpu', 'needs-tpu', 'needs-slurm')
 TAGS = ('ci',) + HARDWARE_TAGS
 OTHER_LANGUAGES = ('text', 'python')
 
-CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.eval_every=2 '
+CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.eval_every=4 '
             '--config.train.checkpoint_every=2 --config.train.eval_batches=1 '
             '--config.train.eval_task_limit=4 --config.data.batch_size=4')
 CI_EVAL = '--config.limit=4 --config.max_new_tokens=16'
