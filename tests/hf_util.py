@@ -21,22 +21,33 @@ FAMILIES = {
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
 
 
-def make_hf_model(family, path, **save):
-  """A randomly initialised tiny HF model of `family`, every weight (norms, biases) random."""
-  cls, extra = FAMILIES[family]
-  config = getattr(transformers, cls)(**{**COMMON, **extra})
+def random_hf_model(cls, config_kwargs, path, init, **save):
+  """A tiny transformers model of class `cls` built from `config_kwargs`, every weight drawn as
+  base + std * N(0, 1) with (base, std) = init(name), saved to `path` (save: save_pretrained's
+  options)."""
+  config = getattr(transformers, cls)(**config_kwargs)
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
   gen = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for name, p in model.named_parameters():
-      std = 0.3 if name.endswith(('norm.weight', '.bias')) else 0.2
-      base = 1.0 if name.endswith('norm.weight') and family != 'gemma' else 0.0
+      base, std = init(name)
       p.copy_(base + std * torch.randn(p.shape, generator=gen))
   model.save_pretrained(path, **save)
   return model
 
 
-def hf_logits(model):
+def make_hf_model(family, path, **save):
+  """A randomly initialised tiny HF model of `family`, every weight (norms, biases) random."""
+  cls, extra = FAMILIES[family]
+
+  def init(name):
+    std = 0.3 if name.endswith(('norm.weight', '.bias')) else 0.2
+    return (1.0 if name.endswith('norm.weight') and family != 'gemma' else 0.0), std
+
+  return random_hf_model(cls, {**COMMON, **extra}, path, init, **save)
+
+
+def hf_logits(model, tokens=TOKENS):
   with torch.no_grad():
-    return model(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
+    return model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()

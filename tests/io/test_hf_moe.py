@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
+from hf_util import TOKENS, hf_logits, random_hf_model
 
 from lm import sharding as sharding_lib
 from lm.errors import CheckpointError
@@ -30,28 +31,17 @@ FAMILIES = {
     'qwen3_moe_norm': ('Qwen3MoeConfig', dict(num_experts=4, moe_intermediate_size=16, head_dim=8,
                                               norm_topk_prob=True, tie_word_embeddings=True)),
 }
-TOKENS = np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)
 
 
 def make_hf_model(family, path, **save):
   """A tiny random HF MoE model; router weights large enough that the top-k choice is decisive."""
   cls, extra = FAMILIES[family]
-  config = getattr(transformers, cls)(**{**COMMON, **extra})
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-  gen_ = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      std = 0.3 if name.endswith('norm.weight') else (1.0 if name.endswith('gate.weight') else 0.2)
-      base = 1.0 if name.endswith('norm.weight') else 0.0
-      p.copy_(base + std * torch.randn(p.shape, generator=gen_))
-  model.save_pretrained(path, **save)
-  return model
 
+  def init(name):
+    std = 0.3 if name.endswith('norm.weight') else (1.0 if name.endswith('gate.weight') else 0.2)
+    return (1.0 if name.endswith('norm.weight') else 0.0), std
 
-def hf_logits(model, tokens=TOKENS):
-  with torch.no_grad():
-    return model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  return random_hf_model(cls, {**COMMON, **extra}, path, init, **save)
 
 
 def lm_model(path, mesh_shape=None):
