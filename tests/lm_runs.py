@@ -108,3 +108,21 @@ def damage_checkpoint(step_dir) -> None:
   path = max(files, key=os.path.getsize)
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 2)
+
+
+def save_lora_run(run_dir, cfg):
+  """A LoRA run directory as `lm train` leaves it (the adapters at step 3, the base rebuilt from
+  the run's seed, config.json) with every lora_b moved off zero so merging changes the model.
+  Returns (the Trainer, the run's parameters)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from lm.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
+  trainer = Trainer(cfg, devices=jax.devices()[:1])
+  state = trainer.init_state()
+  params = {k: (v + 0.1 if k.endswith('lora_b') else v) for k, v in state.params.items()}
+  ckpt = Checkpointer(str(run_dir), async_save=False, labels=trainer.labels)
+  ckpt.save(3, state.replace(params=params), {'position': 3})
+  ckpt.close()
+  with open(os.path.join(str(run_dir), 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(cfg.to_json_best_effort())
+  return trainer, params

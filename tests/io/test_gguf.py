@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT, random_batch, tiny_config
+from lm_runs import save_lora_run
 
 gguf = pytest.importorskip('gguf')
 
@@ -19,7 +20,6 @@ import lm  # noqa: E402
 from lm.errors import CheckpointError, ConfigError  # noqa: E402
 from lm.io import gguf as gguf_io  # noqa: E402
 from lm.io import pretrained  # noqa: E402
-from lm.train.checkpoint import Checkpointer  # noqa: E402
 from lm.train.loop import Trainer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -144,14 +144,7 @@ def lora_run(tmp_path_factory):
   c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|k|v)|mlp')
   c.train.trainable = 'lora'
   c.data.tokenizer = str(tmp / 'sp.model')
-  source = Trainer(c, devices=jax.devices()[:1])
-  state = source.init_state()
-  params = {k: (v + 0.1 if k.endswith('lora_b') else v) for k, v in state.params.items()}
-  state = state.replace(params=params)
-  ckpt = Checkpointer(str(run), async_save=False, labels=source.labels)
-  ckpt.save(3, state, {'position': 3})
-  ckpt.close()
-  (run / 'config.json').write_text(c.to_json_best_effort())
+  source, params = save_lora_run(run, c)
   tokens = random_batch(c)['tokens']
   expected = np.asarray(jax.jit(lambda p: source.spec.bind(p)(tokens))(params))
   return run, tokens, expected

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import random_batch, tiny_config
+from lm_runs import save_lora_run
 
 from lm.model import lora
 from lm.io import pretrained
-from lm.train.checkpoint import Checkpointer
 from lm.errors import ConfigError
 from lm.train.loop import Trainer
 
@@ -40,15 +40,8 @@ def test_full_finetune_from_an_lm_lora_run_merges_it_and_exports(tmp_path):
   c = tiny_config()
   c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|v)')
   c.train.trainable = 'lora'
-  source = Trainer(c, devices=jax.devices()[:1])
-  state = source.init_state()
-  params = {k: (v + 0.1 if k.endswith('lora_b') else v) for k, v in state.params.items()}
-  state = state.replace(params=params)
   # As `lm train` saves a LoRA run: the adapters only; the base is rebuilt from the run's seed.
-  ckpt = Checkpointer(str(run), async_save=False, labels=source.labels)
-  ckpt.save(3, state, {'position': 3})
-  ckpt.close()
-  (run / 'config.json').write_text(c.to_json_best_effort())
+  source, params = save_lora_run(run, c)
   tokens = random_batch(c)['tokens']
   expected = logits(source, params, tokens)
 
