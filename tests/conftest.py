@@ -60,6 +60,18 @@ def random_batch(c, seed=0, docs_per_row=1):
           'segment_ids': segment_ids.copy(), 'positions': np.broadcast_to(pos, (B, T)).astype(np.int32)}
 
 
+def train_steps(c, steps=1):
+  """(trainer, state, parameters before, parameters after) of `steps` train steps of `c` on one
+  device, step i on random_batch(c, seed=i)."""
+  from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
+  trainer = Trainer(c, devices=jax.devices()[:1])
+  state = trainer.init_state()
+  before = jax.device_get(state.params)
+  for seed in range(steps):
+    state, _ = trainer.step(state, trainer.global_batch(random_batch(c, seed=seed)))
+  return trainer, state, before, jax.device_get(state.params)
+
+
 @pytest.fixture
 def cfg():
   return tiny_config()

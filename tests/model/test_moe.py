@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch, tiny_config
+from conftest import random_batch, tiny_config, train_steps
 
 from lm import config as config_lib
 from lm.errors import ConfigError
@@ -168,11 +168,7 @@ def test_lora_on_experts_trains_every_expert_adapter_and_nothing_else():
 def test_expert_partition_trains_every_expert_and_freezes_the_router_and_attention():
   c = moe_config()
   c.train.trainable = r'regex:^layers\.mlp\.(gate|up|down)\.'
-  trainer = Trainer(c, devices=jax.devices()[:1])
-  state = trainer.init_state()
-  before = jax.device_get(state.params)
-  state, _ = trainer.step(state, trainer.global_batch(random_batch(c)))
-  after = jax.device_get(state.params)
+  trainer, _, before, after = train_steps(c)
   for name in before:
     if trainer.labels[name] == partition.TRAINABLE:
       assert _changed_slices(before[name], after[name]).all(), name

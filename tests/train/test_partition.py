@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import random_batch, tiny_config
+from conftest import random_batch, tiny_config, train_steps
 
 from lm.train import partition
 from lm.errors import ConfigError
@@ -44,12 +44,7 @@ def test_frozen_parts_stay_bit_identical(value):
   c = tiny_config()
   c.train.trainable = value
   c.optimizer.weight_decay = 0.5  # decoupled decay must not move frozen rows either
-  trainer = Trainer(c, devices=jax.devices()[:1])
-  state = trainer.init_state()
-  before = jax.device_get(state.params)
-  for seed in range(2):
-    state, _ = trainer.step(state, trainer.global_batch(random_batch(c, seed=seed)))
-  after = jax.device_get(state.params)
+  trainer, state, before, after = train_steps(c, steps=2)
   if value == 'freeze_embeddings':
     assert np.array_equal(before['embed'], after['embed'])
     assert not np.array_equal(before['lm_head.kernel'], after['lm_head.kernel'])

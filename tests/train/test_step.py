@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import random_batch, tiny_config
+from conftest import random_batch, tiny_config, train_steps
 
 from lm.train import partition
 from lm.errors import ConfigError
@@ -71,11 +71,7 @@ def test_sharded_step_equals_single_device(shape):
 def test_frozen_parameters_get_no_gradient_update_or_optimizer_state():
   c = tiny_config()
   c.train.trainable = r'regex:^layers\.mlp\.'
-  trainer = Trainer(c, devices=jax.devices()[:1])
-  state = trainer.init_state()
-  before = jax.device_get(state.params)
-  state, _ = trainer.step(state, trainer.global_batch(random_batch(c)))
-  after = jax.device_get(state.params)
+  trainer, state, before, after = train_steps(c)
   for name in before:
     changed = not np.array_equal(before[name], after[name])
     assert changed == name.startswith('layers.mlp.'), name
