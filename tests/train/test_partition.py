@@ -3,12 +3,11 @@
 import jax
 import numpy as np
 import pytest
-from conftest import random_batch, tiny_config, train_steps
+from conftest import tiny_config, train_steps
 
 from lm.train import partition
 from lm.errors import ConfigError
 from lm.train.state import ModelSpec
-from lm.train.loop import Trainer
 
 
 def trainable(spec, value):
