@@ -12,7 +12,9 @@ in float. The adapters train exactly as in configs/finetune_lora.py; exported ad
 the unquantized base.
 """
 
-from lm.config import base_config
+import os
+
+from lm.config import load_module
 
 QTYPES = ('nf4', 'int8')
 
@@ -20,13 +22,8 @@ QTYPES = ('nf4', 'int8')
 def get_config(arg='nf4'):
   if arg not in QTYPES:
     raise ValueError(f'configs/qlora.py:{arg}; choose one of {QTYPES}')
-  c = base_config()
+  # configs/finetune_lora.py's run (same adapters, data and schedule), over a quantized base.
+  lora = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'finetune_lora.py'))
+  c = lora.get_config()
   c.model.quant.update(type=arg, block=64)
-  c.model.lora.update(rank=16, alpha=32.0, targets=r'layers\.(attn|mlp)\.')
-  c.train.update(init_from='runs/quickstart', trainable='lora', steps=60, log_every=10,
-                 eval_every=60, eval_batches=4, checkpoint_every=60)
-  c.data.update(train_files='../shared/data/alpaca5k/alpaca_5000.json', format='alpaca',
-                seq_len=256, batch_size=8)
-  c.optimizer.update(lr=2e-3, warmup_steps=10, schedule='cosine', weight_decay=0.0)
-  c.metrics.update(tensorboard=False)
   return c
