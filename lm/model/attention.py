@@ -151,23 +151,33 @@ def _split_axes(mesh, size: int, candidates) -> tuple:
   return tuple(axes)
 
 
+def _batch_and_head_axes(mesh, q_BTHK, k_BSGK):
+  """The mesh axes (for a PartitionSpec) that split the batch (data, fsdp) and the heads (tensor).
+  Heads split only when both query and KV heads divide, so each device keeps whole GQA groups."""
+  B, _, H, _ = q_BTHK.shape
+  batch = _split_axes(mesh, B, BATCH_AXES)
+  heads = _split_axes(mesh, math.gcd(H, k_BSGK.shape[2]), (HEAD_AXIS,))
+  return batch if len(batch) > 1 else (batch[0] if batch else None), heads[0] if heads else None
+
+
+def _shard_map_attention(body, mesh, qkv_spec, segment_spec, q_BTHK, k_BSGK, v_BSGK, segment_ids_BT):
+  """shard_map of body(q, k, v, segment_ids or None) with q/k/v (and the output) split by
+  `qkv_spec` and the segment ids, when there are any, by `segment_spec`."""
+  if segment_ids_BT is None:
+    fn, args, specs = (lambda q, k, v: body(q, k, v, None)), (q_BTHK, k_BSGK, v_BSGK), (qkv_spec,) * 3
+  else:
+    fn, args = body, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
+    specs = (qkv_spec,) * 3 + (segment_spec,)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv_spec, check_vma=False)(*args)
+
+
 def sharded_flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh, **kwargs):
   """The Pallas kernel on each device's block: a shard_map over the batch axes (data, fsdp) and
-  the head axis (tensor). Heads split only when both query and KV heads divide, so each device
-  keeps whole GQA groups; other mesh axes see the whole batch block (XLA gathers it)."""
-  B, _, H, _ = q_BTHK.shape
-  G = k_BSGK.shape[2]
-  batch = _split_axes(mesh, B, BATCH_AXES)
-  heads = _split_axes(mesh, math.gcd(H, G), (HEAD_AXIS,))
-  b = batch if len(batch) > 1 else (batch[0] if batch else None)
-  h = heads[0] if heads else None
-  qkv, seg = P(b, None, h, None), P(b, None)
+  the head axis (tensor). Other mesh axes see the whole batch block (XLA gathers it)."""
+  b, h = _batch_and_head_axes(mesh, q_BTHK, k_BSGK)
   kernel = functools.partial(flash_attention, **kwargs)
-  if segment_ids_BT is None:
-    body, args, specs = (lambda q, k, v: kernel(q, k, v)), (q_BTHK, k_BSGK, v_BSGK), (qkv,) * 3
-  else:
-    body, args, specs = kernel, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT), (qkv,) * 3 + (seg,)
-  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+  return _shard_map_attention(kernel, mesh, P(b, None, h, None), P(b, None),
+                              q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
 
 
 def context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh, causal=True,
@@ -177,13 +187,8 @@ def context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, m
   position. The backward pass reduce-scatters dK and dV. Memory per device for everything but
   K/V falls with the context size. Attention inside is the XLA reference: the Pallas kernels
   take self-attention only (queries and keys of one length)."""
-  B, T, H, _ = q_BTHK.shape
-  G = k_BSGK.shape[2]
-  batch = _split_axes(mesh, B, BATCH_AXES)
-  heads = _split_axes(mesh, math.gcd(H, G), (HEAD_AXIS,))
-  b = batch if len(batch) > 1 else (batch[0] if batch else None)
-  h = heads[0] if heads else None
-  qkv, rows = P(b, CONTEXT_AXIS, h, None), P(b, CONTEXT_AXIS)
+  T = q_BTHK.shape[1]
+  b, h = _batch_and_head_axes(mesh, q_BTHK, k_BSGK)
 
   def body(q, k, v, seg):
     B_local, T_local = q.shape[:2]
@@ -195,8 +200,5 @@ def context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, m
                          softcap=softcap, q_positions_BT=q_pos, kv_positions_BS=kv_pos,
                          kv_segment_ids_BS=None if seg is None else gather(seg))
 
-  if segment_ids_BT is None:
-    fn, args, specs = (lambda q, k, v: body(q, k, v, None)), (q_BTHK, k_BSGK, v_BSGK), (qkv,) * 3
-  else:
-    fn, args, specs = body, (q_BTHK, k_BSGK, v_BSGK, segment_ids_BT), (qkv,) * 3 + (rows,)
-  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+  return _shard_map_attention(body, mesh, P(b, CONTEXT_AXIS, h, None), P(b, CONTEXT_AXIS),
+                              q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
