@@ -5,8 +5,9 @@ chunked loss, for a TPU topology compiled from this host (no TPU needed: libtpu 
   python -m lm.bench.loss_memory --rows 8b --chunks 0,512
 
 Each row compiles the full fine-tuning step (float32 parameters, bfloat16 compute, full remat,
-FSDP over the topology's chips) and reads XLA's memory_analysis(): arguments + outputs + temporaries
-- aliased (the donated state), per chip. Needs `libtpu` matching the installed jax
+FSDP over the topology's chips) and reads XLA's memory_analysis(): the compiler's peak per chip
+(`lm.bench.plan.device_bytes`, what libtpu compares with HBM), and beside it the temporaries' size,
+which is larger than what is ever live at once. Needs `libtpu` matching the installed jax
 (jax 0.10.2: pip install 'libtpu==0.0.42.*'). An 8B compile takes minutes on a small CPU host.
 """
 
@@ -19,6 +20,7 @@ import time
 import jax
 
 from lm import config as config_lib
+from lm.bench import plan as plan_lib
 
 # name -> (model preset, vocabulary size override or None, batch, seq_len)
 ROWS = {
@@ -52,8 +54,7 @@ def compiled_bytes(cfg, devices) -> dict:
            for k, dtype in (('tokens', 'int32'), ('targets', 'int32'), ('weights', 'float32'),
                             ('segment_ids', 'int32'), ('positions', 'int32'))}
   m = trainer.step.lower(state, batch).compile().memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-           - m.alias_size_in_bytes)
+  total = plan_lib.device_bytes(m, 'tpu')
   return {'total': total, 'temp': m.temp_size_in_bytes, 'arguments': m.argument_size_in_bytes}
 
 
@@ -72,8 +73,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   devices = tpu_devices(args.topology)
   print(f'{args.topology}: {len(devices)} x {devices[0].device_kind}; fp32 params, bf16 compute, '
-        f'full remat, FSDP; GiB per chip (arguments + outputs + temporaries - aliased)')
-  print(f'{"model":<9}{"vocab":>8}{"batch":>7}{"seq":>6}{"chunk":>7}{"GiB":>8}{"temp GiB":>10}'
+        f'full remat, FSDP; GiB per chip (peak: the compiler\'s peak; temp: its temporaries\' size)')
+  print(f'{"model":<9}{"vocab":>8}{"batch":>7}{"seq":>6}{"chunk":>7}{"peak":>8}{"temp":>10}'
         f'{"compile s":>11}', flush=True)
   for row in args.rows.split(','):
     preset, vocab, batch, seq_len = ROWS[row]

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.model import precision
+
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 
 
@@ -105,9 +107,10 @@ class ExpertLinear(nnx.Module):
 
   def _weights(self):
     cast = lambda p: p[...].astype(self.compute_dtype)
+    kernel = precision.to_compute_dtype(self.kernel[...], self.compute_dtype)
     if not (self.lora_rank and self.adapters):
-      return cast(self.kernel), None, None
-    return cast(self.kernel), cast(self.lora_a), (self.lora_b[...] * self.lora_scale).astype(
+      return kernel, None, None
+    return kernel, cast(self.lora_a), (self.lora_b[...] * self.lora_scale).astype(
         self.compute_dtype)
 
   def grouped(self, x_MI, group_sizes_E):

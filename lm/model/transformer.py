@@ -27,6 +27,7 @@ from lm.model import attention as attention_lib
 from lm.model import moe as moe_lib
 from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
 from lm.errors import ConfigError
+from lm.model import precision
 from lm.model import quant
 
 _REMAT_POLICIES = {
@@ -74,7 +75,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x):
     # A QLoRA base kernel arrives quantized (lm/model/quant.py) and is dequantized here, per layer.
-    w = quant.as_array(self.kernel.get_value()).astype(self.compute_dtype)
+    w = precision.to_compute_dtype(quant.as_array(self.kernel.get_value()), self.compute_dtype)
     x = x.astype(self.compute_dtype)
     y = jnp.tensordot(x, w, axes=self.n_in)
     if self.bias is not None:

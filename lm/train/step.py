@@ -65,13 +65,22 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     grads = jax.tree.map(lambda g: g / denom, grad_sums)
     # set_to_zero ignores the frozen entries; XLA drops these zeros, they only complete the tree.
     full_grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen)}
-    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+
+    def apply_update(params, opt_state):
+      updates, opt_state = tx.update(full_grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
 
     loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
-    weights_finite = guard_lib.all_finite(partition.split(params, labels)[0])
+    # The guard needs every updated weight checked before it may keep any. Checked on the update
+    # that is kept, XLA fuses the check with the update and holds all the updated weights until
+    # the answer is known: a second copy of the parameters (7.5 GiB per chip in the 8B step of
+    # docs/pretraining.md). The check runs on its own computation of the same update instead,
+    # from the state behind a barrier that keeps XLA from merging the two; each streams.
+    checked_params, _ = apply_update(*jax.lax.optimization_barrier((state.params, state.opt_state)))
+    weights_finite = guard_lib.all_finite(partition.split(checked_params, labels)[0])
     ok, guard = guard_lib.check(state.guard, loss, grad_norm, spike_zscore, weights_finite)
-    params, opt_state = guard_lib.select(ok, (params, opt_state), (state.params, state.opt_state))
+    params, opt_state = guard_lib.select(ok, apply_update(state.params, state.opt_state),
+                                         (state.params, state.opt_state))
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': weight_sum,
                **{k: v / denom for k, v in aux_sums.items()},
                **guard_lib.metrics(ok, guard, weights_finite)}

@@ -144,6 +144,27 @@ def test_a_quantized_base_is_counted_at_its_packed_size():
   assert plan_lib._shard_bytes(tree, {'values': one, 'scale': one}) == 8 * 64 // 2 + 8 * 4  # pylint: disable=protected-access
 
 
+def test_tpu_memory_is_the_compilers_peak_and_elsewhere_the_buffers():
+  """libtpu accepts or refuses a step by its peak (docs/pretraining.md: a step whose arguments and
+  temporaries came to 109.0 GiB compiled for a 95.7 GiB chip); a GPU allocates the temporaries."""
+  m = types.SimpleNamespace(peak_memory_in_bytes=90, argument_size_in_bytes=30, output_size_in_bytes=30,
+                            alias_size_in_bytes=30, temp_size_in_bytes=79)
+  assert plan_lib.device_bytes(m, 'tpu') == 90
+  assert plan_lib.device_bytes(m, 'gpu') == 109
+  assert plan_lib.device_bytes(types.SimpleNamespace(**{**vars(m), 'peak_memory_in_bytes': 0}), 'tpu') == 109
+
+
+@pytest.mark.parametrize('message, needed', [
+    ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries '
+     '(98.92G) exceeds available HBM (95.74G).', int(98.92 * 2 ** 30)),
+    ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. '
+     'Used 99.5G of 95.74G hbm. Exceeded hbm capacity by 3.76G.', int(99.5 * 2 ** 30)),
+    ('RESOURCE_EXHAUSTED: out of memory, no figure', -1),
+    ('INVALID_ARGUMENT: something else', None)])
+def test_an_out_of_memory_compile_says_what_it_needed(message, needed):
+  assert plan_lib._out_of_memory(RuntimeError(message)) == needed  # pylint: disable=protected-access
+
+
 def test_a_mesh_the_target_cannot_hold_names_both():
   c = _quiet_tiny()
   c.mesh.shape.update(data=8)
