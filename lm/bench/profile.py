@@ -3,6 +3,7 @@ XLA op and matched to the compiled HLO so each row says what the op computes.
 
   python -m lm.bench.profile --config configs/bench_tiny.py
   python -m lm.bench.profile --config configs/bench_tiny.py --config.train.trainable=lora --top 20
+  python -m lm.bench.profile --config configs/bench_tiny.py --hf   # + kinds of work beside transformers
 
 On CPU the trace holds one event per executed thunk (a fusion, a dot, a copy); on GPU and TPU the
 device ops. Ops that run concurrently on XLA's thread pool are each counted in full, so the
@@ -125,16 +126,83 @@ def render(seconds: float, per_step: dict, descriptions: dict, top: int) -> str:
   return '\n'.join(lines)
 
 
+LM_KINDS = ('matmul', 'copy / transpose', 'zero-fill', 'other')
+HF_MATMULS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::matmul', 'aten::linear')
+
+
+def lm_kind(op: str, description: str) -> str:
+  """What kind of work an XLA op of the step is, from its name and its fused ops."""
+  fused = set(re.findall(r'[\w\-]+', description.split('[', 1)[1])) if '[' in description else set()
+  opcode = description.split('/', 1)[0].split(' ', 1)[0]
+  if opcode == 'dot' or 'dot' in fused:
+    return 'matmul'
+  if opcode in ('copy', 'transpose') or fused & {'copy', 'transpose'}:
+    return 'copy / transpose'
+  if op.startswith('wrapped_broadcast') or (opcode == 'broadcast' and not fused):
+    return 'zero-fill'
+  return 'other'
+
+
+def by_kind(per_step: dict, descriptions: dict) -> dict:
+  """{kind: microseconds per step} over lm's ops (lm_kind)."""
+  out = dict.fromkeys(LM_KINDS, 0.0)
+  for op, us in per_step.items():
+    out[lm_kind(op, descriptions.get(op, ''))] += us
+  return out
+
+
+def hf_kind(name: str) -> str:
+  if name in HF_MATMULS:
+    return 'matmul'
+  if 'scaled_dot_product' in name:
+    return 'attention (one fused kernel)'
+  if name in ('aten::copy_', 'aten::contiguous', 'aten::clone', 'aten::transpose'):
+    return 'copy / transpose'
+  return 'other'
+
+
+def profile_hf(cfg, *, steps: int = 3, warmup: int = 2) -> tuple[float, dict]:
+  """The same step in transformers (lm.bench.harness.HfStep) under torch.profiler: (seconds per
+  step, {kind: microseconds per step}) from each op's self time."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from lm.bench.harness import HfStep  # pylint: disable=import-outside-toplevel
+  hf = HfStep(cfg)
+  hf.steps(warmup)
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    seconds = hf.steps(steps)
+  kinds = collections.Counter()
+  for event in prof.key_averages():
+    kinds[hf_kind(event.key)] += event.self_cpu_time_total / steps
+  return seconds, dict(kinds)
+
+
+def render_kinds(lm_seconds: float, lm_kinds: dict, hf_seconds: float, hf_kinds: dict) -> str:
+  rows = list(dict.fromkeys([*LM_KINDS, *hf_kinds]))
+  lines = [f'{"ms per step":<30}{"lm":>10}{"transformers":>14}',
+           f'{"step (wall)":<30}{lm_seconds * 1e3:>10.1f}{hf_seconds * 1e3:>14.1f}']
+  for kind in rows:
+    lm_ms, hf_ms = lm_kinds.get(kind), hf_kinds.get(kind)
+    cell = lambda ms, w: f'{ms / 1e3:>{w}.1f}' if ms is not None else f'{"":>{w}}'
+    lines.append(f'{kind:<30}{cell(lm_ms, 10)}{cell(hf_ms, 14)}')
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--trace-dir', help='keep the trace here (TensorBoard / Perfetto can open it)')
+  parser.add_argument('--hf', action='store_true',
+                      help='also profile the same step in transformers (torch.profiler) and print '
+                           'both by kind of work')
   args, overrides = parser.parse_known_args(argv)
   cfg = config_lib.load_config(args.config, config_lib.parse_overrides(overrides))
   seconds, per_step, descriptions = profile_step(cfg, steps=args.steps, trace_dir=args.trace_dir)
   print(render(seconds, per_step, descriptions, args.top))
+  if args.hf:
+    hf_seconds, hf_kinds = profile_hf(cfg, steps=args.steps)
+    print(render_kinds(seconds, by_kind(per_step, descriptions), hf_seconds, hf_kinds))
 
 
 if __name__ == '__main__':
