@@ -9,8 +9,9 @@ Fenced blocks say what they are in their info string:
   ```text, ```python  output and code (docs/api.md's example runs in tests/test_api.py)
 
 Runnable commands run at CI size: `lm train` gets CI_TRAIN's overrides appended (they win over the
-command's own), `lm eval`/`lm compare` get CI_EVAL's, benchmarks fewer steps. SUBSTITUTIONS lists
-the few other edits, each of which must still match its doc.
+command's own; CI_TRAIN_FOR_PAGE adds a few for costly pages), `lm eval`/`lm compare` get CI_EVAL's,
+benchmarks fewer steps. SUBSTITUTIONS lists the few other edits, each of which must still match its
+doc.
 """
 
 import json
@@ -34,6 +35,13 @@ CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.ev
             '--config.train.checkpoint_every=2 --config.train.eval_batches=1 '
             '--config.train.eval_task_limit=4 --config.data.batch_size=4')
 CI_EVAL = '--config.limit=4 --config.max_new_tokens=16'
+# Pages whose runs cost far more than CI_TRAIN's size alone makes them: overrides appended to
+# CI_TRAIN for that page only.
+CI_TRAIN_FOR_PAGE = {
+    # A 135M-parameter model from its GGUF file: 4 steps of one 256-token row, not 4 rows (at 4
+    # rows a step took ~10 s on 2 CPU cores, most of the page's training time).
+    'docs/smollm2.md': '--config.data.batch_size=1',
+}
 
 # Bash functions shadowing `lm` and `python` for the blocks: the commands run as written, at CI size.
 PREAMBLE = f'''set -euo pipefail
@@ -46,6 +54,7 @@ lm() {{
     bench)
       case "${{2:-}}" in
         finetune) command lm "$@" --steps 1 --rounds 1 ;;
+        decode) command lm "$@" --reps 1 ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
         *) command lm "$@" --steps 2 ;;
       esac ;;
@@ -170,6 +179,8 @@ def _environment(tmp_path_factory):
 
 def _script(doc):
   parts = [PREAMBLE]
+  if doc in CI_TRAIN_FOR_PAGE:
+    parts.append(f'CI_TRAIN="$CI_TRAIN {CI_TRAIN_FOR_PAGE[doc]}"')
   for n, code in runnable(doc):
     for d, old, new in SUBSTITUTIONS:
       if d == doc:

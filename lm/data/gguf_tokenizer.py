@@ -15,6 +15,7 @@ Control tokens (type 3) are special tokens; `tokenizer.chat_template`, bos and e
 from __future__ import annotations
 
 import json
+import os
 
 from lm.errors import DataError
 
@@ -34,14 +35,30 @@ PRE_TOKENIZERS = {
 }
 
 
-def read_fields(path: str) -> dict:
-  """{key: value} of a GGUF file's metadata (tensors are not read)."""
+def reader(path: str, error: type[Exception] = DataError):
+  """The file's parsed header (memory mapped). Parsing a 50k-token vocabulary takes seconds, and
+  the tokenizer, the model config and the weights (lm/io/gguf.py) each need it, so the last file's
+  reader is kept, keyed by path, modification time and size. A file that is not GGUF raises
+  `error`."""
   import gguf  # pylint: disable=import-outside-toplevel
   try:
-    reader = gguf.GGUFReader(path)
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    if _last_reader and _last_reader[0] == key:
+      return _last_reader[1]
+    parsed = gguf.GGUFReader(path)
   except Exception as e:  # pylint: disable=broad-except  # a truncated or foreign file
-    raise DataError(f'{path} is not a readable GGUF file ({str(e)[:200]})') from None
-  return fields_of(reader)
+    raise error(f'{path} is not a readable GGUF file ({str(e)[:200]})') from None
+  _last_reader[:] = [key, parsed]
+  return parsed
+
+
+_last_reader: list = []
+
+
+def read_fields(path: str) -> dict:
+  """{key: value} of a GGUF file's metadata (tensors are not read)."""
+  return fields_of(reader(path))
 
 
 def fields_of(reader) -> dict:

@@ -66,22 +66,8 @@ def find_file(path: str) -> str | None:
 
 
 def _reader(path: str):
-  """The file's parsed header (memory mapped); parsing a 50k-token vocabulary takes seconds, and
-  config, weights and tokenizer each need it, so the last file's reader is kept."""
-  import gguf  # pylint: disable=import-outside-toplevel
-  stat = os.stat(path)
-  key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-  if _last_reader and _last_reader[0] == key:
-    return _last_reader[1]
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # pylint: disable=broad-except  # a truncated or foreign file
-    raise CheckpointError(f'{path} is not a readable GGUF file ({str(e)[:200]})') from None
-  _last_reader[:] = [key, reader]
-  return reader
-
-
-_last_reader: list = []
+  """The file's parsed header, shared with the tokenizer (gguf_tokenizer.reader keeps the last one)."""
+  return gguf_tokenizer.reader(path, CheckpointError)
 
 
 def _value(reader, key, default=None):

@@ -42,8 +42,9 @@ def test_cached_logits_equal_full_forward(variant):
     c.model.lora.update(rank=4, alpha=8.0)
     lora_spec = ModelSpec(c.model)
     lora = jax.jit(lora_spec.init)(jax.random.key(1))
-    # B starts at zero; make the adapters change the output.
-    lora = {k: (v if k in params else jax.random.normal(jax.random.key(2), v.shape) * 0.5)
+    # B starts at zero; make the adapters change the output (numpy draws: no compile per shape).
+    rng = np.random.default_rng(2)
+    lora = {k: (v if k in params else (rng.normal(size=v.shape) * 0.5).astype(np.float32))
             for k, v in lora.items()}
     base_logits = _full_forward(spec, params, PROMPTS[:1])
     spec, params = lora_spec, {**lora, **params}
