@@ -17,8 +17,6 @@ import argparse
 import os
 import time
 
-import jax
-
 from lm import config as config_lib
 from lm.bench import plan as plan_lib
 
@@ -49,10 +47,7 @@ def compiled_bytes(cfg, devices) -> dict:
   from lm.train.state import abstract_with_shardings  # pylint: disable=import-outside-toplevel
   trainer = Trainer(cfg, devices=devices)
   state = abstract_with_shardings(trainer.abstract_state, trainer.shardings)
-  B, T = cfg.data.batch_size, cfg.data.seq_len
-  batch = {k: jax.ShapeDtypeStruct((B, T), dtype, sharding=trainer.batch_sharding)
-           for k, dtype in (('tokens', 'int32'), ('targets', 'int32'), ('weights', 'float32'),
-                            ('segment_ids', 'int32'), ('positions', 'int32'))}
+  batch = plan_lib.abstract_batch(cfg, trainer.batch_sharding)
   m = trainer.step.lower(state, batch).compile().memory_analysis()
   total = plan_lib.device_bytes(m, 'tpu')
   return {'total': total, 'temp': m.temp_size_in_bytes, 'arguments': m.argument_size_in_bytes}

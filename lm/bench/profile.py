@@ -180,10 +180,9 @@ def render_kinds(lm_seconds: float, lm_kinds: dict, hf_seconds: float, hf_kinds:
   rows = list(dict.fromkeys([*LM_KINDS, *hf_kinds]))
   lines = [f'{"ms per step":<30}{"lm":>10}{"transformers":>14}',
            f'{"step (wall)":<30}{lm_seconds * 1e3:>10.1f}{hf_seconds * 1e3:>14.1f}']
+  cell = lambda us, width: f'{us / 1e3:>{width}.1f}' if us is not None else ' ' * width
   for kind in rows:
-    lm_ms, hf_ms = lm_kinds.get(kind), hf_kinds.get(kind)
-    cell = lambda ms, w: f'{ms / 1e3:>{w}.1f}' if ms is not None else f'{"":>{w}}'
-    lines.append(f'{kind:<30}{cell(lm_ms, 10)}{cell(hf_ms, 14)}')
+    lines.append(f'{kind:<30}{cell(lm_kinds.get(kind), 10)}{cell(hf_kinds.get(kind), 14)}')
   return '\n'.join(lines)
 
 

@@ -25,8 +25,7 @@ def to_compute_dtype(w: jax.Array, dtype) -> jax.Array:
   return w.astype(dtype)
 
 
-@jax.custom_vjp
-def _float32_to_bfloat16(w):
+def _round_to_bfloat16(w):
   bits = jax.lax.bitcast_convert_type(w, jnp.uint32)
   # Round to nearest even on the 16 bits that go: add 0x7FFF plus the lowest kept bit, truncate.
   # A carry out of the mantissa moves into the exponent, which is also what rounding does; the
@@ -36,12 +35,7 @@ def _float32_to_bfloat16(w):
   return jax.lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
 
 
-def _forward(w):
-  return _float32_to_bfloat16(w), None
-
-
-def _backward(_, cotangent):
-  return (cotangent.astype(jnp.float32),)
-
-
-_float32_to_bfloat16.defvjp(_forward, _backward)
+# The gradient of integer operations is zero; the cast's is the cotangent cast back, as for astype.
+_float32_to_bfloat16 = jax.custom_vjp(_round_to_bfloat16)
+_float32_to_bfloat16.defvjp(lambda w: (_round_to_bfloat16(w), None),
+                            lambda _, cotangent: (cotangent.astype(jnp.float32),))
