@@ -26,7 +26,7 @@ import time
 import jax
 
 from lm import config as config_lib
-from lm.bench.harness import random_batch
+from lm.bench.harness import hf_available, random_batch
 from lm.train.loop import Trainer
 
 _HOST_EVENTS = re.compile(r'^(\$|PjitFunction|CommonPjRt|PjRt|Handle inputs|ParseArguments|'
@@ -196,6 +196,8 @@ def main(argv=None):
                       help='also profile the same step in transformers (torch.profiler) and print '
                            'both by kind of work')
   args, overrides = parser.parse_known_args(argv)
+  if args.hf and not hf_available():
+    parser.error("--hf needs torch and transformers: pip install -e '.[test]' (torch==2.13.0, CPU)")
   cfg = config_lib.load_config(args.config, config_lib.parse_overrides(overrides))
   seconds, per_step, descriptions = profile_step(cfg, steps=args.steps, trace_dir=args.trace_dir)
   print(render(seconds, per_step, descriptions, args.top))

@@ -3,6 +3,7 @@
 import re
 
 import jax
+import pytest
 from conftest import tiny_config
 
 from lm.bench import profile
@@ -53,3 +54,12 @@ def test_the_same_step_profiled_in_transformers():
   c = tiny_config()
   seconds, kinds = profile.profile_hf(c, steps=1, warmup=1)
   assert seconds > 0 and kinds['matmul'] > 0 and sum(kinds.values()) > kinds['matmul']
+
+
+def test_hf_comparison_without_torch_is_one_line(monkeypatch, capsys):
+  monkeypatch.setattr(profile, 'hf_available', lambda: False)
+  with pytest.raises(SystemExit) as exit_info:
+    profile.main(['--config', 'configs/bench_tiny.py', '--hf'])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+      "error: --hf needs torch and transformers: pip install -e '.[test]' (torch==2.13.0, CPU)")
