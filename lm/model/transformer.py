@@ -25,6 +25,7 @@ from flax import nnx
 
 from lm.model import attention as attention_lib
 from lm.model import moe as moe_lib
+from lm.model.contract import contract
 from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
 from lm.errors import ConfigError
 from lm.model import precision
@@ -77,7 +78,7 @@ class Linear(nnx.Module):
     # A QLoRA base kernel arrives quantized (lm/model/quant.py) and is dequantized here, per layer.
     w = precision.to_compute_dtype(quant.as_array(self.kernel.get_value()), self.compute_dtype)
     x = x.astype(self.compute_dtype)
-    y = jnp.tensordot(x, w, axes=self.n_in)
+    y = contract(x, w, self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.compute_dtype)
     if self.lora_rank and self.adapters:
@@ -87,7 +88,7 @@ class Linear(nnx.Module):
       a = self.lora_a[...].astype(self.compute_dtype)
       # The scale goes on B [r, *out], not on the [B, T, *out] product: one pass less per layer.
       b = (self.lora_b[...] * self.lora_scale).astype(self.compute_dtype)
-      y = y + jnp.tensordot(jnp.tensordot(x, a, axes=self.n_in), b, axes=1)
+      y = y + contract(contract(x, a, self.n_in), b, 1)
     return y
 
 
