@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import importlib
 
+from lm import host_memory
+
+# Before jax starts its CPU backend: XLA's threads pick their malloc arena at their first allocation.
+HOST_MALLOC_TUNED = host_memory.keep_freed_memory()
+
 _LAZY = {
     'Trainer': ('lm.train.loop', 'Trainer'),
     'run_training': ('lm.train.runner', 'train'),

@@ -1,0 +1,51 @@
+"""glibc malloc settings that stop XLA's CPU runtime from faulting its temporaries in every step.
+
+XLA's CPU client allocates an executable's temporaries as one block (459 MB for the step of
+configs/bench_tiny.py) with posix_memalign, from one of its worker threads. glibc serves a block
+that large from a thread's arena only with mmap, and unmaps it when it is freed, so every step
+faults the whole block in again: 112k page faults and 220 ms of kernel time in a 640 ms step
+(`getrusage`, docs/pretraining.md). With one arena, no mmap and no trimming, the block stays in
+the heap and the next step reuses it: no faults, and the step takes 570 ms.
+
+The settings have to be made before XLA's threads first allocate, so `import lm` applies them
+(lm/__init__.py), before jax starts its CPU backend. They apply only where that backend is the one
+that will run: a Linux host with glibc, no accelerator device files and JAX_PLATFORMS unset or
+'cpu'. `LM_HOST_MALLOC=system` leaves glibc's defaults. The cost: the process keeps its peak heap
+instead of returning it, and its threads share one arena.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+# mallopt parameters, from glibc's malloc.h.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+ACCELERATOR_DEVICES = ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*')
+OPT_OUT = 'LM_HOST_MALLOC'
+
+
+def cpu_backend_expected(environ=os.environ, device_globs=ACCELERATOR_DEVICES) -> bool:
+  """Whether jax will run on the host CPU: no TPU or GPU device files, JAX_PLATFORMS unset or cpu."""
+  platforms = environ.get('JAX_PLATFORMS', '').strip().lower()
+  if platforms and platforms.split(',')[0] != 'cpu':
+    return False
+  return platforms.startswith('cpu') or not any(glob.glob(g) for g in device_globs)
+
+
+def keep_freed_memory(environ=os.environ) -> bool:
+  """Applies the settings above where they help; True if they were applied."""
+  if environ.get(OPT_OUT, '').lower() == 'system' or not sys.platform.startswith('linux'):
+    return False
+  if not cpu_backend_expected(environ):
+    return False
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):  # not glibc (musl, ...): nothing to set
+    return False
+  # -1 is the largest size_t to glibc's trim threshold: never give the heap's top back.
+  return all(mallopt(param, value) == 1 for param, value in
+             ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
