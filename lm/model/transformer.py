@@ -25,7 +25,7 @@ from flax import nnx
 
 from lm.model import attention as attention_lib
 from lm.model import moe as moe_lib
-from lm.model.contract import contract
+from lm.model.contract import contract, lora_contract
 from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
 from lm.errors import ConfigError
 from lm.model import precision
@@ -78,18 +78,26 @@ class Linear(nnx.Module):
     # A QLoRA base kernel arrives quantized (lm/model/quant.py) and is dequantized here, per layer.
     w = precision.to_compute_dtype(quant.as_array(self.kernel.get_value()), self.compute_dtype)
     x = x.astype(self.compute_dtype)
-    y = contract(x, w, self.n_in)
+    lora = bool(self.lora_rank and self.adapters)
+    dropout = lora and self.lora_dropout and self.dropout_key is not None
+    # float32 without dropout: x · (W + A·B) in one matmul (lm/model/contract.py, lora_contract).
+    merged = lora and not dropout and self.compute_dtype == jnp.float32
+    y = lora_contract(x, w, *self._adapter(), self.n_in) if merged else contract(x, w, self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.compute_dtype)
-    if self.lora_rank and self.adapters:
-      if self.lora_dropout and self.dropout_key is not None:
+    if lora and not merged:
+      if dropout:
         keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
-      a = self.lora_a[...].astype(self.compute_dtype)
-      # The scale goes on B [r, *out], not on the [B, T, *out] product: one pass less per layer.
-      b = (self.lora_b[...] * self.lora_scale).astype(self.compute_dtype)
+      a, b = self._adapter()
       y = y + contract(contract(x, a, self.n_in), b, 1)
     return y
+
+  def _adapter(self):
+    """(A, B · scale) in the compute dtype: the scale goes on B [r, *out], not on a [B, T, *out]
+    product."""
+    return (self.lora_a[...].astype(self.compute_dtype),
+            (self.lora_b[...] * self.lora_scale).astype(self.compute_dtype))
 
 
 class RMSNorm(nnx.Module):

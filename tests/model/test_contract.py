@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.model.contract import contract
+from lm.model.contract import contract, lora_contract
 
 
 @pytest.mark.parametrize('x_shape,w_shape,n_in', [
@@ -27,6 +27,34 @@ def test_values_and_gradients_equal_tensordot(x_shape, w_shape, n_in):
   for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('x_shape,w_shape,rank,n_in', [
+    ((2, 5, 6), (6, 7), 3, 1),
+    ((2, 5, 3, 4), (3, 4, 6), 2, 2),
+    ((2, 5, 6), (6, 3, 4), 2, 1),
+])
+def test_lora_contract_equals_the_adapter_beside_the_base(x_shape, w_shape, rank, n_in):
+  """x · (W + A·B) with its own VJP against x · W + (x · A) · B differentiated by jax."""
+  kx, kw, ka, kb, kg = jax.random.split(jax.random.key(1), 5)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  a = jax.random.normal(ka, w_shape[:n_in] + (rank,))
+  b = jax.random.normal(kb, (rank,) + w_shape[n_in:])
+  probe = jax.random.normal(kg, x_shape[:len(x_shape) - n_in] + w_shape[n_in:])
+  ours = lambda *p: jnp.sum(jnp.sin(lora_contract(*p, n_in)) * probe)
+  reference = lambda x, w, a, b: jnp.sum(jnp.sin(
+      jnp.tensordot(x, w, n_in) + jnp.tensordot(jnp.tensordot(x, a, n_in), b, 1)) * probe)
+  np.testing.assert_allclose(ours(x, w, a, b), reference(x, w, a, b), rtol=1e-5)
+  for got, want in zip(jax.grad(ours, (0, 1, 2, 3))(x, w, a, b),
+                       jax.grad(reference, (0, 1, 2, 3))(x, w, a, b)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_contract_with_zero_b_is_exactly_the_base_layer():
+  x, w = jax.random.normal(jax.random.key(2), (4, 6)), jax.random.normal(jax.random.key(3), (6, 5))
+  a, b = jnp.ones((6, 2)), jnp.zeros((2, 5))
+  np.testing.assert_array_equal(lora_contract(x, w, a, b, 1), contract(x, w, 1))
 
 
 def test_bfloat16_gradients_keep_their_dtypes():
