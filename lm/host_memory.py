@@ -3,9 +3,9 @@
 XLA's CPU client allocates an executable's temporaries as one block (459 MB for the step of
 configs/bench_tiny.py) with posix_memalign, from one of its worker threads. glibc serves a block
 that large from a thread's arena only with mmap, and unmaps it when it is freed, so every step
-faults the whole block in again: 112k page faults and 220 ms of kernel time in a 640 ms step
+faults the whole block in again: 112k page faults and 220 ms of kernel time in a 636 ms step
 (`getrusage`, docs/pretraining.md). With one arena, no mmap and no trimming, the block stays in
-the heap and the next step reuses it: no faults, and the step takes 570 ms.
+the heap and the next step reuses it: no faults, and the step took 538 ms.
 
 The settings have to be made before XLA's threads first allocate, so `import lm` applies them
 (lm/__init__.py), before jax starts its CPU backend. They apply only where that backend is the one
