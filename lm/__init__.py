@@ -17,11 +17,17 @@ See docs/api.md.
 from __future__ import annotations
 
 import importlib
+import sys
 
+from lm import errors
 from lm import host_memory
 
 # Before jax starts its CPU backend: XLA's threads pick their malloc arena at their first allocation.
-HOST_MALLOC_TUNED = host_memory.keep_freed_memory()
+try:
+  HOST_MALLOC_TUNED = host_memory.keep_freed_memory()
+except errors.ConfigError as e:  # a bad LM_HOST_MALLOC: as the CLI reports bad input, one line, exit 2
+  print(f'lm: error: {e}', file=sys.stderr)
+  raise SystemExit(errors.EXIT_USER_ERROR) from None
 
 _LAZY = {
     'Trainer': ('lm.train.loop', 'Trainer'),

@@ -10,7 +10,8 @@ the heap and the next step reuses it: no faults, and the step took 538 ms.
 The settings have to be made before XLA's threads first allocate, so `import lm` applies them
 (lm/__init__.py), before jax starts its CPU backend. They apply only where that backend is the one
 that will run: a Linux host with glibc, no accelerator device files and JAX_PLATFORMS unset or
-'cpu'. `LM_HOST_MALLOC=system` leaves glibc's defaults. The cost: the process keeps its peak heap
+'cpu'. `LM_HOST_MALLOC=system` leaves glibc's defaults (`tuned`, the default, applies them; any
+other value is an error, so a typo cannot silently mean the opposite). The cost: the process keeps its peak heap
 instead of returning it, and its threads share one arena.
 """
 
@@ -21,10 +22,13 @@ import glob
 import os
 import sys
 
+from lm.errors import ConfigError
+
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 ACCELERATOR_DEVICES = ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*')
-OPT_OUT = 'LM_HOST_MALLOC'
+SETTING = 'LM_HOST_MALLOC'
+CHOICES = ('tuned', 'system')
 
 
 def cpu_backend_expected(environ=os.environ, device_globs=ACCELERATOR_DEVICES) -> bool:
@@ -35,9 +39,18 @@ def cpu_backend_expected(environ=os.environ, device_globs=ACCELERATOR_DEVICES) -
   return platforms.startswith('cpu') or not any(glob.glob(g) for g in device_globs)
 
 
+def requested_setting(environ=os.environ) -> str:
+  """`LM_HOST_MALLOC` as one of CHOICES (unset or empty: 'tuned'); ConfigError for anything else."""
+  value = environ.get(SETTING, '').strip().lower() or 'tuned'
+  if value not in CHOICES:
+    raise ConfigError(f'{SETTING}={environ[SETTING]!r} is not a setting: use {SETTING}=system for '
+                      f"glibc's malloc defaults, or unset it (or 'tuned') for lm's")
+  return value
+
+
 def keep_freed_memory(environ=os.environ) -> bool:
   """Applies the settings above where they help; True if they were applied."""
-  if environ.get(OPT_OUT, '').lower() == 'system' or not sys.platform.startswith('linux'):
+  if requested_setting(environ) == 'system' or not sys.platform.startswith('linux'):
     return False
   if not cpu_backend_expected(environ):
     return False

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from lm import host_memory
+from lm.errors import ConfigError
 
 # A jitted function whose 256 MiB of temporaries (a cumulative sum of 32M floats, then every other
 # element) are allocated and freed on every call; prints the minor page faults of each of 32 calls.
@@ -59,3 +60,20 @@ def test_cpu_backend_expected_from_devices_and_jax_platforms(tmp_path):
 def test_opt_out_and_accelerator_hosts_leave_glibc_alone():
   assert not host_memory.keep_freed_memory({'LM_HOST_MALLOC': 'system'})
   assert not host_memory.keep_freed_memory({'JAX_PLATFORMS': 'tpu'})
+
+
+def test_setting_is_tuned_system_or_an_error():
+  assert host_memory.requested_setting({}) == 'tuned'
+  assert host_memory.requested_setting({'LM_HOST_MALLOC': ' System '}) == 'system'
+  assert host_memory.requested_setting({'LM_HOST_MALLOC': 'tuned'}) == 'tuned'
+  with pytest.raises(ConfigError, match="LM_HOST_MALLOC='off' is not a setting: use LM_HOST_MALLOC=system"):
+    host_memory.keep_freed_memory({'LM_HOST_MALLOC': 'off'})
+
+
+def test_a_bad_setting_stops_import_with_one_line_and_exit_2():
+  out = subprocess.run([sys.executable, '-c', 'import lm'], capture_output=True, text=True,
+                       env={**os.environ, 'LM_HOST_MALLOC': 'off'}, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "lm: error: LM_HOST_MALLOC='off' is not a setting: use LM_HOST_MALLOC=system for glibc's "
+      "malloc defaults, or unset it (or 'tuned') for lm's"]
