@@ -102,7 +102,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       param_dtype='float32',
       compute_dtype='float32',
       remat='none',  # none | full | dots | dots_no_batch
-      scan_layers=True,  # lax.scan over stacked layers: compile time independent of depth
+      scan_layers=config_dict.placeholder(bool),  # None: scan above 4 layers, unroll up to 4 (lm/model/transformer.py); True: always lax.scan (compile time independent of depth); False: unroll
       attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
       # The [B, T, V] logits never exist whole: lm/train/losses.py.
       loss_chunk_size=512,  # sequence positions per chunk of the loss's unembedding and softmax; 0: whole logits

@@ -36,8 +36,9 @@ from lm import config as config_lib  # noqa: E402
 def tiny_config(**model):
   """A model small enough that a step compiles and runs in about a second."""
   c = config_lib.base_config()
+  # scan_layers=True: the path every real model (more than 4 layers) takes; 2 layers would unroll.
   c.model.update(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
-                 max_seq_len=64)
+                 max_seq_len=64, scan_layers=True)
   c.model.update(model)
   c.data.update(seq_len=16, batch_size=8)
   c.optimizer.update(lr=1e-2, warmup_steps=0, schedule='constant')

@@ -5,7 +5,7 @@ scaling, grouped-query attention, biases, q/k norms, tied embeddings, sliding wi
 (1 + scale) norms, post-norms, soft-caps, sqrt(D) embedding scale and GeGLU MLP). Layers are
 created stacked (leading `layers` axis) and run with `lax.scan`, so compile time does not grow with
 depth; `scan_layers=False` unrolls the same stacked parameters, so checkpoints are interchangeable
-between the two. Layers that differ in kind (Gemma's sliding and full attention, each with its own
+between the two. The default (None) unrolls stacks of up to UNROLL_MAX_LAYERS layers (`scans_layers`). Layers that differ in kind (Gemma's sliding and full attention, each with its own
 RoPE) stay one scan: their RoPE tables and window choice are per-layer scanned inputs.
 
 Every parameter carries logical axis names (`out_sharding`); lm/sharding.py maps them to the mesh.
@@ -40,6 +40,22 @@ _REMAT_POLICIES = {
 
 def _param(rngs, init, shape, axes, dtype):
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+# A shallow stack runs faster unrolled and compiles no slower. On CPU, at configs/bench_tiny.py's
+# shape with 2/4/8/16 layers (docs/pretraining.md), the step took 328/490/825/1663 ms unrolled
+# against 409/587/1046/1848 ms scanned: the scan zero-fills stacked buffers for every layer's
+# residuals and moves them in and out by dynamic slices. But unrolled, compile time grows with
+# depth: the first step took 4.5/5.2/8.5/11.9 s against 5.3/5.9/5.8/6.7 s scanned. Up to 4 layers
+# unrolling costs no compile time, so it is the default there.
+UNROLL_MAX_LAYERS = 4
+
+
+def scans_layers(cfg) -> bool:
+  """Whether the layers run as one lax.scan: `model.scan_layers`, or when it is None (the
+  default), whether there are more than UNROLL_MAX_LAYERS of them."""
+  choice = getattr(cfg, 'scan_layers', None)
+  return cfg.n_layers > UNROLL_MAX_LAYERS if choice is None else bool(choice)
 
 
 class Linear(nnx.Module):
@@ -409,10 +425,11 @@ class Transformer(nnx.Module):
       x_BTD, layer_cache, stats = block(x_BTD, positions_BT, segment_ids_BT, layer_values, layer_cache)
       return x_BTD, (layer_cache, stats)
 
+    scan = scans_layers(cfg)
     if cfg.remat != 'none' and cache is None:
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not scan)
     xs = (stacked, None if layer_keys is None else layer_keys[1:], kv, per_layer)
-    if cfg.scan_layers:
+    if scan:
       x_BTD, (kv, stats) = jax.lax.scan(layer, x_BTD, xs)
     else:
       outs = []

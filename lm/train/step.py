@@ -56,10 +56,14 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
       (l, (w, a)), g = grad_fn(trainable, frozen, microbatch, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, sums, (g, l, w, a)), None
 
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         (trainable, jnp.zeros(()), jnp.zeros(()), aux_shape))
-    (grad_sums, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(
-        accumulate, zeros, (micro, jnp.arange(microbatches)))
+    if microbatches == 1:  # no loop: a one-trip scan still copies the gradient sums in and out
+      (loss_sum, (weight_sum, aux_sums)), grad_sums = grad_fn(trainable, frozen, first,
+                                                             jax.random.fold_in(rng, 0))
+    else:
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           (trainable, jnp.zeros(()), jnp.zeros(()), aux_shape))
+      (grad_sums, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(
+          accumulate, zeros, (micro, jnp.arange(microbatches)))
 
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sums)

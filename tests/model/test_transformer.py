@@ -5,7 +5,8 @@ import pytest
 from conftest import random_batch, tiny_config
 
 from lm.train import objectives
-from lm.model.transformer import rope_frequencies
+from lm import config as config_lib
+from lm.model.transformer import UNROLL_MAX_LAYERS, rope_frequencies, scans_layers
 from lm.train.state import ModelSpec
 
 
@@ -75,6 +76,14 @@ def test_scan_unroll_and_remat_compute_the_same_function(option):
   g2 = jax.grad(lambda p: _loss(other, p, batch))(params)
   for k in g1:
     np.testing.assert_allclose(g1[k], g2[k], rtol=1e-5, atol=1e-6)
+
+
+def test_shallow_stacks_unroll_by_default_and_deep_ones_scan():
+  for n, scan in ((1, False), (UNROLL_MAX_LAYERS, False), (UNROLL_MAX_LAYERS + 1, True), (32, True)):
+    assert scans_layers(tiny_config(n_layers=n, scan_layers=None).model) is scan
+  assert scans_layers(tiny_config(n_layers=2, scan_layers=True).model) is True
+  assert scans_layers(tiny_config(n_layers=32, scan_layers=False).model) is False
+  assert config_lib.base_config().model.scan_layers is None
 
 
 def test_configured_variants_change_the_parameter_set():
