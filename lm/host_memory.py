@@ -11,8 +11,8 @@ The settings have to be made before XLA's threads first allocate, so `import lm`
 (lm/__init__.py), before jax starts its CPU backend. They apply only where that backend is the one
 that will run: a Linux host with glibc, no accelerator device files and JAX_PLATFORMS unset or
 'cpu'. `LM_HOST_MALLOC=system` leaves glibc's defaults (`tuned`, the default, applies them; any
-other value is an error, so a typo cannot silently mean the opposite). The cost: the process keeps its peak heap
-instead of returning it, and its threads share one arena.
+other value is an error, so a typo cannot silently mean the opposite). The cost: the process
+keeps its peak heap instead of returning it, and its threads share one arena.
 """
 
 from __future__ import annotations

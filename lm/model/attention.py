@@ -55,14 +55,15 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, w
 
 def _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *, window, softcap, scale):
   """Causal self-attention as QUERY_BLOCKS dense attentions: the queries [start, end) against
-  the keys [first, end) they can see, first = 0 or, with a window, start - window + 1."""
+  the keys [first, end) they can see: first = 0, or with a window the block boundary at or before
+  start - window + 1. The mask inside each block is the whole form's."""
   T = q_BTHK.shape[1]
   block = T // QUERY_BLOCKS
+  seg = lambda ids, a, b: None if ids is None else ids[:, a:b]
   outs = []
   for start in range(0, T, block):
     end = start + block
     first = max(0, start - window + 1) // block * block if window else 0
-    seg = lambda ids, a, b: None if ids is None else ids[:, a:b]
     outs.append(_dense_attention(
         q_BTHK[:, start:end], k_BSGK[:, first:end], v_BSGK[:, first:end],
         seg(segment_ids_BT, start, end), causal=True, window=window, softcap=softcap, scale=scale,

@@ -5,8 +5,9 @@ scaling, grouped-query attention, biases, q/k norms, tied embeddings, sliding wi
 (1 + scale) norms, post-norms, soft-caps, sqrt(D) embedding scale and GeGLU MLP). Layers are
 created stacked (leading `layers` axis) and run with `lax.scan`, so compile time does not grow with
 depth; `scan_layers=False` unrolls the same stacked parameters, so checkpoints are interchangeable
-between the two. The default (None) unrolls stacks of up to UNROLL_MAX_LAYERS layers (`scans_layers`). Layers that differ in kind (Gemma's sliding and full attention, each with its own
-RoPE) stay one scan: their RoPE tables and window choice are per-layer scanned inputs.
+between the two. The default (None) unrolls stacks of up to UNROLL_MAX_LAYERS layers
+(`scans_layers`). Layers that differ in kind (Gemma's sliding and full attention, each with its
+own RoPE) stay one scan: their RoPE tables and window choice are per-layer scanned inputs.
 
 Every parameter carries logical axis names (`out_sharding`); lm/sharding.py maps them to the mesh.
 Shape suffixes: B batch, T length, D d_model, H query heads, G kv heads, K head dim, F mlp, V vocab.

@@ -45,21 +45,21 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
 
   def step(state: TrainState, batch: dict):
     trainable, frozen = partition.split(state.params, labels)
-    micro = _split_microbatches(batch, microbatches)
-    first = jax.tree.map(lambda x: x[0], micro)
-    _, aux_shape = jax.eval_shape(lambda: objective(spec.bind(state.params), first)[1:])
-
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
-    def accumulate(sums, xs):
-      microbatch, i = xs
-      (l, (w, a)), g = grad_fn(trainable, frozen, microbatch, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, sums, (g, l, w, a)), None
-
     if microbatches == 1:  # no loop: a one-trip scan still copies the gradient sums in and out
-      (loss_sum, (weight_sum, aux_sums)), grad_sums = grad_fn(trainable, frozen, first,
+      (loss_sum, (weight_sum, aux_sums)), grad_sums = grad_fn(trainable, frozen, batch,
                                                              jax.random.fold_in(rng, 0))
     else:
+      micro = _split_microbatches(batch, microbatches)
+      first = jax.tree.map(lambda x: x[0], micro)
+      _, aux_shape = jax.eval_shape(lambda: objective(spec.bind(state.params), first)[1:])
+
+      def accumulate(sums, xs):
+        microbatch, i = xs
+        (l, (w, a)), g = grad_fn(trainable, frozen, microbatch, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, sums, (g, l, w, a)), None
+
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            (trainable, jnp.zeros(()), jnp.zeros(()), aux_shape))
       (grad_sums, loss_sum, weight_sum, aux_sums), _ = jax.lax.scan(
