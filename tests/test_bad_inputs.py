@@ -152,6 +152,19 @@ CASES = {
                            'exists and is not a directory'),
     'export-not-a-run': (['lm', 'export', '--workdir', '{d}', '--out', '{run}'],
                          'is neither an lm run directory'),
+    # Task files are data: sandboxed templates, a schema, selections that mean what they say.
+    'task-template-runs-code': (['lm', 'eval', '{run}', '--tasks', '{d}/task_evil.yaml', '--out', '{d}/eval_out'],
+                                'reaches outside the record (access to attribute'),
+    'task-negative-limit': (['lm', 'eval', '{run}', '--tasks', '{d}/task_neg_limit.yaml', '--out', '{d}/eval_out'],
+                            'limit is -1; it must be >= 0 (0: no cap)'),
+    'task-python-data': (['lm', 'eval', '{run}', '--tasks', '{d}/task_python.yaml', '--out', '{d}/eval_out'],
+                         'would run Python code, and task files are data'),
+    'task-rows-select-none': (['lm', 'eval', '{run}', '--tasks', '{d}/task_rows_none.yaml', '--out', '{d}/eval_out'],
+                              "rows '1:1' selects none of the 2 records of task.jsonl"),
+    'task-shots-exceed-fewshot': (['lm', 'eval', '{run}', '--tasks', '{d}/task_shots.yaml', '--out', '{d}/eval_out'],
+                                  '3 shots asked for but the fewshot data task.jsonl holds 2 records'),
+    'eval-negative-limit': (['lm', 'eval', '{run}', '--tasks', 'heldout_ppl', '--out', '{d}/eval_out',
+                             '--config.limit=-1'], 'limit=-1: give a whole number >= 0'),
     # Run directory.
     'workdir-is-a-file': (['--workdir', '{d}/empty.txt'], 'exists and is not a directory'),
     'workdir-not-writable': (['--workdir', '{d}/empty.txt/run'], 'cannot write to --workdir'),
@@ -195,6 +208,7 @@ COMPLETE_RUN = {
     'generate-top-k-above-vocab': None, 'generate-out-is-a-directory': None,
     'generate-prompts-file-missing': None, 'generate-prompts-file-malformed': None,
     'export-int8': None, 'export-out-is-a-file': None, 'eval-out-is-a-file': None,
+    'task-template-runs-code': None, 'task-rows-select-none': None, 'task-shots-exceed-fewshot': None,
 }
 
 FILES = {
@@ -213,6 +227,14 @@ FILES = {
     'partial.py': (b'import ml_collections\ndef get_config(arg=None):\n'
                    b"  return ml_collections.ConfigDict({'train': {'steps': 3}})\n"),
     'outside.jsonl': b'',
+    'task.jsonl': b'{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n',
+    'task_evil.yaml': (b'kind: perplexity\ndata: task.jsonl\ntarget: a\n'
+                       b'prompt: "{{ cycler.__init__.__globals__.os.popen(\'id\').read() }}"\n'),
+    'task_neg_limit.yaml': b'kind: perplexity\ndata: task.jsonl\nlimit: -1\n',
+    'task_python.yaml': b'kind: perplexity\ndata: "python:os:getcwd"\n',
+    'task_rows_none.yaml': b'kind: perplexity\ndata: task.jsonl\nrows: "1:1"\n',
+    'task_shots.yaml': (b'kind: generate\ndata: task.jsonl\nprompt: q\ntarget: a\n'
+                        b'fewshot: task.jsonl\nshots: 3\n'),
 }
 
 

@@ -26,6 +26,7 @@ import re
 
 import numpy as np
 
+from lm.data import templates
 from lm.errors import DataError
 
 ROLE_ALIASES = {'system': 'system', 'user': 'user', 'human': 'user', 'assistant': 'assistant',
@@ -120,14 +121,13 @@ class JinjaTemplate:
   def __init__(self, source: str, bos_token: str = '', eos_token: str = ''):
     try:
       import jinja2  # pylint: disable=import-outside-toplevel
-      from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise DataError('Jinja chat templates need jinja2: pip install jinja2') from None
 
     def raise_exception(message):
       raise DataError(f'chat template refused the conversation: {message}')
 
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = templates.environment(trim_blocks=True, lstrip_blocks=True)
     env.globals['raise_exception'] = raise_exception
     env.filters['tojson'] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
     try:
@@ -137,8 +137,18 @@ class JinjaTemplate:
     self.bos_token, self.eos_token = bos_token, eos_token
 
   def render(self, messages, add_generation_prompt=False) -> str:
-    return self._template.render(messages=list(messages), bos_token=self.bos_token,
-                                 eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
+    try:
+      return self._template.render(messages=list(messages), bos_token=self.bos_token,
+                                   eos_token=self.eos_token,
+                                   add_generation_prompt=add_generation_prompt)
+    except DataError:
+      raise
+    except templates.security_error() as e:
+      raise DataError(f'the chat template reaches outside the conversation ({e}); templates are '
+                      'rendered in a sandbox, so use a template that only reads messages') from None
+    except Exception as e:  # pylint: disable=broad-except  # a template's own error is the data's
+      raise DataError(f'the chat template failed on this conversation ({type(e).__name__}: '
+                      f'{(str(e).splitlines() or [""])[0]})') from None
 
   def spans(self, messages, *, add_generation_prompt: bool = False):
     full = self.render(messages, add_generation_prompt)

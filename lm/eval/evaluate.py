@@ -109,8 +109,12 @@ def run_tasks(model: Model, tasks: list, settings: tasks_lib.Settings, *, log=pr
     out[task.name]['seconds'] = time.perf_counter() - start
     headline = out[task.name]['headline']
     value = out[task.name].get(headline)  # absent where undefined (a reward without a reference)
+    # A limit that leaves records out is said, not silent: the figure covers part of the file.
+    part = (f'; {out[task.name]["n"]} of {out[task.name]["available"]} records (limit '
+            f'{tasks_lib.limit_of(task, settings)}; --config.limit=0 for all)'
+            if 'available' in out[task.name] else '')
     log(f'  {model.name} {task.name}: {headline} '
-        f'{"-" if value is None else format(value, ".4g")} ({out[task.name]["seconds"]:.0f} s)')
+        f'{"-" if value is None else format(value, ".4g")} ({out[task.name]["seconds"]:.0f} s{part})')
   return out
 
 

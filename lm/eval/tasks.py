@@ -62,6 +62,18 @@ class Settings:
   seed: int = 0
   heldout_from: str = ''  # `data: heldout` tasks: whose held-out split ('' = the model's own run)
 
+  def __post_init__(self):
+    for key, least in (('limit', 0), ('shots', 0), ('max_new_tokens', 1), ('top_k', 0),
+                       ('batch_size', 1), ('seed', 0)):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f'{key}={value!r}: give a whole number >= {least}'
+                        + (' (0: every example)' if key == 'limit' else ''))
+    for key in ('temperature', 'top_p'):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f'{key}={value!r}: give a finite number')
+
 
 def lower_is_better(metric: str) -> bool:
   return any(s in metric for s in ('loss', 'perplexity', 'nll', 'bits_per_byte'))
@@ -84,8 +96,11 @@ def _shots_prefix(task: Task, settings: Settings, answer) -> str:
   if not shots or not task.fewshot:  # a task without exemplars runs zero-shot
     return ''
   records = load_records(task, task.fewshot, task.fewshot_rows, settings)
+  if shots > len(records):  # fewer exemplars than asked would change what the score means
+    raise UserError(f'task file {task.path}: {shots} shots asked for but the fewshot data '
+                    f'{task.fewshot} holds {len(records)} records; lower shots or add exemplars')
   out = []
-  for i in range(min(shots, len(records))):
+  for i in range(shots):
     where = records.where(i)
     out.append(render_text(task, 'prompt', records.items[i], where) + task.target_delimiter
                + answer(records.items[i], where) + task.fewshot_delimiter)
@@ -103,18 +118,20 @@ def run(task, model, settings: Settings, *, progress: bool = False) -> dict:
   return {**runner(task, model, settings, desc), 'headline': task.headline_metric}
 
 
-def _records(task: Task, settings: Settings) -> Records:
+def _records(task: Task, settings: Settings) -> tuple[Records, dict]:
+  """The records to score, and {'available': N} when a limit leaves some out, so a result says
+  it covers part of the file (`lm eval` prints it; results.json keeps it)."""
   records = load_records(task, task.data, task.rows, settings)
   n = limit_of(task, settings)
-  if n and task.limit_by == 'records':
-    return Records(records.items[:n], records.where)
-  return records
+  if n and task.limit_by == 'records' and n < len(records):
+    return Records(records.items[:n], records.where), {'available': len(records)}
+  return records, {}
 
 
 def _perplexity(task: Task, model, settings: Settings, desc: str) -> dict:
   if task.data == HELDOUT:
     return _heldout(model, settings, desc)
-  records = _records(task, settings)
+  records, part = _records(task, settings)
   if task.prompt:  # the target given the prompt
     prefix = _shots_prefix(task, settings, lambda r, w: render_text(task, 'target', r, w))
     requests, chars = [], 0
@@ -127,7 +144,8 @@ def _perplexity(task: Task, model, settings: Settings, desc: str) -> dict:
     logp, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
     nll = -logp / max(tokens, 1)
     return {'answer_perplexity': perplexity(nll), 'answer_nll': nll,
-            'answer_bits_per_byte': -logp / math.log(2) / max(chars, 1), 'n': len(requests)}
+            'answer_bits_per_byte': -logp / math.log(2) / max(chars, 1), 'n': len(requests),
+            **part}
   texts = [render_text(task, 'text', r, records.where(i)) for i, r in enumerate(records.items)]
   docs = [model.tokenizer.encode(t, bos=True, eos=True) for t in texts]
   n = limit_of(task, settings)
@@ -143,7 +161,7 @@ def _perplexity(task: Task, model, settings: Settings, desc: str) -> dict:
   chars = sum(len(t.encode('utf-8')) for t in texts)
   return {**out, 'word_perplexity': perplexity(total / max(words, 1)),
           'bits_per_byte': total / math.log(2) / max(chars, 1), 'words': words, 'bytes': chars,
-          'n': len(docs)}
+          'n': len(docs), **part}
 
 
 def _heldout(model, settings: Settings, desc: str) -> dict:
@@ -165,7 +183,7 @@ def extract(task: Task, text: str) -> str:
 
 
 def _generate(task: Task, model, settings: Settings, desc: str) -> dict:
-  records = _records(task, settings)
+  records, part = _records(task, settings)
   prefix = _shots_prefix(task, settings, lambda r, w: render_text(task, 'target', r, w))
   prompts = [render_text(task, 'prompt', r, records.where(i)) for i, r in enumerate(records.items)]
   refs = [render_text(task, 'target', r, records.where(i)) for i, r in enumerate(records.items)]
@@ -187,13 +205,14 @@ def _generate(task: Task, model, settings: Settings, desc: str) -> dict:
   if task.answer_pattern:
     out['answered'] = 100.0 * float(np.mean([a != '' for a in answers])) if answers else 0.0
   out['n'] = len(prompts)
+  out.update(part)
   out['examples'] = [{'prompt': p, 'output': o, 'answer': a, 'gold': g}
                      for p, o, a, g in list(zip(prompts, outs, answers, gold))[:3]]
   return out
 
 
 def _choice(task: Task, model, settings: Settings, desc: str) -> dict:
-  records = _records(task, settings)
+  records, part = _records(task, settings)
   labels, label_where = None, None
   if task.label_file:
     labels, label_where = labels_from_file(task, settings)
@@ -219,13 +238,13 @@ def _choice(task: Task, model, settings: Settings, desc: str) -> dict:
     opts = [_split_encode(model.tokenizer, context, task.target_delimiter + o)[1] for o in options]
     items.append((ctx, opts, right))
   return {**model.scorer.multiple_choice(items, batch_size=settings.batch_size, progress=desc),
-          'n': len(items)}
+          'n': len(items), **part}
 
 
 def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
   """Implicit DPO rewards beta*(log pi(reply) - log pi_ref(reply)) of the chosen and rejected
   replies, encoded with the run's chat template exactly as training encodes pairs."""
-  records = _records(task, settings)
+  records, part = _records(task, settings)
   encoder = formats.Encoder('preference', model.tokenizer, model.cfg.model.max_seq_len,
                             fields=dict(task.fields), chat_template=model.cfg.data.chat_template,
                             truncate='prompt')
@@ -251,7 +270,7 @@ def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
   beta = task.beta or float(model.cfg.get('dpo', {}).get('beta', 0.1))
   out = {'logp_accuracy': 100.0 * float(np.mean(policy[:, 0] > policy[:, 1])),
          'chosen_logp': float(policy[:, 0].mean()), 'rejected_logp': float(policy[:, 1].mean()),
-         'n': len(policy)}
+         'n': len(policy), **part}
   if reference is None:  # no reference policy (no train.init_from): no implicit reward
     return {**out, 'reference': 'none'}
   ref = np.array([s[0] for s in reference.score(requests, batch_size=settings.batch_size,

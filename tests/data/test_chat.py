@@ -263,3 +263,15 @@ def test_mistral_v3_inst_markers_are_control_tokens(tmp_path):
   assert ids[mask].tolist() == tok.encode('Hi') + [2] + tok.encode('Go') + [2]
   prompt = encoder.encode_prompt([{'role': 'user', 'content': 'Hello there'}]).tolist()
   assert prompt == [1, 3] + tok.encode('Hello there') + [4]
+
+
+@pytest.mark.parametrize('source, needle', [
+    ("{{ cycler.__init__.__globals__.os.popen('echo ran').read() }}", 'reaches outside the conversation'),
+    ("{{ 'x' * 10**9 }}", 'at most 10000000 items'),
+    ('{{ messages[0].content / 2 }}', 'failed on this conversation (TypeError'),
+])
+def test_a_chat_template_is_sandboxed_and_its_failures_are_data_errors(source, needle):
+  template = chat.JinjaTemplate(source)
+  with pytest.raises(DataError) as e:
+    template.render([{'role': 'user', 'content': 'hi'}])
+  assert needle in str(e.value) and '\n' not in str(e.value)

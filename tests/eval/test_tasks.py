@@ -251,3 +251,136 @@ def test_compare_accepts_the_limit_its_usage_lists(monkeypatch, tmp_path):
   assert seen['base_pretraining_tokens'] == 2e12
   for option in ('--limit', '--harness', '--base-pretraining-tokens'):
     assert option in cli.USAGE
+
+
+# --- task files are data: sandboxed templates, a schema, selections that mean what they say ---
+
+def test_a_template_cannot_run_code_and_says_so(model, tmp_path):
+  """The exploit a plain jinja2.Environment lets through: a shell command from a task file."""
+  _jsonl(tmp_path / 'd.jsonl', [{'q': 'a', 'a': 'b'}])
+  marker = tmp_path / 'ran'
+  path = _write(tmp_path / 'evil.yaml', 'kind: perplexity\ndata: d.jsonl\ntarget: a\nprompt: "{{ '
+                f"cycler.__init__.__globals__.os.popen('touch {marker}').read() }}}}\"\n")
+  with pytest.raises(UserError, match=r'd.jsonl:1: `prompt` in .*evil.yaml reaches outside the '
+                                      r'record \(access to attribute'):
+    tasks.run(path, model, SETTINGS)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize('source, needle', [
+    ("{{ 'a' * 10**10 }}", 'at most 10000000 items'),
+    ('{{ 10 ** 100000 }}', 'is too large for a template'),
+    ('{{ 1 / 0 }}', 'ZeroDivisionError'),
+    ("{{ q | regex_replace('(', '') }}", 'error: missing )'),
+])
+def test_a_template_that_fails_on_a_record_is_one_line(model, tmp_path, source, needle):
+  _jsonl(tmp_path / 'd.jsonl', [{'q': 'a', 'a': 'b'}])
+  path = _write(tmp_path / 't.yaml', f'kind: perplexity\ndata: d.jsonl\ntarget: a\nprompt: "{source}"\n')
+  with pytest.raises(UserError) as e:
+    tasks.run(path, model, SETTINGS)
+  assert needle in str(e.value) and 'd.jsonl:1' in str(e.value) and '\n' not in str(e.value)
+
+
+SCHEMA = {  # a task file's text (after the base) -> the message's fragment
+    'limit: -1\n': 'limit is -1; it must be >= 0 (0: no cap)',
+    'limit: 2.5\n': 'limit is 2.5; give a whole number >= 0',
+    'limit: true\n': 'limit is True; give a whole number >= 0',
+    'shots: -2\nfewshot: mc.jsonl\n': 'shots is -2; it must be >= 0',
+    'rows: "1:2:3"\n': 'rows is \'1:2:3\'; write a slice such as "-500:" or ":100"',
+    'prompt: "{{ goal "\n': '`prompt` is not a valid template',
+    'stop: ["Q:"]\n': '`stop` is not read by a choice task; remove it',
+    'label_file: nope.txt\n': 'both label and label_file are set',
+    'headline: bleu\n': "headline is 'bleu', which a choice task does not report",
+    'name: "a/b"\n': "name 'a/b' is not a plain name",
+    'fewshot: {data: mc.jsonl, row: ":2"}\n': "fewshot has unknown key(s) ['row']",
+    'fewshot: missing.jsonl\n': 'missing.jsonl not found; data is read relative to the task file',
+    'data: "python:os:getcwd"\n': "would run Python code, and task files are data",
+    'seed: "x"\n': "seed is 'x'; give a whole number",
+}
+
+
+@pytest.mark.parametrize('extra', list(SCHEMA))
+def test_task_file_schema_refuses_before_anything_runs(tmp_path, extra):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  base = 'kind: choice\ndata: mc.jsonl\nprompt: goal\nchoices: [sol1, sol2]\nlabel: label\n'
+  lines = {l.split(':')[0]: l for l in base.splitlines(True)}
+  lines.update({l.split(':')[0]: l for l in extra.splitlines(True)})
+  path = _write(tmp_path / 't.yaml', ''.join(lines.values()))
+  with pytest.raises(UserError) as e:
+    tasks.load_task(path)  # parsing alone: no model, no records read
+  assert SCHEMA[extra] in str(e.value) and str(e.value).startswith(f'task file {path}: '), str(e.value)
+
+
+def test_answer_patterns_are_compiled_when_the_file_loads(tmp_path):
+  _jsonl(tmp_path / 'g.jsonl', [{'q': '1+1', 'a': '2'}])
+  path = _write(tmp_path / 'g.yaml', 'kind: generate\ndata: g.jsonl\nprompt: q\ntarget: a\n'
+                'answer_pattern: "(unclosed"\n')
+  with pytest.raises(UserError, match=r"answer_pattern '\(unclosed' is not a valid regex \(missing \)"):
+    tasks.load_task(path)
+
+
+@pytest.mark.parametrize('rows, needle', [
+    ('"2:1"', "rows '2:1' selects none of the 3 records of mc.jsonl; fix rows"),
+    ('":10"', "rows ':10' reaches past the 3 records of mc.jsonl; keep its bounds within -3..3"),
+    ('"-4:"', "rows '-4:' reaches past the 3 records"),
+])
+def test_a_selection_of_no_records_or_past_the_end_is_an_error(model, tmp_path, rows, needle):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  path = _write(tmp_path / 't.yaml', f'kind: choice\ndata: mc.jsonl\nprompt: goal\nchoices: '
+                f'[sol1, sol2]\nlabel: label\nrows: {rows}\n')
+  with pytest.raises(UserError, match=re.escape(needle)):
+    tasks.run(path, model, SETTINGS)
+
+
+def test_more_shots_than_the_fewshot_file_holds_is_an_error(model, tmp_path):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  path = _write(tmp_path / 't.yaml', 'kind: choice\ndata: mc.jsonl\nprompt: goal\nchoices: '
+                '[sol1, sol2]\nlabel: label\nfewshot: {data: mc.jsonl, rows: ":2"}\nshots: 3\n')
+  with pytest.raises(UserError, match='3 shots asked for but the fewshot data mc.jsonl holds 2 '
+                                      'records; lower shots or add exemplars'):
+    tasks.run(path, model, SETTINGS)
+  assert tasks.run(path, model, tasks.Settings(limit=0, shots=2, batch_size=4))['n'] == 3
+
+
+def test_python_hooks_run_only_from_built_in_files_and_fail_in_one_line(model, tmp_path, monkeypatch):
+  import sys
+  import types
+  hooks = types.ModuleType('my_hooks')
+  hooks.broken = lambda settings: [{'q': 1}][5]
+  hooks.strings = lambda settings: ['not a record']
+  monkeypatch.setitem(sys.modules, 'my_hooks', hooks)
+  # A Task built in Python is code its author runs; a hook failing inside is still one line.
+  task = tasks.Task(name='hook', path=str(tmp_path / 'x.yaml'), kind='perplexity',
+                    data='python:my_hooks:broken')
+  with pytest.raises(UserError, match=r'data hook python:my_hooks:broken failed: IndexError: '
+                                      r'list index out of range; fix the hook or its data'):
+    tasks.run(task, model, SETTINGS)
+  with pytest.raises(UserError, match=r'returned a str at \[0\]; it must return records'):
+    tasks.run(dataclasses_replace(task, data='python:my_hooks:strings'), model, SETTINGS)
+  # The built-in files that use hooks still load (they are shipped, reviewed code).
+  assert tasks.resolve('wiki_cloze').data.startswith('python:')
+
+
+def dataclasses_replace(task, **changes):
+  import dataclasses
+  return dataclasses.replace(task, **changes)
+
+
+def test_settings_refuse_negative_or_fractional_numbers():
+  for bad, needle in [(dict(limit=-1), 'limit=-1: give a whole number >= 0 (0: every example)'),
+                      (dict(shots=-1), 'shots=-1'), (dict(batch_size=0), 'batch_size=0'),
+                      (dict(limit=2.5), 'limit=2.5'), (dict(temperature=float('nan')), 'temperature=nan')]:
+    with pytest.raises(UserError, match=re.escape(needle)):
+      tasks.Settings(**bad)
+
+
+def test_a_limit_that_leaves_records_out_is_reported(model, tmp_path):
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  path = _write(tmp_path / 'mc.yaml', 'kind: choice\ndata: mc.jsonl\nprompt: goal\nchoices: '
+                '[sol1, sol2]\nlabel: label\n')
+  lines = []
+  out = evaluate.run_tasks(model, [path], tasks.Settings(limit=2, batch_size=4), log=lines.append)
+  assert out['mc']['n'] == 2 and out['mc']['available'] == 3
+  assert lines[0].endswith('; 2 of 3 records (limit 2; --config.limit=0 for all))'), lines
+  whole = evaluate.run_tasks(model, [path], tasks.Settings(limit=3, batch_size=4), log=lines.append)
+  assert whole['mc']['n'] == 3 and 'available' not in whole['mc'] and 'records' not in lines[1]
