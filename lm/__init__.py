@@ -21,6 +21,11 @@ import sys
 
 from lm import errors
 from lm import host_memory
+from lm import platforms
+
+# On a host without accelerators: jax starts its CPU backend alone, without the installed TPU and
+# CUDA plugins' tracebacks and log lines (lm/platforms.py).
+platforms.quiet_start()
 
 # Before jax starts its CPU backend: XLA's threads pick their malloc arena at their first allocation.
 try:

@@ -304,10 +304,13 @@ def cmd_plan(argv):
   parser.add_argument('--mfu', type=float, default=0.4, help='for the step time and tokens/s')
   parser.add_argument('--search', action='store_true', help='largest batch per remat policy')
   args, overrides = parser.parse_known_args(argv)
-  cfg = _config_from_args(args, overrides, args.model_preset)
-  # The target's compiler is loaded on its own; this host's accelerators are not needed.
+  # The target's compiler is loaded on its own (the CUDA plugin too, which `import lm` keeps
+  # unloaded on a CPU host); this host's accelerators are not needed.
   import os  # pylint: disable=import-outside-toplevel
+  from lm import platforms  # pylint: disable=import-outside-toplevel
+  platforms.load_compilers()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  cfg = _config_from_args(args, overrides, args.model_preset)
   from lm.bench import plan  # pylint: disable=import-outside-toplevel
   result = plan.plan(cfg, args.target, mfu=args.mfu, search=args.search)
   if not args.search:

@@ -15,7 +15,11 @@ import math
 import re
 import time
 
-import jax
+from lm import platforms
+
+platforms.load_compilers()  # the CUDA compiler, for GPU targets, before jax starts (lm/platforms.py)
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np
 
 from lm.bench import step_flops as flops_lib

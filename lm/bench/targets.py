@@ -18,7 +18,10 @@ import math
 import os
 import re
 
+from lm import platforms
 from lm.errors import UserError
+
+platforms.load_compilers()  # the CUDA compiler, for GPU targets, before jax starts (lm/platforms.py)
 
 GiB = 2 ** 30
 
@@ -120,6 +123,10 @@ def _topology(name: str):
   # libtpu takes a machine-wide lock for the real chips; compile-only use needs none, and another
   # process (a test worker, a second plan) may hold it.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  if target.platform == 'gpu' and platforms.compilers_hidden():
+    raise UserError(f'{name}: the CUDA compiler was kept unloaded (jax started after `import lm` '
+                    'on this CPU host); import lm.bench.plan before the first jax call, or set '
+                    'JAX_PLATFORMS=cpu before importing lm')
   try:
     if target.platform == 'tpu':
       info = TPU_CHIPS[target.chip]
