@@ -107,6 +107,12 @@ CASES = {
     # Post-training objectives (docs/posttraining.md): refused before any data is read or compiled.
     'posttrain-objective-vs-data': (['--config.train.objective=simpo'],
                                     'reads chosen/rejected pairs; set --config.data.format=preference'),
+    'posttrain-kto-one-label': (['--config.train.objective=kto', '--config.data.format=kto',
+                                 '--config.data.train_files={d}/kto_desirable.jsonl'],
+                                'every KTO example is desirable (label true); KTO needs undesirable examples too'),
+    'posttrain-pair-identical': (['--config.train.objective=dpo', '--config.data.format=preference',
+                                  '--config.data.train_files={d}/same_pair.jsonl'],
+                                 'same_pair.jsonl:2: chosen and rejected replies are the same text'),
     'posttrain-kto-without-labels': (['--config.train.objective=kto', '--config.data.format=kto',
                                       '--config.data.train_files={d}/body.jsonl'],
                                      'KTO examples need a label'),
@@ -227,6 +233,10 @@ FILES = {
     'partial.py': (b'import ml_collections\ndef get_config(arg=None):\n'
                    b"  return ml_collections.ConfigDict({'train': {'steps': 3}})\n"),
     'outside.jsonl': b'',
+    'kto_desirable.jsonl': b''.join(b'{"prompt": "q%d", "completion": "a%d", "label": true}\n' % (i, i)
+                                    for i in range(8)),
+    'same_pair.jsonl': (b'{"prompt": "q", "chosen": "yes", "rejected": "no"}\n'
+                        b'{"prompt": "q", "chosen": "same", "rejected": "same "}\n'),
     'task.jsonl': b'{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n',
     'task_evil.yaml': (b'kind: perplexity\ndata: task.jsonl\ntarget: a\n'
                        b'prompt: "{{ cycler.__init__.__globals__.os.popen(\'id\').read() }}"\n'),

@@ -249,6 +249,10 @@ def search_batches(cfg, target, devices):
            f'+{recompute:.0%} FLOPs recomputed')
     if best is None:
       best = (remat, largest)
+  if best is None:  # a search that found nothing is a failed plan, not a report: exit 2
+    raise UserError(f'{target.name}: not even {step} sequences of {cfg.data.seq_len} tokens per '
+                    'microbatch fit at any remat policy; use a larger target, more model '
+                    'parallelism (mesh.shape.fsdp / tensor), a smaller model or a shorter data.seq_len')
   if best is not None:
     remat, largest = best
     k = max(1, -(-cfg.data.batch_size // largest))

@@ -74,6 +74,7 @@ class Encoder:
       self.chat = chat.ChatEncoder(chat.get_template(self.chat_template, self.tokenizer),
                                    self.tokenizer, self.train_on)
     self.limit = self.seq_len + 1  # a row of seq_len positions holds seq_len + 1 tokens
+    self.labels_seen = set()  # kto: the label classes check() met (check_labels reads them)
 
   # -- structure, without tokenizing --------------------------------------------------------------
 
@@ -109,6 +110,8 @@ class Encoder:
       return str(e).removeprefix('record: '), True
     if self.format == 'text' and not content.strip():
       return SKIP_EMPTY, False
+    if self.format == 'kto':
+      self.labels_seen.update(desirable for _, _, desirable in content)
     return None
 
   def text_of(self, record) -> str:
@@ -199,6 +202,18 @@ class Encoder:
     if cut is None:
       return [], SKIP_ANSWER_TOO_LONG
     return [((_drop(c_ids, cut), _drop(c_mask, cut)), (_drop(r_ids, cut), _drop(r_mask, cut)))], 'truncated'
+
+
+def check_labels(encoders, what: str) -> None:
+  """KTO needs desirable and undesirable examples: with one class its reference point has nothing
+  to compare against and the loss only pushes every completion one way. The classes are those
+  the up-front record check met (sources read lazily, e.g. TFDS, are not counted)."""
+  kto = [e for e in encoders if e.format == 'kto']
+  seen = set().union(*(e.labels_seen for e in kto)) if kto else set()
+  if len(seen) == 1:
+    have, lack = ('desirable', 'undesirable') if True in seen else ('undesirable', 'desirable')
+    raise DataError(f'{what}: every KTO example is {have} (label {str(True in seen).lower()}); KTO '
+                    f'needs {lack} examples too: add them, or use data.format=preference pairs')
 
 
 def _prompt_cut(ids, answer_start, excess, bos_id):

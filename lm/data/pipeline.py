@@ -270,6 +270,7 @@ class Corpus:
 def build_corpus(data_cfg, tokenizer) -> Corpus:
   specs = source_specs(data_cfg)
   loaded = [load_source(spec, data_cfg, tokenizer) for spec in specs]
+  formats.check_labels([s.encoder for s in loaded], data_cfg.train_files)
   train = TrainData(loaded, mixture.Mixture([s.name for s in specs], [s.weight for s in specs],
                                             data_cfg.seed),
                     data_cfg.seq_len, tokenizer.pad_id, data_cfg.seed,

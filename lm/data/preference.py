@@ -83,6 +83,9 @@ def from_record(record, fields: dict, where: str = 'record'):
     raise DataError(f'{where}: the prompt ends with an assistant message; the reply must come next')
   if not chosen.strip() or not rejected.strip():
     raise chat.EmptyContent(f'{where}: empty chosen or rejected reply')
+  if chosen.strip() == rejected.strip():  # a pair with no preference: its loss is log 2, always
+    raise DataError(f'{where}: chosen and rejected replies are the same text; a preference pair '
+                    'must differ')
   return prompt, chosen, rejected
 
 

@@ -8,9 +8,13 @@ GSM8K: {question, answer}); `completion` the sampled text, cut at the first stop
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import re
 
-from lm.errors import ConfigError
+import numpy as np
+
+from lm.errors import ConfigError, UserError
 from lm.eval.text_metrics import extract_answer
 
 _FINAL = re.compile(r'####\s*(-?[\d,]*\.?\d+)')
@@ -55,3 +59,27 @@ def resolve(names: str):
                       'lm.eval.rewards.gsm8k_exact')
   return out
 
+
+
+def score(reward_fns, completions: list[str], records: list, record_ids: list[int]) -> np.ndarray:
+  """[sample, reward] of every reward function on every completion, each value checked: a reward
+  that raises, returns a non-number or a non-finite number stops the run with one line naming the
+  function and the sample, since a NaN advantage would train silently to the end."""
+  out = np.zeros((len(completions), len(reward_fns)), np.float64)
+  for b, (text, record, rid) in enumerate(zip(completions, records, record_ids)):
+    for j, (name, fn) in enumerate(reward_fns):
+      sample = f'sample {b} (prompt record {rid}, completion {text[:40]!r}{"..." if len(text) > 40 else ""})'
+      try:
+        value = fn(text, record)
+      except Exception as e:  # pylint: disable=broad-except  # the user's function, the user's error
+        raise UserError(f'grpo reward {name} raised {type(e).__name__}: '
+                        f'{(str(e).splitlines() or [""])[0][:120]} on {sample}; fix the reward '
+                        'function') from None
+      if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real):
+        raise UserError(f'grpo reward {name} returned {type(value).__name__} {value!r:.40} on '
+                        f'{sample}; a reward must return a number')
+      if not math.isfinite(float(value)):
+        raise UserError(f'grpo reward {name} returned {float(value)} on {sample}; a reward must '
+                        'return a finite number')
+      out[b, j] = float(value)
+  return out

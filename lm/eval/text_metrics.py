@@ -1,7 +1,8 @@
 """Metrics on generated text: answer extraction and exact match, token F1, ROUGE-L, BLEU.
 
 Exact match and token F1 follow the SQuAD normalisation (lowercase, no punctuation, no articles,
-single spaces). ROUGE-L is Google's `rouge-score` package and BLEU is `sacrebleu`, so the figures
+single spaces), except that a number keeps its value: its sign and decimal point are not
+punctuation to strip (SQuAD's rule makes '-18' and '1.8' equal '18'). ROUGE-L is Google's `rouge-score` package and BLEU is `sacrebleu`, so the figures
 mean what they mean elsewhere. Each function takes lists of predictions and references and returns
 the corpus figure in [0, 100] (BLEU's own scale; the others as percentages).
 """
@@ -14,14 +15,29 @@ import re
 import string
 
 _ARTICLES = re.compile(r'\b(a|an|the)\b')
+_PUNCTUATION = frozenset(string.punctuation)
 _NUMBER = re.compile(r'-?\$?\d[\d,]*(?:\.\d+)?')
 
 
+# A number standing on its own: a '-' joined to a word before it ('3-4', 'x-1') is a hyphen, not a sign.
+_STANDALONE_NUMBER = re.compile(r'(?<!\w)-?\$?\d[\d,]*(?:\.\d+)?|\$?\d[\d,]*(?:\.\d+)?')
+
+
+def _words(text: str) -> str:
+  text = ''.join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+  return _ARTICLES.sub(' ', text)
+
+
 def normalize(text: str) -> str:
-  text = text.lower()
-  text = ''.join(ch for ch in text if ch not in set(string.punctuation))
-  text = _ARTICLES.sub(' ', text)
-  return ' '.join(text.split())
+  """SQuAD's normalisation (lowercase, no punctuation, no articles, single spaces) of the words,
+  with every number kept as its value: stripping punctuation from '-18' or '1.8' would make them
+  equal '18', so numbers are normalised by normalize_number instead ('$1,200.00' -> '1200')."""
+  parts, end = [], 0
+  for found in _STANDALONE_NUMBER.finditer(text):
+    parts += [_words(text[end:found.start()]), f' {normalize_number(found.group())} ']
+    end = found.end()
+  parts.append(_words(text[end:]))
+  return ' '.join(''.join(parts).split())
 
 
 def normalize_number(text: str) -> str:

@@ -218,8 +218,8 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
         ids = [encode_prompt(records[i]) for i in chosen for _ in range(g.group_size)]  # G copies, grouped
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), r)
         cut, completions, ends, texts = sampler(state.params, ids, rng)
-        scores = np.array([[fn(t, records[chosen[b // g.group_size]]) for _, fn in reward_fns]
-                           for b, t in enumerate(texts)], np.float64)
+        ids_of = [chosen[b // g.group_size] for b in range(len(texts))]
+        scores = rewards_lib.score(reward_fns, texts, [records[i] for i in ids_of], ids_of)
         reward = scores @ np.asarray(weights, np.float64)
         rows = completion_rows(cut, completions, ends, tokenizer.pad_id, cfg.data.seq_len)
         rows['advantages'] = group_advantages(reward, g.group_size, g.scale_rewards)

@@ -182,6 +182,13 @@ def simpo(model, batch, *, beta: float = 2.0, gamma: float = 1.0):
                     chosen_reward=reward['chosen'], rejected_reward=reward['rejected'])
 
 
+def log1mexp(x):
+  """log(1 - exp(x)) for x < 0 without cancellation (Maechler 2012): near 0, where 1 - exp(x)
+  loses every digit to rounding (a near-certain reply in ORPO), log(-expm1(x)); below -log 2,
+  log1p(-exp(x)). Both branches are finite for x < 0, so the unused one's gradient is harmless."""
+  return jnp.where(x > -0.6931471805599453, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
 def orpo(model, batch, *, weight: float = 0.1):
   """ORPO (Hong et al. 2024), reference-free: the chosen reply's mean token NLL plus `weight`
   times -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p) with p the
@@ -189,8 +196,8 @@ def orpo(model, batch, *, weight: float = 0.1):
   mean, not TRL's mean over all chosen tokens of the batch)."""
   lp, valid = _pair_log_probs(model, batch, reference=False)
   mean = {side: p / jnp.maximum(n, 1.0) for side, (p, _, n) in lp.items()}
-  # log(p / (1 - p)) = mean - log(1 - exp(mean)); log1p(-exp(x)) is exact for x < 0.
-  log_odds = {side: m - jnp.log1p(-jnp.exp(jnp.minimum(m, -1e-6))) for side, m in mean.items()}
+  # log(p / (1 - p)) = mean - log(1 - exp(mean)), with log(1 - exp(x)) taken stably (log1mexp).
+  log_odds = {side: m - log1mexp(jnp.minimum(m, -1e-6)) for side, m in mean.items()}
   margin = log_odds['chosen'] - log_odds['rejected']
   odds_loss = -jax.nn.log_sigmoid(margin)
   return _pair_sums(-mean['chosen'] + weight * odds_loss, margin, valid,

@@ -184,6 +184,18 @@ def test_bad_targets_and_meshes_are_one_line_from_the_command(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(line), out.stderr[-2000:]
 
 
+def test_a_search_where_nothing_fits_is_an_error_not_a_report(monkeypatch):
+  target = targets.parse('v5p-8')
+  monkeypatch.setattr(plan_lib, 'compile_step', lambda c, target, devices=None, *, mfu=0.4:
+                      types.SimpleNamespace(fits=False, memory_line='needs 99.0 GiB per chip of 64.0'))
+  lines = []
+  with pytest.raises(UserError, match='v5p-8: not even 4 sequences of 16 tokens per microbatch fit '
+                                      'at any remat policy'):
+    for line in plan_lib.search_batches(_quiet_tiny(), target, jax.devices()[:4]):
+      lines.append(line)
+  assert len(lines) == 5 and all('nothing fits' in l for l in lines[1:])
+
+
 def test_search_reports_the_largest_microbatch_per_remat_policy(monkeypatch):
   """The search's doubling and its advice, with the compiler replaced by a memory model: a
   sequence costs 4 units without remat, 2 with dots policies, 1 with full remat; 64 fit."""

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, tiny_config
 from data_util import LLAMA2, make_hf_tokenizer, needs_shared
 
-from lm.errors import ConfigError
+from lm.errors import ConfigError, UserError
 from lm.eval import rewards
 from lm.train import grpo_loop, objectives
 
@@ -152,6 +152,34 @@ def test_rewards():
   for bad in ('lm.eval.rewards.nope', 'no_such_module.fn', 'gsm8k_exact'):
     with pytest.raises(ConfigError, match='does not name a function'):
       rewards.resolve(bad)
+
+
+@pytest.mark.parametrize('reward, needle', [
+    (lambda c, r: float('nan'), 'grpo reward my.nan returned nan on sample 1 (prompt record 7, '
+                                "completion 'second'); a reward must return a finite number"),
+    (lambda c, r: '1', "grpo reward my.nan returned str '1' on sample 0"),
+    (lambda c, r: None, 'returned NoneType None on sample 0'),
+    (lambda c, r: r['missing'], "grpo reward my.nan raised KeyError: 'missing' on sample 0 (prompt "
+                                "record 3, completion 'first'); fix the reward function"),
+])
+def test_every_reward_value_is_checked_and_names_the_function_and_sample(reward, needle):
+  ok = lambda c, r: 1.0 if c == 'first' else reward(c, r)  # the first sample passes where it can
+  fns = [('lm.eval.rewards.brevity', rewards.brevity), ('my.nan', ok if 'sample 1' in needle else reward)]
+  with pytest.raises(UserError) as e:
+    rewards.score(fns, ['first', 'second'], [{'answer': '1'}, {'answer': '2'}], [3, 7])
+  assert needle in str(e.value) and '\n' not in str(e.value), str(e.value)
+  good = rewards.score([('b', rewards.brevity), ('t', lambda c, r: True)], ['', 'x' * 200],
+                       [{}, {}], [0, 1])
+  np.testing.assert_array_equal(good, [[1.0, 1.0], [0.5, 1.0]])
+
+
+def test_advantages_divide_by_the_population_std_not_the_sample_std():
+  """TRL divides by torch's sample std (n-1); lm by the population std (n), as docs/posttraining.md
+  says. For a group of G the two differ by sqrt(G / (G - 1)), folded into the learning rate."""
+  r = np.array([1.0, 0.0, 0.0, 0.0])
+  adv = grpo_loop.group_advantages(r, 4, scale=True)
+  np.testing.assert_allclose(adv, (r - r.mean()) / (r.std(ddof=0) + 1e-4), rtol=1e-6)
+  assert not np.allclose(adv, (r - r.mean()) / (r.std(ddof=1) + 1e-4), rtol=1e-3)
 
 
 def test_an_unresolvable_reward_is_one_line_and_exit_2(tmp_path):

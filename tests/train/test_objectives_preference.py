@@ -224,3 +224,15 @@ def test_held_out_evaluation_reports_reward_accuracy_and_margin():
   metrics = trainer.evaluate(trainer.init_state().params, rows, max_batches=1)
   assert {'eval_loss', 'eval_reward_accuracy', 'eval_reward_margin'} <= set(metrics)
   assert 0.0 <= metrics['eval_reward_accuracy'] <= 1.0 and metrics['eval_reward_margin'] != 0.0
+
+
+def test_orpo_log_one_minus_p_keeps_its_digits_for_near_certain_replies():
+  """log(1 - exp(x)) in float32: the naive log1p(-exp(x)) loses most digits as x -> 0 (a reply the
+  model is almost sure of); log1mexp matches the float64 value to float32 precision everywhere."""
+  x = np.array([-3e-6, -1e-5, -1e-4, -1e-3, -0.5, -0.7, -2.0, -5.0], np.float32)
+  exact = np.log(-np.expm1(x.astype(np.float64)))
+  stable = np.asarray(objectives.log1mexp(jnp.asarray(x)), np.float64)
+  naive = np.asarray(jnp.log1p(-jnp.exp(jnp.asarray(x))), np.float64)
+  np.testing.assert_allclose(stable, exact, rtol=1e-6)
+  assert np.max(np.abs(naive - exact)[:3]) > 1e-3  # what the naive form lost
+  assert np.all(np.isfinite(jax.grad(lambda v: objectives.log1mexp(v).sum())(jnp.asarray(x))))
