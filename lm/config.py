@@ -37,7 +37,34 @@ MODEL_PRESETS = {
 }
 
 
-ROPE_SCALING_TYPES = ('llama3', 'linear', 'yarn')  # model.rope_scaling['type'] (lm/model/transformer.py)
+ROPE_SCALING_TYPES = ('llama3', 'linear', 'yarn')  # model.rope_scaling['type'] (lm/model/rope.py)
+# Per layer kinds (lm/model/stack.py): the token mixer ('linear': gated DeltaNet) and channel mixer.
+LAYER_TYPES = ('full', 'sliding', 'chunked', 'linear')
+MLP_TYPES = ('dense', 'moe')
+
+
+def layer_problem(m) -> str | None:
+  """The one-line problem with model config `m`'s per-layer kinds, or None."""
+  for key, allowed in (('layer_types', LAYER_TYPES), ('mlp_types', MLP_TYPES),
+                       ('rope_layers', (0, 1))):
+    values = tuple(m.get(key) or ())
+    if values and len(values) != m.n_layers:
+      return (f'model.{key} has {len(values)} entries for {m.n_layers} layers; give one per '
+              'layer or () for all alike')
+    bad = [v for v in values if v not in allowed]
+    if bad:
+      return (f'model.{key} entry {bad[0]!r} is not supported; lm implements '
+              f'{", ".join(map(str, allowed))}')
+  types = tuple(m.get('layer_types') or ())
+  if 'chunked' in types and not m.get('attention_chunk_size'):
+    return "model.layer_types has 'chunked' layers but model.attention_chunk_size is 0; set it"
+  if 'linear' in types and not (m.linear_attn.n_key_heads and m.linear_attn.n_value_heads
+                                and m.linear_attn.key_head_dim and m.linear_attn.value_head_dim):
+    return ("model.layer_types has 'linear' (gated DeltaNet) layers but model.linear_attn's "
+            'head counts and dims are not all set')
+  if 'moe' in tuple(m.get('mlp_types') or ()) and not n_experts(m):
+    return "model.mlp_types has 'moe' layers but model.moe.n_experts is 0; set the number of experts"
+  return None
 
 
 def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
@@ -65,12 +92,24 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
       sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
-      layer_types=(),  # per layer 'sliding' | 'full' (Gemma 2/3): only sliding layers use sliding_window; (): all alike
+      # Per layer token mixer (lm/model/stack.py): 'full' | 'sliding' (sliding_window) | 'chunked'
+      # (attention_chunk_size: Llama 4) attention, or 'linear' (gated DeltaNet: Qwen3.5, Qwen3-Next); (): all alike
+      layer_types=(),
+      mlp_types=(),  # per layer channel mixer: 'dense' | 'moe'; (): every layer moe when moe.n_experts > 0, else dense
+      rope_layers=(),  # per layer 1 (RoPE) or 0 (NoPE: SmolLM3, Llama 4); (): RoPE everywhere
+      partial_rotary_factor=1.0,  # share of each head's dims that RoPE rotates (Qwen3.5, Qwen3-Next: 0.25)
+      attention_chunk_size=0,  # 'chunked' layers attend within chunks of this many positions
+      attn_output_gate=False,  # attention output times sigmoid(gate(x)) per head and dim (Qwen3.5, Qwen3-Next)
+      norm_placement='pre',  # RMSNorm before each part (pre: Llama), before and after (sandwich: Gemma 2/3), after only (post: OLMo 2/3)
+      qk_norm_scope='head',  # q/k norms per head (head: Qwen3, Gemma 3) or over all heads at once (all: OLMo 2/3)
+      # Gated DeltaNet ('linear' layers, lm/model/mixers/gated_deltanet.py).
+      linear_attn=ml_collections.ConfigDict(dict(
+          n_key_heads=0, n_value_heads=0, key_head_dim=0, value_head_dim=0, conv_kernel=4,
+      )),
       rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
       attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
       mlp_bias=False,  # biases on gate/up/down (Llama mlp_bias)
       qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Qwen3-MoE, Gemma 3)
-      post_norms=False,  # also norm the attention and MLP outputs before the residual add (Gemma 2/3)
       query_pre_attn_scalar=0.0,  # attention logits scale by this ** -0.5; 0: head_dim (Gemma 2/3 set it)
       attn_logit_softcap=0.0,  # c · tanh(logits / c) on attention logits (Gemma 2); 0: off
       final_logit_softcap=0.0,  # the same on the output logits (Gemma 2/3); 0: off
@@ -91,7 +130,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           alpha=16.0,  # scale = alpha / rank (alpha / sqrt(rank) with rslora)
           dropout=0.0,  # dropout on the adapter's input, in training only
           rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
-          targets=r'layers\.(attn|mlp)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, lm_head
+          targets=r'layers\.(attn|linear_attn|mlp|moe)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, layers.moe.{gate,up,down}, layers.linear_attn.*, lm_head
       )),
       # QLoRA: the layers' linear kernels stored quantized and frozen, dequantized per layer in
       # the forward (lm/model/quant.py, docs/posttraining.md); needs a partition that trains none of them.
@@ -120,6 +159,9 @@ def with_model_defaults(m) -> ml_collections.ConfigDict:
           value, dict) else value
     return out
   given = m.to_dict() if hasattr(m, 'to_dict') else dict(m)
+  if 'post_norms' in given:  # runs saved before norm_placement: post_norms=True was 'sandwich'
+    given = dict(given)
+    given.setdefault('norm_placement', 'sandwich' if given.pop('post_norms') else 'pre')
   return ml_collections.ConfigDict(fill(model_config().to_dict(), given))
 
 
@@ -344,6 +386,13 @@ SCHEMA = {
     'model.rope_local_theta': NOT_NEGATIVE, 'model.query_pre_attn_scalar': NOT_NEGATIVE,
     'model.attn_logit_softcap': NOT_NEGATIVE, 'model.final_logit_softcap': NOT_NEGATIVE,
     'model.mlp_activation': Choice(('silu', 'gelu_tanh')),
+    'model.norm_placement': Choice(('pre', 'sandwich', 'post')),
+    'model.qk_norm_scope': Choice(('head', 'all')),
+    'model.partial_rotary_factor': Bounds(0, 1, lo_open=True),
+    'model.attention_chunk_size': NOT_NEGATIVE,
+    'model.linear_attn.n_key_heads': NOT_NEGATIVE, 'model.linear_attn.n_value_heads': NOT_NEGATIVE,
+    'model.linear_attn.key_head_dim': NOT_NEGATIVE, 'model.linear_attn.value_head_dim': NOT_NEGATIVE,
+    'model.linear_attn.conv_kernel': AT_LEAST_ONE,
     'model.lora.rank': NOT_NEGATIVE, 'model.lora.alpha': POSITIVE, 'model.lora.dropout': FRACTION,
     'model.param_dtype': Choice(DTYPES), 'model.compute_dtype': Choice(DTYPES),
     'model.remat': Choice(('none', 'full', 'dots', 'dots_no_batch')),
@@ -455,12 +504,10 @@ def _rope_scaling(c):
             'positive; or None for unscaled RoPE')
 
 
-@_rule('`model.layer_types` is () or names each of the `model.n_layers` layers sliding or full')
+@_rule('`model.layer_types`, `model.mlp_types` and `model.rope_layers` are () or name each layer '
+       'with a kind lm implements')
 def _layer_types(c):
-  m = c.model
-  if m.layer_types and (len(m.layer_types) != m.n_layers or set(m.layer_types) - {'sliding', 'full'}):
-    return (f'model.layer_types={tuple(m.layer_types)} must name each of the {m.n_layers} layers '
-            'sliding or full, or be () for all alike')
+  return layer_problem(c.model)
 
 
 @_rule('`model.moe.experts_per_token` <= `model.moe.n_experts` when the model has experts')

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 
 from lm import sharding as sharding_lib
 from lm import config as config_lib
-from lm.config import head_dim
+from lm.model import transformer
 from lm.errors import UserError
 from lm.train.state import ModelSpec
 
@@ -72,11 +72,8 @@ def sample_logits(logits_BV, rng, sampling: Sampling):
 
 
 def init_cache(model_cfg, B: int, S: int) -> dict:
-  L, G, K = model_cfg.n_layers, model_cfg.n_kv_heads, head_dim(model_cfg)
-  dtype = jnp.dtype(model_cfg.compute_dtype)
-  return {'k': jnp.zeros((L, B, S, G, K), dtype), 'v': jnp.zeros((L, B, S, G, K), dtype),
-          'positions': jnp.zeros((B, S), jnp.int32), 'segment_ids': jnp.zeros((B, S), jnp.int32),
-          'index': jnp.zeros((), jnp.int32)}
+  """The model's empty decoding cache (lm.model.transformer.init_cache) for B rows of S slots."""
+  return transformer.init_cache(model_cfg, B, S)
 
 
 def _write(cache, index, positions_BT, segment_ids_BT):
@@ -111,8 +108,7 @@ def make_generate_fn(spec: ModelSpec, sampling: Sampling, eos_id: int, pad_id: i
     B, P = tokens_BP.shape
     cache = init_cache(spec.cfg, B, P + N)
     if cache_sharding is not None:
-      cache = {**cache, 'k': jax.lax.with_sharding_constraint(cache['k'], cache_sharding),
-               'v': jax.lax.with_sharding_constraint(cache['v'], cache_sharding)}
+      cache = {**cache, 'layers': jax.lax.with_sharding_constraint(cache['layers'], cache_sharding)}
     start_B = P - lengths_B
     slot_P = jnp.arange(P, dtype=jnp.int32)
     real_BP = slot_P[None] >= start_B[:, None]
@@ -178,11 +174,16 @@ class Generator:
     self.rules = rules
 
   def _cache_sharding(self, B, S):
-    m = self.cfg.model
-    shape = (m.n_layers, B, S, m.n_kv_heads, head_dim(m))
-    spec = sharding_lib.logical_to_mesh_spec(('layers', 'batch', 'length', 'kv_heads', 'head_dim'),
-                                             self.rules)
-    return NamedSharding(self.mesh, sharding_lib.fit_spec(spec, shape, self.mesh))
+    """Shardings of the cache's per-layer states, from their logical axes."""
+    m = self.spec.cfg
+    shapes = jax.eval_shape(lambda: transformer.init_cache(m, B, S))['layers']
+    axes = transformer.cache_logical_axes(m)['layers']
+
+    def one(shape, names):
+      spec = sharding_lib.logical_to_mesh_spec(names, self.rules)
+      return NamedSharding(self.mesh, sharding_lib.fit_spec(spec, shape.shape, self.mesh))
+    return {stack: {k: one(shapes[stack][k], axes[stack][k]) for k in shapes[stack]}
+            for stack in shapes}
 
   def _fn(self, sampling, stop_ids, B, P):
     # Shared by every Generator of the same architecture and mesh (base and fine-tuned models

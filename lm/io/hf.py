@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
 from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.safetensors import Reader, Writer
+from lm.model import stack as stack_lib
 
 # model_type -> architecture. Phi-3 computes what Llama/Mistral do; only its file layout differs.
 FAMILIES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
@@ -177,7 +178,8 @@ def model_config_from_hf(hf: dict) -> dict:
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm_offset=1.0 if gemma else 0.0,
       embed_scale=gemma, mlp_activation=activation, sliding_window=window,
       layer_types=kinds if len(set(kinds)) > 1 else (),
-      qk_norm=family in QK_NORM, post_norms=family in ('gemma2', 'gemma3_text'),
+      qk_norm=family in QK_NORM,
+      norm_placement='sandwich' if family in ('gemma2', 'gemma3_text') else 'pre',
       hf_family=family)
   fields.update(_moe_fields(hf, family))
   if family in ('gemma2', 'gemma3_text'):
@@ -228,7 +230,8 @@ def _unfit(m, family: str) -> str | None:
       'embed_scale': bool(m.embed_scale) == gemma,
       'mlp_activation': (m.mlp_activation == 'gelu_tanh') == gemma,
       'qk_norm': bool(m.qk_norm) == (family in QK_NORM),
-      'post_norms': bool(m.post_norms) == (family in ('gemma2', 'gemma3_text')),
+      'norm_placement': m.norm_placement == ('sandwich' if family in ('gemma2', 'gemma3_text')
+                                             else 'pre'),
       'qkv_bias': m.qkv_bias if family == 'qwen2' else (not m.qkv_bias or both_biases),
       'attn_out_bias': not m.attn_out_bias or both_biases,
       'mlp_bias': not m.mlp_bias or family == 'llama',
@@ -394,7 +397,7 @@ def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, 
     else:
       out[kernel] = (hf_module + '.weight', _IN_DIMS.get(module, 1), None)
     out[module + '.bias'] = (hf_module + '.bias', FLAT, None)
-  if 'layers.mlp.router' in spec_shapes:
+  if 'layers.moe.router' in spec_shapes:
     out.update(expert_param_map(family))
   return {k: v for k, v in out.items() if k in spec_shapes}
 
@@ -402,11 +405,11 @@ def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, 
 # lm expert module -> HF module per family ({e}: expert index); the router is `<moe>.gate`.
 EXPERT_MODULES = {
     'mixtral': ('model.layers.{i}.block_sparse_moe',
-                {'layers.mlp.gate': 'experts.{e}.w1', 'layers.mlp.up': 'experts.{e}.w3',
-                 'layers.mlp.down': 'experts.{e}.w2'}),
+                {'layers.moe.gate': 'experts.{e}.w1', 'layers.moe.up': 'experts.{e}.w3',
+                 'layers.moe.down': 'experts.{e}.w2'}),
     'qwen3_moe': ('model.layers.{i}.mlp',
-                  {'layers.mlp.gate': 'experts.{e}.gate_proj', 'layers.mlp.up': 'experts.{e}.up_proj',
-                   'layers.mlp.down': 'experts.{e}.down_proj'}),
+                  {'layers.moe.gate': 'experts.{e}.gate_proj', 'layers.moe.up': 'experts.{e}.up_proj',
+                   'layers.moe.down': 'experts.{e}.down_proj'}),
 }
 
 
@@ -417,7 +420,7 @@ def expert_param_map(family: str) -> dict[str, tuple[str, int, None]]:
     raise CheckpointError(f'a model with experts exports as {" or ".join(MOE_FAMILIES.values())}, '
                           f'not as {family!r}')
   prefix, experts = EXPERT_MODULES[family]
-  out = {'layers.mlp.router': (prefix + '.gate.weight', 1, None)}
+  out = {'layers.moe.router': (prefix + '.gate.weight', 1, None)}
   out.update({m + '.kernel': (f'{prefix}.{hf_m}.weight', 1, None) for m, hf_m in experts.items()})
   return out
 
@@ -454,10 +457,12 @@ def hf_shape(shape, layout) -> tuple:
   return (math.prod(shape[layout:]), math.prod(shape[:layout]))
 
 
-def _hf_names(template: str, stacked_layers: int | None, experts: int | None = None) -> list[str]:
-  if experts is not None:  # layer-major, as the lm array [L, E, ...] is laid out
-    return [template.format(i=i, e=e) for i in range(stacked_layers) for e in range(experts)]
-  return [template] if stacked_layers is None else [template.format(i=i) for i in range(stacked_layers)]
+def _hf_names(template: str, layers: tuple | None, experts: int | None = None) -> list[str]:
+  """The HF tensors of one lm parameter: `layers` are the model layers of its rows (None: not
+  stacked), `experts` the experts per layer."""
+  if experts is not None:  # layer-major, as the lm array [n, E, ...] is laid out
+    return [template.format(i=i, e=e) for i in layers for e in range(experts)]
+  return [template] if layers is None else [template.format(i=i) for i in layers]
 
 
 def _rows(shapes: dict, table: dict, name: str) -> tuple[slice | None, int]:
@@ -535,12 +540,12 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   # The file layout is the directory's own (config.json's model_type), whatever the run calls it.
   table = param_map(spec.shapes, read_config(path).get('model_type', 'llama'))
   shapes = {n: s.shape for n, s in spec.shapes.items()}
-  L = spec.cfg.n_layers
   expected, plan = {}, {}
   for name, (template, layout, _) in table.items():
     shape = spec.shapes[name].shape
     stacked = stacked_dims(name, template)
-    names = _hf_names(template, L if stacked else None, moe if stacked == 2 else None)
+    names = _hf_names(template, stack_lib.layer_rows(spec.cfg, name) if stacked else None,
+                      moe if stacked == 2 else None)
     rows, total = _rows(shapes, table, name)
     one = hf_shape(shape[stacked:], layout)
     expected.update({n: ((total, *one[1:]), name) for n in names})
@@ -617,12 +622,13 @@ def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: 
     stacked = stacked_dims(name, template)
     total = _rows(shapes, table, name)[1]
     one = hf_shape(shape[stacked:], layout)
+    layers = stack_lib.layer_rows(model_cfg, name)
     if stacked == 2:
-      tensors += [(template.format(i=i, e=e), (total, *one[1:]), np_dtype, (key, (i, e)))
-                  for i in range(shape[0]) for e in range(shape[1])]
+      tensors += [(template.format(i=layer, e=e), (total, *one[1:]), np_dtype, (key, (row, e)))
+                  for row, layer in enumerate(layers) for e in range(shape[1])]
     elif stacked:
-      tensors += [(template.format(i=i), (total, *one[1:]), np_dtype, (key, i))
-                  for i in range(shape[0])]
+      tensors += [(template.format(i=layer), (total, *one[1:]), np_dtype, (key, row))
+                  for row, layer in enumerate(layers)]
     else:
       tensors.append((template, (total, *one[1:]), np_dtype, (key, None)))
 

@@ -18,6 +18,7 @@ from lm.config import n_experts
 from lm.errors import CheckpointError, read_json
 from lm.io import hf
 from lm.io.safetensors import Reader, write
+from lm.model import stack as stack_lib
 from lm.model.lora import is_adapter, modules, split
 
 PEFT_PREFIX = 'base_model.model.'
@@ -25,9 +26,11 @@ _HF_SHORT = {module: hf_module.rsplit('.', 1)[-1] for module, hf_module in hf.MO
 
 
 
-def _peft_names(module: str, n_layers: int) -> list[str]:
+def _peft_names(module: str, model_cfg) -> list[str]:
+  """PEFT's module names for lm module `module`: one per row of its stack (its model layers)."""
   base = PEFT_PREFIX + hf.MODULES[module]
-  return [base.format(i=i) for i in range(n_layers)] if module.startswith('layers.') else [base]
+  layers = stack_lib.layer_rows(model_cfg, module)
+  return [base] if layers is None else [base.format(i=i) for i in layers]
 
 
 def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> None:
@@ -38,7 +41,7 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
   if model_cfg.get('hf_family') in hf.FUSED:
     raise CheckpointError(f'PEFT adapters for {model_cfg.hf_family} (fused qkv_proj and '
                           'gate_up_proj) are not supported; export the merged model instead')
-  experts = [m for m in modules(adapter) if m.startswith('layers.mlp.')]
+  experts = [m for m in modules(adapter) if m.startswith('layers.moe.')]
   if experts and n_experts(model_cfg):
     raise CheckpointError(f'PEFT export of LoRA on experts ({experts[0]}) is not supported; merge '
                           'them (lm export without --adapters-only) or adapt only attention '
@@ -48,7 +51,7 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
   tensors = {}
   for module in modules(adapter):
     a, b = hf.host(adapter[module + '.lora_a']), hf.host(adapter[module + '.lora_b'])
-    names = _peft_names(module, model_cfg.n_layers)
+    names = _peft_names(module, model_cfg)
     a_layers = a if module.startswith('layers.') else a[None]
     b_layers = b if module.startswith('layers.') else b[None]
     n_in = a_layers.ndim - 2  # a: [L, *in, r]
@@ -120,7 +123,7 @@ def load_peft(path: str, spec, shardings: dict | None = None) -> dict:
     one = shape[1:] if stacked else shape
     layout = len(one) - 1 if kind == 'lora_a' else 1
     suffix = '.lora_A.weight' if kind == 'lora_a' else '.lora_B.weight'
-    names = [n + suffix for n in _peft_names(module, spec.cfg.n_layers)]
+    names = [n + suffix for n in _peft_names(module, spec.cfg)]
     for n in names:
       if n not in renamed:
         raise CheckpointError(f'{file}: tensor {n!r} is missing (lm parameter {name!r})')

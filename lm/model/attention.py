@@ -35,7 +35,7 @@ MIN_QUERY_BLOCK = 16  # shorter sequences take the whole logits: nothing worth s
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
                   softcap=None, scale=None, q_positions_BT=None, kv_positions_BS=None,
-                  kv_segment_ids_BS=None):
+                  kv_segment_ids_BS=None, chunk=None):
   """The reference: plain einsums and a softmax in float32. Always available.
   scale: the logits' factor, head_dim ** -0.5 unless given (Gemma 2/3 set their own).
 
@@ -47,16 +47,19 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, w
       and kv_segment_ids_BS is None and T % QUERY_BLOCKS == 0
       and T // QUERY_BLOCKS >= MIN_QUERY_BLOCK):
     return _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, window=window,
-                                    softcap=softcap, scale=scale)
+                                    softcap=softcap, scale=scale, chunk=chunk)
   return _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=causal, window=window,
                           softcap=softcap, scale=scale, q_positions_BT=q_positions_BT,
-                          kv_positions_BS=kv_positions_BS, kv_segment_ids_BS=kv_segment_ids_BS)
+                          kv_positions_BS=kv_positions_BS, kv_segment_ids_BS=kv_segment_ids_BS,
+                          chunk=chunk)
 
 
-def _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *, window, softcap, scale):
+def _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *, window, softcap, scale,
+                             chunk=None):
   """Causal self-attention as QUERY_BLOCKS dense attentions: the queries [start, end) against
   the keys [first, end) they can see: first = 0, or with a window the block boundary at or before
-  start - window + 1. The mask inside each block is the whole form's."""
+  start - window + 1, or with chunked attention the one at or before the start of start's chunk.
+  The mask inside each block is the whole form's."""
   T = q_BTHK.shape[1]
   block = T // QUERY_BLOCKS
   seg = lambda ids, a, b: None if ids is None else ids[:, a:b]
@@ -64,17 +67,19 @@ def _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *, window, 
   for start in range(0, T, block):
     end = start + block
     first = max(0, start - window + 1) // block * block if window else 0
+    if chunk:
+      first = max(first, start // chunk * chunk // block * block)
     outs.append(_dense_attention(
         q_BTHK[:, start:end], k_BSGK[:, first:end], v_BSGK[:, first:end],
         seg(segment_ids_BT, start, end), causal=True, window=window, softcap=softcap, scale=scale,
         q_positions_BT=jnp.arange(start, end)[None], kv_positions_BS=jnp.arange(first, end)[None],
-        kv_segment_ids_BS=seg(segment_ids_BT, first, end)))
+        kv_segment_ids_BS=seg(segment_ids_BT, first, end), chunk=chunk))
   return jnp.concatenate(outs, axis=1)
 
 
 def _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
                      softcap=None, scale=None, q_positions_BT=None, kv_positions_BS=None,
-                     kv_segment_ids_BS=None):
+                     kv_segment_ids_BS=None, chunk=None):
   """The whole [T, S] logits, masked."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
@@ -85,7 +90,7 @@ def _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True
     logits_BGRTS = softcap * jnp.tanh(logits_BGRTS / softcap)
   mask_BTS = make_mask(B, T, S, segment_ids_BT, causal=causal, window=window,
                        q_positions_BT=q_positions_BT, kv_positions_BS=kv_positions_BS,
-                       kv_segment_ids_BS=kv_segment_ids_BS)
+                       kv_segment_ids_BS=kv_segment_ids_BS, chunk=chunk)
   if mask_BTS is not None:
     logits_BGRTS = jnp.where(mask_BTS[:, None, None], logits_BGRTS, jnp.finfo(jnp.float32).min)
   probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
@@ -94,8 +99,9 @@ def _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True
 
 
 def make_mask(B, T, S, segment_ids_BT=None, *, causal=True, window=None, q_positions_BT=None,
-              kv_positions_BS=None, kv_segment_ids_BS=None):
-  """Boolean [B, T, S] mask: True where query t may attend to key s."""
+              kv_positions_BS=None, kv_segment_ids_BS=None, chunk=None):
+  """Boolean [B, T, S] mask: True where query t may attend to key s. `chunk` (Llama 4's
+  chunked local attention): only keys in the query's own chunk of positions."""
   q_pos = q_positions_BT if q_positions_BT is not None else jnp.arange(T)[None] + (S - T)
   kv_pos = kv_positions_BS if kv_positions_BS is not None else jnp.arange(S)[None]
   mask = None
@@ -103,6 +109,8 @@ def make_mask(B, T, S, segment_ids_BT=None, *, causal=True, window=None, q_posit
     mask = q_pos[:, :, None] >= kv_pos[:, None, :]
     if window:
       mask &= q_pos[:, :, None] - kv_pos[:, None, :] < window
+    if chunk:
+      mask &= q_pos[:, :, None] // chunk == kv_pos[:, None, :] // chunk
   if segment_ids_BT is not None:
     kv_seg = kv_segment_ids_BS if kv_segment_ids_BS is not None else segment_ids_BT
     same = segment_ids_BT[:, :, None] == kv_seg[:, None, :]
@@ -170,6 +178,8 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
   if (not mesh.empty and mesh.shape.get(CONTEXT_AXIS, 1) > 1
       and set(kwargs) <= {'causal', 'window', 'softcap'}):
     return context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh, **kwargs)
+  if 'chunk' in kwargs and implementation != 'xla':
+    implementation = 'xla'  # the fused kernels take no chunked mask (docs/attention.md)
   if implementation == 'auto':
     extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap', 'scale')}
     implementation = choose_implementation(q_BTHK, k_BSGK, **extra)

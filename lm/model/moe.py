@@ -75,7 +75,7 @@ def router_losses(stats) -> dict:
 class ExpertLinear(nnx.Module):
   """E kernels [E, in, out] used as one; with LoRA, per-expert A [E, in, r] and B [E, r, out].
 
-  `name` is matched against `model.lora.targets` as `Linear` does (layers.mlp.gate, .up, .down),
+  `name` is matched against `model.lora.targets` as `Linear` does (layers.moe.gate, .up, .down),
   so the default targets adapt every expert. B starts at zero: an adapted model starts as its base.
   """
 
@@ -138,22 +138,27 @@ class ExpertLinear(nnx.Module):
 class MoE(nnx.Module):
   """Router [D, E] (no adapter: train it through a partition) and E gated-MLP experts."""
 
+  stack_name = 'moe'
+
   def __init__(self, cfg, *, rngs):
     D, E = cfg.d_model, cfg.moe.n_experts
     F = cfg.moe.expert_dim or cfg.mlp_dim
     self.router = _param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D, E), ('embed', None),
                          jnp.dtype(cfg.param_dtype))
     experts = functools.partial(ExpertLinear, E, cfg=cfg, rngs=rngs)
-    self.gate = experts(D, F, 'embed', 'mlp', name='layers.mlp.gate')
-    self.up = experts(D, F, 'embed', 'mlp', name='layers.mlp.up')
-    self.down = experts(F, D, 'mlp', 'embed', name='layers.mlp.down')
+    self.gate = experts(D, F, 'embed', 'mlp', name='layers.moe.gate')
+    self.up = experts(D, F, 'embed', 'mlp', name='layers.moe.up')
+    self.down = experts(F, D, 'mlp', 'embed', name='layers.moe.down')
     self.k = cfg.moe.experts_per_token
     self.norm_topk_prob = cfg.moe.norm_topk_prob
     self.implementation = cfg.moe.implementation
     self.activation = cfg.mlp_activation
 
-  def __call__(self, x_BTD, mask_BT=None):
-    """-> (y [B, T, D], this layer's router stats for the auxiliary losses)."""
+  def __call__(self, x_BTD, ctx=None):
+    """-> (y [B, T, D], this layer's router stats for the auxiliary losses). Tokens of segment
+    id 0 (padding, in ctx.segment_ids_BT) count in no statistic."""
+    segment_ids_BT = None if ctx is None else ctx.segment_ids_BT
+    mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D)
     logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.router[...].astype(jnp.float32))

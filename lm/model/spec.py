@@ -18,7 +18,8 @@ from flax import traverse_util
 from lm.config import with_model_defaults
 from lm.model import quant
 from lm.model.lora import is_adapter, without_adapters
-from lm.model.transformer import Linear, Transformer
+from lm.model.layers import Linear
+from lm.model.transformer import Transformer
 
 REF_PREFIX = REF = 'ref.'  # a frozen copy of a base weight (full-weight DPO's reference policy)
 TEACHER_PREFIX = TEACHER = 'teacher.'  # a distillation teacher's weights (its own shapes), always frozen

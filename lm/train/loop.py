@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lm import config as config_lib
+from lm.model import stack as stack_lib
 from lm.train import flops as flops_lib
 from lm.train import identity, objectives, optim, partition, preemption, rundir
 from lm.io import pretrained
@@ -52,7 +53,9 @@ class Trainer:
     self.spec = ModelSpec(cfg.model, reference=reference, teacher=teacher)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
     check_quantized_frozen(self.spec, self.labels, cfg)
-    self.row_masks = partition.layer_masks(self.spec.shapes, cfg.train.trainable)
+    self.row_masks = partition.layer_masks(
+        self.spec.shapes, cfg.train.trainable,
+        lambda name: stack_lib.layer_rows(self.spec.cfg, name))
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
                                                   self.row_masks)
     self.init, self.abstract_state, self.shardings = train_state_factory(

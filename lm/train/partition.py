@@ -91,20 +91,23 @@ def labels(param_names, spec: str) -> dict[str, str]:
   return out
 
 
-def layer_masks(shapes: dict, spec: str) -> dict[str, np.ndarray]:
-  """{stacked parameter name: bool [L] rows that train}, for partitions finer than a name."""
+def layer_masks(shapes: dict, spec: str, rows=None) -> dict[str, np.ndarray]:
+  """{stacked parameter name: bool [rows] that train}, for partitions finer than a name.
+
+  rows(name): the model layer of each row of a stacked parameter (lm.model.stack.layer_rows:
+  in a hybrid stack `layers.linear_attn.*` row j is not layer j); None: row j is layer j."""
   n = _first_layers(spec)
   if not n:
     return {}
   out = {}
   for name, shape in shapes.items():
     if name.startswith(LAYERS_PREFIX):
-      L = shape.shape[0]
-      if n >= L:
-        raise ConfigError(f'train.trainable={spec!r} freezes all {L} layers; use regex: to '
-                          'train only the embeddings or head')
-      out[name] = np.arange(L) >= n
-  return out
+      out[name] = np.asarray(rows(name) if rows else np.arange(shape.shape[0]))
+  n_layers = max((int(layers.max()) + 1 for layers in out.values() if layers.size), default=0)
+  if n >= n_layers:
+    raise ConfigError(f'train.trainable={spec!r} freezes all {n_layers} layers; use regex: to '
+                      'train only the embeddings or head')
+  return {name: layers >= n for name, layers in out.items()}
 
 
 def trainable_count(shapes: dict, label_of: dict, masks: dict) -> tuple[int, int]:

@@ -137,7 +137,7 @@ def test_mixed_layers_scanned_equal_unrolled_with_gradients():
   c = tiny_config(layer_types=('sliding', 'full'), sliding_window=4,
                   rope_local_theta=100.0, rope_scaling={'type': 'yarn', 'factor': 2.0,
                                                         'original_max_seq_len': 16},
-                  qk_norm=True, post_norms=True, query_pre_attn_scalar=12.0,
+                  qk_norm=True, norm_placement='sandwich', query_pre_attn_scalar=12.0,
                   attn_logit_softcap=2.0, final_logit_softcap=5.0, attn_out_bias=True,
                   qkv_bias=True, mlp_bias=True, remat='full')
   tokens = TOKENS[:, :12] % c.model.vocab_size

@@ -69,7 +69,7 @@ def test_import_matches_transformers_and_export_is_bit_identical(family, tmp_pat
   reference = hf_logits(hf_model)
   c, spec, params = lm_model(tmp_path / 'hf', dict(data=1, fsdp=2, tensor=1, expert=4))
   assert c.model.moe.n_experts == 4 and c.model.qk_norm == family.startswith('qwen3')
-  gate = params['layers.mlp.gate.kernel']  # [L, E, D, F]: each device holds one expert
+  gate = params['layers.moe.gate.kernel']  # [L, E, D, F]: each device holds one expert
   assert gate.addressable_shards[0].data.shape[1] == 1
   ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
   assert np.max(np.abs(ours - reference)) <= 1e-4

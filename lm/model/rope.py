@@ -1,0 +1,106 @@
+"""Rotary position embeddings: the frequency tables transformers computes (default, llama3,
+linear, YaRN scaling) and their application to queries and keys.
+
+`partial_rotary_factor` < 1 (Qwen3.5, Qwen3-Next) rotates only the first `rotary_dim` dims of
+each head and passes the rest through; a NoPE layer (SmolLM3, Llama 4) has an all-zero table,
+which rotates by angle 0: the identity, so such layers still scan with the others.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from lm.config import ROPE_SCALING_TYPES, head_dim
+from lm.errors import ConfigError
+
+
+def rotary_dim(cfg) -> int:
+  """Dims of each head that RoPE rotates (even): head_dim · partial_rotary_factor."""
+  K = head_dim(cfg)
+  return int(K * cfg.partial_rotary_factor) // 2 * 2
+
+
+def rope(cfg, *, local: bool = False) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [K/2] float32, attention factor) as transformers computes them.
+
+  `rope_scaling['type']`: llama3 (the default, for configs that predate the key), linear
+  (positions / factor) or yarn (NTK-by-parts with its cos/sin factor). `local`: the table of
+  'sliding' layers, which is unscaled RoPE at `rope_local_theta` when that is set (Gemma 3).
+  """
+  K = rotary_dim(cfg)
+  theta, scaling = cfg.rope_theta, cfg.rope_scaling
+  if local and cfg.rope_local_theta:
+    theta, scaling = cfg.rope_local_theta, None
+  exponents = np.arange(0, K, 2, dtype=np.float32) / np.float32(K)
+  pos_freqs = np.float32(theta) ** exponents
+  inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+  if not scaling:
+    return inv_freq, 1.0
+  kind = scaling.get('type', 'llama3')
+  factor = float(scaling['factor'])
+  if kind == 'linear':
+    return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+  if kind == 'llama3':
+    low, high = scaling['low_freq_factor'], scaling['high_freq_factor']
+    old_len = scaling['original_max_seq_len']
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor,
+                        np.where(wavelen < high_wavelen, inv_freq, smoothed))
+    return inv_freq.astype(np.float32), 1.0
+  if kind == 'yarn':
+    return _yarn(scaling, K, theta, pos_freqs, factor)
+  raise ConfigError(f'model.rope_scaling type {kind!r} is not supported; lm implements '
+                    f'{", ".join(ROPE_SCALING_TYPES)} (or None for unscaled RoPE)')
+
+
+def _yarn(scaling, K, theta, pos_freqs, factor):
+  """YaRN, step for step as transformers' _compute_yarn_parameters (float32 tables)."""
+  def get_mscale(scale, mscale=1.0):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+  attention_factor = scaling.get('attention_factor')
+  mscale, mscale_all_dim = scaling.get('mscale'), scaling.get('mscale_all_dim')
+  if attention_factor is None:
+    if mscale and mscale_all_dim:
+      attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    else:
+      attention_factor = get_mscale(factor)
+  beta_fast, beta_slow = scaling.get('beta_fast') or 32, scaling.get('beta_slow') or 1
+  old_len = scaling['original_max_seq_len']
+  correction = lambda rotations: K * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+  low, high = correction(beta_fast), correction(beta_slow)
+  if scaling.get('truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, K - 1)
+  if low == high:
+    high += 0.001  # as transformers: no division by zero
+  ramp = np.clip((np.arange(K // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+  extrapolation = (np.float32(1) - ramp).astype(np.float32)
+  interpolated = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+  extrapolated = np.float32(1.0) / pos_freqs
+  inv_freq = interpolated * (1 - extrapolation) + extrapolated * extrapolation
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_frequencies(cfg) -> jnp.ndarray:
+  """Inverse frequencies [rotary_dim/2] of the full-attention layers."""
+  return jnp.asarray(rope(cfg)[0])
+
+
+def apply_rope(x_BTHK, positions_BT, inv_freq, factor=1.0):
+  """Rotates halves of the first 2 · len(inv_freq) dims (the Hugging Face layout, so imported
+  weights need no permutation); the others pass through. `factor` scales cos and sin (YaRN's
+  attention factor)."""
+  R = 2 * inv_freq.shape[-1]
+  angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = (jnp.cos(angles_BTk) * factor)[:, :, None]
+  sin = (jnp.sin(angles_BTk) * factor)[:, :, None]
+  x = x_BTHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x[..., :R], 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], axis=-1)
+  return out.astype(x_BTHK.dtype)
