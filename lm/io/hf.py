@@ -25,6 +25,9 @@ from jax.experimental import multihost_utils
 
 from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
 from lm.errors import CheckpointError, ConfigError, read_json
+from lm.io.families.common import (FLAT, IN_DIMS, LAYER_TYPES, MODULES, ROPE_TYPES, hf_rope_scaling,
+                                     rope_from_hf, rope_params)
+from lm.io.families import REGISTRY
 from lm.io.safetensors import Reader, Writer
 from lm.model import stack as stack_lib
 
@@ -39,83 +42,28 @@ GEMMAS = ('gemma', 'gemma2', 'gemma3_text')
 ATTENTION_BIAS = ('llama', 'qwen3', 'gemma2', 'gemma3_text')  # attention_bias: q, k, v and o
 SLIDING = ('mistral', 'mixtral', 'phi3', 'gemma2', 'gemma3_text')
 QK_NORM = ('qwen3', 'qwen3_moe', 'gemma3_text')
-LAYER_TYPES = {'sliding_attention': 'sliding', 'full_attention': 'full'}
-ROPE_TYPES = ('default',) + ROPE_SCALING_TYPES
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # buffers some old checkpoints saved
 
-# lm module -> HF module ({i}: layer index). Parameters and LoRA adapters hang off these.
-MODULES = {
-    'layers.attn.q': 'model.layers.{i}.self_attn.q_proj',
-    'layers.attn.k': 'model.layers.{i}.self_attn.k_proj',
-    'layers.attn.v': 'model.layers.{i}.self_attn.v_proj',
-    'layers.attn.o': 'model.layers.{i}.self_attn.o_proj',
-    'layers.mlp.gate': 'model.layers.{i}.mlp.gate_proj',
-    'layers.mlp.up': 'model.layers.{i}.mlp.up_proj',
-    'layers.mlp.down': 'model.layers.{i}.mlp.down_proj',
-    'lm_head': 'lm_head',
-}
 # Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj: module -> (fused, part).
 FUSED = {'phi3': {'layers.attn.q': ('model.layers.{i}.self_attn.qkv_proj', 0),
                   'layers.attn.k': ('model.layers.{i}.self_attn.qkv_proj', 1),
                   'layers.attn.v': ('model.layers.{i}.self_attn.qkv_proj', 2),
                   'layers.mlp.gate': ('model.layers.{i}.mlp.gate_up_proj', 0),
                   'layers.mlp.up': ('model.layers.{i}.mlp.gate_up_proj', 1)}}
-_IN_DIMS = {'layers.attn.o': 2}  # kernel dims that are inputs (o contracts heads and head_dim)
-FLAT = -1  # a [H, K] bias stored flat [H * K]
 
 
 # ----------------------------------------------------------------------------- configs
 
 
-def _rope(params: dict, hf: dict) -> tuple[float, dict | None]:
-  """(theta, lm rope_scaling) from one HF RoPE parameter dict, with transformers' defaults."""
-  theta = params.get('rope_theta', hf.get('rope_theta', 10000.0))
-  kind = params.get('rope_type', params.get('type', 'default'))
-  if kind not in ROPE_TYPES:
-    raise ConfigError(f'rope type {kind!r} is not supported; lm implements {", ".join(ROPE_TYPES)}')
-  if params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0)) != 1.0:
-    raise CheckpointError('partial_rotary_factor != 1 (RoPE on part of each head) is not supported')
-  if kind == 'default':
-    return float(theta), None
-  # transformers reads these from the config itself when the RoPE dict lacks them (Phi-3 keeps
-  # original_max_position_embeddings outside it).
-  old_len = int(hf.get('original_max_position_embeddings') or params.get(
-      'original_max_position_embeddings') or hf.get('max_position_embeddings', 2048))
-  if kind == 'linear':
-    return float(theta), dict(type='linear', factor=float(params['factor']))
-  if kind == 'llama3':
-    return float(theta), dict(type='llama3', factor=float(params['factor']),
-                              low_freq_factor=float(params['low_freq_factor']),
-                              high_freq_factor=float(params['high_freq_factor']),
-                              original_max_seq_len=old_len)
-  factor = params.get('factor') or hf.get('max_position_embeddings', 2048) / old_len
-  yarn = dict(type='yarn', factor=float(factor), original_max_seq_len=old_len,
-              beta_fast=float(params.get('beta_fast') or 32),
-              beta_slow=float(params.get('beta_slow') or 1),
-              truncate=bool(params.get('truncate', True)))
-  yarn.update({k: float(params[k]) for k in ('attention_factor', 'mscale', 'mscale_all_dim')
-               if params.get(k) is not None})
-  return float(theta), yarn
-
-
-def _rope_params(hf: dict) -> tuple[dict, dict]:
-  """(full layers' RoPE dict, sliding layers' RoPE dict or {}) in any transformers format."""
-  params = dict(hf.get('rope_parameters') or {})
-  if 'full_attention' in params or 'sliding_attention' in params:  # per layer type (Gemma 3)
-    return dict(params.get('full_attention') or {}), dict(params.get('sliding_attention') or {})
-  params = {**(hf.get('rope_scaling') or {}), **params}
-  local = {'rope_theta': hf['rope_local_base_freq']} if 'rope_local_base_freq' in hf else {}
-  return params, local
-
-
 def _layer_types(hf: dict, family: str, n_layers: int) -> tuple[str, ...]:
   """Per-layer 'sliding' / 'full' as transformers derives them."""
   if hf.get('layer_types'):
-    unknown = sorted(set(hf['layer_types']) - set(LAYER_TYPES))
+    attention = {k: v for k, v in LAYER_TYPES.items() if v in ('sliding', 'full')}
+    unknown = sorted(set(hf['layer_types']) - set(attention))
     if unknown:
-      raise CheckpointError(f'layer type {unknown[0]!r} is not supported; lm implements '
-                            f'{", ".join(LAYER_TYPES)}')
-    return tuple(LAYER_TYPES[t] for t in hf['layer_types'])
+      raise CheckpointError(f'layer type {unknown[0]!r} is not supported in {family}; lm '
+                            f'implements {", ".join(attention)} there')
+    return tuple(attention[t] for t in hf['layer_types'])
   if family == 'gemma2':
     return tuple('sliding' if (i + 1) % 2 else 'full' for i in range(n_layers))
   if family == 'gemma3_text':
@@ -130,13 +78,25 @@ REQUIRED_KEYS = ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'int
                  'vocab_size')
 
 
+def _check_required(hf: dict) -> None:
+  lacking = [k for k in REQUIRED_KEYS if not isinstance(hf.get(k), int) or hf[k] < 1]
+  if lacking:
+    raise CheckpointError(f'the Hugging Face config.json lacks a positive integer {lacking[0]!r}'
+                          + (f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else '')
+                          + '; restore the model\'s own config.json')
+
+
 def model_config_from_hf(hf: dict) -> dict:
   """A Hugging Face config.json (as a dict) -> lm `model` fields."""
   arch = (hf.get('architectures') or ['?'])[0]
   family = hf.get('model_type')
-  if family not in FAMILIES or arch not in (FAMILIES[family], '?'):
+  known = {**FAMILIES, **{f: entry.architecture for f, entry in REGISTRY.items()}}
+  if family not in known or arch not in (known[family], '?'):
     raise CheckpointError(f'unsupported architecture {arch} (model_type {family!r}); lm imports '
-                          f'{", ".join(FAMILIES.values())}')
+                          f'{", ".join(known.values())}')
+  if family in REGISTRY:
+    _check_required(hf)
+    return REGISTRY[family].to_lm(hf)
   if hf.get('mlp_bias') and family != 'llama':
     raise CheckpointError(f'{arch} with mlp_bias=true (MLP biases) is not supported')
   if hf.get('use_sliding_window'):
@@ -144,19 +104,18 @@ def model_config_from_hf(hf: dict) -> dict:
                           'max_window_layers on) is not supported')
   if hf.get('use_bidirectional_attention'):
     raise CheckpointError(f'{arch} with use_bidirectional_attention=true is not supported')
-  lacking = [k for k in REQUIRED_KEYS if not isinstance(hf.get(k), int) or hf[k] < 1]
-  if lacking:
-    raise CheckpointError(f'the Hugging Face config.json lacks a positive integer {lacking[0]!r}'
-                          + (f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else '')
-                          + '; restore the model\'s own config.json')
+  _check_required(hf)
   gemma = family in GEMMAS
   D, H, L = hf['hidden_size'], hf['num_attention_heads'], hf['num_hidden_layers']
   K = hf.get('head_dim') or D // H
-  full_rope, local_rope = _rope_params(hf)
-  theta, scaling = _rope(full_rope, hf)
+  full_rope, local_rope = rope_params(hf)
+  if full_rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0)) != 1.0:
+    raise CheckpointError(f'{arch} with partial_rotary_factor != 1 (RoPE on part of each head) is '
+                          'not supported')
+  theta, scaling = rope_from_hf(full_rope, hf)
   local_theta = 0.0
   if local_rope:
-    local_theta, local_scaling = _rope(local_rope, hf)
+    local_theta, local_scaling = rope_from_hf(local_rope, hf)
     if local_scaling:
       raise CheckpointError(f'{arch} with RoPE scaling on sliding layers is not supported')
   activation = hf.get('hidden_activation') or hf.get('hidden_act') or (
@@ -242,6 +201,11 @@ def _unfit(m, family: str) -> str | None:
       'query_pre_attn_scalar': not m.query_pre_attn_scalar or family in ('gemma2', 'gemma3_text'),
       'attn_logit_softcap': not m.attn_logit_softcap or family == 'gemma2',
       'final_logit_softcap': not m.final_logit_softcap or family in ('gemma2', 'gemma3_text'),
+      # What only the families in lm/io/families/ have.
+      'layer_types': set(m.layer_types) <= {'sliding', 'full'},
+      'mlp_types': not m.mlp_types, 'rope_layers': not m.rope_layers or all(m.rope_layers),
+      'partial_rotary_factor': m.partial_rotary_factor == 1.0,
+      'attn_output_gate': not m.attn_output_gate, 'qk_norm_scope': m.qk_norm_scope == 'head',
   }
   return next((field for field, ok in fits.items() if not ok), None)
 
@@ -251,6 +215,12 @@ def family_of(m) -> str:
   imported from (`hf_family`), else the first that can express every field."""
   family = m.get('hf_family') or ''
   moe = bool(n_experts(m))
+  if family in REGISTRY:
+    field = REGISTRY[family].unfit(m)
+    if field:
+      raise CheckpointError(f'model.hf_family={family!r} cannot express model.{field}='
+                            f'{m[field]!r}; change one of them')
+    return family
   if family:
     if family not in FAMILIES:
       raise CheckpointError(f'model.hf_family={family!r} is not one lm exports; choose one of '
@@ -273,30 +243,20 @@ def family_of(m) -> str:
   for family in FAMILIES:
     if family != 'phi3' and family not in MOE_FAMILIES and _unfit(m, family) is None:
       return family
+  for family, entry in REGISTRY.items():
+    if entry.unfit(m) is None:
+      return family
   field = _unfit(m, 'llama')
   raise CheckpointError(f'no supported HF architecture can express this model (Llama cannot '
                         f'express model.{field}={m[field]!r}); lm exports '
                         f'{", ".join(FAMILIES.values())}')
 
 
-def _hf_rope_scaling(s) -> dict:
-  if s.get('type', 'llama3') == 'linear':
-    return dict(rope_type='linear', factor=s['factor'])
-  if s.get('type', 'llama3') == 'llama3':
-    return dict(rope_type='llama3', factor=s['factor'], low_freq_factor=s['low_freq_factor'],
-                high_freq_factor=s['high_freq_factor'],
-                original_max_position_embeddings=s['original_max_seq_len'])
-  out = dict(rope_type='yarn', factor=s['factor'],
-             original_max_position_embeddings=s['original_max_seq_len'],
-             beta_fast=s.get('beta_fast', 32.0), beta_slow=s.get('beta_slow', 1.0),
-             truncate=s.get('truncate', True))
-  out.update({k: s[k] for k in ('attention_factor', 'mscale', 'mscale_all_dim') if k in s})
-  return out
-
-
 def hf_config(m, *, dtype: str = 'float32', family: str | None = None, **extra) -> dict:
   """lm model config -> a config.json dict that transformers loads."""
   family = family or family_of(m)
+  if family in REGISTRY:
+    return {**REGISTRY[family].to_hf(m), 'torch_dtype': dtype, **extra}
   K = head_dim(m)
   gemma = family in GEMMAS
   out = dict(
@@ -306,7 +266,7 @@ def hf_config(m, *, dtype: str = 'float32', family: str | None = None, **extra) 
       max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
       tie_word_embeddings=bool(m.tie_embeddings), torch_dtype=dtype,
       hidden_act='gelu_pytorch_tanh' if gemma else 'silu', attention_dropout=0.0)
-  rope_scaling = _hf_rope_scaling(m.rope_scaling) if m.rope_scaling else None
+  rope_scaling = hf_rope_scaling(m.rope_scaling) if m.rope_scaling else None
   if rope_scaling:
     out['rope_scaling'] = rope_scaling
   if family in ATTENTION_BIAS:
@@ -368,7 +328,7 @@ def read_config(path: str) -> dict:
 # ----------------------------------------------------------------------------- layouts
 
 
-def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, int, tuple | None]]:
+def param_map(spec_shapes: dict, family: str = 'llama', model_cfg=None) -> dict[str, tuple[str, int, tuple | None]]:
   """{lm parameter: (HF tensor name with {i} for stacked layers ({e}: experts), layout, part)}
   for base weights.
 
@@ -376,6 +336,8 @@ def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, 
   same array; FLAT for a [H, K] bias stored as [H * K]. part: None, or (index, names) when the
   HF tensor is the row-wise concatenation of the lm parameters `names` (Phi-3's fused layers).
   """
+  if family in REGISTRY:
+    return REGISTRY[family].tensors(model_cfg, spec_shapes)
   post = family in ('gemma2', 'gemma3_text')
   layer = 'model.layers.{i}.'
   out = {'embed': ('model.embed_tokens.weight', 0), 'final_norm.scale': ('model.norm.weight', 0),
@@ -393,9 +355,9 @@ def param_map(spec_shapes: dict, family: str = 'llama') -> dict[str, tuple[str, 
     if module in fused:
       name, index = fused[module]
       parts = tuple(m + '.kernel' for m, (n, _) in fused.items() if n == name)
-      out[kernel] = (name + '.weight', _IN_DIMS.get(module, 1), (index, parts))
+      out[kernel] = (name + '.weight', IN_DIMS.get(module, 1), (index, parts))
     else:
-      out[kernel] = (hf_module + '.weight', _IN_DIMS.get(module, 1), None)
+      out[kernel] = (hf_module + '.weight', IN_DIMS.get(module, 1), None)
     out[module + '.bias'] = (hf_module + '.bias', FLAT, None)
   if 'layers.moe.router' in spec_shapes:
     out.update(expert_param_map(family))
@@ -538,7 +500,7 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   reader = Reader(path)
   moe = n_experts(spec.cfg)
   # The file layout is the directory's own (config.json's model_type), whatever the run calls it.
-  table = param_map(spec.shapes, read_config(path).get('model_type', 'llama'))
+  table = param_map(spec.shapes, read_config(path).get('model_type', 'llama'), spec.cfg)
   shapes = {n: s.shape for n, s in spec.shapes.items()}
   expected, plan = {}, {}
   for name, (template, layout, _) in table.items():
@@ -610,7 +572,7 @@ def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: 
   family = family or family_of(model_cfg)
   config = hf_config(model_cfg, dtype=dtype, family=family, **config_extra)
   os.makedirs(path, exist_ok=True)
-  table = param_map(params, family)
+  table = param_map(params, family, model_cfg)
   shapes = {n: p.shape for n, p in params.items()}
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   tensors = []

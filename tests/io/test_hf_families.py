@@ -45,6 +45,13 @@ FAMILIES = {
     'mistral': ('MistralConfig', dict(sliding_window=4)),
     'qwen2': ('Qwen2Config', dict(tie_word_embeddings=True, rope_theta=1e6)),
     'gemma': ('GemmaConfig', dict(head_dim=32)),
+    # Families built from other parts (lm/io/families/): NoPE layers; norms after each part
+    # only, q/k norms over all heads, sliding and full layers each with their own RoPE.
+    'smollm3': ('SmolLM3Config', dict(no_rope_layer_interval=2, attention_bias=True)),
+    'olmo2': ('Olmo2Config', dict(rope_parameters=dict(rope_type='linear', rope_theta=1e4,
+                                                       factor=2.0))),
+    'olmo3': ('Olmo3Config', dict(sliding_window=4, layer_types=['sliding_attention',
+                                                                 'full_attention'])),
 }
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
 
@@ -157,10 +164,10 @@ def test_mixed_layers_scanned_equal_unrolled_with_gradients():
 
 def test_unsupported_variants_are_one_line_errors(tmp_path):
   base = {**COMMON, 'model_type': 'llama', 'architectures': ['LlamaForCausalLM']}
-  with pytest.raises(CheckpointError, match=r"unsupported architecture Olmo2ForCausalLM "
-                                            r"\(model_type 'olmo2'\); lm imports LlamaForCausalLM, "
+  with pytest.raises(CheckpointError, match=r"unsupported architecture GPT2LMHeadModel "
+                                            r"\(model_type 'gpt2'\); lm imports LlamaForCausalLM, "
                                             r".*Qwen3ForCausalLM, .*Phi3ForCausalLM"):
-    hf.model_config_from_hf({**base, 'model_type': 'olmo2', 'architectures': ['Olmo2ForCausalLM']})
+    hf.model_config_from_hf({**base, 'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel']})
   with pytest.raises(ConfigError, match=r"rope type 'longrope' is not supported; lm implements "
                                         r"default, llama3, linear, yarn$"):
     hf.model_config_from_hf({**base, 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}})

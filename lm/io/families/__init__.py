@@ -1,0 +1,9 @@
+"""Hugging Face families built from lm's parts beyond the Llama shape: one module each, holding
+its conversion table (config.json <-> lm model fields, HF tensors <-> lm parameters). The Llama-
+shaped families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, Mixtral, Qwen3-MoE) are lm/io/hf.py's
+own tables."""
+
+from lm.io.families import olmo3, smollm3
+from lm.io.families.common import Family  # noqa: F401
+
+REGISTRY = {f.model_type: f for f in (smollm3.FAMILY, olmo3.OLMO2, olmo3.OLMO3)}
