@@ -239,6 +239,10 @@ def base_config() -> ml_collections.ConfigDict:
       early_stopping_min_delta=0.0,  # smallest change that counts as an improvement
       # Resuming checks the run's identity.json; name parts that may change deliberately:
       resume_changes='',  # comma-separated: model, tokenizer, data, objective, partition, all
+      # Experiment trackers (lm/train/trackers.py, docs/trackers.md): tensorboard, wandb, trackio.
+      trackers='tensorboard',  # comma-separated; each gets the config, step metrics, evals, summary
+      tracker_project='lm',  # the W&B / Trackio project; the run is named after the workdir
+      tracker_errors='fail',  # a tracker that fails to start: fail (exit 2) | warn (train without it)
   ))
 
   c.dpo = ml_collections.ConfigDict(dict(
@@ -320,7 +324,7 @@ def base_config() -> ml_collections.ConfigDict:
       # (lm/train/flops.py) or, on CPU, a matmul rate measured once per machine and cached in
       # ~/.cache/lm/cpu_peak.json (delete it on an idle machine to measure again).
       peak_flops_per_device=0.0,
-      tensorboard=True,
+      tensorboard=True,  # False drops tensorboard from train.trackers (the older switch)
   ))
   return c
 
@@ -419,6 +423,7 @@ SCHEMA = {
     'train.keep_every': NOT_NEGATIVE, 'train.grace_seconds': NOT_NEGATIVE,
     'train.max_bad_steps': AT_LEAST_ONE, 'train.spike_zscore': NOT_NEGATIVE,
     'train.spike_window': AT_LEAST_ONE, 'train.keep_checkpoints': AT_LEAST_ONE,
+    'train.tracker_errors': Choice(('fail', 'warn')),
     'train.objective': Choice(('next_token_xent', 'dpo', 'ipo', 'simpo', 'orpo', 'kto', 'distill', 'grpo')),
     'model.quant.type': Choice(('none', 'int8', 'nf4')), 'model.quant.block': AT_LEAST_ONE,
     'model.moe.n_experts': NOT_NEGATIVE, 'model.moe.experts_per_token': AT_LEAST_ONE,

@@ -138,6 +138,13 @@ CASES = {
     'resume-other-partition': (['--config.train.trainable=norms'], "was trained with another partition (partition.trainable: 'all' there, 'norms' now)"),
     'workdir-locked': ([], 'is being written by another lm train (pid'),
     'workdir-metrics-symlink-out': ([], "'metrics.jsonl' leads outside the run directory"),
+    # Experiment trackers (lm/train/trackers.py): before training, or when one fails to start.
+    'tracker-unknown': (['--config.train.trackers=tensorboard,wandbb'],
+                        "train.trackers: unknown tracker 'wandbb'; choose from tensorboard, wandb, trackio"),
+    'tracker-fails-to-start': (['--config.train.trackers=wandb'],
+                               'train.trackers: wandb failed to start (UsageError: No API key '
+                               'configured. Use `wandb login` to log in.); fix it, or set '
+                               'train.tracker_errors=warn to train without it'),
     # Readers of a run: lm generate, lm eval, lm export.
     'run-config-broken': (['lm', 'generate', '{run}', '--prompt', 'x'], 'config.json is not valid JSON (line 1'),
     'run-without-tokenizer': (['lm', 'generate', '{run}', '--prompt', 'x'], 'has no tokenizer.model and its config names no data.tokenizer'),
@@ -191,6 +198,8 @@ CASES = {
 }
 
 ENV = {
+    # W&B online with no API key (and no network in CI): wandb.init refuses to start.
+    'tracker-fails-to-start': {'WANDB_MODE': 'online', 'WANDB_API_KEY': '', 'WANDB_CONSOLE': 'off'},
     'env-num-processes-not-a-number': {'LM_DISTRIBUTED': '1', 'LM_NUM_PROCESSES': 'two'},
     'env-process-id-out-of-range': {'LM_COORDINATOR_ADDRESS': 'localhost:1', 'LM_NUM_PROCESSES': '2',
                                     'LM_PROCESS_ID': '2'},

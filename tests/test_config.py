@@ -95,6 +95,7 @@ FREE = {
     'grpo.prompt_format', 'grpo.chat_template', 'grpo.rewards', 'grpo.reward_weights', 'grpo.stop', 'grpo.scale_rewards',
     'model.layer_types', 'model.norm_placement', 'model.mlp_bias', 'model.qk_norm', 'model.attn_out_bias',
     'model.hf_family', 'model.moe.norm_topk_prob',
+    'train.trackers', 'train.tracker_project',  # names checked by lm/train/trackers.py before training
 }
 
 

@@ -29,7 +29,7 @@ from lm.errors import ConfigError, DataError, Diverged, Preempted
 from lm.eval import generate as generate_lib
 from lm.eval import rewards as rewards_lib
 from lm.io import pretrained
-from lm.train import objectives, preemption, rundir
+from lm.train import objectives, preemption, rundir, trackers
 from lm.train.loop import Trainer, make_checkpointer, restore
 from lm.train.metrics import MetricWriter
 from lm.train.objectives import token_log_probs
@@ -172,6 +172,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) GRPO; returns the final metrics (`lm train` with train.objective=grpo)."""
   pretrained.resolve_config(cfg)  # as lm.train.loop.train: the shape and tokenizer of init_from
   reward_fns = check_config(cfg)
+  trackers.names(cfg)  # an unknown or uninstalled tracker, before any work
   with rundir.removed_on_user_error(os.path.abspath(workdir), is_main=jax.process_index() == 0):
     return _train(cfg, rundir.prepare(workdir), reward_fns, progress=progress)
 
@@ -205,7 +206,7 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
     tqdm.write(f'lm: grpo: {trainer.trainable_summary()}; {len(records):,} prompts, '
                f'{prompts_per_round} per round x {g.group_size} completions, {rounds} rounds x '
                f'{g.updates_per_batch} steps; rewards {", ".join(n for n, _ in reward_fns)}')
-  writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
+  writer = MetricWriter(workdir, cfg, enabled=is_main)
   summary = {}
   start = int(state.step) // g.updates_per_batch
   bar = tqdm(total=rounds, initial=start, disable=not (progress and is_main), desc='grpo')
@@ -259,12 +260,15 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
           ckpt.wait()
           raise Preempted(f'{stop.name} at step {step}: checkpoint written to {ckpt.directory}; '
                           'run the same command to resume')
+  except BaseException:
+    writer.close(failed=True)
+    raise
   finally:
     bar.close()
     ckpt.close()
-    writer.close()
   summary.update(step=int(state.step), unigram_perplexity=float('nan'))
   if is_main:
     rundir.write_text(rundir.inside(workdir, 'summary.json'), json.dumps(summary, indent=2))
+  writer.close(summary)
   return summary
 

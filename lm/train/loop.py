@@ -30,6 +30,7 @@ from lm.data import pipeline
 from lm.eval import evaluate
 from lm.errors import ConfigError, Diverged, Preempted
 from lm.train import metrics as metrics_lib
+from lm.train import trackers
 from lm.train.metrics import MetricWriter
 from lm.train.state import ModelSpec, train_state_factory
 from lm.train.step import make_eval_step, make_train_step
@@ -195,6 +196,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   pretrained.resolve_config(cfg)  # with train.init_from, the model's shape comes from there
   config_lib.ensure_valid(cfg)
   objectives.check_data(cfg)
+  trackers.names(cfg)  # an unknown or uninstalled tracker, before any work
   if cfg.model.quant.type != 'none':  # before any data is read or anything compiles
     spec = ModelSpec(cfg.model)
     check_quantized_frozen(spec, partition.labels(spec.names, cfg.train.trainable), cfg)
@@ -253,7 +255,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
   _log(f'MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})')
 
   task_eval, stopper = _evaluation_hooks(cfg, trainer, tokenizer)
-  writer = MetricWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
+  writer = MetricWriter(workdir, cfg, enabled=is_main)
   start = int(state.step)
   total = cfg.train.steps
   bar = tqdm(total=total, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
@@ -330,11 +332,13 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
         fault(done)
       if pending is not None:
         report(*pending)
+  except BaseException:
+    writer.close(failed=True)
+    raise
   finally:
     bar.close()
     train_iter.close()
     ckpt.close()  # waits for a checkpoint still being written: it must be whole before exit
-    writer.close()
 
   if start >= total:
     _log(f'already trained to step {start}; evaluating')
@@ -348,6 +352,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
     summary.update(stopper.summary())
   if is_main:
     rundir.write_text(rundir.inside(workdir, 'summary.json'), json.dumps(summary, indent=2))
+  writer.close(summary)
   return summary
 
 

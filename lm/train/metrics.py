@@ -1,4 +1,4 @@
-"""Where metrics go (metrics.jsonl and TensorBoard event files in the workdir), how they are read
+"""Where metrics go (metrics.jsonl in the workdir, and the experiment trackers), how they are read
 back, perplexity from a mean NLL, and the loss-curve plot that `lm compare` and sweeps draw."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import math
 import os
 
-from lm.train import rundir
+from lm.train import rundir, trackers
 
 # exp(50) ~ 5e21: a diverged run reports a huge perplexity instead of overflowing.
 MAX_NLL_FOR_PERPLEXITY = 50.0
@@ -18,16 +18,20 @@ def perplexity(mean_nll: float) -> float:
 
 
 class MetricWriter:
+  """The one place metrics go: metrics.jsonl, and the trackers `train.trackers` names
+  (lm/train/trackers.py), which also get `cfg` (the resolved config) and the final summary."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, workdir: str, cfg, *, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
     # `inside`: a metrics.jsonl or tensorboard/ symlinked out of the run is refused, not followed.
     self.jsonl = open(rundir.inside(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    self.tb = None
-    if tensorboard:
-      self.tb = _summary_writer(rundir.inside(workdir, 'tensorboard'))
+    try:
+      self.trackers = trackers.Trackers(workdir, cfg, trackers.names(cfg))
+    except BaseException:
+      self.jsonl.close()
+      raise
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -35,20 +39,18 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in metrics.items()}
     self.jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
     self.jsonl.flush()
-    if self.tb is not None:
-      for k, v in scalars.items():
-        self.tb.add_scalar(k, v, step)
+    self.trackers.log(int(step), scalars)
 
   def flush(self) -> None:
-    if self.enabled and self.tb is not None:
-      self.tb.flush()
+    if self.enabled:
+      self.trackers.flush()
 
-  def close(self) -> None:
-    if not self.enabled:
+  def close(self, summary: dict | None = None, *, failed: bool = False) -> None:
+    """Ends the trackers' runs, with the run's final summary when it has one. Once."""
+    if not self.enabled or self.jsonl.closed:
       return
     self.jsonl.close()
-    if self.tb is not None:
-      self.tb.close()
+    self.trackers.finish(summary or {}, failed)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -98,18 +100,3 @@ def plot_loss_curves(records: dict, path: str, *, title: str = '', ylabel: str =
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
-
-
-def _summary_writer(logdir: str):
-  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is
-  installed (seconds of start-up) only to accept torch tensors, and lm writes Python floats."""
-  import sys  # pylint: disable=import-outside-toplevel
-  hide_torch = 'torch' not in sys.modules
-  if hide_torch:
-    sys.modules['torch'] = None  # makes `import torch` raise ImportError
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  finally:
-    if hide_torch:
-      del sys.modules['torch']  # a later `import torch` (the HF comparisons) works as usual
-  return SummaryWriter(logdir)

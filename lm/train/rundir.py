@@ -54,7 +54,7 @@ def inside(root: str, *names: str) -> str:
 
 # Every name a training run writes directly under its run directory.
 WRITTEN = ('checkpoints', 'checkpoints-unreadable', 'config.json', 'identity.json', 'summary.json',
-           'metrics.jsonl', 'tensorboard', 'tokenizer.model')
+           'metrics.jsonl', 'tensorboard', 'tokenizer.model', 'trackers.json', 'wandb')
 
 
 def check_confined(workdir: str) -> None:
