@@ -758,6 +758,8 @@ def _parse_like(node, leaf, text, dotted):
       value = ast.literal_eval(text) if text.strip().lower() not in _NON_FINITE else float(text)
       if field_type is int and isinstance(value, float) and value.is_integer():
         value = int(value)
+      if field_type is int and not isinstance(value, int):  # 2.5 is refused, never truncated to 2
+        raise ValueError(text)
       if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(text)
       return field_type(value)

@@ -32,6 +32,7 @@ CASES = {
     'config-unknown-section': (['--config.optimiser.lr=1'], "did you mean 'optimizer'?"),
     'config-wrong-type': (['--config.train.steps=ten'], "--config.train.steps='ten' is not a valid int"),
     'config-wrong-bool': (['--config.model.scan_layers=maybe'], 'is not a valid bool'),
+    'config-int-truncated': (['--config.data.batch_size=2.5'], "--config.data.batch_size='2.5' is not a valid int"),
     'config-not-positive': (['--config.train.steps=0'], 'train.steps=0 must be at least 1'),
     'config-negative': (['--config.train.keep_every=-1'], 'train.keep_every=-1 must not be negative'),
     'config-impossible-mesh': (['--config.mesh.shape.data=3'], 'needs 3 devices but 8 are present'),
