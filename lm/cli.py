@@ -162,6 +162,9 @@ def cmd_generate(argv):
     raise UserError(f'--batch-size {args.batch_size} must be at least 1')
   if args.out:
     _check_output_file(args.out, '--out')
+    from lm.io import output  # pylint: disable=import-outside-toplevel
+    output.check(args.out, '--out', [evaluate.parse_run(args.run)[1]], kind='lm generate output',
+                 folder=False)
   prompts = list(args.prompt)
   if args.prompts_file:
     prompts += generate.read_prompts(args.prompts_file)
@@ -188,9 +191,12 @@ def cmd_generate(argv):
   completions = run(prompts)
   if args.out:
     import json  # pylint: disable=import-outside-toplevel
-    with open(args.out, 'w', encoding='utf-8') as f:
-      for p, c in zip(prompts, completions):
-        f.write(json.dumps({'prompt': p, 'completion': c}) + '\n')
+    from lm.io import output  # pylint: disable=import-outside-toplevel
+    with output.file(args.out, '--out', [evaluate.parse_run(args.run)[1]],
+                     kind='lm generate output') as partial:
+      with open(partial, 'w', encoding='utf-8') as f:
+        for p, c in zip(prompts, completions):
+          f.write(json.dumps({'prompt': p, 'completion': c}) + '\n')
     print(f'wrote {len(prompts)} completions to {args.out}')
   else:
     for p, c in zip(prompts, completions):

@@ -166,6 +166,18 @@ CASES = {
                            'exists and is not a directory'),
     'export-not-a-run': (['lm', 'export', '--workdir', '{d}', '--out', '{run}'],
                          'is neither an lm run directory'),
+    'export-out-is-the-run': (['lm', 'export', '--workdir', '{run}', '--out', '{run}'],
+                              'is the input this command reads; write to a new path'),
+    'export-out-inside-the-run': (['lm', 'export', '--workdir', '{run}', '--out', '{run}/checkpoints'],
+                                  'which this command reads; write outside it'),
+    'export-out-other-files': (['lm', 'export', '--workdir', '{run}', '--out', '{d}/hf'],
+                               'is a folder of other files (not an earlier HF export of'),
+    'export-gguf-inside-the-run': (['lm', 'export', '--workdir', '{run}', '--out', '{run}/model.gguf',
+                                    '--format', 'gguf'], 'which this command reads; write outside it'),
+    'eval-out-is-the-run': (['lm', 'eval', '{run}', '--tasks', 'heldout_ppl', '--out', '{run}'],
+                            'is the input this command reads; write to a new path'),
+    'generate-out-inside-the-run': (['lm', 'generate', '{run}', '--prompt', 'x', '--out', '{run}/config.json'],
+                                    'which this command reads; write outside it'),
     # Task files are data: sandboxed templates, a schema, selections that mean what they say.
     'task-template-runs-code': (['lm', 'eval', '{run}', '--tasks', '{d}/task_evil.yaml', '--out', '{d}/eval_out'],
                                 'reaches outside the record (access to attribute'),
@@ -224,6 +236,8 @@ COMPLETE_RUN = {
     'generate-top-k-above-vocab': None, 'generate-out-is-a-directory': None,
     'generate-prompts-file-missing': None, 'generate-prompts-file-malformed': None,
     'export-int8': None, 'export-out-is-a-file': None, 'eval-out-is-a-file': None,
+    'export-out-is-the-run': None, 'export-out-inside-the-run': None, 'export-out-other-files': None,
+    'export-gguf-inside-the-run': None, 'eval-out-is-the-run': None, 'generate-out-inside-the-run': None,
     'task-template-runs-code': None, 'task-rows-select-none': None, 'task-shots-exceed-fewshot': None,
 }
 

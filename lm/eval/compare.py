@@ -24,12 +24,14 @@ import os
 
 from lm.eval import evaluate
 from lm.errors import UserError
-from lm.io import runs
+from lm.io import output, runs
 from lm.train import flops as flops_lib
 from lm.train import partition
 from lm.eval import tasks as tasks_lib
 from lm.train.metrics import plot_loss_curves, read_metrics
 from lm.train.state import ModelSpec
+
+OUTPUTS = ('compare.json', 'compare.md', 'scores.png', 'loss_curves.png')  # what compare writes
 
 
 def training_compute(run_dir: str) -> dict:
@@ -93,6 +95,9 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
   `base_pretraining_tokens` (the tokens the base was pretrained on) puts 6 x parameters x tokens in
   the compute table as the base's row, in place of an lm base run's measured compute."""
   base_dir = evaluate.parse_run(base)[1]
+  sources = [base_dir] + [evaluate.parse_run(s)[1] for s in finetuned]
+  output.check(out_dir, '--out', sources, kind='comparison', folder=True, any_source=True,
+               legacy=OUTPUTS)  # before any model loads: the cheap error first
   pretrained_base = _check_runs(base_dir, finetuned, general, task_names)
   if base_pretraining_tokens is not None and not base_pretraining_tokens > 0:
     raise UserError(f'--base-pretraining-tokens {base_pretraining_tokens}: give the number of '
@@ -131,15 +136,16 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
   compute = {base_name: compute[base_name], **compute}  # the base's row first
   report = {'scores': scores, 'forgetting': forgetting, 'compute': compute, 'base': base_name,
             'shots': shots, 'settings': dataclasses.asdict(settings)}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'compare.json'), 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, 'compare.md'), 'w', encoding='utf-8') as f:
-    f.write(markdown(report))
-  plot_scores(report, os.path.join(out_dir, 'scores.png'))
-  plot_loss_curves({name: read_metrics(d) for name, d in trained.items()},
-                   os.path.join(out_dir, 'loss_curves.png'),
-                   ylabel='loss (nats/token, on each run\'s own data)')
+  with output.directory(out_dir, '--out', sources, kind='comparison', any_source=True,
+                        legacy=OUTPUTS) as partial:
+    with open(os.path.join(partial, 'compare.json'), 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=2)
+    with open(os.path.join(partial, 'compare.md'), 'w', encoding='utf-8') as f:
+      f.write(markdown(report))
+    plot_scores(report, os.path.join(partial, 'scores.png'))
+    plot_loss_curves({name: read_metrics(d) for name, d in trained.items()},
+                     os.path.join(partial, 'loss_curves.png'),
+                     ylabel='loss (nats/token, on each run\'s own data)')
   return report
 
 

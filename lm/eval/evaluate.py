@@ -26,7 +26,7 @@ from lm.data.tokenizer import Tokenizer
 from lm.errors import UserError
 from lm.eval.generate import Generator
 from lm.eval.scoring import Scorer
-from lm.io import pretrained, runs
+from lm.io import output, pretrained, runs
 from lm.train.state import ModelSpec
 
 
@@ -140,12 +140,24 @@ def markdown_table(results: dict, columns: list[tuple[str, str]] | None = None) 
   return '\n'.join(lines) + '\n'
 
 
-def write_results(out_dir: str, results: dict, meta: dict, table: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump({'meta': meta, 'results': results}, f, indent=2)
-  with open(os.path.join(out_dir, 'results.md'), 'w', encoding='utf-8') as f:
-    f.write(table)
+OUTPUTS = ('results.json', 'results.md')  # what `lm eval` writes (before the output marker)
+
+
+def check_output(out_dir: str, run_specs) -> None:
+  """UserError unless `lm eval` may write `out_dir` (lm/io/output.py: not on or in a run it
+  reads, nor over a folder of other files); before any model loads."""
+  output.check(out_dir, '--out', [parse_run(s)[1] for s in run_specs], kind='evaluation',
+               folder=True, any_source=True, legacy=OUTPUTS)
+
+
+def write_results(out_dir: str, results: dict, meta: dict, table: str, run_specs=()) -> None:
+  """results.json and results.md, written whole into place (an earlier evaluation's are replaced)."""
+  with output.directory(out_dir, '--out', [parse_run(s)[1] for s in run_specs],
+                        kind='evaluation', any_source=True, legacy=OUTPUTS) as partial:
+    with open(os.path.join(partial, 'results.json'), 'w', encoding='utf-8') as f:
+      json.dump({'meta': meta, 'results': results}, f, indent=2)
+    with open(os.path.join(partial, 'results.md'), 'w', encoding='utf-8') as f:
+      f.write(table)
 
 
 def evaluate_runs(run_specs: list[str], tasks: list, settings: tasks_lib.Settings,
@@ -153,6 +165,7 @@ def evaluate_runs(run_specs: list[str], tasks: list, settings: tasks_lib.Setting
   """`lm eval`: every task on every run; writes out_dir/results.json and results.md only once
   all of them have run."""
   tasks = [tasks_lib.resolve(t) for t in tasks]
+  check_output(out_dir, run_specs)
   results = {}
   for spec in run_specs:
     model = load_model(spec)
@@ -160,7 +173,7 @@ def evaluate_runs(run_specs: list[str], tasks: list, settings: tasks_lib.Setting
     results[model.name] = run_tasks(model, tasks, settings, log=log, progress=progress)
   table = markdown_table(results)
   write_results(out_dir, results, {'runs': run_specs, 'tasks': [t.path for t in tasks],
-                                   'settings': dataclasses.asdict(settings)}, table)
+                                   'settings': dataclasses.asdict(settings)}, table, run_specs)
   return results
 
 

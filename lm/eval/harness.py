@@ -181,6 +181,7 @@ def evaluate_runs(run_specs: list[str], harness_tasks: list[str], settings, out_
   """`lm eval --harness`: lm's own tasks and harness tasks on every run, one results table."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from lm.eval import evaluate  # pylint: disable=import-outside-toplevel
+  evaluate.check_output(out_dir, run_specs)
   results = {}
   for spec in run_specs:
     model = evaluate.load_model(spec)
@@ -194,7 +195,7 @@ def evaluate_runs(run_specs: list[str], harness_tasks: list[str], settings, out_
   table = evaluate.markdown_table(results)
   evaluate.write_results(out_dir, results, {
       'runs': run_specs, 'tasks': [t.path for t in lm_tasks], 'harness_tasks': harness_tasks,
-      'settings': dataclasses.asdict(settings)}, table)
+      'settings': dataclasses.asdict(settings)}, table, run_specs)
   return results
 
 

@@ -75,6 +75,15 @@ def _value(reader, key, default=None):
   return default if field is None else field.contents()
 
 
+def is_gguf(path: str) -> bool:
+  """Whether `path` is a GGUF file (its magic), so an export may replace it."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read(4) == b'GGUF'
+  except OSError:
+    return False
+
+
 def read_metadata(path: str) -> dict:
   """{key: value} of the file's model metadata (`general.*` and `{arch}.*`; not the vocabulary)."""
   reader = _reader(path)

@@ -22,7 +22,7 @@ from lm.config import with_model_defaults
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import CheckpointError, ConfigError, UserError
 from lm.io import gguf as gguf_io
-from lm.io import hf, peft, runs
+from lm.io import hf, output, peft, runs
 from lm.model import lora, quant
 from lm.model.spec import TEACHER_PREFIX
 from lm.train.state import ModelSpec, TrainState
@@ -134,10 +134,16 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
   if fmt == 'hf' and dtype not in EXPORT_DTYPES:  # an integer dtype would round every weight to 0 or +-1
     raise UserError(f'--dtype {dtype}: export writes floating-point weights; choose '
                     f'{", ".join(EXPORT_DTYPES)}')
-  if fmt == 'hf' and os.path.exists(out) and not os.path.isdir(out):
-    raise UserError(f'--out {out} exists and is not a directory; name a new or existing directory')
   if runs.kind(run_dir, '--workdir') != 'lm':
     raise ConfigError(f'{run_dir} is not an lm run directory (no checkpoints/)')
+  # Before any weight is read: an output on or in the run, or over other files, is refused.
+  kind = 'adapter export' if adapters_only else f'{fmt.upper()} export'
+  if fmt == 'gguf':
+    target = output.file(out, '--out', [run_dir], kind=kind, replaceable=gguf_io.is_gguf)
+  else:
+    target = output.directory(out, '--out', [run_dir], kind=kind, writer=jax.process_index() == 0)
+  output.check(out, '--out', [run_dir], kind=kind, folder=fmt != 'gguf',
+               replaceable=gguf_io.is_gguf if fmt == 'gguf' else None)
   model_cfg = with_model_defaults(quant.without_quant(runs.run_config(run_dir)['model']))  # QLoRA: the unquantized base
   spec = ModelSpec(model_cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1, 1), ('data', 'fsdp', 'tensor'))
@@ -145,18 +151,21 @@ def export_run(run_dir: str, out: str, *, adapters_only: bool = False, dtype: st
   shardings = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
   base, adapters = runs.base_params(run_dir, spec, shardings, merge=False)
   if adapters_only:
-    peft.save_peft(out, adapters, model_cfg, base_model=hf_base(run_dir))
+    with target as partial:
+      peft.save_peft(partial, adapters, model_cfg, base_model=hf_base(run_dir))
     return f'{len(adapters)} adapter arrays (rank {model_cfg.lora.rank}) -> {out} (PEFT format)'
   if adapters:
     base = lora.merge({**base, **adapters}, model_cfg.lora)
   if fmt == 'gguf':
-    arch = gguf_io.save(out, base, lora.without_adapters(model_cfg), _run_tokenizer(run_dir),
-                        dtype=dtype, name=os.path.basename(os.path.normpath(run_dir)))
+    with target as partial:
+      arch = gguf_io.save(partial, base, lora.without_adapters(model_cfg), _run_tokenizer(run_dir),
+                          dtype=dtype, name=os.path.basename(os.path.normpath(run_dir)))
     merged = ' with its LoRA adapters merged' if adapters else ''
     return f'{arch} model{merged} -> {out} (GGUF {dtype.upper()}, tokenizer and chat template embedded)'
-  hf.save(out, base, lora.without_adapters(model_cfg), dtype=dtype, **_token_ids(run_dir))
-  if jax.process_index() == 0:
-    _copy_tokenizer(run_dir, out)
+  with target as partial:
+    hf.save(partial, base, lora.without_adapters(model_cfg), dtype=dtype, **_token_ids(run_dir))
+    if jax.process_index() == 0:
+      _copy_tokenizer(run_dir, partial)
   merged = ' with its LoRA adapters merged' if adapters else ''
   return f'{hf.family_of(model_cfg)} model{merged} -> {out} (config.json + safetensors)'
 

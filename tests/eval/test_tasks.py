@@ -384,3 +384,29 @@ def test_a_limit_that_leaves_records_out_is_reported(model, tmp_path):
   assert lines[0].endswith('; 2 of 3 records (limit 2; --config.limit=0 for all))'), lines
   whole = evaluate.run_tasks(model, [path], tasks.Settings(limit=3, batch_size=4), log=lines.append)
   assert whole['mc']['n'] == 3 and 'available' not in whole['mc'] and 'records' not in lines[1]
+
+
+def test_eval_output_is_checked_before_models_load_and_replaced_whole(model, tmp_path, monkeypatch):
+  run = tmp_path / 'run'
+  (run / 'checkpoints').mkdir(parents=True)
+  (run / 'config.json').write_text('{}')
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  good = _write(tmp_path / 'good.yaml', 'kind: choice\ndata: mc.jsonl\nprompt: goal\n'
+                'choices: [sol1, sol2]\nlabel: label\n')
+  loaded = []
+  monkeypatch.setattr(evaluate, 'load_model', lambda spec, mesh=None: loaded.append(spec) or model)
+  for out, needle in [(run, 'is the input this command reads'),
+                      (run / 'evals', 'which this command reads; write outside it')]:
+    with pytest.raises(UserError, match=needle):
+      evaluate.evaluate_runs([str(run)], [good], SETTINGS, str(out), log=lambda *_: None)
+  assert not loaded and sorted(os.listdir(run)) == ['checkpoints', 'config.json']
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'todo.txt').write_text('mine')
+  with pytest.raises(UserError, match='is a folder of other files'):
+    evaluate.evaluate_runs([str(run)], [good], SETTINGS, str(notes), log=lambda *_: None)
+  out = tmp_path / 'eval'
+  for _ in range(2):  # an earlier evaluation's folder is replaced whole
+    evaluate.evaluate_runs([str(run)], [good], SETTINGS, str(out), log=lambda *_: None)
+  assert sorted(os.listdir(out)) == ['.lm-output.json', 'results.json', 'results.md']
+  assert sorted(os.listdir(tmp_path)) == ['eval', 'good.yaml', 'mc.jsonl', 'notes', 'run']

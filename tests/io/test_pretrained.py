@@ -10,7 +10,7 @@ from lm_runs import save_lora_run
 
 from lm.model import lora
 from lm.io import pretrained
-from lm.errors import ConfigError
+from lm.errors import ConfigError, UserError
 from lm.train.loop import Trainer
 
 
@@ -91,3 +91,75 @@ def test_load_model_takes_a_hf_directory_and_generates(tmp_path):
   assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
   with pytest.raises(lm.errors.UserError, match='one set of weights'):
     lm.load_model(f'{tmp_path / "hf"}@3')
+
+
+# --- export never writes on, in or over what it reads --------------------------------------------
+
+def _tree(path):
+  import os
+  return {os.path.relpath(os.path.join(r, n), path): os.path.getsize(os.path.join(r, n))
+          for r, _, files in os.walk(path) for n in files}
+
+
+@pytest.fixture(scope='module')
+def small_run(tmp_path_factory):
+  run = tmp_path_factory.mktemp('export') / 'run'
+  c = tiny_config()
+  c.model.lora.update(rank=2, alpha=4.0)
+  c.train.trainable = 'lora'
+  save_lora_run(run, c)
+  return run
+
+
+@pytest.mark.parametrize('where, needle', [
+    ('{run}', 'is the input this command reads; write to a new path'),
+    ('{run}/checkpoints', 'is inside {run}, which this command reads; write outside it'),
+    ('{run}/..', 'holds {run}, which this command reads; writing there could destroy it'),
+    ('{other}', 'is a folder of other files (not an earlier HF export of {run}); name a new or '
+                'empty directory'),
+])
+def test_export_refuses_the_run_its_insides_its_parent_and_foreign_folders(small_run, tmp_path,
+                                                                           where, needle):
+  other = tmp_path / 'other_model'
+  other.mkdir()
+  (other / 'model.safetensors').write_bytes(b'another model')
+  out = where.format(run=small_run, other=other)
+  before, before_other = _tree(small_run), _tree(other)
+  with pytest.raises(UserError) as e:
+    pretrained.export_run(str(small_run), out)
+  assert needle.format(run=small_run) in str(e.value), str(e.value)
+  assert _tree(small_run) == before and _tree(other) == before_other
+
+
+def test_export_replaces_its_own_earlier_export_whole_and_keeps_it_when_writing_fails(
+    small_run, tmp_path, monkeypatch):
+  import os
+  from lm.io import hf
+  out = tmp_path / 'hf'
+  pretrained.export_run(str(small_run), str(out))
+  (out / 'stale-00002-of-00002.safetensors').write_bytes(b'left from an older export')
+  pretrained.export_run(str(small_run), str(out))  # the same run's export: replaced, not mixed
+  assert not (out / 'stale-00002-of-00002.safetensors').exists()
+  first = _tree(out)
+
+  def failing_save(path, *args, **kwargs):
+    (tmp_path / 'seen').write_text(path)
+    with open(os.path.join(path, 'model.safetensors'), 'wb') as f:
+      f.write(b'half')
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(hf, 'save', failing_save)
+  with pytest.raises(OSError):
+    pretrained.export_run(str(small_run), str(out))
+  assert _tree(out) == first  # the earlier export, whole
+  assert sorted(os.listdir(tmp_path)) == ['hf', 'seen']  # and no partial sibling left behind
+
+
+def test_gguf_export_refuses_a_path_in_the_run_or_a_file_that_is_not_gguf(small_run, tmp_path):
+  pytest.importorskip('gguf')
+  notes = tmp_path / 'notes.txt'
+  notes.write_text('mine')
+  with pytest.raises(UserError, match='is inside the lm run directory|is inside .*which this command reads'):
+    pretrained.export_run(str(small_run), str(small_run / 'model.gguf'), fmt='gguf')
+  with pytest.raises(UserError, match='exists and is not an earlier GGUF export; name a new file'):
+    pretrained.export_run(str(small_run), str(notes), fmt='gguf')
+  assert notes.read_text() == 'mine'
