@@ -93,6 +93,11 @@ def make_hf_tokenizer(directory, style: str = 'llama3', vocab_size: int = 600) -
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(head_lines(SHAKESPEARE, 3000), trainer=trainer)
+  bos = spec['config'].get('bos_token')
+  if bos:  # as Llama 3's tokenizer.json does: its post-processor starts a sequence with BOS
+    from tokenizers import processors
+    tok.post_processor = processors.TemplateProcessing(
+        single=f'{bos} $A', pair=f'{bos} $A $B', special_tokens=[(bos, tok.token_to_id(bos))])
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, 'tokenizer.json'))
   with open(os.path.join(directory, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:

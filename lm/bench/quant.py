@@ -38,7 +38,7 @@ def compare(source: str, rows: int = 16, length: int = 128, settings=(('int8', 6
   real = np.zeros((rows, length), bool)  # by length: a tokenizer's pad id may also be a real token
   for i, row in enumerate(task_data.gsm8k('eval')[:rows]):
     text = f'Question: {row["question"]}\nAnswer: {row["answer"]}'  # the gsm8k tasks' form
-    encoded = tokenizer.encode(text, bos=True)[:length]
+    encoded = tokenizer.encode(text, bos=tokenizer.add_bos)[:length]
     ids[i, :len(encoded)] = encoded
     real[i, :len(encoded)] = True
   reference = np.asarray(jax.jit(lambda p, t: spec.bind(p)(t))(params, ids))

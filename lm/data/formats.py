@@ -156,7 +156,7 @@ class Encoder:
   def _text(self, text):
     if not text.strip():
       return [], SKIP_EMPTY
-    ids = np.asarray(self.tokenizer.encode(text, bos=self.tokenizer.bos_id is not None,
+    ids = np.asarray(self.tokenizer.encode(text, bos=self.tokenizer.add_bos,
                                            eos=True), np.int32)
     mask = np.ones(len(ids), bool)
     mask[0] = False

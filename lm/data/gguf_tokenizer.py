@@ -35,6 +35,23 @@ PRE_TOKENIZERS = {
 }
 
 
+# The byte-level BPE pre-tokenizers llama.cpp starts a sequence with BOS for when the file does not
+# say (llama-vocab.cpp: the LLAMA3 group sets add_bos); every other BPE vocabulary does not.
+LLAMA3_GROUP = ('llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'falcon-h1', 'pixtral', 'midm-2.0',
+                'lfm2')
+
+
+def adds_bos(fields: dict) -> bool:
+  """Whether llama.cpp starts a sequence with BOS for this file: `tokenizer.ggml.add_bos_token`
+  when present, else its default (SentencePiece 'llama' vocabularies yes, BPE only LLAMA3_GROUP)."""
+  explicit = fields.get('tokenizer.ggml.add_bos_token')
+  if explicit is not None:
+    return bool(explicit)
+  if fields.get('tokenizer.ggml.model') == 'gpt2':
+    return fields.get('tokenizer.ggml.pre', 'default') in LLAMA3_GROUP
+  return True
+
+
 def reader(path: str, error: type[Exception] = DataError):
   """The file's parsed header (memory mapped). Parsing a 50k-token vocabulary takes seconds, and
   the tokenizer, the model config and the weights (lm/io/gguf.py) each need it, so the last file's
@@ -208,6 +225,8 @@ def fields_for(tokenizer) -> dict:
                      ('padding', tokenizer.pad_id)):
     if value is not None:
       out[f'tokenizer.ggml.{key}_token_id'] = int(value)
+  # llama.cpp's default differs by vocabulary (adds_bos); saying it keeps the two the same.
+  out['tokenizer.ggml.add_bos_token'] = bool(getattr(tokenizer, 'add_bos', tokenizer.bos_id is not None))
   if getattr(tokenizer, 'chat_template', None):
     out['tokenizer.chat_template'] = tokenizer.chat_template
   return out

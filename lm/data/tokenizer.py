@@ -6,8 +6,13 @@ text's ids and adds BOS/EOS only when asked, and special-token strings inside th
 "<|im_end|>") stay plain text unless `specials=True` (used for rendered chat templates only, so a
 document that quotes a marker cannot inject one).
 
-`bos_id` may be None (Qwen tokenizers define no BOS); `pad_id` is the tokenizer's pad token, else
-0. Padding never reaches the loss (its weight and segment id are 0), so the pad id only needs to be
+`bos_id` may be None (Qwen tokenizers define no BOS), and `add_bos` says whether the tokenizer's
+own settings start a sequence with it: tokenizer_config.json's `add_bos_token`, else what the
+tokenizer.json's post-processor adds; a GGUF file's `tokenizer.ggml.add_bos_token`, else llama.cpp's
+default for its vocabulary (SentencePiece: yes; byte-level BPE: only the Llama-3 pre-tokenizers).
+Everything that starts a sequence (training text, prompts, scored contexts) asks `add_bos`, so
+SmolLM2, whose GGUF says false, is never given a BOS it was not trained with. `pad_id` is the
+tokenizer's pad token, else 0. Padding never reaches the loss (its weight and segment id are 0), so the pad id only needs to be
 a valid index.
 """
 
@@ -28,6 +33,7 @@ class Tokenizer:
 
   chat_template = None  # SentencePiece files carry no chat template
   gguf_fields = None  # the tokenizer.* metadata when it came from a GGUF file
+  bos_setting = None  # a GGUF file's add_bos_token (None: SentencePiece's default, add BOS)
 
   def __init__(self, path: str, *, proto: bytes | None = None):
     self.path = path
@@ -69,6 +75,10 @@ class Tokenizer:
   @property
   def eos_id(self) -> int | None:
     return self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+  @property
+  def add_bos(self) -> bool:
+    return self.bos_id is not None and self.bos_setting is not False
 
   @property
   def pad_id(self) -> int:
@@ -136,6 +146,11 @@ class HFTokenizer:
         self.config = json.load(f)
     self.bos_id = self._config_token('bos_token')
     self.eos_id = self._config_token('eos_token')
+    setting = self.config.get('add_bos_token')
+    if not isinstance(setting, bool):  # no explicit setting: what the post-processor does
+      setting = self.bos_id is not None and self.tok.encode(
+          'a', add_special_tokens=True).ids[:1] == [self.bos_id]
+    self.add_bos = self.bos_id is not None and setting
     if self.eos_id is None:
       self.eos_id = next((self.tok.token_to_id(t) for t in _EOS_GUESSES
                           if self.tok.token_to_id(t) is not None), None)
@@ -213,8 +228,10 @@ def _from_gguf(path: str):
   kind, definition, config, fields = gguf_tokenizer.spec(path)
   if kind == 'gpt2':
     tok = HFTokenizer.from_json(definition, config, path)
+    tok.add_bos = tok.bos_id is not None and gguf_tokenizer.adds_bos(fields)
   else:
     tok = Tokenizer.from_proto(definition, path, config)
+    tok.bos_setting = gguf_tokenizer.adds_bos(fields)
   tok.gguf_fields = fields
   return tok
 
@@ -275,6 +292,7 @@ class TiktokenTokenizer:
     self.bos_id = self._specials['<|begin_of_text|>']
     self.eos_id = self._specials['<|end_of_text|>']
     self.pad_id = self._specials['<|finetune_right_pad_id|>']
+    self.add_bos = True  # Meta's tokenizer.py starts every dialog and prompt with <|begin_of_text|>
 
   @property
   def vocab_size(self) -> int:

@@ -219,11 +219,11 @@ class Generator:
     rng = jax.random.key(seed)
     for start in progress_bar(range(0, len(order), B), progress, unit='batch'):
       idx = order[start:start + B]
-      rows = [list(prompts[i][-limit:]) or [self.tokenizer.bos_id] for i in idx]
+      rows = [list(prompts[i][-limit:]) or [self.start_id] for i in idx]
       P = min(_bucket(max(map(len, rows))), limit)
       tokens = np.full((B, P), self.tokenizer.pad_id, np.int32)
       lengths = np.ones((B,), np.int32)
-      tokens[len(rows):, -1] = self.tokenizer.bos_id  # filler rows, discarded
+      tokens[len(rows):, -1] = self.start_id  # filler rows, discarded
       for r, row in enumerate(rows):
         tokens[r, P - len(row):] = row
         lengths[r] = len(row)
@@ -234,9 +234,18 @@ class Generator:
         results[i] = out[r, :n[r]].tolist()
     return results
 
+  @property
+  def start_id(self) -> int:
+    """What an empty prompt (and a batch's filler rows) holds: BOS, else EOS as lm-eval-harness
+    does for tokenizers without one (Qwen: bos_token null), else the pad id."""
+    tok = self.tokenizer
+    return next(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)
+
   def generate(self, prompts: list[str], sampling: Sampling, *, stop=(), seed: int = 0,
-               batch_size: int = 32, bos: bool = True, progress: str = '') -> list[str]:
-    """Completions of `prompts`, each cut before the first stop string."""
+               batch_size: int = 32, bos: bool | None = None, progress: str = '') -> list[str]:
+    """Completions of `prompts`, each cut before the first stop string. Prompts start with BOS
+    where the tokenizer's own settings add one (`bos=None`), or as `bos` says."""
+    bos = self.tokenizer.add_bos if bos is None else bos
     ids = [self.tokenizer.encode(p, bos=bos) for p in prompts]
     stop_ids = [self._stop_tokens(s) for s in stop]
     outs = self.generate_ids(ids, sampling, stop_ids=stop_ids, seed=seed, batch_size=batch_size,

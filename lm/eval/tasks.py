@@ -82,9 +82,10 @@ def lower_is_better(metric: str) -> bool:
 # --- running ------------------------------------------------------------------------------------
 
 def _split_encode(tokenizer, context: str, continuation: str):
-  """(context ids with BOS, continuation ids) such that together they encode context+continuation."""
-  ctx = tokenizer.encode(context, bos=True)
-  full = tokenizer.encode(context + continuation, bos=True)
+  """(context ids, continuation ids) such that together they encode context+continuation; the
+  context starts with BOS where the tokenizer's own settings add one (tokenizer.add_bos)."""
+  ctx = tokenizer.encode(context, bos=tokenizer.add_bos)
+  full = tokenizer.encode(context + continuation, bos=tokenizer.add_bos)
   if full[:len(ctx)] == ctx and len(full) > len(ctx):
     return ctx, full[len(ctx):]
   return ctx, tokenizer.encode(continuation)
@@ -147,7 +148,7 @@ def _perplexity(task: Task, model, settings: Settings, desc: str) -> dict:
             'answer_bits_per_byte': -logp / math.log(2) / max(chars, 1), 'n': len(requests),
             **part}
   texts = [render_text(task, 'text', r, records.where(i)) for i, r in enumerate(records.items)]
-  docs = [model.tokenizer.encode(t, bos=True, eos=True) for t in texts]
+  docs = [model.tokenizer.encode(t, bos=model.tokenizer.add_bos, eos=True) for t in texts]
   n = limit_of(task, settings)
   if n and task.limit_by == 'windows':  # the first `n` windows' worth of tokens, over all texts
     per = max(1, n * model.cfg.data.seq_len // max(len(docs), 1))
@@ -234,7 +235,7 @@ def _choice(task: Task, model, settings: Settings, desc: str) -> dict:
       right = label_index(render(task, 'label', task.label, r, where), options, where,
                      f'fix the record, or `label` in {task.path}')
     context = prefix + render_text(task, 'prompt', r, where)
-    ctx = model.tokenizer.encode(context, bos=True)
+    ctx = model.tokenizer.encode(context, bos=model.tokenizer.add_bos)
     opts = [_split_encode(model.tokenizer, context, task.target_delimiter + o)[1] for o in options]
     items.append((ctx, opts, right))
   return {**model.scorer.multiple_choice(items, batch_size=settings.batch_size, progress=desc),

@@ -211,6 +211,7 @@ def _write_gguf_tokenizer(gguf_file: str, out: str) -> None:
   if isinstance(tok, tokenizer_lib.HFTokenizer):
     tok.tok.save(os.path.join(out, 'tokenizer.json'))
     config = {k: v for k, v in tok.config.items() if v is not None}
+    config['add_bos_token'] = tok.add_bos  # the GGUF file's setting, which tokenizer.json lacks
   else:
     with open(os.path.join(out, 'tokenizer.model'), 'wb') as f:
       f.write(tok.sp.serialized_model_proto())

@@ -78,7 +78,7 @@ def prompt_encoder(cfg, tokenizer):
   g = cfg.grpo
   if not g.chat_template:
     return (lambda record: tokenizer.encode(g.prompt_format.format(**record),
-                                            bos=tokenizer.bos_id is not None)), ()
+                                            bos=tokenizer.add_bos)), ()
   try:
     encoder = chat.ChatEncoder(chat.get_template(g.chat_template, tokenizer), tokenizer)
   except DataError as e:

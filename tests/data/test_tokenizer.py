@@ -128,3 +128,27 @@ def test_tiktoken_rank_file_is_detected_and_has_llama3_specials(tmp_path):
   assert ids[0] == n and ids[mask].tolist() == [258, n + 9]
   # A SentencePiece model is not mistaken for one.
   assert not tokenizer_lib.is_tiktoken_file(LLAMA2) if os.path.isfile(LLAMA2) else True
+
+
+@needs_shared
+def test_add_bos_follows_the_tokenizers_own_settings(tmp_path):
+  """Whether a sequence starts with BOS is the tokenizer's call, read where it says it."""
+  import json
+  llama3 = make_hf_tokenizer(tmp_path / 'llama3', 'llama3')  # its post-processor adds BOS
+  assert tokenizer_lib.load(llama3).add_bos
+  assert not tokenizer_lib.load(make_hf_tokenizer(tmp_path / 'qwen', 'qwen')).add_bos  # no BOS at all
+  config = json.loads((tmp_path / 'llama3' / 'tokenizer_config.json').read_text())
+  (tmp_path / 'llama3' / 'tokenizer_config.json').write_text(json.dumps({**config, 'add_bos_token': False}))
+  off = tokenizer_lib.load(llama3)
+  assert off.bos_id is not None and not off.add_bos  # tokenizer_config.json's explicit setting wins
+  assert tokenizer_lib.load(LLAMA2).add_bos  # SentencePiece: BOS
+
+
+def test_gguf_add_bos_follows_the_file_then_llama_cpps_defaults():
+  from lm.data import gguf_tokenizer
+  assert gguf_tokenizer.adds_bos({'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': 'llama-bpe'})
+  assert not gguf_tokenizer.adds_bos({'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': 'smollm'})
+  assert not gguf_tokenizer.adds_bos({'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': 'llama-bpe',
+                                      'tokenizer.ggml.add_bos_token': False})
+  assert gguf_tokenizer.adds_bos({'tokenizer.ggml.model': 'llama'})
+  assert not gguf_tokenizer.adds_bos({'tokenizer.ggml.model': 'llama', 'tokenizer.ggml.add_bos_token': False})

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
+from data_util import make_hf_tokenizer, needs_shared
 
 from lm.eval import generate as gen
 from lm import sharding as sharding_lib
@@ -146,3 +147,24 @@ def test_sharded_generation_equals_single_device():
 def test_cut_at_stop():
   assert gen.cut_at_stop('42\n\nQuestion: next', ['\n\nQuestion:', 'xyz']) == '42'
   assert gen.cut_at_stop('no stop here', ['\n\n']) == 'no stop here'
+
+
+@needs_shared
+def test_a_tokenizer_without_bos_generates_scores_and_trains_without_one(tmp_path):
+  """Qwen-style tokenizers define no BOS (bos_token: null): filler rows and empty prompts take
+  EOS (once a TypeError), and prompts, scored contexts and training text start with the text."""
+  from lm.data import formats
+  from lm.data import tokenizer as tokenizer_lib
+  from lm.eval import tasks
+  from lm.eval.evaluate import Model
+  tok = tokenizer_lib.load(make_hf_tokenizer(tmp_path / 'qwen', 'qwen'))
+  assert tok.bos_id is None and not tok.add_bos
+  c, spec, params = _model(vocab_size=640, max_seq_len=64)
+  model = Model('qwen', c, spec, params, tok, sharding_lib.make_mesh(c.mesh, jax.devices()[:1]))
+  outs = model.generator.generate(['To be', 'or not', ''], gen.Sampling(max_new_tokens=3), batch_size=4)
+  assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+  assert model.generator.start_id == tok.eos_id
+  ctx, cont = tasks._split_encode(tok, 'To be', ' or not')  # pylint: disable=protected-access
+  assert ctx == tok.encode('To be') and ctx + cont == tok.encode('To be or not')
+  (ids, _), = formats.Encoder('text', tok, 32)({'text': 'To be'})[0]
+  assert ids.tolist() == tok.encode('To be') + [tok.eos_id]

@@ -71,6 +71,9 @@ def test_tokenizer_round_trips_and_is_the_embedded_vocabulary(tokenizer):
   # Special-token strings are text unless asked for (a document cannot inject a turn end).
   assert 2 not in tokenizer.encode(TEXTS[3]) and 2 in tokenizer.encode(TEXTS[3], specials=True)
   assert tokenizer.encode(' 2024') == [216, 34, 32, 34, 36]  # smollm splits digits one by one
+  # The file says tokenizer.ggml.add_bos_token = false: training text, prompts and evaluation
+  # contexts start without BOS, as llama.cpp and transformers read this model.
+  assert tokenizer.bos_id == 1 and not tokenizer.add_bos
 
 
 def test_tokenizer_matches_transformers_reading_the_same_file(tokenizer):
@@ -144,7 +147,7 @@ def test_hf_export_of_a_gguf_run_writes_its_tokenizer_as_hf_files(tokenizer, tmp
   from lm.io import pretrained
   pretrained._write_gguf_tokenizer(FILE, str(tmp_path))  # pylint: disable=protected-access
   written = tokenizer_lib.load(str(tmp_path))
-  assert (written.bos_id, written.eos_id, written.chat_template) == (
-      tokenizer.bos_id, tokenizer.eos_id, tokenizer.chat_template)
+  assert (written.bos_id, written.eos_id, written.chat_template, written.add_bos) == (
+      tokenizer.bos_id, tokenizer.eos_id, tokenizer.chat_template, False)
   for text in TEXTS:
     assert written.encode(text, specials=True) == tokenizer.encode(text, specials=True)
