@@ -139,6 +139,12 @@ CASES = {
     'resume-other-partition': (['--config.train.trainable=norms'], "was trained with another partition (partition.trainable: 'all' there, 'norms' now)"),
     'workdir-locked': ([], 'is being written by another lm train (pid'),
     'workdir-metrics-symlink-out': ([], "'metrics.jsonl' leads outside the run directory"),
+    # Hugging Face datasets (hf:FOLDER): what is not a dataset, never runs, or lacks the field.
+    'hf-not-a-dataset': (['--config.data.train_files=hf:{d}/hf_ds_not'], 'is not a dataset folder'),
+    'hf-dataset-script': (['--config.data.train_files=hf:{d}/hf_ds_script'],
+                          'holds a dataset loading script (hf_ds_script.py); lm never runs dataset scripts'),
+    'hf-missing-field': (['--config.data.train_files=hf:{d}/hf_ds_body'],
+                         "hf_ds_body[0]: no string field 'text' (has ['body'])"),
     # Experiment trackers (lm/train/trackers.py): before training, or when one fails to start.
     'tracker-unknown': (['--config.train.trackers=tensorboard,wandbb'],
                         "train.trackers: unknown tracker 'wandbb'; choose from tensorboard, wandb, trackio"),
@@ -282,6 +288,7 @@ def prepared(tmp_path_factory):
   shutil.copyfile(corpus, d / 'docs_copy.jsonl')
   tokenizer = pipeline.load_tokenizer(lm_runs.tiny_config(*data_args).data, str(d / 'tok'))
   _hf_directories(d)
+  _hf_datasets(d)
   return d, [*data_args, f'--config.data.tokenizer={tokenizer.path}']
 
 
@@ -304,6 +311,17 @@ def _hf_directories(d) -> None:
   del config['hidden_size']
   (d / 'hf_no_hidden_size' / 'config.json').write_text(json.dumps(config))
   (d / 'hf_broken_json' / 'config.json').write_text('{"model_type": "llama",')
+
+
+def _hf_datasets(d) -> None:
+  """hf_ds_body/: a save_to_disk folder whose text is in 'body'; hf_ds_not/: a folder of notes;
+  hf_ds_script/: a folder with a dataset loading script."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  datasets.Dataset.from_dict({'body': ['a document'] * 4}).save_to_disk(str(d / 'hf_ds_body'))
+  (d / 'hf_ds_not').mkdir()
+  (d / 'hf_ds_not' / 'notes.txt').write_text('not a dataset')
+  (d / 'hf_ds_script').mkdir()
+  (d / 'hf_ds_script' / 'hf_ds_script.py').write_text('raise SystemExit("the script ran")\n')
 
 
 def _make_complete_run(workdir, args, change, d):

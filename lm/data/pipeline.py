@@ -115,6 +115,9 @@ def source_specs(data_cfg) -> list[SourceSpec]:
 
 def _default_name(files: str) -> str:
   first = files.split(',')[0].strip()
+  if first.startswith(sources.HF_PREFIX):
+    path, _ = sources.hf_path_and_split(first)
+    return os.path.basename(os.path.normpath(path)) or 'data'
   if first.startswith((sources.TFDS_PREFIX, sources.BUILTIN_PREFIX)):
     return first.split(':')[1].split('/')[0]
   return os.path.splitext(os.path.basename(first))[0].replace('*', 'all') or 'data'
@@ -141,6 +144,7 @@ def load_tokenizer(data_cfg, workdir: str):
       records = _load(spec, spec.train_files)
       parser = formats.Encoder(spec.format, None, data_cfg.seq_len, fields=spec.fields,
                                text_field=spec.text_field)
+      _check_schema(records, parser)
       for i in range(len(records)):
         try:
           yield parser.text_of(records[i])
@@ -189,9 +193,20 @@ class Source:
                              pairs=self.pairs, **kw)
 
 
+def _check_schema(records: sources.Records, encoder: formats.Encoder) -> None:
+  """A columnar source (Hugging Face, TFDS) has one schema: a field its first record lacks, every
+  record lacks. Said at once (it is not read up front as files are), before any training."""
+  if not isinstance(records.items, list) and len(records):
+    try:
+      encoder.parse(records[0], records.where(0))
+    except chat.EmptyContent:
+      pass
+
+
 def _validated(records: sources.Records, encoder: formats.Encoder, policy: str) -> sources.Records:
   """Checks in-memory records up front, so a bad record fails now with its file and line."""
   if not isinstance(records.items, list):
+    _check_schema(records, encoder)
     return records
   return records.filter(encoder.check, policy)
 

@@ -1,4 +1,5 @@
-"""Where records come from: local files and globs, TFDS datasets, and a built-in offline corpus.
+"""Where records come from: local files and globs, TFDS and Hugging Face datasets, and a built-in
+offline corpus.
 
 Every source becomes `Records`: random access to dict records (a text file's documents become
 {'text': ...}), each able to say where it came from (`path:line`) for error messages.
@@ -8,6 +9,12 @@ Every source becomes `Records`: random access to dict records (a text file's doc
   tfds:NAME[:SPLIT]                  TFDS through its array_record data source (no TensorFlow);
                                      NAME may carry a config and version, 'wiki40b/en:1.3.0'
   builtin:python-docs                CPython's own documentation (pydoc topics, stdlib docstrings)
+  hf:FOLDER[:SPLIT]                  a Hugging Face `datasets` folder: what save_to_disk wrote (a
+                                     Dataset, or a DatasetDict and its SPLIT), or Arrow/Parquet files
+  hf:NAME[:SPLIT]                    a Hugging Face Hub dataset, downloaded to the datasets cache
+                                     (memory-mapped Arrow: random access, so resume stays exact)
+
+`datasets` never runs a dataset script for lm: a folder holding a loading script is refused.
 
 Text files split into documents by `text_split`: 'paragraph' (blank-line separated), 'line', or
 'file'. Malformed lines and non-UTF-8 bytes follow `bad_records`: 'fail' raises a DataError naming
@@ -31,6 +38,7 @@ from lm.errors import DataError
 
 BUILTIN_PREFIX = 'builtin:'
 TFDS_PREFIX = 'tfds:'
+HF_PREFIX = 'hf:'
 TEXT_SPLITS = ('paragraph', 'line', 'file')
 BAD_RECORD_POLICIES = ('fail', 'skip')
 
@@ -334,6 +342,105 @@ def read_tfds(spec: str, data_dir: str | None = None) -> Records:
   return Records(spec, _TfdsItems(source), lambda i: f'{spec}[{i}]')
 
 
+class _HfItems:
+  """A `datasets.Dataset` as records: row i as a dict of Python values."""
+
+  def __init__(self, dataset):
+    self.dataset = dataset
+
+  def __len__(self):
+    return len(self.dataset)
+
+  def __getitem__(self, i):
+    return self.dataset[int(i)]
+
+
+# What save_to_disk writes: a Dataset (state.json beside dataset_info.json), or a DatasetDict.
+_SAVED_DATASET, _SAVED_DICT = 'state.json', 'dataset_dict.json'
+_HUB_NAME = re.compile(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?')
+
+
+def hf_path_and_split(spec: str) -> tuple[str, str | None]:
+  """'hf:FOLDER_OR_NAME[:SPLIT]' -> (folder or name, split or None). A folder whose own name holds
+  a colon is taken whole."""
+  body = spec[len(HF_PREFIX):]
+  if os.path.exists(body):
+    return body, None
+  path, colon, split = body.rpartition(':')
+  return (path, split) if colon and path and split else (body, None)
+
+
+def read_hf(spec: str) -> Records:
+  """A Hugging Face dataset: a save_to_disk folder, a folder of Arrow/Parquet files, or a Hub
+  name; one split of it (default: the only one, else 'train')."""
+  path, split = hf_path_and_split(spec)
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise DataError(f'{spec}: Hugging Face datasets need the datasets package: pip install datasets') from None
+  datasets.disable_progress_bars()
+  if os.path.isdir(path):
+    dataset = _hf_folder(datasets, spec, path, split)
+  elif os.path.exists(path):
+    raise DataError(f'{spec}: {path} is a file; hf: takes a dataset folder or a Hub dataset name '
+                    '(give data files to data.train_files directly)')
+  elif (not _HUB_NAME.fullmatch(path) or path.startswith(('.', '/', '~'))
+        or os.path.isdir(path.split('/')[0])):  # a folder's path (its parent exists), mistyped
+    raise DataError(f'{spec}: no folder {path!r} and not a Hub dataset name (NAME or OWNER/NAME); '
+                    'check the path')
+  else:
+    try:
+      dataset = datasets.load_dataset(path, split=split or 'train')
+    except Exception as e:  # pylint: disable=broad-except  # offline, missing, private, bad split
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise DataError(f'{spec}: cannot load {path!r} from the Hugging Face Hub ({first}); without a '
+                      'network, save it elsewhere (datasets.load_dataset(NAME).save_to_disk(DIR)), '
+                      'copy DIR here and use hf:DIR') from None
+  return Records(spec, _HfItems(dataset), lambda i: f'{spec}[{i}]')
+
+
+def _hf_folder(datasets, spec: str, path: str, split: str | None):
+  names = sorted(os.listdir(path))
+  scripts = [n for n in names if n.endswith('.py')]
+  if scripts:  # a dataset script is code; data files never run code in lm
+    raise DataError(f'{spec}: {path} holds a dataset loading script ({scripts[0]}); lm never runs '
+                    'dataset scripts (they are code): run it yourself if you trust it, save the '
+                    'result with save_to_disk (or as Parquet) and point hf: at that folder')
+  if _SAVED_DATASET in names or _SAVED_DICT in names:
+    try:
+      dataset = datasets.load_from_disk(path)
+    except Exception as e:  # pylint: disable=broad-except  # a damaged folder fails in many ways
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise DataError(f'{spec}: {path} is not a readable save_to_disk folder ({first}); write it '
+                      'again with save_to_disk') from None
+    if isinstance(dataset, datasets.DatasetDict):
+      return _split_of(spec, dataset, split)
+    if split not in (None, 'train'):
+      raise DataError(f'{spec}: {path} holds one Dataset, not splits; drop :{split}')
+    return dataset
+  data_files = [n for n in glob.glob(os.path.join(path, '**', '*'), recursive=True)
+                if n.endswith(('.arrow', '.parquet'))]
+  if not data_files:
+    raise DataError(f'{spec}: {path} is not a dataset folder (no state.json or dataset_dict.json '
+                    'from save_to_disk, no .arrow or .parquet files); save it with '
+                    'Dataset.save_to_disk, or give its files to data.train_files')
+  try:  # the datasets library's own Arrow/Parquet readers: no script, no code from the folder
+    found = datasets.load_dataset(path)
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise DataError(f'{spec}: cannot read the data files in {path} ({first})') from None
+  return _split_of(spec, found, split)
+
+
+def _split_of(spec: str, splits, split: str | None):
+  if split is None:
+    split = next(iter(splits)) if len(splits) == 1 else 'train'
+  if split not in splits:
+    raise DataError(f'{spec}: no split {split!r} (splits: {", ".join(splits)}); name one as '
+                    f'hf:PATH:SPLIT')
+  return splits[split]
+
+
 _DEFINITIONS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 # Nodes that can hold a definition: statements, and the two non-statement nodes with bodies.
 _BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)
@@ -394,7 +501,8 @@ def read_builtin(spec: str) -> Records:
 
 def load(spec: str, *, text_split: str = 'paragraph', bad_records: str = 'fail',
          data_dir: str | None = None) -> Records:
-  """The records named by `spec` (files, globs, tfds:NAME[:SPLIT] or builtin:NAME)."""
+  """The records named by `spec` (files, globs, tfds:NAME[:SPLIT], hf:FOLDER_OR_NAME[:SPLIT] or
+  builtin:NAME)."""
   if text_split not in TEXT_SPLITS:
     raise DataError(f'data.text_split={text_split!r}; choose one of {TEXT_SPLITS}')
   if bad_records not in BAD_RECORD_POLICIES:
@@ -403,5 +511,7 @@ def load(spec: str, *, text_split: str = 'paragraph', bad_records: str = 'fail',
     return read_builtin(spec)
   if spec.startswith(TFDS_PREFIX):
     return read_tfds(spec, data_dir)
+  if spec.startswith(HF_PREFIX):
+    return read_hf(spec)
   return read_files(spec, text_split=text_split, bad_records=bad_records)
 
