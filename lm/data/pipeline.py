@@ -144,7 +144,7 @@ def load_tokenizer(data_cfg, workdir: str):
       records = _load(spec, spec.train_files)
       parser = formats.Encoder(spec.format, None, data_cfg.seq_len, fields=spec.fields,
                                text_field=spec.text_field)
-      _check_schema(records, parser)
+      _check_schema(records, parser, spec.bad_records)
       for i in range(len(records)):
         try:
           yield parser.text_of(records[i])
@@ -193,10 +193,11 @@ class Source:
                              pairs=self.pairs, **kw)
 
 
-def _check_schema(records: sources.Records, encoder: formats.Encoder) -> None:
+def _check_schema(records: sources.Records, encoder: formats.Encoder, policy: str) -> None:
   """A columnar source (Hugging Face, TFDS) has one schema: a field its first record lacks, every
-  record lacks. Said at once (it is not read up front as files are), before any training."""
-  if not isinstance(records.items, list) and len(records):
+  record lacks. Under data.bad_records=fail, said at once (such a source is not read up front as
+  files are), before any training; under skip, the bad records are counted as they are read."""
+  if policy == 'fail' and not isinstance(records.items, list) and len(records):
     try:
       encoder.parse(records[0], records.where(0))
     except chat.EmptyContent:
@@ -206,7 +207,7 @@ def _check_schema(records: sources.Records, encoder: formats.Encoder) -> None:
 def _validated(records: sources.Records, encoder: formats.Encoder, policy: str) -> sources.Records:
   """Checks in-memory records up front, so a bad record fails now with its file and line."""
   if not isinstance(records.items, list):
-    _check_schema(records, encoder)
+    _check_schema(records, encoder, policy)
     return records
   return records.filter(encoder.check, policy)
 
