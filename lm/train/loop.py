@@ -47,11 +47,17 @@ class Trainer:
     rules = tuple(cfg.mesh.rules)
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
     sharding_lib.check_context_divides(cfg.data.seq_len, self.mesh)
-    # DPO's reference: with LoRA, the same weights with adapters off; else a frozen `ref.*` copy.
-    reference = cfg.train.objective in objectives.NEEDS_REFERENCE and not cfg.model.lora.rank
+    # The reference of DPO, IPO, KTO and GRPO: with only LoRA adapters training, the same weights
+    # with adapters off; when any base weight trains (no LoRA, or LoRA with train.trainable=all,
+    # norms, ...), those would be the weights being trained, so a frozen `ref.*` copy.
+    needs_reference = cfg.train.objective in objectives.NEEDS_REFERENCE
     teacher = (pretrained.teacher_model_config(cfg) if cfg.train.objective in objectives.NEEDS_TEACHER
                else None)
-    self.spec = ModelSpec(cfg.model, reference=reference, teacher=teacher)
+    self.spec = ModelSpec(cfg.model, reference=needs_reference and not cfg.model.lora.rank,
+                          teacher=teacher)
+    if needs_reference and cfg.model.lora.rank and partition.trains_base(self.spec.names,
+                                                                         cfg.train.trainable):
+      self.spec = ModelSpec(cfg.model, reference=True, teacher=teacher)
     self.labels = partition.labels(self.spec.names, cfg.train.trainable)
     check_quantized_frozen(self.spec, self.labels, cfg)
     self.row_masks = partition.layer_masks(

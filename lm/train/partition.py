@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from lm.errors import ConfigError
-from lm.model.lora import is_adapter  # pylint: disable=unused-import (re-exported)
+from lm.model.lora import is_adapter
 from lm.model.quant import SCALE_SUFFIX
 from lm.model.spec import FROZEN_COPIES
 
@@ -89,6 +89,12 @@ def labels(param_names, spec: str) -> dict[str, str]:
                       + hint.get(spec, '; match the pattern against names such as '
                                        'layers.attn.q.kernel'))
   return out
+
+
+def trains_base(param_names, spec: str) -> bool:
+  """Whether partition `spec` trains any weight that is not a LoRA adapter (or a frozen copy)."""
+  return any(label == TRAINABLE and not is_adapter(name)
+             for name, label in labels(param_names, spec).items())
 
 
 def layer_masks(shapes: dict, spec: str, rows=None) -> dict[str, np.ndarray]:

@@ -128,3 +128,21 @@ def test_packed_pairs_give_the_same_loss_and_beta_scales_rewards():
   np.testing.assert_allclose(m_p['reward_margin'], m_s['reward_margin'], rtol=1e-4, atol=1e-6)
   assert abs(float(m_s['reward_margin'])) > 1e-4
   np.testing.assert_allclose(m_s5['reward_margin'], 5 * m_s['reward_margin'], rtol=1e-4)
+
+
+@pytest.mark.parametrize('trainable', ['all', 'norms'])
+def test_lora_dpo_that_also_trains_base_weights_gets_a_frozen_reference(trainable):
+  """With adapters and base weights training, 'adapters off' would be the moving weights
+  themselves (KL near 0 while the policy moves): the reference is a frozen `ref.*` copy."""
+  c = dpo_config(rank=4, alpha=8.0)
+  c.train.trainable = trainable
+  trainer, before, state, history = train(c, preference_rows(demo_pairs(4), per_row=1), steps=3)
+  refs = [n for n in trainer.spec.names if n.startswith('ref.')]
+  assert refs and not any(n.endswith(('lora_a', 'lora_b')) for n in refs)
+  after = jax.device_get(state.params)
+  assert all(np.array_equal(before[n], after[n]) for n in refs)  # the reference stays put
+  moved = 'embed' if trainable == 'all' else 'final_norm.scale'
+  assert not np.array_equal(before[moved], after[moved])  # while the base weights train
+  assert history[0]['loss'] == pytest.approx(np.log(2), abs=1e-6)
+  assert history[-1]['reward_margin'] != 0.0  # rewards measured against the fixed copy
+  assert not partition.trains_base(trainer.spec.names, 'lora')
