@@ -26,13 +26,28 @@ _LLAMA3_WORDS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_WORDS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# o200k_base's split (GPT-4o; Phi-4-mini and others ship it): cased words keep their contraction.
+_GPT4O_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+                r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                r"[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre -> the regexes llama.cpp splits text with, in order (llama-vocab.cpp).
 PRE_TOKENIZERS = {
     'default': [_GPT2_WORDS], 'gpt2': [_GPT2_WORDS],
     'smollm': [r'\p{N}', _GPT2_WORDS], 'starcoder': [r'\p{N}', _GPT2_WORDS],
     'llama-bpe': [_LLAMA3_WORDS], 'llama3': [_LLAMA3_WORDS],
-    'qwen2': [_QWEN2_WORDS],
+    'qwen2': [_QWEN2_WORDS], 'gpt-4o': [_GPT4O_WORDS],
 }
+# What export tries, in order: one name per distinct split (aliases above are for reading).
+EXPORT_PRE = ('llama-bpe', 'qwen2', 'smollm', 'gpt-4o', 'default')
+# Strings that tell the splits apart: contractions in both cases, digit runs, newlines, runs of
+# spaces, punctuation, accents, code. An exported vocabulary must tokenize each exactly as the
+# model's own tokenizer does, or export refuses it.
+PROBES = ("don't I'll we'RE DON'T You've", '12345 2024 3.14159 1,000,000', 'a\n\nb\r\nc\n',
+          'a  b   c    d', 'hello!!! world... (x)=[y]; {z}/w', 'naïve café Ωmega ÅNGSTRÖM',
+          'def f(x):\n    return x ** 2  # squared\n', 'abc123def XMLHttpRequest iPhone',
+          '  leading and trailing  ', 'tab\tseparated\tvalues', 'über-straße ǅemal',
+          'Hello World HELLO world hELLO')
 
 
 # The byte-level BPE pre-tokenizers llama.cpp starts a sequence with BOS for when the file does not
@@ -212,12 +227,13 @@ def fields_for(tokenizer) -> dict:
       tokens[i] = t
     specials = {t['id']: t['special'] for t in spec.get('added_tokens', [])}
     merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges', [])]
-    out.update({'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': _pre_name(spec),
+    out.update({'tokenizer.ggml.model': 'gpt2',
                 'tokenizer.ggml.tokens': tokens,
                 'tokenizer.ggml.token_type': [
                     (CONTROL if specials[i] else USER_DEFINED) if i in specials else NORMAL
                     for i in range(len(tokens))],
                 'tokenizer.ggml.merges': merges})
+    out['tokenizer.ggml.pre'] = pre_name(tokenizer, out)
   else:
     raise DataError(f'GGUF export embeds SentencePiece and tokenizer.json vocabularies, not '
                     f'{type(tokenizer).__name__}')
@@ -232,11 +248,25 @@ def fields_for(tokenizer) -> dict:
   return out
 
 
-def _pre_name(spec: dict) -> str:
-  """llama.cpp's name for a tokenizer.json's split regex (default: gpt2's)."""
-  text = json.dumps(spec.get('pre_tokenizer'))
-  if '\\\\p{N}{1,3}' in text:
-    return 'llama-bpe'
-  if 'Digits' in text or '"\\\\p{N}"' in text:
-    return 'smollm'
-  return 'default'
+def pre_name(tokenizer, fields: dict) -> str:
+  """llama.cpp's name (`tokenizer.ggml.pre`) for how `tokenizer` splits text, found by rebuilding
+  the vocabulary under each name (as lm and llama.cpp read the GGUF file) and tokenizing PROBES
+  both ways: the first name that gives the same ids on every probe. Reading the regex out of
+  tokenizer.json would miss equivalent spellings (SmolLM2's Digits + ByteLevel is 'smollm') and
+  would call a Qwen2 split 'default' without noticing; a split no name reproduces is refused,
+  since llama.cpp would tokenize differently from the model's own tokenizer, silently."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  want = [tokenizer.encode(p) for p in PROBES]
+  # A name whose regex tokenizer.json spells out goes first: splits that differ only where this
+  # vocabulary has no tokens (Qwen2's one digit at a time vs Llama 3's three) tokenize alike.
+  split = json.dumps(json.loads(tokenizer.tok.to_str()).get('pre_tokenizer'))
+  named = [n for n in EXPORT_PRE if all(json.dumps(r)[1:-1] in split for r in PRE_TOKENIZERS[n])]
+  for name in named + [n for n in EXPORT_PRE if n not in named]:
+    candidate = tokenizers.Tokenizer.from_str(_bpe_json('export', {**fields, 'tokenizer.ggml.pre': name}))
+    candidate.encode_special_tokens = True
+    if [candidate.encode(p, add_special_tokens=False).ids for p in PROBES] == want:
+      return name
+  raise DataError('GGUF export: this tokenizer.json splits text in a way none of the llama.cpp '
+                  f'pre-tokenizers lm writes ({", ".join(EXPORT_PRE)}) reproduces on its test '
+                  'strings, so llama.cpp would tokenize differently; export to Hugging Face '
+                  '(--format hf) and convert with llama.cpp\'s convert_hf_to_gguf.py')

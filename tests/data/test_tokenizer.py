@@ -8,6 +8,7 @@ import pytest
 from data_util import C4, LLAMA2, MAXTEXT, SHAKESPEARE, head_lines, make_hf_tokenizer, needs_shared
 
 from lm.data import pipeline
+from lm.data import gguf_tokenizer
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import DataError
 
@@ -152,3 +153,63 @@ def test_gguf_add_bos_follows_the_file_then_llama_cpps_defaults():
                                       'tokenizer.ggml.add_bos_token': False})
   assert gguf_tokenizer.adds_bos({'tokenizer.ggml.model': 'llama'})
   assert not gguf_tokenizer.adds_bos({'tokenizer.ggml.model': 'llama', 'tokenizer.ggml.add_bos_token': False})
+
+
+def _bpe_tokenizer(directory, pre_tokenizer):
+  """A byte-level BPE tokenizer.json with the given pre-tokenizer, trained on stdlib docs (with
+  their numbers, so digit merges exist and the splits' digit rules show)."""
+  import json
+  import pydoc_data.topics
+  import tokenizers
+  from tokenizers import decoders, models, trainers
+  from tokenizers import pre_tokenizers as pre
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizer(pre, tokenizers.Regex)
+  tok.decoder = decoders.ByteLevel()
+  docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40]]
+  docs += [f'{i} {i * 37} {i * 1234567} 19{i % 100:02d}' for i in range(300)]
+  trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=['<|endoftext|>'],
+                                initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(docs, trainer=trainer)
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+  with open(os.path.join(directory, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+    json.dump({'eos_token': '<|endoftext|>'}, f)
+  return tokenizer_lib.load(str(directory))
+
+
+def _split(regex):
+  return lambda pre, Regex: pre.Sequence([pre.Split(Regex(regex), behavior='isolated'),
+                                          pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.mark.parametrize('name, pre_tokenizer', [
+    ('llama-bpe', _split(gguf_tokenizer._LLAMA3_WORDS)),  # pylint: disable=protected-access
+    ('qwen2', _split(gguf_tokenizer._QWEN2_WORDS)),  # pylint: disable=protected-access
+    ('gpt-4o', _split(gguf_tokenizer._GPT4O_WORDS)),  # pylint: disable=protected-access
+    ('smollm', lambda pre, Regex: pre.Sequence([pre.Digits(individual_digits=True),
+                                                pre.ByteLevel(add_prefix_space=False)])),
+    ('default', lambda pre, Regex: pre.ByteLevel(add_prefix_space=False)),  # GPT-2's own
+])
+def test_gguf_export_names_the_pre_tokenizer_that_tokenizes_the_same(tmp_path, name, pre_tokenizer):
+  """The name written is the one under which the GGUF vocabulary, read back, gives the model's
+  own ids on every probe string, and the probes tell each split from the others."""
+  tok = _bpe_tokenizer(tmp_path / name, pre_tokenizer)
+  fields = gguf_tokenizer.fields_for(tok)
+  assert fields['tokenizer.ggml.pre'] == name
+  kind, definition, config, _ = gguf_tokenizer.spec('x.gguf', fields)
+  back = tokenizer_lib.HFTokenizer.from_json(definition, config, 'x.gguf')
+  texts = list(gguf_tokenizer.PROBES) + ["I'm here: 2024-11-30, it's 12:30.\n\n\tDone"]
+  assert [back.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+  # What export wrote before for all but Llama 3 and SmolLM2 ('default', GPT-2's split) would have
+  # tokenized the probes differently ("don't I'll", "\n\n"), and llama-bpe GPT-2's and SmolLM2's.
+  other = 'llama-bpe' if name in ('default', 'smollm') else 'default'
+  wrong = tokenizer_lib.HFTokenizer.from_json(
+      gguf_tokenizer.spec('x.gguf', {**fields, 'tokenizer.ggml.pre': other})[1], config, 'x.gguf')
+  assert [wrong.encode(t) for t in gguf_tokenizer.PROBES] != [tok.encode(t) for t in gguf_tokenizer.PROBES]
+
+
+def test_gguf_export_refuses_a_split_llama_cpp_would_not_reproduce(tmp_path):
+  tok = _bpe_tokenizer(tmp_path / 'odd', _split(r'\w+|[^\w\s]+|\s+'))  # words swallow digits and _
+  with pytest.raises(DataError, match='splits text in a way none of the llama.cpp pre-tokenizers'):
+    gguf_tokenizer.fields_for(tok)
