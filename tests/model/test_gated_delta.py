@@ -214,3 +214,27 @@ def test_document_resets():
   seg = jnp.asarray([[0, 0, 1, 1, 0, 2, 2, 0, 0, 2, 3]])
   want = [[0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]]  # only where a real token follows another document
   np.testing.assert_array_equal(gd.document_resets(seg), np.asarray(want, bool))
+
+
+def test_sharded_pallas_equals_jnp():
+  """Inside a mesh (data 2 x tensor 2 of the 8 CPU devices), 'pallas' runs in a shard_map over
+  batch and heads: outputs, final state and gradients as the unsharded jnp form's."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 1, 2),
+                           ('data', 'fsdp', 'tensor'))
+  seg = jnp.concatenate([packed(1, [(1, 30), (2, 10)]), packed(1, [(1, 40)])])
+  q, k, v, g, beta, state = inputs(2, 40, 2, 4, 16, 16)
+
+  def loss_and_grads(implementation):
+    def loss(q, k, v, g, beta, s0):
+      out, final = gd.gated_delta(q, k, v, g, beta, initial_state=s0, segment_ids_BT=seg,
+                                  implementation=implementation)
+      return jnp.sum(out * v) + jnp.sum(final ** 2), (out, final)
+    return jax.jit(jax.grad(loss, argnums=range(6), has_aux=True))
+
+  with jax.set_mesh(mesh):
+    assert 'shard_map' in str(jax.make_jaxpr(loss_and_grads('pallas'))(q, k, v, g, beta, state))
+    got = loss_and_grads('pallas')(q, k, v, g, beta, state)
+  want = loss_and_grads('xla')(q, k, v, g, beta, state)
+  errs = [max_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+  print(f'sharded pallas vs jnp (outputs, state, gradients): max {max(errs):.1e}')
+  assert max(errs) < TOL, errs

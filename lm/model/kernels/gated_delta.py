@@ -402,12 +402,40 @@ def pallas_supported(k_BTGK, v_BTHV) -> bool:
 
 
 def choose_implementation(k_BTGK, v_BTHV) -> str:
-  """What 'auto' runs: Pallas on one TPU/GPU device where it applies, else the jnp chunked form.
-  CPU stays on jnp (Pallas runs there only in the slow interpret mode). On several devices a
-  pallas_call is not partitioned by the SPMD compiler and no shard_map wraps this kernel yet,
-  so 'auto' stays on jnp there."""
+  """What 'auto' runs: Pallas on TPU/GPU where it applies, else the jnp chunked form.
+  CPU stays on jnp (Pallas runs there only in the slow interpret mode). On several devices the
+  kernel runs inside a shard_map over the mesh in context (a pallas_call is not partitioned by
+  the SPMD compiler); with no mesh in context it cannot, so 'auto' stays on jnp there."""
   _, devices = target()
-  return 'pallas' if devices == 1 and pallas_supported(k_BTGK, v_BTHV) else 'xla'
+  in_mesh = not jax.sharding.get_abstract_mesh().empty
+  if (devices == 1 or in_mesh) and pallas_supported(k_BTGK, v_BTHV):
+    return 'pallas'
+  return 'xla'
+
+
+def sharded_gated_delta_pallas(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, *, mesh, chunk_size=64,
+                               initial_state=None, segment_ids_BT=None):
+  """The Pallas kernel on each device's block: a shard_map over the batch axes (data, fsdp) and
+  the head axis (tensor; only when it divides the key heads, so groups stay whole). The
+  sequence is never split: other mesh axes (context included) see all of it."""
+  from lm.model import attention  # pylint: disable=import-outside-toplevel (a layer above kernels)
+  b, h = attention._batch_and_head_axes(mesh, v_BTHV, k_BTGK)  # pylint: disable=protected-access
+  P = jax.sharding.PartitionSpec
+  heads, gates, state, seg = P(b, None, h, None), P(b, None, h), P(b, h, None, None), P(b, None)
+  optional = [(x, spec) for x, spec in ((initial_state, state), (segment_ids_BT, seg))
+              if x is not None]
+
+  def body(q, k, v, g, beta, *rest):
+    rest = iter(rest)
+    s0 = next(rest) if initial_state is not None else None
+    ids = next(rest) if segment_ids_BT is not None else None
+    return gated_delta_pallas(q, k, v, g, beta, chunk_size=chunk_size, initial_state=s0,
+                              segment_ids_BT=ids)
+
+  return jax.shard_map(
+      body, mesh=mesh, in_specs=(heads, heads, heads, gates, gates, *(s for _, s in optional)),
+      out_specs=(heads, state), check_vma=False,
+  )(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, *(x for x, _ in optional))
 
 
 def gated_delta(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, *, chunk_size=64, initial_state=None,
@@ -418,6 +446,10 @@ def gated_delta(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, *, chunk_size=64, initi
                      f'{IMPLEMENTATIONS}')
   if implementation == 'auto':
     implementation = choose_implementation(k_BTGK, v_BTHV)
-  fn = gated_delta_pallas if implementation == 'pallas' else chunk_gated_delta_rule
-  return fn(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, chunk_size=chunk_size,
-            initial_state=initial_state, segment_ids_BT=segment_ids_BT)
+  kwargs = dict(chunk_size=chunk_size, initial_state=initial_state, segment_ids_BT=segment_ids_BT)
+  if implementation == 'xla':
+    return chunk_gated_delta_rule(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, **kwargs)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    return sharded_gated_delta_pallas(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, mesh=mesh, **kwargs)
+  return gated_delta_pallas(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, **kwargs)
