@@ -30,9 +30,15 @@ def model_cfg(**linear_attn):
   return cfg
 
 
-def ctx(segment_ids_BT=None, T=None):
-  positions = None if T is None else jnp.arange(T)[None]
-  return types.SimpleNamespace(positions_BT=positions, segment_ids_BT=segment_ids_BT, layer={})
+def ctx(x_BTD, segment_ids_BT=None):
+  """What the stack passes every token mixer (the mixer reads only the segment ids)."""
+  positions_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
+  return types.SimpleNamespace(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, layer={})
+
+
+@nnx.jit
+def forward(mixer, x_BTD, segment_ids_BT=None, cache=None):
+  return mixer(x_BTD, ctx(x_BTD, segment_ids_BT), cache)
 
 
 def params(module):
@@ -97,7 +103,7 @@ def test_matches_transformers(family):
   x_BTD = np.random.default_rng(0).normal(size=(2, 100, D)).astype(np.float32)
   with torch.no_grad():
     want = hf(torch.from_numpy(x_BTD)).numpy()
-  got, cache = mixer(jnp.asarray(x_BTD), ctx())
+  got, cache = forward(mixer, jnp.asarray(x_BTD))
   assert cache is None and got.shape == (2, 100, D)
   err = float(np.max(np.abs(np.asarray(got) - want)))
   print(f'{family}: lm vs transformers max |dy| {err:.1e} (|y| max {np.max(np.abs(want)):.2f})')
@@ -110,14 +116,13 @@ def test_cached_decoding_matches_forward():
   cfg = model_cfg()
   mixer = gdn.GatedDeltaNet(cfg, rngs=nnx.Rngs(1))
   x_BTD = jax.random.normal(jax.random.key(2), (2, 43, D))
-  want, _ = mixer(x_BTD, ctx())
+  want, _ = forward(mixer, x_BTD)
   cache = gdn.GatedDeltaNet.init_cache(cfg, 2, jnp.float32)
   assert cache['conv'].shape == (2, 2 * G * K + H * V, W - 1)
   assert cache['state'].shape == (2, H, K, V) and cache['state'].dtype == jnp.float32
-  step = nnx.jit(lambda m, x, c: m(x, ctx(), c))
   outs = []
   for start, end in [(0, 37), *((t, t + 1) for t in range(37, 41)), (41, 43)]:
-    y, cache = step(mixer, x_BTD[:, start:end], cache)
+    y, cache = forward(mixer, x_BTD[:, start:end], None, cache)
     outs.append(y)
   err = float(jnp.max(jnp.abs(jnp.concatenate(outs, axis=1) - want)))
   print(f'cached vs uncached: {err:.1e}')
@@ -133,13 +138,12 @@ def test_left_padded_row_decodes_as_alone(prompt):
   pad, steps = 5, 2
   x_BTD = jax.random.normal(jax.random.key(6), (1, pad + prompt + steps, D))  # pads not zero
   seg = jnp.asarray([[0] * pad + [1] * prompt])
-  call = nnx.jit(lambda m, x, s, c: m(x, ctx(s), c))
   empty = gdn.GatedDeltaNet.init_cache(cfg, 1, jnp.float32)
-  padded, cache_p = call(mixer, x_BTD[:, :pad + prompt], seg, empty)
-  alone, cache_a = call(mixer, x_BTD[:, pad:pad + prompt], seg[:, pad:], empty)
+  padded, cache_p = forward(mixer, x_BTD[:, :pad + prompt], seg, empty)
+  alone, cache_a = forward(mixer, x_BTD[:, pad:pad + prompt], seg[:, pad:], empty)
   np.testing.assert_allclose(padded[:, pad:], alone, atol=1e-5)
   for t in range(pad + prompt, pad + prompt + steps):
-    (y_p, cache_p), (y_a, cache_a) = (call(mixer, x_BTD[:, t:t + 1], seg[:, -1:], c)
+    (y_p, cache_p), (y_a, cache_a) = (forward(mixer, x_BTD[:, t:t + 1], seg[:, -1:], c)
                                       for c in (cache_p, cache_a))
     np.testing.assert_allclose(y_p, y_a, atol=1e-5)
 
@@ -154,7 +158,7 @@ def test_bfloat16_compute():
     weights = weights or params(mixer)
     load(mixer, {k: jnp.asarray(w, dtype) for k, w in weights.items()})
     x_BTD = jax.random.normal(jax.random.key(8), (1, 70, D)).astype(dtype)
-    y, cache = mixer(x_BTD, ctx(), gdn.GatedDeltaNet.init_cache(cfg, 1, dtype))
+    y, cache = forward(mixer, x_BTD, None, gdn.GatedDeltaNet.init_cache(cfg, 1, dtype))
     assert y.dtype == jnp.dtype(dtype) and cache['state'].dtype == jnp.float32
     got[dtype] = y.astype(jnp.float32)
   err = float(jnp.max(jnp.abs(got['bfloat16'] - got['float32'])))
@@ -169,12 +173,12 @@ def test_packed_equals_separate():
   lengths = [(1, 40), (2, 3), (3, 20), (0, 7)]  # a 3-token document: shorter than the conv
   seg = jnp.asarray(np.concatenate([np.full(n, i) for i, n in lengths])[None], jnp.int32)
   x_BTD = jax.random.normal(jax.random.key(4), (1, seg.shape[1], D))
-  got, _ = nnx.jit(lambda m, x, s: m(x, ctx(s)))(mixer, x_BTD, seg)
+  got, _ = forward(mixer, x_BTD, seg)
   start = 0
   for doc, n in lengths:
     part = got[:, start:start + n]
     if doc:
-      alone, _ = mixer(x_BTD[:, start:start + n], ctx())
+      alone, _ = forward(mixer, x_BTD[:, start:start + n])
       np.testing.assert_allclose(part, alone, atol=1e-5)
     else:
       np.testing.assert_array_equal(part, 0.0)
