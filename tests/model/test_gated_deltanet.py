@@ -55,17 +55,16 @@ def load(module, named):
   nnx.update(module, state)
 
 
+HF_CLASSES = {'qwen3_next': ('Qwen3NextConfig', 'Qwen3NextGatedDeltaNet'),
+              'qwen3_5': ('Qwen3_5TextConfig', 'Qwen3_5GatedDeltaNet')}
+
+
 def hf_module(family):
   torch = pytest.importorskip('torch')
-  pytest.importorskip('transformers')
-  if family == 'qwen3_next':
-    from transformers.models.qwen3_next import configuration_qwen3_next as c, modeling_qwen3_next as m  # pylint: disable=import-outside-toplevel,line-too-long
-    config = c.Qwen3NextConfig
-    cls = m.Qwen3NextGatedDeltaNet
-  else:
-    from transformers.models.qwen3_5 import configuration_qwen3_5 as c, modeling_qwen3_5 as m  # pylint: disable=import-outside-toplevel,line-too-long
-    config = c.Qwen3_5TextConfig
-    cls = m.Qwen3_5GatedDeltaNet
+  configuration = pytest.importorskip(f'transformers.models.{family}.configuration_{family}')
+  modeling = pytest.importorskip(f'transformers.models.{family}.modeling_{family}')
+  config_name, module_name = HF_CLASSES[family]
+  config, cls = getattr(configuration, config_name), getattr(modeling, module_name)
   hf_cfg = config(hidden_size=D, linear_num_key_heads=G, linear_num_value_heads=H,
                   linear_key_head_dim=K, linear_value_head_dim=V, linear_conv_kernel_dim=W,
                   num_hidden_layers=1, layer_types=['linear_attention'], rms_norm_eps=1e-5)

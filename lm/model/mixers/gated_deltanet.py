@@ -1,6 +1,6 @@
 """Gated DeltaNet: the token mixer of Qwen3-Next's and Qwen3.5's 'linear_attention' layers.
 
-    q, k [B, T, G, K], v [B, T, H, V] = x · W_q, W_k, W_v   (G key heads, H value heads, H % G == 0)
+    q, k [B, T, G, K], v [B, T, H, V] = x · W_q, W_k, W_v   (G key heads, H value heads)
     q, k, v <- silu(causal depthwise conv over T, kernel W, within each document)
     q, k <- l2norm(q), l2norm(k)
     g = -exp(A_log) · softplus(x · W_a + dt_bias),  beta = sigmoid(x · W_b)      [B, T, H]
@@ -10,11 +10,15 @@
 Sizes come from `cfg.linear_attn`: n_key_heads (G), n_value_heads (H), key_head_dim (K),
 value_head_dim (V), conv_kernel (W); `implementation` ('auto' | 'xla' | 'pallas') if present.
 
-Parameters (lm layout: kernels [*in, *out] with heads split out; logical axes in brackets):
-  q.kernel, k.kernel [D, G, K] (embed, kv_heads, head_dim)   v.kernel, z.kernel [D, H, V] (embed, heads, head_dim)
-  b.kernel, a.kernel [D, H] (embed, heads)                     o.kernel [H, V, D] (heads, head_dim, embed)
-  conv_q, conv_k [W, G, K] (None, kv_heads, head_dim)          conv_v [W, H, V] (None, heads, head_dim)
-  A_log, dt_bias [H] (heads)                                   norm.scale [V] (head_dim; offset 0: starts at 1)
+Parameters (lm layout: kernels [*in, *out] with heads split out), with their logical axes:
+  q.kernel, k.kernel [D, G, K]  (embed, kv_heads, head_dim)
+  v.kernel, z.kernel [D, H, V]  (embed, heads, head_dim)
+  b.kernel, a.kernel [D, H]     (embed, heads)
+  o.kernel [H, V, D]            (heads, head_dim, embed)
+  conv_q, conv_k [W, G, K]      (None, kv_heads, head_dim)
+  conv_v [W, H, V]              (None, heads, head_dim)
+  A_log, dt_bias [H]            (heads)
+  norm.scale [V]                (head_dim; RMSNorm offset 0: the weight starts at 1)
 q, k and v are separate projections (transformers fuses them: in_proj_qkv, in_proj_qkvz) so that
 each kernel has its heads on their own axis, which tensor parallelism splits; the fused HF tensor
 mixes q, k and v along one axis, which no mesh axis could split cleanly. Linear names are
