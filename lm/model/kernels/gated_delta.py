@@ -122,10 +122,10 @@ def recurrent_gated_delta_rule(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, *, chunk
 
 
 def chunk_inputs(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, chunk_size):
-  """The chunked forms' per-chunk inputs, float32, heads first and T padded to chunks of C:
-  q, k [B, H, N, C, K] (repeated to H heads only if `repeat`), v [B, H, N, C, V], and per
-  token: cum [B, H, N, C] (cumulative log-decay within the chunk), beta [B, H, N, C] and doc
-  [B, N, C] (documents started since the chunk began: 0 = the document carried in).
+  """The jnp chunked form's inputs, float32, heads first and T padded to chunks of C:
+  q, k [B, G, N, C, K], v [B, H, N, C, V], and per token: cum [B, H, N, C] (cumulative
+  log-decay within the chunk), beta [B, H, N, C] and doc [B, N, C] (documents started since
+  the chunk began: 0 = the document carried in).
   Padding to whole chunks is transparent (beta = 0, g = 0), as in transformers."""
   q, k, v, g, beta, reset_BT = _prepare(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT)
   B, T = g.shape[:2]
@@ -227,7 +227,8 @@ def _unit_lower_inverse(nt_CC, rows, cols):
 
 
 def _chunk_step(q_CK, k_CK, v_CV, cum_1C, beta_1C, doc_1C, S_KV, scale):
-  """One chunk of the chunked form (as chunk_gated_delta_rule computes it): (out [C, V], S)."""
+  """One chunk of chunk_gated_delta_rule's math, its two solves folded into one:
+  (out [C, V], the state after the chunk [K, V])."""
   C = q_CK.shape[0]
   q_CK = q_CK.astype(jnp.float32) * scale
   k_CK, v_CV = k_CK.astype(jnp.float32), v_CV.astype(jnp.float32)
