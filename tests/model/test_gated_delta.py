@@ -196,6 +196,24 @@ def test_compiles_for_tpu():
   assert 'tpu_custom_call' in compiled.as_text()
 
 
+def test_compiles_for_h100():
+  """Triton and ptxas accept the kernel for an H100 (through the CUDA plugin's compile-only
+  devices). Small shapes: the compile takes about 11 s of CPU; the hardware shapes above lower."""
+  from lm.bench import targets  # pylint: disable=import-outside-toplevel
+  from lm.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    device = targets.parse('h100x1').devices()[0]
+  except UserError as e:  # the CUDA plugin is not installed
+    pytest.skip(str(e))
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  shapes = [(1, 128, 1, 64), (1, 128, 1, 64), (1, 128, 1, 64), (1, 128, 1), (1, 128, 1)]
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16 if len(s) == 4 else jnp.float32,
+                               sharding=sharding) for s in shapes]
+  forward = functools.partial(gd.gated_delta_pallas, lowering='gpu', interpret=False)
+  compiled = jax.jit(forward).trace(*args).lower().compile()
+  assert compiled.memory_analysis() is not None
+
+
 def test_dispatch_on_cpu():
   q, k, v, g, beta, state = inputs(1, 40, 1, 1, 16, 16)
   seg = packed(1, [(1, 30), (2, 10)])
