@@ -66,7 +66,7 @@ def test_chunked_matches_recurrent(T):
 def test_strong_decay_stays_finite():
   """Decays down to exp(-84) per token (cumulative log-decays near -5000 within a chunk): the
   chunked forms mask before exponentiating, so outputs and gradients stay finite and exact."""
-  q, k, v, g, beta, state = inputs(1, 150, 1, 2, 16, 8)
+  q, k, v, g, beta, state = inputs(1, 70, 1, 2, 16, 8)
   g = 30.0 * g
   want = jax.jit(gd.recurrent_gated_delta_rule)(q, k, v, g, beta, initial_state=state)
   for name in ('chunk', 'pallas_tpu'):
@@ -116,7 +116,7 @@ def test_packed_equals_separate(form):
 @pytest.mark.parametrize('form', ['recurrent', 'chunk'])
 def test_leading_padding_continues_the_state(form):
   """Padding before a continuation (a left-padded batch) leaves the carried state in force."""
-  fn = gd.recurrent_gated_delta_rule if form == 'recurrent' else FORMS[form]
+  fn = jax.jit(gd.recurrent_gated_delta_rule if form == 'recurrent' else FORMS[form])
   q, k, v, g, beta, state = inputs(1, 20, 1, 2, 16, 8)
   seg = packed(1, [(0, 5), (1, 15)])
   out, final = fn(q, k, v, g, beta, initial_state=state, segment_ids_BT=seg)
@@ -126,7 +126,8 @@ def test_leading_padding_continues_the_state(form):
 
 @pytest.mark.parametrize('lowering', ['gpu', 'tpu'])
 def test_pallas_matches_jnp(lowering):
-  """Interpret mode, packed rows, grouped heads, a carried-in state; and bf16 inputs."""
+  """Interpret mode, packed rows, grouped heads, a carried-in state; bf16 inputs through the
+  TPU lowering only (the casts are in the chunk step both lowerings share)."""
   seg = packed(1, [(1, 50), (2, 40), (0, 10)])
   q, k, v, g, beta, state = inputs(1, seg.shape[1], 1, 2, 16, 32)
   kw = dict(initial_state=state, segment_ids_BT=seg)
@@ -136,6 +137,8 @@ def test_pallas_matches_jnp(lowering):
   errs = max_err(out, want_out), max_err(final, want_final)
   print(f'pallas {lowering} vs jnp: output {errs[0]:.1e}, state {errs[1]:.1e}')
   assert max(errs) < TOL, errs
+  if lowering == 'gpu':
+    return
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   (out, final), (want_out, want_final) = run(*bf16, g, beta)
   assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32
@@ -231,8 +234,9 @@ def test_dispatch_on_cpu():
   q, k, v, g, beta, state = inputs(1, 40, 1, 1, 16, 16)
   seg = packed(1, [(1, 30), (2, 10)])
   assert gd.choose_implementation(k, v) == 'xla'  # CPU: interpret mode is slow
-  want = gd.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, segment_ids_BT=seg)
-  got = gd.gated_delta(q, k, v, g, beta, initial_state=state, segment_ids_BT=seg)
+  want = jax.jit(gd.chunk_gated_delta_rule)(q, k, v, g, beta, initial_state=state,
+                                            segment_ids_BT=seg)
+  got = jax.jit(gd.gated_delta)(q, k, v, g, beta, initial_state=state, segment_ids_BT=seg)
   np.testing.assert_array_equal(got[0], want[0])
   got = jax.jit(functools.partial(gd.gated_delta, implementation='pallas'))(
       q, k, v, g, beta, initial_state=state, segment_ids_BT=seg)
