@@ -92,19 +92,26 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       embed_scale=False,  # multiply embeddings by sqrt(d_model) (Gemma)
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
       sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
-      # Per layer token mixer (lm/model/stack.py): 'full' | 'sliding' (sliding_window) | 'chunked'
-      # (attention_chunk_size: Llama 4) attention, or 'linear' (gated DeltaNet: Qwen3.5, Qwen3-Next); (): all alike
-      layer_types=(),
+      layer_types=(),  # per layer token mixer (lm/model/stack.py): full | sliding (sliding_window) | chunked (attention_chunk_size: Llama 4) attention, or linear (gated DeltaNet: Qwen3.5, Qwen3-Next); (): all alike
       mlp_types=(),  # per layer channel mixer: 'dense' | 'moe'; (): every layer moe when moe.n_experts > 0, else dense
       rope_layers=(),  # per layer 1 (RoPE) or 0 (NoPE: SmolLM3, Llama 4); (): RoPE everywhere
       partial_rotary_factor=1.0,  # share of each head's dims that RoPE rotates (Qwen3.5, Qwen3-Next: 0.25)
       attention_chunk_size=0,  # 'chunked' layers attend within chunks of this many positions
       attn_output_gate=False,  # attention output times sigmoid(gate(x)) per head and dim (Qwen3.5, Qwen3-Next)
+      attn_sinks=False,  # a learned logit per head joining each softmax (gpt-oss); XLA attention only
+      rope_interleaved=False,  # RoPE rotates dims (2i, 2i+1) (Llama 4, GLM) instead of the two halves
+      qk_l2_norm=False,  # q and k RMS-normalised without weights after RoPE, on RoPE layers (Llama 4 use_qk_norm)
+      attn_temperature_floor_scale=0.0,  # NoPE layers scale q by 1 + attn_temperature_scale * log(1 + floor((pos + 1) / this)) (Llama 4); 0: off
+      attn_temperature_scale=0.0,
       norm_placement='pre',  # RMSNorm before each part (pre: Llama), before and after (sandwich: Gemma 2/3), after only (post: OLMo 2/3)
       qk_norm_scope='head',  # q/k norms per head (head: Qwen3, Gemma 3) or over all heads at once (all: OLMo 2/3)
       # Gated DeltaNet ('linear' layers, lm/model/mixers/gated_deltanet.py).
       linear_attn=ml_collections.ConfigDict(dict(
-          n_key_heads=0, n_value_heads=0, key_head_dim=0, value_head_dim=0, conv_kernel=4,
+          n_key_heads=0,  # q/k heads (HF linear_num_key_heads)
+          n_value_heads=0,  # v heads, a multiple of n_key_heads (HF linear_num_value_heads)
+          key_head_dim=0,  # q/k head dim (HF linear_key_head_dim)
+          value_head_dim=0,  # v head dim (HF linear_value_head_dim)
+          conv_kernel=4,  # the short causal depthwise convolution's width (HF linear_conv_kernel_dim)
       )),
       rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
       attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
@@ -394,6 +401,7 @@ SCHEMA = {
     'model.qk_norm_scope': Choice(('head', 'all')),
     'model.partial_rotary_factor': Bounds(0, 1, lo_open=True),
     'model.attention_chunk_size': NOT_NEGATIVE,
+    'model.attn_temperature_floor_scale': NOT_NEGATIVE, 'model.attn_temperature_scale': NOT_NEGATIVE,
     'model.linear_attn.n_key_heads': NOT_NEGATIVE, 'model.linear_attn.n_value_heads': NOT_NEGATIVE,
     'model.linear_attn.key_head_dim': NOT_NEGATIVE, 'model.linear_attn.value_head_dim': NOT_NEGATIVE,
     'model.linear_attn.conv_kernel': AT_LEAST_ONE,

@@ -28,6 +28,7 @@ from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.families.common import (FLAT, IN_DIMS, LAYER_TYPES, MODULES, ROPE_TYPES, hf_rope_scaling,
                                      rope_from_hf, rope_params)
 from lm.io.families import REGISTRY
+from lm.io.families.common import Custom
 from lm.io.safetensors import Reader, Writer
 from lm.model import stack as stack_lib
 
@@ -485,7 +486,7 @@ def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
       raise CheckpointError(f'{source}: tensor {name!r} is missing (needed for lm parameter '
                             f'{lm_name!r}); the directory must hold the whole model its '
                             'config.json describes')
-    if tuple(reader.shape(name)) != tuple(shape):
+    if shape is not None and tuple(reader.shape(name)) != tuple(shape):
       raise CheckpointError(f'{source}: tensor {name!r} has shape {tuple(reader.shape(name))}, but '
                             f'the config implies {tuple(shape)} (lm parameter {lm_name!r})')
   unknown = [n for n in reader.names() if n not in expected and not n.endswith(IGNORED_SUFFIXES)
@@ -501,8 +502,12 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   moe = n_experts(spec.cfg)
   # The file layout is the directory's own (config.json's model_type), whatever the run calls it.
   table = param_map(spec.shapes, read_config(path).get('model_type', 'llama'), spec.cfg)
+  table, custom = _plain(table), _custom(table)
   shapes = {n: s.shape for n, s in spec.shapes.items()}
   expected, plan = {}, {}
+  for entry in custom:
+    expected.update({entry.template.format(i=i): (None, entry.names[0])
+                     for i in stack_lib.layer_rows(spec.cfg, entry.names[0])})
   for name, (template, layout, _) in table.items():
     shape = spec.shapes[name].shape
     stacked = stacked_dims(name, template)
@@ -518,7 +523,38 @@ def load_params(path: str, spec, shardings: dict) -> dict:
     shape, dtype = spec.shapes[name].shape, spec.shapes[name].dtype
     params[name] = place(shape, shardings[name],
                          read_stacked(reader, names, shape, layout, dtype, stacked, rows))
+  for entry in custom:
+    for name, full in zip(entry.names, _read_custom(reader, entry, spec, path)):
+      params[name] = place(full.shape, shardings[name], lambda index, full=full: full[tuple(index)])
   return params
+
+
+def _plain(table: dict) -> dict:
+  return {k: v for k, v in table.items() if not isinstance(v, Custom)}
+
+
+def _custom(table: dict) -> list:
+  return [v for v in table.values() if isinstance(v, Custom)]
+
+
+def _read_custom(reader, entry, spec, source: str) -> list:
+  """The lm arrays (stacked over their layers) that `entry`'s HF tensors hold."""
+  per_name = [[] for _ in entry.names]
+  for i in stack_lib.layer_rows(spec.cfg, entry.names[0]):
+    tensor = entry.template.format(i=i)
+    hf_array = np.asarray(reader.get(tensor))
+    try:
+      parts = entry.to_lm(hf_array)
+    except ValueError:
+      parts = None
+    for j, name in enumerate(entry.names):
+      want = tuple(spec.shapes[name].shape[1:])
+      if parts is None or tuple(parts[j].shape) != want:
+        raise CheckpointError(f'{source}: tensor {tensor!r} has shape {tuple(hf_array.shape)}, '
+                              f'which does not hold lm parameter {name!r} of shape {want} that '
+                              'the config implies')
+      per_name[j].append(np.asarray(parts[j], spec.shapes[name].dtype))
+  return [np.stack(arrays) for arrays in per_name]
 
 
 # ----------------------------------------------------------------------------- export
@@ -573,9 +609,14 @@ def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: 
   config = hf_config(model_cfg, dtype=dtype, family=family, **config_extra)
   os.makedirs(path, exist_ok=True)
   table = param_map(params, family, model_cfg)
+  table, custom = _plain(table), _custom(table)
   shapes = {n: p.shape for n, p in params.items()}
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   tensors = []
+  for k, entry in enumerate(custom):
+    one = entry.to_hf(*(np.zeros(params[n].shape[1:], np.float32) for n in entry.names)).shape
+    tensors += [(entry.template.format(i=layer), one, np_dtype, (('custom', k), row))
+                for row, layer in enumerate(stack_lib.layer_rows(model_cfg, entry.names[0]))]
   for name, (template, layout, part) in table.items():
     if part is not None and part[0] > 0:
       continue  # written with the fused tensor's first part
@@ -595,6 +636,10 @@ def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: 
       tensors.append((template, (total, *one[1:]), np_dtype, (key, None)))
 
   def fetch(names):
+    if names[0] == 'custom':
+      entry = custom[names[1]]
+      arrays = [host(params[n]) for n in entry.names]
+      return np.stack([entry.to_hf(*(a[row] for a in arrays)) for row in range(len(arrays[0]))])
     arrays = []
     for name in names:
       template, layout, _ = table[name]

@@ -35,9 +35,11 @@ MIN_QUERY_BLOCK = 16  # shorter sequences take the whole logits: nothing worth s
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
                   softcap=None, scale=None, q_positions_BT=None, kv_positions_BS=None,
-                  kv_segment_ids_BS=None, chunk=None):
+                  kv_segment_ids_BS=None, chunk=None, sinks=None):
   """The reference: plain einsums and a softmax in float32. Always available.
   scale: the logits' factor, head_dim ** -0.5 unless given (Gemma 2/3 set their own).
+  sinks [H] (gpt-oss): a learned logit per head that joins every row's softmax and attends to
+  nothing, so a query may put weight nowhere.
 
   Causal attention of a sequence to itself (no explicit positions, as in training) skips the
   key blocks that the mask would zero: `_query_blocked_attention`. Same values up to float
@@ -47,15 +49,15 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, w
       and kv_segment_ids_BS is None and T % QUERY_BLOCKS == 0
       and T // QUERY_BLOCKS >= MIN_QUERY_BLOCK):
     return _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, window=window,
-                                    softcap=softcap, scale=scale, chunk=chunk)
+                                    softcap=softcap, scale=scale, chunk=chunk, sinks=sinks)
   return _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=causal, window=window,
                           softcap=softcap, scale=scale, q_positions_BT=q_positions_BT,
                           kv_positions_BS=kv_positions_BS, kv_segment_ids_BS=kv_segment_ids_BS,
-                          chunk=chunk)
+                          chunk=chunk, sinks=sinks)
 
 
 def _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *, window, softcap, scale,
-                             chunk=None):
+                             chunk=None, sinks=None):
   """Causal self-attention as QUERY_BLOCKS dense attentions: the queries [start, end) against
   the keys [first, end) they can see: first = 0, or with a window the block boundary at or before
   start - window + 1, or with chunked attention the one at or before the start of start's chunk.
@@ -73,13 +75,13 @@ def _query_blocked_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, *, window, 
         q_BTHK[:, start:end], k_BSGK[:, first:end], v_BSGK[:, first:end],
         seg(segment_ids_BT, start, end), causal=True, window=window, softcap=softcap, scale=scale,
         q_positions_BT=jnp.arange(start, end)[None], kv_positions_BS=jnp.arange(first, end)[None],
-        kv_segment_ids_BS=seg(segment_ids_BT, first, end), chunk=chunk))
+        kv_segment_ids_BS=seg(segment_ids_BT, first, end), chunk=chunk, sinks=sinks))
   return jnp.concatenate(outs, axis=1)
 
 
 def _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True, window=None,
                      softcap=None, scale=None, q_positions_BT=None, kv_positions_BS=None,
-                     kv_segment_ids_BS=None, chunk=None):
+                     kv_segment_ids_BS=None, chunk=None, sinks=None):
   """The whole [T, S] logits, masked."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
@@ -93,7 +95,13 @@ def _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True
                        kv_segment_ids_BS=kv_segment_ids_BS, chunk=chunk)
   if mask_BTS is not None:
     logits_BGRTS = jnp.where(mask_BTS[:, None, None], logits_BGRTS, jnp.finfo(jnp.float32).min)
-  probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
+  if sinks is not None:  # one more logit per row, dropped after the softmax
+    sink_BGRT1 = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, G, H // G, 1, 1),
+                                  (*logits_BGRTS.shape[:-1], 1))
+    logits_BGRTS = jnp.concatenate([logits_BGRTS, sink_BGRT1], axis=-1)
+    probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1)[..., :-1].astype(v_BSGK.dtype)
+  else:
+    probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
   out_BTGRK = jnp.einsum('bgrts,bsgk->btgrk', probs_BGRTS, v_BSGK)
   return out_BTGRK.reshape(B, T, H, K)
 
@@ -178,8 +186,8 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
   if (not mesh.empty and mesh.shape.get(CONTEXT_AXIS, 1) > 1
       and set(kwargs) <= {'causal', 'window', 'softcap'}):
     return context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh, **kwargs)
-  if 'chunk' in kwargs and implementation != 'xla':
-    implementation = 'xla'  # the fused kernels take no chunked mask (docs/attention.md)
+  if ('chunk' in kwargs or 'sinks' in kwargs) and implementation != 'xla':
+    implementation = 'xla'  # the fused kernels take no chunked mask or sinks (docs/attention.md)
   if implementation == 'auto':
     extra = {k: v for k, v in kwargs.items() if k not in ('causal', 'window', 'softcap', 'scale')}
     implementation = choose_implementation(q_BTHK, k_BSGK, **extra)

@@ -92,15 +92,21 @@ def rope_frequencies(cfg) -> jnp.ndarray:
   return jnp.asarray(rope(cfg)[0])
 
 
-def apply_rope(x_BTHK, positions_BT, inv_freq, factor=1.0):
-  """Rotates halves of the first 2 · len(inv_freq) dims (the Hugging Face layout, so imported
-  weights need no permutation); the others pass through. `factor` scales cos and sin (YaRN's
-  attention factor)."""
+def apply_rope(x_BTHK, positions_BT, inv_freq, factor=1.0, *, interleaved=False):
+  """Rotates the first 2 · len(inv_freq) dims of each head; the others pass through. The pairs
+  rotated together are the two halves (the Hugging Face Llama layout) or, `interleaved`,
+  neighbouring dims (2i, 2i + 1: Llama 4, DeepSeek, GLM), as each family's weights expect, so
+  imported weights need no permutation. `factor` scales cos and sin (YaRN's attention factor)."""
   R = 2 * inv_freq.shape[-1]
   angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
   cos = (jnp.cos(angles_BTk) * factor)[:, :, None]
   sin = (jnp.sin(angles_BTk) * factor)[:, :, None]
   x = x_BTHK.astype(jnp.float32)
-  x1, x2 = jnp.split(x[..., :R], 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], axis=-1)
+  if interleaved:
+    x1, x2 = x[..., 0:R:2], x[..., 1:R:2]
+    rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([rotated.reshape(*x.shape[:-1], R), x[..., R:]], axis=-1)
+  else:
+    x1, x2 = jnp.split(x[..., :R], 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], axis=-1)
   return out.astype(x_BTHK.dtype)

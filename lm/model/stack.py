@@ -124,16 +124,17 @@ def layer_plan(cfg) -> LayerPlan:
 
 def segments(kinds: list) -> list:
   """Cuts the per-layer kinds into segments of a repeated group, greedily taking at each start
-  the group (of up to MAX_GROUP layers) that covers the most layers, the shortest on ties."""
+  the group (of up to MAX_GROUP layers) repeated at least twice that covers the most layers, the
+  shortest on ties; a single layer where nothing repeats."""
   out, i, L = [], 0, len(kinds)
   while i < L:
-    best = (0, 1, 1)  # (layers covered, period, repeats)
+    best = (1, 1, 1)  # (layers covered, period, repeats)
     for period in range(1, min(MAX_GROUP, L - i) + 1):
       group = kinds[i:i + period]
       repeats = 1
       while kinds[i + repeats * period:i + (repeats + 1) * period] == group:
         repeats += 1
-      if repeats * period > best[0]:
+      if repeats > 1 and repeats * period > best[0]:
         best = (repeats * period, period, repeats)
     out.append(Segment(i, best[1], best[2]))
     i += best[0]
@@ -147,7 +148,8 @@ def norm_names(cfg) -> tuple:
 
 
 def per_layer_values(cfg) -> dict:
-  """Values scanned with the layers: {'inv_freq': [L, R/2], 'rope_factor': [L], 'mask': [L]}
+  """Values scanned with the layers: {'inv_freq': [L, R/2], 'rope_factor': [L], 'rope': [L] (1:
+  the layer rotates), 'mask': [L]}
   (the mask indexes lm.model.mixers.attention.mask_kinds; linear layers ignore all three)."""
   from lm.model.mixers.attention import mask_index  # pylint: disable=import-outside-toplevel
   types = layer_types(cfg)
@@ -157,6 +159,7 @@ def per_layer_values(cfg) -> dict:
               for i, t in enumerate(types)]
   return {'inv_freq': np.stack(inv_freq),
           'rope_factor': np.asarray([tables[t][1] for t in types], np.float32),
+          'rope': np.asarray(use_rope, np.float32),
           'mask': np.asarray([mask_index(cfg, t) for t in types], np.int32)}
 
 

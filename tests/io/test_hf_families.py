@@ -52,6 +52,17 @@ FAMILIES = {
                                                        factor=2.0))),
     'olmo3': ('Olmo3Config', dict(sliding_window=4, layer_types=['sliding_attention',
                                                                  'full_attention'])),
+    # Interleaved RoPE, chunked attention (chunk 4) with L2 q/k norms on RoPE layers, NoPE
+    # layers with query temperature (floor_scale 4 so it varies within 16 tokens).
+    'llama4': ('Llama4TextConfig', dict(head_dim=16, intermediate_size_mlp=80, moe_layers=[],
+                                        num_local_experts=1, no_rope_layer_interval=2,
+                                        attention_chunk_size=4, floor_scale=4, attn_scale=0.5)),
+    # Hybrid: gated DeltaNet layers and gated full attention with partial RoPE, 3 : 1 twice
+    # (one scanned group of 4), DeltaNet with 2 key heads and 4 value heads.
+    'qwen3_5': ('Qwen3_5TextConfig', dict(
+        num_hidden_layers=8, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8,
+        rope_parameters=dict(rope_type='default', rope_theta=1e4, partial_rotary_factor=0.5))),
 }
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
 

@@ -116,7 +116,7 @@ def test_cached_decoding_matches_forward():
   mixer = gdn.GatedDeltaNet(cfg, rngs=nnx.Rngs(1))
   x_BTD = jax.random.normal(jax.random.key(2), (2, 43, D))
   want, _ = forward(mixer, x_BTD)
-  cache = gdn.GatedDeltaNet.init_cache(cfg, 2, jnp.float32)
+  cache = gdn.GatedDeltaNet.init_cache(cfg, 2, dtype=jnp.float32)
   assert cache['conv'].shape == (2, 2 * G * K + H * V, W - 1)
   assert cache['state'].shape == (2, H, K, V) and cache['state'].dtype == jnp.float32
   outs = []
@@ -137,7 +137,7 @@ def test_left_padded_row_decodes_as_alone(prompt):
   pad, steps = 5, 2
   x_BTD = jax.random.normal(jax.random.key(6), (1, pad + prompt + steps, D))  # pads not zero
   seg = jnp.asarray([[0] * pad + [1] * prompt])
-  empty = gdn.GatedDeltaNet.init_cache(cfg, 1, jnp.float32)
+  empty = gdn.GatedDeltaNet.init_cache(cfg, 1, dtype=jnp.float32)
   padded, cache_p = forward(mixer, x_BTD[:, :pad + prompt], seg, empty)
   alone, cache_a = forward(mixer, x_BTD[:, pad:pad + prompt], seg[:, pad:], empty)
   np.testing.assert_allclose(padded[:, pad:], alone, atol=1e-5)
@@ -157,7 +157,7 @@ def test_bfloat16_compute():
     weights = weights or params(mixer)
     load(mixer, {k: jnp.asarray(w, dtype) for k, w in weights.items()})
     x_BTD = jax.random.normal(jax.random.key(8), (1, 40, D)).astype(dtype)
-    y, cache = forward(mixer, x_BTD, None, gdn.GatedDeltaNet.init_cache(cfg, 1, dtype))
+    y, cache = forward(mixer, x_BTD, None, gdn.GatedDeltaNet.init_cache(cfg, 1, dtype=dtype))
     assert y.dtype == jnp.dtype(dtype) and cache['state'].dtype == jnp.float32
     got[dtype] = y.astype(jnp.float32)
   err = float(jnp.max(jnp.abs(got['bfloat16'] - got['float32'])))

@@ -38,6 +38,17 @@ IN_DIMS = {'layers.attn.o': 2}  # kernel dims that are inputs (o contracts heads
 
 
 @dataclasses.dataclass(frozen=True)
+class Custom:
+  """One HF tensor per layer holding several lm parameters in a layout no plain table entry
+  expresses (a projection interleaved per head, a convolution's channels): exact numpy functions
+  both ways, applied per layer. In a tensor table its key is the tuple `names`."""
+  template: str  # HF tensor name with {i}
+  names: tuple  # the lm parameters, stacked over the same layers
+  to_lm: Callable  # HF array -> a tuple of one layer's lm arrays, in `names` order
+  to_hf: Callable  # one layer's lm arrays, in `names` order -> the HF array
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   """One Hugging Face architecture: how its config and tensors map to lm's parts."""
   model_type: str

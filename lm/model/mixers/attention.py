@@ -6,9 +6,14 @@ heads at once (OLMo 2/3, `qk_norm_scope='all'`); partial RoPE (`partial_rotary_f
 sigmoid output gate per head and dim computed from the input (Qwen3.5, Qwen3-Next:
 `attn_output_gate`); Gemma's own logit scale and soft-cap.
 
+Also per model: learned attention sinks (gpt-oss: `attn_sinks`), interleaved RoPE pairs
+(`rope_interleaved`), and Llama 4's weightless q/k RMSNorm after RoPE on RoPE layers
+(`qk_l2_norm`) and query temperature on NoPE layers (`attn_temperature_floor_scale`,
+`attn_temperature_scale`: q · (1 + scale · log(1 + floor((position + 1) / floor_scale)))).
+
 Per layer (scanned values in `ctx.layer`, so layers that differ only there share one stack):
 the mask kind ('full', 'sliding' window, 'chunked' local attention) as an index into the model's
-static mask kinds, and the RoPE table (all zeros on NoPE layers).
+static mask kinds, the RoPE table (all zeros on NoPE layers) and whether the layer rotates.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from flax import nnx
 
 from lm.config import head_dim
 from lm.model import attention as attention_lib
-from lm.model.layers import Linear, RMSNorm
+from lm.model.layers import Linear, RMSNorm, param
 from lm.model.rope import apply_rope
 
 
@@ -78,7 +83,15 @@ class Attention(nnx.Module):
           'head_dim', 'head_dim')
       self.q_norm = RMSNorm(q_shape, cfg=cfg, rngs=rngs, axis=q_axes)
       self.k_norm = RMSNorm(k_shape, cfg=cfg, rngs=rngs, axis=k_axes)
+    if cfg.attn_sinks:
+      self.sinks = param(rngs, nnx.initializers.normal(stddev=0.02), (H,), ('heads',),
+                         jnp.dtype(cfg.param_dtype))
+    self.has_sinks = cfg.attn_sinks
     self.qk_norm = cfg.qk_norm
+    self.qk_l2_norm = cfg.qk_l2_norm
+    self.norm_eps = cfg.norm_eps
+    self.temperature = (cfg.attn_temperature_floor_scale, cfg.attn_temperature_scale)
+    self.interleaved = cfg.rope_interleaved
     self.output_gate = cfg.attn_output_gate
     self.implementation = cfg.attention
     self.masks = mask_kinds(cfg)
@@ -100,14 +113,18 @@ class Attention(nnx.Module):
     q_BTHK, k_BTGK = self.q(x_BTD), self.k(x_BTD)
     if self.qk_norm:
       q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
-    q_BTHK = apply_rope(q_BTHK, positions_BT, layer['inv_freq'], layer['rope_factor'])
-    k_BTGK = apply_rope(k_BTGK, positions_BT, layer['inv_freq'], layer['rope_factor'])
+    rotate = functools.partial(apply_rope, positions_BT=positions_BT, inv_freq=layer['inv_freq'],
+                               factor=layer['rope_factor'], interleaved=self.interleaved)
+    q_BTHK, k_BTGK = rotate(q_BTHK), rotate(k_BTGK)
+    q_BTHK, k_BTGK = self._llama4_options(q_BTHK, k_BTGK, positions_BT, layer['rope'])
     v_BTGK = self.v(x_BTD)
+    sinks = {'sinks': self.sinks[...]} if self.has_sinks else {}
     if cache is None:
       def core(mask):
         return attention_lib.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT,
                                        implementation=self.implementation, causal=True,
-                                       scale=self.scale, softcap=self.softcap, **_mask_args(mask))
+                                       scale=self.scale, softcap=self.softcap, **sinks,
+                                       **_mask_args(mask))
       return self._out(self._per_mask(core, layer), x_BTD), None
     # Decoding: write this step's keys/values at slot `index`, attend over the whole cache. The
     # cache's positions and segment ids (0 = empty or padding) already include this step's.
@@ -118,8 +135,23 @@ class Attention(nnx.Module):
       return attention_lib.xla_attention(
           q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, causal=True, scale=self.scale,
           softcap=self.softcap, q_positions_BT=positions_BT, kv_positions_BS=ctx.cache_positions,
-          kv_segment_ids_BS=ctx.cache_segment_ids, **_mask_args(mask))
+          kv_segment_ids_BS=ctx.cache_segment_ids, **sinks, **_mask_args(mask))
     return self._out(self._per_mask(cached, layer), x_BTD), {'k': k_BSGK, 'v': v_BSGK}
+
+  def _llama4_options(self, q_BTHK, k_BTGK, positions_BT, rotates):
+    """Llama 4: weightless RMSNorm of q and k on RoPE layers; query temperature on NoPE ones."""
+    if self.qk_l2_norm:
+      def rms(x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.norm_eps)
+        return jnp.where(rotates > 0, normed, x32).astype(x.dtype)
+      q_BTHK, k_BTGK = rms(q_BTHK), rms(k_BTGK)
+    floor_scale, scale = self.temperature
+    if floor_scale:
+      t_BT = jnp.log1p(jnp.floor((positions_BT.astype(jnp.float32) + 1.0) / floor_scale)) * scale + 1.0
+      t_BT = jnp.where(rotates > 0, 1.0, t_BT)
+      q_BTHK = (q_BTHK.astype(jnp.float32) * t_BT[:, :, None, None]).astype(q_BTHK.dtype)
+    return q_BTHK, k_BTGK
 
   def _out(self, attended_BTHK, x_BTD):
     if self.output_gate:

@@ -125,11 +125,19 @@ class GatedDeltaNet(nnx.Module):
     self.implementation = cfg.linear_attn.get('implementation', 'auto')
     self.compute_dtype = jnp.dtype(cfg.compute_dtype)
 
+  stack_name = 'linear_attn'
+
   @staticmethod
-  def init_cache(cfg, batch_size, dtype) -> dict:
+  def init_cache(cfg, batch_size, max_len=None, dtype=jnp.float32) -> dict:
+    """The decoding state, whatever the sequence length (`max_len` is the attention caches')."""
+    del max_len
     _, G, H, K, V, W = sizes(cfg)
     return {'conv': jnp.zeros((batch_size, 2 * G * K + H * V, W - 1), dtype),
             'state': jnp.zeros((batch_size, H, K, V), jnp.float32)}
+
+  @staticmethod
+  def cache_axes() -> dict:
+    return {'conv': ('batch', None, None), 'state': ('batch', 'heads', 'head_dim', None)}
 
   def __call__(self, x_BTD, ctx, cache=None):
     seg_BT = ctx.segment_ids_BT
