@@ -547,12 +547,12 @@ def _read_custom(reader, entry, spec, source: str) -> list:
       parts = entry.to_lm(hf_array)
     except ValueError:
       parts = None
+    wants = [tuple(spec.shapes[name].shape[1:]) for name in entry.names]
+    if parts is None or [tuple(p.shape) for p in parts] != wants:
+      held = ', '.join(f'{n!r} {w}' for n, w in zip(entry.names, wants))
+      raise CheckpointError(f'{source}: tensor {tensor!r} has shape {tuple(hf_array.shape)}, which '
+                            f'does not hold what the config implies: lm parameters {held}')
     for j, name in enumerate(entry.names):
-      want = tuple(spec.shapes[name].shape[1:])
-      if parts is None or tuple(parts[j].shape) != want:
-        raise CheckpointError(f'{source}: tensor {tensor!r} has shape {tuple(hf_array.shape)}, '
-                              f'which does not hold lm parameter {name!r} of shape {want} that '
-                              'the config implies')
       per_name[j].append(np.asarray(parts[j], spec.shapes[name].dtype))
   return [np.stack(arrays) for arrays in per_name]
 

@@ -195,6 +195,21 @@ def test_unsupported_variants_are_one_line_errors(tmp_path):
     lm_import(tmp_path)
 
 
+def test_hybrid_checkpoint_whose_tensors_do_not_fit_is_one_line(tmp_path):
+  """A Qwen3.5 directory whose config.json says more DeltaNet value heads than its tensors hold:
+  the error names the fused tensor, its shape and the parameter it cannot hold."""
+  make_hf_model('qwen3_5', tmp_path)
+  config = hf.read_config(tmp_path)
+  config['linear_num_value_heads'] = 8
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.linear_attn.conv1d.weight' has "
+                                            r"shape \(64, 1, 4\), which does not hold what the "
+                                            r"config implies: lm parameters "
+                                            r"'layers.linear_attn.conv_q' \(4, 2, 8\), .*"
+                                            r"'layers.linear_attn.conv_v' \(4, 8, 8\)$"):
+    lm_import(tmp_path)
+
+
 def test_llama_attention_bias_imports_q_k_v_and_o_biases(tmp_path):
   """Llama attention_bias puts biases on q, k, v and o; lm reads all four (it used to refuse them, naming only o_proj)."""
   make_hf_model('llama_bias', tmp_path)

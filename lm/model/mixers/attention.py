@@ -19,6 +19,7 @@ static mask kinds, the RoPE table (all zeros on NoPE layers) and whether the lay
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,13 @@ class Attention(nnx.Module):
     self.output_gate = cfg.attn_output_gate
     self.implementation = cfg.attention
     self.masks = mask_kinds(cfg)
+    unfused = [what for what, used in (('attention sinks', cfg.attn_sinks),
+                                       ('chunked attention', ('chunked', cfg.attention_chunk_size)
+                                        in self.masks)) if used]
+    if cfg.attention in ('pallas', 'cudnn') and unfused:
+      # The fused kernels take neither; lm.model.attention.attention runs these layers in XLA.
+      print(f"lm: notice: model.attention='{cfg.attention}' does not support {unfused[0]}; those "
+            'layers run the XLA attention', file=sys.stderr)
     self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
     self.softcap = cfg.attn_logit_softcap or None
 
