@@ -626,6 +626,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _VALIDATED[id(cfg)] = (weakref.ref(cfg), _fingerprint(cfg))
 
 
+def validate_model(cfg: ml_collections.ConfigDict) -> None:
+  """The `model.*` keys against SCHEMA and the RULES that name only model keys: what an imported
+  Hugging Face or GGUF config must satisfy before a model is built from it (lm generate and eval
+  build one without training's data and mesh settings). Raises ConfigError."""
+  expected = dict(_flat_items(base_config()))
+  for key, value in dict(_flat_items(cfg)).items():
+    if key.startswith('model.'):
+      problem = _check_leaf(key, value, expected.get(key, -1), _schema_spec(key))
+      if problem:
+        raise ConfigError(problem)
+  for text, check in RULES:
+    if all(k.startswith('model.') for k in re.findall(r'`([a-z_.]+)`', text)):
+      problem = check(cfg)
+      if problem:
+        raise ConfigError(problem)
+
+
 def _check_keys(cfg) -> dict:
   """Raises ConfigError when `cfg` lacks a key of base_config() (a config file that built its own
   partial ConfigDict); returns base_config()'s {key: default}."""

@@ -94,6 +94,10 @@ CASES = {
     'data-malformed-json': (['--config.data.train_files={d}/broken.json'], 'broken.json:1: malformed JSON'),
     'data-not-utf8': (['--config.data.train_files={d}/latin1.txt'], 'is not valid UTF-8'),
     'data-too-few-documents': (['--config.data.train_files={d}/one_doc.txt'], 'too few to hold out'),
+    'data-chat-roles-out-of-order': (['--config.data.format=chat', '--config.data.train_files={d}/roles.jsonl'],
+                                     'roles.jsonl:2: message 1 is user after user; a conversation is an optional system message'),
+    'data-lone-surrogate': (['--config.data.train_files={d}/surrogate.jsonl'],
+                            'surrogate.jsonl:2: the text holds a lone surrogate U+D800 at character 4'),
     'data-unknown-builtin': (['--config.data.train_files=builtin:nope'], "unknown built-in corpus 'builtin:nope'"),
     # Tokenizer and model vocabulary.
     'tokenizer-missing': (['--config.data.tokenizer=/nonexistent/sp.model'], "'/nonexistent/sp.model' not found"),
@@ -137,6 +141,10 @@ CASES = {
     'hf-truncated-safetensors': (['--config.train.init_from={d}/hf_truncated'], 'model.safetensors is truncated'),
     'hf-config-missing-keys': (['lm', 'generate', '{d}/hf_no_hidden_size', '--prompt', 'x'],
                                "config.json lacks a positive integer 'hidden_size'"),
+    'hf-config-invalid-value': (['lm', 'generate', '{d}/hf_negative_rope', '--prompt', 'x'],
+                                "config.json does not describe a valid model (model.rope_theta=-1.0 must be positive)"),
+    'hf-config-wrong-type': (['--config.train.init_from={d}/hf_eps_text'],
+                             "its config has a value of the wrong type (could not convert string to float: 'x')"),
     'hf-config-broken-json': (['--config.train.init_from={d}/hf_broken_json'], 'config.json is not valid JSON'),
     # Resuming a run as something else (identity.json), and writers.
     'resume-other-data': (['--config.data.train_files={d}/docs_copy.jsonl'], 'was trained with another data (data.train_files'),
@@ -166,6 +174,8 @@ CASES = {
     'generate-temperature-nan': (['lm', 'generate', '{run}', '--prompt', 'x', '--temperature', 'nan'],
                                  'need a finite temperature >= 0'),
     'generate-out-is-a-directory': (['lm', 'generate', '{run}', '--prompt', 'x', '--out', '{d}'], 'is a directory; name a file'),
+    'generate-prompt-not-utf8': (['lm', 'generate', '{run}', '--prompt', 'caf\udce9'],
+                                 "holds a lone surrogate U+DCE9 at character 3, which is not Unicode text"),
     'generate-prompts-file-missing': (['lm', 'generate', '{run}', '--prompts-file', '{d}/nope.txt'], 'prompts file'),
     'generate-prompts-file-malformed': (['lm', 'generate', '{run}', '--prompts-file', '{d}/malformed.jsonl'],
                                         'malformed.jsonl:1: expected an object with a string "prompt" field'),
@@ -246,6 +256,7 @@ COMPLETE_RUN = {
     'generate-top-k-above-vocab': None, 'generate-out-is-a-directory': None,
     'generate-prompts-file-missing': None, 'generate-prompts-file-malformed': None,
     'export-int8': None, 'export-out-is-a-file': None, 'eval-out-is-a-file': None,
+    'generate-prompt-not-utf8': None,
     'export-out-is-the-run': None, 'export-out-inside-the-run': None, 'export-out-other-files': None,
     'export-gguf-inside-the-run': None, 'eval-out-is-the-run': None, 'generate-out-inside-the-run': None,
     'task-template-runs-code': None, 'task-rows-select-none': None, 'task-shots-exceed-fewshot': None,
@@ -271,6 +282,10 @@ FILES = {
                                     for i in range(8)),
     'same_pair.jsonl': (b'{"prompt": "q", "chosen": "yes", "rejected": "no"}\n'
                         b'{"prompt": "q", "chosen": "same", "rejected": "same "}\n'),
+    'roles.jsonl': (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                    b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
+                    b'{"role": "assistant", "content": "c"}]}\n'),
+    'surrogate.jsonl': b'{"text": "fine"}\n{"text": "bad \\ud800 text"}\n',
     'task.jsonl': b'{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n',
     'task_evil.yaml': (b'kind: perplexity\ndata: task.jsonl\ntarget: a\n'
                        b'prompt: "{{ cycler.__init__.__globals__.os.popen(\'id\').read() }}"\n'),
@@ -303,7 +318,8 @@ def _hf_directories(d) -> None:
   cfg = lm_runs.tiny_config()
   whole = str(d / 'hf')
   hf.save(whole, train_lib.Trainer(cfg, devices=jax.devices()[:1]).init_state().params, cfg.model)
-  for name in ('hf_truncated', 'hf_no_hidden_size', 'hf_broken_json'):
+  for name in ('hf_truncated', 'hf_no_hidden_size', 'hf_broken_json', 'hf_negative_rope',
+               'hf_eps_text'):
     shutil.copytree(whole, d / name)
   file = os.path.join(whole, 'model.safetensors')
   tensors = load_file(file)
@@ -315,6 +331,9 @@ def _hf_directories(d) -> None:
   del config['hidden_size']
   (d / 'hf_no_hidden_size' / 'config.json').write_text(json.dumps(config))
   (d / 'hf_broken_json' / 'config.json').write_text('{"model_type": "llama",')
+  for name, change in (('hf_negative_rope', {'rope_theta': -1.0}), ('hf_eps_text', {'rms_norm_eps': 'x'})):
+    config = json.loads((d / name / 'config.json').read_text())
+    (d / name / 'config.json').write_text(json.dumps({**config, **change}))
 
 
 def _hf_datasets(d) -> None:

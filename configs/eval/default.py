@@ -21,6 +21,7 @@ def get_config(arg=None):
       batch_size=16,
       seed=0,
       heldout_from='',
+      stride=0,  # perplexity: tokens scored per window; 0 = window - 1 (no overlap)
   ))
   if arg == 'quick':
     c.update(limit=8, max_new_tokens=32)

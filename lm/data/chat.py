@@ -328,6 +328,41 @@ def _text(value, where, what):
   return value
 
 
+_SURROGATE = re.compile('[\ud800-\udfff]')
+
+
+def check_unicode(value, where: str) -> None:
+  """DataError for a string (in nested lists and dicts too) holding a lone surrogate: JSON's
+  "\\ud800" escape decodes to one, it is not text, and tokenizers fail on it deep inside."""
+  if isinstance(value, str):
+    found = _SURROGATE.search(value)
+    if found:
+      raise DataError(f'{where}: the text holds a lone surrogate U+{ord(found.group()):04X} at '
+                      f'character {found.start()}, which is not Unicode text (an unpaired \\u '
+                      'escape in the JSON)')
+  elif isinstance(value, dict):
+    for v in value.values():
+      check_unicode(v, where)
+  elif isinstance(value, (list, tuple)):
+    for v in value:
+      check_unicode(v, where)
+
+
+def check_order(messages: list[dict], where: str) -> None:
+  """A conversation is an optional system message, then user and assistant turns alternating
+  from a user turn: the shape every chat template renders (Gemma's and Mistral's refuse any
+  other, and a system message in the middle has no place in most)."""
+  turns = messages[1:] if messages and messages[0]['role'] == 'system' else messages
+  for i, m in enumerate(turns):
+    want = 'user' if i % 2 == 0 else 'assistant'
+    if m['role'] != want:
+      k = i + len(messages) - len(turns)
+      after = f'after {turns[i - 1]["role"]}' if i else 'first'
+      raise DataError(f'{where}: message {k} is {m["role"]} {after}; a conversation is an '
+                      'optional system message, then user and assistant turns alternating from '
+                      'user')
+
+
 def normalize(raw, where: str = 'record') -> list[dict]:
   """[{role|from, content|value}, ...] -> [{'role', 'content'}], roles made canonical."""
   if not isinstance(raw, list) or not raw:
@@ -380,6 +415,7 @@ def messages_from_chat(record, fields: dict, where: str = 'record') -> list[dict
   system = record.get(fields.get('system', 'system'))
   if isinstance(system, str) and system and messages[0]['role'] != 'system':
     messages.insert(0, {'role': 'system', 'content': system})
+  check_order(messages, where)
   if not any(m['role'] == 'assistant' and m['content'].strip() for m in messages):
     raise EmptyContent(f'{where}: the conversation has no assistant reply to train on')
   return messages

@@ -82,6 +82,7 @@ class Encoder:
     """The record's content: text, messages, or (prompt, chosen, rejected). Raises DataError."""
     if not isinstance(record, dict):
       raise DataError(f'{where}: expected a record (object), got {type(record).__name__}')
+    chat.check_unicode(record, where)
     if self.format == 'text':
       column = self.fields.get('text', self.text_field)
       value = record.get(column)

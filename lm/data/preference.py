@@ -81,6 +81,7 @@ def from_record(record, fields: dict, where: str = 'record'):
     prompt.insert(0, {'role': 'system', 'content': system})
   if prompt[-1]['role'] == 'assistant':
     raise DataError(f'{where}: the prompt ends with an assistant message; the reply must come next')
+  chat.check_order(prompt + [{'role': 'assistant', 'content': chosen}], where)
   if not chosen.strip() or not rejected.strip():
     raise chat.EmptyContent(f'{where}: empty chosen or rejected reply')
   if chosen.strip() == rejected.strip():  # a pair with no preference: its loss is log 2, always
@@ -134,6 +135,7 @@ def _labelled(record, fields: dict, where: str):
   prompt = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else chat.normalize(prompt, where)
   if prompt[-1]['role'] == 'assistant':
     raise DataError(f'{where}: the prompt ends with an assistant message; the completion must come next')
+  chat.check_order(prompt + [{'role': 'assistant', 'content': completion}], where)
   if not completion.strip():
     raise chat.EmptyContent(f'{where}: empty completion')
   return prompt, completion, bool(label)

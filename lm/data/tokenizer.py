@@ -98,6 +98,7 @@ class Tokenizer:
 
   def encode(self, text: str, *, bos: bool = False, eos: bool = False,
              specials: bool = False) -> list[int]:
+    _unicode(text)
     if specials and self._control_re is not None:
       ids = []
       for part in self._control_re.split(text):
@@ -187,6 +188,7 @@ class HFTokenizer:
 
   def encode(self, text: str, *, bos: bool = False, eos: bool = False,
              specials: bool = False) -> list[int]:
+    _unicode(text)
     tok = self.tok if specials else self.plain
     ids = tok.encode(text, add_special_tokens=False).ids
     return _wrap(ids, self.bos_id if bos else None, self.eos_id if eos else None)
@@ -199,6 +201,20 @@ class HFTokenizer:
 
 
 _EOS_GUESSES = ('<|endoftext|>', '<|end_of_text|>', '</s>', '<eos>')
+
+
+_SURROGATE = re.compile('[\ud800-\udfff]')
+
+
+def _unicode(text: str) -> str:
+  """`text`, or DataError where it holds a lone surrogate: not text (bytes that were not UTF-8 on
+  the command line decode to them, as does JSON's unpaired "\\ud800"); tokenizers fail on it."""
+  found = _SURROGATE.search(text) if isinstance(text, str) else None
+  if found:
+    raise DataError(f'text {text[max(0, found.start() - 20):found.start() + 20]!r} holds a lone '
+                    f'surrogate U+{ord(found.group()):04X} at character {found.start()}, which is not '
+                    'Unicode text (bytes that are not UTF-8, or an unpaired \\u escape); give UTF-8 text')
+  return text
 
 
 def _wrap(ids, bos, eos):
@@ -317,6 +333,7 @@ class TiktokenTokenizer:
 
   def encode(self, text: str, *, bos: bool = False, eos: bool = False,
              specials: bool = False) -> list[int]:
+    _unicode(text)
     ids = self.enc.encode(text, allowed_special='all' if specials else set(), disallowed_special=())
     return _wrap(ids, self.bos_id if bos else None, self.eos_id if eos else None)
 

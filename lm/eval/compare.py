@@ -31,7 +31,7 @@ from lm.eval import tasks as tasks_lib
 from lm.train.metrics import plot_loss_curves, read_metrics
 from lm.train.state import ModelSpec
 
-OUTPUTS = ('compare.json', 'compare.md', 'scores.png', 'loss_curves.png')  # what compare writes
+OUTPUTS = ('compare.json', 'compare.md', 'scores.png', 'loss_curves.png', 'items')  # what it writes
 
 
 def training_compute(run_dir: str) -> dict:
@@ -134,6 +134,8 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
   elif pretrained_base:
     compute[base_name] = {}
   compute = {base_name: compute[base_name], **compute}  # the base's row first
+  scores, items = evaluate.split_items(scores)
+  forgetting, general_items = evaluate.split_items(forgetting)
   report = {'scores': scores, 'forgetting': forgetting, 'compute': compute, 'base': base_name,
             'shots': shots, 'settings': dataclasses.asdict(settings)}
   with output.directory(out_dir, '--out', sources, kind='comparison', any_source=True,
@@ -142,6 +144,7 @@ def compare(base: str, finetuned: list[str], out_dir: str, *, task_names: list,
       json.dump(report, f, indent=2)
     with open(os.path.join(partial, 'compare.md'), 'w', encoding='utf-8') as f:
       f.write(markdown(report))
+    evaluate.write_items(partial, {**items, **general_items})
     plot_scores(report, os.path.join(partial, 'scores.png'))
     plot_loss_curves({name: read_metrics(d) for name, d in trained.items()},
                      os.path.join(partial, 'loss_curves.png'),

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -140,7 +141,7 @@ def markdown_table(results: dict, columns: list[tuple[str, str]] | None = None) 
   return '\n'.join(lines) + '\n'
 
 
-OUTPUTS = ('results.json', 'results.md')  # what `lm eval` writes (before the output marker)
+OUTPUTS = ('results.json', 'results.md', 'items')  # what `lm eval` writes (before the output marker)
 
 
 def check_output(out_dir: str, run_specs) -> None:
@@ -150,14 +151,43 @@ def check_output(out_dir: str, run_specs) -> None:
                folder=True, any_source=True, legacy=OUTPUTS)
 
 
+def split_items(results: dict) -> tuple[dict, dict]:
+  """({model: {task: metrics}} without the per-item lists, {(model, task): items})."""
+  items, lean = {}, {}
+  for model, per_task in results.items():
+    lean[model] = {}
+    for task, metrics in per_task.items():
+      lean[model][task] = {k: v for k, v in metrics.items() if k != 'items'}
+      if 'items' in metrics:
+        items[model, task] = metrics['items']
+  return lean, items
+
+
+def _file_name(name: str) -> str:
+  return re.sub(r'[^\w.-]', '_', name) or '_'
+
+
 def write_results(out_dir: str, results: dict, meta: dict, table: str, run_specs=()) -> None:
-  """results.json and results.md, written whole into place (an earlier evaluation's are replaced)."""
+  """results.json and results.md, and every item's own figures (items/MODEL/TASK.jsonl: the
+  output and its answer, each choice's log-probability, each document's or pair's log-prob),
+  written whole into place (an earlier evaluation's are replaced)."""
+  results, items = split_items(results)
   with output.directory(out_dir, '--out', [parse_run(s)[1] for s in run_specs],
                         kind='evaluation', any_source=True, legacy=OUTPUTS) as partial:
     with open(os.path.join(partial, 'results.json'), 'w', encoding='utf-8') as f:
       json.dump({'meta': meta, 'results': results}, f, indent=2)
     with open(os.path.join(partial, 'results.md'), 'w', encoding='utf-8') as f:
       f.write(table)
+    write_items(partial, items)
+
+
+def write_items(out_dir: str, items: dict) -> None:
+  """{(model, task): [item, ...]} as out_dir/items/MODEL/TASK.jsonl."""
+  for (model, task), rows in items.items():
+    folder = os.path.join(out_dir, 'items', _file_name(model))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f'{_file_name(task)}.jsonl'), 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(row) + '\n' for row in rows)
 
 
 def evaluate_runs(run_specs: list[str], tasks: list, settings: tasks_lib.Settings,
@@ -198,7 +228,7 @@ def training_evaluator(cfg, spec: ModelSpec, tokenizer, mesh):
     for task in tasks:
       metrics = tasks_lib.run(task, model, settings)
       out.update({f'{task.name}/{k}': v for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and k != 'n'})
+                  if isinstance(v, (int, float)) and k not in ('n', 'stride')})
     return out
 
   return evaluate

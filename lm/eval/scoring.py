@@ -85,21 +85,40 @@ class Scorer:
         out[i] = (float(logp[r]), int(count[r]), bool(greedy[r]))
     return out
 
-  def perplexity(self, docs: list[list[int]], *, batch_size: int = 16, progress: str = '') -> dict:
-    """Token-level perplexity of documents (ids including BOS), in windows of model.max_seq_len
-    or data.seq_len, whichever is shorter; every token after a window's first is predicted."""
-    window = min(self.cfg.model.max_seq_len, self.cfg.data.seq_len) + 1
-    requests = []
-    for ids in docs:
-      for start in range(0, max(len(ids) - 1, 1), window - 1):
-        chunk = ids[start:start + window]
-        if len(chunk) > 1:
-          requests.append((chunk[:1], chunk[1:]))
+  def window(self) -> int:
+    """Tokens one perplexity window holds: model.max_seq_len or data.seq_len, the shorter, + 1."""
+    return min(self.cfg.model.max_seq_len, self.cfg.data.seq_len) + 1
+
+  def perplexity(self, docs: list[list[int]], *, stride: int = 0, batch_size: int = 16,
+                 progress: str = '') -> dict:
+    """Token-level perplexity of documents (ids, BOS included where the tokenizer adds one), every
+    token after a document's first predicted exactly once. Windows hold `window()` tokens and
+    advance by `stride` scored tokens (0: window() - 1, windows that do not overlap, so each
+    window's first token is its only context); a smaller stride gives each scored token up to
+    window() - stride tokens of earlier context, as Hugging Face's perplexity guide does, at
+    window() / stride times the compute. `per_doc` holds each document's (sum log p, tokens)."""
+    W = self.window()
+    stride = stride or W - 1
+    if not 1 <= stride <= W - 1:
+      raise ValueError(f'stride={stride} must be in 1..{W - 1} (the window holds {W} tokens)')
+    requests, owner = [], []
+    for d, ids in enumerate(docs):
+      start = 1
+      while start < len(ids):
+        end = min(start + stride, len(ids))
+        requests.append((ids[max(0, end - W):start], ids[start:end]))
+        owner.append(d)
+        start = end
     scores = self.score(requests, batch_size=batch_size, progress=progress)
+    per_doc = [[0.0, 0] for _ in docs]
+    for d, (logp, n, _) in zip(owner, scores):
+      per_doc[d][0] += logp
+      per_doc[d][1] += n
     logp = sum(s[0] for s in scores)
     tokens = sum(s[1] for s in scores)
     nll = -logp / max(tokens, 1)
-    return {'perplexity': perplexity(nll), 'nll': nll, 'tokens': tokens}
+    return {'perplexity': perplexity(nll), 'nll': nll, 'tokens': tokens,
+            'per_doc': [tuple(p) for p in per_doc]}
 
   def perplexity_of_rows(self, rows: dict, *, batch_size: int = 16) -> dict:
     """Perplexity of packed rows (lm/data/packing.py: tokens, targets, weights, positions,
@@ -125,11 +144,16 @@ class Scorer:
     scores = self.score(requests, batch_size=batch_size, progress=progress)
     right = right_norm = 0
     k = 0
+    per_item = []
     for _, options, answer in items:
       s = scores[k:k + len(options)]
       k += len(options)
-      right += int(np.argmax([x[0] for x in s]) == answer)
-      right_norm += int(np.argmax([x[0] / x[1] for x in s]) == answer)
+      pick, pick_norm = int(np.argmax([x[0] for x in s])), int(np.argmax([x[0] / x[1] for x in s]))
+      right += int(pick == answer)
+      right_norm += int(pick_norm == answer)
+      per_item.append({'logp': [x[0] for x in s], 'tokens': [x[1] for x in s], 'label': answer,
+                       'pick': pick, 'pick_norm': pick_norm, 'correct': pick == answer})
     n = max(len(items), 1)
     return {'accuracy': 100.0 * right / n, 'accuracy_norm': 100.0 * right_norm / n,
-            'chance': 100.0 * float(np.mean([1 / len(o) for _, o, _ in items])) if items else 0.0}
+            'chance': 100.0 * float(np.mean([1 / len(o) for _, o, _ in items])) if items else 0.0,
+            'per_item': per_item}

@@ -54,6 +54,7 @@ class Task:
   max_new_tokens: int = 0  # 0: the run's setting
   limit: int = 0  # the task's own cap on examples (0: none)
   limit_by: str = 'records'  # perplexity: 'windows' counts model windows spread over all texts
+  stride: int = 0  # perplexity: tokens scored per window (0: the run's --config.stride)
   seed: int | None = None  # None: the run's seed
   beta: float = 0.0  # preference: 0 takes the run's dpo.beta
   headline: str = ''  # the figure tables rank by; default per kind
@@ -76,7 +77,7 @@ _REQUIRED = {'perplexity': (), 'generate': ('prompt', 'target'),
 _COMMON = {'kind', 'data', 'rows', 'text_split', 'name', 'limit', 'seed', 'headline'}
 _SHOTS = {'fewshot', 'fewshot_rows', 'shots', 'target_delimiter', 'fewshot_delimiter'}
 # The keys each kind reads: a key its kind ignores is a mistake to report, not to drop silently.
-_KEYS = {'perplexity': _COMMON | _SHOTS | {'text', 'prompt', 'target', 'limit_by'},
+_KEYS = {'perplexity': _COMMON | _SHOTS | {'text', 'prompt', 'target', 'limit_by', 'stride'},
          'generate': _COMMON | _SHOTS | {'prompt', 'target', 'stop', 'answer_pattern', 'metrics',
                                         'max_new_tokens'},
          'choice': _COMMON | _SHOTS | {'prompt', 'choices', 'label', 'label_file'},
@@ -158,7 +159,7 @@ def check(raw: dict, path: str) -> Task:
   if fewshot.startswith('python:') and not _is_builtin(path):
     raise bad(f'fewshot {fewshot!r} would run Python code; write the exemplars to a .jsonl file')
 
-  for key in ('limit', 'shots', 'max_new_tokens'):
+  for key in ('limit', 'shots', 'max_new_tokens', 'stride'):
     if key in raw:
       raw[key] = _whole(raw[key], f'{key}', bad, minimum=0)
   if raw.get('seed') is not None:

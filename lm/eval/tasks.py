@@ -61,10 +61,11 @@ class Settings:
   batch_size: int = 16
   seed: int = 0
   heldout_from: str = ''  # `data: heldout` tasks: whose held-out split ('' = the model's own run)
+  stride: int = 0  # perplexity: tokens scored per window (0: the window less one; a task's own wins)
 
   def __post_init__(self):
     for key, least in (('limit', 0), ('shots', 0), ('max_new_tokens', 1), ('top_k', 0),
-                       ('batch_size', 1), ('seed', 0)):
+                       ('batch_size', 1), ('seed', 0), ('stride', 0)):
       value = getattr(self, key)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise UserError(f'{key}={value!r}: give a whole number >= {least}'
@@ -144,9 +145,11 @@ def _perplexity(task: Task, model, settings: Settings, desc: str) -> dict:
     scores = model.scorer.score(requests, batch_size=settings.batch_size, progress=desc)
     logp, tokens = sum(s[0] for s in scores), sum(s[1] for s in scores)
     nll = -logp / max(tokens, 1)
+    items = [{'where': records.where(i), 'logp': s[0], 'tokens': s[1], 'greedy': s[2]}
+             for i, s in enumerate(scores)]
     return {'answer_perplexity': perplexity(nll), 'answer_nll': nll,
             'answer_bits_per_byte': -logp / math.log(2) / max(chars, 1), 'n': len(requests),
-            **part}
+            **part, 'items': items}
   texts = [render_text(task, 'text', r, records.where(i)) for i, r in enumerate(records.items)]
   docs = [model.tokenizer.encode(t, bos=model.tokenizer.add_bos, eos=True) for t in texts]
   n = limit_of(task, settings)
@@ -156,13 +159,20 @@ def _perplexity(task: Task, model, settings: Settings, desc: str) -> dict:
     texts = [model.tokenizer.decode([i for i in d if i not in (model.tokenizer.bos_id,
                                                                model.tokenizer.eos_id)])
              for d in docs]
-  out = model.scorer.perplexity(docs, batch_size=settings.batch_size, progress=desc)
+  stride = task.stride or settings.stride
+  try:
+    out = model.scorer.perplexity(docs, stride=stride, batch_size=settings.batch_size, progress=desc)
+  except ValueError as e:  # a stride longer than the model's window
+    raise UserError(f'task {task.name}: {e}; set `stride` (or --config.stride) within it') from None
+  items = [{'where': records.where(i), 'logp': lp, 'tokens': n}
+           for i, (lp, n) in enumerate(out.pop('per_doc'))]
+  out['stride'] = stride or model.scorer.window() - 1
   total = out['nll'] * out['tokens']
   words = sum(len(t.split()) for t in texts)
   chars = sum(len(t.encode('utf-8')) for t in texts)
   return {**out, 'word_perplexity': perplexity(total / max(words, 1)),
           'bits_per_byte': total / math.log(2) / max(chars, 1), 'words': words, 'bytes': chars,
-          'n': len(docs), **part}
+          'n': len(docs), **part, 'items': items}
 
 
 def _heldout(model, settings: Settings, desc: str) -> dict:
@@ -207,8 +217,12 @@ def _generate(task: Task, model, settings: Settings, desc: str) -> dict:
     out['answered'] = 100.0 * float(np.mean([a != '' for a in answers])) if answers else 0.0
   out['n'] = len(prompts)
   out.update(part)
-  out['examples'] = [{'prompt': p, 'output': o, 'answer': a, 'gold': g}
-                     for p, o, a, g in list(zip(prompts, outs, answers, gold))[:3]]
+  items = [{'where': records.where(i), 'prompt': p, 'output': o, 'answer': a, 'gold': g,
+            'correct': tm.exact_match([a], [g]) == 100.0}
+           for i, (p, o, a, g) in enumerate(zip(prompts, outs, answers, gold))]
+  out['examples'] = [{k: v for k, v in item.items() if k in ('prompt', 'output', 'answer', 'gold')}
+                     for item in items[:3]]
+  out['items'] = items
   return out
 
 
@@ -238,8 +252,9 @@ def _choice(task: Task, model, settings: Settings, desc: str) -> dict:
     ctx = model.tokenizer.encode(context, bos=model.tokenizer.add_bos)
     opts = [_split_encode(model.tokenizer, context, task.target_delimiter + o)[1] for o in options]
     items.append((ctx, opts, right))
-  return {**model.scorer.multiple_choice(items, batch_size=settings.batch_size, progress=desc),
-          'n': len(items), **part}
+  out = model.scorer.multiple_choice(items, batch_size=settings.batch_size, progress=desc)
+  per_item = [{'where': records.where(i), **item} for i, item in enumerate(out.pop('per_item'))]
+  return {**out, 'n': len(items), **part, 'items': per_item}
 
 
 def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
@@ -249,7 +264,7 @@ def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
   encoder = formats.Encoder('preference', model.tokenizer, model.cfg.model.max_seq_len,
                             fields=dict(task.fields), chat_template=model.cfg.data.chat_template,
                             truncate='prompt')
-  requests = []
+  requests, used = [], []
   for i, r in enumerate(records.items):
     try:
       encoder.parse(r, records.where(i))
@@ -260,6 +275,7 @@ def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
     encoded, _ = encoder(r)
     if not encoded:
       continue  # a reply longer than the model's context
+    used.append(records.where(i))
     for ids, mask in encoded[0]:
       trained = np.flatnonzero(mask)
       requests.append((ids[:trained[0]].tolist(), ids[trained[0]:trained[-1] + 1].tolist()))
@@ -272,14 +288,18 @@ def _preference(task: Task, model, settings: Settings, desc: str) -> dict:
   out = {'logp_accuracy': 100.0 * float(np.mean(policy[:, 0] > policy[:, 1])),
          'chosen_logp': float(policy[:, 0].mean()), 'rejected_logp': float(policy[:, 1].mean()),
          'n': len(policy), **part}
+  items = [{'where': w, 'chosen_logp': float(c), 'rejected_logp': float(r)}
+           for w, (c, r) in zip(used, policy)]
   if reference is None:  # no reference policy (no train.init_from): no implicit reward
-    return {**out, 'reference': 'none'}
+    return {**out, 'reference': 'none', 'items': items}
   ref = np.array([s[0] for s in reference.score(requests, batch_size=settings.batch_size,
                                                 progress=desc and desc + ' (reference)')]
                  ).reshape(-1, 2)
   reward = beta * (policy - ref)
   margin = reward[:, 0] - reward[:, 1]
-  return {**out, 'reward_accuracy': 100.0 * float(np.mean(margin > 0)),
+  for item, (c, r), m in zip(items, ref, margin):
+    item.update(ref_chosen_logp=float(c), ref_rejected_logp=float(r), reward_margin=float(m))
+  return {**out, 'items': items, 'reward_accuracy': 100.0 * float(np.mean(margin > 0)),
           'reward_margin': float(margin.mean()), 'chosen_reward': float(reward[:, 0].mean()),
           'rejected_reward': float(reward[:, 1].mean()), 'beta': beta,
           'reference': model.cfg.train.get('init_from', '')}

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from lm import sharding as sharding_lib
+from lm import config as config_lib
 from lm.config import with_model_defaults
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import CheckpointError, ConfigError, UserError
@@ -48,6 +49,21 @@ def resolve_config(cfg) -> None:
   if not source:
     return
   source_kind = runs.kind(source)
+  try:
+    _resolve(cfg, source, source_kind)
+    # What a file says is checked as lm's own config is: a negative rope_theta or head counts
+    # that do not divide would otherwise build a model that runs and is wrong.
+    config_lib.validate_model(cfg)
+  except ConfigError as e:
+    where = 'its config.json' if source_kind == 'hf' else 'its metadata' if source_kind == 'gguf' else 'its config'
+    raise ConfigError(f'{source}: {where} does not describe a valid model ({e}); restore the '
+                      'model\'s own config') from None
+  except (ValueError, TypeError) as e:  # a value of the wrong type where a number belongs
+    raise UserError(f'{source}: its config has a value of the wrong type ({e}); restore the '
+                    'model\'s own config') from None
+
+
+def _resolve(cfg, source: str, source_kind: str) -> None:
   if source_kind == 'gguf':
     file = gguf_io.find_file(source)
     for key, value in gguf_io.model_config(file).items():

@@ -408,5 +408,70 @@ def test_eval_output_is_checked_before_models_load_and_replaced_whole(model, tmp
   out = tmp_path / 'eval'
   for _ in range(2):  # an earlier evaluation's folder is replaced whole
     evaluate.evaluate_runs([str(run)], [good], SETTINGS, str(out), log=lambda *_: None)
-  assert sorted(os.listdir(out)) == ['.lm-output.json', 'results.json', 'results.md']
+  assert sorted(os.listdir(out)) == ['.lm-output.json', 'items', 'results.json', 'results.md']
   assert sorted(os.listdir(tmp_path)) == ['eval', 'good.yaml', 'mc.jsonl', 'notes', 'run']
+
+
+# --- perplexity's context stride, and every item's own figures ----------------------------------
+
+def test_perplexity_stride_predicts_every_token_once_with_more_context(model):
+  W = model.scorer.window()
+  short = model.tokenizer.encode('The list type holds items.', bos=True, eos=True)[:W]
+  long = model.tokenizer.encode(' '.join(['def f(x): return x + 1'] * 12), bos=True, eos=True)
+  assert len(long) > 2 * W
+  whole = model.scorer.perplexity([short])
+  for stride in (1, 3, W - 1):
+    out = model.scorer.perplexity([short, long], stride=stride)
+    assert out['tokens'] == len(short) - 1 + len(long) - 1  # each token after the first, once
+    # A document within one window sees its whole past under any stride.
+    assert out['per_doc'][0][0] == pytest.approx(whole['per_doc'][0][0], rel=1e-5)
+  assert model.scorer.perplexity([long]) == model.scorer.perplexity([long], stride=W - 1)
+  with pytest.raises(ValueError, match=f'stride={W} must be in 1..{W - 1}'):
+    model.scorer.perplexity([long], stride=W)
+
+
+def test_a_stride_past_the_window_is_one_line(model, tmp_path):
+  _write(tmp_path / 'held.txt', 'one two three\n\nfour five\n')
+  path = _write(tmp_path / 'p.yaml', 'kind: perplexity\ndata: held.txt\nstride: 1000\n')
+  with pytest.raises(UserError, match=r'task p: stride=1000 must be in 1\.\.16 .*; set `stride`'):
+    tasks.run(path, model, SETTINGS)
+
+
+def test_every_task_kind_saves_its_items(model, tmp_path):
+  """items/MODEL/TASK.jsonl: one line per scored item, whose figures add up to the task's."""
+  _jsonl(tmp_path / 'mc.jsonl', MC)
+  _jsonl(tmp_path / 'gen.jsonl', [{'q': '1+1', 'a': '#### 2'}, {'q': '2+2', 'a': '#### 4'}])
+  _write(tmp_path / 'held.txt', 'one two three\n\nfour five six seven\n')
+  _jsonl(tmp_path / 'hh.jsonl', [{'prompt': 'Say hi.', 'chosen': 'Hi there.', 'rejected': 'No.'}])
+  paths = [_write(tmp_path / 'mc.yaml', 'kind: choice\ndata: mc.jsonl\nprompt: goal\n'
+                  'choices: [sol1, sol2]\nlabel: label\n'),
+           _write(tmp_path / 'gen.yaml', 'kind: generate\ndata: gen.jsonl\nprompt: q\ntarget: a\n'
+                  'answer_pattern: number\nmetrics: [exact_match]\nmax_new_tokens: 2\n'),
+           _write(tmp_path / 'ppl.yaml', 'kind: perplexity\ndata: held.txt\nstride: 4\n'),
+           _write(tmp_path / 'nll.yaml', 'kind: perplexity\ndata: gen.jsonl\nprompt: q\ntarget: a\n'),
+           _write(tmp_path / 'pref.yaml', 'kind: preference\ndata: hh.jsonl\n')]
+  results = {'random': evaluate.run_tasks(model, paths, SETTINGS, log=lambda *_: None)}
+  evaluate.write_results(str(tmp_path / 'out'), results, {}, evaluate.markdown_table(results))
+  saved = json.load(open(tmp_path / 'out' / 'results.json'))['results']['random']
+  assert not any('items' in m for m in saved.values())
+
+  def items(task):
+    with open(tmp_path / 'out' / 'items' / 'random' / f'{task}.jsonl', encoding='utf-8') as f:
+      return [json.loads(line) for line in f]
+
+  mc = items('mc')
+  assert len(mc) == 3 and [i['label'] for i in mc] == [0, 1, 0]
+  assert 100 * sum(i['correct'] for i in mc) / 3 == pytest.approx(saved['mc']['accuracy'])
+  assert all(len(i['logp']) == 2 and i['where'].startswith(str(tmp_path)) for i in mc)
+  gen = items('gen')
+  assert [i['gold'] for i in gen] == ['2', '4']
+  assert 100 * sum(i['correct'] for i in gen) / 2 == saved['gen']['exact_match']
+  ppl = items('ppl')
+  assert sum(i['tokens'] for i in ppl) == saved['ppl']['tokens'] and saved['ppl']['stride'] == 4
+  assert -sum(i['logp'] for i in ppl) / saved['ppl']['tokens'] == pytest.approx(saved['ppl']['nll'])
+  nll = items('nll')
+  assert -sum(i['logp'] for i in nll) / sum(i['tokens'] for i in nll) == pytest.approx(
+      saved['nll']['answer_nll'])
+  pref = items('pref')
+  assert len(pref) == 1 and (pref[0]['chosen_logp'] > pref[0]['rejected_logp']) == (
+      saved['pref']['logp_accuracy'] == 100.0)

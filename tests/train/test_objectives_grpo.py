@@ -229,3 +229,30 @@ def test_a_grpo_run_resumes_with_the_same_samples(tmp_path):
       assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
   assert all(k in a[4] for k in ('reward_std', 'clip_fraction', 'sample_s', 'train_s',
                                  'reward/brevity', 'reward/answer_format'))
+
+
+@needs_shared
+def test_log_probs_are_taken_at_temperature_one_whatever_the_sampling_temperature(tmp_path):
+  """docs/posttraining.md: old_logps, the policy's and the reference's log-probs are all the
+  untempered model's (TRL divides the logits by the sampling temperature; at 1 the two agree)."""
+  from lm.data import tokenizer as tokenizer_lib
+  from lm.train.loop import Trainer
+  c = grpo_config(tmp_path, 2)
+  c.grpo.temperature = 0.5
+  trainer = Trainer(c, devices=jax.devices()[:1])
+  tok = tokenizer_lib.load(LLAMA2)
+  sampler = grpo_loop.Sampler(trainer, tok)
+  state = trainer.init_state()
+  prompts = [tok.encode('1 + 1?', bos=True)] * c.data.batch_size
+  cut, completions, ends, _ = sampler(state.params, prompts, jax.random.key(0))
+  rows = grpo_loop.completion_rows(cut, completions, ends, tok.pad_id, c.data.seq_len)
+  batch = trainer.global_batch(rows)
+  old = np.asarray(sampler.log_probs(state.params, batch))
+  logits = np.asarray(jax.jit(lambda p, b: trainer.spec.bind(p)(b['tokens'], b['positions'],
+                                                                 b['segment_ids']))(state.params, batch))
+  at = lambda t: np.take_along_axis(np.asarray(jax.nn.log_softmax(logits / t, -1)),
+                                    rows['targets'][..., None], -1)[..., 0]
+  w = rows['weights'] > 0
+  assert w.any()
+  np.testing.assert_allclose(old[w], at(1.0)[w], atol=2e-4)
+  assert np.abs(old[w] - at(0.5)[w]).max() > 1e-2
