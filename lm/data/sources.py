@@ -27,10 +27,13 @@ import ast
 import collections
 import functools
 import glob
+import hashlib
 import json
 import os
 import re
+import sys
 import sysconfig
+import tempfile
 
 import numpy as np
 
@@ -462,13 +465,39 @@ def _definitions(tree: ast.Module):
         queue.append(value)
 
 
+# Parsing the stdlib takes seconds of CPU on every start; its docstrings only change with Python.
+PYTHON_DOCS_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
+                                 'lm', 'python_docs')
+
+
 @functools.cache
 def python_docs() -> tuple[str, ...]:
   """CPython's own documentation: the pydoc topics and stdlib docstrings of 200+ characters.
-  Cached: the tokenizer and the corpus both read it, and parsing the stdlib takes seconds."""
+  Cached in this process (the tokenizer and the corpus both read it) and on disk, per Python
+  build and stdlib folder (a changed folder, or a damaged file, is parsed again)."""
+  root = sysconfig.get_paths()['stdlib']
+  key = hashlib.sha256(f'1|{sys.version}|{root}|{os.stat(root).st_mtime_ns}'.encode()).hexdigest()
+  path = os.path.join(PYTHON_DOCS_CACHE, key[:16] + '.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return tuple(json.load(f))
+  except (OSError, ValueError):
+    pass
+  docs = _parse_python_docs(root)
+  try:  # a cache that cannot be written only costs the parse next time
+    os.makedirs(PYTHON_DOCS_CACHE, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=PYTHON_DOCS_CACHE, prefix='.python_docs-')
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      json.dump(docs, f)
+    os.replace(tmp, path)
+  except OSError:
+    pass
+  return tuple(docs)
+
+
+def _parse_python_docs(root: str) -> list[str]:
   import pydoc_data.topics  # pylint: disable=import-outside-toplevel
   docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
-  root = sysconfig.get_paths()['stdlib']
   skip = {'site-packages', 'test', 'tests', 'idlelib'}
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in skip)
@@ -484,7 +513,7 @@ def python_docs() -> tuple[str, ...]:
         doc = ast.get_docstring(node)
         if doc and len(doc) >= 200:
           docs.append(doc)
-  return tuple(docs)
+  return docs
 
 
 BUILTINS = {'python-docs': python_docs}

@@ -141,6 +141,22 @@ def test_builtin_and_unknown_builtin():
     sources.load('builtin:nope')
 
 
+def test_python_docs_are_parsed_once_per_python_and_kept_on_disk(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, 'PYTHON_DOCS_CACHE', str(tmp_path))
+  sources.python_docs.cache_clear()
+  parsed = sources.python_docs()
+  (cached,) = tmp_path.glob('*.json')
+  sources.python_docs.cache_clear()
+  monkeypatch.setattr(sources, '_parse_python_docs', lambda root: pytest.fail('parsed again'))
+  assert sources.python_docs() == parsed and len(parsed) > 2000  # read back, not parsed
+  cached.write_text('{"torn')  # a damaged file is parsed again and rewritten
+  monkeypatch.undo()
+  monkeypatch.setattr(sources, 'PYTHON_DOCS_CACHE', str(tmp_path))
+  sources.python_docs.cache_clear()
+  assert sources.python_docs() == parsed and json.loads(cached.read_text()) == list(parsed)
+  sources.python_docs.cache_clear()
+
+
 def test_records_without_and_subset_keep_provenance(tmp_path):
   path = tmp_path / 'a.txt'
   path.write_text('\n'.join(f'doc {i}' for i in range(10)))

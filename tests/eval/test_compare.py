@@ -6,11 +6,14 @@ import os
 
 import pytest
 from conftest import ROOT, tiny_config
+from data_util import needs_shared
 
 from lm import cli
 from lm.train import loop as train_lib
 from lm.train.metrics import read_metrics
 
+# The built-in tasks these runs evaluate (gsm8k_choice, wiki_ppl) read ../shared/data.
+pytestmark = needs_shared
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
