@@ -134,7 +134,7 @@ def test_peft_adapter_round_trip_on_a_moe_model(tmp_path):
   for name, value in back.items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(params[name]))
 
-  c.model.lora.targets = r'layers\.(attn|mlp)\.'  # experts too: PEFT has no per-expert layout here
+  c.model.lora.targets = r'layers\.(attn|moe)\.'  # experts too: PEFT has no per-expert layout here
   with pytest.raises(CheckpointError, match='PEFT export of LoRA on experts'):
     peft_io.save_peft(str(tmp_path / 'experts'), ModelSpec(c.model).init(jax.random.key(0)), c.model)
 
