@@ -113,6 +113,16 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           value_head_dim=0,  # v head dim (HF linear_value_head_dim)
           conv_kernel=4,  # the short causal depthwise convolution's width (HF linear_conv_kernel_dim)
       )),
+      # Multi-head latent attention (DeepSeek-V3, lm/model/mixers/mla.py) in every attention layer:
+      # keys and values come from one kv_lora_rank latent per token, which is all the decoding cache holds.
+      mla=ml_collections.ConfigDict(dict(
+          kv_lora_rank=0,  # latent width of keys and values; 0: no MLA
+          q_lora_rank=0,  # latent width of queries; 0: queries projected from x directly
+          qk_nope_head_dim=0,  # per-head query/key dims without RoPE
+          qk_rope_head_dim=0,  # per-head query dims with RoPE; one rotated key of this width is shared by all heads
+          v_head_dim=0,  # per-head value dims
+          rope_interleave=False,  # RoPE on dim pairs (0, 1), (2, 3), ... (DeepSeek's checkpoints) instead of halves
+      )),
       rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
       attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
       mlp_bias=False,  # biases on gate/up/down (Llama mlp_bias)
@@ -405,6 +415,9 @@ SCHEMA = {
     'model.linear_attn.n_key_heads': NOT_NEGATIVE, 'model.linear_attn.n_value_heads': NOT_NEGATIVE,
     'model.linear_attn.key_head_dim': NOT_NEGATIVE, 'model.linear_attn.value_head_dim': NOT_NEGATIVE,
     'model.linear_attn.conv_kernel': AT_LEAST_ONE,
+    'model.mla.kv_lora_rank': NOT_NEGATIVE, 'model.mla.q_lora_rank': NOT_NEGATIVE,
+    'model.mla.qk_nope_head_dim': NOT_NEGATIVE, 'model.mla.qk_rope_head_dim': NOT_NEGATIVE,
+    'model.mla.v_head_dim': NOT_NEGATIVE,
     'model.lora.rank': NOT_NEGATIVE, 'model.lora.alpha': POSITIVE, 'model.lora.dropout': FRACTION,
     'model.param_dtype': Choice(DTYPES), 'model.compute_dtype': Choice(DTYPES),
     'model.remat': Choice(('none', 'full', 'dots', 'dots_no_batch')),
@@ -521,6 +534,13 @@ def _rope_scaling(c):
        'with a kind lm implements')
 def _layer_types(c):
   return layer_problem(c.model)
+
+
+@_rule('with `model.mla.kv_lora_rank` > 0: an even `model.mla.qk_rope_head_dim` > 0, '
+       '`model.mla.v_head_dim` > 0, and no q/k norm, output gate, logit soft-cap, '
+       '`query_pre_attn_scalar` or partial RoPE; without it, the other `model.mla` dims 0')
+def _mla(c):
+  return mla_problem(c.model)
 
 
 @_rule('`model.moe.experts_per_token` <= `model.moe.n_experts` when the model has experts')
@@ -835,6 +855,41 @@ def n_experts(m) -> int:
   """model.moe.n_experts; 0 for model configs saved before Mixture-of-Experts existed."""
   moe = m.get('moe')
   return int(moe.n_experts) if moe else 0
+
+
+def mla_enabled(m) -> bool:
+  """Whether attention layers are multi-head latent attention (False for configs saved before it)."""
+  mla = m.get('mla')
+  return bool(mla and mla.kv_lora_rank)
+
+
+def mla_problem(m) -> str | None:
+  """The one-line problem with model config `m`'s MLA dims, or None."""
+  mla = m.get('mla')
+  if not mla:
+    return None
+  if not mla.kv_lora_rank:
+    set_dims = [k for k in ('q_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim')
+                if mla[k]]
+    if set_dims:
+      return (f'model.mla.{set_dims[0]}={mla[set_dims[0]]} has no effect while '
+              'model.mla.kv_lora_rank is 0; set kv_lora_rank for MLA or leave the MLA dims 0')
+    return None
+  if not mla.qk_rope_head_dim or mla.qk_rope_head_dim % 2:
+    return (f'model.mla.qk_rope_head_dim={mla.qk_rope_head_dim}: RoPE rotates pairs of dims, so '
+            'MLA needs a positive even number')
+  if not mla.v_head_dim:
+    return 'model.mla.v_head_dim=0: MLA needs a positive value head dim'
+  # What lm's softmax attention has and its MLA does not (DeepSeek uses none of them).
+  unsupported = {'qk_norm': bool(m.qk_norm), 'attn_output_gate': bool(m.attn_output_gate),
+                 'attn_logit_softcap': bool(m.attn_logit_softcap),
+                 'query_pre_attn_scalar': bool(m.query_pre_attn_scalar),
+                 'partial_rotary_factor': m.partial_rotary_factor != 1.0}
+  field = next((k for k, used in unsupported.items() if used), None)
+  if field:
+    return (f'model.{field}={m[field]!r} is not implemented with MLA (model.mla.kv_lora_rank > 0); '
+            'leave it at its default')
+  return None
 
 
 def head_dim(m) -> int:

@@ -4,7 +4,7 @@ A matmul weight of n parameters costs, per token, 2n in the forward pass, 2n for
 its input (only where something below it trains) and 2n for its own gradient (only if it
 trains). So full training is ~6N per token, LoRA ~4N plus the adapters, and layers below the
 lowest trainable one cost the forward only. Attention scores add 4·H·K per key per layer forward
-(QKᵀ and PV; a causal query sees (T+1)/2 keys on average, a window of w about w) and twice that
+(QKᵀ and PV; 2·H·(Kqk + Kv) with MLA's head dims; a causal query sees (T+1)/2 keys on average, a window of w about w) and twice that
 backward. Rematerialisation recomputes, in the backward pass, the forward work its policy did
 not save: `full` the whole layer, `dots_no_batch` the attention einsums (batch dims), `dots`
 nothing of note. DPO runs the policy on chosen and rejected rows and the reference forward only.
@@ -17,9 +17,9 @@ import dataclasses
 
 import numpy as np
 
-from lm.config import head_dim
 from lm.model.spec import FROZEN_COPIES
 from lm.train import partition
+from lm.train.flops import attention_head_dims
 
 _MATMUL_SUFFIXES = ('.kernel', '.lora_a', '.lora_b')
 
@@ -53,7 +53,7 @@ def _keys_per_query(T: int, window: int) -> float:
 def step_flops(trainer) -> StepFlops:
   cfg, spec, labels, masks = trainer.cfg, trainer.spec, trainer.labels, trainer.row_masks
   m = cfg.model
-  L, H, K = m.n_layers, m.n_heads, head_dim(m)
+  L, H = m.n_layers, m.n_heads
   T, B = cfg.data.seq_len, cfg.data.batch_size
 
   def size(name):
@@ -67,7 +67,8 @@ def step_flops(trainer) -> StepFlops:
     head_mm.append('embed')
   layer_params = sum(size(n) for n in layer_mm) / L  # per layer
   head_params = sum(size(n) for n in head_mm)
-  attention_fwd = 4 * H * K * _keys_per_query(T, m.sliding_window)  # per layer per token
+  qk_dim, v_dim = attention_head_dims(m)  # K and K, or MLA's own
+  attention_fwd = 2 * H * (qk_dim + v_dim) * _keys_per_query(T, m.sliding_window)  # per layer per token
 
   # The lowest layer whose activations need a gradient: below it only the forward runs.
   layer_trains = [False] * L

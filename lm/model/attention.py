@@ -103,7 +103,7 @@ def _dense_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, causal=True
   else:
     probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
   out_BTGRK = jnp.einsum('bgrts,bsgk->btgrk', probs_BGRTS, v_BSGK)
-  return out_BTGRK.reshape(B, T, H, K)
+  return out_BTGRK.reshape(B, T, H, v_BSGK.shape[-1])  # values may be narrower than keys (MLA)
 
 
 def make_mask(B, T, S, segment_ids_BT=None, *, causal=True, window=None, q_positions_BT=None,

@@ -76,6 +76,15 @@ class Linear(nnx.Module):
       y = y + contract(contract(x, a, self.n_in), b, 1)
     return y
 
+  def weight(self):
+    """W [*in, *out] in the compute dtype, with the adapter's A · B · scale added when it is on:
+    for callers that contract W in another order than x · W (MLA's absorbed decoding)."""
+    w = precision.to_compute_dtype(quant.as_array(self.kernel.get_value()), self.compute_dtype)
+    if self.lora_rank and self.adapters:
+      a, b = self._adapter()
+      w = w + contract(a, b, 1)
+    return w
+
   def _adapter(self):
     """(A, B · scale) in the compute dtype: the scale goes on B [r, *out], not on a [B, T, *out]
     product."""

@@ -13,12 +13,15 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from lm.config import ROPE_SCALING_TYPES, head_dim
+from lm.config import ROPE_SCALING_TYPES, head_dim, mla_enabled
 from lm.errors import ConfigError
 
 
 def rotary_dim(cfg) -> int:
-  """Dims of each head that RoPE rotates (even): head_dim · partial_rotary_factor."""
+  """Dims of each head that RoPE rotates (even): head_dim · partial_rotary_factor, or MLA's
+  qk_rope_head_dim."""
+  if mla_enabled(cfg):
+    return cfg.mla.qk_rope_head_dim
   K = head_dim(cfg)
   return int(K * cfg.partial_rotary_factor) // 2 * 2
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.config import LAYER_TYPES, MLP_TYPES, layer_problem, n_experts  # noqa: F401
+from lm.config import LAYER_TYPES, MLP_TYPES, layer_problem, mla_enabled, n_experts  # noqa: F401
 from lm.errors import ConfigError
 from lm.model import rope as rope_lib
 from lm.model.layers import RMSNorm, configure_adapters
@@ -39,6 +39,7 @@ NORM_PLACEMENTS = ('pre', 'sandwich', 'post')
 PARTS = {
     'attention': 'lm.model.mixers.attention:Attention',
     'gated_deltanet': 'lm.model.mixers.gated_deltanet:GatedDeltaNet',
+    'mla': 'lm.model.mixers.mla:MLA',
     'mlp': 'lm.model.mixers.mlp:MLP',
     'moe': 'lm.model.moe:MoE',
 }
@@ -114,7 +115,8 @@ def check(cfg) -> None:
 def layer_plan(cfg) -> LayerPlan:
   check(cfg)
   types = layer_types(cfg)
-  token = tuple('gated_deltanet' if t == 'linear' else 'attention' for t in types)
+  attention = 'mla' if mla_enabled(cfg) else 'attention'  # DeepSeek: every attention layer is MLA
+  token = tuple('gated_deltanet' if t == 'linear' else attention for t in types)
   default_mlp = 'moe' if n_experts(cfg) else 'dense'
   channel = tuple('moe' if t == 'moe' else 'mlp'
                   for t in (tuple(cfg.mlp_types) or (default_mlp,) * cfg.n_layers))

@@ -12,7 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lm.config import head_dim, n_experts
+from lm.config import head_dim, mla_enabled, n_experts
 
 # Dense (no sparsity) bf16 peak FLOP/s per chip, from the vendors' datasheets, by the
 # `device_kind` JAX reports. TPU kinds are matched whole: v5p reads 'TPU v5' and v5e 'TPU v5 lite'.
@@ -49,13 +49,32 @@ def matmul_params(m) -> int:
   if n_experts(m):  # the k experts a token is routed to, and the router, take part
     mlp = 3 * D * (m.moe.expert_dim or F) * m.moe.experts_per_token + D * m.moe.n_experts
   per_layer = D * H * K * 2 + D * G * K * 2 + mlp
+  if mla_enabled(m):
+    per_layer = mla_matmul_params(m) + mlp
   return L * per_layer + D * V
 
 
+def mla_matmul_params(m) -> int:
+  """One MLA layer's projections (lm/model/mixers/mla.py): q (low-rank or direct), kv_a, kv_b, o."""
+  D, H, a = m.d_model, m.n_heads, m.mla
+  Q = a.qk_nope_head_dim + a.qk_rope_head_dim
+  q = D * a.q_lora_rank + a.q_lora_rank * H * Q if a.q_lora_rank else D * H * Q
+  return (q + D * (a.kv_lora_rank + a.qk_rope_head_dim)
+          + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) + H * a.v_head_dim * D)
+
+
+def attention_head_dims(m) -> tuple[int, int]:
+  """(query/key, value) head dims of the attention scores and their weighted sum."""
+  if mla_enabled(m):
+    return m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
+  return head_dim(m), head_dim(m)
+
+
 def train_flops_per_token(m, seq_len: int) -> float:
-  """6N for the matmuls (forward + backward) plus causal attention: 6·L·T·H·K (half of 12·L·T·H·K,
-  since a causal mask skips half the scores)."""
-  return 6.0 * matmul_params(m) + 6.0 * m.n_layers * seq_len * m.n_heads * head_dim(m)
+  """6N for the matmuls (forward + backward) plus causal attention: 3·L·T·H·(Kqk + Kv) (half of
+  6·L·T·H·(Kqk + Kv), since a causal mask skips half the scores; 6·L·T·H·K when both are K)."""
+  qk, v = attention_head_dims(m)
+  return 6.0 * matmul_params(m) + 3.0 * m.n_layers * seq_len * m.n_heads * (qk + v)
 
 
 def datasheet_peak(device_kind: str) -> tuple[float, str] | None:
