@@ -34,6 +34,14 @@ MODEL_PRESETS = {
                rope_theta=500000.0, max_seq_len=8192,
                rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_seq_len=8192)),
+    # DeepSeek-V3's width and MLA dims (transformers' DeepseekV3Config defaults) with 4 dense layers
+    # instead of its 3 dense + 58 Mixture-of-Experts ones, whose routing arrives with issue 26.
+    'deepseek-v3-small': dict(vocab_size=129280, d_model=7168, n_layers=4, n_heads=128,
+                              n_kv_heads=128, head_dim=192, mlp_dim=18432, norm_eps=1e-6,
+                              max_seq_len=4096,
+                              mla=dict(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
+                                       qk_rope_head_dim=64, v_head_dim=128),
+                              rope_interleaved=True),
 }
 
 
@@ -121,7 +129,6 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           qk_nope_head_dim=0,  # per-head query/key dims without RoPE
           qk_rope_head_dim=0,  # per-head query dims with RoPE; one rotated key of this width is shared by all heads
           v_head_dim=0,  # per-head value dims
-          rope_interleave=False,  # RoPE on dim pairs (0, 1), (2, 3), ... (DeepSeek's checkpoints) instead of halves
       )),
       rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
       attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
@@ -538,7 +545,8 @@ def _layer_types(c):
 
 @_rule('with `model.mla.kv_lora_rank` > 0: an even `model.mla.qk_rope_head_dim` > 0, '
        '`model.mla.v_head_dim` > 0, and no q/k norm, output gate, logit soft-cap, '
-       '`query_pre_attn_scalar` or partial RoPE; without it, the other `model.mla` dims 0')
+       '`query_pre_attn_scalar`, partial RoPE, sinks or query temperature; without it, the other '
+       '`model.mla` dims 0')
 def _mla(c):
   return mla_problem(c.model)
 
@@ -884,7 +892,9 @@ def mla_problem(m) -> str | None:
   unsupported = {'qk_norm': bool(m.qk_norm), 'attn_output_gate': bool(m.attn_output_gate),
                  'attn_logit_softcap': bool(m.attn_logit_softcap),
                  'query_pre_attn_scalar': bool(m.query_pre_attn_scalar),
-                 'partial_rotary_factor': m.partial_rotary_factor != 1.0}
+                 'partial_rotary_factor': m.partial_rotary_factor != 1.0,
+                 'attn_sinks': bool(m.attn_sinks), 'qk_l2_norm': bool(m.qk_l2_norm),
+                 'attn_temperature_floor_scale': bool(m.attn_temperature_floor_scale)}
   field = next((k for k, used in unsupported.items() if used), None)
   if field:
     return (f'model.{field}={m[field]!r} is not implemented with MLA (model.mla.kv_lora_rank > 0); '

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm.config import ROPE_SCALING_TYPES, head_dim, n_experts
+from lm.config import ROPE_SCALING_TYPES, head_dim, mla_enabled, n_experts
 from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.families.common import (FLAT, IN_DIMS, LAYER_TYPES, MODULES, ROPE_TYPES, hf_rope_scaling,
                                      rope_from_hf, rope_params)
@@ -207,6 +207,7 @@ def _unfit(m, family: str) -> str | None:
       'mlp_types': not m.mlp_types, 'rope_layers': not m.rope_layers or all(m.rope_layers),
       'partial_rotary_factor': m.partial_rotary_factor == 1.0,
       'attn_output_gate': not m.attn_output_gate, 'qk_norm_scope': m.qk_norm_scope == 'head',
+      'mla': not mla_enabled(m),
   }
   return next((field for field, ok in fits.items() if not ok), None)
 

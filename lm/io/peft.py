@@ -17,18 +17,51 @@ import numpy as np
 from lm.config import n_experts
 from lm.errors import CheckpointError, read_json
 from lm.io import hf
+from lm.io.families import REGISTRY
 from lm.io.safetensors import Reader, write
 from lm.model import stack as stack_lib
 from lm.model.lora import is_adapter, modules, split
 
 PEFT_PREFIX = 'base_model.model.'
-_HF_SHORT = {module: hf_module.rsplit('.', 1)[-1] for module, hf_module in hf.MODULES.items()}
+# lm module -> HF module over every family: the Llama names and those only some families have
+# (DeepSeek's q_a_proj, kv_b_proj, ...); and PEFT's short names for them (target_modules).
+_ALL_MODULES = {**hf.MODULES, **{m: n for f in REGISTRY.values() for m, n in f.modules.items()}}
+_HF_SHORT = {module: hf_module.rsplit('.', 1)[-1] for module, hf_module in _ALL_MODULES.items()}
 
+
+# Families whose dense MLP names PEFT (0.21) takes for Mixture-of-Experts weights: for these
+# model types it rewrites target_modules gate_proj/up_proj/down_proj into the experts' fused
+# parameters (peft/utils/transformers_weight_conversion.py), so adapters on a dense MLP would
+# silently not load.
+PEFT_MLP_AS_EXPERTS = ('deepseek_v3',)
+
+
+def _family(model_cfg) -> str:
+  """The HF family the model exports as; '' when no HF architecture expresses it."""
+  try:
+    return hf.family_of(model_cfg)
+  except CheckpointError:
+    return ''
+
+
+def _hf_module(module: str, model_cfg) -> str:
+  """The HF module ({i}: layer) of lm module `module`, from the tensor table of the family the
+  model exports as; a model no HF architecture expresses keeps the Llama names."""
+  family = _family(model_cfg)
+  if family in REGISTRY:
+    kernel = module + '.kernel'
+    entry = hf.param_map({kernel: None}, family, model_cfg).get(kernel)
+    if entry is None:
+      raise CheckpointError(f'PEFT export of LoRA on {module} is not supported for {family}')
+    return entry[0].removesuffix('.weight')
+  if module not in hf.MODULES:
+    raise CheckpointError(f'PEFT export of LoRA on {module} is not supported for this model')
+  return hf.MODULES[module]
 
 
 def _peft_names(module: str, model_cfg) -> list[str]:
   """PEFT's module names for lm module `module`: one per row of its stack (its model layers)."""
-  base = PEFT_PREFIX + hf.MODULES[module]
+  base = PEFT_PREFIX + _hf_module(module, model_cfg)
   layers = stack_lib.layer_rows(model_cfg, module)
   return [base] if layers is None else [base.format(i=i) for i in layers]
 
@@ -46,6 +79,12 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
     raise CheckpointError(f'PEFT export of LoRA on experts ({experts[0]}) is not supported; merge '
                           'them (lm export without --adapters-only) or adapt only attention '
                           r"(model.lora.targets='layers\.attn\.')")
+  mlp = [m for m in modules(adapter) if m.startswith('layers.mlp.')]
+  if mlp and _family(model_cfg) in PEFT_MLP_AS_EXPERTS:
+    raise CheckpointError(f'PEFT export of LoRA on {mlp[0]} is not supported for '
+                          f'{_family(model_cfg)}: PEFT loads its gate_proj/up_proj/down_proj as '
+                          "experts' weights and would drop these adapters; merge them (lm export "
+                          r"without --adapters-only) or adapt only attention (model.lora.targets='layers\.attn\.')")
   lora_cfg = model_cfg.lora
   os.makedirs(path, exist_ok=True)
   tensors = {}
@@ -62,7 +101,8 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_model or None,
       'r': int(lora_cfg.rank), 'lora_alpha': float(lora_cfg.alpha),
       'lora_dropout': float(lora_cfg.dropout), 'use_rslora': bool(lora_cfg.rslora),
-      'target_modules': sorted({_HF_SHORT[m] for m in modules(adapter)}), 'bias': 'none',
+      'target_modules': sorted({_hf_module(m, model_cfg).rsplit('.', 1)[-1]
+                                for m in modules(adapter)}), 'bias': 'none',
       'fan_in_fan_out': False, 'modules_to_save': None, 'init_lora_weights': True,
       'inference_mode': True, 'use_dora': False}
   if jax.process_index() == 0:
@@ -83,9 +123,9 @@ def lora_config_from_peft(config: dict) -> dict:
       raise CheckpointError(f'PEFT adapter with {key} is not supported (one rank for all layers)')
   targets = config.get('target_modules') or []
   if targets == 'all-linear':
-    chosen = [m for m in hf.MODULES if m != 'lm_head']
+    chosen = [m for m in _ALL_MODULES if m != 'lm_head']
   elif isinstance(targets, str):
-    chosen = [m for m, short in _HF_SHORT.items() if re.fullmatch(targets, hf.MODULES[m].format(i=0))
+    chosen = [m for m, short in _HF_SHORT.items() if re.fullmatch(targets, _ALL_MODULES[m].format(i=0))
               or re.fullmatch(targets, short)]
   else:
     chosen = [m for m, short in _HF_SHORT.items() if short in targets]

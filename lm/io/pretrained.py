@@ -35,7 +35,8 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'max_seq_len', 'rope_theta', 'rope_scaling', 'qkv_bias', 'tie_embeddings', 'norm_eps',
              'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window', 'layer_types',
              'rope_local_theta', 'attn_out_bias', 'mlp_bias', 'qk_norm', 'norm_placement',
-             'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family', 'moe')
+             'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family', 'moe',
+             'mla')
 # Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
 MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob')
 
@@ -78,6 +79,8 @@ def _resolve(cfg, source: str, source_kind: str) -> None:
   for key, value in fields.items():
     if key == 'moe':
       cfg.model.moe.update({k: v for k, v in value.items() if k in MOE_ARCH_KEYS})
+    elif key == 'mla':  # every MLA field describes the weights
+      cfg.model.mla.update(value)
     else:
       cfg.model[key] = value
   if not cfg.data.tokenizer:

@@ -62,7 +62,7 @@ def decode_stepwise(spec, params, tokens_BT, prompt: int):
 def test_cached_decoding_equals_uncached_forward(variant):
   extra = {
       'low_rank_q': {},
-      'direct_q_interleaved_yarn': dict(mla=dict(q_lora_rank=0, rope_interleave=True),
+      'direct_q_interleaved_yarn': dict(mla=dict(q_lora_rank=0), rope_interleaved=True,
                                         rope_scaling=YARN),
       # A window shorter than the sequence on one layer, and LoRA on every projection: the
       # absorbed decode must fold kv_b's adapter in.

@@ -57,6 +57,8 @@ class Family:
   to_hf: Callable[[Any], dict]  # lm model config -> config.json
   tensors: Callable[[Any, dict], dict]  # (lm model config, parameter shapes) -> tensor table
   unfit: Callable[[Any], str | None]  # the first lm model field this family cannot express
+  # lm modules beyond MODULES -> HF module (DeepSeek's q_a, kv_b, ...): PEFT's names for them.
+  modules: dict = dataclasses.field(default_factory=dict)
 
 
 def llama_tensors(shapes: dict, *, norms: dict | None = None, modules: dict | None = None) -> dict:

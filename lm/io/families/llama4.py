@@ -8,6 +8,7 @@ with the MoE routers of issue 26; until then a checkpoint with MoE layers is ref
 
 from __future__ import annotations
 
+from lm.config import mla_enabled
 from lm.errors import CheckpointError
 from lm.io.families import common
 
@@ -69,7 +70,7 @@ def tensors(m, shapes: dict) -> dict:
 
 
 def unfit(m) -> str | None:
-  checks = {'rope_interleaved': bool(m.rope_interleaved), 'norm_placement': m.norm_placement == 'pre',
+  checks = {'mla': not mla_enabled(m), 'rope_interleaved': bool(m.rope_interleaved), 'norm_placement': m.norm_placement == 'pre',
             'qk_norm': not m.qk_norm, 'norm_offset': m.norm_offset == 0.0,
             'embed_scale': not m.embed_scale, 'mlp_activation': m.mlp_activation == 'silu',
             'attn_output_gate': not m.attn_output_gate, 'mlp_bias': not m.mlp_bias,

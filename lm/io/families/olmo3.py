@@ -4,6 +4,7 @@ its own RoPE parameters."""
 
 from __future__ import annotations
 
+from lm.config import mla_enabled
 from lm.errors import ConfigError
 from lm.io.families import common
 
@@ -53,7 +54,7 @@ def tensors(m, shapes: dict) -> dict:
 
 
 def _unfit(m, family: str) -> str | None:
-  checks = {'norm_placement': m.norm_placement == 'post', 'qk_norm': bool(m.qk_norm),
+  checks = {'mla': not mla_enabled(m), 'norm_placement': m.norm_placement == 'post', 'qk_norm': bool(m.qk_norm),
             'qk_norm_scope': m.qk_norm_scope == 'all', 'norm_offset': m.norm_offset == 0.0,
             'embed_scale': not m.embed_scale, 'mlp_activation': m.mlp_activation == 'silu',
             'attn_output_gate': not m.attn_output_gate, 'mlp_bias': not m.mlp_bias,

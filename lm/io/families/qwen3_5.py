@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lm.config import head_dim
+from lm.config import head_dim, mla_enabled
 from lm.io.families import common
 from lm.model.mixers import gated_deltanet
 
@@ -97,7 +97,7 @@ def tensors(m, shapes: dict) -> dict:
 
 
 def unfit(m) -> str | None:
-  checks = {'attn_output_gate': bool(m.attn_output_gate), 'norm_offset': m.norm_offset == 1.0,
+  checks = {'mla': not mla_enabled(m), 'attn_output_gate': bool(m.attn_output_gate), 'norm_offset': m.norm_offset == 1.0,
             'qk_norm': bool(m.qk_norm), 'qk_norm_scope': m.qk_norm_scope == 'head',
             'norm_placement': m.norm_placement == 'pre', 'embed_scale': not m.embed_scale,
             'mlp_activation': m.mlp_activation == 'silu', 'mlp_bias': not m.mlp_bias,

@@ -4,6 +4,7 @@ not; by default every 4th layer has no RoPE) and optional sliding windows on NoP
 from __future__ import annotations
 
 
+from lm.config import mla_enabled
 from lm.io.families import common
 
 
@@ -43,7 +44,7 @@ def tensors(m, shapes: dict) -> dict:
 
 
 def unfit(m) -> str | None:
-  checks = {'norm_placement': m.norm_placement == 'pre', 'qk_norm': not m.qk_norm,
+  checks = {'mla': not mla_enabled(m), 'norm_placement': m.norm_placement == 'pre', 'qk_norm': not m.qk_norm,
             'norm_offset': m.norm_offset == 0.0, 'embed_scale': not m.embed_scale,
             'mlp_activation': m.mlp_activation == 'silu', 'attn_output_gate': not m.attn_output_gate,
             'partial_rotary_factor': m.partial_rotary_factor == 1.0,

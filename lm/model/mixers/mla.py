@@ -80,7 +80,7 @@ class MLA(nnx.Module):
     self.kv_b = lin((C,), (H, N + V), (LATENT,), heads, name='layers.attn.kv_b')
     self.o = lin((H, V), (D,), heads, ('embed',), use_bias=cfg.attn_out_bias, name='layers.attn.o')
     self.dims = (C, N, P, V)
-    self.rope_interleave = bool(mla.rope_interleave)
+    self.rope_interleaved = bool(cfg.rope_interleaved)
     self.implementation = cfg.attention
     self.masks = mask_kinds(cfg)
     self.scale = softmax_scale(cfg)
@@ -118,11 +118,11 @@ class MLA(nnx.Module):
     return out_BTD, {'latent': latent_BSC, 'k_rope': k_rope_BSP}
 
   def _rope(self, x_BTHP, positions_BT, layer):
-    if self.rope_interleave:
-      # DeepSeek's checkpoints pair dims (0, 1), (2, 3), ...; transformers rotates the evens and
-      # odds as halves and keeps that order (apply_rotary_pos_emb_interleave), and so does lm.
-      x_BTHP = jnp.concatenate([x_BTHP[..., 0::2], x_BTHP[..., 1::2]], axis=-1)
-    return apply_rope(x_BTHP, positions_BT, layer['inv_freq'], layer['rope_factor'])
+    # DeepSeek's checkpoints pair dims (2i, 2i + 1). transformers returns the rotated evens then
+    # odds, lm keeps the pairs in place: the same permutation of q's and k's rope dims, so the
+    # same q · k.
+    return apply_rope(x_BTHP, positions_BT, layer['inv_freq'], layer['rope_factor'],
+                      interleaved=self.rope_interleaved)
 
   def _expanded(self, q_nope_BTHN, q_rope_BTHP, latent_BTC, k_rope_BT1P, ctx):
     """Per-head keys and values from the latents, through lm's attention."""
