@@ -28,7 +28,7 @@ from lm.data import gguf_tokenizer
 from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
 
-ARCHITECTURES = ('llama', 'qwen2')
+ARCHITECTURES = ('llama', 'qwen2', 'qwen3')  # each exported as the HF family of the same name
 TENSOR_TYPES = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K')
 EXPORT_DTYPES = ('f16', 'q8_0')
 
@@ -49,6 +49,9 @@ NAMES = {
     'blk.{i}.ffn_gate.weight': 'model.layers.{i}.mlp.gate_proj.weight',
     'blk.{i}.ffn_up.weight': 'model.layers.{i}.mlp.up_proj.weight',
     'blk.{i}.ffn_down.weight': 'model.layers.{i}.mlp.down_proj.weight',
+    'blk.{i}.attn_output.bias': 'model.layers.{i}.self_attn.o_proj.bias',
+    'blk.{i}.attn_q_norm.weight': 'model.layers.{i}.self_attn.q_norm.weight',  # Qwen3
+    'blk.{i}.attn_k_norm.weight': 'model.layers.{i}.self_attn.k_norm.weight',
 }
 
 
@@ -132,7 +135,9 @@ def model_config(path: str) -> dict:
       rope_theta=float(_value(reader, f'{arch}.rope.freq_base', 10000.0)), rope_scaling=None,
       qkv_bias='blk.0.attn_q.bias' in names, tie_embeddings='output.weight' not in names,
       norm_eps=float(need('attention.layer_norm_rms_epsilon')), norm_offset=0.0,
-      embed_scale=False, mlp_activation='silu', sliding_window=0)
+      embed_scale=False, mlp_activation='silu', sliding_window=0,
+      attn_out_bias='blk.0.attn_output.bias' in names,
+      qk_norm='blk.0.attn_q_norm.weight' in names, hf_family=arch)
 
 
 def permute_rows(w: np.ndarray, n_heads: int, *, inverse: bool) -> np.ndarray:
@@ -197,7 +202,7 @@ class Tensors:
 def load_params(path: str, spec, shardings: dict) -> dict:
   """The weights of GGUF file `path` as {lm name: array} placed with `shardings`."""
   reader = Tensors(path)
-  table = hf.param_map(spec.shapes)
+  table = hf.param_map(spec.shapes, spec.cfg.get('hf_family') or 'llama', spec.cfg)
   L = spec.cfg.n_layers
   expected, plan = {}, {}
   for name, (template, layout, _) in table.items():
@@ -226,7 +231,8 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     raise ConfigError(f'--dtype {dtype} is not a GGUF export type; choose {" or ".join(EXPORT_DTYPES)}')
   family = hf.family_of(model_cfg)
   if family not in ARCHITECTURES or model_cfg.rope_scaling:
-    raise CheckpointError(f'GGUF export writes {" and ".join(ARCHITECTURES)} models with plain RoPE; '
+    raise CheckpointError(f'GGUF export writes {", ".join(ARCHITECTURES)} models with plain RoPE '
+                          '(others: --format hf, then llama.cpp\'s convert_hf_to_gguf.py); '
                           f'this model is {family}'
                           + (' with RoPE scaling' if model_cfg.rope_scaling else ''))
   m = model_cfg
@@ -279,7 +285,7 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
 def _tensors(params: dict, m, family: str):
   """(GGUF name, float32 numpy array in GGUF's [out, in] order) for every base weight."""
   to_gguf = {hf_name: gguf_name for gguf_name, hf_name in NAMES.items()}
-  for lm_name, (template, layout, _) in hf.param_map(params).items():
+  for lm_name, (template, layout, _) in hf.param_map(params, family, m).items():
     array = np.asarray(hf.host(params[lm_name]), np.float32)
     layers = list(array) if lm_name.startswith('layers.') else [array]
     for i, one in enumerate(layers):

@@ -5,6 +5,7 @@ No llama.cpp binary is available here: exported files are checked with the gguf 
 and by loading them back (into lm, and into transformers)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -224,7 +225,7 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
     pretrained.export_run(str(run), str(tmp_path / 'x.gguf'), fmt='gguf', dtype='q4_0')
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
-  with pytest.raises(CheckpointError, match='GGUF export writes llama and qwen2 models'):
+  with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3 models'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   assert os.listdir(tmp_path) == []
 
@@ -243,3 +244,46 @@ def test_quant_bench_reads_a_gguf_file(tmp_path, monkeypatch):
   assert int8['mean_abs_dlogit'] < nf4['mean_abs_dlogit'] < 0.5 * nf4['mean_abs_logit']
   assert int8['top1_agreement'] >= nf4['top1_agreement'] > 0.5
   assert int8['quantized_mb'] < int8['float_mb'] / 3 and nf4['quantized_mb'] < int8['quantized_mb']
+
+
+def _gguf_names(arch: str) -> set:
+  """The tensor names llama.cpp's architecture `arch` has (the gguf package's table)."""
+  kind = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+  return {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[kind]}
+
+
+def _kinds(path) -> set:
+  return {re.sub(r'blk\.\d+\.', 'blk.{bid}.', t.name).rsplit('.', 1)[0]
+          for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_qwen3_exports_as_llama_cpps_qwen3_and_reads_back(tmp_path):
+  """Qwen3 (q/k RMSNorm, rotate-half RoPE, a head wider than d_model / n_heads): every tensor is
+  one that llama.cpp's qwen3 architecture names, and the file gives back the run's logits."""
+  from lm.data import tokenizer as tokenizer_lib
+  import pydoc_data.topics
+  docs = [t.lower() for t in pydoc_data.topics.topics.values()]
+  tokenizer_lib.train_tokenizer(docs, str(tmp_path / 'sp.model'), 128, byte_fallback=False)
+  c = tiny_config()
+  c.model.update(qk_norm=True, hf_family='qwen3', head_dim=16)
+  c.model.lora.update(rank=4, alpha=8.0, targets=r'attn\.(q|k|v)|mlp')
+  c.train.trainable = 'lora'
+  c.data.tokenizer = str(tmp_path / 'sp.model')
+  source, params = save_lora_run(tmp_path / 'run', c)
+  tokens = random_batch(c)['tokens']
+  expected = np.asarray(jax.jit(lambda p: source.spec.bind(p)(tokens))(params))
+  out = tmp_path / 'qwen3.gguf'
+  pretrained.export_run(str(tmp_path / 'run'), str(out), fmt='gguf', dtype='f16')
+  meta = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}
+  assert meta['general.architecture'] == 'qwen3' and meta['qwen3.attention.key_length'] == 16
+  assert {'blk.{bid}.attn_q_norm', 'blk.{bid}.attn_k_norm'} <= _kinds(out) <= _gguf_names('qwen3')
+  model = lm.load_model(str(out))
+  assert model.cfg.model.qk_norm and model.cfg.model.hf_family == 'qwen3'
+  got = lm_logits(model, tokens)
+  assert np.max(np.abs(got - expected)) <= 5e-3 * np.max(np.abs(expected))
+
+
+def test_every_exported_llama_tensor_is_one_llama_cpp_names(lora_run, tmp_path):
+  run, _, _ = lora_run
+  pretrained.export_run(str(run), str(tmp_path / 'm.gguf'), fmt='gguf')
+  assert _kinds(tmp_path / 'm.gguf') <= _gguf_names('llama')
