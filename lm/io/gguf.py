@@ -20,15 +20,31 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import numpy as np
 
-from lm.config import head_dim
+from lm.config import head_dim, n_experts
 from lm.data import gguf_tokenizer
 from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
 
-ARCHITECTURES = ('llama', 'qwen2', 'qwen3')  # each exported as the HF family of the same name
+ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe')
+# lm's Hugging Face family -> llama.cpp architecture (Mixtral is llama's graph with experts).
+ARCH_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mixtral': 'llama',
+           'qwen3_moe': 'qwen3moe'}
+# GGUF holds each layer's experts as one [n_expert, out, in] tensor; HF (and lm's readers) name
+# one tensor per expert. GGUF name -> the HF per-expert template, per family; the router too.
+EXPERT_NAMES = {
+    'mixtral': {'blk.{i}.ffn_gate_inp.weight': 'model.layers.{i}.block_sparse_moe.gate.weight',
+                'blk.{i}.ffn_gate_exps.weight': 'model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight',
+                'blk.{i}.ffn_up_exps.weight': 'model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight',
+                'blk.{i}.ffn_down_exps.weight': 'model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight'},
+    'qwen3_moe': {'blk.{i}.ffn_gate_inp.weight': 'model.layers.{i}.mlp.gate.weight',
+                  'blk.{i}.ffn_gate_exps.weight': 'model.layers.{i}.mlp.experts.{e}.gate_proj.weight',
+                  'blk.{i}.ffn_up_exps.weight': 'model.layers.{i}.mlp.experts.{e}.up_proj.weight',
+                  'blk.{i}.ffn_down_exps.weight': 'model.layers.{i}.mlp.experts.{e}.down_proj.weight'},
+}
 TENSOR_TYPES = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K')
 EXPORT_DTYPES = ('f16', 'q8_0')
 
@@ -127,6 +143,15 @@ def model_config(path: str) -> dict:
   embed = names.get('token_embd.weight')
   if embed is None:
     raise CheckpointError(f'{path}: tensor token_embd.weight is missing')
+  moe, family = {}, arch
+  if 'blk.0.ffn_gate_exps.weight' in names:
+    family = 'mixtral' if arch == 'llama' else 'qwen3_moe'
+    # Both graphs renormalise the chosen experts' weights (llama.cpp's build_moe_ffn norm_w).
+    moe = dict(moe=dict(n_experts=int(need('expert_count')),
+                        experts_per_token=int(need('expert_used_count')),
+                        expert_dim=int(_value(reader, f'{arch}.expert_feed_forward_length',
+                                              need('feed_forward_length'))),
+                        norm_topk_prob=True))
   vocab = int(_value(reader, f'{arch}.vocab_size', embed.shape[-1]))
   return dict(
       vocab_size=vocab, d_model=D, n_layers=int(need('block_count')), n_heads=H, n_kv_heads=int(kv),
@@ -137,7 +162,8 @@ def model_config(path: str) -> dict:
       norm_eps=float(need('attention.layer_norm_rms_epsilon')), norm_offset=0.0,
       embed_scale=False, mlp_activation='silu', sliding_window=0,
       attn_out_bias='blk.0.attn_output.bias' in names,
-      qk_norm='blk.0.attn_q_norm.weight' in names, hf_family=arch)
+      qk_norm='blk.0.attn_q_norm.weight' in names,
+      hf_family={'qwen3moe': 'qwen3_moe'}.get(family, family), **moe)
 
 
 def permute_rows(w: np.ndarray, n_heads: int, *, inverse: bool) -> np.ndarray:
@@ -166,23 +192,51 @@ class Tensors:
     for gguf_name, hf_name in NAMES.items():
       for i in range(n_layers) if '{i}' in gguf_name else [None]:
         to_hf[gguf_name.format(i=i)] = hf_name.format(i=i)
-    self._tensors = {}
+    self._tensors, self._experts, self._cached = {}, {}, (None, None)
+    family = ('mixtral' if self.arch == 'llama' else 'qwen3_moe'
+              if self.arch == 'qwen3moe' else None)
+    for gguf_name, hf_name in EXPERT_NAMES.get(family, {}).items():
+      if '{e}' not in hf_name:  # the router
+        to_hf.update({gguf_name.format(i=i): hf_name.format(i=i) for i in range(n_layers)})
     for t in reader.tensors:
       if t.tensor_type.name not in TENSOR_TYPES:
         raise CheckpointError(f'{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, which lm '
                               f'does not read; supported: {", ".join(TENSOR_TYPES)}')
+      expert = self._expert_template(family, t.name)
+      if expert is not None:  # [n_expert, out, in]: one HF tensor per expert
+        for e in range(int(t.shape[-1])):
+          self._experts[expert.format(e=e)] = (t, e)
+        continue
       self._tensors[to_hf.get(t.name, t.name)] = t
 
+  @staticmethod
+  def _expert_template(family, name):
+    for gguf_name, hf_name in EXPERT_NAMES.get(family, {}).items():
+      found = re.fullmatch(re.escape(gguf_name).replace(r'\{i\}', r'(\d+)'), name)
+      if found and '{e}' in hf_name:
+        return hf_name.replace('{i}', found.group(1))
+      if found:  # the router: an ordinary tensor under its HF name
+        return None
+    return None
+
   def names(self):
-    return list(self._tensors)
+    return list(self._tensors) + list(self._experts)
 
   def __contains__(self, name):
-    return name in self._tensors
+    return name in self._tensors or name in self._experts
 
   def shape(self, name) -> tuple:
+    if name in self._experts:
+      return tuple(int(n) for n in reversed(self._experts[name][0].shape))[1:]
     return tuple(int(n) for n in reversed(self._tensors[name].shape))
 
   def get(self, name) -> np.ndarray:
+    if name in self._experts:  # the layer's experts are dequantized once, then sliced
+      t, e = self._experts[name]
+      if self._cached[0] is not t:
+        whole = self._gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        self._cached = (t, whole.reshape(tuple(int(n) for n in reversed(t.shape))))
+      return self._cached[1][e]
     t = self._tensors[name]
     array = self._gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
     array = array.reshape(self.shape(name))
@@ -203,13 +257,14 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   """The weights of GGUF file `path` as {lm name: array} placed with `shardings`."""
   reader = Tensors(path)
   table = hf.param_map(spec.shapes, spec.cfg.get('hf_family') or 'llama', spec.cfg)
-  L = spec.cfg.n_layers
+  L, E = spec.cfg.n_layers, n_experts(spec.cfg)
   expected, plan = {}, {}
   for name, (template, layout, _) in table.items():
     shape = spec.shapes[name].shape
-    stacked = name.startswith('layers.')
-    names = [template.format(i=i) for i in range(L)] if stacked else [template]
-    one = hf.hf_shape(shape[1:] if stacked else shape, layout)
+    stacked = hf.stacked_dims(name, template)
+    names = ([template.format(i=i, e=e) for i in range(L) for e in range(E)] if stacked == 2 else
+             [template.format(i=i) for i in range(L)] if stacked else [template])
+    one = hf.hf_shape(shape[stacked:], layout)
     expected.update({n: (one, name) for n in names})
     plan[name] = (names, stacked, layout)
   hf.check_tensors(reader, expected, path, spec.cfg.tie_embeddings)
@@ -230,12 +285,18 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
   if dtype not in EXPORT_DTYPES:
     raise ConfigError(f'--dtype {dtype} is not a GGUF export type; choose {" or ".join(EXPORT_DTYPES)}')
   family = hf.family_of(model_cfg)
-  if family not in ARCHITECTURES or model_cfg.rope_scaling:
-    raise CheckpointError(f'GGUF export writes {", ".join(ARCHITECTURES)} models with plain RoPE '
+  arch = ARCH_OF.get(family)
+  if arch is None or model_cfg.rope_scaling:
+    raise CheckpointError(f'GGUF export writes {", ".join(ARCH_OF)} models with plain RoPE '
                           '(others: --format hf, then llama.cpp\'s convert_hf_to_gguf.py); '
                           f'this model is {family}'
                           + (' with RoPE scaling' if model_cfg.rope_scaling else ''))
   m = model_cfg
+  E = n_experts(m)
+  if E and not m.moe.norm_topk_prob:
+    raise CheckpointError('GGUF export: llama.cpp renormalises the chosen experts\' weights '
+                          f'(its {arch} graph), but this model has model.moe.norm_topk_prob=false; '
+                          'export it with --format hf')
   K = head_dim(m)
   token_fields = gguf_tokenizer.fields_for(tokenizer)
   qtype = {'f16': gguf.GGMLQuantizationType.F16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}[dtype]
@@ -243,13 +304,18 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-  writer = gguf.GGUFWriter(tmp, family)
+  writer = gguf.GGUFWriter(tmp, arch)
   try:
     writer.add_name(name)
     writer.add_context_length(m.max_seq_len)
     writer.add_embedding_length(m.d_model)
     writer.add_block_count(m.n_layers)
-    writer.add_feed_forward_length(m.mlp_dim)
+    writer.add_feed_forward_length((m.moe.expert_dim or m.mlp_dim) if family == 'mixtral' else m.mlp_dim)
+    if E:
+      writer.add_expert_count(E)
+      writer.add_expert_used_count(m.moe.experts_per_token)
+      if family == 'qwen3_moe':
+        writer.add_expert_feed_forward_length(m.moe.expert_dim or m.mlp_dim)
     writer.add_head_count(m.n_heads)
     writer.add_head_count_kv(m.n_kv_heads)
     writer.add_rope_freq_base(float(m.rope_theta))
@@ -263,9 +329,9 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, token_fields)
     for gguf_name, array in _tensors(params, m, family):
-      if qtype == gguf.GGMLQuantizationType.Q8_0 and array.ndim == 2 and array.shape[1] % 32 == 0:
+      if qtype == gguf.GGMLQuantizationType.Q8_0 and array.ndim >= 2 and array.shape[-1] % 32 == 0:
         writer.add_tensor(gguf_name, gguf.quantize(array, qtype), raw_dtype=qtype)
-      elif array.ndim == 2:
+      elif array.ndim >= 2:
         writer.add_tensor(gguf_name, array.astype(np.float16))
       else:  # norms and biases stay float32, as llama.cpp writes them
         writer.add_tensor(gguf_name, array.astype(np.float32))
@@ -279,21 +345,26 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  return family
+  return arch
 
 
 def _tensors(params: dict, m, family: str):
-  """(GGUF name, float32 numpy array in GGUF's [out, in] order) for every base weight."""
-  to_gguf = {hf_name: gguf_name for gguf_name, hf_name in NAMES.items()}
+  """(GGUF name, float32 numpy array in GGUF's [out, in] order, experts [n_expert, out, in])
+  for every base weight."""
+  to_gguf = {hf_name: gguf_name for gguf_name, hf_name in {**NAMES, **EXPERT_NAMES.get(family, {})}.items()}
+  permuted = ARCH_OF[family] == 'llama'  # llama.cpp's llama graph rotates interleaved pairs
   for lm_name, (template, layout, _) in hf.param_map(params, family, m).items():
     array = np.asarray(hf.host(params[lm_name]), np.float32)
     layers = list(array) if lm_name.startswith('layers.') else [array]
     for i, one in enumerate(layers):
       gguf_name = to_gguf[template].format(i=i)
-      value = hf.to_hf(one, layout)
-      if family == 'llama' and '.attn_q.' in gguf_name:
+      if '{e}' in template:  # [E, in, out] -> [E, out, in]: all of the layer's experts, one tensor
+        value = np.stack([hf.to_hf(expert, layout) for expert in one])
+      else:
+        value = hf.to_hf(one, layout)
+      if permuted and '.attn_q.' in gguf_name:
         value = permute_rows(value, m.n_heads, inverse=False)
-      elif family == 'llama' and '.attn_k.' in gguf_name:
+      elif permuted and '.attn_k.' in gguf_name:
         value = permute_rows(value, m.n_kv_heads, inverse=False)
       yield gguf_name, np.ascontiguousarray(value)
 

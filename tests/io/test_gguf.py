@@ -225,7 +225,7 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
     pretrained.export_run(str(run), str(tmp_path / 'x.gguf'), fmt='gguf', dtype='q4_0')
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
-  with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3 models'):
+  with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe models'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   assert os.listdir(tmp_path) == []
 
@@ -287,3 +287,46 @@ def test_every_exported_llama_tensor_is_one_llama_cpp_names(lora_run, tmp_path):
   run, _, _ = lora_run
   pretrained.export_run(str(run), str(tmp_path / 'm.gguf'), fmt='gguf')
   assert _kinds(tmp_path / 'm.gguf') <= _gguf_names('llama')
+
+
+@pytest.mark.parametrize('family, arch', [('mixtral', 'llama'), ('qwen3_moe', 'qwen3moe')])
+def test_moe_exports_experts_as_llama_cpp_stacks_them_and_reads_back(tmp_path, family, arch):
+  """Mixtral (llama.cpp's llama graph with experts) and Qwen3-MoE: each layer's experts are one
+  [n_expert, out, in] tensor (ffn_*_exps), the router ffn_gate_inp, and the file reads back to the
+  same model (the same logits)."""
+  from lm.data import tokenizer as tokenizer_lib
+  from lm.train.state import ModelSpec
+  import pydoc_data.topics
+  docs = [t.lower() for t in pydoc_data.topics.topics.values()]
+  tok = tokenizer_lib.train_tokenizer(docs, str(tmp_path / 'sp.model'), 128, byte_fallback=False)
+  c = tiny_config(qk_norm=family == 'qwen3_moe')
+  c.model.moe.update(n_experts=4, experts_per_token=2, expert_dim=16, norm_topk_prob=True)
+  spec = ModelSpec(c.model)
+  params = jax.jit(spec.init)(jax.random.key(0))
+  # The weights as F16 stores them (norms stay F32): a router's near-tie can otherwise pick
+  # other experts after rounding, which says nothing about the layout.
+  params = {k: v if k.endswith(('scale', 'bias')) else v.astype(np.float16).astype(np.float32)
+            for k, v in params.items()}
+  tokens = random_batch(c)['tokens']
+  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(tokens))(params))
+  out = tmp_path / f'{family}.gguf'
+  assert gguf_io.save(str(out), params, c.model, tok) == arch
+  reader = gguf.GGUFReader(str(out))
+  meta = {k: f.contents() for k, f in reader.fields.items()}
+  assert (meta[f'{arch}.expert_count'], meta[f'{arch}.expert_used_count']) == (4, 2)
+  shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+  assert shapes['blk.0.ffn_gate_exps.weight'] == (4, 16, 32)  # [n_expert, out, in]
+  assert shapes['blk.1.ffn_down_exps.weight'] == (4, 32, 16) and shapes['blk.0.ffn_gate_inp.weight'] == (4, 32)
+  assert _kinds(out) <= _gguf_names(arch)
+  model = lm.load_model(str(out))
+  assert model.cfg.model.moe.n_experts == 4 and model.cfg.model.hf_family == family
+  got = lm_logits(model, tokens)
+  assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def test_moe_without_renormalised_weights_is_refused(tmp_path):
+  c = tiny_config(qk_norm=True)
+  c.model.moe.update(n_experts=4, experts_per_token=2, expert_dim=16, norm_topk_prob=False)
+  with pytest.raises(CheckpointError, match='llama.cpp renormalises the chosen experts'):
+    gguf_io.save(str(tmp_path / 'x.gguf'), {}, c.model, None)
+  assert os.listdir(tmp_path) == []
