@@ -1,0 +1,58 @@
+"""lm's GGUF exports in llama.cpp itself, through llama-cpp-python (an optional test dependency:
+it builds from source, reported at about 35 minutes on 2 cores; docs/finetuning.md says how). Skipped where it
+is not installed, which includes this project's CI.
+
+For each architecture lm exports, a tiny model is written as F16 and loaded by llama.cpp: its
+tokenization of the probe strings must equal lm's, and its logits lm's (computed with the weights
+rounded to F16, as the file holds them) within 1e-2 of their scale."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+llama_cpp = pytest.importorskip('llama_cpp')
+
+from lm.data import gguf_tokenizer  # noqa: E402
+from lm.data import tokenizer as tokenizer_lib  # noqa: E402
+from lm.io import gguf as gguf_io  # noqa: E402
+from lm.train.state import ModelSpec  # noqa: E402
+
+FAMILIES = {  # lm model overrides -> the llama.cpp architecture they export as
+    'llama': dict(),
+    'qwen2': dict(qkv_bias=True),
+    'qwen3': dict(qk_norm=True, hf_family='qwen3', head_dim=16),
+    'mixtral': dict(moe=dict(n_experts=4, experts_per_token=2, expert_dim=16, norm_topk_prob=True)),
+    'qwen3_moe': dict(qk_norm=True, moe=dict(n_experts=4, experts_per_token=2, expert_dim=16,
+                                             norm_topk_prob=True)),
+}
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  import pydoc_data.topics
+  docs = [t for t in pydoc_data.topics.topics.values()]
+  path = tmp_path_factory.mktemp('tok') / 'sp.model'
+  return tokenizer_lib.train_tokenizer(docs, str(path), 512)
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_llama_cpp_reads_lms_export_with_the_same_tokens_and_logits(tokenizer, tmp_path, family):
+  c = tiny_config(vocab_size=512, max_seq_len=64)
+  overrides = dict(FAMILIES[family])
+  c.model.moe.update(overrides.pop('moe', {}))
+  c.model.update(overrides)
+  spec = ModelSpec(c.model)
+  params = {k: v if k.endswith(('scale', 'bias')) else v.astype(np.float16).astype(np.float32)
+            for k, v in jax.jit(spec.init)(jax.random.key(0)).items()}
+  path = tmp_path / f'{family}.gguf'
+  gguf_io.save(str(path), params, c.model, tokenizer, dtype='f16')
+  llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+  for text in gguf_tokenizer.PROBES:
+    assert llm.tokenize(text.encode('utf-8'), add_bos=False, special=False) == tokenizer.encode(text)
+  tokens = tokenizer.encode('def f(x):\n    return x + 1', bos=True)[:32]
+  llm.reset()
+  llm.eval(tokens)
+  got = np.asarray(llm.scores[:len(tokens)], np.float32)
+  want = np.asarray(jax.jit(lambda p: spec.bind(p)(np.asarray([tokens], np.int32)))(params))[0]
+  assert np.max(np.abs(got - want)) <= 1e-2 * np.max(np.abs(want))
