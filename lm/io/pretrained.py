@@ -36,7 +36,7 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window', 'layer_types',
              'rope_local_theta', 'attn_out_bias', 'mlp_bias', 'qk_norm', 'norm_placement',
              'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family', 'moe',
-             'mla')
+             'mla', 'rope_interleaved')
 # Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
 MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob')
 

@@ -107,6 +107,24 @@ def test_deepseek_v3_matches_transformers(variant, tmp_path):
   assert np.max(np.abs(logits_of(reloaded, TOKENS) - reference)) <= 1e-5
 
 
+def test_runs_started_from_deepseek_keep_mla_and_interleaved_rope(tmp_path):
+  """train.init_from a DeepSeek directory, then from an lm run of it: both carry model.mla and
+  the RoPE layout, without which the weights would compute another function."""
+  from lm.io import pretrained  # pylint: disable=import-outside-toplevel
+  make_hf_model(tmp_path / 'hf')
+  first = tiny_config()
+  first.train.init_from = str(tmp_path / 'hf')
+  pretrained.resolve_config(first)
+  assert first.model.mla.kv_lora_rank == 16 and first.model.rope_interleaved
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  (tmp_path / 'run' / 'config.json').write_text(first.to_json_best_effort())
+  second = tiny_config()
+  second.train.init_from = str(tmp_path / 'run')
+  pretrained.resolve_config(second)
+  assert second.model.mla.to_dict() == first.model.mla.to_dict()
+  assert second.model.rope_interleaved and second.model.hf_family == 'deepseek_v3'
+
+
 def test_moe_layers_are_refused_in_one_line(tmp_path):
   config = {**COMMON, 'first_k_dense_replace': 1, 'model_type': 'deepseek_v3',
             'architectures': ['DeepseekV3ForCausalLM']}
