@@ -130,7 +130,7 @@ def test_packed_pairs_give_the_same_loss_and_beta_scales_rewards():
   np.testing.assert_allclose(m_s5['reward_margin'], 5 * m_s['reward_margin'], rtol=1e-4)
 
 
-@pytest.mark.parametrize('trainable', ['all', 'norms'])
+@pytest.mark.parametrize('trainable', ['all'])  # 'norms' behaves alike; one case keeps CI short
 def test_lora_dpo_that_also_trains_base_weights_gets_a_frozen_reference(trainable):
   """With adapters and base weights training, 'adapters off' would be the moving weights
   themselves (KL near 0 while the policy moves): the reference is a frozen `ref.*` copy."""
