@@ -51,8 +51,11 @@ def _hf_module(module: str, model_cfg) -> str:
   if family in REGISTRY:
     kernel = module + '.kernel'
     entry = hf.param_map({kernel: None}, family, model_cfg).get(kernel)
-    if entry is None:
-      raise CheckpointError(f'PEFT export of LoRA on {module} is not supported for {family}')
+    if entry is None:  # part of a fused HF tensor (Qwen3.5's q_proj with the gate, in_proj_qkv)
+      raise CheckpointError(f'PEFT export of LoRA on {module} is not supported for {family}: its '
+                            'Hugging Face tensor holds other parameters too; merge the adapters '
+                            '(lm export without --adapters-only) or leave it out of '
+                            'model.lora.targets')
     return entry[0].removesuffix('.weight')
   if module not in hf.MODULES:
     raise CheckpointError(f'PEFT export of LoRA on {module} is not supported for this model')

@@ -36,7 +36,9 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'norm_offset', 'embed_scale', 'mlp_activation', 'sliding_window', 'layer_types',
              'rope_local_theta', 'attn_out_bias', 'mlp_bias', 'qk_norm', 'norm_placement',
              'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family', 'moe',
-             'mla', 'rope_interleaved')
+             'mla', 'rope_interleaved', 'mlp_types', 'rope_layers', 'partial_rotary_factor',
+             'attention_chunk_size', 'attn_output_gate', 'attn_sinks', 'qk_l2_norm', 'qk_norm_scope',
+             'attn_temperature_floor_scale', 'attn_temperature_scale', 'linear_attn')
 # Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
 MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob')
 
@@ -79,8 +81,8 @@ def _resolve(cfg, source: str, source_kind: str) -> None:
   for key, value in fields.items():
     if key == 'moe':
       cfg.model.moe.update({k: v for k, v in value.items() if k in MOE_ARCH_KEYS})
-    elif key == 'mla':  # every MLA field describes the weights
-      cfg.model.mla.update(value)
+    elif key in ('mla', 'linear_attn'):  # every field of these parts describes the weights
+      cfg.model[key].update(value)
     else:
       cfg.model[key] = value
   if not cfg.data.tokenizer:

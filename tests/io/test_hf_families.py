@@ -210,6 +210,48 @@ def test_hybrid_checkpoint_whose_tensors_do_not_fit_is_one_line(tmp_path):
     lm_import(tmp_path)
 
 
+def test_lora_adapters_on_a_hybrid_model_load_in_peft(tmp_path):
+  """Qwen3.5: LoRA on the full-attention k/v/o, the MLPs and the DeltaNet's own projections
+  exports as PEFT files that peft.PeftModel loads onto the transformers model with lm's logits;
+  the projections fused in one HF tensor (q with its gate, DeltaNet q/k/v) are refused in one
+  line."""
+  peft = pytest.importorskip('peft')
+  from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
+  model = make_hf_model('qwen3_5', tmp_path / 'hf')
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'hf')))
+  c.model.lora.update(rank=2, alpha=4.0,
+                      targets=r'layers\.(attn\.(k|v|o)|mlp\.|linear_attn\.(z|b|a|o))')
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  base = hf.load_params(str(tmp_path / 'hf'), spec, shardings)
+  fresh = spec.init(jax.random.key(0))
+  keys = iter(jax.random.split(jax.random.key(1), len(fresh)))
+  params = {n: base.get(n, 0.1 * jax.random.normal(next(keys), v.shape) if n.endswith('lora_b')
+                        else v) for n, v in fresh.items()}
+  peft_io.save_peft(str(tmp_path / 'adapter'), params, c.model)
+  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert sorted(adapter_config['target_modules']) == [
+      'down_proj', 'gate_proj', 'in_proj_a', 'in_proj_b', 'in_proj_z', 'k_proj', 'o_proj',
+      'out_proj', 'up_proj', 'v_proj']
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / 'adapter')).eval()
+  with torch.no_grad():
+    got = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+    with peft_model.disable_adapter():
+      before = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  assert np.max(np.abs(before - expected)) > 0.1  # the adapters matter
+  error = float(np.max(np.abs(got - expected)))
+  print(f'qwen3_5 PEFT: max |dlogit| {error:.2e}')
+  assert error <= 1e-4
+  c.model.lora.targets = r'layers\.attn\.'
+  spec = ModelSpec(c.model)
+  zeros = {n: np.zeros(s.shape, s.dtype) for n, s in spec.shapes.items()}
+  with pytest.raises(CheckpointError, match=r'^PEFT export of LoRA on layers\.attn\.gate is not '
+                                            r'supported for qwen3_5_text: its Hugging Face tensor'):
+    peft_io.save_peft(str(tmp_path / 'refused'), zeros, c.model)
+
+
 def test_llama_attention_bias_imports_q_k_v_and_o_biases(tmp_path):
   """Llama attention_bias puts biases on q, k, v and o; lm reads all four (it used to refuse them, naming only o_proj)."""
   make_hf_model('llama_bias', tmp_path)

@@ -163,3 +163,15 @@ def test_gguf_export_refuses_a_path_in_the_run_or_a_file_that_is_not_gguf(small_
   with pytest.raises(UserError, match='exists and is not an earlier GGUF export; name a new file'):
     pretrained.export_run(str(small_run), str(notes), fmt='gguf')
   assert notes.read_text() == 'mine'
+
+
+def test_every_model_key_is_architecture_or_a_run_setting():
+  """Starting from an lm run carries the keys that describe its weights (pretrained.ARCH_KEYS);
+  a model key added to lm/config.py must be one or the other, or a run started from an lm run of
+  that family would silently build another model."""
+  from lm import config as config_lib  # pylint: disable=import-outside-toplevel
+  run_settings = {'attention', 'compute_dtype', 'lora', 'loss_chunk_size', 'param_dtype', 'quant',
+                  'remat', 'scan_layers'}
+  keys = set(config_lib.model_config().keys())
+  assert keys - set(pretrained.ARCH_KEYS) == run_settings
+  assert set(pretrained.ARCH_KEYS) <= keys

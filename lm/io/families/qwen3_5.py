@@ -74,15 +74,25 @@ def _q_and_gate(m, suffix: str) -> common.Custom:
                        (f'layers.attn.q.{suffix}', f'layers.attn.gate.{suffix}'), to_lm, to_hf)
 
 
-def _linear_attention(m) -> list:
-  out = []
-  for key, (hf_name, to_lm, to_hf) in gated_deltanet.hf_tensors('qwen3_5', m).items():
-    names = key if isinstance(key, tuple) else (key,)
-    names = tuple('layers.linear_attn.' + n for n in names)
-    if not isinstance(key, tuple):
-      to_lm = (lambda f: lambda w: (f(w),))(to_lm)
-    out.append(common.Custom(common.LAYER + 'linear_attn.' + hf_name, names, to_lm, to_hf))
-  return out
+LINEAR = common.LAYER + 'linear_attn.'
+# The DeltaNet projections HF keeps one per tensor: plain table entries, so LoRA on them exports
+# to PEFT under HF's names. q, k and v share one fused in_proj_qkv and the convolution one
+# conv1d: those map through gated_deltanet.hf_tensors.
+LINEAR_MODULES = {'layers.linear_attn.z': LINEAR + 'in_proj_z', 'layers.linear_attn.b': LINEAR + 'in_proj_b',
+                  'layers.linear_attn.a': LINEAR + 'in_proj_a', 'layers.linear_attn.o': LINEAR + 'out_proj'}
+
+
+def _linear_attention(m) -> dict:
+  table = {module + '.kernel': (hf + '.weight', 2 if module.endswith('.o') else 1, None)
+           for module, hf in LINEAR_MODULES.items()}
+  table.update({'layers.linear_attn.A_log': (LINEAR + 'A_log', 0, None),
+                'layers.linear_attn.dt_bias': (LINEAR + 'dt_bias', 0, None),
+                'layers.linear_attn.norm.scale': (LINEAR + 'norm.weight', 0, None)})
+  fused = {k: v for k, v in gated_deltanet.hf_tensors('qwen3_5', m).items() if isinstance(k, tuple)}
+  for key, (hf_name, to_lm, to_hf) in fused.items():
+    names = tuple('layers.linear_attn.' + n for n in key)
+    table[names] = common.Custom(LINEAR + hf_name, names, to_lm, to_hf)
+  return table
 
 
 def tensors(m, shapes: dict) -> dict:
@@ -90,9 +100,10 @@ def tensors(m, shapes: dict) -> dict:
   for name in ('layers.attn.q.kernel', 'layers.attn.q.bias'):
     table.pop(name, None)
   custom = [_q_and_gate(m, 'kernel')] + ([_q_and_gate(m, 'bias')] if m.qkv_bias else [])
-  if any(n.startswith('layers.linear_attn.') for n in shapes):
-    custom += _linear_attention(m)
   table.update({entry.names: entry for entry in custom if entry.names[0] in shapes})
+  if m.layer_types and 'linear' in m.layer_types:
+    table.update({k: v for k, v in _linear_attention(m).items()
+                  if isinstance(k, tuple) or k in shapes})
   return table
 
 
@@ -111,4 +122,5 @@ def unfit(m) -> str | None:
   return next((field for field, ok in checks.items() if not ok), None)
 
 
-FAMILY = common.Family(FAMILY_NAME, ARCHITECTURE, to_lm, to_hf, tensors, unfit)
+FAMILY = common.Family(FAMILY_NAME, ARCHITECTURE, to_lm, to_hf, tensors, unfit,
+                       modules=LINEAR_MODULES)
