@@ -31,10 +31,18 @@ HARDWARE_TAGS = ('needs-gpu', 'needs-tpu', 'needs-slurm')
 TAGS = ('ci',) + HARDWARE_TAGS
 OTHER_LANGUAGES = ('text', 'python')
 
+# The model shrinks too (one layer of width 64: a page claims that its commands run and what they
+# write, not how well the model learns); runs that start from weights (train.init_from) take the
+# shape of those weights whatever these say, so every page's fine-tunes still line up.
 CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.eval_every=4 '
             '--config.train.checkpoint_every=2 --config.train.eval_batches=1 '
-            '--config.train.eval_task_limit=4 --config.data.batch_size=4')
+            '--config.train.eval_task_limit=4 --config.data.batch_size=4 '
+            '--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128')
 CI_EVAL = '--config.limit=4 --config.max_new_tokens=16'
+# `lm bench` and `lm bench finetune` on a one-layer model: the page shows the command and what it
+# prints (lm beside HF transformers), not the figures, which docs/ took at full size.
+CI_BENCH_MODEL = ('--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128 '
+                  '--config.model.vocab_size=512')
 # Pages whose runs cost far more than CI_TRAIN's size alone makes them: overrides appended to
 # CI_TRAIN for that page only.
 CI_TRAIN_FOR_PAGE = {
@@ -47,16 +55,18 @@ CI_TRAIN_FOR_PAGE = {
 PREAMBLE = f'''set -euo pipefail
 CI_TRAIN="{CI_TRAIN}"
 CI_EVAL="{CI_EVAL}"
+CI_BENCH_MODEL="{CI_BENCH_MODEL}"
 lm() {{
   case "$1" in
     train) command lm "$@" $CI_TRAIN ;;
     eval|compare) command lm "$@" $CI_EVAL ;;
     bench)
       case "${{2:-}}" in
-        finetune) command lm "$@" --steps 1 --rounds 1 ;;
+        finetune) command lm "$@" --steps 1 --rounds 1 $CI_BENCH_MODEL ;;
         decode) command lm "$@" --reps 1 ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
-        *) command lm "$@" --steps 2 ;;
+        moe|attention|data|gpu) command lm "$@" --steps 2 ;;
+        *) command lm "$@" --steps 2 $CI_BENCH_MODEL ;;
       esac ;;
     *) command lm "$@" ;;
   esac
