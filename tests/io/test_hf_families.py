@@ -75,12 +75,13 @@ def make_hf_model(family, path):
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
   gen = torch.Generator().manual_seed(1)
-  gemma = family.startswith('gemma')
+  # Gemma's and Qwen3.5's norms multiply by (1 + weight): their weights start near 0.
+  offset_norms = family.startswith('gemma') or family == 'qwen3_5'
   with torch.no_grad():
     for name, p in model.named_parameters():
       is_norm = name.endswith('norm.weight')
       std = 0.3 if is_norm or name.endswith('.bias') else 0.2
-      p.copy_((1.0 if is_norm and not gemma else 0.0) + std * torch.randn(p.shape, generator=gen))
+      p.copy_((1.0 if is_norm and not offset_norms else 0.0) + std * torch.randn(p.shape, generator=gen))
   model.save_pretrained(path)
   return model
 
