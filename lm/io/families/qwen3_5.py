@@ -82,33 +82,43 @@ LINEAR_MODULES = {'layers.linear_attn.z': LINEAR + 'in_proj_z', 'layers.linear_a
                   'layers.linear_attn.a': LINEAR + 'in_proj_a', 'layers.linear_attn.o': LINEAR + 'out_proj'}
 
 
-def _linear_attention(m) -> dict:
-  table = {module + '.kernel': (hf + '.weight', 2 if module.endswith('.o') else 1, None)
-           for module, hf in LINEAR_MODULES.items()}
-  table.update({'layers.linear_attn.A_log': (LINEAR + 'A_log', 0, None),
-                'layers.linear_attn.dt_bias': (LINEAR + 'dt_bias', 0, None),
-                'layers.linear_attn.norm.scale': (LINEAR + 'norm.weight', 0, None)})
-  fused = {k: v for k, v in gated_deltanet.hf_tensors('qwen3_5', m).items() if isinstance(k, tuple)}
+def linear_attention_tensors(m, family: str = 'qwen3_5') -> dict:
+  """The DeltaNet's tensor table: plain entries for the tensors HF keeps one per parameter, the
+  fused ones (conv1d, and in_proj_qkv or Qwen3-Next's in_proj_qkvz/in_proj_ba) as Custom."""
+  table = {'layers.linear_attn.o.kernel': (LINEAR + 'out_proj.weight', 2, None),
+           'layers.linear_attn.A_log': (LINEAR + 'A_log', 0, None),
+           'layers.linear_attn.dt_bias': (LINEAR + 'dt_bias', 0, None),
+           'layers.linear_attn.norm.scale': (LINEAR + 'norm.weight', 0, None)}
+  if family == 'qwen3_5':
+    table.update({module + '.kernel': (hf + '.weight', 1, None)
+                  for module, hf in LINEAR_MODULES.items() if not module.endswith('.o')})
+  fused = {k: v for k, v in gated_deltanet.hf_tensors(family, m).items() if isinstance(k, tuple)}
   for key, (hf_name, to_lm, to_hf) in fused.items():
     names = tuple('layers.linear_attn.' + n for n in key)
     table[names] = common.Custom(LINEAR + hf_name, names, to_lm, to_hf)
   return table
 
 
-def tensors(m, shapes: dict) -> dict:
+def attention_tensors(m, shapes: dict) -> dict:
+  """Llama's table with q_proj holding each head's query and gate (Custom)."""
   table = common.llama_tensors(shapes)
   for name in ('layers.attn.q.kernel', 'layers.attn.q.bias'):
     table.pop(name, None)
   custom = [_q_and_gate(m, 'kernel')] + ([_q_and_gate(m, 'bias')] if m.qkv_bias else [])
   table.update({entry.names: entry for entry in custom if entry.names[0] in shapes})
+  return table
+
+
+def tensors(m, shapes: dict) -> dict:
+  table = attention_tensors(m, shapes)
   if m.layer_types and 'linear' in m.layer_types:
-    table.update({k: v for k, v in _linear_attention(m).items()
+    table.update({k: v for k, v in linear_attention_tensors(m).items()
                   if isinstance(k, tuple) or k in shapes})
   return table
 
 
 def unfit(m) -> str | None:
-  checks = {'mla': not mla_enabled(m), 'attn_output_gate': bool(m.attn_output_gate), 'norm_offset': m.norm_offset == 1.0,
+  checks = {'moe.n_experts': not m.moe.n_experts,'mla': not mla_enabled(m), 'attn_output_gate': bool(m.attn_output_gate), 'norm_offset': m.norm_offset == 1.0,
             'qk_norm': bool(m.qk_norm), 'qk_norm_scope': m.qk_norm_scope == 'head',
             'norm_placement': m.norm_placement == 'pre', 'embed_scale': not m.embed_scale,
             'mlp_activation': m.mlp_activation == 'silu', 'mlp_bias': not m.mlp_bias,
