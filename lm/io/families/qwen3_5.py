@@ -118,7 +118,8 @@ def tensors(m, shapes: dict) -> dict:
 
 
 def unfit(m) -> str | None:
-  checks = {'moe.n_experts': not m.moe.n_experts,'mla': not mla_enabled(m), 'attn_output_gate': bool(m.attn_output_gate), 'norm_offset': m.norm_offset == 1.0,
+  checks = {'moe.n_experts': not m.moe.n_experts, 'mla': not mla_enabled(m),
+            'attn_output_gate': bool(m.attn_output_gate), 'norm_offset': m.norm_offset == 1.0,
             'qk_norm': bool(m.qk_norm), 'qk_norm_scope': m.qk_norm_scope == 'head',
             'norm_placement': m.norm_placement == 'pre', 'embed_scale': not m.embed_scale,
             'mlp_activation': m.mlp_activation == 'silu', 'mlp_bias': not m.mlp_bias,
