@@ -147,6 +147,17 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           implementation='ragged',  # ragged (dropless grouped matmul) | dense (every expert on every token: reference)
           aux_loss_weight=0.01,  # load-balancing loss weight in the objective (HF router_aux_loss_coef)
           z_loss_weight=0.001,  # router z-loss weight (ST-MoE)
+          router='softmax',  # softmax (Mixtral, Qwen3-MoE/Next/3.5) | sigmoid (DeepSeek-V3, GLM-4.5) | topk_softmax (gpt-oss) | topk_sigmoid (Llama 4); lm/model/routers.py
+          router_bias=False,  # a learned bias on the router logits (gpt-oss)
+          n_group=1,  # sigmoid router: experts in n_group groups, tokens pick from topk_group of them
+          topk_group=1,  # groups each token picks its experts from (at most n_group)
+          routed_scaling_factor=1.0,  # the routing weights times this (DeepSeek-V3, GLM-4.5)
+          bias_update_rate=0.0,  # sigmoid router: aux-loss-free balancing step on the correction bias; 0: off
+          shared_dim=0,  # hidden size of a shared expert every token goes through; 0: none
+          shared_gate=False,  # the shared expert's output times sigmoid(x . w) (Qwen3-Next, Qwen3.5-MoE)
+          expert_bias=False,  # biases on every expert's gate/up/down (gpt-oss)
+          swiglu_limit=0.0,  # > 0: gpt-oss's clamped SwiGLU, (clip(up)+1) * g*sigmoid(alpha*g), g clipped
+          swiglu_alpha=1.702,  # the clamped SwiGLU's sigmoid slope (gpt-oss: 1.702)
       )),
       # LoRA adapters on the linear layers whose names match `targets` (docs/finetuning.md).
       lora=ml_collections.ConfigDict(dict(
@@ -457,6 +468,11 @@ SCHEMA = {
     'model.moe.n_experts': NOT_NEGATIVE, 'model.moe.experts_per_token': AT_LEAST_ONE,
     'model.moe.expert_dim': NOT_NEGATIVE, 'model.moe.implementation': Choice(('ragged', 'dense')),
     'model.moe.aux_loss_weight': NOT_NEGATIVE, 'model.moe.z_loss_weight': NOT_NEGATIVE,
+    'model.moe.router': Choice(('softmax', 'sigmoid', 'topk_softmax', 'topk_sigmoid')),
+    'model.moe.n_group': AT_LEAST_ONE, 'model.moe.topk_group': AT_LEAST_ONE,
+    'model.moe.routed_scaling_factor': POSITIVE, 'model.moe.bias_update_rate': NOT_NEGATIVE,
+    'model.moe.shared_dim': NOT_NEGATIVE, 'model.moe.swiglu_limit': NOT_NEGATIVE,
+    'model.moe.swiglu_alpha': POSITIVE,
     'train.eval_task_limit': AT_LEAST_ONE, 'train.early_stopping_patience': AT_LEAST_ONE,
     'train.early_stopping_min_delta': NOT_NEGATIVE,
     'preference.simpo_beta': POSITIVE, 'preference.simpo_gamma': NOT_NEGATIVE,
@@ -557,6 +573,25 @@ def _experts_per_token(c):
   if moe.n_experts and moe.experts_per_token > moe.n_experts:
     return (f'model.moe.experts_per_token={moe.experts_per_token} exceeds model.moe.n_experts='
             f'{moe.n_experts}; route each token to at most every expert')
+
+
+@_rule('a group-limited top-k (`model.moe.n_group` > 1) splits the experts evenly and its '
+       '`topk_group` groups hold at least `experts_per_token` experts')
+def _expert_groups(c):
+  moe = c.model.moe
+  if not moe.n_experts or moe.n_group == 1 and moe.topk_group == 1:
+    return None
+  if moe.router != 'sigmoid':
+    return (f'model.moe.n_group={moe.n_group} limits only the sigmoid router (DeepSeek-V3, '
+            f'GLM-4.5), not model.moe.router={moe.router!r}; set n_group=topk_group=1')
+  per_group = moe.n_experts // moe.n_group
+  if moe.n_experts % moe.n_group or per_group < 2:
+    return (f'model.moe.n_experts={moe.n_experts} does not split into model.moe.n_group='
+            f'{moe.n_group} groups of 2 or more experts (a group scores by its best two)')
+  if moe.topk_group > moe.n_group or moe.topk_group * per_group < moe.experts_per_token:
+    return (f'model.moe.topk_group={moe.topk_group} of {moe.n_group} groups of {per_group} experts '
+            f'cannot hold experts_per_token={moe.experts_per_token}')
+  return None
 
 
 @_rule('`model.lora.targets` is a valid regular expression')

@@ -96,6 +96,7 @@ FREE = {
     'model.layer_types', 'model.mlp_bias', 'model.qk_norm', 'model.attn_out_bias',
     'model.hf_family', 'model.moe.norm_topk_prob', 'model.mlp_types', 'model.rope_layers',
     'model.attn_output_gate', 'model.attn_sinks', 'model.rope_interleaved', 'model.qk_l2_norm',
+    'model.moe.router_bias', 'model.moe.shared_gate', 'model.moe.expert_bias',
     'train.trackers', 'train.tracker_project',  # names checked by lm/train/trackers.py before training
 }
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -161,15 +162,16 @@ def _moe_fields(hf: dict, family: str) -> dict:
   moe = dict(n_experts=int(n_experts), experts_per_token=int(hf['num_experts_per_tok']))
   if family == 'mixtral':
     return dict(moe=dict(moe, expert_dim=hf['intermediate_size'], norm_topk_prob=True))
-  step, dense_layers = hf.get('decoder_sparse_step', 1), hf.get('mlp_only_layers') or []
-  if step != 1 or dense_layers:
-    raise CheckpointError(f'Qwen3MoeForCausalLM with decoder_sparse_step={step}, mlp_only_layers='
-                          f'{dense_layers} (dense MLP layers among the MoE ones) is not supported; '
-                          'lm supports experts in every layer (decoder_sparse_step=1, mlp_only_layers=[])')
+  # Dense MLP layers among the MoE ones, as transformers places them: a layer has experts when
+  # it is not in mlp_only_layers and (i + 1) is a multiple of decoder_sparse_step.
+  step, dense_layers = int(hf.get('decoder_sparse_step', 1) or 1), set(hf.get('mlp_only_layers') or [])
+  kinds = tuple('moe' if i not in dense_layers and (i + 1) % step == 0 else 'dense'
+                for i in range(hf['num_hidden_layers']))
+  mlp_types = {} if set(kinds) == {'moe'} else dict(mlp_types=kinds)
   if hf.get('attention_bias'):
     raise CheckpointError('Qwen3MoeForCausalLM with attention_bias=true is not supported')
   return dict(moe=dict(moe, expert_dim=hf['moe_intermediate_size'],
-                      norm_topk_prob=bool(hf.get('norm_topk_prob', False))))
+                      norm_topk_prob=bool(hf.get('norm_topk_prob', False))), **mlp_types)
 
 
 def _moe_family(m) -> str:
@@ -204,10 +206,17 @@ def _unfit(m, family: str) -> str | None:
       'final_logit_softcap': not m.final_logit_softcap or family in ('gemma2', 'gemma3_text'),
       # What only the families in lm/io/families/ have.
       'layer_types': set(m.layer_types) <= {'sliding', 'full'},
-      'mlp_types': not m.mlp_types, 'rope_layers': not m.rope_layers or all(m.rope_layers),
+      'mlp_types': not m.mlp_types or family == 'qwen3_moe', 'rope_layers': not m.rope_layers or all(m.rope_layers),
       'partial_rotary_factor': m.partial_rotary_factor == 1.0,
       'attn_output_gate': not m.attn_output_gate, 'qk_norm_scope': m.qk_norm_scope == 'head',
       'mla': not mla_enabled(m),
+      # Mixtral and Qwen3-MoE route by softmax, with no shared expert and no biases.
+      **({} if not n_experts(m) else {
+          'moe.router': m.moe.get('router', 'softmax') == 'softmax',
+          'moe.shared_dim': not m.moe.get('shared_dim'), 'moe.router_bias': not m.moe.get('router_bias'),
+          'moe.expert_bias': not m.moe.get('expert_bias'),
+          'moe.swiglu_limit': not m.moe.get('swiglu_limit'),
+          'moe.routed_scaling_factor': m.moe.get('routed_scaling_factor', 1.0) == 1.0}),
   }
   return next((field for field, ok in fits.items() if not ok), None)
 
@@ -315,7 +324,8 @@ def _moe_hf_config(m, family: str) -> dict:
   if family == 'mixtral':
     return dict(out, intermediate_size=F, sliding_window=m.sliding_window or None)
   return dict(out, num_experts=m.moe.n_experts, moe_intermediate_size=F,
-              norm_topk_prob=bool(m.moe.norm_topk_prob), decoder_sparse_step=1, mlp_only_layers=[],
+              norm_topk_prob=bool(m.moe.norm_topk_prob), decoder_sparse_step=1,
+              mlp_only_layers=[i for i, t in enumerate(m.mlp_types) if t == 'dense'],
               attention_bias=False, use_sliding_window=False, sliding_window=None)
 
 
@@ -480,8 +490,9 @@ def read_stacked(reader, names, shape, layout, dtype, stacked, rows=None):
   return read
 
 
-def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
-  """expected: {HF name: (shape, lm name)}. Errors name the first offending tensor."""
+def check_tensors(reader, expected: dict, source: str, tied: bool, ignored: str = '') -> None:
+  """expected: {HF name: (shape, lm name)}; `ignored`: a regex of tensors the family's
+  transformers class skips. Errors name the first offending tensor."""
   for name, (shape, lm_name) in expected.items():
     if name not in reader:
       raise CheckpointError(f'{source}: tensor {name!r} is missing (needed for lm parameter '
@@ -491,7 +502,7 @@ def check_tensors(reader, expected: dict, source: str, tied: bool) -> None:
       raise CheckpointError(f'{source}: tensor {name!r} has shape {tuple(reader.shape(name))}, but '
                             f'the config implies {tuple(shape)} (lm parameter {lm_name!r})')
   unknown = [n for n in reader.names() if n not in expected and not n.endswith(IGNORED_SUFFIXES)
-             and not (tied and n == 'lm_head.weight')]
+             and not (tied and n == 'lm_head.weight') and not (ignored and re.match(ignored, n))]
   if unknown:
     raise CheckpointError(f'{source}: tensor {unknown[0]!r} has no place in this model '
                           f'({len(unknown)} unknown tensors; an unsupported architecture variant?)')
@@ -502,7 +513,8 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   reader = Reader(path)
   moe = n_experts(spec.cfg)
   # The file layout is the directory's own (config.json's model_type), whatever the run calls it.
-  table = param_map(spec.shapes, read_config(path).get('model_type', 'llama'), spec.cfg)
+  model_type = read_config(path).get('model_type', 'llama')
+  table = param_map(spec.shapes, model_type, spec.cfg)
   table, custom = _plain(table), _custom(table)
   shapes = {n: s.shape for n, s in spec.shapes.items()}
   expected, plan = {}, {}
@@ -518,7 +530,9 @@ def load_params(path: str, spec, shardings: dict) -> dict:
     one = hf_shape(shape[stacked:], layout)
     expected.update({n: ((total, *one[1:]), name) for n in names})
     plan[name] = (names, stacked, layout, rows)
-  check_tensors(reader, expected, path, spec.cfg.tie_embeddings)
+  family = REGISTRY.get(model_type)
+  check_tensors(reader, expected, path, spec.cfg.tie_embeddings,
+                family.ignored(spec.cfg) if family and family.ignored else '')
   params = {}
   for name, (names, stacked, layout, rows) in plan.items():
     shape, dtype = spec.shapes[name].shape, spec.shapes[name].dtype

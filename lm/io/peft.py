@@ -3,18 +3,30 @@
 `save_peft` writes adapter_config.json + adapter_model.safetensors that
 `peft.PeftModel.from_pretrained(hf_base, path)` loads onto the exported HF base; `load_peft`
 reads such a directory (from lm or from PEFT) into adapter entries and the lm lora config.
+
+Adapters on experts go out as PEFT's `target_parameters` (PEFT >= 0.17): transformers holds a
+layer's experts as two 3-D parameters, `mlp.experts.gate_up_proj` [E, 2F, D] and `down_proj`
+[E, D, F], and PEFT adapts each with lora_A [E·r, in] (expert-major rows) and lora_B [out, r·E]
+(rank-major columns). lm's separate gate and up adapters (rank r each) are one exact rank-2r
+adapter on gate_up_proj: A stacks both, B is block-diagonal, and `rank_pattern`/`alpha_pattern`
+give it rank 2r at the same scale. PEFT wraps gate_up_proj first, so with both adapted its
+tensors are `experts.base_layer.lora_*` and down_proj's `experts.lora_*`. PEFT has no adapter
+dropout on parameters: such an export says lora_dropout 0 (dropout only acts in training).
+For the same families PEFT rewrites target_modules gate_proj/up_proj/down_proj into the
+experts' parameters, so adapters on their dense MLP layers or shared experts are refused.
+Reading expert adapters back from PEFT is not built.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
 import jax
 import numpy as np
 
-from lm.config import n_experts
 from lm.errors import CheckpointError, read_json
 from lm.io import hf
 from lm.io.families import REGISTRY
@@ -31,9 +43,9 @@ _HF_SHORT = {module: hf_module.rsplit('.', 1)[-1] for module, hf_module in _ALL_
 
 # Families whose dense MLP names PEFT (0.21) takes for Mixture-of-Experts weights: for these
 # model types it rewrites target_modules gate_proj/up_proj/down_proj into the experts' fused
-# parameters (peft/utils/transformers_weight_conversion.py), so adapters on a dense MLP would
-# silently not load.
-PEFT_MLP_AS_EXPERTS = ('deepseek_v3',)
+# parameters (peft/utils/transformers_weight_conversion.py: Mixtral and every model type it maps
+# to qwen2_moe), so adapters on a dense MLP or a shared expert would silently not load.
+PEFT_MLP_AS_EXPERTS = ('deepseek_v3', 'glm4_moe', 'qwen3_moe', 'mixtral')
 
 
 def _family(model_cfg) -> str:
@@ -62,11 +74,69 @@ def _hf_module(module: str, model_cfg) -> str:
   return hf.MODULES[module]
 
 
+# Families whose transformers experts are mlp.experts.{gate_up_proj [E, 2F, D], down_proj [E, D, F]}.
+PEFT_EXPERT_FAMILIES = ('mixtral', 'qwen3_moe', 'glm4_moe')
+EXPERTS = 'model.layers.{i}.mlp.experts'
+EXPERT_MODULES = ('layers.moe.gate', 'layers.moe.up', 'layers.moe.down')
+
+
 def _peft_names(module: str, model_cfg) -> list[str]:
   """PEFT's module names for lm module `module`: one per row of its stack (its model layers)."""
   base = PEFT_PREFIX + _hf_module(module, model_cfg)
   layers = stack_lib.layer_rows(model_cfg, module)
   return [base] if layers is None else [base.format(i=i) for i in layers]
+
+
+def _to_peft_experts(a_ELIr, b_ErO):
+  """lm's per-expert A [E, in, r] and B [E, r, out] -> PEFT's lora_A [E·r, in] (row e·r + j) and
+  lora_B [out, r·E] (column j·E + e)."""
+  E, n_in, r = a_ELIr.shape
+  return (np.ascontiguousarray(a_ELIr.transpose(0, 2, 1).reshape(E * r, n_in)),
+          np.ascontiguousarray(b_ErO.transpose(2, 1, 0).reshape(b_ErO.shape[-1], r * E)))
+
+
+def _expert_tensors(adapter: dict, experts: list, model_cfg) -> tuple[dict, dict]:
+  """(PEFT tensors, adapter_config fields) of the expert adapters."""
+  lora = model_cfg.lora
+  r = int(lora.rank)
+  scale = lora.alpha / (math.sqrt(r) if lora.rslora else r)
+  get = lambda m, kind: hf.host(adapter[f'{m}.{kind}']) if m in experts else None
+  layers = stack_lib.layer_rows(model_cfg, experts[0])
+  tensors, targets = {}, []
+  both = ('layers.moe.down' in experts) and len(experts) > 1
+  if {'layers.moe.gate', 'layers.moe.up'} & set(experts):
+    ref = get(next(m for m in experts if m != 'layers.moe.down'), 'lora_a')
+    a_gate, a_up = (get(m, 'lora_a') for m in ('layers.moe.gate', 'layers.moe.up'))
+    b_gate, b_up = (get(m, 'lora_b') for m in ('layers.moe.gate', 'layers.moe.up'))
+    L, E, D, _ = ref.shape
+    F = (b_gate if b_gate is not None else b_up).shape[-1]
+    zeros_a, zeros_b = np.zeros((L, E, D, r), ref.dtype), np.zeros((L, E, r, F), ref.dtype)
+    a_cat = np.concatenate([zeros_a if a_gate is None else a_gate,
+                            zeros_a if a_up is None else a_up], axis=-1)  # [L, E, D, 2r]
+    b_cat = np.zeros((L, E, 2 * r, 2 * F), ref.dtype)  # block-diagonal: gate rows, then up
+    if b_gate is not None:
+      b_cat[:, :, :r, :F] = b_gate
+    if b_up is not None:
+      b_cat[:, :, r:, F:] = b_up
+    wrapper = '.base_layer' if both else ''
+    for row, i in enumerate(layers):
+      name = PEFT_PREFIX + EXPERTS.format(i=i) + wrapper
+      tensors[name + '.lora_A.weight'], tensors[name + '.lora_B.weight'] = _to_peft_experts(
+          a_cat[row], b_cat[row])
+    targets.append('mlp.experts.gate_up_proj')
+  if 'layers.moe.down' in experts:
+    a, b = get('layers.moe.down', 'lora_a'), get('layers.moe.down', 'lora_b')
+    for row, i in enumerate(layers):
+      name = PEFT_PREFIX + EXPERTS.format(i=i)
+      tensors[name + '.lora_A.weight'], tensors[name + '.lora_B.weight'] = _to_peft_experts(
+          a[row], b[row])
+    targets.append('mlp.experts.down_proj')
+  fields = {'target_parameters': targets, 'lora_dropout': 0.0}
+  if 'mlp.experts.gate_up_proj' in targets:  # rank 2r at the scale lm's rank-r adapters have
+    fields.update(rank_pattern={'mlp.experts.gate_up_proj': 2 * r},
+                  alpha_pattern={'mlp.experts.gate_up_proj':
+                                 scale * (math.sqrt(2 * r) if lora.rslora else 2 * r)})
+  return tensors, fields
 
 
 def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> None:
@@ -77,21 +147,23 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
   if model_cfg.get('hf_family') in hf.FUSED:
     raise CheckpointError(f'PEFT adapters for {model_cfg.hf_family} (fused qkv_proj and '
                           'gate_up_proj) are not supported; export the merged model instead')
-  experts = [m for m in modules(adapter) if m.startswith('layers.moe.')]
-  if experts and n_experts(model_cfg):
-    raise CheckpointError(f'PEFT export of LoRA on experts ({experts[0]}) is not supported; merge '
-                          'them (lm export without --adapters-only) or adapt only attention '
-                          r"(model.lora.targets='layers\.attn\.')")
-  mlp = [m for m in modules(adapter) if m.startswith('layers.mlp.')]
-  if mlp and _family(model_cfg) in PEFT_MLP_AS_EXPERTS:
+  experts = [m for m in modules(adapter) if m in EXPERT_MODULES]
+  others = [m for m in modules(adapter) if m not in EXPERT_MODULES]
+  family = _family(model_cfg)
+  if experts and family not in PEFT_EXPERT_FAMILIES:
+    raise CheckpointError(f'PEFT export of LoRA on experts ({experts[0]}) is not supported for '
+                          f'{family or "this model"}; merge them (lm export without '
+                          "--adapters-only) or adapt only attention (model.lora.targets="
+                          r"'layers\.attn\.')")
+  mlp = [m for m in others if m.startswith(('layers.mlp.', 'layers.moe.shared.'))]
+  if mlp and family in PEFT_MLP_AS_EXPERTS:
     raise CheckpointError(f'PEFT export of LoRA on {mlp[0]} is not supported for '
-                          f'{_family(model_cfg)}: PEFT loads its gate_proj/up_proj/down_proj as '
+                          f'{family}: PEFT loads its gate_proj/up_proj/down_proj as '
                           "experts' weights and would drop these adapters; merge them (lm export "
-                          r"without --adapters-only) or adapt only attention (model.lora.targets='layers\.attn\.')")
+                          r"without --adapters-only) or adapt only attention and experts (model.lora.targets='layers\.(attn|moe\.(gate|up|down))')")
   lora_cfg = model_cfg.lora
-  os.makedirs(path, exist_ok=True)
-  tensors = {}
-  for module in modules(adapter):
+  tensors, config_extra = _expert_tensors(adapter, experts, model_cfg) if experts else ({}, {})
+  for module in others:
     a, b = hf.host(adapter[module + '.lora_a']), hf.host(adapter[module + '.lora_b'])
     names = _peft_names(module, model_cfg)
     a_layers = a if module.startswith('layers.') else a[None]
@@ -104,10 +176,11 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'base_model_name_or_path': base_model or None,
       'r': int(lora_cfg.rank), 'lora_alpha': float(lora_cfg.alpha),
       'lora_dropout': float(lora_cfg.dropout), 'use_rslora': bool(lora_cfg.rslora),
-      'target_modules': sorted({_hf_module(m, model_cfg).rsplit('.', 1)[-1]
-                                for m in modules(adapter)}), 'bias': 'none',
+      'target_modules': sorted({_hf_module(m, model_cfg).rsplit('.', 1)[-1] for m in others}),
+      'bias': 'none',
       'fan_in_fan_out': False, 'modules_to_save': None, 'init_lora_weights': True,
-      'inference_mode': True, 'use_dora': False}
+      'inference_mode': True, 'use_dora': False, **config_extra}
+  os.makedirs(path, exist_ok=True)
   if jax.process_index() == 0:
     write(os.path.join(path, 'adapter_model.safetensors'), tensors, {'format': 'pt'})
     with open(os.path.join(path, 'adapter_config.json'), 'w', encoding='utf-8') as f:
@@ -118,6 +191,10 @@ def lora_config_from_peft(config: dict) -> dict:
   """adapter_config.json -> lm `model.lora` fields (errors for what lm cannot represent)."""
   if config.get('peft_type', 'LORA') != 'LORA':
     raise CheckpointError(f'peft_type {config.get("peft_type")!r} is not LoRA')
+  if config.get('target_parameters'):
+    raise CheckpointError(f'PEFT adapter on parameters ({config["target_parameters"][0]}: LoRA on '
+                          'experts) cannot be read into lm yet; lm exports these but does not '
+                          'import them')
   for key, ok in (('use_dora', False), ('bias', 'none'), ('fan_in_fan_out', False)):
     if config.get(key, ok) not in (ok, None):
       raise CheckpointError(f'PEFT adapter with {key}={config[key]!r} is not supported')

@@ -40,7 +40,9 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'attention_chunk_size', 'attn_output_gate', 'attn_sinks', 'qk_l2_norm', 'qk_norm_scope',
              'attn_temperature_floor_scale', 'attn_temperature_scale', 'linear_attn')
 # Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
-MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob')
+MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob', 'router',
+                 'router_bias', 'n_group', 'topk_group', 'routed_scaling_factor', 'shared_dim',
+                 'shared_gate', 'expert_bias', 'swiglu_limit', 'swiglu_alpha')
 
 kind = runs.kind  # 'lm', 'hf' or 'gguf'
 

@@ -1,10 +1,12 @@
-"""Mixture-of-Experts feed-forward: a router sends each token to k of E gated-MLP experts.
+"""Mixture-of-Experts feed-forward: a router sends each token to k of E gated-MLP experts, and
+optionally every token also through a shared expert.
 
-Routing, as each family computes it (softmax over all E router logits, then the top k):
-  Mixtral    the k weights are renormalised to sum to 1;
-  Qwen3-MoE  renormalised only when its config sets `norm_topk_prob`, else the raw probabilities.
-`model.moe.norm_topk_prob` is that one difference. Router logits and probabilities are float32
-whatever the compute dtype: in bfloat16 the top-k choice flips between near-equal experts.
+Routing is each family's own (lm/model/routers.py: softmax, sigmoid with a correction bias and
+group-limited top-k, top-k then softmax, top-k then sigmoid). The experts are SwiGLU (GeGLU with
+gelu_tanh), with biases and gpt-oss's clamped SwiGLU when `model.moe.expert_bias` /
+`swiglu_limit` ask. A shared expert (`shared_dim` > 0) is a dense gated MLP added to the routed
+output, times sigmoid(x · w) with `shared_gate` (Qwen3-Next, Qwen3.5-MoE); DeepSeek-V3 and
+GLM-4.5's n_shared_experts are one such MLP n times as wide, as transformers builds them.
 
 Dropless: every token reaches all k of its experts, whatever the load. The N·k (token, expert)
 copies are sorted by expert and each expert's SwiGLU runs on its contiguous group in one grouped
@@ -13,8 +15,10 @@ summed with their routing weights. `implementation='dense'` runs every expert on
 weights the results by the (sparse) routing weights: the same function at E/k times the FLOPs,
 kept as the reference the grouped path is tested against.
 
-Router statistics per layer feed the two auxiliary losses (lm/train/objectives.py):
-  load balancing (Switch Transformer, as HF `load_balancing_loss_func` computes it over all layers):
+Router statistics per layer feed the two auxiliary losses (lm/train/objectives.py) and the
+aux-loss-free balancing of the sigmoid router's correction bias (lm/train/balancing.py):
+  load balancing (Switch Transformer, as HF `load_balancing_loss_func` computes it over all layers,
+      from the softmax of the router logits whatever the router):
       E · sum_e f_e · P_e, f_e = share of the N·k assignments that went to expert e (mean over
       layers), P_e = mean router probability of expert e (mean over tokens and layers);
   router z-loss (ST-MoE): mean over tokens and layers of logsumexp(router logits)^2.
@@ -34,22 +38,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.model import precision
+from lm.model import precision, routers
+from lm.model.mixers.mlp import MLP
 
 ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 
 
 def _param(rngs, init, shape, axes, dtype):
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
-
-
-def route(router_logits_NE, k: int, norm_topk_prob: bool):
-  """(probabilities [N, E], top-k weights [N, k], top-k expert ids [N, k]), all float32 but ids."""
-  probs_NE = jax.nn.softmax(router_logits_NE.astype(jnp.float32), axis=-1)
-  weights_Nk, experts_Nk = jax.lax.top_k(probs_NE, k)
-  if norm_topk_prob:
-    weights_Nk = weights_Nk / jnp.sum(weights_Nk, axis=-1, keepdims=True)
-  return probs_NE, weights_Nk, experts_Nk
 
 
 def router_stats(router_logits_NE, probs_NE, experts_Nk, mask_N):
@@ -66,10 +62,12 @@ def router_stats(router_logits_NE, probs_NE, experts_Nk, mask_N):
 
 def router_losses(stats) -> dict:
   """Per-layer stats stacked [L, ...] -> {'load_balancing', 'router_z'} scalars (HF's formula:
-  fractions and probabilities averaged over layers first, then multiplied)."""
+  fractions and probabilities averaged over layers first, then multiplied) and each layer's
+  'expert_load' [L, E]."""
   f_E = jnp.mean(stats['expert_fraction'], axis=0)
   p_E = jnp.mean(stats['router_prob'], axis=0)
-  return {'load_balancing': f_E.shape[-1] * jnp.sum(f_E * p_E), 'router_z': jnp.mean(stats['z'])}
+  return {'load_balancing': f_E.shape[-1] * jnp.sum(f_E * p_E), 'router_z': jnp.mean(stats['z']),
+          'expert_load': stats['expert_fraction']}  # [L, E]: the correction bias's update reads it
 
 
 class ExpertLinear(nnx.Module):
@@ -79,12 +77,15 @@ class ExpertLinear(nnx.Module):
   so the default targets adapt every expert. B starts at zero: an adapted model starts as its base.
   """
 
-  def __init__(self, n_experts, d_in, d_out, in_axis, out_axis, *, name, cfg, rngs):
+  def __init__(self, n_experts, d_in, d_out, in_axis, out_axis, *, name, cfg, rngs,
+               use_bias=False):
     self.compute_dtype = jnp.dtype(cfg.compute_dtype)
     dtype = jnp.dtype(cfg.param_dtype)
     E = n_experts
     self.kernel = _param(rngs, nnx.initializers.normal(stddev=d_in ** -0.5), (E, d_in, d_out),
                          ('expert', in_axis, out_axis), dtype)
+    self.bias = (_param(rngs, nnx.initializers.zeros, (E, d_out), ('expert', out_axis), dtype)
+                 if use_bias else None)
     lora = cfg.lora
     self.lora_rank = lora.rank if lora.rank and re.search(lora.targets, name) else 0
     if self.lora_rank:
@@ -113,14 +114,17 @@ class ExpertLinear(nnx.Module):
     return kernel, cast(self.lora_a), (self.lora_b[...] * self.lora_scale).astype(
         self.compute_dtype)
 
-  def grouped(self, x_MI, group_sizes_E):
-    """x_MI sorted by expert (group e: group_sizes_E[e] rows) -> [M, out], each row by its expert."""
+  def grouped(self, x_MI, group_sizes_E, experts_M):
+    """x_MI sorted by expert (group e: group_sizes_E[e] rows; row m is expert experts_M[m]'s)
+    -> [M, out], each row by its expert."""
     w, a, b = self._weights()
     x_MI = x_MI.astype(self.compute_dtype)
     y = jax.lax.ragged_dot(x_MI, w, group_sizes_E)
     if a is not None:
       h_Mr = jax.lax.ragged_dot(self._adapter_input(x_MI), a, group_sizes_E)
       y = y + jax.lax.ragged_dot(h_Mr, b, group_sizes_E)
+    if self.bias is not None:
+      y = y + jnp.take(self.bias[...].astype(self.compute_dtype), experts_M, axis=0)
     return y
 
   def dense(self, x):
@@ -132,64 +136,117 @@ class ExpertLinear(nnx.Module):
     if a is not None:
       h_NEr = jnp.einsum(spec.replace('o', 'r'), self._adapter_input(x), a)
       y = y + jnp.einsum('ner,ero->neo', h_NEr, b)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.compute_dtype)
     return y
 
 
 class MoE(nnx.Module):
-  """Router [D, E] (no adapter: train it through a partition) and E gated-MLP experts."""
+  """Router [D, E] (no adapter: train it through a partition), E gated-MLP experts and an optional
+  shared expert. The sigmoid router's `correction_bias` [E] is not trained by the gradient: the
+  train step moves it (lm/train/balancing.py), so every partition leaves it frozen."""
 
   stack_name = 'moe'
 
   def __init__(self, cfg, *, rngs):
-    D, E = cfg.d_model, cfg.moe.n_experts
-    F = cfg.moe.expert_dim or cfg.mlp_dim
+    moe = cfg.moe
+    D, E = cfg.d_model, moe.n_experts
+    F = moe.expert_dim or cfg.mlp_dim
+    dtype = jnp.dtype(cfg.param_dtype)
     self.router = _param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D, E), ('embed', None),
-                         jnp.dtype(cfg.param_dtype))
-    experts = functools.partial(ExpertLinear, E, cfg=cfg, rngs=rngs)
+                         dtype)
+    self.kind = moe.get('router', 'softmax')
+    self.router_bias = (_param(rngs, nnx.initializers.zeros, (E,), (None,), dtype)
+                        if moe.get('router_bias') else None)
+    self.correction_bias = (_param(rngs, nnx.initializers.zeros, (E,), (None,), jnp.float32)
+                            if self.kind == 'sigmoid' else None)
+    experts = functools.partial(ExpertLinear, E, cfg=cfg, rngs=rngs,
+                                use_bias=bool(moe.get('expert_bias')))
     self.gate = experts(D, F, 'embed', 'mlp', name='layers.moe.gate')
     self.up = experts(D, F, 'embed', 'mlp', name='layers.moe.up')
     self.down = experts(F, D, 'mlp', 'embed', name='layers.moe.down')
-    self.k = cfg.moe.experts_per_token
-    self.norm_topk_prob = cfg.moe.norm_topk_prob
-    self.implementation = cfg.moe.implementation
+    shared_dim = moe.get('shared_dim', 0)
+    self.shared = (MLP(cfg, rngs=rngs, hidden=shared_dim, name='layers.moe.shared', bias=False)
+                   if shared_dim else None)
+    self.shared_gate = (_param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D,), ('embed',),
+                               dtype) if shared_dim and moe.get('shared_gate') else None)
+    self.k = moe.experts_per_token
+    self.route_args = dict(norm_topk_prob=moe.norm_topk_prob, n_group=moe.get('n_group', 1),
+                           topk_group=moe.get('topk_group', 1),
+                           scale=moe.get('routed_scaling_factor', 1.0))
+    self.implementation = moe.implementation
     self.activation = cfg.mlp_activation
+    self.swiglu = (moe.get('swiglu_limit', 0.0), moe.get('swiglu_alpha', 1.702))
+
+  def _glu(self, g, u):
+    """The experts' gated activation: act(g) * u, or gpt-oss's clamped SwiGLU (its limit keeps
+    large activations from overflowing in low precision)."""
+    limit, alpha = self.swiglu
+    if not limit:
+      return ACTIVATIONS[self.activation](g) * u
+    g = jnp.minimum(g, limit)
+    u = jnp.clip(u, -limit, limit)
+    return (u + 1) * (g * jax.nn.sigmoid(g * alpha))
 
   def __call__(self, x_BTD, ctx=None):
-    """-> (y [B, T, D], this layer's router stats for the auxiliary losses). Tokens of segment
-    id 0 (padding, in ctx.segment_ids_BT) count in no statistic."""
+    """-> (y [B, T, D], this layer's router stats for the auxiliary losses and the bias update).
+    Tokens of segment id 0 (padding, in ctx.segment_ids_BT) count in no statistic."""
     segment_ids_BT = None if ctx is None else ctx.segment_ids_BT
     mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D)
     logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.router[...].astype(jnp.float32))
-    probs_NE, weights_Nk, experts_Nk = route(logits_NE, self.k, self.norm_topk_prob)
+    if self.router_bias is not None:
+      logits_NE = logits_NE + self.router_bias[...].astype(jnp.float32)
+    correction = None if self.correction_bias is None else self.correction_bias[...]
+    weights_Nk, experts_Nk = routers.route(self.kind, logits_NE, self.k, correction_E=correction,
+                                           **self.route_args)
     mask_N = jnp.ones((B * T,), bool) if mask_BT is None else mask_BT.reshape(-1)
+    probs_NE = jax.nn.softmax(logits_NE, axis=-1)
     stats = router_stats(logits_NE, probs_NE, experts_Nk, mask_N)
+    on_input = self.kind in routers.INPUT_WEIGHTED
     if self.implementation == 'dense':
-      y_ND = self._dense(x_ND, weights_Nk, experts_Nk)
+      y_ND = self._dense(x_ND, weights_Nk, experts_Nk, on_input)
     else:
-      y_ND = self._grouped(x_ND, weights_Nk, experts_Nk)
+      y_ND = self._grouped(x_ND, weights_Nk, experts_Nk, on_input)
+    if self.shared is not None:
+      shared_ND = self.shared(x_ND, ctx)[0].astype(jnp.float32)
+      if self.shared_gate is not None:
+        gate_N = jnp.dot(x_ND.astype(jnp.float32), self.shared_gate[...].astype(jnp.float32))
+        shared_ND = jax.nn.sigmoid(gate_N)[:, None] * shared_ND
+      y_ND = y_ND + shared_ND
     return y_ND.reshape(B, T, D).astype(x_BTD.dtype), stats
 
-  def _grouped(self, x_ND, weights_Nk, experts_Nk):
+  def _grouped(self, x_ND, weights_Nk, experts_Nk, on_input):
     N, k = experts_Nk.shape
     E = self.router.shape[-1]
     flat_M = experts_Nk.reshape(-1)
     order_M = jnp.argsort(flat_M, stable=True)  # copies grouped by expert
     group_sizes_E = jnp.bincount(flat_M, length=E).astype(jnp.int32)
+    experts_M = flat_M[order_M]
     x_MD = jnp.take(x_ND, order_M // k, axis=0)
-    act = ACTIVATIONS[self.activation]
-    h_MF = act(self.gate.grouped(x_MD, group_sizes_E)) * self.up.grouped(x_MD, group_sizes_E)
-    y_MD = self.down.grouped(h_MF, group_sizes_E)
+    if on_input:  # Llama 4: the expert sees the weighted token, its output is summed as is
+      x_MD = x_MD * jnp.take(weights_Nk.reshape(-1), order_M)[:, None].astype(x_MD.dtype)
+    h_MF = self._glu(self.gate.grouped(x_MD, group_sizes_E, experts_M),
+                     self.up.grouped(x_MD, group_sizes_E, experts_M))
+    y_MD = self.down.grouped(h_MF, group_sizes_E, experts_M)
     # Un-sort with a gather (its transpose is the only scatter), then weight and sum the k copies.
-    y_NkD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(N, k, -1)
-    return jnp.einsum('nkd,nk->nd', y_NkD.astype(jnp.float32), weights_Nk)
+    y_NkD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(N, k, -1).astype(jnp.float32)
+    if on_input:
+      return jnp.sum(y_NkD, axis=1)
+    return jnp.einsum('nkd,nk->nd', y_NkD, weights_Nk)
 
-  def _dense(self, x_ND, weights_Nk, experts_Nk):
+  def _dense(self, x_ND, weights_Nk, experts_Nk, on_input):
     E = self.router.shape[-1]
-    act = ACTIVATIONS[self.activation]
-    h_NEF = act(self.gate.dense(x_ND)) * self.up.dense(x_ND)
+    chosen_NkE = jax.nn.one_hot(experts_Nk, E, dtype=jnp.float32)
+    weights_NE = jnp.sum(chosen_NkE * weights_Nk[..., None], axis=1)
+    if on_input:
+      # Every expert sees x times its weight (0 when unchosen); a biased expert maps 0 to no 0,
+      # so the unchosen ones are masked out below as well.
+      x_NED = x_ND[:, None, :] * weights_NE[..., None].astype(x_ND.dtype)
+      h_NEF = self._glu(self.gate.dense(x_NED), self.up.dense(x_NED))
+      weights_NE = jnp.sum(chosen_NkE, axis=1)
+    else:
+      h_NEF = self._glu(self.gate.dense(x_ND), self.up.dense(x_ND))
     y_NED = self.down.dense(h_NEF)
-    weights_NE = jnp.sum(jax.nn.one_hot(experts_Nk, E, dtype=jnp.float32) * weights_Nk[..., None],
-                         axis=1)
     return jnp.einsum('ned,ne->nd', y_NED.astype(jnp.float32), weights_NE)

@@ -29,7 +29,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lm.train import rundir
 from lm.errors import CheckpointError
-from lm.train.partition import TRAINABLE
+from lm.train.partition import NOT_TRAINED, TRAINABLE
 from lm.train.state import TrainState, abstract_with_shardings
 
 FORMAT = 1
@@ -102,13 +102,18 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def _saved(self, name: str) -> bool:
+    """Whether a partial checkpoint holds parameter `name`: the trained ones and those the step
+    moves outside the gradient (the MoE correction bias), which no base weights hold."""
+    return self.labels[name] == TRAINABLE or name in NOT_TRAINED
+
   def _partial(self) -> bool:
-    return self.labels is not None and any(v != TRAINABLE for v in self.labels.values())
+    return self.labels is not None and not all(self._saved(k) for k in self.labels)
 
   def _saved_part(self, state: TrainState) -> TrainState:
     if not self._partial():
       return state
-    return state.replace(params={k: v for k, v in state.params.items() if self.labels[k] == TRAINABLE})
+    return state.replace(params={k: v for k, v in state.params.items() if self._saved(k)})
 
   def save(self, step: int, state: TrainState, data_state: dict, *, force: bool = False) -> None:
     """Starts writing `step`; with async saving, returns once the arrays are copied off device."""
@@ -158,8 +163,7 @@ class Checkpointer:
         raise CheckpointError(f'checkpoint step {step} holds only the trained parameters of a '
                               'partial run; restore it with the run\'s config (train.trainable, '
                               'train.init_from)')
-      target = target.replace(params={k: v for k, v in target.params.items()
-                                      if self.labels[k] == TRAINABLE})
+      target = target.replace(params={k: v for k, v in target.params.items() if self._saved(k)})
       self._check_base(meta, step)
     self._check_fits(step, target)
     try:
@@ -170,7 +174,7 @@ class Checkpointer:
     state = restored.state
     if partial:
       state = state.replace(params={**{k: v for k, v in base_params.items()
-                                       if self.labels[k] != TRAINABLE}, **state.params})
+                                       if not self._saved(k)}, **state.params})
     return state, restored.data
 
   def read_meta(self, step: int) -> dict:

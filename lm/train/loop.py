@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lm import config as config_lib
 from lm.model import stack as stack_lib
 from lm.train import flops as flops_lib
-from lm.train import identity, objectives, optim, partition, preemption, rundir
+from lm.train import balancing, identity, objectives, optim, partition, preemption, rundir
 from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
@@ -75,7 +75,8 @@ class Trainer:
     self.step = sharding_lib.InMesh(jax.jit(
         traced_in(make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
                                   cfg.train.microbatches, seed=cfg.train.seed,
-                                  spike_zscore=cfg.train.spike_zscore)),
+                                  spike_zscore=cfg.train.spike_zscore,
+                                  state_update=balancing.from_config(self.spec.cfg))),
         in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0), self.mesh)
     self.eval_step = sharding_lib.InMesh(
@@ -178,7 +179,8 @@ def make_checkpointer(cfg, workdir: str, labels: dict) -> Checkpointer:
 def restore(trainer: Trainer, ckpt: Checkpointer):
   """(state, data_state) from the latest readable checkpoint; frozen parameters from the base."""
   base = trainer.init_state().params if any(
-      v != partition.TRAINABLE for v in trainer.labels.values()) else None
+      v != partition.TRAINABLE and k not in partition.NOT_TRAINED
+      for k, v in trainer.labels.items()) else None
   return ckpt.restore(trainer.abstract_state, trainer.shardings, base_params=base)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.errors import ConfigError
-from lm.train import losses
+from lm.train import balancing, losses
 
 
 class Policy(NamedTuple):
@@ -330,13 +330,16 @@ def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef
       'ratio': token_mean(ratio_BT)}
 
 
-def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: float):
+def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: float,
+                       expert_load: bool = False):
   """`objective` plus the Mixture-of-Experts router losses (lm/model/moe.py) the model recorded
   while the objective ran: aux_loss_weight * load balancing + z_loss_weight * router z-loss.
 
   Both are means (over tokens and layers), so each enters the sum scaled by the batch's weight:
   after the step's division the loss is objective + weighted router losses, as HF adds
-  router_aux_loss_coef * aux_loss. Logged, unweighted, as moe_load_balancing and moe_router_z.
+  router_aux_loss_coef * aux_loss. Logged, unweighted, as moe_load_balancing and moe_router_z;
+  with `expert_load`, each MoE layer's expert load too, for the step's balancing update
+  (lm/train/balancing.py), which takes it out of the logged metrics.
   """
 
   def objective_with_router_losses(model, batch):
@@ -346,9 +349,11 @@ def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: floa
       return loss_sum, weight_sum, metrics
     mean = {k: v / model.router_calls for k, v in model.router_losses.items()}
     router = aux_loss_weight * mean['load_balancing'] + z_loss_weight * mean['router_z']
-    return loss_sum + router * weight_sum, weight_sum, {
-        **metrics, 'moe_load_balancing': mean['load_balancing'] * weight_sum,
-        'moe_router_z': mean['router_z'] * weight_sum}
+    metrics = {**metrics, 'moe_load_balancing': mean['load_balancing'] * weight_sum,
+               'moe_router_z': mean['router_z'] * weight_sum}
+    if expert_load:
+      metrics[balancing.EXPERT_LOAD] = mean['expert_load'] * weight_sum
+    return loss_sum + router * weight_sum, weight_sum, metrics
 
   objective_with_router_losses.without_router_losses = objective
   return objective_with_router_losses
@@ -378,9 +383,10 @@ def from_config(cfg):
   Mixture-of-Experts model)."""
   objective = _bound_objective(cfg)
   moe = cfg.model.moe
-  if moe.n_experts and (moe.aux_loss_weight or moe.z_loss_weight):
+  balanced = balancing.active(cfg.model)
+  if moe.n_experts and (moe.aux_loss_weight or moe.z_loss_weight or balanced):
     objective = with_router_losses(objective, aux_loss_weight=moe.aux_loss_weight,
-                                   z_loss_weight=moe.z_loss_weight)
+                                   z_loss_weight=moe.z_loss_weight, expert_load=balanced)
   return objective
 
 

@@ -13,8 +13,9 @@ gradient and no optimizer state. Every fine-tuning mode is a value of `train.tra
   freeze_first_layers:N   everything but transformer layers 0..N-1
   regex:<pattern>         parameters whose name matches (re.search)
 
-`ref.*` parameters (DPO's frozen reference copy) and `teacher.*` ones (a distillation teacher)
-are frozen whatever the value.
+`ref.*` parameters (DPO's frozen reference copy), `teacher.*` ones (a distillation teacher) and
+the sigmoid router's correction bias (moved by the step's balancing update, not by the gradient:
+lm/train/balancing.py) are frozen whatever the value.
 
 Layers are stacked: `layers.attn.q.kernel` is one [L, D, H, K] array, so "the first N layers" is
 not a set of names. `freeze_first_layers:N` labels the stacked arrays trainable and adds a
@@ -37,6 +38,7 @@ from lm.model.quant import SCALE_SUFFIX
 from lm.model.spec import FROZEN_COPIES
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
+NOT_TRAINED = ('layers.moe.correction_bias',)  # state the step updates outside the gradient
 LAYERS_PREFIX = 'layers.'
 
 
@@ -80,8 +82,8 @@ def predicate(spec: str) -> Callable[[str], bool]:
 def labels(param_names, spec: str) -> dict[str, str]:
   """{parameter name: 'trainable' | 'frozen'}."""
   is_trainable = predicate(spec)
-  out = {name: TRAINABLE if is_trainable(name) and not name.startswith(FROZEN_COPIES) else FROZEN
-         for name in param_names}
+  out = {name: TRAINABLE if is_trainable(name) and not name.startswith(FROZEN_COPIES)
+         and name not in NOT_TRAINED else FROZEN for name in param_names}
   if TRAINABLE not in out.values():
     hint = {'lora': '; set model.lora.rank > 0 to add adapters',
             'bitfit': '; this model has no biases (Qwen2-style q/k/v biases: model.qkv_bias=True)'}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.train import balancing
 from lm.train import guard as guard_lib
 from lm.train import partition
 from lm.train.state import ModelSpec, TrainState
@@ -30,8 +31,12 @@ def _split_microbatches(batch: dict, k: int) -> dict:
 
 def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, labels: dict, microbatches: int = 1, *,
-                    seed: int = 0, spike_zscore: float = 0.0):
+                    seed: int = 0, spike_zscore: float = 0.0, state_update=balancing.keep):
   """Returns step(state, batch) -> (state, metrics). Jit it with shardings and donate the state.
+
+  `state_update(params, metrics, ok) -> (params, metrics)` runs after the optimizer, outside the
+  gradient: parameters moved by what the step measured rather than by a gradient (the MoE
+  correction bias, lm/train/balancing.py); `ok` says whether the guard kept the step.
 
   Randomness in the model (adapter dropout) comes from (seed, step, microbatch), so a resumed run
   draws the same masks as an uninterrupted one.
@@ -88,6 +93,7 @@ def make_train_step(spec: ModelSpec, objective, tx: optax.GradientTransformation
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'tokens': weight_sum,
                **{k: v / denom for k, v in aux_sums.items()},
                **guard_lib.metrics(ok, guard, weights_finite)}
+    params, metrics = state_update(params, metrics, ok)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard), metrics
 
   return step

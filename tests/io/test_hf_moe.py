@@ -30,6 +30,9 @@ FAMILIES = {
                                          norm_topk_prob=False)),
     'qwen3_moe_norm': ('Qwen3MoeConfig', dict(num_experts=4, moe_intermediate_size=16, head_dim=8,
                                               norm_topk_prob=True, tie_word_embeddings=True)),
+    # A dense layer between two MoE ones: one stack of each, the layer scan in three segments.
+    'qwen3_moe_sparse': ('Qwen3MoeConfig', dict(num_experts=4, moe_intermediate_size=16, head_dim=8,
+                                                num_hidden_layers=3, mlp_only_layers=[1])),
 }
 
 
@@ -92,7 +95,7 @@ def test_import_matches_transformers_and_export_is_bit_identical(family, tmp_pat
   for name, value in original.items():
     assert exported[name].tobytes() == value.tobytes(), name
   config = json.loads((tmp_path / 'out' / 'config.json').read_text())
-  assert config['model_type'] == family.removesuffix('_norm')
+  assert config['model_type'] == family.removesuffix('_norm').removesuffix('_sparse')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
   np.testing.assert_array_equal(hf_logits(reloaded), reference)
 
@@ -134,18 +137,46 @@ def test_peft_adapter_round_trip_on_a_moe_model(tmp_path):
   for name, value in back.items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(params[name]))
 
-  c.model.lora.targets = r'layers\.(attn|moe)\.'  # experts too: PEFT has no per-expert layout here
-  with pytest.raises(CheckpointError, match='PEFT export of LoRA on experts'):
-    peft_io.save_peft(str(tmp_path / 'experts'), ModelSpec(c.model).init(jax.random.key(0)), c.model)
+
+
+@pytest.mark.parametrize('targets', [r'layers\.(attn|moe)\.', r'layers\.moe\.(up|down)$'])
+def test_peft_export_of_expert_adapters_loads_in_peft_and_agrees(targets, tmp_path):
+  """LoRA on every expert's gate/up/down (and attention) as PEFT target_parameters: PeftModel
+  on transformers' fused experts computes what lm computes."""
+  peft = pytest.importorskip('peft')
+  base_hf = make_hf_model('qwen3_moe', tmp_path / 'base')
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'base')))
+  c.model.lora.update(rank=2, alpha=6.0, targets=targets)
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  base = hf.load_params(str(tmp_path / 'base'), ModelSpec(lora.without_adapters(c.model)), shardings)
+  params = {**spec.init(jax.random.key(0)), **base}
+  rng = np.random.default_rng(0)
+  params.update({n: 0.3 * rng.standard_normal(v.shape).astype(np.float32)
+                 for n, v in params.items() if n.endswith('lora_b')})
+  assert params['layers.moe.down.lora_b'].shape == (2, 4, 2, 32)  # [L, E, r, D]
+  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  assert np.max(np.abs(ours - hf_logits(base_hf))) > 1e-2  # the adapters change the function
+
+  peft_io.save_peft(str(tmp_path / 'adapter'), params, c.model)
+  config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert set(config['target_parameters']) == {'mlp.experts.gate_up_proj', 'mlp.experts.down_proj'}
+  peft_model = peft.PeftModel.from_pretrained(base_hf, str(tmp_path / 'adapter')).eval()
+  error = float(np.max(np.abs(hf_logits(peft_model) - ours)))
+  print(f'PEFT expert adapters ({targets}): max |dlogit| {error:.2e}')
+  assert error <= 1e-4
+  with pytest.raises(CheckpointError, match='LoRA on experts.*does not import'):
+    peft_io.lora_config_from_peft(config)
 
 
 def test_unsupported_moe_variants_are_refused_in_one_line(tmp_path):
   make_hf_model('qwen3_moe', tmp_path)
   config = hf.read_config(tmp_path)
-  with pytest.raises(CheckpointError, match='decoder_sparse_step=2.*not supported'):
-    hf.model_config_from_hf({**config, 'decoder_sparse_step': 2})
-  with pytest.raises(CheckpointError, match=r'mlp_only_layers=\[0\]'):
-    hf.model_config_from_hf({**config, 'mlp_only_layers': [0]})
+  assert hf.model_config_from_hf({**config, 'decoder_sparse_step': 2})['mlp_types'] == (
+      'dense', 'moe')  # layer i has experts when (i + 1) % step == 0, as in transformers
+  with pytest.raises(CheckpointError, match='attention_bias=true is not supported'):
+    hf.model_config_from_hf({**config, 'attention_bias': True})
   c = tiny_config(qk_norm=False)
   c.model.moe.update(n_experts=4, norm_topk_prob=False)
   with pytest.raises(CheckpointError, match='Mixtral, which always sets'):
@@ -162,3 +193,50 @@ def test_init_from_sets_the_expert_architecture_and_keeps_the_run_settings(tmp_p
   assert (c.model.moe.n_experts, c.model.moe.experts_per_token, c.model.moe.expert_dim) == (4, 2, 16)
   assert c.model.qk_norm and not c.model.moe.norm_topk_prob
   assert (c.model.moe.aux_loss_weight, c.model.moe.implementation) == (0.5, 'dense')
+
+
+GLM = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+           moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+           n_group=4, topk_group=2, first_k_dense_replace=1, attention_bias=True, use_qk_norm=True,
+           routed_scaling_factor=2.5)
+
+
+def test_glm4_moe_dense_then_moe_layers_match_transformers_and_export_bit_identical(tmp_path):
+  """GLM-4.5: a dense first layer, then MoE layers with the biased sigmoid, group-limited router
+  and shared experts; partial RoPE and q/k/v biases in attention."""
+  def init(name):
+    if name.endswith('norm.weight'):
+      return 1.0, 0.3
+    return 0.0, (1.0 if name.endswith('gate.weight') else 0.2)
+
+  hf_model = random_hf_model('Glm4MoeConfig', GLM, tmp_path / 'hf', init)
+  rng = torch.Generator().manual_seed(2)
+  with torch.no_grad():  # a correction bias large enough to change the choice (a buffer: not init'd)
+    for layer in hf_model.model.layers[1:]:
+      layer.mlp.gate.e_score_correction_bias.copy_(0.5 * torch.randn(8, generator=rng))
+  hf_model.save_pretrained(tmp_path / 'hf')
+  reference = hf_logits(hf_model)
+  c, spec, params = lm_model(tmp_path / 'hf')
+  assert tuple(c.model.mlp_types) == ('dense', 'moe', 'moe') and c.model.moe.router == 'sigmoid'
+  assert c.model.partial_rotary_factor == 0.5 and c.model.moe.shared_dim == 32
+  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  error = float(np.max(np.abs(ours - reference)))
+  print(f'glm4_moe: max |dlogit| {error:.2e} (logit std {np.std(reference):.2f})')
+  assert error <= 1e-4 and np.std(reference) > 0.5
+
+  prompt = TOKENS[:, :6]
+  fn = jax.jit(gen.make_generate_fn(spec, gen.Sampling(max_new_tokens=8), eos_id=-1, pad_id=0))
+  out, _ = fn(params, prompt, np.full((2,), 6, np.int32), jax.random.key(0))
+  with torch.no_grad():
+    expected = hf_model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=8,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+  assert np.asarray(out).tolist() == expected[:, 6:].numpy().tolist()
+
+  hf.save(str(tmp_path / 'out'), params, c.model, max_shard_bytes=30_000)
+  original, exported = tensors(tmp_path / 'hf'), tensors(tmp_path / 'out')
+  assert sorted(exported) == sorted(original)
+  for name, value in original.items():
+    assert exported[name].tobytes() == value.tobytes(), name
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
+  np.testing.assert_array_equal(hf_logits(reloaded), reference)

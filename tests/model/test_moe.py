@@ -65,7 +65,8 @@ def test_grouped_matmul_equals_dense_reference_in_logits_and_gradients():
   (l1, g1), (l2, g2) = results
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for name in g1:
-    np.testing.assert_allclose(g1[name], g2[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # atol: float32 summation order, on gradients of order 1 (the embeddings reach 4)
+    np.testing.assert_allclose(g1[name], g2[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_router_losses_enter_the_objective_with_their_weights_and_are_logged():

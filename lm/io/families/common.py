@@ -59,6 +59,8 @@ class Family:
   unfit: Callable[[Any], str | None]  # the first lm model field this family cannot express
   # lm modules beyond MODULES -> HF module (DeepSeek's q_a, kv_b, ...): PEFT's names for them.
   modules: dict = dataclasses.field(default_factory=dict)
+  # (lm model config) -> a regex of checkpoint tensors transformers skips on load; None: none
+  ignored: Callable[[Any], str] | None = None
 
 
 def llama_tensors(shapes: dict, *, norms: dict | None = None, modules: dict | None = None) -> dict:

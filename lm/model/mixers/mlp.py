@@ -14,13 +14,15 @@ class MLP(nnx.Module):
 
   stack_name = 'mlp'
 
-  def __init__(self, cfg, *, rngs):
-    D, F = cfg.d_model, cfg.mlp_dim
+  def __init__(self, cfg, *, rngs, hidden: int = 0, name: str = 'layers.mlp', bias=None):
+    """`hidden`, `name`, `bias`: another size, LoRA target name and bias choice than the dense
+    layers' (a Mixture-of-Experts layer's shared expert is one of these)."""
+    D, F = cfg.d_model, hidden or cfg.mlp_dim
     lin = functools.partial(Linear, cfg=cfg, rngs=rngs)
-    bias = cfg.mlp_bias
-    self.gate = lin((D,), (F,), ('embed',), ('mlp',), use_bias=bias, name='layers.mlp.gate')
-    self.up = lin((D,), (F,), ('embed',), ('mlp',), use_bias=bias, name='layers.mlp.up')
-    self.down = lin((F,), (D,), ('mlp',), ('embed',), use_bias=bias, name='layers.mlp.down')
+    bias = cfg.mlp_bias if bias is None else bias
+    self.gate = lin((D,), (F,), ('embed',), ('mlp',), use_bias=bias, name=name + '.gate')
+    self.up = lin((D,), (F,), ('embed',), ('mlp',), use_bias=bias, name=name + '.up')
+    self.down = lin((F,), (D,), ('mlp',), ('embed',), use_bias=bias, name=name + '.down')
     self.activation = cfg.mlp_activation
 
   def __call__(self, x_BTD, ctx):
