@@ -4,6 +4,8 @@ parameters, and the grouped matmul beside the dense-einsum reference.
   step    tokens/s of the whole train step (AdamW, one device) for
             moe (ragged)  E experts of hidden size F, k per token, dropless grouped matmul;
             moe (dense)   the same model, every expert on every token (the test reference);
+            <router>      the ragged model with each other router kind of --routers
+                          (lm/model/routers.py: sigmoid, topk_softmax, topk_sigmoid);
             dense         one MLP of hidden size k * F: the same parameters active per token.
   layer   forward + backward of one expert layer alone on B * T tokens: ragged_dot vs einsum.
 
@@ -26,6 +28,7 @@ from flax import nnx
 from lm import config as config_lib
 from lm.bench.harness import random_batch
 from lm.model import moe as moe_lib
+from lm.model import routers
 from lm.train.loop import Trainer
 
 
@@ -39,7 +42,14 @@ def parse_args(argv):
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--seq-len', type=int, default=128)
   p.add_argument('--steps', type=int, default=5)
-  return p.parse_args(argv)
+  p.add_argument('--routers', default=','.join(routers.KINDS[1:]),
+                 help='router kinds timed beside softmax (comma-separated; empty: none)')
+  args = p.parse_args(argv)
+  args.routers = [r for r in args.routers.split(',') if r]
+  unknown = [r for r in args.routers if r not in routers.KINDS]
+  if unknown:
+    p.error(f'--routers: {unknown[0]!r} is not a router; choose from {", ".join(routers.KINDS)}')
+  return args
 
 
 def model_configs(args) -> dict:
@@ -58,6 +68,13 @@ def model_configs(args) -> dict:
     c.model.moe.update(n_experts=args.experts, experts_per_token=args.top_k,
                        expert_dim=args.expert_dim, implementation=implementation)
     out[f'moe ({implementation})'] = c
+  for kind in args.routers:
+    if kind == 'softmax':
+      continue
+    c = base()
+    c.model.moe.update(n_experts=args.experts, experts_per_token=args.top_k,
+                       expert_dim=args.expert_dim, router=kind)
+    out[kind] = c
   c = base()
   c.model.mlp_dim = args.top_k * args.expert_dim
   out['dense'] = c

@@ -28,6 +28,7 @@ from lm.config import ROPE_SCALING_TYPES, head_dim, mla_enabled, n_experts
 from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.families.common import (FLAT, IN_DIMS, LAYER_TYPES, MODULES, ROPE_TYPES, hf_rope_scaling,
                                      rope_from_hf, rope_params)
+from lm.io import mxfp4
 from lm.io.families import REGISTRY
 from lm.io.families.common import Custom
 from lm.io.safetensors import Reader, Writer
@@ -510,7 +511,7 @@ def check_tensors(reader, expected: dict, source: str, tied: bool, ignored: str 
 
 def load_params(path: str, spec, shardings: dict) -> dict:
   """The base weights of HF directory `path` as {lm name: array} placed with `shardings`."""
-  reader = Reader(path)
+  reader = mxfp4.wrap(Reader(path), path)  # MXFP4 experts (gpt-oss) read dequantized
   moe = n_experts(spec.cfg)
   # The file layout is the directory's own (config.json's model_type), whatever the run calls it.
   model_type = read_config(path).get('model_type', 'llama')

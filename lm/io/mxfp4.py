@@ -41,3 +41,61 @@ def dequantize(blocks, scales, dtype=np.float32, name: str = 'tensor') -> np.nda
   exponents = scales.astype(np.int32)[..., None] - 127
   out = np.ldexp(values, exponents).reshape(*prefix, rows, G * 2 * B)
   return np.swapaxes(out, -1, -2).astype(dtype)
+
+
+class Dequantizing:
+  """A safetensors Reader (lm/io/safetensors.py) in which each MXFP4 pair `W_blocks`/`W_scales`
+  reads as the one float32 tensor `W` transformers loads ([E, in, out] for gpt-oss's experts),
+  dequantized when read, one tensor (one layer) at a time. Other tensors pass through. Blocks
+  without their scales, or scales that do not match, are one line when it is built."""
+
+  def __init__(self, reader, source: str = ''):
+    self.reader = reader
+    names = set(reader.names())
+    self.packed = {}  # W -> (W_blocks, W_scales)
+    for name in sorted(names):
+      if not name.endswith(BLOCKS):
+        continue
+      base = name[:-len(BLOCKS)]
+      scales = base + SCALES
+      if scales not in names:
+        raise CheckpointError(f'{source}: MXFP4 tensor {name!r} has no {scales!r}')
+      check(f'{source}: {base}' if source else base, reader.shape(name), reader.shape(scales))
+      self.packed[base] = (name, scales)
+    orphans = [n for n in names if n.endswith(SCALES) and n[:-len(SCALES)] not in self.packed]
+    if orphans:
+      raise CheckpointError(f'{source}: MXFP4 scales {orphans[0]!r} have no blocks')
+    hidden = {n for pair in self.packed.values() for n in pair}
+    self._names = [n for n in reader.names() if n not in hidden] + list(self.packed)
+
+  def __contains__(self, name) -> bool:
+    return name in self.packed or name in self.reader
+
+  def names(self) -> list[str]:
+    return list(self._names)
+
+  def shape(self, name) -> tuple:
+    if name not in self.packed:
+      return self.reader.shape(name)
+    *prefix, rows, G, B = self.reader.shape(self.packed[name][0])
+    return (*prefix, G * 2 * B, rows)
+
+  def get(self, name) -> np.ndarray:
+    if name not in self.packed:
+      return self.reader.get(name)
+    blocks, scales = self.packed[name]
+    return dequantize(self.reader.get(blocks), self.reader.get(scales), name=name)
+
+  def read(self, name: str, shape: tuple, layout: int, index: tuple) -> np.ndarray:
+    if name not in self.packed:
+      return self.reader.read(name, shape, layout, index)
+    if layout > 0:  # these tensors are already [E, in, out]; a plain reshape is their only layout
+      raise CheckpointError(f'MXFP4 tensor {name!r} read with a transposing layout')
+    return self.get(name).reshape(shape)[tuple(index)]
+
+
+def wrap(reader, source: str = ''):
+  """`reader` itself, or a Dequantizing view of it when it holds MXFP4 tensors."""
+  if any(n.endswith((BLOCKS, SCALES)) for n in reader.names()):
+    return Dequantizing(reader, source)
+  return reader

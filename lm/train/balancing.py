@@ -42,6 +42,9 @@ def from_config(m):
 
   def update(params, metrics, ok):
     metrics = dict(metrics)
+    if EXPERT_LOAD not in metrics:  # at trace time, before any step runs
+      raise ValueError(f'model.moe.bias_update_rate > 0 needs the objective to log {EXPERT_LOAD}; '
+                       'build it with lm.train.objectives.from_config(cfg)')
     load_LE = metrics.pop(EXPERT_LOAD)
     moved = routers.bias_update(params[BIAS], load_LE, rate)
     # Logged: how far the busiest expert is above its layer's mean load (1: balanced).

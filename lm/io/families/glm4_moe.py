@@ -91,7 +91,10 @@ def unfit(m) -> str | None:
             'rope_layers': not m.rope_layers, 'rope_local_theta': not m.rope_local_theta,
             'query_pre_attn_scalar': not m.query_pre_attn_scalar,
             'attn_logit_softcap': not m.attn_logit_softcap,
-            'final_logit_softcap': not m.final_logit_softcap}
+            'final_logit_softcap': not m.final_logit_softcap,
+            # GLM-4.5 rotates the two halves of its rotary dims, unlike dense GLM-4's pairs.
+            'rope_interleaved': not m.get('rope_interleaved'), 'attn_sinks': not m.get('attn_sinks'),
+            'qk_l2_norm': not m.get('qk_l2_norm')}
   return next((field for field, ok in checks.items() if not ok), None)
 
 
