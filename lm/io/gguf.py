@@ -297,6 +297,9 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     raise CheckpointError('GGUF export: llama.cpp renormalises the chosen experts\' weights '
                           f'(its {arch} graph), but this model has model.moe.norm_topk_prob=false; '
                           'export it with --format hf')
+  if E and 'dense' in tuple(m.get('mlp_types') or ()):
+    raise CheckpointError('GGUF export writes experts in every layer; this model has dense MLP '
+                          'layers among them (model.mlp_types); export it with --format hf')
   K = head_dim(m)
   token_fields = gguf_tokenizer.fields_for(tokenizer)
   qtype = {'f16': gguf.GGMLQuantizationType.F16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}[dtype]
