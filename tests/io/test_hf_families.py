@@ -63,6 +63,13 @@ FAMILIES = {
         num_hidden_layers=8, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
         linear_key_head_dim=8, linear_value_head_dim=8,
         rope_parameters=dict(rope_type='default', rope_theta=1e4, partial_rotary_factor=0.5))),
+    # Qwen3.5's hybrid stack with MoE layers: softmax top-2 of 4 experts and a sigmoid-gated
+    # shared expert; DeltaNet projections fused per key-head group (in_proj_qkvz, in_proj_ba).
+    'qwen3_next': ('Qwen3NextConfig', dict(
+        num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        rope_parameters=dict(rope_type='default', rope_theta=1e4, partial_rotary_factor=0.5))),
 }
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
 
@@ -76,7 +83,7 @@ def make_hf_model(family, path):
   model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
   gen = torch.Generator().manual_seed(1)
   # Gemma's and Qwen3.5's norms multiply by (1 + weight): their weights start near 0.
-  offset_norms = family.startswith('gemma') or family == 'qwen3_5'
+  offset_norms = family.startswith('gemma') or family.startswith('qwen3_')
   with torch.no_grad():
     for name, p in model.named_parameters():
       is_norm = name.endswith('norm.weight')
