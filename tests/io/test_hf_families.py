@@ -70,6 +70,13 @@ FAMILIES = {
         linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=16, shared_expert_intermediate_size=24,
         rope_parameters=dict(rope_type='default', rope_theta=1e4, partial_rotary_factor=0.5))),
+    # Sinks, alternating sliding (4) and full layers, YaRN; top-2 of 4 biased experts with the
+    # clamped SwiGLU (limit 1.0, so the clamps bite at these scales).
+    'gpt_oss': ('GptOssConfig', dict(
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=24,
+        sliding_window=4, swiglu_limit=1.0,
+        rope_parameters=dict(rope_type='yarn', rope_theta=1e4, factor=4.0, beta_fast=32.0,
+                             beta_slow=1.0, truncate=False, original_max_position_embeddings=16))),
 }
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
 
