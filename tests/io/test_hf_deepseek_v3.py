@@ -1,5 +1,5 @@
 """DeepSeek-V3 (lm/io/families/deepseek_v3.py) against transformers 5.25's DeepseekV3ForCausalLM,
-built tiny with every layer dense: the same fp32 logits, the same greedy tokens through lm's
+built tiny (dense, and a dense layer then a Mixture-of-Experts one): the same fp32 logits, the same greedy tokens through lm's
 latent-cache generator, export of the very tensors transformers saved, and LoRA adapters on the
 MLA projections that PEFT loads onto the transformers model."""
 
@@ -34,6 +34,11 @@ VARIANTS = {
         rope_type='yarn', rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
         mscale=1.0, mscale_all_dim=0.8)),
     'halves_bias': dict(rope_interleave=False, attention_bias=True),
+    # A dense first layer, then MoE: sigmoid router with its correction bias, top-1 of 2 groups,
+    # routed scaling, a shared expert (lm/model/routers.py, glm4_moe's MoE table).
+    'moe': dict(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1,
+                routed_scaling_factor=2.5, norm_topk_prob=True),
 }
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
 
@@ -123,15 +128,6 @@ def test_runs_started_from_deepseek_keep_mla_and_interleaved_rope(tmp_path):
   pretrained.resolve_config(second)
   assert second.model.mla.to_dict() == first.model.mla.to_dict()
   assert second.model.rope_interleaved and second.model.hf_family == 'deepseek_v3'
-
-
-def test_moe_layers_are_refused_in_one_line(tmp_path):
-  config = {**COMMON, 'first_k_dense_replace': 1, 'model_type': 'deepseek_v3',
-            'architectures': ['DeepseekV3ForCausalLM']}
-  with pytest.raises(CheckpointError, match=r'^DeepseekV3ForCausalLM with Mixture-of-Experts layers '
-                                            r'\(first_k_dense_replace=1 < num_hidden_layers=2\) is '
-                                            r'not supported yet: .* arrives with issue 26'):
-    hf.model_config_from_hf(config)
 
 
 def test_lora_adapters_on_mla_load_in_peft(tmp_path):

@@ -1,16 +1,17 @@
 """DeepSeek-V3: multi-head latent attention in every layer (lm/model/mixers/mla.py), with
 DeepSeek's interleaved RoPE pairs and YaRN's mscale on the softmax scale.
 
-Its Mixture-of-Experts layers (shared experts, sigmoid scores with a correction bias, group-limited
-top-k) are not among lm's parts yet (issue 26): checkpoints load when every layer is dense
-(`first_k_dense_replace >= num_hidden_layers`), and MoE layers are refused in one line.
+The first `first_k_dense_replace` layers are dense, the rest Mixture-of-Experts with the sigmoid
+router (a correction bias for the choice only, group-limited top-k, routed scaling) and
+`n_shared_experts` shared experts, as GLM-4.5 has them (lm/io/families/glm4_moe.py holds that
+table).
 """
 
 from __future__ import annotations
 
 from lm.config import mla_enabled, n_experts
 from lm.errors import CheckpointError
-from lm.io.families import common
+from lm.io.families import common, glm4_moe
 
 LAYER = common.LAYER
 # MLA's projections beyond Llama's (q for q_lora_rank 0, o): lm module -> HF module.
@@ -25,13 +26,7 @@ DEFAULT_ROPE_INTERLEAVE = True
 
 def to_lm(hf: dict) -> dict:
   L = hf['num_hidden_layers']
-  dense = hf.get('first_k_dense_replace', DEFAULT_FIRST_DENSE) or 0
-  if dense < L:
-    raise CheckpointError(
-        f'DeepseekV3ForCausalLM with Mixture-of-Experts layers (first_k_dense_replace={dense} < '
-        f'num_hidden_layers={L}) is not supported yet: its routing (shared experts, sigmoid scores '
-        'with a correction bias, group-limited top-k) arrives with issue 26; dense checkpoints '
-        '(first_k_dense_replace >= num_hidden_layers) load')
+  dense = min(hf.get('first_k_dense_replace', DEFAULT_FIRST_DENSE) or 0, L)
   activation = hf.get('hidden_act', 'silu')
   if activation != 'silu':
     raise CheckpointError(f'DeepseekV3ForCausalLM with hidden_act={activation!r} is not supported; '
@@ -45,11 +40,14 @@ def to_lm(hf: dict) -> dict:
              qk_nope_head_dim=N, qk_rope_head_dim=P, v_head_dim=hf['v_head_dim'])
   # MLA has no grouped K/V heads and no head_dim of its own: n_kv_heads = n_heads, and head_dim
   # the query/key width, so lm's per-head rules read a real size.
-  return dict(common.llama_fields(hf), n_kv_heads=H, head_dim=0 if N + P == D // H else N + P,
-              norm_eps=float(hf.get('rms_norm_eps', 1e-6)), rope_theta=theta,
-              rope_scaling=scaling, qkv_bias=bias, attn_out_bias=bias, mla=mla,
-              rope_interleaved=bool(hf.get('rope_interleave', DEFAULT_ROPE_INTERLEAVE)),
-              hf_family='deepseek_v3')
+  fields = dict(common.llama_fields(hf), n_kv_heads=H, head_dim=0 if N + P == D // H else N + P,
+                norm_eps=float(hf.get('rms_norm_eps', 1e-6)), rope_theta=theta,
+                rope_scaling=scaling, qkv_bias=bias, attn_out_bias=bias, mla=mla,
+                rope_interleaved=bool(hf.get('rope_interleave', DEFAULT_ROPE_INTERLEAVE)),
+                hf_family='deepseek_v3')
+  if dense < L:  # the MoE layers as GLM-4.5 reads them
+    fields.update(glm4_moe.moe_fields(hf, dense))
+  return fields
 
 
 def to_hf(m) -> dict:
@@ -61,12 +59,14 @@ def to_hf(m) -> dict:
              qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
              rope_interleave=bool(m.rope_interleaved), attention_bias=bool(m.qkv_bias),
              first_k_dense_replace=m.n_layers)
+  if n_experts(m):
+    out.update(glm4_moe.moe_hf_config(m))
   return out
 
 
 def tensors(m, shapes: dict) -> dict:
-  del m
   table = common.llama_tensors(shapes, modules=MODULES)
+  table.update(glm4_moe.moe_tensors(m, shapes))
   norms = {'layers.attn.q_a_norm.scale': LAYER + 'self_attn.q_a_layernorm.weight',
            'layers.attn.kv_a_norm.scale': LAYER + 'self_attn.kv_a_layernorm.weight'}
   table.update({n: (hf, 0, None) for n, hf in norms.items() if n in shapes})
@@ -74,12 +74,16 @@ def tensors(m, shapes: dict) -> dict:
 
 
 def unfit(m) -> str | None:
-  checks = {'mla': mla_enabled(m), 'moe': not n_experts(m), 'norm_placement': m.norm_placement == 'pre',
+  if n_experts(m):
+    field = glm4_moe.moe_unfit(m)
+    if field:
+      return field
+  checks = {'mla': mla_enabled(m), 'norm_placement': m.norm_placement == 'pre',
             'qk_norm': not m.qk_norm, 'norm_offset': m.norm_offset == 0.0,
             'embed_scale': not m.embed_scale, 'mlp_activation': m.mlp_activation == 'silu',
             'attn_output_gate': not m.attn_output_gate, 'mlp_bias': not m.mlp_bias,
             'partial_rotary_factor': m.partial_rotary_factor == 1.0,
-            'qkv_bias': m.qkv_bias == m.attn_out_bias, 'mlp_types': set(m.mlp_types) <= {'dense'},
+            'qkv_bias': m.qkv_bias == m.attn_out_bias,
             'layer_types': set(m.layer_types) <= {'full'}, 'sliding_window': not m.sliding_window,
             'rope_layers': all(m.rope_layers), 'rope_local_theta': not m.rope_local_theta,
             'query_pre_attn_scalar': not m.query_pre_attn_scalar,

@@ -24,8 +24,19 @@ def to_lm(hf: dict) -> dict:
                       'implements silu')
   full, _ = common.rope_params(hf)
   theta, scaling = common.rope_from_hf(full, hf)
-  L, F = hf['num_hidden_layers'], hf.get('moe_intermediate_size', 1408)
+  L = hf['num_hidden_layers']
   first_dense = min(int(hf.get('first_k_dense_replace', 1)), L)
+  prf = full.get('partial_rotary_factor', hf.get('partial_rotary_factor', 0.5))
+  return dict(common.llama_fields(hf), rope_theta=theta, rope_scaling=scaling,
+              norm_eps=float(hf.get('rms_norm_eps', 1e-5)), partial_rotary_factor=float(prf),
+              qkv_bias=bool(hf.get('attention_bias')), attn_out_bias=False,
+              qk_norm=bool(hf.get('use_qk_norm')),
+              **moe_fields(hf, first_dense), hf_family='glm4_moe')
+
+
+def moe_fields(hf: dict, first_dense: int) -> dict:
+  """`mlp_types` (dense, then MoE) and `moe` of the DeepSeek-V3 / GLM-4.5 MoE layers."""
+  L, F = hf['num_hidden_layers'], hf.get('moe_intermediate_size', 1408)
   E = int(hf.get('n_routed_experts', hf.get('num_local_experts', 128)))
   moe = dict(n_experts=E, experts_per_token=int(hf.get('num_experts_per_tok', 8)), expert_dim=F,
              router='sigmoid', n_group=int(hf.get('n_group', 1)),
@@ -33,13 +44,7 @@ def to_lm(hf: dict) -> dict:
              routed_scaling_factor=float(hf.get('routed_scaling_factor', 1.0)),
              norm_topk_prob=bool(hf.get('norm_topk_prob', True)),
              shared_dim=F * int(hf.get('n_shared_experts', 1)))
-  prf = full.get('partial_rotary_factor', hf.get('partial_rotary_factor', 0.5))
-  return dict(common.llama_fields(hf), rope_theta=theta, rope_scaling=scaling,
-              norm_eps=float(hf.get('rms_norm_eps', 1e-5)), partial_rotary_factor=float(prf),
-              qkv_bias=bool(hf.get('attention_bias')), attn_out_bias=False,
-              qk_norm=bool(hf.get('use_qk_norm')),
-              mlp_types=('dense',) * first_dense + ('moe',) * (L - first_dense), moe=moe,
-              hf_family='glm4_moe')
+  return dict(mlp_types=('dense',) * first_dense + ('moe',) * (L - first_dense), moe=moe)
 
 
 def _first_dense(m) -> int:
@@ -49,21 +54,32 @@ def _first_dense(m) -> int:
 
 def to_hf(m) -> dict:
   out = common.llama_hf_config(m, 'glm4_moe', 'Glm4MoeForCausalLM')
-  moe = m.moe
   out['rope_parameters']['partial_rotary_factor'] = m.partial_rotary_factor
-  out.update(attention_bias=bool(m.qkv_bias), use_qk_norm=bool(m.qk_norm),
-             first_k_dense_replace=_first_dense(m), moe_intermediate_size=moe.expert_dim or m.mlp_dim,
-             n_routed_experts=moe.n_experts, num_experts_per_tok=moe.experts_per_token,
-             n_shared_experts=moe.shared_dim // (moe.expert_dim or m.mlp_dim), n_group=moe.n_group,
-             topk_group=moe.topk_group, routed_scaling_factor=moe.routed_scaling_factor,
-             norm_topk_prob=bool(moe.norm_topk_prob), num_nextn_predict_layers=0,
-             output_router_logits=False)
+  out.update(attention_bias=bool(m.qkv_bias), use_qk_norm=bool(m.qk_norm), **moe_hf_config(m))
   return out
 
 
+def moe_hf_config(m) -> dict:
+  """config.json's MoE keys of DeepSeek-V3 / GLM-4.5."""
+  moe = m.moe
+  return dict(first_k_dense_replace=_first_dense(m), moe_intermediate_size=moe.expert_dim or m.mlp_dim,
+              n_routed_experts=moe.n_experts, num_experts_per_tok=moe.experts_per_token,
+              n_shared_experts=moe.shared_dim // (moe.expert_dim or m.mlp_dim), n_group=moe.n_group,
+              topk_group=moe.topk_group, routed_scaling_factor=moe.routed_scaling_factor,
+              norm_topk_prob=bool(moe.norm_topk_prob), num_nextn_predict_layers=0,
+              output_router_logits=False)
+
+
 def tensors(m, shapes: dict) -> dict:
-  del m
   table = common.llama_tensors(shapes)
+  table.update(moe_tensors(m, shapes))
+  return table
+
+
+def moe_tensors(m, shapes: dict) -> dict:
+  """The router, its correction bias, the routed experts and the shared ones (DeepSeek-V3, GLM-4.5)."""
+  del m
+  table = {}
   table.update({
       'layers.moe.router': (MOE + 'gate.weight', 1, None),
       'layers.moe.correction_bias': (MOE + 'gate.e_score_correction_bias', 0, None)})
@@ -74,7 +90,8 @@ def tensors(m, shapes: dict) -> dict:
   return {k: v for k, v in table.items() if k in shapes}
 
 
-def unfit(m) -> str | None:
+def moe_unfit(m) -> str | None:
+  """The first MoE field DeepSeek-V3 / GLM-4.5's MoE layers cannot express, or None."""
   moe, F = m.moe, m.moe.expert_dim or m.mlp_dim
   types = tuple(m.mlp_types) or ('moe',) * m.n_layers
   first = _first_dense(m)
@@ -82,8 +99,15 @@ def unfit(m) -> str | None:
             'mlp_types': types == ('dense',) * first + ('moe',) * (m.n_layers - first),
             'moe.shared_dim': moe.shared_dim > 0 and moe.shared_dim % F == 0,
             'moe.shared_gate': not moe.shared_gate, 'moe.router_bias': not moe.router_bias,
-            'moe.expert_bias': not moe.expert_bias, 'moe.swiglu_limit': not moe.swiglu_limit,
-            'norm_placement': m.norm_placement == 'pre', 'qk_norm_scope': m.qk_norm_scope == 'head',
+            'moe.expert_bias': not moe.expert_bias, 'moe.swiglu_limit': not moe.swiglu_limit}
+  return next((field for field, ok in checks.items() if not ok), None)
+
+
+def unfit(m) -> str | None:
+  field = moe_unfit(m)
+  if field:
+    return field
+  checks = {'norm_placement': m.norm_placement == 'pre', 'qk_norm_scope': m.qk_norm_scope == 'head',
             'norm_offset': m.norm_offset == 0.0, 'embed_scale': not m.embed_scale,
             'mlp_activation': m.mlp_activation == 'silu', 'attn_output_gate': not m.attn_output_gate,
             'attn_out_bias': not m.attn_out_bias, 'mlp_bias': not m.mlp_bias,
