@@ -57,6 +57,12 @@ FAMILIES = {
     'llama4': ('Llama4TextConfig', dict(head_dim=16, intermediate_size_mlp=80, moe_layers=[],
                                         num_local_experts=1, no_rope_layer_interval=2,
                                         attention_chunk_size=4, floor_scale=4, attn_scale=0.5)),
+    # As above with a Mixture-of-Experts second layer: top-1 of 4 experts by sigmoid score, the
+    # score scaling the expert's input, a shared expert; experts fused in gate_up_proj.
+    'llama4_moe': ('Llama4TextConfig', dict(head_dim=16, intermediate_size_mlp=80, moe_layers=[1],
+                                            num_local_experts=4, intermediate_size=24,
+                                            no_rope_layer_interval=2, attention_chunk_size=4,
+                                            floor_scale=4, attn_scale=0.5)),
     # Hybrid: gated DeltaNet layers and gated full attention with partial RoPE, 3 : 1 twice
     # (one scanned group of 4), DeltaNet with 2 key heads and 4 value heads.
     'qwen3_5': ('Qwen3_5TextConfig', dict(
