@@ -42,6 +42,14 @@ MODEL_PRESETS = {
                               mla=dict(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
                                        qk_rope_head_dim=64, v_head_dim=128),
                               rope_interleaved=True),
+    # Qwen3.5-9B's text model (8.95B): transformers' Qwen3_5TextConfig defaults with the published
+    # RoPE base and context; 8 x (3 gated DeltaNet + 1 gated full attention) layers.
+    'qwen3.5-9b': dict(vocab_size=248320, d_model=4096, n_layers=32, n_heads=16, n_kv_heads=4,
+                       head_dim=256, mlp_dim=12288, rope_theta=10000000.0, norm_eps=1e-6,
+                       max_seq_len=262144, layer_types=('linear', 'linear', 'linear', 'full') * 8,
+                       partial_rotary_factor=0.25, attn_output_gate=True, qk_norm=True,
+                       norm_offset=1.0, linear_attn=dict(n_key_heads=16, n_value_heads=32,
+                                                         key_head_dim=128, value_head_dim=128)),
 }
 
 

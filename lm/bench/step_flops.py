@@ -3,12 +3,14 @@
 A matmul weight of n parameters costs, per token, 2n in the forward pass, 2n for the gradient of
 its input (only where something below it trains) and 2n for its own gradient (only if it
 trains). So full training is ~6N per token, LoRA ~4N plus the adapters, and layers below the
-lowest trainable one cost the forward only. Attention scores add 4·H·K per key per layer forward
-(QKᵀ and PV; 2·H·(Kqk + Kv) with MLA's head dims; a causal query sees (T+1)/2 keys on average, a window of w about w) and twice that
-backward. Rematerialisation recomputes, in the backward pass, the forward work its policy did
-not save: `full` the whole layer, `dots_no_batch` the attention einsums (batch dims), `dots`
-nothing of note. DPO runs the policy on chosen and rejected rows and the reference forward only.
-Packed segments are counted as full-length causal rows (an upper bound).
+lowest trainable one cost the forward only. Each layer's token mixer adds its own forward work
+(lm.train.flops.token_mixer_flops: attention 2·H·(Kqk + Kv) per key, with MLA's head dims, a
+causal query seeing (T+1)/2 keys on average, a window of w about w; a gated DeltaNet layer its
+chunked delta rule, linear in T) and twice that backward. Rematerialisation recomputes, in the backward pass, the
+forward work its policy did not save: `full` the whole layer, `dots_no_batch` the token mixers'
+einsums (batch dims), `dots` nothing of note. DPO runs the policy on chosen and rejected rows
+and the reference forward only. Packed segments are counted as full-length causal rows (an upper
+bound).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import dataclasses
 
 import numpy as np
 
+from lm.model import stack
 from lm.model.spec import FROZEN_COPIES
 from lm.train import partition
-from lm.train.flops import attention_head_dims
+from lm.train.flops import token_mixer_flops
 
 _MATMUL_SUFFIXES = ('.kernel', '.lora_a', '.lora_b')
 
@@ -44,20 +47,20 @@ class StepFlops:
     return self.model + self.recompute
 
 
-def _keys_per_query(T: int, window: int) -> float:
-  if window and window < T:
-    return window - window * (window - 1) / (2 * T)
-  return (T + 1) / 2
-
-
 def step_flops(trainer) -> StepFlops:
   cfg, spec, labels, masks = trainer.cfg, trainer.spec, trainer.labels, trainer.row_masks
   m = cfg.model
-  L, H = m.n_layers, m.n_heads
+  L = m.n_layers
   T, B = cfg.data.seq_len, cfg.data.batch_size
 
   def size(name):
     return int(np.prod(spec.shapes[name].shape))
+
+  def per_layer(name):  # [L]: the parameter's size in each model layer (stacks: per row)
+    out = np.zeros(L)
+    rows = stack.layer_rows(m, name)
+    np.add.at(out, np.asarray(rows), size(name) / len(rows))
+    return out
 
   names = [n for n in spec.names if not n.startswith(FROZEN_COPIES)]
   trains = lambda n: labels[n] == partition.TRAINABLE
@@ -65,41 +68,40 @@ def step_flops(trainer) -> StepFlops:
   head_mm = [n for n in names if n.startswith('lm_head.') and n.endswith(_MATMUL_SUFFIXES)]
   if m.tie_embeddings:
     head_mm.append('embed')
-  layer_params = sum(size(n) for n in layer_mm) / L  # per layer
+  layer_params = sum((per_layer(n) for n in layer_mm), np.zeros(L))  # [L]
   head_params = sum(size(n) for n in head_mm)
-  qk_dim, v_dim = attention_head_dims(m)  # K and K, or MLA's own
-  attention_fwd = 2 * H * (qk_dim + v_dim) * _keys_per_query(T, m.sliding_window)  # per layer per token
+  mixer_fwd = np.asarray(token_mixer_flops(m, T))  # [L] per token
 
   # The lowest layer whose activations need a gradient: below it only the forward runs.
-  layer_trains = [False] * L
+  layer_trains = np.zeros(L, bool)
   for n in names:
     if n.startswith(partition.LAYERS_PREFIX) and trains(n):
-      rows = masks.get(n, np.ones(L, bool))
-      layer_trains = [a or bool(r) for a, r in zip(layer_trains, rows)]
+      rows = np.asarray(stack.layer_rows(m, n))
+      layer_trains[rows[masks[n]] if n in masks else rows] = True
   if trains('embed') and not m.tie_embeddings:
     first_backward = 0
-  elif any(layer_trains):
-    first_backward = layer_trains.index(True)
+  elif layer_trains.any():
+    first_backward = int(np.argmax(layer_trains))
   else:
     first_backward = L
   below_head = first_backward < L or trains('final_norm.scale') or (m.tie_embeddings and trains('embed'))
-  backward_layers = L - first_backward
+  back = slice(first_backward, L)
 
-  forward = 2 * head_params + L * (2 * layer_params + attention_fwd)
-  input_grads = (2 * head_params if below_head else 0) + backward_layers * (
-      2 * layer_params + 2 * attention_fwd)
+  forward = 2 * head_params + np.sum(2 * layer_params + mixer_fwd)
+  input_grads = (2 * head_params if below_head else 0) + np.sum(
+      2 * layer_params[back] + 2 * mixer_fwd[back])
   weight_grads = 2 * sum(size(n) for n in head_mm if trains(n))
   weight_grads += 2 * sum(size(n) for n in layer_mm if trains(n))  # stacked: every row's gradient
-  recompute_per_layer = {'none': 0.0, 'dots': 0.0, 'dots_no_batch': attention_fwd,
-                         'full': 2 * layer_params + attention_fwd}[m.remat]
-  recompute = backward_layers * recompute_per_layer
+  recompute_per_layer = {'none': 0 * mixer_fwd, 'dots': 0 * mixer_fwd, 'dots_no_batch': mixer_fwd,
+                         'full': 2 * layer_params + mixer_fwd}[m.remat]
+  recompute = np.sum(recompute_per_layer[back])
 
   sequences = 2 if cfg.train.objective == 'dpo' else 1  # chosen and rejected rows
   tokens = sequences * B * T
   reference = 0.0
   if cfg.train.objective == 'dpo':
-    base_layer = sum(size(n) for n in layer_mm if n.endswith('.kernel')) / L
+    base_layers = sum(size(n) for n in layer_mm if n.endswith('.kernel'))
     base_head = sum(size(n) for n in head_mm if not n.endswith(('.lora_a', '.lora_b')))
-    reference = tokens * (2 * base_head + L * (2 * base_layer + attention_fwd))
-  return StepFlops(forward * tokens, input_grads * tokens, weight_grads * tokens, reference,
-                   recompute * tokens, tokens)
+    reference = tokens * (2 * base_head + 2 * base_layers + np.sum(mixer_fwd))
+  return StepFlops(float(forward * tokens), float(input_grads * tokens),
+                   float(weight_grads * tokens), float(reference), float(recompute * tokens), tokens)

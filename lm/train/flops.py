@@ -42,16 +42,24 @@ CPU_PEAK_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expand
 
 
 def matmul_params(m) -> int:
-  """Parameters that take part in a matmul per token (embedding lookups don't)."""
+  """Parameters that take part in a matmul per token (embedding lookups don't), layer by layer:
+  each layer's token mixer (attention or MLA, or gated DeltaNet for `layer_types` 'linear') and
+  channel mixer (a dense MLP, or the k experts a token is routed to and the router)."""
   D, F, H, G, K, L, V = (m.d_model, m.mlp_dim, m.n_heads, m.n_kv_heads, head_dim(m), m.n_layers,
                          m.vocab_size)
-  mlp = 3 * D * F
-  if n_experts(m):  # the k experts a token is routed to, and the router, take part
-    mlp = 3 * D * (m.moe.expert_dim or F) * m.moe.experts_per_token + D * m.moe.n_experts
-  per_layer = D * H * K * 2 + D * G * K * 2 + mlp
-  if mla_enabled(m):
-    per_layer = mla_matmul_params(m) + mlp
-  return L * per_layer + D * V
+  # q, o (and the output gate); k, v
+  mixer = {'attention': mla_matmul_params(m) if mla_enabled(m) else
+           D * H * K * (3 if m.attn_output_gate else 2) + D * G * K * 2}
+  if 'linear' in tuple(m.layer_types):
+    la = m.linear_attn  # q, k [D, G, K]; v, z [D, H, V]; b, a [D, H]; o [H, V, D]
+    mixer['linear'] = D * (2 * la.n_key_heads * la.key_head_dim + 3 * la.n_value_heads
+                           * la.value_head_dim + 2 * la.n_value_heads)
+  mlp = {'dense': 3 * D * F}
+  if n_experts(m):
+    mlp['moe'] = 3 * D * (m.moe.expert_dim or F) * m.moe.experts_per_token + D * m.moe.n_experts
+  mixers = ['linear' if t == 'linear' else 'attention' for t in tuple(m.layer_types) or [''] * L]
+  mlps = tuple(m.mlp_types) or ('moe' if n_experts(m) else 'dense',) * L
+  return sum(mixer[a] + mlp[b] for a, b in zip(mixers, mlps)) + D * V
 
 
 def mla_matmul_params(m) -> int:
@@ -70,11 +78,50 @@ def attention_head_dims(m) -> tuple[int, int]:
   return head_dim(m), head_dim(m)
 
 
-def train_flops_per_token(m, seq_len: int) -> float:
-  """6N for the matmuls (forward + backward) plus causal attention: 3·L·T·H·(Kqk + Kv) (half of
-  6·L·T·H·(Kqk + Kv), since a causal mask skips half the scores; 6·L·T·H·K when both are K)."""
+def keys_per_query(T: int, window: int = 0, chunk: int = 0) -> float:
+  """Keys a causal query sees on average over T positions: (T+1)/2, about w in a window of w, and
+  within chunks of c positions ((c+1)/2 per whole chunk)."""
+  if chunk and chunk < T:
+    whole, rest = divmod(T, chunk)
+    return (whole * chunk * (chunk + 1) / 2 + rest * (rest + 1) / 2) / T
+  if window and window < T:
+    return window - window * (window - 1) / (2 * T)
+  return (T + 1) / 2
+
+
+def gated_delta_flops_per_token(m, chunk_size: int = 64) -> float:
+  """Forward FLOPs per token of one gated DeltaNet layer's delta rule, as its chunked form
+  (lm/model/kernels/gated_delta.py) computes it, per value head: k·kᵀ and q·kᵀ within the chunk
+  (2·C·K each), the unit-triangular solves for v and the decayed k (C·V + C·K), the reads of the
+  carried state by k and q and its update (2·K·V each), and the intra-chunk attention times the
+  new values (2·C·V): 5·C·K + 3·C·V + 6·K·V. Linear in T; the C×C blocks count whole, as run."""
+  la, C = m.linear_attn, chunk_size
+  K, V = la.key_head_dim, la.value_head_dim
+  return la.n_value_heads * (5 * C * K + 3 * C * V + 6 * K * V)
+
+
+def token_mixer_flops(m, seq_len: int) -> list[float]:
+  """Per layer, forward FLOPs per token of its token mixer beyond its weights' matmuls: causal
+  attention's scores and weighted values, 2·H·(Kqk + Kv) per key seen (`keys_per_query`, by the
+  layer's mask: full, sliding window or chunks), or gated DeltaNet's delta rule. The backward
+  is twice that."""
   qk, v = attention_head_dims(m)
-  return 6.0 * matmul_params(m) + 3.0 * m.n_layers * seq_len * m.n_heads * (qk + v)
+  out = []
+  for t in tuple(m.layer_types) or ('sliding',) * m.n_layers:
+    if t == 'linear':
+      out.append(gated_delta_flops_per_token(m))
+    else:
+      out.append(2 * m.n_heads * (qk + v) * keys_per_query(
+          seq_len, m.sliding_window if t == 'sliding' else 0,
+          m.attention_chunk_size if t == 'chunked' else 0))
+  return out
+
+
+def train_flops_per_token(m, seq_len: int) -> float:
+  """6N for the matmuls (forward + backward) plus three times the token mixers' forward
+  (`token_mixer_flops`; for causal attention about 3·L·T·H·(Kqk + Kv), half of what the whole
+  scores would cost)."""
+  return 6.0 * matmul_params(m) + 3.0 * sum(token_mixer_flops(m, seq_len))
 
 
 def datasheet_peak(device_kind: str) -> tuple[float, str] | None:

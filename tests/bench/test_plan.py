@@ -5,6 +5,7 @@ import subprocess
 import types
 
 import jax
+import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 
@@ -102,6 +103,33 @@ def test_dpo_counts_both_replies_and_the_reference_forward():
   assert f.reference == pytest.approx(f.forward)
 
 
+# Qwen3.5's layer kinds at test size: gated DeltaNet and gated full attention, 3 : 1.
+HYBRID = dict(layer_types=('linear', 'linear', 'linear', 'full'), n_layers=4, attn_output_gate=True,
+              partial_rotary_factor=0.25, qk_norm=True, norm_offset=1.0,
+              linear_attn=dict(n_key_heads=2, n_value_heads=4, key_head_dim=8, value_head_dim=8))
+
+
+def test_matmul_params_are_the_kernels_of_every_layer_kind():
+  c = tiny_config(**HYBRID)
+  shapes = ModelSpec(c.model).shapes
+  kernels = sum(int(np.prod(s.shape)) for n, s in shapes.items() if n.endswith('.kernel'))
+  assert any(n.startswith('layers.linear_attn.') for n in shapes) and 'layers.attn.gate.kernel' in shapes
+  assert train_flops.matmul_params(c.model) == kernels  # untied: lm_head.kernel is D x V
+
+
+def test_hybrid_flops_count_attention_only_on_attention_layers():
+  c = tiny_config(**HYBRID)
+  c.data.seq_len = 64
+  f = _flops(**{f'model__{k}': v for k, v in HYBRID.items()}, data__seq_len=64)
+  m, T = c.model, c.data.seq_len
+  attention = 4 * m.n_heads * head_dim(m) * (T + 1) / 2  # forward, per token, one layer
+  mixers = train_flops.token_mixer_flops(m, T)
+  assert mixers == [train_flops.gated_delta_flops_per_token(m)] * 3 + [attention]
+  N = train_flops.matmul_params(m)
+  assert f.model == pytest.approx((6 * N + 3 * sum(mixers)) * f.tokens)
+  assert train_flops.train_flops_per_token(m, T) == pytest.approx(f.model / f.tokens)
+
+
 def _quiet_tiny(**model):
   c = tiny_config(**model)
   c.mesh.shape.update(data=-1)
@@ -120,6 +148,16 @@ def test_compiles_for_a_tpu_slice_and_reports_per_chip_memory():
   assert result.optimizer_bytes == pytest.approx(2 * result.params_bytes, rel=0.05)  # Adam: m, v
   assert result.total_bytes >= result.params_bytes + result.optimizer_bytes
   assert result.trainable == result.total_params
+
+
+def test_compiles_a_hybrid_model_for_a_tpu_slice():
+  c = _quiet_tiny(**HYBRID)
+  c.mesh.shape.update(data=1, fsdp=-1)
+  result = plan_lib.compile_step(c, targets.parse('v5p-8'))
+  assert result.fits and result.trainable == result.total_params == ModelSpec(c.model).param_count()
+  assert result.total_bytes >= result.params_bytes + result.optimizer_bytes > 0
+  assert result.flops.model == pytest.approx(
+      train_flops.train_flops_per_token(c.model, c.data.seq_len) * result.flops.tokens)
 
 
 def test_compiles_lora_for_an_h100_host():

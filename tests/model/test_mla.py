@@ -141,7 +141,9 @@ def test_flops_count_every_mla_projection(q_lora_rank):
   assert flops.matmul_params(c.model) == kernels
   # Attention scores: Q-wide dot products, V-wide weighted sums.
   T, L, H, a = 16, c.model.n_layers, c.model.n_heads, c.model.mla
-  expected = 6.0 * kernels + 3.0 * L * T * H * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+  # (T + 1) / 2 keys per causal query on average, as lm plan counts them (flops.keys_per_query).
+  per_key = a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim
+  expected = 6.0 * kernels + 3.0 * L * (T + 1) * H * per_key
   assert flops.train_flops_per_token(c.model, T) == expected
 
 

@@ -2,6 +2,9 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from lm.train import flops
@@ -50,3 +53,20 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 def test_configured_peak_wins():
   assert flops.peak_flops_per_device(123e12) == (123e12, 'config')
+
+
+@pytest.mark.parametrize('K, V', [(64, 64), (64, 128)])
+def test_gated_delta_flops_are_what_xla_counts_in_the_chunked_form(K, V):
+  """One chunk (XLA's cost analysis counts a loop body once) of the jnp chunked form: XLA's count
+  is the formula less the triangular solves, which it counts as nothing, plus a few elementwise
+  FLOPs (decays, gates) per token."""
+  from lm.model.kernels import gated_delta  # pylint: disable=import-outside-toplevel
+  C, H = 64, 2
+  q, k = jnp.ones((1, C, 1, K)), jnp.ones((1, C, 1, K))
+  v, g, beta = jnp.ones((1, C, H, V)), -jnp.ones((1, C, H)), jnp.ones((1, C, H)) / 2
+  counted = jax.jit(lambda *a: gated_delta.chunk_gated_delta_rule(*a)[0]).lower(
+      q, k, v, g, beta).cost_analysis()['flops'] / (C * H)
+  m = ml_collections.ConfigDict(dict(linear_attn=dict(n_value_heads=1, key_head_dim=K,
+                                                        value_head_dim=V)))
+  solves = C * (K + V)
+  assert counted == pytest.approx(flops.gated_delta_flops_per_token(m) - solves, rel=0.05)
