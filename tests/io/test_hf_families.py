@@ -223,12 +223,22 @@ def test_hybrid_checkpoint_whose_tensors_do_not_fit_is_one_line(tmp_path):
   config = hf.read_config(tmp_path)
   config['linear_num_value_heads'] = 8
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.linear_attn.conv1d.weight' has "
-                                            r"shape \(64, 1, 4\), which does not hold what the "
-                                            r"config implies: lm parameters "
-                                            r"'layers.linear_attn.conv_q' \(4, 2, 8\), .*"
-                                            r"'layers.linear_attn.conv_v' \(4, 8, 8\)$"):
+  with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.linear_attn.out_proj.weight' "
+                                            r"has shape \(64, 32\), but the config implies "
+                                            r"\(64, 64\) \(lm parameter 'layers.linear_attn.o.kernel'\)"):
     lm_import(tmp_path)
+  # A fused tensor that does not fit: each parameter it should hold, with its shape.
+  (tmp_path / 'model.safetensors').unlink()
+  with pytest.raises(CheckpointError):
+    lm_import(tmp_path)
+  reader_config = hf.model_config_from_hf(config)
+  from lm.io.families import qwen3_5  # pylint: disable=import-outside-toplevel
+  c = tiny_config()
+  c.model.update(reader_config)
+  table = qwen3_5.linear_attention_tensors(ModelSpec(c.model).cfg)
+  conv = table[('layers.linear_attn.conv_q', 'layers.linear_attn.conv_k', 'layers.linear_attn.conv_v')]
+  with pytest.raises(ValueError):  # 64 channels cannot hold q, k and v of 2·8 + 2·8 + 8·8
+    conv.to_lm(np.zeros((64, 1, 4), np.float32))
 
 
 def test_lora_adapters_on_a_hybrid_model_load_in_peft(tmp_path):

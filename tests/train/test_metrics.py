@@ -24,7 +24,9 @@ def test_extract_answer():
 
 
 def test_exact_match_normalises_case_punctuation_and_articles():
-  assert tm.exact_match(['The Cat!', ' dog ', '42'], ['cat', 'Dog', '42.0']) == pytest.approx(200 / 3)
+  # Numbers compare by value: 42 and 42.0 match; 1.8 and 18, -18 and 18 do not.
+  assert tm.exact_match(['The Cat!', ' dog ', '42'], ['cat', 'Dog', '42.0']) == pytest.approx(100.0)
+  assert tm.exact_match(['1.8', '-18'], ['18', '18']) == 0.0
   assert tm.exact_match([], []) == 0.0
   with pytest.raises(ValueError):
     tm.exact_match(['a'], [])
