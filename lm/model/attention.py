@@ -9,14 +9,13 @@ padding and only attends to other padding.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lm.model.kernels import flash_attention
+from lm.model.kernels import flash_attention, triton_available
 from lm.sharding import target  # pylint: disable=unused-import (lm.model.attention.target: the decision's input)
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
@@ -155,9 +154,7 @@ def pallas_supported(q_BTHK, k_BSGK, **kwargs):
     return False
   backend, _ = target()
   if backend == 'gpu':
-    try:
-      importlib.import_module('jax.experimental.pallas.triton')
-    except ImportError:  # the Triton backend is deprecated in JAX 0.11 and may be removed
+    if not triton_available():
       return False
     return K & (K - 1) == 0 and 16 <= K <= 256  # Triton loads power-of-two tiles
   return backend == 'tpu'

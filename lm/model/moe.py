@@ -39,13 +39,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.model import precision, routers
+from lm.model.layers import ACTIVATIONS, param
 from lm.model.mixers.mlp import MLP
-
-ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
-
-
-def _param(rngs, init, shape, axes, dtype):
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 def router_stats(router_logits_NE, probs_NE, experts_Nk, mask_N):
@@ -82,9 +77,9 @@ class ExpertLinear(nnx.Module):
     self.compute_dtype = jnp.dtype(cfg.compute_dtype)
     dtype = jnp.dtype(cfg.param_dtype)
     E = n_experts
-    self.kernel = _param(rngs, nnx.initializers.normal(stddev=d_in ** -0.5), (E, d_in, d_out),
+    self.kernel = param(rngs, nnx.initializers.normal(stddev=d_in ** -0.5), (E, d_in, d_out),
                          ('expert', in_axis, out_axis), dtype)
-    self.bias = (_param(rngs, nnx.initializers.zeros, (E, d_out), ('expert', out_axis), dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (E, d_out), ('expert', out_axis), dtype)
                  if use_bias else None)
     lora = cfg.lora
     self.lora_rank = lora.rank if lora.rank and re.search(lora.targets, name) else 0
@@ -92,8 +87,8 @@ class ExpertLinear(nnx.Module):
       r = self.lora_rank
       bound = d_in ** -0.5  # PEFT's kaiming-uniform A, per expert
       uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
-      self.lora_a = _param(rngs, uniform, (E, d_in, r), ('expert', in_axis, None), dtype)
-      self.lora_b = _param(rngs, nnx.initializers.zeros, (E, r, d_out), ('expert', None, out_axis),
+      self.lora_a = param(rngs, uniform, (E, d_in, r), ('expert', in_axis, None), dtype)
+      self.lora_b = param(rngs, nnx.initializers.zeros, (E, r, d_out), ('expert', None, out_axis),
                            dtype)
       self.lora_scale = lora.alpha / (math.sqrt(r) if lora.rslora else r)
       self.lora_dropout = lora.dropout
@@ -153,12 +148,12 @@ class MoE(nnx.Module):
     D, E = cfg.d_model, moe.n_experts
     F = moe.expert_dim or cfg.mlp_dim
     dtype = jnp.dtype(cfg.param_dtype)
-    self.router = _param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D, E), ('embed', None),
+    self.router = param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D, E), ('embed', None),
                          dtype)
     self.kind = moe.get('router', 'softmax')
-    self.router_bias = (_param(rngs, nnx.initializers.zeros, (E,), (None,), dtype)
+    self.router_bias = (param(rngs, nnx.initializers.zeros, (E,), (None,), dtype)
                         if moe.get('router_bias') else None)
-    self.correction_bias = (_param(rngs, nnx.initializers.zeros, (E,), (None,), jnp.float32)
+    self.correction_bias = (param(rngs, nnx.initializers.zeros, (E,), (None,), jnp.float32)
                             if self.kind == 'sigmoid' else None)
     experts = functools.partial(ExpertLinear, E, cfg=cfg, rngs=rngs,
                                 use_bias=bool(moe.get('expert_bias')))
@@ -168,7 +163,7 @@ class MoE(nnx.Module):
     shared_dim = moe.get('shared_dim', 0)
     self.shared = (MLP(cfg, rngs=rngs, hidden=shared_dim, name='layers.moe.shared', bias=False)
                    if shared_dim else None)
-    self.shared_gate = (_param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D,), ('embed',),
+    self.shared_gate = (param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D,), ('embed',),
                                dtype) if shared_dim and moe.get('shared_gate') else None)
     self.k = moe.experts_per_token
     self.route_args = dict(norm_topk_prob=moe.norm_topk_prob, n_group=moe.get('n_group', 1),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.config import LAYER_TYPES, MLP_TYPES, layer_problem, mla_enabled, n_experts  # noqa: F401
+from lm.config import layer_problem, mla_enabled, n_experts
 from lm.errors import ConfigError
 from lm.model import rope as rope_lib
 from lm.model.layers import RMSNorm, configure_adapters

@@ -79,6 +79,14 @@ def llama_tensors(shapes: dict, *, norms: dict | None = None, modules: dict | No
   return {k: v for k, v in out.items() if k in shapes}
 
 
+def require_silu(hf: dict, architecture: str) -> None:
+  """One line for a checkpoint whose MLP activation is not SwiGLU's silu."""
+  activation = hf.get('hidden_act', 'silu')
+  if activation != 'silu':
+    raise ConfigError(f'{architecture} with hidden_act={activation!r} is not supported; lm '
+                      'implements silu')
+
+
 def llama_fields(hf: dict) -> dict:
   """The lm model fields every decoder family sets the way Llama does."""
   D, H = hf['hidden_size'], hf['num_attention_heads']

@@ -10,7 +10,6 @@ table).
 from __future__ import annotations
 
 from lm.config import mla_enabled, n_experts
-from lm.errors import CheckpointError
 from lm.io.families import common, glm4_moe
 
 LAYER = common.LAYER
@@ -27,10 +26,7 @@ DEFAULT_ROPE_INTERLEAVE = True
 def to_lm(hf: dict) -> dict:
   L = hf['num_hidden_layers']
   dense = min(hf.get('first_k_dense_replace', DEFAULT_FIRST_DENSE) or 0, L)
-  activation = hf.get('hidden_act', 'silu')
-  if activation != 'silu':
-    raise CheckpointError(f'DeepseekV3ForCausalLM with hidden_act={activation!r} is not supported; '
-                          'lm implements silu')
+  common.require_silu(hf, 'DeepseekV3ForCausalLM')
   full, _ = common.rope_params(hf)
   theta, scaling = common.rope_from_hf(full, hf)
   D, H = hf['hidden_size'], hf['num_attention_heads']

@@ -10,7 +10,6 @@ Real checkpoints carry next-token-prediction layers past num_hidden_layers
 
 from __future__ import annotations
 
-from lm.errors import ConfigError
 from lm.io.families import common
 
 LAYER = common.LAYER
@@ -18,10 +17,7 @@ MOE = LAYER + 'mlp.'
 
 
 def to_lm(hf: dict) -> dict:
-  act = hf.get('hidden_act', 'silu')
-  if act != 'silu':
-    raise ConfigError(f'Glm4MoeForCausalLM with hidden_act={act!r} is not supported; lm '
-                      'implements silu')
+  common.require_silu(hf, 'Glm4MoeForCausalLM')
   full, _ = common.rope_params(hf)
   theta, scaling = common.rope_from_hf(full, hf)
   L = hf['num_hidden_layers']

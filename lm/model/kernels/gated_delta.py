@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lm.model.kernels import triton_available
 from lm.model.kernels.tiles import NN, NT, TN, dot
 from lm.sharding import target
 
@@ -393,9 +394,7 @@ def pallas_supported(k_BTGK, v_BTHV) -> bool:
   """Whether gated_delta_pallas can run on the backend being traced for."""
   backend, _ = target()
   if backend == 'gpu':
-    try:
-      importlib.import_module('jax.experimental.pallas.triton')
-    except ImportError:  # the Triton backend is deprecated in JAX 0.11 and may be removed
+    if not triton_available():
       return False
     pow2 = lambda n: n & (n - 1) == 0 and n >= 16  # Triton tiles: powers of two, dots >= 16
     return pow2(k_BTGK.shape[-1]) and pow2(min(v_BTHV.shape[-1], GPU_VALUE_BLOCK))
