@@ -81,8 +81,12 @@ class _WandB:
   def __init__(self, workdir, config, run):
     import wandb  # pylint: disable=import-outside-toplevel
     # resume='allow': the id of the run this workdir started continues it, else a new run.
+    # mode and the API key are read now, not from wandb's process-wide settings: those are
+    # frozen at the first wandb.init of the process, and a second run in the same process
+    # (a sweep, a notebook) may set WANDB_MODE differently.
     self.run = wandb.init(project=run['project'], name=run['name'], id=run['id'], resume='allow',
-                          dir=workdir, config=config)
+                          dir=workdir, config=config, mode=os.environ.get('WANDB_MODE') or None,
+                          settings=wandb.Settings(api_key=os.environ.get('WANDB_API_KEY') or None))
 
   def log(self, step, scalars):
     self.run.log(scalars, step=step)

@@ -164,3 +164,20 @@ def test_a_tracker_that_fails_to_start_stops_the_run_or_is_dropped_when_told(
                                      '(RuntimeError: no API key configured); training without it '
                                      '(train.tracker_errors=warn)\n')
   started.finish({'step': 1}, failed=False)
+
+
+def test_wandb_mode_is_read_at_each_run_not_frozen_by_the_first(tmp_path, monkeypatch):
+  # wandb keeps process-wide settings from its first init; a later run in the same process (a
+  # sweep, a notebook, this test session) with another WANDB_MODE must still get that mode.
+  monkeypatch.setenv('WANDB_CONSOLE', 'off')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  run = {'project': 'lm', 'name': 'a', 'id': 'modecheck1'}
+  monkeypatch.setenv('WANDB_MODE', 'online')
+  monkeypatch.setenv('WANDB_API_KEY', '')
+  with pytest.raises(Exception, match='API key'):
+    trackers.KINDS['wandb'](str(tmp_path), {}, run)
+  monkeypatch.setenv('WANDB_MODE', 'offline')
+  started = trackers.KINDS['wandb'](str(tmp_path), {'x': 1}, run)
+  started.log(1, {'loss': 2.0})
+  started.finish({'step': 1}, failed=False)
+  assert len(glob.glob(f'{tmp_path}/wandb/offline-run-*-modecheck1')) == 1
