@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
+from conftest import ROOT, TEST_XLA_FLAGS
 
 PYTHON = sys.executable
 
@@ -40,6 +40,7 @@ def env(cache_dir: str, **extra) -> dict:
   # The session's shared compilation cache (conftest.py) when there is one.
   cache_dir = os.environ.get('LM_TEST_JAX_CACHE', cache_dir)
   out.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache_dir,
+             XLA_FLAGS=TEST_XLA_FLAGS,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   out.update({k: str(v) for k, v in extra.items()})

@@ -213,6 +213,8 @@ CASES = {
                               "rows '1:1' selects none of the 2 records of task.jsonl"),
     'task-shots-exceed-fewshot': (['lm', 'eval', '{run}', '--tasks', '{d}/task_shots.yaml', '--out', '{d}/eval_out'],
                                   '3 shots asked for but the fewshot data task.jsonl holds 2 records'),
+    'task-lone-surrogate': (['lm', 'eval', '{run}', '--tasks', '{d}/task_surrogate.yaml', '--out', '{d}/eval_out'],
+                            'task_surrogate.jsonl:2: the text holds a lone surrogate U+D800 at character 2'),
     'eval-negative-limit': (['lm', 'eval', '{run}', '--tasks', 'heldout_ppl', '--out', '{d}/eval_out',
                              '--config.limit=-1'], 'limit=-1: give a whole number >= 0'),
     # Run directory.
@@ -264,6 +266,7 @@ COMPLETE_RUN = {
     'export-out-is-the-run': None, 'export-out-inside-the-run': None, 'export-out-other-files': None,
     'export-gguf-inside-the-run': None, 'eval-out-is-the-run': None, 'generate-out-inside-the-run': None,
     'task-template-runs-code': None, 'task-rows-select-none': None, 'task-shots-exceed-fewshot': None,
+    'task-lone-surrogate': None,
 }
 
 FILES = {
@@ -295,6 +298,8 @@ FILES = {
                        b'prompt: "{{ cycler.__init__.__globals__.os.popen(\'id\').read() }}"\n'),
     'task_neg_limit.yaml': b'kind: perplexity\ndata: task.jsonl\nlimit: -1\n',
     'task_python.yaml': b'kind: perplexity\ndata: "python:os:getcwd"\n',
+    'task_surrogate.jsonl': b'{"q": "1+1", "a": "2"}\n{"q": "2+\\ud800", "a": "4"}\n',
+    'task_surrogate.yaml': b'kind: perplexity\ndata: task_surrogate.jsonl\ntarget: a\nprompt: q\n',
     'task_rows_none.yaml': b'kind: perplexity\ndata: task.jsonl\nrows: "1:1"\n',
     'task_shots.yaml': (b'kind: generate\ndata: task.jsonl\nprompt: q\ntarget: a\n'
                         b'fewshot: task.jsonl\nshots: 3\n'),

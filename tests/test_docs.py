@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, TEST_XLA_FLAGS
 
 DOCS = ['README.md'] + sorted(f'docs/{n}' for n in os.listdir(os.path.join(ROOT, 'docs'))
                               if n.endswith('.md'))
@@ -51,6 +51,10 @@ CI_TRAIN_FOR_PAGE = {
     'docs/smollm2.md': '--config.data.batch_size=1',
 }
 
+# Pages whose time goes into running a real model rather than compiling small programs: they run
+# without conftest's TEST_XLA_FLAGS (unoptimised machine code would make them slower, not faster).
+EXECUTION_BOUND = ('docs/smollm2.md',)
+
 # Bash functions shadowing `lm` and `python` for the blocks: the commands run as written, at CI size.
 PREAMBLE = f'''set -euo pipefail
 CI_TRAIN="{CI_TRAIN}"
@@ -63,7 +67,7 @@ lm() {{
     bench)
       case "${{2:-}}" in
         finetune) command lm "$@" --steps 1 --rounds 1 $CI_BENCH_MODEL ;;
-        decode) command lm "$@" --reps 1 ;;
+        decode) command lm "$@" --reps 1 --batch 1 ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
         moe|attention|data|gpu) command lm "$@" --steps 2 ;;
         *) command lm "$@" --steps 2 $CI_BENCH_MODEL ;;
@@ -174,11 +178,11 @@ def _sandbox(tmp_path):
   return repo
 
 
-def _environment(tmp_path_factory):
+def _environment(tmp_path_factory, doc=None):
   env = dict(os.environ)
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
-  env.pop('XLA_FLAGS', None)
   env.update(JAX_PLATFORMS='cpu', TQDM_DISABLE='1',
+             XLA_FLAGS='' if doc in EXECUTION_BOUND else TEST_XLA_FLAGS,
              # Runs of one model shape compile once for the whole session.
              JAX_COMPILATION_CACHE_DIR=os.environ.get(
                  'LM_TEST_JAX_CACHE', str(tmp_path_factory.getbasetemp() / 'jax-cache')),
@@ -237,7 +241,7 @@ CHECKS = {'docs/launch.md': _check_launch, 'docs/sweeps.md': _check_sweeps, 'doc
 @pytest.mark.parametrize('doc', [d for d in DOCS if runnable(d)])
 def test_doc_commands_run(doc, tmp_path, tmp_path_factory):
   repo = _sandbox(tmp_path)
-  proc = subprocess.run(['bash', '-c', _script(doc)], cwd=repo, env=_environment(tmp_path_factory),
+  proc = subprocess.run(['bash', '-c', _script(doc)], cwd=repo, env=_environment(tmp_path_factory, doc),
                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
   output = proc.stdout + proc.stderr
   assert proc.returncode == 0, f'{doc}: a command failed (exit {proc.returncode}):\n{output[-4000:]}'

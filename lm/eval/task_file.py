@@ -16,7 +16,7 @@ import re
 import jinja2
 import yaml
 
-from lm.data import templates
+from lm.data import chat, templates
 from lm.eval.task_data import shared_data
 from lm.errors import UserError
 
@@ -396,6 +396,7 @@ def render(task: Task, key: str, template, record: dict, where: str):
   """A template (Jinja2, like the harness's doc_to_text) or a bare field name, over one record."""
   if not isinstance(record, dict):
     raise UserError(f'{where}: expected a record (object), got {type(record).__name__}')
+  chat.check_unicode(record, where)  # the file and line, not the tokenizer's failure later
   if isinstance(template, str) and _NAME.match(template) and '{' not in template:
     if template not in record:
       raise UserError(f'{where}: no field {template!r} (the record has {sorted(record)}); fix '
