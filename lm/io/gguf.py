@@ -2,7 +2,9 @@
 
 Import: a GGUF file (or a directory holding exactly one) works wherever a Hugging Face directory
 does (`train.init_from`, `lm generate`, `lm eval`). The `{arch}.*` metadata gives the model's
-shape; tensors are dequantized on load (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) with
+shape, and what llama.cpp's graph for the architecture fixes in code (Gemma's +1 norms, GELU and
+sandwich norms, its default softcaps, window and sliding-layer pattern, its attention scale) the
+rest; tensors are dequantized on load (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) with
 `gguf.dequantize`, one tensor at a time; the embedded tokenizer and chat template are read by
 lm/data/gguf_tokenizer.py.
 
@@ -10,10 +12,15 @@ Layouts: GGUF stores a linear weight with ne = [in, out], which numpy reads as [
 Hugging Face layout, so lm/io/hf.py's reshapes apply once names are mapped. llama.cpp's converter
 permutes the q and k rows of Llama-architecture models from HF's rotate-half RoPE to the
 interleaved pairs its rope kernel uses (`permute` in convert_hf_to_gguf.py); import undoes it and
-export redoes it. Qwen2 files use rotate-half ("NEOX") RoPE and are not permuted.
+export redoes it. Qwen2/3, Gemma 2/3 and Phi-3 use rotate-half ("NEOX") RoPE in llama.cpp too and
+are not permuted. llama.cpp multiplies by a norm's weight as stored, so Gemma's norms (x * (1 + w)
+in HF and lm) are stored as 1 + w; Phi-3's q/k/v and gate/up are the fused attn_qkv and ffn_up,
+as its HF checkpoint holds them.
 
 Export writes F16 or Q8_0 (norms and biases stay F32, as llama.cpp does) with the run's tokenizer
-and chat template, to a temporary file renamed into place, so a failed export leaves nothing.
+and chat template, to a temporary file renamed into place, so a failed export leaves nothing. A
+model that llama.cpp's graph would compute differently (EXPORT_LIMITS) is refused before anything
+is written.
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ from lm.data import gguf_tokenizer
 from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
 
-ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe')
+ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi3')
 # lm's Hugging Face family -> llama.cpp architecture (Mixtral is llama's graph with experts).
 ARCH_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mixtral': 'llama',
-           'qwen3_moe': 'qwen3moe'}
+           'qwen3_moe': 'qwen3moe', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3'}
+# llama.cpp architecture -> lm's family for its dense models (llama with experts is Mixtral).
+FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': 'qwen3_moe',
+             'gemma2': 'gemma2', 'gemma3': 'gemma3_text', 'phi3': 'phi3'}
 # GGUF holds each layer's experts as one [n_expert, out, in] tensor; HF (and lm's readers) name
 # one tensor per expert. GGUF name -> the HF per-expert template, per family; the router too.
 EXPERT_NAMES = {
@@ -69,6 +79,41 @@ NAMES = {
     'blk.{i}.attn_q_norm.weight': 'model.layers.{i}.self_attn.q_norm.weight',  # Qwen3
     'blk.{i}.attn_k_norm.weight': 'model.layers.{i}.self_attn.k_norm.weight',
 }
+# Where a family's names differ from NAMES. Gemma's sandwich norms: llama.cpp's ffn_norm is the
+# norm before the MLP (HF pre_feedforward_layernorm), and HF's post_attention_layernorm is the
+# norm after attention. Phi-3's fused projections keep their HF layout under one GGUF name each.
+SANDWICH_NAMES = {
+    'blk.{i}.ffn_norm.weight': 'model.layers.{i}.pre_feedforward_layernorm.weight',
+    'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight',
+    'blk.{i}.post_ffw_norm.weight': 'model.layers.{i}.post_feedforward_layernorm.weight',
+}
+FAMILY_NAMES = {
+    'gemma2': SANDWICH_NAMES, 'gemma3_text': SANDWICH_NAMES,
+    'phi3': {'blk.{i}.attn_qkv.weight': 'model.layers.{i}.self_attn.qkv_proj.weight',
+             'blk.{i}.ffn_up.weight': 'model.layers.{i}.mlp.gate_up_proj.weight'},
+}
+
+# What llama.cpp's Gemma graphs fix in code rather than read from metadata, as lm model fields
+# (src/models/gemma2.cpp, gemma3.cpp): x * sqrt(d_model) embeddings, tanh-GELU, norms before and
+# after attention and MLP, weights stored as 1 + w; Gemma 3 adds q/k RMSNorm.
+GEMMA_FIELDS = dict(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
+                    norm_placement='sandwich')
+GRAPH_FIELDS = {'gemma2': GEMMA_FIELDS, 'gemma3': dict(GEMMA_FIELDS, qk_norm=True)}
+# Sliding layers when the file gives no pattern: llama.cpp's set_swa_pattern(n) makes layer i
+# sliding unless i % n == n - 1 (Gemma 2: every other layer, Gemma 3: five of each six).
+SWA_PATTERN = {'gemma2': 2, 'gemma3': 6}
+# llama.cpp scales Gemma queries by head_dim ** -0.5, except for the layer count of each family's
+# 27B model, where it uses (d_model // n_heads) ** -0.5 (what those checkpoints'
+# query_pre_attn_scalar says); no metadata key sets it.
+WIDE_LAYERS = {'gemma2': 46, 'gemma3': 62}
+# RoPE scaling each graph applies as lm computes it: Gemma 3 scales full layers only (linear, its
+# 4B-27B checkpoints), sliding ones keep rope.freq_base_swa unscaled. Others: plain RoPE.
+ROPE_SCALING = {'gemma3': ('linear',)}
+
+
+def names_of(family: str | None) -> dict:
+  """GGUF tensor name -> HF tensor name ({i}: layer index) for lm family `family`."""
+  return {**NAMES, **FAMILY_NAMES.get(family, {})}
 
 
 def find_file(path: str) -> str | None:
@@ -118,10 +163,13 @@ def model_config(path: str) -> dict:
     raise CheckpointError(f'{path}: GGUF architecture {arch!r} is not supported; lm imports '
                           f'{", ".join(ARCHITECTURES)}')
   names = {t.name: t for t in reader.tensors}
-  if 'rope_freqs.weight' in names or _value(reader, f'{arch}.rope.scaling.type', 'none') not in (
-      'none', None):
-    raise CheckpointError(f'{path}: RoPE scaling (rope_freqs / {arch}.rope.scaling.type) is not '
-                          'supported for GGUF import; lm imports GGUF models with plain RoPE')
+  scaling = _value(reader, f'{arch}.rope.scaling.type', 'none')
+  factors = [n for n in ('rope_freqs.weight', 'rope_factors_long.weight') if n in names]
+  if factors or scaling not in ('none', None, *ROPE_SCALING.get(arch, ())):
+    raise CheckpointError(f'{path}: RoPE scaling ({factors[0] if factors else scaling}) is not '
+                          f'supported for GGUF import of {arch}; lm imports '
+                          + ('linear scaling or ' if arch in ROPE_SCALING else '')
+                          + 'plain RoPE there')
 
   def need(key):
     value = _value(reader, f'{arch}.{key}')
@@ -130,6 +178,7 @@ def model_config(path: str) -> dict:
     return value
 
   D, H = int(need('embedding_length')), int(need('attention.head_count'))
+  L = int(need('block_count'))
   kv = _value(reader, f'{arch}.attention.head_count_kv', H)
   if isinstance(kv, list):  # per-layer counts: only a uniform one fits lm's scanned layers
     if len(set(kv)) != 1:
@@ -140,12 +189,15 @@ def model_config(path: str) -> dict:
   if int(rotary) != K:
     raise CheckpointError(f'{path}: partial RoPE ({arch}.rope.dimension_count={rotary} of head size '
                           f'{K}) is not supported; lm rotates whole heads')
+  if arch == 'phi3' and K != D // H:  # its graph builds q and o as [d_model, d_model]
+    raise CheckpointError(f'{path}: a phi3 file with heads of {K} (not d_model / n_heads = '
+                          f'{D // H}) is not one llama.cpp runs')
   embed = names.get('token_embd.weight')
   if embed is None:
     raise CheckpointError(f'{path}: tensor token_embd.weight is missing')
-  moe, family = {}, arch
+  moe, family = {}, FAMILY_OF[arch]
   if 'blk.0.ffn_gate_exps.weight' in names:
-    family = 'mixtral' if arch == 'llama' else 'qwen3_moe'
+    family = 'mixtral' if arch == 'llama' else family
     # Both graphs renormalise the chosen experts' weights (llama.cpp's build_moe_ffn norm_w).
     moe = dict(moe=dict(n_experts=int(need('expert_count')),
                         experts_per_token=int(need('expert_used_count')),
@@ -153,17 +205,64 @@ def model_config(path: str) -> dict:
                                               need('feed_forward_length'))),
                         norm_topk_prob=True))
   vocab = int(_value(reader, f'{arch}.vocab_size', embed.shape[-1]))
-  return dict(
-      vocab_size=vocab, d_model=D, n_layers=int(need('block_count')), n_heads=H, n_kv_heads=int(kv),
+  theta = float(_value(reader, f'{arch}.rope.freq_base', 10000.0))
+  # No window outside Gemma, Phi-3's included: llama.cpp reads its attention.sliding_window but
+  # runs without one (src/models/phi3.cpp disables it), so the file's model is the windowless one.
+  fields = dict(
+      vocab_size=vocab, d_model=D, n_layers=L, n_heads=H, n_kv_heads=int(kv),
       head_dim=0 if K == D // H else K, mlp_dim=int(need('feed_forward_length')),
       max_seq_len=int(_value(reader, f'{arch}.context_length', 2048)),
-      rope_theta=float(_value(reader, f'{arch}.rope.freq_base', 10000.0)), rope_scaling=None,
+      rope_theta=theta, rope_scaling=None, rope_local_theta=0.0,
       qkv_bias='blk.0.attn_q.bias' in names, tie_embeddings='output.weight' not in names,
       norm_eps=float(need('attention.layer_norm_rms_epsilon')), norm_offset=0.0,
-      embed_scale=False, mlp_activation='silu', sliding_window=0,
+      embed_scale=False, mlp_activation='silu', norm_placement='pre', sliding_window=0,
+      layer_types=(), query_pre_attn_scalar=0.0, attn_logit_softcap=0.0, final_logit_softcap=0.0,
       attn_out_bias='blk.0.attn_output.bias' in names,
-      qk_norm='blk.0.attn_q_norm.weight' in names,
-      hf_family={'qwen3moe': 'qwen3_moe'}.get(family, family), **moe)
+      qk_norm='blk.0.attn_q_norm.weight' in names, hf_family=family, **moe)
+  scaled = scaling not in ('none', None)
+  if scaled:
+    fields['rope_scaling'] = dict(type=scaling, factor=float(need('rope.scaling.factor')))
+  if arch in GRAPH_FIELDS:
+    fields.update(GRAPH_FIELDS[arch], **_gemma_fields(reader, arch, L, D, H, K, theta, scaled))
+  return fields
+
+
+def _gemma_fields(reader, arch: str, L: int, D: int, H: int, K: int, theta: float,
+                  scaled: bool) -> dict:
+  """The windows, RoPE bases, softcaps and attention scale of a Gemma 2/3 file, with llama.cpp's
+  defaults for what it leaves out (llama-hparams.h, src/models/gemma2.cpp, gemma3.cpp)."""
+  gemma2 = arch == 'gemma2'
+  window = int(_value(reader, f'{arch}.attention.sliding_window', 4096 if gemma2 else 0))
+  kinds = _swa_kinds(reader, arch, L) if window > 0 else ('full',) * L
+  # Sliding layers' base: Gemma 2's defaults to rope.freq_base, Gemma 3's to 10000.
+  local = float(_value(reader, f'{arch}.rope.freq_base_swa', theta if gemma2 else 10000.0))
+  softcaps = (50.0, 30.0) if gemma2 else (0.0, 0.0)
+  return dict(
+      sliding_window=window if 'sliding' in kinds else 0,
+      layer_types=kinds if len(set(kinds)) > 1 else (),
+      # lm's sliding layers share the full layers' base and scaling unless this is set.
+      rope_local_theta=local if 'sliding' in kinds and (local != theta or scaled) else 0.0,
+      query_pre_attn_scalar=float(D // H if L == WIDE_LAYERS[arch] else K),
+      attn_logit_softcap=float(_value(reader, f'{arch}.attn_logit_softcapping', softcaps[0]))
+      if gemma2 else 0.0,  # Gemma 3's graph has no attention softcap
+      final_logit_softcap=float(_value(reader, f'{arch}.final_logit_softcapping', softcaps[1])))
+
+
+def _swa_kinds(reader, arch: str, L: int) -> tuple[str, ...]:
+  """Per layer 'sliding' / 'full' as llama.cpp's load_swa_pattern reads them: a per-layer bool
+  array, a period n, or the architecture's default period."""
+  pattern = _value(reader, f'{arch}.attention.sliding_window_pattern', SWA_PATTERN[arch])
+  if isinstance(pattern, list):
+    if len(pattern) != L:
+      raise CheckpointError(f'{arch}.attention.sliding_window_pattern has {len(pattern)} entries '
+                            f'for {L} layers')
+    return tuple('sliding' if p else 'full' for p in pattern)
+  return swa_pattern(int(pattern), L)
+
+
+def swa_pattern(n: int, L: int) -> tuple[str, ...]:
+  """llama.cpp's set_swa_pattern(n) over L layers (n = 0: all sliding)."""
+  return tuple('sliding' if n == 0 or i % n < n - 1 else 'full' for i in range(L))
 
 
 def permute_rows(w: np.ndarray, n_heads: int, *, inverse: bool) -> np.ndarray:
@@ -187,14 +286,17 @@ class Tensors:
     self.n_heads = int(_value(reader, f'{self.arch}.attention.head_count'))
     kv = _value(reader, f'{self.arch}.attention.head_count_kv', self.n_heads)
     self.n_kv_heads = int(kv[0] if isinstance(kv, list) else kv)
+    # GGUF norm weights are what llama.cpp multiplies by: offset + lm's scale.
+    self.norm_offset = GRAPH_FIELDS.get(self.arch, {}).get('norm_offset', 0.0)
+    family = FAMILY_OF.get(self.arch)
+    if self.arch == 'llama' and any(t.name == 'blk.0.ffn_gate_exps.weight' for t in reader.tensors):
+      family = 'mixtral'
     to_hf = {}
     n_layers = int(_value(reader, f'{self.arch}.block_count', 0))
-    for gguf_name, hf_name in NAMES.items():
+    for gguf_name, hf_name in names_of(family).items():
       for i in range(n_layers) if '{i}' in gguf_name else [None]:
         to_hf[gguf_name.format(i=i)] = hf_name.format(i=i)
     self._tensors, self._experts, self._cached = {}, {}, (None, None)
-    family = ('mixtral' if self.arch == 'llama' else 'qwen3_moe'
-              if self.arch == 'qwen3moe' else None)
     for gguf_name, hf_name in EXPERT_NAMES.get(family, {}).items():
       if '{e}' not in hf_name:  # the router
         to_hf.update({gguf_name.format(i=i): hf_name.format(i=i) for i in range(n_layers)})
@@ -240,6 +342,8 @@ class Tensors:
     t = self._tensors[name]
     array = self._gguf.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
     array = array.reshape(self.shape(name))
+    if self.norm_offset and name.endswith('norm.weight'):
+      array = array - np.float32(self.norm_offset)
     if self.arch == 'llama':
       if '.q_proj.' in name:
         array = permute_rows(array, self.n_heads, inverse=True)
@@ -257,6 +361,7 @@ def load_params(path: str, spec, shardings: dict) -> dict:
   """The weights of GGUF file `path` as {lm name: array} placed with `shardings`."""
   reader = Tensors(path)
   table = hf.param_map(spec.shapes, spec.cfg.get('hf_family') or 'llama', spec.cfg)
+  shapes = {n: s.shape for n, s in spec.shapes.items()}
   L, E = spec.cfg.n_layers, n_experts(spec.cfg)
   expected, plan = {}, {}
   for name, (template, layout, _) in table.items():
@@ -264,17 +369,111 @@ def load_params(path: str, spec, shardings: dict) -> dict:
     stacked = hf.stacked_dims(name, template)
     names = ([template.format(i=i, e=e) for i in range(L) for e in range(E)] if stacked == 2 else
              [template.format(i=i) for i in range(L)] if stacked else [template])
+    rows, total = hf.fused_rows(shapes, table, name)
     one = hf.hf_shape(shape[stacked:], layout)
-    expected.update({n: (one, name) for n in names})
-    plan[name] = (names, stacked, layout)
+    expected.update({n: ((total, *one[1:]), name) for n in names})
+    plan[name] = (names, stacked, layout, rows)
   hf.check_tensors(reader, expected, path, spec.cfg.tie_embeddings)
   return {name: hf.place(spec.shapes[name].shape, shardings[name],
                          hf.read_stacked(reader, names, spec.shapes[name].shape, layout,
-                                         spec.shapes[name].dtype, stacked))
-          for name, (names, stacked, layout) in plan.items()}
+                                         spec.shapes[name].dtype, stacked, rows))
+          for name, (names, stacked, layout, rows) in plan.items()}
 
 
 # ----------------------------------------------------------------------------- export
+
+
+def _kinds(m) -> tuple[str, ...]:
+  """Per layer 'sliding' / 'full' as lm runs model config `m`."""
+  return tuple(m.layer_types) or (('sliding' if m.sliding_window else 'full'),) * m.n_layers
+
+
+def _query_scalar(m, arch: str) -> int:
+  """The query_pre_attn_scalar llama.cpp's Gemma graph `arch` uses for `m`'s shape."""
+  return m.d_model // m.n_heads if m.n_layers == WIDE_LAYERS[arch] else head_dim(m)
+
+
+def _rope_fits(m, arch: str) -> bool:
+  if not m.rope_scaling:
+    return True
+  if m.rope_scaling.get('type') not in ROPE_SCALING.get(arch, ()):
+    return False
+  # Gemma 3 leaves sliding layers unscaled; lm scales them too unless rope_local_theta is set.
+  return bool(m.rope_local_theta) or 'sliding' not in _kinds(m)
+
+
+PLAIN = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe')
+GEMMA = ('gemma2', 'gemma3_text')
+EVERY = PLAIN + GEMMA + ('phi3',)
+# What llama.cpp's graph for a family computes (or what lm writes for it) that a model of that
+# family may differ in, beyond what lm.io.hf.family_of already holds to: (families, lm model
+# field, fits(model config), the rule). Export refuses the first model field that does not fit.
+EXPORT_LIMITS = (
+    (PLAIN + ('gemma2', 'phi3'), 'rope_scaling', lambda m, arch: not m.rope_scaling,
+     "lm writes llama.cpp's {arch} files with plain RoPE (llama.cpp's convert_hf_to_gguf.py "
+     'converts RoPE scaling)'),
+    (('gemma3_text',), 'rope_scaling', _rope_fits,
+     "llama.cpp's gemma3 graph scales RoPE linearly and on full layers only (sliding layers "
+     'unscaled, at model.rope_local_theta)'),
+    (EVERY, 'mlp_bias', lambda m, arch: not m.mlp_bias, 'lm writes no MLP biases to GGUF'),
+    (GEMMA + ('phi3',), 'qkv_bias', lambda m, arch: not m.qkv_bias,
+     "llama.cpp's {arch} graph has no attention biases"),
+    (GEMMA + ('phi3',), 'attn_out_bias', lambda m, arch: not m.attn_out_bias,
+     "llama.cpp's {arch} graph has no attention output bias"),
+    (PLAIN, 'sliding_window', lambda m, arch: not m.sliding_window,
+     "llama.cpp's {arch} graph has no sliding window"),
+    (PLAIN, 'moe.norm_topk_prob', lambda m, arch: not n_experts(m) or m.moe.norm_topk_prob,
+     "llama.cpp's {arch} graph renormalises the chosen experts' weights"),
+    (PLAIN, 'mlp_types', lambda m, arch: 'dense' not in tuple(m.get('mlp_types') or ()),
+     "llama.cpp's {arch} graph has experts in every layer"),
+    (('gemma2',), 'tie_embeddings', lambda m, arch: m.tie_embeddings,
+     "llama.cpp's gemma2 graph projects the output with the embeddings (it has no output.weight)"),
+    (('gemma2',), 'attn_logit_softcap', lambda m, arch: m.attn_logit_softcap > 0,
+     "llama.cpp's gemma2 graph always soft-caps attention logits"),
+    (('gemma2',), 'final_logit_softcap', lambda m, arch: m.final_logit_softcap > 0,
+     "llama.cpp's gemma2 graph always soft-caps the output logits"),
+    (('gemma2',), 'layer_types', lambda m, arch: _kinds(m) == swa_pattern(2, m.n_layers),
+     "llama.cpp's gemma2 graph alternates sliding and full layers, sliding first"),
+    (('gemma3_text',), 'layer_types',
+     lambda m, arch: 'sliding' not in _kinds(m) or _kinds(m) == swa_pattern(6, m.n_layers),
+     "llama.cpp's gemma3 graph has every sixth layer full and the others sliding, or all full"),
+    (GEMMA, 'query_pre_attn_scalar',
+     lambda m, arch: (m.query_pre_attn_scalar or head_dim(m)) == _query_scalar(m, arch),
+     "llama.cpp's {arch} graph scales queries by head_dim ** -0.5 (by (d_model // n_heads) ** -0.5 "
+     'at {wide} layers) whatever the file says, here {scalar} ** -0.5'),
+    (('phi3',), 'head_dim', lambda m, arch: head_dim(m) == m.d_model // m.n_heads,
+     "llama.cpp's phi3 graph has heads of d_model / n_heads"),
+    (('phi3',), 'sliding_window',
+     lambda m, arch: not m.sliding_window or m.sliding_window >= m.max_seq_len,
+     "llama.cpp's phi3 graph reads attention.sliding_window and ignores it (it attends to the "
+     'whole context), so only a window of at least model.max_seq_len fits'),
+)
+
+
+def _shown(m, field: str):
+  if field == 'layer_types':
+    return _kinds(m)
+  value = m
+  for part in field.split('.'):
+    value = value.get(part)
+  return value
+
+
+def check_exportable(m, family: str) -> str:
+  """The llama.cpp architecture model config `m` (of lm family `family`) exports as, or a
+  one-line CheckpointError naming what llama.cpp would compute differently."""
+  arch = ARCH_OF.get(family)
+  if arch is None:
+    raise CheckpointError(f'GGUF export writes {", ".join(ARCH_OF)} models (others: --format hf, '
+                          'then llama.cpp\'s convert_hf_to_gguf.py); this model is '
+                          f'{family}')
+  for families, field, fits, rule in EXPORT_LIMITS:
+    if family in families and not fits(m, arch):
+      scalar = _query_scalar(m, arch) if arch in WIDE_LAYERS else None
+      rule = rule.format(arch=arch, wide=WIDE_LAYERS.get(arch), scalar=scalar)
+      raise CheckpointError(f'GGUF export: {rule}, but this model has model.{field}='
+                            f'{_shown(m, field)!r}; export it with --format hf')
+  return arch
 
 
 def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
@@ -284,22 +483,11 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
   import gguf  # pylint: disable=import-outside-toplevel
   if dtype not in EXPORT_DTYPES:
     raise ConfigError(f'--dtype {dtype} is not a GGUF export type; choose {" or ".join(EXPORT_DTYPES)}')
-  family = hf.family_of(model_cfg)
-  arch = ARCH_OF.get(family)
-  if arch is None or model_cfg.rope_scaling:
-    raise CheckpointError(f'GGUF export writes {", ".join(ARCH_OF)} models with plain RoPE '
-                          '(others: --format hf, then llama.cpp\'s convert_hf_to_gguf.py); '
-                          f'this model is {family}'
-                          + (' with RoPE scaling' if model_cfg.rope_scaling else ''))
   m = model_cfg
+  family = hf.family_of(m)
+  arch = check_exportable(m, family)
+  tensors = _tensor_plan(params, m, family)  # refuses a tensor llama.cpp has no name for
   E = n_experts(m)
-  if E and not m.moe.norm_topk_prob:
-    raise CheckpointError('GGUF export: llama.cpp renormalises the chosen experts\' weights '
-                          f'(its {arch} graph), but this model has model.moe.norm_topk_prob=false; '
-                          'export it with --format hf')
-  if E and 'dense' in tuple(m.get('mlp_types') or ()):
-    raise CheckpointError('GGUF export writes experts in every layer; this model has dense MLP '
-                          'layers among them (model.mlp_types); export it with --format hf')
   K = head_dim(m)
   token_fields = gguf_tokenizer.fields_for(tokenizer)
   qtype = {'f16': gguf.GGMLQuantizationType.F16, 'q8_0': gguf.GGMLQuantizationType.Q8_0}[dtype]
@@ -324,14 +512,15 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_rope_freq_base(float(m.rope_theta))
     writer.add_layer_norm_rms_eps(float(m.norm_eps))
     writer.add_rope_dimension_count(K)
-    if K != m.d_model // m.n_heads:
+    if K != m.d_model // m.n_heads or family in GEMMA:  # llama.cpp's converter always writes Gemma's
       writer.add_key_length(K)
       writer.add_value_length(K)
+    _add_family_metadata(writer, m, family)
     writer.add_vocab_size(m.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, token_fields)
-    for gguf_name, array in _tensors(params, m, family):
+    for gguf_name, array in _tensors(params, m, tensors, permuted=arch == 'llama'):
       if qtype == gguf.GGMLQuantizationType.Q8_0 and array.ndim >= 2 and array.shape[-1] % 32 == 0:
         writer.add_tensor(gguf_name, gguf.quantize(array, qtype), raw_dtype=qtype)
       elif array.ndim >= 2:
@@ -351,20 +540,71 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
   return arch
 
 
-def _tensors(params: dict, m, family: str):
+def _add_family_metadata(writer, m, family: str) -> None:
+  """The keys llama.cpp's converter writes for Gemma 2/3 and Phi-3 (conversion/gemma.py, phi.py)
+  that this model's values need."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  sliding = 'sliding' in _kinds(m)
+  if family == 'gemma2':  # the softcaps and the window are always on in its graph
+    writer.add_attn_logit_softcapping(float(m.attn_logit_softcap))
+    writer.add_final_logit_softcapping(float(m.final_logit_softcap))
+    writer.add_sliding_window(int(m.sliding_window))
+  elif family == 'gemma3_text':
+    if m.final_logit_softcap:
+      writer.add_final_logit_softcapping(float(m.final_logit_softcap))
+    if sliding:  # no window: llama.cpp runs every layer full
+      writer.add_sliding_window(int(m.sliding_window))
+      # Unwritten, llama.cpp's Gemma 3 sliding layers would use base 10000.
+      writer.add_rope_freq_base_swa(float(m.rope_local_theta or m.rope_theta))
+    if m.rope_scaling:  # linear (EXPORT_LIMITS): full layers' positions / factor
+      writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+      writer.add_rope_scaling_factor(float(m.rope_scaling['factor']))
+  elif family == 'phi3':
+    writer.add_rope_scaling_orig_ctx_len(m.max_seq_len)
+    # Written as the converter does (0: none, as for Phi-4); llama.cpp's graph ignores it.
+    writer.add_sliding_window(int(m.sliding_window))
+
+
+def _tensor_plan(params: dict, m, family: str) -> list:
+  """[(GGUF name template, [(lm name, layout)] concatenated row-wise, HF template)] for every
+  base weight, in lm's parameter order; refuses one llama.cpp's architecture has no name for."""
+  to_gguf = {hf_name: gguf_name for gguf_name, hf_name in
+             {**names_of(family), **EXPERT_NAMES.get(family, {})}.items()}
+  table = hf.param_map(params, family, m)
+  plan = []
+  for lm_name, (template, _, part) in table.items():
+    if template not in to_gguf:
+      raise CheckpointError(f'GGUF export: lm has no llama.cpp {ARCH_OF[family]} tensor name for '
+                            f'{template} (lm parameter {lm_name}); export it with --format hf')
+    if part is not None and part[0] > 0:
+      continue  # written with the fused tensor's first part
+    group = part[1] if part else (lm_name,)  # Phi-3's q, k, v (or gate, up) in row order
+    plan.append((to_gguf[template], [(n, table[n][1]) for n in group], template))
+  return plan
+
+
+def _tensors(params: dict, m, plan: list, *, permuted: bool):
   """(GGUF name, float32 numpy array in GGUF's [out, in] order, experts [n_expert, out, in])
-  for every base weight."""
-  to_gguf = {hf_name: gguf_name for gguf_name, hf_name in {**NAMES, **EXPERT_NAMES.get(family, {})}.items()}
-  permuted = ARCH_OF[family] == 'llama'  # llama.cpp's llama graph rotates interleaved pairs
-  for lm_name, (template, layout, _) in hf.param_map(params, family, m).items():
-    array = np.asarray(hf.host(params[lm_name]), np.float32)
-    layers = list(array) if lm_name.startswith('layers.') else [array]
-    for i, one in enumerate(layers):
-      gguf_name = to_gguf[template].format(i=i)
-      if '{e}' in template:  # [E, in, out] -> [E, out, in]: all of the layer's experts, one tensor
-        value = np.stack([hf.to_hf(expert, layout) for expert in one])
-      else:
-        value = hf.to_hf(one, layout)
+  for every base weight of `plan` (_tensor_plan); `permuted`: q/k rows in llama.cpp's llama
+  order (its llama graph rotates interleaved pairs)."""
+  for gguf_template, group, template in plan:
+    arrays = []
+    for lm_name, _ in group:
+      array = np.asarray(hf.host(params[lm_name]), np.float32)
+      if lm_name.endswith('norm.scale'):  # llama.cpp multiplies by the weight as stored
+        array = array + np.float32(m.norm_offset)
+      arrays.append(array)
+    layers = range(len(arrays[0])) if group[0][0].startswith('layers.') else [None]
+    for i in layers:
+      parts = []
+      for array, (_, layout) in zip(arrays, group):
+        one = array if i is None else array[i]
+        if '{e}' in template:  # [E, in, out] -> [E, out, in]: all of the layer's experts, one tensor
+          parts.append(np.stack([hf.to_hf(expert, layout) for expert in one]))
+        else:
+          parts.append(hf.to_hf(one, layout))
+      value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+      gguf_name = gguf_template.format(i=i)
       if permuted and '.attn_q.' in gguf_name:
         value = permute_rows(value, m.n_heads, inverse=False)
       elif permuted and '.attn_k.' in gguf_name:

@@ -440,7 +440,7 @@ def _hf_names(template: str, layers: tuple | None, experts: int | None = None) -
   return [template] if layers is None else [template.format(i=i) for i in layers]
 
 
-def _rows(shapes: dict, table: dict, name: str) -> tuple[slice | None, int]:
+def fused_rows(shapes: dict, table: dict, name: str) -> tuple[slice | None, int]:
   """(rows of the HF tensor holding lm parameter `name`, that tensor's row count)."""
   template, layout, part = table[name]
   one = lambda n: hf_shape(shapes[n][stacked_dims(n, table[n][0]):], layout)[0]
@@ -527,7 +527,7 @@ def load_params(path: str, spec, shardings: dict) -> dict:
     stacked = stacked_dims(name, template)
     names = _hf_names(template, stack_lib.layer_rows(spec.cfg, name) if stacked else None,
                       moe if stacked == 2 else None)
-    rows, total = _rows(shapes, table, name)
+    rows, total = fused_rows(shapes, table, name)
     one = hf_shape(shape[stacked:], layout)
     expected.update({n: ((total, *one[1:]), name) for n in names})
     plan[name] = (names, stacked, layout, rows)
@@ -639,7 +639,7 @@ def save(path: str, params: dict, model_cfg, *, dtype: str = 'float32', family: 
     key = part[1] if part else (name,)  # the lm parameters concatenated into this tensor
     shape = params[name].shape
     stacked = stacked_dims(name, template)
-    total = _rows(shapes, table, name)[1]
+    total = fused_rows(shapes, table, name)[1]
     one = hf_shape(shape[stacked:], layout)
     layers = stack_lib.layer_rows(model_cfg, name)
     if stacked == 2:

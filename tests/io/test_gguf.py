@@ -199,13 +199,13 @@ def test_unsupported_tensor_type_and_architecture_are_one_line_errors(tmp_path):
   with pytest.raises(CheckpointError, match=r'tensor token_embd\.weight has GGUF type Q5_0.*supported: '
                      r'F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K'):
     lm.load_model(file)
-  w = gguf.GGUFWriter(str(tmp_path / 'phi.gguf'), 'phi3')
+  w = gguf.GGUFWriter(str(tmp_path / 'phi.gguf'), 'phi2')
   w.add_tensor('token_embd.weight', np.zeros((4, 4), np.float32))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(CheckpointError, match="architecture 'phi3' is not supported; lm imports llama, qwen2"):
+  with pytest.raises(CheckpointError, match="architecture 'phi2' is not supported; lm imports llama, qwen2"):
     lm.load_model(str(tmp_path / 'phi.gguf'))
   os.remove(file)
   with pytest.raises(ConfigError, match='holds 2 .gguf files|neither'):
@@ -216,7 +216,7 @@ def test_unsupported_tensor_type_and_architecture_are_one_line_errors(tmp_path):
                         '--prompt', 'x'], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 2
-  assert out.stderr.strip().splitlines()[-1].startswith("lm: error: ") and 'phi3' in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("lm: error: ") and 'phi2' in out.stderr
 
 
 def test_export_refusals_write_nothing(lora_run, tmp_path):
@@ -225,7 +225,8 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
     pretrained.export_run(str(run), str(tmp_path / 'x.gguf'), fmt='gguf', dtype='q4_0')
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
-  with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe models'):
+  with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe, '
+                     'gemma2, gemma3_text, phi3 models.*this model is gemma$'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   assert os.listdir(tmp_path) == []
 
@@ -327,6 +328,187 @@ def test_moe_exports_experts_as_llama_cpp_stacks_them_and_reads_back(tmp_path, f
 def test_moe_without_renormalised_weights_is_refused(tmp_path):
   c = tiny_config(qk_norm=True)
   c.model.moe.update(n_experts=4, experts_per_token=2, expert_dim=16, norm_topk_prob=False)
-  with pytest.raises(CheckpointError, match='llama.cpp renormalises the chosen experts'):
+  with pytest.raises(CheckpointError, match="llama.cpp's qwen3moe graph renormalises the chosen experts"):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, c.model, None)
   assert os.listdir(tmp_path) == []
+
+
+# Tiny Gemma 2, Gemma 3 and Phi-3 models: lm family -> (llama.cpp architecture, model overrides).
+# Enough layers that llama.cpp's default sliding pattern shows (Gemma 3: layer 5 is the full one)
+# and a window (4) shorter than the batch (16 tokens). transformers' GGUF reader takes the head
+# size, window and full-layer RoPE base from the file but not the softcaps, the query scale or
+# Gemma 3's sliding-layer base (its integrations/ggml.py maps no key to them): it keeps
+# Gemma2Config's and Gemma3TextConfig's defaults (50 and 30, 256, 10000), so these models use
+# those values, and their head size is 256 so that llama.cpp's scale (head_dim ** -0.5) is the same.
+GEMMA = dict(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
+             norm_placement='sandwich', head_dim=256, query_pre_attn_scalar=256.0, sliding_window=4)
+NEW_FAMILIES = {
+    'gemma2': ('gemma2', dict(GEMMA, hf_family='gemma2', n_layers=3, tie_embeddings=True,
+                              attn_logit_softcap=50.0, final_logit_softcap=30.0,
+                              layer_types=('sliding', 'full', 'sliding'))),
+    'gemma3_text': ('gemma3', dict(GEMMA, hf_family='gemma3_text', n_layers=7, qk_norm=True,
+                                   tie_embeddings=False, rope_theta=1e6, rope_local_theta=1e4,
+                                   layer_types=('sliding',) * 5 + ('full', 'sliding'))),
+    'phi3': ('phi3', dict(hf_family='phi3', tie_embeddings=False)),
+}
+# Model fields that a file must give back.
+ROUND_TRIP_FIELDS = ('n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim', 'tie_embeddings',
+                     'norm_offset', 'embed_scale', 'mlp_activation', 'norm_placement', 'qk_norm',
+                     'layer_types', 'sliding_window', 'query_pre_attn_scalar', 'attn_logit_softcap',
+                     'final_logit_softcap', 'rope_theta', 'rope_local_theta', 'rope_scaling',
+                     'hf_family')
+
+
+def _f16_model(overrides, seed=0):
+  """(config, spec, parameters) of a tiny model whose weights are as F16 stores them (norms stay
+  F32, perturbed so that Gemma's stored 1 + w is not all ones)."""
+  from lm.train.state import ModelSpec
+  c = tiny_config(**overrides)
+  spec = ModelSpec(c.model)
+  rng = np.random.default_rng(seed)
+  params = {k: (v + 0.1 * rng.standard_normal(v.shape).astype(np.float32)) if k.endswith('scale')
+            else v.astype(np.float16).astype(np.float32)
+            for k, v in jax.jit(spec.init)(jax.random.key(seed)).items()}
+  return c, spec, params
+
+
+@pytest.fixture(scope='module')
+def sp_tokenizer(tmp_path_factory):
+  from lm.data import tokenizer as tokenizer_lib
+  import pydoc_data.topics
+  docs = [t.lower() for t in pydoc_data.topics.topics.values()]
+  path = tmp_path_factory.mktemp('sp') / 'sp.model'
+  return tokenizer_lib.train_tokenizer(docs, str(path), 128, byte_fallback=False)
+
+
+def _arch_keys() -> set:
+  """Every `{arch}.*` metadata key the gguf package names (gguf.Keys), as templates."""
+  return {v for group in vars(gguf.Keys).values() if isinstance(group, type)
+          for v in vars(group).values() if isinstance(v, str) and v.startswith('{arch}.')}
+
+
+@pytest.mark.parametrize('family', list(NEW_FAMILIES))
+def test_gemma_and_phi3_export_as_llama_cpp_names_them_and_read_back_in_lm_and_transformers(
+    tmp_path, sp_tokenizer, family):
+  """Gemma 2 (softcaps, alternating sliding layers, sandwich norms stored as 1 + w, tied output),
+  Gemma 3 (q/k norms, five sliding layers to one full, two RoPE bases, an output projection) and
+  Phi-3 (fused attn_qkv and gate/up ffn_up): the F16 file has only the names and keys llama.cpp's
+  architecture has, lm reads back the same model (its config and logits), and transformers' own
+  GGUF loader, which implements llama.cpp's conventions independently, computes the same logits."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  arch, overrides = NEW_FAMILIES[family]
+  c, spec, params = _f16_model(overrides)
+  tokens = random_batch(c)['tokens']
+  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(tokens))(params))
+  out = tmp_path / f'{arch}.gguf'
+  assert gguf_io.save(str(out), params, c.model, sp_tokenizer) == arch
+  reader = gguf.GGUFReader(str(out))
+  meta = {k: f.contents() for k, f in reader.fields.items()}
+  assert meta['general.architecture'] == arch
+  own = {k.replace(arch, '{arch}', 1) for k in meta if k.startswith(arch + '.')}
+  assert own <= _arch_keys()
+  assert all(k.startswith(('GGUF.', 'general.', 'tokenizer.', arch + '.')) for k in meta)
+  assert _kinds(out) <= _gguf_names(arch)
+  shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+  if arch == 'gemma2':
+    assert (meta['gemma2.attn_logit_softcapping'], meta['gemma2.final_logit_softcapping'],
+            meta['gemma2.attention.sliding_window'], meta['gemma2.attention.key_length']) == (50, 30, 4, 256)
+    assert 'output.weight' not in shapes and 'blk.2.post_ffw_norm.weight' in shapes
+  elif arch == 'gemma3':
+    assert (meta['gemma3.rope.freq_base'], meta['gemma3.rope.freq_base_swa'],
+            meta['gemma3.attention.sliding_window']) == (1e6, 1e4, 4)
+    assert 'gemma3.attn_logit_softcapping' not in meta and 'blk.6.attn_q_norm.weight' in shapes
+    assert 'output.weight' in shapes
+  else:  # Phi-3's fused rows: q (4 heads of 8), k and v (2 heads each); gate and up (64 each)
+    assert shapes['blk.0.attn_qkv.weight'] == (64, 32) and shapes['blk.1.ffn_up.weight'] == (128, 32)
+    assert (meta['phi3.rope.scaling.original_context_length'], meta['phi3.attention.sliding_window']) == (64, 0)
+  # Gemma's norms are stored as llama.cpp multiplies by them: 1 + w.
+  norm = 'blk.0.attn_norm.weight'
+  stored = next(t for t in reader.tensors if t.name == norm).data
+  offset = 1.0 if arch.startswith('gemma') else 0.0
+  np.testing.assert_allclose(stored, np.asarray(params['layers.attn_norm.scale'][0]) + offset, rtol=1e-6)
+
+  model = lm.load_model(str(out))
+  got = lm_logits(model, tokens)
+  assert {f: model.cfg.model[f] for f in ROUND_TRIP_FIELDS} == {f: c.model[f] for f in ROUND_TRIP_FIELDS}
+  scale = np.max(np.abs(expected))
+  assert np.max(np.abs(got - expected)) <= 1e-4 * scale
+
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+  assert hf_model.config.model_type == family
+  with torch.no_grad():
+    theirs = hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  assert np.max(np.abs(theirs - expected)) <= 1e-4 * scale
+
+
+def test_gemma3_linear_rope_scaling_of_full_layers_reads_back(tmp_path, sp_tokenizer):
+  """Gemma 3's 4B-27B checkpoints scale RoPE linearly on full layers only: written as
+  rope.scaling.type / factor (llama.cpp leaves sliding layers at rope.freq_base_swa, unscaled),
+  it reads back to the same logits. (transformers' GGUF reader ignores the scaling keys.)"""
+  _, overrides = NEW_FAMILIES['gemma3_text']
+  c, spec, params = _f16_model(dict(overrides, rope_scaling=dict(type='linear', factor=8.0)))
+  tokens = random_batch(c)['tokens']
+  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(tokens))(params))
+  out = tmp_path / 'gemma3.gguf'
+  gguf_io.save(str(out), params, c.model, sp_tokenizer)
+  meta = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}
+  assert (meta['gemma3.rope.scaling.type'], meta['gemma3.rope.scaling.factor']) == ('linear', 8.0)
+  model = lm.load_model(str(out))
+  assert dict(model.cfg.model.rope_scaling) == dict(type='linear', factor=8.0)
+  assert model.cfg.model.rope_local_theta == 1e4
+  got = lm_logits(model, tokens)
+  assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+# What llama.cpp's Gemma 2/3 and Phi-3 graphs cannot compute (lm/io/gguf.py EXPORT_LIMITS):
+# (family, changes to its tiny model, the refusal).
+REFUSED = [
+    ('gemma2', dict(tie_embeddings=False), 'projects the output with the embeddings'),
+    ('gemma2', dict(attn_logit_softcap=0.0), 'always soft-caps attention logits'),
+    ('gemma2', dict(final_logit_softcap=0.0), 'always soft-caps the output logits'),
+    ('gemma2', dict(layer_types=('full', 'sliding', 'full')), 'alternates sliding and full layers'),
+    ('gemma2', dict(qkv_bias=True, attn_out_bias=True), 'gemma2 graph has no attention biases'),
+    ('gemma2', dict(query_pre_attn_scalar=144.0),
+     r'scales queries by head_dim \*\* -0\.5 .*at 46 layers.*here 256 \*\* -0\.5.*'
+     r'model\.query_pre_attn_scalar=144\.0; export it with --format hf'),
+    ('gemma3_text', dict(layer_types=('full',) + ('sliding',) * 6), 'every sixth layer full'),
+    ('gemma3_text', dict(rope_scaling=dict(type='yarn', factor=4.0, original_max_seq_len=16)),
+     'scales RoPE linearly and on full layers only'),
+    ('gemma3_text', dict(rope_scaling=dict(type='linear', factor=8.0), rope_local_theta=0.0),
+     'scales RoPE linearly and on full layers only'),
+    ('phi3', dict(sliding_window=8), r'ignores it .*model\.sliding_window=8;'),
+    ('phi3', dict(head_dim=16), 'has heads of d_model / n_heads'),
+    ('mixtral', dict(moe=dict(n_experts=4, experts_per_token=2, expert_dim=16, norm_topk_prob=True),
+                     sliding_window=8), "llama.cpp's llama graph has no sliding window"),
+]
+
+
+@pytest.mark.parametrize('family, changes, message', REFUSED,
+                         ids=[f'{f}-{"-".join(c)}' for f, c, _ in REFUSED])
+def test_what_llama_cpp_cannot_compute_is_refused_before_writing(tmp_path, family, changes, message):
+  overrides = dict(NEW_FAMILIES[family][1]) if family in NEW_FAMILIES else dict(hf_family=family)
+  changes = dict(changes)
+  c = tiny_config(**{**overrides, **{k: v for k, v in changes.items() if k != 'moe'}})
+  c.model.moe.update(changes.get('moe', {}))
+  with pytest.raises(CheckpointError, match=message) as raised:
+    gguf_io.save(str(tmp_path / 'x.gguf'), {}, c.model, None)
+  assert '\n' not in str(raised.value) and str(raised.value).startswith('GGUF export: ')
+  assert os.listdir(tmp_path) == []
+
+
+def test_phi3_long_rope_files_are_refused_on_import(tmp_path):
+  """Phi-3 128k files carry rope_factors_long / _short (LongRoPE), which lm does not implement."""
+  w = gguf.GGUFWriter(str(tmp_path / 'long.gguf'), 'phi3')
+  for key, value in (('embedding_length', 32), ('attention.head_count', 4), ('block_count', 1),
+                     ('feed_forward_length', 64), ('attention.layer_norm_rms_epsilon', 1e-5)):
+    (w.add_float32 if isinstance(value, float) else w.add_uint32)(f'phi3.{key}', value)
+  w.add_tensor('token_embd.weight', np.zeros((8, 32), np.float32))
+  w.add_tensor('rope_factors_long.weight', np.ones(4, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(CheckpointError, match=r'RoPE scaling \(rope_factors_long\.weight\) is not supported'):
+    gguf_io.model_config(str(tmp_path / 'long.gguf'))

@@ -2,9 +2,10 @@
 it builds from source, reported at about 35 minutes on 2 cores; docs/finetuning.md says how). Skipped where it
 is not installed, which includes this project's CI.
 
-For each architecture lm exports, a tiny model is written as F16 and loaded by llama.cpp: its
-tokenization of the probe strings must equal lm's, and its logits lm's (computed with the weights
-rounded to F16, as the file holds them) within 1e-2 of their scale."""
+For each family lm exports (llama, qwen2, qwen3, Mixtral, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3), a
+tiny model is written as F16 and loaded by llama.cpp: its tokenization of the probe strings must
+equal lm's, and its logits lm's (computed with the weights rounded to F16, as the file holds them)
+within 1e-2 of their scale."""
 
 import jax
 import numpy as np
@@ -18,13 +19,25 @@ from lm.data import tokenizer as tokenizer_lib  # noqa: E402
 from lm.io import gguf as gguf_io  # noqa: E402
 from lm.train.state import ModelSpec  # noqa: E402
 
-FAMILIES = {  # lm model overrides -> the llama.cpp architecture they export as
+GEMMA = dict(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh', norm_placement='sandwich',
+             head_dim=16, query_pre_attn_scalar=16.0, sliding_window=4)
+FAMILIES = {  # lm family -> the overrides of its tiny model
     'llama': dict(),
     'qwen2': dict(qkv_bias=True),
     'qwen3': dict(qk_norm=True, hf_family='qwen3', head_dim=16),
     'mixtral': dict(moe=dict(n_experts=4, experts_per_token=2, expert_dim=16, norm_topk_prob=True)),
     'qwen3_moe': dict(qk_norm=True, moe=dict(n_experts=4, experts_per_token=2, expert_dim=16,
                                              norm_topk_prob=True)),
+    # A window (4) shorter than the 32 tokens evaluated, layers enough for each default sliding
+    # pattern, softcaps small enough to bend these logits; llama.cpp scales queries by
+    # head_dim ** -0.5, so query_pre_attn_scalar is the head size.
+    'gemma2': dict(GEMMA, hf_family='gemma2', n_layers=3, tie_embeddings=True,
+                   attn_logit_softcap=5.0, final_logit_softcap=1.0,
+                   layer_types=('sliding', 'full', 'sliding')),
+    'gemma3_text': dict(GEMMA, hf_family='gemma3_text', n_layers=7, qk_norm=True, rope_theta=1e6,
+                        rope_local_theta=1e4, final_logit_softcap=2.0,
+                        layer_types=('sliding',) * 5 + ('full', 'sliding')),
+    'phi3': dict(hf_family='phi3'),
 }
 
 
