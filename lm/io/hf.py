@@ -199,14 +199,15 @@ def _unfit(m, family: str) -> str | None:
       'attn_out_bias': not m.attn_out_bias or both_biases,
       'mlp_bias': not m.mlp_bias or family == 'llama',
       'sliding_window': not m.sliding_window or family in SLIDING,
-      'layer_types': not m.layer_types or family in ('gemma2', 'gemma3_text'),
+      # Mixed layers only as Gemma 2/3 write them (layer_types), and only window or full ones.
+      'layer_types': (not m.layer_types or family in ('gemma2', 'gemma3_text'))
+                     and set(m.layer_types) <= {'sliding', 'full'},
       'rope_local_theta': not m.rope_local_theta or family == 'gemma3_text',
       'rope_scaling': not m.rope_scaling or family != 'phi3',  # transformers turns it into longrope
       'query_pre_attn_scalar': not m.query_pre_attn_scalar or family in ('gemma2', 'gemma3_text'),
       'attn_logit_softcap': not m.attn_logit_softcap or family == 'gemma2',
       'final_logit_softcap': not m.final_logit_softcap or family in ('gemma2', 'gemma3_text'),
       # What only the families in lm/io/families/ have.
-      'layer_types': set(m.layer_types) <= {'sliding', 'full'},
       'mlp_types': not m.mlp_types or family == 'qwen3_moe', 'rope_layers': not m.rope_layers or all(m.rope_layers),
       'partial_rotary_factor': m.partial_rotary_factor == 1.0,
       'attn_output_gate': not m.attn_output_gate, 'qk_norm_scope': m.qk_norm_scope == 'head',

@@ -83,3 +83,13 @@ def test_export_of_a_model_no_family_fits_is_refused():
   with pytest.raises(CheckpointError, match='no supported HF architecture can express'):
     hf.family_of(c.model)
 
+
+
+def test_mixed_window_and_full_layers_export_only_as_gemma():
+  # Mistral's config has one window for every layer: mixed layers would lose their full ones.
+  c = tiny_config(n_layers=2, sliding_window=4, layer_types=('sliding', 'full'), hf_family='mistral')
+  with pytest.raises(CheckpointError, match=r"model.hf_family='mistral' cannot express model.layer_types"):
+    hf.family_of(c.model)
+  c.model.update(hf_family='', norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
+                 norm_placement='sandwich', attn_logit_softcap=50.0, final_logit_softcap=30.0)
+  assert hf.family_of(c.model) == 'gemma2'
