@@ -10,8 +10,8 @@ Fenced blocks say what they are in their info string:
 
 Runnable commands run at CI size: `lm train` gets CI_TRAIN's overrides appended (they win over the
 command's own; CI_TRAIN_FOR_PAGE adds a few for costly pages), `lm eval`/`lm compare` get CI_EVAL's,
-benchmarks fewer steps. SUBSTITUTIONS lists the few other edits, each of which must still match its
-doc.
+`lm generate` 8 new tokens, benchmarks fewer steps and smaller shapes. SUBSTITUTIONS lists the few other
+edits, each of which must still match its doc.
 """
 
 import json
@@ -38,7 +38,7 @@ CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.ev
             '--config.train.checkpoint_every=2 --config.train.eval_batches=1 '
             '--config.train.eval_task_limit=4 --config.data.batch_size=4 '
             '--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128')
-CI_EVAL = '--config.limit=4 --config.max_new_tokens=16'
+CI_EVAL = '--config.limit=2 --config.max_new_tokens=8'
 # `lm bench` and `lm bench finetune` on a one-layer model: the page shows the command and what it
 # prints (lm beside HF transformers), not the figures, which docs/ took at full size.
 CI_BENCH_MODEL = ('--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128 '
@@ -64,12 +64,14 @@ lm() {{
   case "$1" in
     train) command lm "$@" $CI_TRAIN ;;
     eval|compare) command lm "$@" $CI_EVAL ;;
+    generate) command lm "$@" --max-new-tokens 8 ;;
     bench)
       case "${{2:-}}" in
         finetune) command lm "$@" --steps 1 --rounds 1 $CI_BENCH_MODEL ;;
-        decode) command lm "$@" --reps 1 --batch 1 ;;
+        decode) command lm "$@" --reps 1 --batch 1 --new-tokens 4 ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
-        moe|attention|data|gpu) command lm "$@" --steps 2 ;;
+        moe) command lm "$@" --steps 2 --layers 1 --seq-len 32 --batch 2 ;;
+        attention|data|gpu) command lm "$@" --steps 2 ;;
         *) command lm "$@" --steps 2 $CI_BENCH_MODEL ;;
       esac ;;
     *) command lm "$@" ;;
