@@ -80,3 +80,30 @@ def test_a_bad_setting_stops_import_with_one_line_and_exit_2():
   assert out.stderr.strip().splitlines() == [
       "lm: error: LM_HOST_MALLOC='off' is not a setting: use LM_HOST_MALLOC=system for glibc's "
       "malloc defaults, or unset it (or 'tuned') for lm's"]
+
+
+_FRAGMENTED = textwrap.dedent('''
+    import numpy as np
+    import lm
+    from lm import host_memory
+    def rss_mb():
+      with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+    big, keep = [], []
+    for i in range(200):  # 4 MiB blocks from the heap (no mmap), each pinned by a small one above it
+      big.append(np.ones(1 << 20, np.float32))
+      keep.append(np.ones(64, np.float32))
+    del big
+    before = rss_mb()
+    host_memory.release_free_pages()
+    print(lm.HOST_MALLOC_TUNED, round(before), round(rss_mb()))
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
+def test_free_pages_inside_the_heap_go_back_when_released():
+  out = subprocess.run([sys.executable, '-c', _FRAGMENTED], capture_output=True, text=True, check=True,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=120)
+  tuned, before, after = out.stdout.split()
+  # The 800 MiB freed below live blocks stay resident (the top cannot be trimmed) until released.
+  assert tuned == 'True' and int(before) - int(after) >= 700, out.stdout

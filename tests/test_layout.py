@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lower layers never import higher ones. A module's layer is its longest matching prefix.
 LAYERS = [
-    ('lm.errors', 'lm.config', 'lm.sharding', 'lm.distributed'),
+    ('lm.errors', 'lm.config', 'lm.sharding', 'lm.distributed', 'lm.host_memory', 'lm.platforms'),
     ('lm.data', 'lm.model'),
     ('lm.train',),            # state, partition, optim, objectives, step, guard, checkpoint, ...
     ('lm.io',),               # run directories, Hugging Face, PEFT, export

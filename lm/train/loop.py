@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lm import config as config_lib
+from lm import host_memory
 from lm.model import stack as stack_lib
 from lm.train import flops as flops_lib
 from lm.train import balancing, identity, objectives, optim, partition, preemption, rundir
@@ -302,6 +303,12 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
         # Fetch the previous step's metrics only after the next step is dispatched.
         if pending is not None:
           report(*pending)
+        # Loading and compiling are behind us after the first step, and the single-arena heap
+        # fragments as steps go: its free pages go back then and at every log line (a page
+        # fault per page once per log_every steps, not every step as with glibc's defaults).
+        if step == start or (step + 1) % cfg.train.log_every == 0:
+          jax.block_until_ready(metrics)
+          host_memory.release_free_pages()
         pending = (step + 1, metrics)
         bar.update(1)
         done = step + 1
@@ -314,6 +321,7 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
             eval_metrics.update(task_eval(state.params))
           writer.write(done, eval_metrics)
           summary.update(eval_metrics)
+          host_memory.release_free_pages()  # the evaluation's temporaries are not the step's
           _log(f'step {done}: loss {summary["loss"]:.4f}, '
                + held_out_line(cfg, eval_metrics, unigram_ppl)
                + ''.join(f', {k} {v:.4g}' for k, v in eval_metrics.items() if '/' in k))
