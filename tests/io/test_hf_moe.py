@@ -66,19 +66,10 @@ def tensors(path):
   return out
 
 
-@pytest.mark.parametrize('family', list(FAMILIES))
-def test_import_matches_transformers_and_export_is_bit_identical(family, tmp_path):
-  hf_model = make_hf_model(family, tmp_path / 'hf', max_shard_size='40KB')
-  reference = hf_logits(hf_model)
-  c, spec, params = lm_model(tmp_path / 'hf', dict(data=1, fsdp=2, tensor=1, expert=4))
-  assert c.model.moe.n_experts == 4 and c.model.qk_norm == family.startswith('qwen3')
-  gate = params['layers.moe.gate.kernel']  # [L, E, D, F]: each device holds one expert
-  assert gate.addressable_shards[0].data.shape[1] == 1
-  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
-  assert np.max(np.abs(ours - reference)) <= 1e-4
-  assert np.std(reference) > 0.5
-
-  # Greedy decoding with lm's KV cache picks the tokens transformers' generate picks.
+def _greedy_export_and_reload_agree(spec, params, c, hf_model, reference, tmp_path) -> dict:
+  """Greedy decoding with lm's KV cache picks the tokens transformers' generate picks; the export
+  holds transformers' very tensors (a tied lm_head aside) and reloads to the same logits. Returns
+  the exported config.json."""
   prompt = TOKENS[:, :6]
   fn = jax.jit(gen.make_generate_fn(spec, gen.Sampling(max_new_tokens=8), eos_id=-1, pad_id=0))
   out, _ = fn(params, prompt, np.full((2,), 6, np.int32), jax.random.key(0))
@@ -94,10 +85,25 @@ def test_import_matches_transformers_and_export_is_bit_identical(family, tmp_pat
   assert sorted(exported) == sorted(original)
   for name, value in original.items():
     assert exported[name].tobytes() == value.tobytes(), name
-  config = json.loads((tmp_path / 'out' / 'config.json').read_text())
-  assert config['model_type'] == family.removesuffix('_norm').removesuffix('_sparse')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
   np.testing.assert_array_equal(hf_logits(reloaded), reference)
+  return json.loads((tmp_path / 'out' / 'config.json').read_text())
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_import_matches_transformers_and_export_is_bit_identical(family, tmp_path):
+  hf_model = make_hf_model(family, tmp_path / 'hf', max_shard_size='40KB')
+  reference = hf_logits(hf_model)
+  c, spec, params = lm_model(tmp_path / 'hf', dict(data=1, fsdp=2, tensor=1, expert=4))
+  assert c.model.moe.n_experts == 4 and c.model.qk_norm == family.startswith('qwen3')
+  gate = params['layers.moe.gate.kernel']  # [L, E, D, F]: each device holds one expert
+  assert gate.addressable_shards[0].data.shape[1] == 1
+  ours = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  assert np.max(np.abs(ours - reference)) <= 1e-4
+  assert np.std(reference) > 0.5
+
+  config = _greedy_export_and_reload_agree(spec, params, c, hf_model, reference, tmp_path)
+  assert config['model_type'] == family.removesuffix('_norm').removesuffix('_sparse')
 
 
 def test_load_balancing_loss_is_transformers_aux_loss(tmp_path):
@@ -225,18 +231,4 @@ def test_glm4_moe_dense_then_moe_layers_match_transformers_and_export_bit_identi
   print(f'glm4_moe: max |dlogit| {error:.2e} (logit std {np.std(reference):.2f})')
   assert error <= 1e-4 and np.std(reference) > 0.5
 
-  prompt = TOKENS[:, :6]
-  fn = jax.jit(gen.make_generate_fn(spec, gen.Sampling(max_new_tokens=8), eos_id=-1, pad_id=0))
-  out, _ = fn(params, prompt, np.full((2,), 6, np.int32), jax.random.key(0))
-  with torch.no_grad():
-    expected = hf_model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=8,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-  assert np.asarray(out).tolist() == expected[:, 6:].numpy().tolist()
-
-  hf.save(str(tmp_path / 'out'), params, c.model, max_shard_bytes=30_000)
-  original, exported = tensors(tmp_path / 'hf'), tensors(tmp_path / 'out')
-  assert sorted(exported) == sorted(original)
-  for name, value in original.items():
-    assert exported[name].tobytes() == value.tobytes(), name
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
-  np.testing.assert_array_equal(hf_logits(reloaded), reference)
+  _greedy_export_and_reload_agree(spec, params, c, hf_model, reference, tmp_path)
