@@ -153,6 +153,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           expert_dim=0,  # each expert's hidden size; 0: model.mlp_dim
           norm_topk_prob=True,  # renormalise the k routing weights to sum to 1 (Mixtral: always; Qwen3-MoE: its config)
           implementation='ragged',  # ragged (dropless grouped matmul) | dense (every expert on every token: reference)
+          capacity_factor=0.0,  # expert parallelism (mesh.shape.expert > 1): each device sends each expert device at most this x its even share of copies; 0: dropless
           aux_loss_weight=0.01,  # load-balancing loss weight in the objective (HF router_aux_loss_coef)
           z_loss_weight=0.001,  # router z-loss weight (ST-MoE)
           router='softmax',  # softmax (Mixtral, Qwen3-MoE/Next/3.5) | sigmoid (DeepSeek-V3, GLM-4.5) | topk_softmax (gpt-oss) | topk_sigmoid (Llama 4); lm/model/routers.py
@@ -474,7 +475,8 @@ SCHEMA = {
     'train.objective': Choice(('next_token_xent', 'dpo', 'ipo', 'simpo', 'orpo', 'kto', 'distill', 'grpo')),
     'model.quant.type': Choice(('none', 'int8', 'nf4')), 'model.quant.block': AT_LEAST_ONE,
     'model.moe.n_experts': NOT_NEGATIVE, 'model.moe.experts_per_token': AT_LEAST_ONE,
-    'model.moe.expert_dim': NOT_NEGATIVE, 'model.moe.implementation': Choice(('ragged', 'dense')),
+    'model.moe.expert_dim': NOT_NEGATIVE, 'model.moe.capacity_factor': NOT_NEGATIVE,
+    'model.moe.implementation': Choice(('ragged', 'dense')),
     'model.moe.aux_loss_weight': NOT_NEGATIVE, 'model.moe.z_loss_weight': NOT_NEGATIVE,
     'model.moe.router': Choice(('softmax', 'sigmoid', 'topk_softmax', 'topk_sigmoid')),
     'model.moe.n_group': AT_LEAST_ONE, 'model.moe.topk_group': AT_LEAST_ONE,

@@ -37,14 +37,21 @@ import re
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lm.model import precision, routers
 from lm.model.layers import ACTIVATIONS, param
 from lm.model.mixers.mlp import MLP
 
+EXPERT_AXIS = 'expert'  # mesh axis the experts are split over (expert parallelism)
+# Mesh axes the tokens of a batch are split over, in the order of mesh.rules' 'batch' and then the
+# sequence ('context'): the expert-parallel path keeps that split and exchanges copies within it.
+TOKEN_AXES = ('data', 'fsdp', 'expert', 'context')
+
 
 def router_stats(router_logits_NE, probs_NE, experts_Nk, mask_N):
-  """One layer's {'expert_fraction' [E], 'router_prob' [E], 'z' []} over unmasked tokens."""
+  """One layer's {'expert_fraction' [E], 'router_prob' [E], 'z' [], 'dropped' []} over unmasked
+  tokens; 'dropped' is set by the expert-parallel path when a capacity limit drops copies."""
   E = probs_NE.shape[-1]
   mask_N = mask_N.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(mask_N), 1.0)
@@ -52,17 +59,32 @@ def router_stats(router_logits_NE, probs_NE, experts_Nk, mask_N):
   z_N = jax.nn.logsumexp(router_logits_NE.astype(jnp.float32), axis=-1) ** 2
   return {'expert_fraction': jnp.sum(assigned_NE * mask_N[:, None], axis=0) / count,
           'router_prob': jnp.sum(probs_NE * mask_N[:, None], axis=0) / count,
-          'z': jnp.sum(z_N * mask_N) / count}
+          'z': jnp.sum(z_N * mask_N) / count,
+          'dropped': jnp.zeros((), jnp.float32)}  # share of copies over capacity (expert parallel)
 
 
 def router_losses(stats) -> dict:
-  """Per-layer stats stacked [L, ...] -> {'load_balancing', 'router_z'} scalars (HF's formula:
+  """Per-layer stats stacked [L, ...] -> {'load_balancing', 'router_z', 'dropped'} scalars (HF's formula:
   fractions and probabilities averaged over layers first, then multiplied) and each layer's
   'expert_load' [L, E]."""
   f_E = jnp.mean(stats['expert_fraction'], axis=0)
   p_E = jnp.mean(stats['router_prob'], axis=0)
   return {'load_balancing': f_E.shape[-1] * jnp.sum(f_E * p_E), 'router_z': jnp.mean(stats['z']),
+          'dropped': jnp.mean(stats['dropped']),
           'expert_load': stats['expert_fraction']}  # [L, E]: the correction bias's update reads it
+
+
+def grouped_matmul(x_MI, group_sizes_E, experts_M, weights, adapter_input=lambda x: x):
+  """Rows of x_MI grouped by expert times their expert's (kernel, bias, LoRA A, B) `weights`.
+  Rows past the last group (the expert-parallel path's empty slots) come out as zero or bias."""
+  w, bias, a, b = weights
+  y = jax.lax.ragged_dot(x_MI, w, group_sizes_E)
+  if a is not None:
+    h_Mr = jax.lax.ragged_dot(adapter_input(x_MI), a, group_sizes_E)
+    y = y + jax.lax.ragged_dot(h_Mr, b, group_sizes_E)
+  if bias is not None:
+    y = y + jnp.take(bias, experts_M, axis=0, mode='clip')
+  return y
 
 
 class ExpertLinear(nnx.Module):
@@ -109,18 +131,19 @@ class ExpertLinear(nnx.Module):
     return kernel, cast(self.lora_a), (self.lora_b[...] * self.lora_scale).astype(
         self.compute_dtype)
 
+  def weights(self):
+    """(kernel [E, in, out], bias [E, out] or None, lora A, lora B times its scale or None) in the
+    compute dtype: what `grouped_matmul` takes, so the expert-parallel path can pass each device
+    its experts' slices."""
+    w, a, b = self._weights()
+    bias = None if self.bias is None else self.bias[...].astype(self.compute_dtype)
+    return w, bias, a, b
+
   def grouped(self, x_MI, group_sizes_E, experts_M):
     """x_MI sorted by expert (group e: group_sizes_E[e] rows; row m is expert experts_M[m]'s)
     -> [M, out], each row by its expert."""
-    w, a, b = self._weights()
-    x_MI = x_MI.astype(self.compute_dtype)
-    y = jax.lax.ragged_dot(x_MI, w, group_sizes_E)
-    if a is not None:
-      h_Mr = jax.lax.ragged_dot(self._adapter_input(x_MI), a, group_sizes_E)
-      y = y + jax.lax.ragged_dot(h_Mr, b, group_sizes_E)
-    if self.bias is not None:
-      y = y + jnp.take(self.bias[...].astype(self.compute_dtype), experts_M, axis=0)
-    return y
+    return grouped_matmul(x_MI.astype(self.compute_dtype), group_sizes_E, experts_M,
+                          self.weights(), self._adapter_input)
 
   def dense(self, x):
     """x [N, in] (one input for all experts) or [N, E, in] (one per expert) -> [N, E, out]."""
@@ -170,6 +193,7 @@ class MoE(nnx.Module):
                            topk_group=moe.get('topk_group', 1),
                            scale=moe.get('routed_scaling_factor', 1.0))
     self.implementation = moe.implementation
+    self.capacity_factor = moe.get('capacity_factor', 0.0)
     self.activation = cfg.mlp_activation
     self.swiglu = (moe.get('swiglu_limit', 0.0), moe.get('swiglu_alpha', 1.702))
 
@@ -200,8 +224,12 @@ class MoE(nnx.Module):
     probs_NE = jax.nn.softmax(logits_NE, axis=-1)
     stats = router_stats(logits_NE, probs_NE, experts_Nk, mask_N)
     on_input = self.kind in routers.INPUT_WEIGHTED
+    ep_axes = self._expert_parallel_axes(B * T)
     if self.implementation == 'dense':
       y_ND = self._dense(x_ND, weights_Nk, experts_Nk, on_input)
+    elif ep_axes:
+      y_ND, dropped = self._expert_parallel(x_ND, weights_Nk, experts_Nk, on_input, ep_axes)
+      stats['dropped'] = dropped / jnp.maximum(jnp.sum(mask_N), 1.0) / self.k
     else:
       y_ND = self._grouped(x_ND, weights_Nk, experts_Nk, on_input)
     if self.shared is not None:
@@ -230,6 +258,85 @@ class MoE(nnx.Module):
     if on_input:
       return jnp.sum(y_NkD, axis=1)
     return jnp.einsum('nkd,nk->nd', y_NkD, weights_Nk)
+
+  def _expert_parallel_axes(self, N):
+    """The mesh axes the N tokens are split over when the experts are split over the `expert`
+    axis and the all-to-all path applies; () otherwise (no mesh, one expert shard, experts or
+    tokens that do not divide, or LoRA dropout, whose key the per-device body does not take)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    n = 1 if mesh.empty else mesh.shape.get(EXPERT_AXIS, 1)
+    E = self.router.shape[-1]
+    dropout = any(lin.lora_rank and lin.lora_dropout and lin.dropout_key is not None
+                  for lin in (self.gate, self.up, self.down))
+    if n == 1 or E % n or dropout:
+      return ()
+    axes = tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
+    return axes if N % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+  def _expert_parallel(self, x_ND, weights_Nk, experts_Nk, on_input, token_axes):
+    """Expert parallelism: each device routes its own tokens, sends every (token, expert) copy
+    to the device that holds the expert with one all-to-all over the `expert` axis, runs its
+    local experts on what it received (one grouped matmul per projection) and returns the
+    outputs with a second all-to-all. Each device sends a fixed-size buffer of C slots to each
+    of the n expert devices: C = every copy it holds (dropless, `model.moe.capacity_factor` 0)
+    or capacity_factor x its even share (copies past C are dropped and counted). The gradient
+    flows back through the transposed all-to-alls. -> (y [N, D] float32, copies dropped)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    n = mesh.shape[EXPERT_AXIS]
+    E = self.router.shape[-1]
+    E_local = E // n
+    k = self.k
+    M_local = x_ND.shape[0] * k // math.prod(mesh.shape[a] for a in token_axes)
+    C = M_local if not self.capacity_factor else min(
+        M_local, max(1, math.ceil(self.capacity_factor * M_local / n)))
+    glu = self._glu
+    compute = self.gate.compute_dtype
+
+    def body(x_ND, weights_Nk, experts_Nk, gate_w, up_w, down_w):
+      flat_M = experts_Nk.reshape(-1)
+      order_M = jnp.argsort(flat_M, stable=True)  # copies grouped by expert, so by device
+      experts_M = flat_M[order_M]
+      dest_M = experts_M // E_local
+      send_n = jnp.bincount(dest_M, length=n)
+      start_n = jnp.cumsum(send_n) - send_n
+      rank_M = jnp.arange(flat_M.shape[0]) - start_n[dest_M]  # place in its device's buffer
+      kept_M = rank_M < C
+      x_MD = jnp.take(x_ND, order_M // k, axis=0).astype(compute)
+      if on_input:
+        x_MD = x_MD * jnp.take(weights_Nk.reshape(-1), order_M)[:, None].astype(compute)
+      # Slot c of the buffer for device j holds that device's c-th copy, if there is one.
+      filled_nC = jnp.arange(C)[None, :] < send_n[:, None]
+      source_nC = jnp.where(filled_nC, start_n[:, None] + jnp.arange(C)[None, :], 0)
+      send_nCD = jnp.where(filled_nC[..., None], jnp.take(x_MD, source_nC, axis=0), 0)
+      local_nC = jnp.where(filled_nC, experts_M[source_nC] - jnp.arange(n)[:, None] * E_local,
+                           E_local)  # the expert's index on its device; E_local: empty slot
+      exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
+      recv_nCD, recv_local_nC = exchange(send_nCD), exchange(local_nC)
+      # On this device: every received copy, grouped by local expert (empty slots last).
+      recv_R = recv_local_nC.reshape(-1)
+      by_expert_R = jnp.argsort(recv_R, stable=True)
+      group_sizes = jnp.bincount(recv_R, length=E_local).astype(jnp.int32)
+      local_R = recv_R[by_expert_R]
+      xr_RD = jnp.take(recv_nCD.reshape(n * C, -1), by_expert_R, axis=0)
+      h_RF = glu(grouped_matmul(xr_RD, group_sizes, local_R, gate_w),
+                 grouped_matmul(xr_RD, group_sizes, local_R, up_w))
+      y_RD = grouped_matmul(h_RF, group_sizes, local_R, down_w)
+      back_nCD = exchange(jnp.take(y_RD, jnp.argsort(by_expert_R), axis=0).reshape(n, C, -1))
+      y_MD = jnp.where(kept_M[:, None], back_nCD[dest_M, jnp.minimum(rank_M, C - 1)], 0)
+      y_NkD = jnp.take(y_MD, jnp.argsort(order_M), axis=0).reshape(-1, k, y_MD.shape[-1])
+      y_NkD = y_NkD.astype(jnp.float32)
+      y_ND = (jnp.sum(y_NkD, axis=1) if on_input
+              else jnp.einsum('nkd,nk->nd', y_NkD, weights_Nk))
+      return y_ND, jnp.sum(~kept_M, keepdims=True).astype(jnp.float32)
+
+    tokens = P(token_axes)
+    experts = P(EXPERT_AXIS)
+    y_ND, dropped = jax.shard_map(
+        body, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
+        out_specs=(tokens, tokens), check_vma=False)(
+            x_ND, weights_Nk, experts_Nk, self.gate.weights(), self.up.weights(),
+            self.down.weights())
+    return y_ND, jnp.sum(dropped)
 
   def _dense(self, x_ND, weights_Nk, experts_Nk, on_input):
     E = self.router.shape[-1]

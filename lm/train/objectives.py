@@ -331,7 +331,7 @@ def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef
 
 
 def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: float,
-                       expert_load: bool = False):
+                       expert_load: bool = False, dropped: bool = False):
   """`objective` plus the Mixture-of-Experts router losses (lm/model/moe.py) the model recorded
   while the objective ran: aux_loss_weight * load balancing + z_loss_weight * router z-loss.
 
@@ -339,7 +339,8 @@ def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: floa
   after the step's division the loss is objective + weighted router losses, as HF adds
   router_aux_loss_coef * aux_loss. Logged, unweighted, as moe_load_balancing and moe_router_z;
   with `expert_load`, each MoE layer's expert load too, for the step's balancing update
-  (lm/train/balancing.py), which takes it out of the logged metrics.
+  (lm/train/balancing.py), which takes it out of the logged metrics; with `dropped` (a capacity
+  limit on expert parallelism), moe_dropped: the share of (token, expert) copies over capacity.
   """
 
   def objective_with_router_losses(model, batch):
@@ -353,6 +354,8 @@ def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: floa
                'moe_router_z': mean['router_z'] * weight_sum}
     if expert_load:
       metrics[balancing.EXPERT_LOAD] = mean['expert_load'] * weight_sum
+    if dropped:
+      metrics['moe_dropped'] = mean['dropped'] * weight_sum
     return loss_sum + router * weight_sum, weight_sum, metrics
 
   objective_with_router_losses.without_router_losses = objective
@@ -384,9 +387,11 @@ def from_config(cfg):
   objective = _bound_objective(cfg)
   moe = cfg.model.moe
   balanced = balancing.active(cfg.model)
-  if moe.n_experts and (moe.aux_loss_weight or moe.z_loss_weight or balanced):
+  capacity = bool(moe.get('capacity_factor', 0.0))
+  if moe.n_experts and (moe.aux_loss_weight or moe.z_loss_weight or balanced or capacity):
     objective = with_router_losses(objective, aux_loss_weight=moe.aux_loss_weight,
-                                   z_loss_weight=moe.z_loss_weight, expert_load=balanced)
+                                   z_loss_weight=moe.z_loss_weight, expert_load=balanced,
+                                   dropped=capacity)
   return objective
 
 

@@ -1,6 +1,8 @@
 """Mixture-of-Experts: routing semantics, grouped == dense reference, router losses in the
 objective, expert parallelism == one device, and partitions / LoRA that really train experts."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,35 +105,59 @@ def test_load_balancing_loss_pushes_routing_towards_balance():
 
 
 def _two_steps(c, devices=None):
-  """(params after two steps, [(loss, grad_norm)] per step, the metric names)."""
+  """(params after two steps, [(loss, grad_norm)] per step, the last step's metrics, the compiled
+  step's HLO text)."""
   trainer = Trainer(c, devices=devices)
   state = trainer.init_state()
+  batches = [trainer.global_batch(random_batch(c, seed=i)) for i in range(2)]
+  compiled = trainer.step.lower(state, batches[0]).compile()
   losses = []
-  for i in range(2):
-    state, m = trainer.step(state, trainer.global_batch(random_batch(c, seed=i)))
+  for batch in batches:
+    state, m = compiled(state, batch)
     losses.append((float(m['loss']), float(m['grad_norm'])))
-  return state.params, losses, set(m)
+  return state.params, losses, m, compiled.as_text()
 
 
 @pytest.fixture(scope='module')
 def single_device_run():
-  params, losses, metrics = _two_steps(moe_config(), jax.devices()[:1])
-  return jax.device_get(params), losses, metrics
+  params, losses, metrics, _ = _two_steps(moe_config(), jax.devices()[:1])
+  return jax.device_get(params), losses, set(metrics)
+
+
+def _collectives(hlo: str) -> dict:
+  """Count of each collective op in compiled HLO text."""
+  ops = ('all-to-all', 'all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute')
+  return {op: len(re.findall(rf' {op}(-start)?\(', hlo)) for op in ops}
 
 
 @pytest.mark.parametrize('shape', [dict(data=2, fsdp=1, tensor=1, expert=4),
                                    dict(data=1, fsdp=2, tensor=2, expert=2)])
 def test_expert_parallel_step_equals_single_device(shape, single_device_run):
+  """Tokens reach the devices holding their experts by all-to-all (two forward, two backward per
+  MoE layer) and the step equals the single-device one."""
   expected_params, expected, metrics = single_device_run
   assert {'moe_load_balancing', 'moe_router_z'} <= metrics  # the router losses are logged
   c = moe_config()
   c.mesh.shape.update(shape)
-  params, losses, _ = _two_steps(c)
+  params, losses, _, hlo = _two_steps(c)
   np.testing.assert_allclose(losses, expected, rtol=2e-5)  # loss and gradient norm
   gate = params['layers.moe.gate.kernel']
   assert gate.addressable_shards[0].data.shape[1] == 4 // shape['expert']  # experts split
   for name, value in jax.device_get(params).items():  # Adam at lr 1e-2 after two steps
     np.testing.assert_allclose(value, expected_params[name], rtol=1e-4, atol=2e-5, err_msg=name)
+  assert _collectives(hlo)['all-to-all'] >= 4, _collectives(hlo)
+
+
+def test_expert_capacity_drops_and_counts_copies_past_it(single_device_run):
+  """With a capacity factor each device sends each expert device at most that many times its
+  even share of copies (the dropless path sends all: the test above); past it, copies are
+  dropped and their share logged."""
+  _, expected, _ = single_device_run
+  c = moe_config(capacity_factor=0.5)
+  c.mesh.shape.update(data=2, expert=4)
+  _, losses, metrics, _ = _two_steps(c)
+  assert 0 < float(metrics['moe_dropped']) < 1
+  assert not np.allclose(losses, expected, rtol=1e-3)
 
 
 def _changed_slices(before, after):
