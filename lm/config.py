@@ -50,6 +50,34 @@ MODEL_PRESETS = {
                        partial_rotary_factor=0.25, attn_output_gate=True, qk_norm=True,
                        norm_offset=1.0, linear_attn=dict(n_key_heads=16, n_value_heads=32,
                                                          key_head_dim=128, value_head_dim=128)),
+    # DeepSeek-V3 (671B; 37B active per token) as lm imports its published config.json: MLA in
+    # every layer, 3 dense layers then 58 of 256 routed experts (top 8 from 4 of 8 groups, sigmoid
+    # scores, routed scaling 2.5) beside one shared expert.
+    'deepseek-v3': dict(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, n_kv_heads=128,
+                        head_dim=192, mlp_dim=18432, max_seq_len=163840, norm_eps=1e-6,
+                        rope_theta=10000.0,
+                        rope_scaling=dict(type='yarn', factor=40.0, original_max_seq_len=4096,
+                                          beta_fast=32.0, beta_slow=1.0, truncate=True,
+                                          mscale=1.0, mscale_all_dim=1.0),
+                        mla=dict(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128,
+                                 qk_rope_head_dim=64, v_head_dim=128),
+                        rope_interleaved=True, hf_family='deepseek_v3',
+                        mlp_types=('dense',) * 3 + ('moe',) * 58,
+                        moe=dict(n_experts=256, experts_per_token=8, expert_dim=2048,
+                                 router='sigmoid', n_group=8, topk_group=4,
+                                 routed_scaling_factor=2.5, norm_topk_prob=True, shared_dim=2048)),
+    # gpt-oss-20b (21B; 3.6B active) as lm imports its published config.json: sliding (128) and
+    # full attention alternating, with sinks and biases; 32 biased experts, top 4, clamped SwiGLU.
+    'gpt-oss-20b': dict(vocab_size=201088, d_model=2880, n_layers=24, n_heads=64, n_kv_heads=8,
+                        head_dim=64, mlp_dim=2880, max_seq_len=131072, norm_eps=1e-5,
+                        rope_theta=150000.0,
+                        rope_scaling=dict(type='yarn', factor=32.0, original_max_seq_len=4096,
+                                          beta_fast=32.0, beta_slow=1.0, truncate=False),
+                        qkv_bias=True, attn_out_bias=True, attn_sinks=True, sliding_window=128,
+                        layer_types=('sliding', 'full') * 12, hf_family='gpt_oss',
+                        moe=dict(n_experts=32, experts_per_token=4, expert_dim=2880,
+                                 router='topk_softmax', router_bias=True, expert_bias=True,
+                                 swiglu_limit=7.0, swiglu_alpha=1.702)),
 }
 
 

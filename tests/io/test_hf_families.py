@@ -76,6 +76,13 @@ FAMILIES = {
         linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=16, shared_expert_intermediate_size=24,
         rope_parameters=dict(rope_type='default', rope_theta=1e4, partial_rotary_factor=0.5))),
+    # Qwen3.5's stack (DeltaNet projections one per tensor) with Qwen3-Next's experts and gated
+    # shared expert in every layer.
+    'qwen3_5_moe': ('Qwen3_5MoeTextConfig', dict(
+        num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        rope_parameters=dict(rope_type='default', rope_theta=1e4, partial_rotary_factor=0.5))),
     # Sinks, alternating sliding (4) and full layers, YaRN; top-2 of 4 biased experts with the
     # clamped SwiGLU (limit 1.0, so the clamps bite at these scales).
     'gpt_oss': ('GptOssConfig', dict(

@@ -117,7 +117,9 @@ def tensors(m, shapes: dict) -> dict:
   return table
 
 
-def unfit(m) -> str | None:
+def unfit(m, allow=()) -> str | None:
+  """The first field Qwen3.5 cannot express, skipping the fields in `allow` (its MoE siblings
+  check those themselves)."""
   checks = {'moe.n_experts': not m.moe.n_experts, 'mla': not mla_enabled(m),
             'attn_output_gate': bool(m.attn_output_gate), 'norm_offset': m.norm_offset == 1.0,
             'qk_norm': bool(m.qk_norm), 'qk_norm_scope': m.qk_norm_scope == 'head',
@@ -130,7 +132,7 @@ def unfit(m) -> str | None:
             'query_pre_attn_scalar': not m.query_pre_attn_scalar,
             'attn_logit_softcap': not m.attn_logit_softcap,
             'final_logit_softcap': not m.final_logit_softcap}
-  return next((field for field, ok in checks.items() if not ok), None)
+  return next((field for field, ok in checks.items() if not ok and field not in allow), None)
 
 
 FAMILY = common.Family(FAMILY_NAME, ARCHITECTURE, to_lm, to_hf, tensors, unfit,

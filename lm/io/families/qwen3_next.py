@@ -24,16 +24,21 @@ def _mlp_types(hf: dict) -> tuple:
                else 'dense' for i in range(L))
 
 
+def moe_fields(hf: dict) -> dict:
+  """lm's `model.moe` for Qwen3-Next's and Qwen3.5-MoE's experts and gated shared expert."""
+  return dict(n_experts=int(hf.get('num_experts', 0)),
+              experts_per_token=int(hf['num_experts_per_tok']),
+              expert_dim=int(hf['moe_intermediate_size']), router='softmax',
+              norm_topk_prob=bool(hf.get('norm_topk_prob', True)),
+              shared_dim=int(hf.get('shared_expert_intermediate_size') or 0),
+              shared_gate=bool(hf.get('shared_expert_intermediate_size')))
+
+
 def to_lm(hf: dict) -> dict:
   fields = qwen3_5.to_lm(hf)
   types = _mlp_types(hf)
   fields.update(hf_family=FAMILY_NAME, mlp_types=types if len(set(types)) > 1 else (),
-                moe=dict(n_experts=int(hf.get('num_experts', 0)),
-                         experts_per_token=int(hf['num_experts_per_tok']),
-                         expert_dim=int(hf['moe_intermediate_size']), router='softmax',
-                         norm_topk_prob=bool(hf.get('norm_topk_prob', True)),
-                         shared_dim=int(hf.get('shared_expert_intermediate_size') or 0),
-                         shared_gate=bool(hf.get('shared_expert_intermediate_size'))))
+                moe=moe_fields(hf))
   if set(types) == {'dense'}:
     fields['moe'] = dict(n_experts=0)
   return fields
@@ -52,23 +57,26 @@ def to_hf(m) -> dict:
   return out
 
 
-def tensors(m, shapes: dict) -> dict:
-  table = qwen3_5.attention_tensors(m, shapes)
-  if m.layer_types and 'linear' in m.layer_types:
-    table.update(qwen3_5.linear_attention_tensors(m, FAMILY_NAME))
-  table.update({'layers.moe.router': (MOE + 'gate.weight', 1, None),
-                'layers.moe.shared_gate': (MOE + 'shared_expert_gate.weight', 1, None)})
+def moe_tensors(shapes: dict) -> dict:
+  """The router, the experts (one HF tensor per expert) and the gated shared expert."""
+  table = {'layers.moe.router': (MOE + 'gate.weight', 1, None),
+           'layers.moe.shared_gate': (MOE + 'shared_expert_gate.weight', 1, None)}
   for lm_name, hf_name in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
     table[f'layers.moe.{lm_name}.kernel'] = (MOE + 'experts.{e}.' + hf_name + '.weight', 1, None)
     table[f'layers.moe.shared.{lm_name}.kernel'] = (MOE + 'shared_expert.' + hf_name + '.weight',
                                                     1, None)
+  return {k: v for k, v in table.items() if k in shapes}
+
+
+def tensors(m, shapes: dict) -> dict:
+  table = qwen3_5.attention_tensors(m, shapes)
+  if m.layer_types and 'linear' in m.layer_types:
+    table.update(qwen3_5.linear_attention_tensors(m, FAMILY_NAME))
+  table.update(moe_tensors(shapes))
   return {k: v for k, v in table.items() if not isinstance(k, str) or k in shapes}
 
 
-def unfit(m) -> str | None:
-  field = qwen3_5.unfit(m)
-  if field and field not in ('mlp_types', 'moe.n_experts'):
-    return field
+def moe_unfit(m) -> str | None:
   moe = m.moe
   checks = {'moe.router': not moe.n_experts or moe.router == 'softmax',
             'moe.shared_gate': not moe.n_experts or bool(moe.shared_gate) == bool(moe.shared_dim),
@@ -76,6 +84,10 @@ def unfit(m) -> str | None:
             'moe.swiglu_limit': not moe.swiglu_limit,
             'moe.routed_scaling_factor': moe.routed_scaling_factor == 1.0}
   return next((f for f, ok in checks.items() if not ok), None)
+
+
+def unfit(m) -> str | None:
+  return qwen3_5.unfit(m, allow=('mlp_types', 'moe.n_experts')) or moe_unfit(m)
 
 
 FAMILY = common.Family(FAMILY_NAME, ARCHITECTURE, to_lm, to_hf, tensors, unfit,
