@@ -14,7 +14,13 @@ tensors are `experts.base_layer.lora_*` and down_proj's `experts.lora_*`. PEFT h
 dropout on parameters: such an export says lora_dropout 0 (dropout only acts in training).
 For the same families PEFT rewrites target_modules gate_proj/up_proj/down_proj into the
 experts' parameters, so adapters on their dense MLP layers or shared experts are refused.
-Reading expert adapters back from PEFT is not built.
+
+Reading them back (`lora_config_from_peft` + `load_peft`), from lm's export or from PEFT itself,
+undoes this: gate_up_proj's rank-R adapter is lm's gate and up adapters sharing its A, with B's
+gate and up rows. lm has one rank and one scale for every adapter, so a file whose ranks differ
+(`rank_pattern`, `alpha_pattern`, as every expert export has) loads at the largest rank, the
+smaller adapters padded with zero rows and columns and each module's scale folded into its B:
+the same function, within float rounding.
 """
 
 from __future__ import annotations
@@ -187,20 +193,49 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
       json.dump(config, f, indent=2)
 
 
+# PEFT's target_parameters lm reads, and the lm modules each one holds.
+EXPERT_PARAMETERS = {'mlp.experts.gate_up_proj': ('layers.moe.gate', 'layers.moe.up'),
+                     'mlp.experts.down_proj': ('layers.moe.down',)}
+
+
+def _pattern(patterns: dict, name: str, default):
+  """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key
+  that matches the end of `name` at a dot boundary."""
+  for key, value in (patterns or {}).items():
+    if re.match(rf'(.*\.)?({key})$', name):
+      return value
+  return default
+
+
+def _scale(alpha: float, rank: int, rslora: bool) -> float:
+  return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def _expert_parameters(config: dict) -> list[str]:
+  """The file's target_parameters as EXPERT_PARAMETERS keys; anything else is one line."""
+  out = []
+  for target in config.get('target_parameters') or []:
+    known = [p for p in EXPERT_PARAMETERS if target == p or target.endswith('.' + p)]
+    if not known:
+      raise CheckpointError(f'PEFT adapter on parameter {target!r} cannot be read into lm; lm reads '
+                            f'LoRA on {", ".join(EXPERT_PARAMETERS)} (experts)')
+    out.append(known[0])
+  return out
+
+
 def lora_config_from_peft(config: dict) -> dict:
-  """adapter_config.json -> lm `model.lora` fields (errors for what lm cannot represent)."""
+  """adapter_config.json -> lm `model.lora` fields (errors for what lm cannot represent). With
+  per-module ranks or scales (rank_pattern, alpha_pattern) the rank is the largest and the scale
+  the file's base one: load_peft pads and rescales the others to it."""
   if config.get('peft_type', 'LORA') != 'LORA':
     raise CheckpointError(f'peft_type {config.get("peft_type")!r} is not LoRA')
-  if config.get('target_parameters'):
-    raise CheckpointError(f'PEFT adapter on parameters ({config["target_parameters"][0]}: LoRA on '
-                          'experts) cannot be read into lm yet; lm exports these but does not '
-                          'import them')
   for key, ok in (('use_dora', False), ('bias', 'none'), ('fan_in_fan_out', False)):
     if config.get(key, ok) not in (ok, None):
       raise CheckpointError(f'PEFT adapter with {key}={config[key]!r} is not supported')
-  for key in ('layers_to_transform', 'modules_to_save', 'rank_pattern', 'alpha_pattern'):
+  for key in ('layers_to_transform', 'modules_to_save'):
     if config.get(key):
-      raise CheckpointError(f'PEFT adapter with {key} is not supported (one rank for all layers)')
+      raise CheckpointError(f'PEFT adapter with {key} is not supported')
+  experts = _expert_parameters(config)
   targets = config.get('target_modules') or []
   if targets == 'all-linear':
     chosen = [m for m in _ALL_MODULES if m != 'lm_head']
@@ -209,11 +244,16 @@ def lora_config_from_peft(config: dict) -> dict:
               or re.fullmatch(targets, short)]
   else:
     chosen = [m for m, short in _HF_SHORT.items() if short in targets]
+  chosen += [m for p in experts for m in EXPERT_PARAMETERS[p]]
   if not chosen:
     raise CheckpointError(f'PEFT target_modules {targets!r} match no lm module')
-  return dict(rank=int(config['r']), alpha=float(config.get('lora_alpha', 8)),
-              dropout=float(config.get('lora_dropout', 0.0)),
-              rslora=bool(config.get('use_rslora', False)),
+  r, alpha = int(config['r']), float(config.get('lora_alpha', 8))
+  rslora = bool(config.get('use_rslora', False))
+  rank = max([r] + [int(v) for v in (config.get('rank_pattern') or {}).values()])
+  if rank != r:  # the base scale at the larger rank
+    alpha = _scale(alpha, r, rslora) * (math.sqrt(rank) if rslora else rank)
+  return dict(rank=rank, alpha=alpha,
+              dropout=float(config.get('lora_dropout', 0.0)), rslora=rslora,
               targets='^(' + '|'.join(re.escape(m) for m in chosen) + ')$')
 
 
@@ -224,45 +264,136 @@ def read_peft_config(path: str) -> dict:
   return read_json(file, 'PEFT adapter config', CheckpointError)
 
 
+class _Ranks:
+  """Each adapted HF module's (rank, scale) in a PEFT file, against lm's one rank and scale."""
+
+  def __init__(self, config: dict, lora_cfg):
+    self.config, self.rank = config, int(lora_cfg.rank)
+    self.r, self.alpha = int(config.get('r', self.rank)), float(config.get('lora_alpha', 8))
+    self.rslora = bool(config.get('use_rslora', False))
+    self.lm_scale = _scale(lora_cfg.alpha, self.rank, lora_cfg.rslora)
+
+  def of(self, hf_module: str) -> tuple[int, float]:
+    """(rank in the file, factor its B takes in lm) for HF module name `hf_module`."""
+    r = int(_pattern(self.config.get('rank_pattern'), hf_module, self.r))
+    alpha = float(_pattern(self.config.get('alpha_pattern'), hf_module, self.alpha))
+    if r > self.rank:
+      raise CheckpointError(f'PEFT adapter: {hf_module} has rank {r}, above model.lora.rank='
+                            f'{self.rank}; read the config with lora_config_from_peft')
+    return r, _scale(alpha, r, self.rslora) / self.lm_scale
+
+  def of_layers(self, names: list[str]) -> tuple[int, float]:
+    """One (rank, factor) for a stacked module's per-layer HF names (lm stacks one rank)."""
+    found = {self.of(n) for n in names}
+    if len(found) > 1:
+      raise CheckpointError(f'PEFT adapter: {names[0]} and its other layers have different ranks '
+                            'or scales; lm stacks one rank per module')
+    return found.pop()
+
+
+def _pad_rank(array, rank: int, axis: int):
+  widths = [(0, 0)] * array.ndim
+  widths[axis] = (0, rank - array.shape[axis])
+  return np.pad(array, widths)
+
+
+def _read_experts(reader, renamed, config, spec, ranks) -> tuple[dict, set]:
+  """lm's expert adapters from PEFT's gate_up_proj / down_proj tensors (_expert_tensors undone),
+  and the file names they used."""
+  params = _expert_parameters(config)
+  if not params:
+    return {}, set()
+  family = _family(spec.cfg)
+  if family not in PEFT_EXPERT_FAMILIES:
+    raise CheckpointError(f'PEFT adapter on experts cannot be read for {family or "this model"}; '
+                          f'lm reads them for {", ".join(PEFT_EXPERT_FAMILIES)}')
+  layers = stack_lib.layer_rows(spec.cfg, 'layers.moe.gate') or range(spec.cfg.n_layers)
+  R = ranks.rank
+  out, used = {}, set()
+  for param in params:
+    # PEFT wraps gate_up_proj first: with both adapted its tensors sit under base_layer.
+    wrapper = '.base_layer' if param.endswith('gate_up_proj') and len(params) > 1 else ''
+    a_rows, b_rows = [], []
+    for i in layers:
+      name = PEFT_PREFIX + EXPERTS.format(i=i) + wrapper
+      a_name, b_name = name + '.lora_A.weight', name + '.lora_B.weight'
+      for n in (a_name, b_name):
+        if n not in renamed:
+          raise CheckpointError(f'PEFT adapter: tensor {n!r} is missing ({param} of layer {i})')
+      used.update(renamed[n] for n in (a_name, b_name))
+      r, factor = ranks.of(EXPERTS.format(i=i) + '.' + param.rsplit('.', 1)[-1])
+      a, b = hf.host(reader.get(renamed[a_name])), hf.host(reader.get(renamed[b_name]))
+      E = a.shape[0] // r
+      if a.shape[0] != E * r or b.shape[1] != E * r:
+        raise CheckpointError(f'PEFT adapter: {a_name} {a.shape} and {b_name} {b.shape} do not '
+                              f'hold rank {r} per expert')
+      a_rows.append(_pad_rank(a.reshape(E, r, -1).transpose(0, 2, 1), R, 2))  # [E, in, R]
+      b_rows.append(_pad_rank(factor * b.reshape(-1, r, E).transpose(2, 1, 0), R, 1))  # [E, R, out]
+    a_LEIR, b_LERO = np.stack(a_rows), np.stack(b_rows)
+    if param.endswith('gate_up_proj'):
+      F = b_LERO.shape[-1] // 2
+      parts = {'layers.moe.gate': b_LERO[..., :F], 'layers.moe.up': b_LERO[..., F:]}
+    else:
+      parts = {'layers.moe.down': b_LERO}
+    for module, b in parts.items():
+      out[module + '.lora_a'], out[module + '.lora_b'] = a_LEIR, b
+  return out, used
+
+
 def load_peft(path: str, spec, shardings: dict | None = None) -> dict:
   """Adapter entries for `spec` (a ModelSpec whose lora config came from lora_config_from_peft)
   read from PEFT directory `path`, placed with `shardings` when given."""
   file = os.path.join(path, 'adapter_model.safetensors')
   if not os.path.isfile(file):
     raise CheckpointError(f'{path} has no adapter_model.safetensors')
+  config = read_peft_config(path)
+  ranks = _Ranks(config, spec.cfg.lora)
   reader = Reader(file)
   # PEFT saves without the adapter name; files saved with it ('.lora_A.default.weight') also load.
   renamed = {re.sub(r'\.lora_([AB])\.[^.]+\.weight$', r'.lora_\1.weight', n): n for n in reader.names()}
+  experts, used = _read_experts(reader, renamed, config, spec, ranks)
   plan, expected = {}, {}
   for name in spec.names:
-    if not is_adapter(name):
+    if not is_adapter(name) or name in experts:
       continue
     module, kind = name.rsplit('.', 1)
+    if module in EXPERT_MODULES:
+      raise CheckpointError(f'{file}: no PEFT target_parameters adapt {module} (lm parameter '
+                            f'{name!r})')
     shape = spec.shapes[name].shape
     stacked = module.startswith('layers.')
     one = shape[1:] if stacked else shape
     layout = len(one) - 1 if kind == 'lora_a' else 1
     suffix = '.lora_A.weight' if kind == 'lora_a' else '.lora_B.weight'
     names = [n + suffix for n in _peft_names(module, spec.cfg)]
+    r, factor = ranks.of_layers([n.removeprefix(PEFT_PREFIX).removesuffix(suffix) for n in names])
+    rank_axis = len(one) - 1 if kind == 'lora_a' else 0
+    one_r = tuple(r if a == rank_axis else d for a, d in enumerate(one))
     for n in names:
       if n not in renamed:
         raise CheckpointError(f'{file}: tensor {n!r} is missing (lm parameter {name!r})')
-      expected[renamed[n]] = (hf.hf_shape(one, layout), name)
-    plan[name] = (names, stacked, layout)
+      expected[renamed[n]] = (hf.hf_shape(one_r, layout), name)
+    plan[name] = (names, stacked, layout, one_r, r, factor if kind == 'lora_b' else 1.0)
   for n, (shape, lm_name) in expected.items():
     if tuple(reader.shape(n)) != tuple(shape):
       raise CheckpointError(f'{file}: tensor {n!r} has shape {tuple(reader.shape(n))}, expected '
                             f'{tuple(shape)} (lm parameter {lm_name!r}; is the rank right?)')
-  extra = sorted(set(reader.names()) - set(expected))
+  extra = sorted(set(reader.names()) - set(expected) - used)
   if extra:
     raise CheckpointError(f'{file}: tensor {extra[0]!r} matches no adapted lm module')
   out = {}
-  for name, (names, stacked, layout) in plan.items():
+  for name, (names, stacked, layout, one_r, r, factor) in plan.items():
     shape = spec.shapes[name].shape
-    read = hf.read_stacked(_Renamed(reader, renamed), names, shape, layout,
-                           spec.shapes[name].dtype, stacked)
+    dtype = spec.shapes[name].dtype
+    read_shape = (shape[0],) + one_r if stacked else one_r
+    read = hf.read_stacked(_Renamed(reader, renamed), names, read_shape, layout, dtype, stacked)
+    value = read((slice(None),) * len(read_shape))
+    rank_axis = len(shape) - 1 if name.endswith('lora_a') else int(stacked)  # a [.., r], b [r, ..]
+    out[name] = np.asarray(_pad_rank(value * factor, int(spec.cfg.lora.rank), rank_axis), dtype)
+  out.update({n: np.asarray(v, spec.shapes[n].dtype) for n, v in experts.items()})
+  for name, value in out.items():
     sharding = (shardings or {}).get(name) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    out[name] = hf.place(shape, sharding, read)
+    out[name] = jax.device_put(value, sharding)
   return out
 
 

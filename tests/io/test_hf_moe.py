@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 from conftest import tiny_config
 from hf_util import TOKENS, hf_logits, random_hf_model
 
@@ -172,8 +173,51 @@ def test_peft_export_of_expert_adapters_loads_in_peft_and_agrees(targets, tmp_pa
   error = float(np.max(np.abs(hf_logits(peft_model) - ours)))
   print(f'PEFT expert adapters ({targets}): max |dlogit| {error:.2e}')
   assert error <= 1e-4
-  with pytest.raises(CheckpointError, match='LoRA on experts.*does not import'):
-    peft_io.lora_config_from_peft(config)
+  # Read back: gate_up_proj's rank-2r adapter becomes lm's gate and up sharing its A, the rank-r
+  # ones are padded to 2r, and the function stays.
+  back = _import_peft(tmp_path / 'base', tmp_path / 'adapter')
+  assert back.cfg.lora.rank == 4
+  assert float(np.max(np.abs(back.logits - ours))) <= 1e-5
+
+
+class _Imported:
+  def __init__(self, cfg, logits):
+    self.cfg, self.logits = cfg, logits
+
+
+def _import_peft(base_dir, adapter_dir):
+  """lm's model config and logits for the HF base at `base_dir` with the PEFT adapter."""
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(base_dir)))
+  c.model.lora.update(peft_io.lora_config_from_peft(peft_io.read_peft_config(str(adapter_dir))))
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  params = {**hf.load_params(str(base_dir), ModelSpec(lora.without_adapters(c.model)), shardings),
+            **peft_io.load_peft(str(adapter_dir), spec)}
+  return _Imported(spec.cfg, np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params)))
+
+
+def test_expert_adapters_made_by_peft_import_into_lm(tmp_path):
+  """An adapter PEFT itself made (random A and B, a larger rank and its own alpha on the
+  experts' down_proj, rsLoRA) reads into lm with PeftModel's logits."""
+  peft = pytest.importorskip('peft')
+  base_hf = make_hf_model('qwen3_moe', tmp_path / 'base')
+  config = peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules=['q_proj', 'v_proj'],
+                           target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'],
+                           rank_pattern={'mlp.experts.down_proj': 3},
+                           alpha_pattern={'mlp.experts.down_proj': 5}, init_lora_weights=False)
+  model = peft.get_peft_model(base_hf, config).eval()
+  model.save_pretrained(tmp_path / 'adapter')
+  expected = hf_logits(model)
+  # PEFT applied the pattern: down_proj's A holds rank 3 per expert (4 experts), gate_up's rank 2.
+  saved = safetensors.numpy.load_file(tmp_path / 'adapter' / 'adapter_model.safetensors')
+  assert saved['base_model.model.model.layers.0.mlp.experts.lora_A.weight'].shape == (12, 16)
+  assert saved['base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight'].shape == (8, 32)
+  back = _import_peft(tmp_path / 'base', tmp_path / 'adapter')
+  assert back.cfg.lora.rank == 3
+  error = float(np.max(np.abs(back.logits - expected)))
+  print(f'PEFT-made expert adapters in lm: max |dlogit| {error:.2e}')
+  assert error <= 1e-4
 
 
 def test_unsupported_moe_variants_are_refused_in_one_line(tmp_path):
