@@ -268,6 +268,8 @@ def base_config() -> ml_collections.ConfigDict:
       # may also set name, eval_files, fields, text_field, chat_template, ... (pipeline.SOURCE_KEYS).
       mixture=(),  # weighted sources, each a dict of data keys; () reads train_files
       prefetch=2,  # batches prepared ahead in a background thread; 0: none
+      streaming='auto',  # auto (a Hub dataset streams while the Hub is reachable) | true (hf: and local files) | false
+      shuffle_buffer=10_000,  # a streamed source's shuffle buffer, in records; 0: read in order
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -488,6 +490,7 @@ SCHEMA = {
     'data.bad_records': Choice(('fail', 'skip')),
     'data.text_split': Choice(('paragraph', 'line', 'file')),
     'data.eval_max_examples': AT_LEAST_ONE, 'data.prefetch': NOT_NEGATIVE,
+    'data.streaming': Choice(('auto', 'true', 'false')), 'data.shuffle_buffer': NOT_NEGATIVE,
     'optimizer.name': Choice(('adamw', 'adafactor', 'lion', 'sgd')), 'optimizer.lr': POSITIVE,
     'optimizer.schedule': Choice(('cosine', 'linear', 'constant')),
     'optimizer.warmup_steps': NOT_NEGATIVE, 'optimizer.end_lr_ratio': Bounds(0, 1),

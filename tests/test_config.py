@@ -122,6 +122,7 @@ def test_schema_choices_match_the_modules_that_use_them():
   assert options('data.truncate') == set(formats.TRUNCATE)
   assert options('data.train_on') == set(chat.TRAIN_ON)
   assert options('data.packing') == set(pipeline.PACKINGS)
+  assert options('data.streaming') == set(pipeline.STREAMING)
 
 
 @pytest.mark.parametrize('override, message', [

@@ -182,6 +182,10 @@ class StreamPacker(_Packer):
   def get_state(self):
     return {**self._base_state(), 'pos': [int(self.pos[0]), int(self.pos[1])], 'done': self.done}
 
+  def referenced(self) -> set[int]:
+    """The lane records `set_state` reads again."""
+    return {int(self.pos[0])}
+
   def set_state(self, state):
     self._set_base_state(state)
     self.pos = (int(state['pos'][0]), int(state['pos'][1]))
@@ -270,6 +274,10 @@ class BinPacker(_Packer):
   def get_state(self):
     return {**self._base_state(), 'pos': [int(p) for p in self.pos],
             'bins': [[[int(r[0]), int(r[1])] for r in b] for b in self.bins], 'done': self.done}
+
+  def referenced(self) -> set[int]:
+    """The lane records `set_state` (and the next `_advance`) read again."""
+    return {int(self.pos[0])} | {int(r[0]) for b in self.bins for r in b}
 
   def set_state(self, state):
     self._set_base_state(state)

@@ -9,6 +9,10 @@ The iterator's state is JSON: the step and, per lane, a few integers naming wher
 stands. It is saved inside the training checkpoint; `set_state` re-reads the handful of records
 those integers name, so a resumed run sees exactly the batches it would have seen. With several
 processes, `get_state` gathers every process's lanes, so one state file restores any process.
+
+A streamed source (data.streaming: a Hub dataset by default) has no random access: each process
+reads its share of the stream in order and hands records to its lanes as they ask
+(lm/data/streaming.py); its state adds the stream positions of the records the lanes still name.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import grain
 import numpy as np
 
-from lm.data import chat, formats, mixture, packing, sources
+from lm.data import chat, formats, mixture, packing, sources, streaming
 from lm.data import tokenizer as tokenizer_lib
 from lm.errors import ConfigError, DataError
 
@@ -29,8 +33,10 @@ PACKINGS = ('auto', 'stream', 'whole', 'none')
 # Keys a data.mixture entry may set; the rest come from the data section.
 SOURCE_KEYS = ('train_files', 'eval_files', 'weight', 'name', 'format', 'fields', 'text_field',
                'text_split', 'tfds_data_dir', 'chat_template', 'train_on', 'truncate',
-               'bad_records', 'packing')
+               'bad_records', 'packing', 'streaming', 'shuffle_buffer')
+STREAMING = ('auto', 'true', 'false')
 SAMPLE_RECORDS = 1000  # records encoded up front: unigram baseline, packing estimate, sanity check
+TOKENIZER_STREAM_RECORDS = 100_000  # a streamed source trains a tokenizer on its first records
 STATE_VERSION = 2
 
 
@@ -53,6 +59,17 @@ class SourceSpec:
   truncate: str = 'prompt'
   bad_records: str = 'fail'
   packing: str = 'auto'
+  streaming: str = 'auto'
+  shuffle_buffer: int = 10_000
+
+  @property
+  def streamed(self) -> bool:
+    """Whether the source is read as a stream: asked for, or by default a Hub dataset while the
+    Hub is reachable (offline, the download path finds a dataset in the datasets cache)."""
+    if self.streaming != 'auto':
+      return self.streaming == 'true'
+    first = self.train_files.split(',')[0].strip()
+    return sources.hub_name(first) and not sources.hub_offline()
 
   @property
   def pack_mode(self) -> str:
@@ -98,6 +115,13 @@ def source_specs(data_cfg) -> list[SourceSpec]:
     merged['name'] = str(merged.get('name') or _default_name(merged['train_files']))
     if merged.get('packing', 'auto') not in PACKINGS:
       raise ConfigError(f'data.packing={merged["packing"]!r}; choose one of {PACKINGS}')
+    if 'streaming' in merged:  # True / 'true' / 'auto' ...
+      merged['streaming'] = str(merged['streaming']).lower()
+      if merged['streaming'] not in STREAMING:
+        raise ConfigError(f'data.streaming={merged["streaming"]!r}; choose one of {STREAMING}')
+    if int(merged.get('shuffle_buffer', 0)) < 0:
+      raise ConfigError(f'data.shuffle_buffer={merged["shuffle_buffer"]} is negative; 0 reads a '
+                        'stream in order')
     specs.append(SourceSpec(**merged))
   names = [s.name for s in specs]
   for i, s in enumerate(specs):
@@ -141,10 +165,13 @@ def load_tokenizer(data_cfg, workdir: str):
 
   def docs():
     for spec in specs:
-      records = _load(spec, spec.train_files)
+      records = _load(spec, spec.train_files, spec.streamed)
       parser = formats.Encoder(spec.format, None, data_cfg.seq_len, fields=spec.fields,
                                text_field=spec.text_field)
-      _check_schema(records, parser, spec.bad_records)
+      streamed = isinstance(records, sources.Stream)
+      if streamed:  # its first records, in the stream's own order
+        records = _first_records(records, TOKENIZER_STREAM_RECORDS)
+      _check_schema(records, parser, spec.bad_records, columnar=streamed)
       for i in range(len(records)):
         try:
           yield parser.text_of(records[i])
@@ -166,26 +193,51 @@ def check_vocab(tokenizer, model_vocab_size: int) -> None:
 # -- sources ------------------------------------------------------------------------------------
 
 
-def _load(spec: SourceSpec, files: str) -> sources.Records:
+def _load(spec: SourceSpec, files: str, streamed: bool = False) -> sources.Records | sources.Stream:
   return sources.load(files, text_split=spec.text_split, bad_records=spec.bad_records,
-                      data_dir=spec.tfds_data_dir)
+                      data_dir=spec.tfds_data_dir, streaming=streamed)
+
+
+def _first_records(stream: sources.Stream, n: int, keep=None, **options) -> sources.Records:
+  """Up to the first n records (those `keep` accepts) of epoch 0 of the stream, as Records that
+  say where in the stream each came from."""
+  records, positions = [], []
+  for offset, record in enumerate(stream.iterate(**options)):
+    if len(records) >= n:
+      break
+    if keep is None or keep(record):
+      records.append(record)
+      positions.append((0, offset))
+  return sources.Records(stream.name, records, lambda i: stream.where(positions[i]))
 
 
 @dataclasses.dataclass
 class Source:
-  """One source, loaded: its train and held-out records and how to encode and pack them."""
+  """One source, loaded: its train and held-out records and how to encode and pack them. A
+  streamed source's train is a Stream, and `keep` tells its training records from held-out ones."""
   spec: SourceSpec
-  train: sources.Records
+  train: sources.Records | sources.Stream
   eval: sources.Records
   encoder: formats.Encoder
+  keep: object = None
 
   @property
   def pairs(self) -> bool:
     return self.spec.format == 'preference'
 
+  @property
+  def streamed(self) -> bool:
+    return isinstance(self.train, sources.Stream)
+
+  def stream_options(self, seed: int) -> dict:
+    return dict(seed=seed, shuffle_buffer=int(self.spec.shuffle_buffer))
+
   def packer(self, lane, seq_len: int, pad_id: int, *, finite: bool = False, n_records=None):
-    n = n_records if n_records is not None else len(self.train)
-    kw = dict(max_empty=20 * n + 1000, finite=finite)
+    if n_records is None and self.streamed:
+      max_empty = streaming.MAX_EMPTY
+    else:
+      max_empty = 20 * (n_records if n_records is not None else len(self.train)) + 1000
+    kw = dict(max_empty=max_empty, finite=finite)
     mode = self.spec.pack_mode
     if mode == 'stream':
       return packing.StreamPacker(lane, seq_len, pad_id, **kw)
@@ -193,11 +245,14 @@ class Source:
                              pairs=self.pairs, **kw)
 
 
-def _check_schema(records: sources.Records, encoder: formats.Encoder, policy: str) -> None:
-  """A columnar source (Hugging Face, TFDS) has one schema: a field its first record lacks, every
-  record lacks. Under data.bad_records=fail, said at once (such a source is not read up front as
-  files are), before any training; under skip, the bad records are counted as they are read."""
-  if policy == 'fail' and not isinstance(records.items, list) and len(records):
+def _check_schema(records: sources.Records, encoder: formats.Encoder, policy: str, *,
+                  columnar: bool = False) -> None:
+  """A columnar source (Hugging Face, TFDS, a stream) has one schema: a field its first record
+  lacks, every record lacks. Under data.bad_records=fail, said at once (such a source is not read
+  up front as files are), before any training; under skip, the bad records are counted as they
+  are read."""
+  columnar = columnar or not isinstance(records.items, list)
+  if policy == 'fail' and columnar and len(records):
     try:
       encoder.parse(records[0], records.where(0))
     except chat.EmptyContent:
@@ -218,6 +273,8 @@ def load_source(spec: SourceSpec, data_cfg, tokenizer) -> Source:
                             text_field=spec.text_field, chat_template=spec.chat_template,
                             train_on=spec.train_on, truncate=spec.truncate, chunk_text=chunk,
                             bad_records=spec.bad_records)
+  if spec.streamed:
+    return _load_stream(spec, data_cfg, encoder)
   records = _validated(_load(spec, spec.train_files), encoder, spec.bad_records)
   if not len(records):
     raise DataError(f'{spec.train_files}: no usable records ({records.skipped_summary() or "empty"})')
@@ -234,6 +291,23 @@ def load_source(spec: SourceSpec, data_cfg, tokenizer) -> Source:
     excluded = np.sort(rng.choice(n, size=n_eval, replace=False))
     train, held_out = records.without(excluded), records.subset(excluded)
   return Source(spec, train, held_out, encoder)
+
+
+def _load_stream(spec: SourceSpec, data_cfg, encoder: formats.Encoder) -> Source:
+  """A streamed source: held-out records from data.eval_files (their first eval_max_examples), or
+  chosen by content hash (streaming.hold_out), and the stream itself for training."""
+  stream = _load(spec, spec.train_files, streamed=True)
+  max_examples = int(_get(data_cfg, 'eval_max_examples', 2000))
+  keep = None
+  if spec.eval_files:
+    held_out = _load(spec, spec.eval_files, spec.streamed)
+    if isinstance(held_out, sources.Stream):
+      held_out = _first_records(held_out, max_examples)
+  else:
+    records, keep = streaming.hold_out(stream, data_cfg.eval_fraction, max_examples, data_cfg.seed)
+    held_out = sources.Records(f'{spec.train_files} (held out)', records,
+                               lambda i: f'{spec.train_files}[held-out record {i}]')
+  return Source(spec, stream, _validated(held_out, encoder, spec.bad_records), encoder, keep)
 
 
 # -- corpus -------------------------------------------------------------------------------------
@@ -253,13 +327,21 @@ class TrainData:
   def pairs(self) -> bool:
     return self.sources[0].pairs
 
-  def shuffled(self, s: int) -> grain.MapDataset:
-    """Source s's records, reshuffled every epoch, repeated forever."""
-    seed = int(np.random.SeedSequence([self.seed, s]).generate_state(1)[0])
-    return grain.MapDataset.source(self.sources[s].train).shuffle(seed=seed).repeat()
+  def seed_of(self, s: int) -> int:
+    return int(np.random.SeedSequence([self.seed, s]).generate_state(1)[0]) % 2**32
+
+  def shuffled(self, s: int, *, process_index: int = 0, process_count: int = 1):
+    """Source s's records, reshuffled every epoch, repeated forever: a grain MapDataset, or for a
+    streamed source this process's streaming.Reader."""
+    src = self.sources[s]
+    if src.streamed:
+      return streaming.Reader(src.train, process_index=process_index, process_count=process_count,
+                              keep=src.keep, **src.stream_options(self.seed_of(s)))
+    return grain.MapDataset.source(src.train).shuffle(seed=self.seed_of(s)).repeat()
 
   def packers(self, lane: int, n_lanes: int, shuffled: list) -> list:
-    return [src.packer(shuffled[s][lane::n_lanes].map(src.encoder), self.seq_len, self.pad_id)
+    return [src.packer(streaming.Lane(shuffled[s], src.encoder) if src.streamed else
+                       shuffled[s][lane::n_lanes].map(src.encoder), self.seq_len, self.pad_id)
             for s, src in enumerate(self.sources)]
 
 
@@ -274,8 +356,8 @@ class Corpus:
   def describe(self) -> str:
     """One line for the run log."""
     rows = self.eval['tokens' if 'tokens' in self.eval else 'chosen_tokens']
-    parts = [f'{len(s.train):,} {s.spec.name} records ({s.spec.format}, packing '
-             f'{s.spec.pack_mode}, weight {w:.2f})'
+    parts = [(f'streamed {s.spec.name} records' if s.streamed else f'{len(s.train):,} {s.spec.name} records')
+             + f' ({s.spec.format}, packing {s.spec.pack_mode}, weight {w:.2f})'
              for s, w in zip(self.train.sources, self.train.mixture.weights)]
     line = (f'data: {"; ".join(parts)}; {len(rows):,} held-out rows x {self.train.seq_len}; '
             f'packing efficiency {self.sample_efficiency:.1%}')
@@ -294,8 +376,14 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
   eval_rows, sample_rows, notes = [], [], {}
   for s, src in enumerate(loaded):
     # A sample in training order: shows the data encodes at all, and what packing achieves.
-    n = min(len(src.train), SAMPLE_RECORDS)
-    rows, counts = _pack_finite(src, train.shuffled(s)[:n], n, data_cfg.seq_len, tokenizer.pad_id)
+    if src.streamed:  # the first records one process would read
+      sample = _first_records(src.train, SAMPLE_RECORDS, src.keep, **src.stream_options(train.seed_of(s)))
+      _check_schema(sample, src.encoder, src.spec.bad_records, columnar=True)
+      n, records = len(sample), grain.MapDataset.source(sample)
+    else:
+      n = min(len(src.train), SAMPLE_RECORDS)
+      records = train.shuffled(s)[:n]
+    rows, counts = _pack_finite(src, records, n, data_cfg.seq_len, tokenizer.pad_id)
     if rows is None:
       raise DataError(f'{src.spec.name}: no usable examples in the first {n} records '
                       f'({_counts_text(counts) or "all empty"}); the data is empty after filtering: '
@@ -354,8 +442,8 @@ class _RowsData:
     self.mixture = mixture.Mixture(['rows'], [1.0], seed)
     self.pairs = 'chosen_tokens' in rows
 
-  def shuffled(self, s):
-    del s
+  def shuffled(self, s, **process):
+    del s, process
     seed = int(np.random.SeedSequence([self.seed, 0]).generate_state(1)[0])
     return grain.MapDataset.range(self.n).shuffle(seed=seed).repeat()
 
@@ -366,14 +454,15 @@ class _RowsData:
 
 
 class _LaneBatches(grain.IterDataset):
-  """The batches of lanes [first, last) of a global batch of `n_lanes` rows."""
+  """The batches of lanes [first, last) of a global batch of `n_lanes` rows (`process`: this
+  process's index and the process count, for streamed sources)."""
 
-  def __init__(self, data, n_lanes: int, lanes: range):
+  def __init__(self, data, n_lanes: int, lanes: range, process: tuple[int, int] = (0, 1)):
     super().__init__()
-    self.data, self.n_lanes, self.lanes = data, n_lanes, lanes
+    self.data, self.n_lanes, self.lanes, self.process = data, n_lanes, lanes, process
 
   def __iter__(self):
-    return _LaneBatchIterator(self.data, self.n_lanes, self.lanes)
+    return _LaneBatchIterator(self.data, self.n_lanes, self.lanes, self.process)
 
   def __str__(self):
     return f'LaneBatches(lanes={self.lanes.start}..{self.lanes.stop} of {self.n_lanes})'
@@ -381,10 +470,12 @@ class _LaneBatches(grain.IterDataset):
 
 class _LaneBatchIterator(grain.DatasetIterator):
 
-  def __init__(self, data, n_lanes: int, lanes: range):
+  def __init__(self, data, n_lanes: int, lanes: range, process: tuple[int, int] = (0, 1)):
     super().__init__()
     self.data, self.n_lanes, self.lanes = data, n_lanes, lanes
-    shuffled = [data.shuffled(s) for s in range(len(data.mixture))]
+    shuffled = [data.shuffled(s, process_index=process[0], process_count=process[1])
+                for s in range(len(data.mixture))]
+    self.readers = {s: r for s, r in enumerate(shuffled) if isinstance(r, streaming.Reader)}
     self.packers = {r: data.packers(r, n_lanes, shuffled) for r in lanes}
     self.step = 0
 
@@ -394,15 +485,36 @@ class _LaneBatchIterator(grain.DatasetIterator):
     self.step += 1
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
+  def _packer_state(self, s: int, packer) -> dict:
+    state = packer.get_state()
+    if s in self.readers:  # where the records it may read again are in the stream
+      state['stream'] = packer.lane.get_state(packer.referenced())
+    return state
+
   def get_state(self):
-    return {'step': self.step,
-            'lanes': {str(r): [p.get_state() for p in self.packers[r]] for r in self.lanes}}
+    state = {'step': self.step,
+             'lanes': {str(r): [self._packer_state(s, p) for s, p in enumerate(self.packers[r])]
+                       for r in self.lanes}}
+    if self.readers:
+      state['streams'] = {str(s): reader.get_state() for s, reader in self.readers.items()}
+    return state
 
   def set_state(self, state):
     self.step = int(state['step'])
+    names = self.data.mixture.names
+    for s, reader in self.readers.items():
+      lane_states = [state['lanes'][str(r)][s].get('stream') for r in self.lanes]
+      if None in lane_states or str(s) not in (state.get('streams') or {}):
+        raise DataError(f'{names[s]}: the checkpoint read this source with random access, not as a '
+                        'stream; resume with data.streaming=false (or start a new --workdir)')
+      streaming.restore(reader, [self.packers[r][s].lane for r in self.lanes], lane_states,
+                        state['streams'][str(s)])
     for r in self.lanes:
-      for p, s in zip(self.packers[r], state['lanes'][str(r)]):
-        p.set_state(s)
+      for s, (p, packer_state) in enumerate(zip(self.packers[r], state['lanes'][str(r)])):
+        if s not in self.readers and 'stream' in packer_state:
+          raise DataError(f'{names[s]}: the checkpoint read this source as a stream; resume with '
+                          'data.streaming=true (or start a new --workdir)')
+        p.set_state(packer_state)
 
 
 class BatchIterator:
@@ -427,7 +539,7 @@ class BatchIterator:
     local = global_batch // process_count
     self.lanes = range(process_index * local, (process_index + 1) * local)
     self.prefetch = data.prefetch if prefetch is None else prefetch
-    self._dataset = _LaneBatches(data, global_batch, self.lanes)
+    self._dataset = _LaneBatches(data, global_batch, self.lanes, (process_index, process_count))
     if self.prefetch > 0:
       self._dataset = grain.experimental.ThreadPrefetchIterDataset(
           self._dataset, prefetch_buffer_size=self.prefetch)
@@ -440,19 +552,24 @@ class BatchIterator:
     return next(self._iter)
 
   def local_state(self) -> dict:
-    """This process's lanes only."""
+    """This process's lanes (and streams) only."""
     state = self._iter.get_state()
-    return {'version': STATE_VERSION, 'batch_size': self.global_batch, 'step': state['step'],
-            'lanes': state['lanes']}
+    out = {'version': STATE_VERSION, 'batch_size': self.global_batch, 'step': state['step'],
+           'lanes': state['lanes']}
+    if 'streams' in state:  # each process reads its own share of a stream
+      out.update(processes=self.process_count, streams={str(self.process_index): state['streams']})
+    return out
 
   def get_state(self) -> dict:
-    """JSON-serialisable; with several JAX processes, every process's lanes (a collective: all
-    processes must call it together, as checkpoint saving does)."""
+    """JSON-serialisable; with several JAX processes, every process's lanes and stream positions
+    (a collective: all processes must call it together, as checkpoint saving does)."""
     state = self.local_state()
     import jax  # pylint: disable=import-outside-toplevel
     if jax.process_count() > 1:
-      for other in _allgather_json(state['lanes']):
-        state['lanes'].update(other)
+      for other in _allgather_json({'lanes': state['lanes'], 'streams': state.get('streams', {})}):
+        state['lanes'].update(other['lanes'])
+        if 'streams' in state:
+          state['streams'].update(other['streams'])
     return state
 
   def set_state(self, state: dict) -> None:
@@ -466,7 +583,15 @@ class BatchIterator:
     if missing:
       raise DataError(f'the data state lacks rows {missing[:4]}...; it was saved by a run whose '
                       'processes did not gather their states')
-    self._iter.set_state({'step': state['step'], 'lanes': state['lanes']})
+    streams = None
+    if 'streams' in state:
+      if state.get('processes') != self.process_count:
+        raise DataError(f'the checkpoint streamed its data on {state.get("processes")} processes, '
+                        f'not {self.process_count}: each reads its own share of a stream; resume '
+                        'on as many processes')
+      streams = state['streams'][str(self.process_index)]
+    self._iter.set_state({'step': state['step'], 'lanes': state['lanes'],
+                          **({'streams': streams} if streams is not None else {})})
 
   def metrics(self) -> dict[str, float]:
     """Cumulative counts over the rows this process has yielded: tokens per source (non-padding

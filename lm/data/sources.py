@@ -2,7 +2,9 @@
 offline corpus.
 
 Every source becomes `Records`: random access to dict records (a text file's documents become
-{'text': ...}), each able to say where it came from (`path:line`) for error messages.
+{'text': ...}), each able to say where it came from (`path:line`) for error messages. Asked to
+stream (`load(..., streaming=True)`), an `hf:` dataset or local data files become a `Stream`
+instead: records in order from a `datasets.IterableDataset`, read by lm/data/streaming.py.
 
   path, glob, or 'a.jsonl,b/*.txt'  .jsonl, .json (a list of records), .parquet, anything else text;
                                      each may be compressed, .gz or .zst (a.jsonl.gz, b.txt.zst)
@@ -12,7 +14,7 @@ Every source becomes `Records`: random access to dict records (a text file's doc
   hf:FOLDER[:SPLIT]                  a Hugging Face `datasets` folder: what save_to_disk wrote (a
                                      Dataset, or a DatasetDict and its SPLIT), or Arrow/Parquet files
   hf:NAME[:SPLIT]                    a Hugging Face Hub dataset, downloaded to the datasets cache
-                                     (memory-mapped Arrow: random access, so resume stays exact)
+                                     (memory-mapped Arrow: random access), or streamed
 
 `datasets` never runs a dataset script for lm: a folder holding a loading script is refused.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import copy
 import functools
 import glob
 import hashlib
@@ -373,36 +376,70 @@ def hf_path_and_split(spec: str) -> tuple[str, str | None]:
   return (path, split) if colon and path and split else (body, None)
 
 
-def read_hf(spec: str) -> Records:
-  """A Hugging Face dataset: a save_to_disk folder, a folder of Arrow/Parquet files, or a Hub
-  name; one split of it (default: the only one, else 'train')."""
-  path, split = hf_path_and_split(spec)
+def hub_name(spec: str) -> bool:
+  """Whether `spec` is hf:NAME[:SPLIT] naming a Hub dataset (no local path of that name)."""
+  if not spec.startswith(HF_PREFIX):
+    return False
+  path, _ = hf_path_and_split(spec)
+  return not os.path.exists(path) and _looks_like_hub_name(path)
+
+
+def hub_offline() -> bool:
+  """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE), as datasets sees it."""
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _looks_like_hub_name(path: str) -> bool:
+  # A path whose parent folder exists is a folder's path, mistyped, not a Hub name.
+  return bool(_HUB_NAME.fullmatch(path)) and not path.startswith(('.', '/', '~')) and not os.path.isdir(
+      path.split('/')[0])
+
+
+def _datasets(spec: str):
   try:
     import datasets  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise DataError(f'{spec}: Hugging Face datasets need the datasets package: pip install datasets') from None
   datasets.disable_progress_bars()
+  return datasets
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _open_hf(spec: str, streaming: bool):
+  """The split of an hf: source: a `datasets.Dataset`, or an `IterableDataset` when streaming."""
+  path, split = hf_path_and_split(spec)
+  datasets = _datasets(spec)
   if os.path.isdir(path):
-    dataset = _hf_folder(datasets, spec, path, split)
-  elif os.path.exists(path):
+    return _hf_folder(datasets, spec, path, split, streaming)
+  if os.path.exists(path):
     raise DataError(f'{spec}: {path} is a file; hf: takes a dataset folder or a Hub dataset name '
                     '(give data files to data.train_files directly)')
-  elif (not _HUB_NAME.fullmatch(path) or path.startswith(('.', '/', '~'))
-        or os.path.isdir(path.split('/')[0])):  # a folder's path (its parent exists), mistyped
+  if not _looks_like_hub_name(path):
     raise DataError(f'{spec}: no folder {path!r} and not a Hub dataset name (NAME or OWNER/NAME); '
                     'check the path')
-  else:
-    try:
-      dataset = datasets.load_dataset(path, split=split or 'train')
-    except Exception as e:  # pylint: disable=broad-except  # offline, missing, private, bad split
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-      raise DataError(f'{spec}: cannot load {path!r} from the Hugging Face Hub ({first}); without a '
-                      'network, save it elsewhere (datasets.load_dataset(NAME).save_to_disk(DIR)), '
-                      'copy DIR here and use hf:DIR') from None
-  return Records(spec, _HfItems(dataset), lambda i: f'{spec}[{i}]')
+  try:
+    return datasets.load_dataset(path, split=split or 'train', streaming=streaming)
+  except Exception as e:  # pylint: disable=broad-except  # offline, missing, private, bad split
+    raise DataError(f'{spec}: cannot {"stream" if streaming else "load"} {path!r} from the Hugging '
+                    f'Face Hub ({_first_line(e)}); without a network, save it elsewhere '
+                    '(datasets.load_dataset(NAME).save_to_disk(DIR)), copy DIR here and use '
+                    'hf:DIR') from None
 
 
-def _hf_folder(datasets, spec: str, path: str, split: str | None):
+def read_hf(spec: str) -> Records:
+  """A Hugging Face dataset: a save_to_disk folder, a folder of Arrow/Parquet files, or a Hub
+  name; one split of it (default: the only one, else 'train')."""
+  return Records(spec, _HfItems(_open_hf(spec, streaming=False)), lambda i: f'{spec}[{i}]')
+
+
+def _hf_folder(datasets, spec: str, path: str, split: str | None, streaming: bool = False):
   names = sorted(os.listdir(path))
   scripts = [n for n in names if n.endswith('.py')]
   if scripts:  # a dataset script is code; data files never run code in lm
@@ -413,14 +450,15 @@ def _hf_folder(datasets, spec: str, path: str, split: str | None):
     try:
       dataset = datasets.load_from_disk(path)
     except Exception as e:  # pylint: disable=broad-except  # a damaged folder fails in many ways
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-      raise DataError(f'{spec}: {path} is not a readable save_to_disk folder ({first}); write it '
-                      'again with save_to_disk') from None
+      raise DataError(f'{spec}: {path} is not a readable save_to_disk folder ({_first_line(e)}); '
+                      'write it again with save_to_disk') from None
     if isinstance(dataset, datasets.DatasetDict):
-      return _split_of(spec, dataset, split)
-    if split not in (None, 'train'):
+      dataset = _split_of(spec, dataset, split)
+    elif split not in (None, 'train'):
       raise DataError(f'{spec}: {path} holds one Dataset, not splits; drop :{split}')
-    return dataset
+    # Shards let the hosts split the stream and the shuffle reorder them; read in order, they
+    # are the rows in order.
+    return dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), 64))) if streaming else dataset
   data_files = [n for n in glob.glob(os.path.join(path, '**', '*'), recursive=True)
                 if n.endswith(('.arrow', '.parquet'))]
   if not data_files:
@@ -428,10 +466,9 @@ def _hf_folder(datasets, spec: str, path: str, split: str | None):
                     'from save_to_disk, no .arrow or .parquet files); save it with '
                     'Dataset.save_to_disk, or give its files to data.train_files')
   try:  # the datasets library's own Arrow/Parquet readers: no script, no code from the folder
-    found = datasets.load_dataset(path)
+    found = datasets.load_dataset(path, streaming=streaming)
   except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise DataError(f'{spec}: cannot read the data files in {path} ({first})') from None
+    raise DataError(f'{spec}: cannot read the data files in {path} ({_first_line(e)})') from None
   return _split_of(spec, found, split)
 
 
@@ -442,6 +479,90 @@ def _split_of(spec: str, splits, split: str | None):
     raise DataError(f'{spec}: no split {split!r} (splits: {", ".join(splits)}); name one as '
                     f'hf:PATH:SPLIT')
   return splits[split]
+
+
+class Stream:
+  """Records in order from a Hugging Face `datasets.IterableDataset`: no length and no random
+  access. `iterate` reads one epoch of one process's share, shuffled or not, from any position;
+  lm/data/streaming.py turns that into lanes and exact resume."""
+
+  def __init__(self, name: str, dataset):
+    self.name, self.dataset = name, dataset
+    self.skipped, self.first_skipped = collections.Counter(), {}  # as Records: nothing is skipped here
+
+  def where(self, position) -> str:
+    epoch, offset = position
+    return f'{self.name}[streamed record {offset}{f" of epoch {epoch}" if epoch else ""}]'
+
+  def skipped_summary(self) -> str:
+    return ''
+
+  def iterate(self, epoch: int = 0, start: int = 0, *, shuffle_buffer: int = 0, seed: int = 0,
+              process_index: int = 0, process_count: int = 1):
+    """Records from position `start` of epoch `epoch`: the stream shuffled (shard order and a
+    buffer of `shuffle_buffer` records, from `seed`, differently each epoch) and split between
+    `process_count` hosts, as datasets does it; the first `start` records are read and dropped."""
+    dataset = self.dataset
+    if shuffle_buffer > 0:
+      dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    if process_count > 1:
+      from datasets.distributed import split_dataset_by_node  # pylint: disable=import-outside-toplevel
+      dataset = split_dataset_by_node(dataset, rank=process_index, world_size=process_count)
+    dataset = copy.copy(dataset)  # set_epoch changes the dataset: keep the shared one as it is
+    dataset.set_epoch(epoch)
+    records = iter(dataset)
+    offset = 0
+    while True:
+      try:
+        record = next(records)
+      except StopIteration:
+        return
+      except Exception as e:  # pylint: disable=broad-except  # a bad line, a broken file, the network
+        raise DataError(f'{self.where((epoch, offset))}: cannot read the stream ({_first_line(e)}); '
+                        'fix the data, or read it without data.streaming (which names the file and '
+                        'line)') from None
+      if offset >= start:
+        yield record
+      offset += 1
+
+
+# Local files datasets streams with its own packaged readers (no script): the format by extension.
+_STREAM_BUILDERS = {'.jsonl': 'json', '.json': 'json', '.parquet': 'parquet', '.arrow': 'arrow'}
+_SAMPLE_BY = {'paragraph': 'paragraph', 'line': 'line', 'file': 'document'}
+
+
+def stream_files(spec: str, *, text_split: str = 'paragraph') -> Stream:
+  """Local data files (as read_files takes them) streamed by datasets' json, parquet, arrow or
+  text reader; the files of one source share a format."""
+  paths = expand_files(spec)
+  kinds = set()
+  for path in paths:
+    name = path[:-len(next(e for e in COMPRESSED if path.endswith(e)))] if path.endswith(COMPRESSED) else path
+    kinds.add(_STREAM_BUILDERS.get(os.path.splitext(name)[1], 'text'))
+  if len(kinds) > 1:
+    raise DataError(f'{spec}: streamed files of one source must share a format (got {sorted(kinds)}); '
+                    'give each format its own data.mixture entry')
+  builder = kinds.pop()
+  datasets = _datasets(spec)
+  options = {'sample_by': _SAMPLE_BY[text_split]} if builder == 'text' else {}
+  try:
+    dataset = datasets.load_dataset(builder, data_files=paths, split='train', streaming=True, **options)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{spec}: cannot stream these files ({_first_line(e)})') from None
+  if builder == 'text':  # documents as read_files makes them: stripped, none empty
+    dataset = dataset.map(lambda r: {'text': r['text'].strip()}).filter(lambda r: bool(r['text']))
+  return Stream(spec, dataset)
+
+
+def open_stream(spec: str, *, text_split: str = 'paragraph') -> Stream:
+  """`spec` streamed: an hf: folder or Hub name, or local data files."""
+  if spec.startswith((TFDS_PREFIX, BUILTIN_PREFIX)):
+    raise DataError(f'{spec}: data.streaming=true applies to hf: datasets and local data files; '
+                    f'{spec.split(":")[0]}: sources are read with random access: set '
+                    'data.streaming=auto')
+  if spec.startswith(HF_PREFIX):
+    return Stream(spec, _open_hf(spec, streaming=True))
+  return stream_files(spec, text_split=text_split)
 
 
 _DEFINITIONS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -529,13 +650,15 @@ def read_builtin(spec: str) -> Records:
 
 
 def load(spec: str, *, text_split: str = 'paragraph', bad_records: str = 'fail',
-         data_dir: str | None = None) -> Records:
+         data_dir: str | None = None, streaming: bool = False) -> Records | Stream:
   """The records named by `spec` (files, globs, tfds:NAME[:SPLIT], hf:FOLDER_OR_NAME[:SPLIT] or
-  builtin:NAME)."""
+  builtin:NAME); with `streaming`, a Stream of them (hf: and local files only)."""
   if text_split not in TEXT_SPLITS:
     raise DataError(f'data.text_split={text_split!r}; choose one of {TEXT_SPLITS}')
   if bad_records not in BAD_RECORD_POLICIES:
     raise DataError(f'data.bad_records={bad_records!r}; choose one of {BAD_RECORD_POLICIES}')
+  if streaming:
+    return open_stream(spec, text_split=text_split)
   if spec.startswith(BUILTIN_PREFIX):
     return read_builtin(spec)
   if spec.startswith(TFDS_PREFIX):

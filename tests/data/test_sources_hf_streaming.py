@@ -1,0 +1,175 @@
+"""Streamed sources (data.streaming, lm/data/streaming.py): local Parquet and jsonl files streamed by
+`datasets` as it streams the Hub, read in the random-access path's order when unshuffled, shuffled
+and split between hosts by datasets, mixed with a file source, resumed exactly mid-epoch and across
+epochs, shown by `lm data show`; and the one-line errors (the Hub offline, what cannot stream, a
+checkpoint from another reading)."""
+
+import json
+import os
+import re
+
+import grain
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from lm import cli
+from lm import config as config_lib
+from lm.data import formats, packing, pipeline, sources, streaming
+from lm.data import tokenizer as tokenizer_lib
+from lm.errors import ConfigError, DataError
+
+datasets = pytest.importorskip('datasets')  # the [test] extra has it
+
+
+def _docs(start, n, chars=None):
+  import pydoc_data.topics  # pylint: disable=import-outside-toplevel
+  keys = sorted(pydoc_data.topics.topics)[start:start + n]
+  return [pydoc_data.topics.topics[k][:chars] for k in keys]
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+  """pq/: a Hub-style folder of Parquet shards (train: 60 documents of 80 characters in 'body', test: 4);
+  docs.jsonl: 30 other documents, a file; tok.model: a tokenizer trained on them."""
+  # datasets waits 5 s after a Parquet stream's reader threads finish (an Arrow shutdown issue):
+  # each epoch's end and each stream left early would add that here; the reads are the same.
+  patch = pytest.MonkeyPatch()
+  patch.setattr(datasets.config, 'SLEEP_TIME_ON_THREADS_SHUTDOWN', 0)
+  d = tmp_path_factory.mktemp('hf_stream')
+  datasets.disable_progress_bars()
+  (d / 'pq' / 'data').mkdir(parents=True)
+  train = datasets.Dataset.from_dict({'body': _docs(0, 60, 80), 'id': list(range(60))})
+  train.to_parquet(str(d / 'pq' / 'data' / 'train-00000-of-00001.parquet'))
+  test = datasets.Dataset.from_dict({'body': _docs(60, 4, 300), 'id': list(range(60, 64))})
+  test.to_parquet(str(d / 'pq' / 'data' / 'test-00000-of-00001.parquet'))
+  with open(d / 'docs.jsonl', 'w', encoding='utf-8') as f:
+    for doc in _docs(64, 30, 600):
+      f.write(json.dumps({'text': doc}) + '\n')
+  tokenizer_lib.train_tokenizer(iter(_docs(0, 94, 600)), str(d / 'tok.model'), 512)
+  yield d
+  patch.undo()
+
+
+@pytest.fixture(scope='module')
+def tok(folders):
+  return tokenizer_lib.Tokenizer(str(folders / 'tok.model'))
+
+
+def _data(folders, **data):
+  c = config_lib.base_config()
+  c.data.update(train_files='', seq_len=32, batch_size=4, shuffle_buffer=16, mixture=[
+      {'train_files': f'hf:{folders}/pq', 'fields': 'text=body', 'weight': 0.6, 'streaming': 'true',
+       'packing': 'whole'},
+      {'train_files': str(folders / 'docs.jsonl'), 'weight': 0.4}])
+  c.data.update(data)
+  return c.data
+
+
+def test_a_stream_holds_the_random_access_records_in_order_and_packs_the_same_tokens(folders, tok):
+  stream = sources.load(f'hf:{folders}/pq', streaming=True)
+  records = sources.load(f'hf:{folders}/pq')
+  assert isinstance(stream, sources.Stream) and isinstance(records, sources.Records)
+  assert list(stream.iterate()) == [records[i] for i in range(len(records))]
+  assert list(stream.iterate(start=57)) == [records[i] for i in (57, 58, 59)]
+  files = sources.load(str(folders / 'docs.jsonl'), streaming=True)
+  assert list(files.iterate()) == list(sources.load(str(folders / 'docs.jsonl')).items)
+  # Packed unshuffled through a stream lane: the rows the random-access path packs.
+  encoder = formats.Encoder('text', tok, 32, fields={'text': 'body'})
+  lane = streaming.Lane(streaming.Reader(stream, seed=0, shuffle_buffer=0), encoder)
+  from_stream = packing.StreamPacker(lane, 32, tok.pad_id, max_empty=10)
+  from_records = packing.StreamPacker(grain.MapDataset.source(records).map(encoder), 32, tok.pad_id,
+                                      max_empty=10, finite=True)
+  rows = packing.pack_all(from_records)
+  assert len(rows['tokens']) > 40
+  for i in range(len(rows['tokens']) - 1):  # the last is padded where the stream goes on
+    row = from_stream.next_row()
+    for k in rows:
+      np.testing.assert_array_equal(row[k], rows[k][i], err_msg=k)
+  # Shuffled by datasets' buffer from the seed: a permutation, the same each time, new each
+  # epoch; two hosts read disjoint halves.
+  ids = lambda **kw: [r['id'] for r in stream.iterate(shuffle_buffer=16, seed=3, **kw)]  # noqa: E731
+  assert sorted(ids()) == list(range(60)) and ids() == ids() != list(range(60))
+  assert ids(epoch=1) != ids() and sorted(ids(epoch=1)) == list(range(60))
+  halves = [ids(process_index=p, process_count=2) for p in (0, 1)]
+  assert sorted(halves[0] + halves[1]) == list(range(60)) and len(halves[0]) == 30
+
+
+def _batches(corpus, n, state=None, prefetch=2):
+  it = pipeline.BatchIterator(corpus.train, 4, 0, prefetch=prefetch)
+  if state is not None:
+    it.set_state(state)
+  got = [next(it) for _ in range(n)]
+  state, metrics = json.loads(json.dumps(it.get_state())), it.metrics()
+  it.close()
+  return got, state, metrics
+
+
+def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders, tok):
+  corpus = pipeline.build_corpus(_data(folders), tok)
+  assert re.match(r'data: streamed pq records \(text, packing whole, weight 0\.60\); \d+ docs records',
+                  corpus.describe()), corpus.describe()
+  assert corpus.train.sources[0].streamed and not corpus.train.sources[1].streamed
+  straight, _, metrics = _batches(corpus, 40)
+  for n in (5, 30):  # within the first epoch of the stream, and in a later one
+    _, state, _ = _batches(corpus, n, prefetch=0)
+    assert state['processes'] == 1 and set(state['streams']['0']) == {'0'}
+    resumed, _, resumed_metrics = _batches(corpus, 40 - n, state)
+    for want, got in zip(straight[n:], resumed):
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f'after {n}: {k}')
+  assert resumed_metrics == metrics and metrics['data/tokens_pq'] > 0 and metrics['data/tokens_docs'] > 0
+  assert state['streams']['0']['0']['epoch'] >= 1, state['streams']  # the stream went round
+  # Held out by content hash: no held-out record is trained on, in any epoch.
+  held = {r['id'] for r in streaming.hold_out(corpus.train.sources[0].train, 0.05, 2000, 0)[0]}
+  reader = corpus.train.shuffled(0)
+  trained = {reader.next()[1]['id'] for _ in range(150)}
+  assert len(held) == 3 and not held & trained and len(held | trained) == 60
+
+
+def test_streaming_is_chosen_by_config_and_its_errors_are_one_line(folders, tok, monkeypatch):
+  spec = lambda files, **kw: pipeline.source_specs(_data(folders, mixture=(), train_files=files, **kw))[0]  # noqa: E731
+  assert not spec(f'hf:{folders}/pq').streamed and spec(f'hf:{folders}/pq', streaming='true').streamed
+  assert not spec('someone/tiny').streamed
+  import huggingface_hub.constants  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', False)
+  assert spec('hf:someone/tiny').streamed  # a Hub name streams while the Hub is reachable
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+  monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', True)
+  assert not spec('hf:someone/tiny').streamed  # offline: the download path, which finds a cached one
+  with pytest.raises(ConfigError, match=r"data.streaming='yes'; choose one of \('auto', 'true', 'false'\)"):
+    spec('a.jsonl', streaming='yes')
+  with pytest.raises(DataError, match=r"^hf:someone/tiny: cannot stream 'someone/tiny' from the Hugging "
+                     r'Face Hub \(.*OfflineModeIsEnabled.*\); without a network, save it .* use hf:DIR$'):
+    sources.load('hf:someone/tiny', streaming=True)
+  with pytest.raises(DataError, match=r'^tfds:mnist: data.streaming=true applies to hf: datasets and '
+                     r'local data files; tfds: sources are read with random access'):
+    sources.load('tfds:mnist', streaming=True)
+  with pytest.raises(DataError, match=r"must share a format \(got \['json', 'parquet'\]\)"):
+    sources.load(f'{folders}/docs.jsonl,{folders}/pq/data/test-00000-of-00001.parquet', streaming=True)
+  # A checkpoint's data state from another reading of the source, or another process count.
+  streamed = pipeline.build_corpus(_data(folders), tok)
+  _, state, _ = _batches(streamed, 2, prefetch=0)
+  random_access = pipeline.build_corpus(_data(folders, mixture=[
+      {**dict(m.items()), 'streaming': 'false'} for m in _data(folders).mixture]), tok)
+  with pytest.raises(DataError, match=r'^pq: the checkpoint read this source as a stream; resume with '
+                     r'data.streaming=true'):
+    _batches(random_access, 1, state)
+  _, random_state, _ = _batches(random_access, 2, prefetch=0)
+  with pytest.raises(DataError, match=r'^pq: the checkpoint read this source with random access'):
+    _batches(streamed, 1, random_state)
+  with pytest.raises(DataError, match=r'streamed its data on 2 processes, not 1'):
+    _batches(streamed, 1, {**state, 'processes': 2})
+
+
+def test_data_show_shows_a_streamed_source(folders, capsys):
+  code = cli.main(['data', 'show', '--config', os.path.join(ROOT, 'configs', 'quickstart.py'),
+                   '--examples', '1', '--batches', '1', f'--config.data.train_files=hf:{folders}/pq',
+                   '--config.data.streaming=true', '--config.data.fields=text=body',
+                   f'--config.data.tokenizer={folders}/tok.model', '--config.model.vocab_size=512',
+                   '--config.data.seq_len=32', '--config.data.batch_size=2'])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert re.search(r'^data: streamed pq records \(text, packing stream, weight 1\.00\); \d+ held-out rows',
+                   out, re.M), out
+  assert re.search(r'--- row 0, \d+ tokens', out), out
