@@ -161,6 +161,8 @@ CASES = {
                           'holds a dataset loading script (hf_ds_script.py); lm never runs dataset scripts'),
     'hf-missing-field': (['--config.data.train_files=hf:{d}/hf_ds_body'],
                          "hf_ds_body[0]: no string field 'text' (has ['body'])"),
+    'hf-stream-not-streamable': (['--config.data.train_files=builtin:python-docs', '--config.data.streaming=true'],
+                                 'data.streaming=true applies to hf: datasets and local data files; builtin: sources are read with random access'),
     # Experiment trackers (lm/train/trackers.py): before training, or when one fails to start.
     'tracker-unknown': (['--config.train.trackers=tensorboard,wandbb'],
                         "train.trackers: unknown tracker 'wandbb'; choose from tensorboard, wandb, trackio"),
