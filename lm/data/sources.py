@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ast
 import collections
-import copy
 import functools
 import glob
 import hashlib
@@ -508,8 +507,9 @@ class Stream:
     if process_count > 1:
       from datasets.distributed import split_dataset_by_node  # pylint: disable=import-outside-toplevel
       dataset = split_dataset_by_node(dataset, rank=process_index, world_size=process_count)
-    dataset = copy.copy(dataset)  # set_epoch changes the dataset: keep the shared one as it is
-    dataset.set_epoch(epoch)
+    if shuffle_buffer > 0:  # unshuffled, every epoch is read in the same order
+      # On the dataset made above, never self.dataset: its epoch is shared by what is made from it.
+      dataset.set_epoch(epoch)
     records = iter(dataset)
     offset = 0
     while True:

@@ -91,12 +91,15 @@ def test_a_stream_holds_the_random_access_records_in_order_and_packs_the_same_to
   ids = lambda **kw: [r['id'] for r in stream.iterate(shuffle_buffer=16, seed=3, **kw)]  # noqa: E731
   assert sorted(ids()) == list(range(60)) and ids() == ids() != list(range(60))
   assert ids(epoch=1) != ids() and sorted(ids(epoch=1)) == list(range(60))
-  halves = [ids(process_index=p, process_count=2) for p in (0, 1)]
-  assert sorted(halves[0] + halves[1]) == list(range(60)) and len(halves[0]) == 30
+  for epoch in (0, 1):
+    halves = [ids(epoch=epoch, process_index=p, process_count=2) for p in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == list(range(60)) and len(halves[0]) == 30
+  assert ids(epoch=1, process_index=0, process_count=2) != ids(process_index=0, process_count=2)
 
 
-def _batches(corpus, n, state=None, prefetch=2):
-  it = pipeline.BatchIterator(corpus.train, 4, 0, prefetch=prefetch)
+def _batches(corpus, n, state=None, prefetch=2, process=(0, 1)):
+  it = pipeline.BatchIterator(corpus.train, 4, 0, prefetch=prefetch, process_index=process[0],
+                              process_count=process[1])
   if state is not None:
     it.set_state(state)
   got = [next(it) for _ in range(n)]
@@ -120,6 +123,19 @@ def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders,
         np.testing.assert_array_equal(got[k], want[k], err_msg=f'after {n}: {k}')
   assert resumed_metrics == metrics and metrics['data/tokens_pq'] > 0 and metrics['data/tokens_docs'] > 0
   assert state['streams']['0']['0']['epoch'] >= 1, state['streams']  # the stream went round
+  # Two hosts: each streams its own half (datasets' split_dataset_by_node) into its two lanes, and
+  # each resumes exactly from its own state.
+  readers = [corpus.train.shuffled(0, process_index=p, process_count=2) for p in (0, 1)]
+  halves = [{reader.next()[1]['id'] for _ in range(20)} for reader in readers]
+  assert len(halves[0]) == len(halves[1]) == 20 and not halves[0] & halves[1]
+  for p in (0, 1):
+    straight, _, _ = _batches(corpus, 10, process=(p, 2))
+    assert len(straight[0]['tokens']) == 2
+    _, state, _ = _batches(corpus, 4, prefetch=0, process=(p, 2))
+    assert state['processes'] == 2 and list(state['streams']) == [str(p)]
+    for want, got in zip(straight[4:], _batches(corpus, 6, state, process=(p, 2))[0]):
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f'process {p}: {k}')
   # Held out by content hash: no held-out record is trained on, in any epoch.
   held = {r['id'] for r in streaming.hold_out(corpus.train.sources[0].train, 0.05, 2000, 0)[0]}
   reader = corpus.train.shuffled(0)
