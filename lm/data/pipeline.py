@@ -483,6 +483,10 @@ class _LaneBatchIterator(grain.DatasetIterator):
     assignment = self.data.mixture.assign(self.step, self.n_lanes)[self.lanes.start:self.lanes.stop]
     rows = [self.packers[r][int(s)].next_row() for r, s in zip(self.lanes, assignment)]
     self.step += 1
+    if self.readers and self.step % 64 == 0:  # lanes forget the positions no state will name
+      for s in self.readers:
+        for r in self.lanes:
+          self._packer_state(s, self.packers[r][s])
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
   def _packer_state(self, s: int, packer) -> dict:

@@ -23,7 +23,6 @@ import collections
 import hashlib
 import heapq
 import json
-import math
 
 from lm.errors import DataError
 
@@ -43,19 +42,20 @@ def hold_out(stream, fraction: float, max_examples: int, seed: int):
   """(held-out records, keep) for a stream without eval files. Records whose hash falls under
   `fraction` of the range are held out (never trained on); evaluation takes the first
   `max_examples` of them. A stream that ends within the first max_examples / fraction records has
-  a known size n and holds out round(n * fraction) records (at least 1), as a file source does."""
+  a known size n and holds out round(n * fraction) records (at least 1), as a file source does.
+  Reads about max_examples / fraction records (40,000 by default) of a long stream."""
   threshold = int(fraction * 2**64)
-  scan = math.ceil(max_examples / fraction) if fraction > 0 else max_examples
-  smallest = []  # max-heap (by negated hash) of the max_examples smallest (hash, index, record)
-  n = 0
+  smallest = []  # a heap of the max_examples smallest hashes (negated), with their records
+  n = below = 0
   for n, record in enumerate(stream.iterate(), 1):
     h = record_hash(record, seed)
+    below += h < threshold
     item = (-h, -n, record)
     if len(smallest) < max_examples:
       heapq.heappush(smallest, item)
     elif h < -smallest[0][0]:
       heapq.heapreplace(smallest, item)
-    if n >= scan and sum(1 for x in smallest if -x[0] < threshold) >= max_examples:
+    if below >= max_examples:  # the heap holds exactly the first max_examples under the threshold
       break
   else:  # the whole stream was read: hold out as many as a file of n records would
     n_eval = min(max(1, int(round(n * fraction))), max_examples)
@@ -120,8 +120,8 @@ class Reader:
     if self.position > position:
       raise DataError(f'{self.stream.name}: the data state is past its own stream position; the '
                       'checkpoint is damaged: resume from an earlier one')
-    if self.position[0] < position[0] and position[1] == 0:
-      self.seek(position)  # the rest of an epoch need not be read to start the next
+    if self.position[0] < position[0]:
+      self.seek(position)  # the rest of this epoch need not be read
     while self.position < position:
       self.next_raw()
 

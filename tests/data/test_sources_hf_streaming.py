@@ -141,6 +141,12 @@ def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders,
   reader = corpus.train.shuffled(0)
   trained = {reader.next()[1]['id'] for _ in range(150)}
   assert len(held) == 3 and not held & trained and len(held | trained) == 60
+  # A stream longer than it reads for them: the first max_examples under the hash threshold.
+  stream = corpus.train.sources[0].train
+  records, keep = streaming.hold_out(stream, 0.2, 3, 0)
+  under = [r['id'] for r in stream.iterate() if streaming.record_hash(r, 0) < 0.2 * 2**64]
+  assert [r['id'] for r in records] == under[:3] and len(under) > 3
+  assert [r['id'] for r in stream.iterate() if not keep(r)] == under
 
 
 def test_streaming_is_chosen_by_config_and_its_errors_are_one_line(folders, tok, monkeypatch):
