@@ -31,6 +31,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -404,6 +405,8 @@ def _datasets(spec: str):
   except ImportError:
     raise DataError(f'{spec}: Hugging Face datasets need the datasets package: pip install datasets') from None
   datasets.disable_progress_bars()
+  # Its json reader logs a parse error before raising it; the error is reported once, as one line.
+  logging.getLogger('datasets.packaged_modules.json.json').setLevel(logging.CRITICAL)
   return datasets
 
 
@@ -518,9 +521,9 @@ class Stream:
       except StopIteration:
         return
       except Exception as e:  # pylint: disable=broad-except  # a bad line, a broken file, the network
-        raise DataError(f'{self.where((epoch, offset))}: cannot read the stream ({_first_line(e)}); '
-                        'fix the data, or read it without data.streaming (which names the file and '
-                        'line)') from None
+        raise DataError(f'{self.name}: cannot read the stream after {offset} records'
+                        f'{f" of epoch {epoch}" if epoch else ""} ({_first_line(e)}); fix the data, or '
+                        'read it without data.streaming (which names the file and line)') from None
       if offset >= start:
         yield record
       offset += 1

@@ -74,6 +74,11 @@ def test_a_stream_holds_the_random_access_records_in_order_and_packs_the_same_to
   assert list(stream.iterate(start=57)) == [records[i] for i in (57, 58, 59)]
   files = sources.load(str(folders / 'docs.jsonl'), streaming=True)
   assert list(files.iterate()) == list(sources.load(str(folders / 'docs.jsonl')).items)
+  text = folders / 'paragraphs.txt'
+  text.write_text('one\ntwo\n\n\n  three  \n\nfour\n')
+  for split in ('paragraph', 'line'):
+    want = sources.load(str(text), text_split=split).items
+    assert list(sources.load(str(text), text_split=split, streaming=True).iterate()) == want
   # Packed unshuffled through a stream lane: the rows the random-access path packs.
   encoder = formats.Encoder('text', tok, 32, fields={'text': 'body'})
   lane = streaming.Lane(streaming.Reader(stream, seed=0, shuffle_buffer=0), encoder)
@@ -167,6 +172,10 @@ def test_streaming_is_chosen_by_config_and_its_errors_are_one_line(folders, tok,
   with pytest.raises(DataError, match=r'^tfds:mnist: data.streaming=true applies to hf: datasets and '
                      r'local data files; tfds: sources are read with random access'):
     sources.load('tfds:mnist', streaming=True)
+  (folders / 'bad.jsonl').write_text('{"text": "a"}\n{"text": "b"\n')
+  with pytest.raises(DataError, match=r'^\S+bad.jsonl: cannot read the stream after 0 records \(JSON parse '
+                     r'error: .*\); fix the data, or read it without data.streaming'):
+    list(sources.load(str(folders / 'bad.jsonl'), streaming=True).iterate())
   with pytest.raises(DataError, match=r"must share a format \(got \['json', 'parquet'\]\)"):
     sources.load(f'{folders}/docs.jsonl,{folders}/pq/data/test-00000-of-00001.parquet', streaming=True)
   # A checkpoint's data state from another reading of the source, or another process count.
