@@ -203,11 +203,11 @@ def _first_records(stream: sources.Stream, n: int, keep=None, **options) -> sour
   say where in the stream each came from."""
   records, positions = [], []
   for offset, record in enumerate(stream.iterate(**options)):
-    if len(records) >= n:
-      break
     if keep is None or keep(record):
       records.append(record)
       positions.append((0, offset))
+      if len(records) >= n:
+        break
   return sources.Records(stream.name, records, lambda i: stream.where(positions[i]))
 
 
@@ -328,7 +328,7 @@ class TrainData:
     return self.sources[0].pairs
 
   def seed_of(self, s: int) -> int:
-    return int(np.random.SeedSequence([self.seed, s]).generate_state(1)[0]) % 2**32
+    return int(np.random.SeedSequence([self.seed, s]).generate_state(1)[0])
 
   def shuffled(self, s: int, *, process_index: int = 0, process_count: int = 1):
     """Source s's records, reshuffled every epoch, repeated forever: a grain MapDataset, or for a
@@ -356,8 +356,8 @@ class Corpus:
   def describe(self) -> str:
     """One line for the run log."""
     rows = self.eval['tokens' if 'tokens' in self.eval else 'chosen_tokens']
-    parts = [(f'streamed {s.spec.name} records' if s.streamed else f'{len(s.train):,} {s.spec.name} records')
-             + f' ({s.spec.format}, packing {s.spec.pack_mode}, weight {w:.2f})'
+    parts = [f'{"streamed" if s.streamed else f"{len(s.train):,}"} {s.spec.name} records '
+             f'({s.spec.format}, packing {s.spec.pack_mode}, weight {w:.2f})'
              for s, w in zip(self.train.sources, self.train.mixture.weights)]
     line = (f'data: {"; ".join(parts)}; {len(rows):,} held-out rows x {self.train.seq_len}; '
             f'packing efficiency {self.sample_efficiency:.1%}')
@@ -377,7 +377,8 @@ def build_corpus(data_cfg, tokenizer) -> Corpus:
   for s, src in enumerate(loaded):
     # A sample in training order: shows the data encodes at all, and what packing achieves.
     if src.streamed:  # the first records one process would read
-      sample = _first_records(src.train, SAMPLE_RECORDS, src.keep, **src.stream_options(train.seed_of(s)))
+      sample = _first_records(src.train, SAMPLE_RECORDS, src.keep,
+                              **src.stream_options(train.seed_of(s)))
       _check_schema(sample, src.encoder, src.spec.bad_records, columnar=True)
       n, records = len(sample), grain.MapDataset.source(sample)
     else:
