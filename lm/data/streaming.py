@@ -28,6 +28,7 @@ from lm.errors import DataError
 
 KEEP = 64  # recent encoded records a lane keeps: more than a packer ever reads back
 MAX_EMPTY = 10_000  # records in a row that give no example before a streamed source is called empty
+HOLD_OUT_SCAN = 100_000  # records read at most, at startup, to find the held-out ones
 
 
 def record_hash(record: dict, seed: int) -> int:
@@ -41,9 +42,9 @@ def record_hash(record: dict, seed: int) -> int:
 def hold_out(stream, fraction: float, max_examples: int, seed: int):
   """(held-out records, keep) for a stream without eval files. Records whose hash falls under
   `fraction` of the range are held out (never trained on); evaluation takes the first
-  `max_examples` of them. A stream that ends within the first max_examples / fraction records has
-  a known size n and holds out round(n * fraction) records (at least 1), as a file source does.
-  Reads about max_examples / fraction records (40,000 by default) of a long stream."""
+  `max_examples` of them, or those among the first HOLD_OUT_SCAN records (reading about
+  max_examples / fraction records: 40,000 by default). A stream that ends before either has a
+  known size n and holds out round(n * fraction) records (at least 1), as a file source does."""
   threshold = int(fraction * 2**64)
   smallest = []  # a heap of the max_examples smallest hashes (negated), with their records
   n = below = 0
@@ -55,7 +56,7 @@ def hold_out(stream, fraction: float, max_examples: int, seed: int):
       heapq.heappush(smallest, item)
     elif h < -smallest[0][0]:
       heapq.heapreplace(smallest, item)
-    if below >= max_examples:  # the heap holds exactly the first max_examples under the threshold
+    if below >= max_examples or n >= HOLD_OUT_SCAN:  # the heap holds all those under the threshold
       break
   else:  # the whole stream was read: hold out as many as a file of n records would
     n_eval = min(max(1, int(round(n * fraction))), max_examples)
