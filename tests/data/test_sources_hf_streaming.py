@@ -31,7 +31,8 @@ def _docs(start, n, chars=None):
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory):
   """pq/: a Hub-style folder of Parquet shards (train: 60 documents of 80 characters in 'body', test: 4);
-  docs.jsonl: 30 other documents, a file; tok.model: a tokenizer trained on them."""
+  saved/: its train split from save_to_disk; docs.jsonl: 30 other documents, a file; tok.model: a
+  tokenizer trained on them."""
   # datasets waits 5 s after a Parquet stream's reader threads finish (an Arrow shutdown issue):
   # each epoch's end and each stream left early would add that here; the reads are the same.
   patch = pytest.MonkeyPatch()
@@ -43,6 +44,7 @@ def folders(tmp_path_factory):
   train.to_parquet(str(d / 'pq' / 'data' / 'train-00000-of-00001.parquet'))
   test = datasets.Dataset.from_dict({'body': _docs(60, 4, 300), 'id': list(range(60, 64))})
   test.to_parquet(str(d / 'pq' / 'data' / 'test-00000-of-00001.parquet'))
+  train.save_to_disk(str(d / 'saved'))
   with open(d / 'docs.jsonl', 'w', encoding='utf-8') as f:
     for doc in _docs(64, 30, 600):
       f.write(json.dumps({'text': doc}) + '\n')
@@ -72,6 +74,8 @@ def test_a_stream_holds_the_random_access_records_in_order_and_packs_the_same_to
   assert isinstance(stream, sources.Stream) and isinstance(records, sources.Records)
   assert list(stream.iterate()) == [records[i] for i in range(len(records))]
   assert list(stream.iterate(start=57)) == [records[i] for i in (57, 58, 59)]
+  saved = sources.load(f'hf:{folders}/saved', streaming=True)  # a save_to_disk folder, in shards
+  assert saved.dataset.num_shards > 1 and list(saved.iterate()) == list(stream.iterate())
   files = sources.load(str(folders / 'docs.jsonl'), streaming=True)
   assert list(files.iterate()) == list(sources.load(str(folders / 'docs.jsonl')).items)
   text = folders / 'paragraphs.txt'
