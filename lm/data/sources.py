@@ -483,6 +483,9 @@ def _split_of(spec: str, splits, split: str | None):
   return splits[split]
 
 
+STREAM_BATCH = 1000  # records a stream reads at once
+
+
 class Stream:
   """Records in order from a Hugging Face `datasets.IterableDataset`: no length and no random
   access. `iterate` reads one epoch of one process's share, shuffled or not, from any position;
@@ -513,20 +516,25 @@ class Stream:
     if shuffle_buffer > 0:  # unshuffled, every epoch is read in the same order
       # On the dataset made above, never self.dataset: its epoch is shared by what is made from it.
       dataset.set_epoch(epoch)
-    records = iter(dataset)
+    # In batches, the same records in the same order as one by one, read ~3x faster; the batches
+    # before `start` are never turned into records.
+    batches = dataset.iter(batch_size=STREAM_BATCH)
     offset = 0
     while True:
       try:
-        record = next(records)
+        batch = next(batches)
       except StopIteration:
         return
       except Exception as e:  # pylint: disable=broad-except  # a bad line, a broken file, the network
         raise DataError(f'{self.name}: cannot read the stream after {offset} records'
                         f'{f" of epoch {epoch}" if epoch else ""} ({_first_line(e)}); fix the data, or '
                         'read it without data.streaming (which names the file and line)') from None
-      if offset >= start:
-        yield record
-      offset += 1
+      columns = list(batch)
+      n = len(batch[columns[0]]) if columns else 0
+      if offset + n > start:
+        rows = zip(*(batch[c] for c in columns))
+        yield from (dict(zip(columns, row)) for i, row in enumerate(rows, offset) if i >= start)
+      offset += n
 
 
 # Local files datasets streams with its own packaged readers (no script): the format by extension.
