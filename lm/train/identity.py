@@ -26,6 +26,9 @@ MODEL_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'hea
 DATA_KEYS = ('train_files', 'eval_files', 'eval_fraction', 'text_field', 'format', 'fields',
              'chat_template', 'train_on', 'truncate', 'packing', 'text_split', 'mixture', 'seq_len',
              'batch_size', 'seed')
+# Recorded only when set away from these defaults, so that runs recorded before the keys existed
+# still resume: another shuffle buffer reads another order from a stream's saved position.
+DATA_KEYS_IF_SET = {'streaming': 'auto', 'shuffle_buffer': 10_000}
 
 
 def _plain(value):
@@ -48,7 +51,9 @@ def of(cfg, tokenizer) -> dict:
   return {
       'model': {k: _plain(m[k]) for k in MODEL_KEYS} | {'lora': _plain(m.lora)},
       'tokenizer': file_hash(tokenizer.path) if os.path.isfile(tokenizer.path) else str(tokenizer.path),
-      'data': {k: _plain(cfg.data[k]) for k in DATA_KEYS},
+      'data': {k: _plain(cfg.data[k]) for k in DATA_KEYS} | {
+          k: _plain(cfg.data[k]) for k, default in DATA_KEYS_IF_SET.items()
+          if k in cfg.data and cfg.data[k] != default},
       'objective': cfg.train.objective,
       'partition': {'trainable': cfg.train.trainable, 'init_from': cfg.train.init_from},
   }

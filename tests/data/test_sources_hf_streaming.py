@@ -17,7 +17,8 @@ from lm import cli
 from lm import config as config_lib
 from lm.data import formats, packing, pipeline, sources, streaming
 from lm.data import tokenizer as tokenizer_lib
-from lm.errors import ConfigError, DataError
+from lm.errors import CheckpointError, ConfigError, DataError
+from lm.train import identity
 
 datasets = pytest.importorskip('datasets')  # the [test] extra has it
 
@@ -195,6 +196,18 @@ def test_streaming_is_chosen_by_config_and_its_errors_are_one_line(folders, tok,
     _batches(streamed, 1, random_state)
   with pytest.raises(DataError, match=r'streamed its data on 2 processes, not 1'):
     _batches(streamed, 1, {**state, 'processes': 2})
+
+
+def test_a_run_cannot_resume_with_another_shuffle_buffer(tok, tmp_path):
+  """Resuming reads the stream again from saved positions: another buffer would put other records
+  there, silently. The run's identity names the change (and runs recorded before the key resume)."""
+  c = config_lib.base_config()
+  identity.record(str(tmp_path), identity.of(c, tok))
+  identity.check(str(tmp_path), identity.of(c, tok), '')
+  c.data.shuffle_buffer = 16
+  with pytest.raises(CheckpointError, match=r'another data \(data.shuffle_buffer: None there, 16 now\)'):
+    identity.check(str(tmp_path), identity.of(c, tok), '')
+  identity.check(str(tmp_path), identity.of(c, tok), 'data')
 
 
 def test_data_show_shows_a_streamed_source(folders, capsys):
