@@ -9,6 +9,7 @@ import os
 import re
 
 import grain
+import jax
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -118,7 +119,7 @@ def _batches(corpus, n, state=None, prefetch=2, process=(0, 1)):
   return got, state, metrics
 
 
-def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders, tok):
+def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders, tok, monkeypatch):
   corpus = pipeline.build_corpus(_data(folders), tok)
   assert re.match(r'data: streamed pq records \(text, packing whole, weight 0\.60\); \d+ docs records',
                   corpus.describe()), corpus.describe()
@@ -133,19 +134,29 @@ def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders,
         np.testing.assert_array_equal(got[k], want[k], err_msg=f'after {n}: {k}')
   assert resumed_metrics == metrics and metrics['data/tokens_pq'] > 0 and metrics['data/tokens_docs'] > 0
   assert state['streams']['0']['0']['epoch'] >= 1, state['streams']  # the stream went round
-  # Two hosts: each streams its own half (datasets' split_dataset_by_node) into its two lanes, and
-  # each resumes exactly from its own state.
+  # Two hosts: each streams its own half (datasets' split_dataset_by_node) into its two lanes; the
+  # state saved gathers both hosts' lanes and stream positions, and each resumes exactly from it.
   readers = [corpus.train.shuffled(0, process_index=p, process_count=2) for p in (0, 1)]
   halves = [{reader.next()[1]['id'] for _ in range(20)} for reader in readers]
   assert len(halves[0]) == len(halves[1]) == 20 and not halves[0] & halves[1]
-  for p in (0, 1):
-    straight, _, _ = _batches(corpus, 10, process=(p, 2))
-    assert len(straight[0]['tokens']) == 2
-    _, state, _ = _batches(corpus, 4, prefetch=0, process=(p, 2))
-    assert state['processes'] == 2 and list(state['streams']) == [str(p)]
-    for want, got in zip(straight[4:], _batches(corpus, 6, state, process=(p, 2))[0]):
-      for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=f'process {p}: {k}')
+  hosts = [pipeline.BatchIterator(corpus.train, 4, 0, prefetch=0, process_index=p, process_count=2)
+           for p in (0, 1)]
+  for it in hosts:
+    for _ in range(4):
+      next(it)
+  local = [it.local_state() for it in hosts]
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(pipeline, '_allgather_json', lambda obj: [
+      {'lanes': state['lanes'], 'streams': state['streams']} for state in local])
+  state = json.loads(json.dumps(hosts[0].get_state()))
+  assert state['processes'] == 2 and set(state['streams']) == {'0', '1'} and len(state['lanes']) == 4
+  for p, it in enumerate(hosts):
+    want = [next(it) for _ in range(6)]
+    got = _batches(corpus, 6, state, process=(p, 2))[0]
+    assert len(got[0]['tokens']) == 2
+    for a, b in zip(want, got):
+      for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=f'process {p}: {k}')
   # Held out by content hash: no held-out record is trained on, in any epoch.
   held = {r['id'] for r in streaming.hold_out(corpus.train.sources[0].train, 0.05, 2000, 0)[0]}
   reader = corpus.train.shuffled(0)
