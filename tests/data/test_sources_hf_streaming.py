@@ -119,8 +119,13 @@ def _batches(corpus, n, state=None, prefetch=2, process=(0, 1)):
   return got, state, metrics
 
 
-def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders, tok, monkeypatch):
-  corpus = pipeline.build_corpus(_data(folders), tok)
+@pytest.fixture(scope='module')
+def corpus(folders, tok):
+  """The mixture: pq/ streamed (shuffle buffer 16, packing whole) beside docs.jsonl read whole."""
+  return pipeline.build_corpus(_data(folders), tok)
+
+
+def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(corpus):
   assert re.match(r'data: streamed pq records \(text, packing whole, weight 0\.60\); \d+ docs records',
                   corpus.describe()), corpus.describe()
   assert corpus.train.sources[0].streamed and not corpus.train.sources[1].streamed
@@ -134,6 +139,9 @@ def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders,
         np.testing.assert_array_equal(got[k], want[k], err_msg=f'after {n}: {k}')
   assert resumed_metrics == metrics and metrics['data/tokens_pq'] > 0 and metrics['data/tokens_docs'] > 0
   assert state['streams']['0']['0']['epoch'] >= 1, state['streams']  # the stream went round
+
+
+def test_two_hosts_stream_disjoint_shares_and_resume_from_one_gathered_state(corpus, monkeypatch):
   # Two hosts: each streams its own half (datasets' split_dataset_by_node) into its two lanes; the
   # state saved gathers both hosts' lanes and stream positions, and each resumes exactly from it.
   readers = [corpus.train.shuffled(0, process_index=p, process_count=2) for p in (0, 1)]
@@ -157,7 +165,10 @@ def test_a_streamed_mixture_resumes_exactly_mid_epoch_and_across_epochs(folders,
     for a, b in zip(want, got):
       for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=f'process {p}: {k}')
-  # Held out by content hash: no held-out record is trained on, in any epoch.
+
+
+def test_held_out_records_are_chosen_by_content_hash_and_never_trained(corpus):
+  # A stream that ends within the scan: round(60 * 0.05) = 3 held out, as a file of 60 would.
   held = {r['id'] for r in streaming.hold_out(corpus.train.sources[0].train, 0.05, 2000, 0)[0]}
   reader = corpus.train.shuffled(0)
   trained = {reader.next()[1]['id'] for _ in range(150)}
