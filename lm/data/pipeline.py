@@ -18,6 +18,7 @@ reads its share of the stream in order and hands records to its lanes as they as
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -168,13 +169,19 @@ def load_tokenizer(data_cfg, workdir: str):
       records = _load(spec, spec.train_files, spec.streamed)
       parser = formats.Encoder(spec.format, None, data_cfg.seq_len, fields=spec.fields,
                                text_field=spec.text_field)
-      streamed = isinstance(records, sources.Stream)
-      if streamed:  # its first records, in the stream's own order
-        records = _first_records(records, TOKENIZER_STREAM_RECORDS)
-      _check_schema(records, parser, spec.bad_records, columnar=streamed)
-      for i in range(len(records)):
+      if isinstance(records, sources.Stream):  # its first records, in its own order, as read
+        stream, records = records, itertools.islice(records.iterate(), TOKENIZER_STREAM_RECORDS)
+        first = next(records, None)
+        if first is not None:
+          _check_schema(sources.Records(stream.name, [first], lambda i: stream.where((0, 0))),
+                        parser, spec.bad_records, columnar=True)
+          records = itertools.chain([first], records)
+      else:
+        _check_schema(records, parser, spec.bad_records)
+        records = (records[i] for i in range(len(records)))
+      for record in records:
         try:
-          yield parser.text_of(records[i])
+          yield parser.text_of(record)
         except DataError:
           continue  # reported when the corpus is built
 

@@ -181,7 +181,7 @@ def test_held_out_records_are_chosen_by_content_hash_and_never_trained(corpus):
   assert [r['id'] for r in stream.iterate() if not keep(r)] == under
 
 
-def test_streaming_is_chosen_by_config_and_its_errors_are_one_line(folders, tok, monkeypatch):
+def test_streaming_is_chosen_by_config_and_its_errors_are_one_line(folders, tok, monkeypatch, tmp_path):
   spec = lambda files, **kw: pipeline.source_specs(_data(folders, mixture=(), train_files=files, **kw))[0]  # noqa: E731
   assert not spec(f'hf:{folders}/pq').streamed and spec(f'hf:{folders}/pq', streaming='true').streamed
   assert not spec('someone/tiny').streamed
@@ -205,6 +205,12 @@ def test_streaming_is_chosen_by_config_and_its_errors_are_one_line(folders, tok,
     list(sources.load(str(folders / 'bad.jsonl'), streaming=True).iterate())
   with pytest.raises(DataError, match=r"must share a format \(got \['json', 'parquet'\]\)"):
     sources.load(f'{folders}/docs.jsonl,{folders}/pq/data/test-00000-of-00001.parquet', streaming=True)
+  # A field the stream's first record lacks, before a tokenizer is trained on it.
+  with pytest.raises(DataError, match=re.escape(
+      f"hf:{folders}/pq[streamed record 0]: no string field 'text' (has ['body', 'id']); set "
+      'data.text_field or data.fields="text=COLUMN"')):
+    pipeline.load_tokenizer(_data(folders, mixture=(), train_files=f'hf:{folders}/pq', streaming='true'),
+                            str(tmp_path))
   # A checkpoint's data state from another reading of the source, or another process count.
   streamed = pipeline.build_corpus(_data(folders), tok)
   _, state, _ = _batches(streamed, 2, prefetch=0)
