@@ -178,7 +178,7 @@ def load_tokenizer(data_cfg, workdir: str):
           records = itertools.chain([first], records)
       else:
         _check_schema(records, parser, spec.bad_records)
-        records = (records[i] for i in range(len(records)))
+        records = map(records.__getitem__, range(len(records)))  # bound now, not at each item
       for record in records:
         try:
           yield parser.text_of(record)
