@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lm.model.kernels import flash_attention, triton_available
+from lm.model import ring_attention as ring_lib
+from lm.model.kernels import block_tiles, flash_attention, triton_available
 from lm.sharding import target  # pylint: disable=unused-import (lm.model.attention.target: the decision's input)
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
@@ -180,9 +181,10 @@ def attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, implementation='au
     raise ValueError(f'model.attention={implementation!r}; choose one of {IMPLEMENTATIONS}')
   kwargs = {k: v for k, v in kwargs.items() if v is not None}  # e.g. q_positions_BT=None
   mesh = jax.sharding.get_abstract_mesh()
-  if (not mesh.empty and mesh.shape.get(CONTEXT_AXIS, 1) > 1
-      and set(kwargs) <= {'causal', 'window', 'softcap'}):
-    return context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh, **kwargs)
+  if not mesh.empty and mesh.shape.get(CONTEXT_AXIS, 1) > 1:
+    split = _context_parallel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh, implementation, kwargs)
+    if split is not None:
+      return split
   if ('chunk' in kwargs or 'sinks' in kwargs) and implementation != 'xla':
     implementation = 'xla'  # the fused kernels take no chunked mask or sinks (docs/attention.md)
   if implementation == 'auto':
@@ -241,24 +243,76 @@ def sharded_flash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh
                               q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
 
 
+def _context_parallel(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh, implementation, kwargs):
+  """Attention with the sequence split over the `context` axis, or None where the caller's
+  plain path applies. In ring order (the Trainer's step with model.context_parallel=ring),
+  causal attention without a window is ring attention; everything else attends the gathered
+  K/V masked by each token's place in the original sequence."""
+  order = None
+  if ring_lib.in_ring_layout():
+    T, context = q_BTHK.shape[1], mesh.shape[CONTEXT_AXIS]
+    if set(kwargs) <= {'causal', 'softcap', 'scale'} and kwargs.get('causal', True):
+      return ring_context_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh,
+                                    implementation=implementation, softcap=kwargs.get('softcap'),
+                                    scale=kwargs.get('scale'))
+    order = ring_lib.ring_order(T, context)
+    if not set(kwargs) <= {'causal', 'window', 'softcap', 'scale'}:  # chunked, sinks: whole XLA
+      B = q_BTHK.shape[0]
+      positions = jnp.broadcast_to(jnp.asarray(order), (B, T))
+      return xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, q_positions_BT=positions,
+                           kv_positions_BS=positions, kv_segment_ids_BS=segment_ids_BT, **kwargs)
+  if set(kwargs) <= {'causal', 'window', 'softcap', 'scale'}:
+    return context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, mesh=mesh,
+                                      order=order, **kwargs)
+  return None
+
+
+def ring_blocks(q_BTHK, k_BSGK, v_BSGK, context: int, implementation: str) -> str:
+  """'pallas' where the flash kernels can run ring attention's [c, 2c] blocks (c = T / 2C) on
+  the target, else 'xla'. `auto` and `cudnn` follow choose_implementation's rule."""
+  c = q_BTHK.shape[1] // (2 * context)
+  if implementation == 'xla' or k_BSGK.shape != v_BSGK.shape or not (
+      q_BTHK.dtype == k_BSGK.dtype == v_BSGK.dtype):
+    return 'xla'
+  if implementation != 'pallas' and not pallas_supported(q_BTHK, k_BSGK):
+    return 'xla'
+  return 'pallas' if block_tiles(c, 2 * c) is not None else 'xla'
+
+
+def ring_context_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh,
+                           implementation='auto', softcap=None, scale=None):
+  """Ring attention (lm/model/ring_attention.py) over the `context` axis, inside a shard_map that
+  also splits the batch (data, fsdp) and the heads (tensor). The sequence must be in ring order."""
+  context = mesh.shape[CONTEXT_AXIS]
+  b, h = _batch_and_head_axes(mesh, q_BTHK, k_BSGK)
+  ring = ring_lib.Ring(context, ring_blocks(q_BTHK, k_BSGK, v_BSGK, context, implementation),
+                       softcap=softcap or None, scale=scale)
+  body = lambda q, k, v, seg: ring_lib.ring_attention(q, k, v, seg, ring)
+  return _shard_map_attention(body, mesh, P(b, CONTEXT_AXIS, h, None), P(b, CONTEXT_AXIS),
+                              q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
+
+
 def context_parallel_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, *, mesh, causal=True,
-                               window=None, softcap=None):
+                               window=None, softcap=None, scale=None, order=None):
   """Attention with the sequence split over the `context` mesh axis: each device keeps its
   queries and all-gathers the keys and values (and their segment ids), then masks by global
   position. The backward pass reduce-scatters dK and dV. Memory per device for everything but
   K/V falls with the context size. Attention inside is the XLA reference: the Pallas kernels
-  take self-attention only (queries and keys of one length)."""
+  take self-attention only (queries and keys of one length). `order`: the original position of
+  each token when the sequence is reordered (ring_attention.ring_order), else None."""
   T = q_BTHK.shape[1]
   b, h = _batch_and_head_axes(mesh, q_BTHK, k_BSGK)
+  global_index = jnp.arange(T) if order is None else jnp.asarray(order)
 
   def body(q, k, v, seg):
     B_local, T_local = q.shape[:2]
     gather = lambda x: jax.lax.all_gather(x, CONTEXT_AXIS, axis=1, tiled=True)
     start = jax.lax.axis_index(CONTEXT_AXIS) * T_local
-    q_pos = jnp.broadcast_to(start + jnp.arange(T_local), (B_local, T_local))
-    kv_pos = jnp.broadcast_to(jnp.arange(T), (B_local, T))
+    q_pos = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(global_index, start, T_local),
+                             (B_local, T_local))
+    kv_pos = jnp.broadcast_to(global_index, (B_local, T))
     return xla_attention(q, gather(k), gather(v), seg, causal=causal, window=window,
-                         softcap=softcap, q_positions_BT=q_pos, kv_positions_BS=kv_pos,
+                         softcap=softcap, scale=scale, q_positions_BT=q_pos, kv_positions_BS=kv_pos,
                          kv_segment_ids_BS=None if seg is None else gather(seg))
 
   return _shard_map_attention(body, mesh, P(b, CONTEXT_AXIS, h, None), P(b, CONTEXT_AXIS),

@@ -2,9 +2,11 @@
 
 import importlib
 
-from lm.model.kernels.flash import default_lowering, flash_attention
+from lm.model.kernels.flash import (block_backward, block_forward, block_tiles, default_lowering,
+                                    flash_attention)
 
-__all__ = ['default_lowering', 'flash_attention', 'triton_available']
+__all__ = ['block_backward', 'block_forward', 'block_tiles', 'default_lowering', 'flash_attention',
+           'triton_available']
 
 
 def triton_available() -> bool:

@@ -84,15 +84,65 @@ def _flash(q, k, v, seg, cfg):
 
 
 def _flash_fwd(q, k, v, seg, cfg):
-  out, lse = LOWERINGS[cfg.lowering].forward(q, k, v, seg, cfg.spec, cfg.blocks, cfg.interpret)
+  out, lse = LOWERINGS[cfg.lowering].forward(q, k, v, seg, seg, cfg.spec, cfg.blocks,
+                                             cfg.interpret)
   return out, (q, k, v, seg, out, lse)
 
 
 def _flash_bwd(cfg, res, do):
   q, k, v, seg, out, lse = res
-  dq, dk, dv = LOWERINGS[cfg.lowering].backward(q, k, v, seg, out, lse, do, cfg.spec, cfg.blocks,
-                                                cfg.interpret)
+  dq, dk, dv = LOWERINGS[cfg.lowering].backward(q, k, v, seg, seg, out, lse, do, cfg.spec,
+                                                cfg.blocks, cfg.interpret)
   return dq, dk, dv, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# One block of a larger attention (ring attention, lm/model/ring_attention.py): the queries of one
+# chunk against the keys of another, each with its own segment ids. The forward returns the
+# logsumexp the caller needs to combine blocks; the backward takes the combined output and
+# logsumexp, so its probabilities are those of the whole softmax. Not differentiable by itself:
+# the caller's custom VJP calls both. Lengths must be multiples of the blocks (no padding).
+
+
+def block_tiles(T: int, S: int, *, lowering=None, blocks=None):
+  """The lowering's blocks fitted to a [T, S] block of attention, or None where they do not tile
+  it (then the caller uses the XLA reference)."""
+  module = LOWERINGS[lowering or default_lowering()]
+  blocks = (blocks or module.Blocks()).fit(min(T, S))
+  step = max(blocks.sizes())
+  return blocks if T % step == 0 and S % step == 0 else None
+
+
+def _block_config(q, k, causal, softcap, scale, lowering, blocks, interpret):
+  T, S, K = q.shape[1], k.shape[1], q.shape[-1]
+  if causal and T != S:
+    raise ValueError(f'a causal block must be square: {T} queries, {S} keys')
+  lowering = lowering or default_lowering()
+  fitted = block_tiles(T, S, lowering=lowering, blocks=blocks)
+  if fitted is None:
+    raise ValueError(f'a [{T}, {S}] attention block does not tile into the {lowering} blocks')
+  spec = Spec(causal=causal, softcap=softcap or None,
+              scale=float(K ** -0.5 if scale is None else scale))
+  return _Config(spec, lowering, fitted, target()[0] == 'cpu' if interpret is None else interpret)
+
+
+def block_forward(q_BTHK, k_BSGK, v_BSGK, seg_BT=None, kv_seg_BS=None, *, causal=False,
+                  softcap=None, scale=None, lowering=None, blocks=None, interpret=None):
+  """(out [B, T, H, K] in q's dtype, logsumexp [B, H, T] float32) of one block; rows that see no
+  key give 0 and -inf."""
+  cfg = _block_config(q_BTHK, k_BSGK, causal, softcap, scale, lowering, blocks, interpret)
+  segs = (None, None) if seg_BT is None else (seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32))
+  return LOWERINGS[cfg.lowering].forward(q_BTHK, k_BSGK, v_BSGK, *segs, cfg.spec, cfg.blocks,
+                                         cfg.interpret)
+
+
+def block_backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS, out_BTHK, lse_BHT, do_BTHK, *,
+                   causal=False, softcap=None, scale=None, lowering=None, blocks=None,
+                   interpret=None):
+  """(dq, dk, dv) of one block, given the whole attention's output and logsumexp for its rows."""
+  cfg = _block_config(q_BTHK, k_BSGK, causal, softcap, scale, lowering, blocks, interpret)
+  segs = (None, None) if seg_BT is None else (seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32))
+  return LOWERINGS[cfg.lowering].backward(q_BTHK, k_BSGK, v_BSGK, *segs, out_BTHK, lse_BHT,
+                                          do_BTHK, cfg.spec, cfg.blocks, cfg.interpret)

@@ -73,18 +73,18 @@ def _runs(lo, hi, full_lo, full_hi, spec):
                for a, b, masked in tiles.segments(lo, hi, full_lo, full_hi))
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, spec, bq, bk, nk):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, spec, bq, bk, nk):
   i = pl.program_id(0)
   q = q_ref[...]
   q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-  q_seg = _seg(seg_ref, i * bq, bq, column=True)
+  q_seg = _seg(qseg_ref, i * bq, bq, column=True)
 
   def body(j, carry, run_spec):
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
     s, _ = tiles.logits(q, k, spec)
     k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = tiles.visible(q_pos, k_pos, run_spec, q_seg, _seg(seg_ref, j * bk, bk, column=False))
+    mask = tiles.visible(q_pos, k_pos, run_spec, q_seg, _seg(kseg_ref, j * bk, bk, column=False))
     return tiles.softmax_step(s, mask, *carry, v)
 
   carry = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
@@ -97,8 +97,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, spec, bq, bk, n
   lse_ref[...] = lse.reshape(bq)
 
 
-def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, spec: Spec, blocks: Blocks, interpret):
-  """Returns out [B, T, H, K] and logsumexp [B, H, T] (float32, natural log)."""
+def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS, spec: Spec, blocks: Blocks, interpret):
+  """Returns out [B, T, H, K] and logsumexp [B, H, T] (float32, natural log). seg_BT and
+  kv_seg_BS: the queries' and the keys' segment ids (both None, or both given)."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
   R = H // G
@@ -109,6 +110,7 @@ def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, spec: Spec, blocks: Blocks, interpre
       pl.BlockSpec((None, S, None, K), lambda i, b, h: (b, 0, lax.div(h, R), 0)),
       pl.BlockSpec((None, S, None, K), lambda i, b, h: (b, 0, lax.div(h, R), 0)),
       None if seg_BT is None else pl.BlockSpec((None, T), lambda i, b, h: (b, 0)),
+      None if kv_seg_BS is None else pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
   ]
   out_specs = [
       pl.BlockSpec((None, bq, None, K), lambda i, b, h: (b, i, h, 0)),
@@ -120,25 +122,25 @@ def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, spec: Spec, blocks: Blocks, interpre
                  jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
       compiler_params=_compiler_params(blocks, K, interpret), interpret=interpret,
       name='lm_flash_fwd', cost_estimate=tiles.cost_estimate(
-          'fwd', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, seg_BT)),
-  )(q_BTHK, k_BSGK, v_BSGK, seg_BT)
+          'fwd', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS)),
+  )(q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dq_ref, *, spec, bq, bk,
-               nk):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, *,
+               spec, bq, bk, nk):
   i = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
   lse = lse_ref[...].reshape(bq, 1)
   delta = delta_ref[...].reshape(bq, 1)
   q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-  q_seg = _seg(seg_ref, i * bq, bq, column=True)
+  q_seg = _seg(qseg_ref, i * bq, bq, column=True)
 
   def body(j, dq, run_spec):
     k = k_ref[pl.ds(j * bk, bk), :]
     v = v_ref[pl.ds(j * bk, bk), :]
     s, t = tiles.logits(q, k, spec)
     k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = tiles.visible(q_pos, k_pos, run_spec, q_seg, _seg(seg_ref, j * bk, bk, column=False))
+    mask = tiles.visible(q_pos, k_pos, run_spec, q_seg, _seg(kseg_ref, j * bk, bk, column=False))
     _, ds = tiles.probs_and_dlogits(s, t, mask, lse, tiles.dot(do, v, NT), delta, spec)
     return dq + tiles.dot(ds.astype(k.dtype), k, NN)
 
@@ -149,12 +151,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dq_ref,
   dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref, dv_ref, *, spec,
-                bq, bk, nq, R):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref,
+                *, spec, bq, bk, nq, R):
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
   k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-  k_seg = _seg(seg_ref, j * bk, bk, column=False)
+  k_seg = _seg(kseg_ref, j * bk, bk, column=False)
   lo, hi = tiles.q_block_range(j, bk, bq, nq, spec)
   runs = _runs(lo, hi, *tiles.q_full_range(j, bk, bq, lo, hi, spec), spec)
 
@@ -167,7 +169,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref
       delta = delta_ref[r, pl.ds(i * bq, bq)].reshape(bq, 1)
       s, t = tiles.logits(q, k, spec)
       q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-      mask = tiles.visible(q_pos, k_pos, run_spec, _seg(seg_ref, i * bq, bq, column=True), k_seg)
+      mask = tiles.visible(q_pos, k_pos, run_spec, _seg(qseg_ref, i * bq, bq, column=True), k_seg)
       p, ds = tiles.probs_and_dlogits(s, t, mask, lse, tiles.dot(do, v, NT), delta, spec)
       dv = dv + tiles.dot(p.astype(do.dtype), do, TN)
       dk = dk + tiles.dot(ds.astype(q.dtype), q, TN)
@@ -183,8 +185,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, dk_ref
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spec, blocks: Blocks,
-             interpret):
+def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS, o_BTHK, lse_BHT, do_BTHK, spec: Spec,
+             blocks: Blocks, interpret):
+  """dQ, dK, dV from the saved output and logsumexp (those of the whole attention when this is
+  one block of it: ring attention passes the combined ones)."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
   R = H // G
@@ -193,6 +197,7 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
                          do_BTHK.astype(jnp.float32))
   params = _compiler_params(blocks, K, interpret)
   seg_spec = None if seg_BT is None else pl.BlockSpec((None, T), lambda *g: (g[1], 0))
+  kv_seg_spec = None if kv_seg_BS is None else pl.BlockSpec((None, S), lambda *g: (g[1], 0))
 
   bq, bk = blocks.dq_q, blocks.dq_kv
   dq = pl.pallas_call(
@@ -205,14 +210,14 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
           pl.BlockSpec((None, bq, None, K), lambda i, b, h: (b, i, h, 0)),
           pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
           pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-          seg_spec,
+          seg_spec, kv_seg_spec,
       ],
       out_specs=pl.BlockSpec((None, bq, None, K), lambda i, b, h: (b, i, h, 0)),
       out_shape=jax.ShapeDtypeStruct(q_BTHK.shape, q_BTHK.dtype),
       compiler_params=params, interpret=interpret, name='lm_flash_dq',
       cost_estimate=tiles.cost_estimate('dq', q_BTHK.shape, k_BSGK.shape, spec,
-                                        (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
-  )(q_BTHK, k_BSGK, v_BSGK, do_BTHK, lse_BHT, delta_BHT, seg_BT)
+                                        (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT, kv_seg_BS)),
+  )(q_BTHK, k_BSGK, v_BSGK, do_BTHK, lse_BHT, delta_BHT, seg_BT, kv_seg_BS)
 
   # Query-side operands grouped by KV head: [B, T, G, R, K] and [B, G, R, T] (free reshapes).
   q_BTGRK = q_BTHK.reshape(B, T, G, R, K)
@@ -226,12 +231,13 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, bq=bq, bk=bk, nq=T // bq, R=R),
       grid=(S // bk, B, G),
-      in_specs=[group_spec, kv_spec, kv_spec, group_spec, stat_spec, stat_spec, seg_spec],
+      in_specs=[group_spec, kv_spec, kv_spec, group_spec, stat_spec, stat_spec, seg_spec,
+                kv_seg_spec],
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k_BSGK.shape, k_BSGK.dtype),
                  jax.ShapeDtypeStruct(v_BSGK.shape, v_BSGK.dtype)],
       compiler_params=params, interpret=interpret, name='lm_flash_dkv',
       cost_estimate=tiles.cost_estimate('dkv', q_BTHK.shape, k_BSGK.shape, spec,
-                                        (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
-  )(q_BTGRK, k_BSGK, v_BSGK, do_BTGRK, lse_BGRT, delta_BGRT, seg_BT)
+                                        (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT, kv_seg_BS)),
+  )(q_BTGRK, k_BSGK, v_BSGK, do_BTGRK, lse_BGRT, delta_BGRT, seg_BT, kv_seg_BS)
   return dq, dk, dv

@@ -55,12 +55,15 @@ def _params(*semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _seg_layouts(seg_BT):
-  if seg_BT is None:
+def _seg_layouts(column_ids_BT, row_ids_BS):
+  """The ids of the tile's rows lane-broadcast [B, T, 128] and of its columns sublane-broadcast
+  [B, 8, S] (queries and keys in the forward and dQ kernels; keys and queries in dK/dV)."""
+  if column_ids_BT is None:
     return None, None
-  B, T = seg_BT.shape
-  return (jnp.broadcast_to(seg_BT[:, :, None], (B, T, LANES)),
-          jnp.broadcast_to(seg_BT[:, None, :], (B, SUBLANES, T)))
+  B, T = column_ids_BT.shape
+  S = row_ids_BS.shape[1]
+  return (jnp.broadcast_to(column_ids_BT[:, :, None], (B, T, LANES)),
+          jnp.broadcast_to(row_ids_BS[:, None, :], (B, SUBLANES, S)))
 
 
 def _clamp(idx, lo, hi):
@@ -104,14 +107,15 @@ def _to_bhtk(x_BTHK):
   return jnp.swapaxes(x_BTHK, 1, 2)
 
 
-def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, spec: Spec, blocks: Blocks, interpret):
-  """Returns out [B, T, H, K] and logsumexp [B, H, T] (float32, natural log)."""
+def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS, spec: Spec, blocks: Blocks, interpret):
+  """Returns out [B, T, H, K] and logsumexp [B, H, T] (float32, natural log). seg_BT and
+  kv_seg_BS: the queries' and the keys' segment ids (both None, or both given)."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
   R = H // G
   bq, bk = blocks.q, blocks.kv
   nk = S // bk
-  segc, segr = _seg_layouts(seg_BT)
+  segc, segr = _seg_layouts(seg_BT, kv_seg_BS)
 
   def kv_block(i, j):
     return _clamp(j, *tiles.kv_block_range(i, bq, bk, nk, spec))
@@ -137,7 +141,7 @@ def forward(q_BTHK, k_BSGK, v_BSGK, seg_BT, spec: Spec, blocks: Blocks, interpre
                       pltpu.VMEM((bq, K), jnp.float32)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=interpret, name='lm_flash_fwd', cost_estimate=tiles.cost_estimate(
-          'fwd', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, seg_BT)),
+          'fwd', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS)),
   )(_to_bhtk(q_BTHK), _to_bhtk(k_BSGK), _to_bhtk(v_BSGK), segc, segr)
   return _to_bhtk(out_BHTK), lse_BH1T[:, :, 0]
 
@@ -201,8 +205,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segc_ref, segr_
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spec, blocks: Blocks,
-             interpret):
+def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, kv_seg_BS, o_BTHK, lse_BHT, do_BTHK, spec: Spec,
+             blocks: Blocks, interpret):
+  """dQ, dK, dV from the saved output and logsumexp (those of the whole attention when this is
+  one block of it: ring attention passes the combined ones)."""
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
   R = H // G
@@ -210,7 +216,7 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
                           do_BTHK.astype(jnp.float32))[:, :, None]
   lse_BH1T = lse_BHT[:, :, None]
   q, k, v, do = (_to_bhtk(x) for x in (q_BTHK, k_BSGK, v_BSGK, do_BTHK))
-  segc, segr = _seg_layouts(seg_BT)
+  segc, segr = _seg_layouts(seg_BT, kv_seg_BS)
 
   bq, bk = blocks.dq_q, blocks.dq_kv
   nk = S // bk
@@ -234,11 +240,13 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
       scratch_shapes=[pltpu.VMEM((bq, K), jnp.float32)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=interpret, name='lm_flash_dq', cost_estimate=tiles.cost_estimate(
-          'dq', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
+          'dq', q_BTHK.shape, k_BSGK.shape, spec,
+          (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT, kv_seg_BS)),
   )(q, k, v, do, lse_BH1T, delta_BH1T, segc, segr)
 
   bq, bk = blocks.dkv_q, blocks.dkv_kv
   nq = T // bq
+  segc, segr = _seg_layouts(kv_seg_BS, seg_BT)  # logits^T: keys are the rows here
 
   def q_block(j, i):
     return _clamp(i, *tiles.q_block_range(j, bk, bq, nq, spec))
@@ -260,6 +268,7 @@ def backward(q_BTHK, k_BSGK, v_BSGK, seg_BT, o_BTHK, lse_BHT, do_BTHK, spec: Spe
       scratch_shapes=[pltpu.VMEM((bk, K), jnp.float32), pltpu.VMEM((bk, K), jnp.float32)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary'),
       interpret=interpret, name='lm_flash_dkv', cost_estimate=tiles.cost_estimate(
-          'dkv', q_BTHK.shape, k_BSGK.shape, spec, (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT)),
+          'dkv', q_BTHK.shape, k_BSGK.shape, spec,
+          (q_BTHK, k_BSGK, v_BSGK, do_BTHK, seg_BT, kv_seg_BS)),
   )(q, k, v, do, lse_BH1T, delta_BH1T, segc, segr)
   return _to_bhtk(dq), _to_bhtk(dk), _to_bhtk(dv)
