@@ -215,6 +215,9 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       remat='none',  # none | full | dots | dots_no_batch
       scan_layers=config_dict.placeholder(bool),  # None: scan above 4 layers, unroll up to 4 (lm/model/transformer.py); True: always lax.scan (compile time independent of depth); False: unroll
       attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
+      # With mesh.shape.context > 1: all_gather (each device gathers every K/V) | ring (K/V blocks
+      # pass around the context devices, zigzag-balanced for the causal mask; docs/attention.md)
+      context_parallel='all_gather',
       # The [B, T, V] logits never exist whole: lm/train/losses.py.
       loss_chunk_size=512,  # sequence positions per chunk of the loss's unembedding and softmax; 0: whole logits
   ))
@@ -480,6 +483,7 @@ SCHEMA = {
     'model.remat': Choice(('none', 'full', 'dots', 'dots_no_batch')),
     'model.loss_chunk_size': NOT_NEGATIVE,
     'model.attention': Choice(('auto', 'xla', 'cudnn', 'pallas')),
+    'model.context_parallel': Choice(('all_gather', 'ring')),
     'data.eval_fraction': FRACTION, 'data.tokenizer_vocab_size': Bounds(16),
     'data.tokenizer_model_type': Choice(('bpe', 'unigram')),
     'data.seq_len': AT_LEAST_ONE, 'data.batch_size': AT_LEAST_ONE, 'data.seed': NOT_NEGATIVE,
@@ -569,6 +573,14 @@ def _microbatches(c):
   if c.data.batch_size % c.train.microbatches:
     return (f'data.batch_size={c.data.batch_size} is not divisible by train.microbatches='
             f'{c.train.microbatches}; use a divisor of the batch size')
+
+
+@_rule('`model.context_parallel` is ring only in models without linear (gated DeltaNet) layers')
+def _ring_layers(c):
+  if c.model.get('context_parallel') == 'ring' and 'linear' in tuple(c.model.get('layer_types', ())):
+    return ("model.context_parallel=ring reorders each sequence's chunks, which the linear "
+            "(gated DeltaNet) layers of model.layer_types cannot take; use "
+            "model.context_parallel=all_gather")
 
 
 # The keys each RoPE scaling type needs (lm/model/transformer.py rope_frequencies); others optional.

@@ -18,10 +18,11 @@ computed. With packed documents (segment ids) a step is skipped outright when no
 batch has a segment id range in common with the visiting block's.
 
 Blocks combine by their log-sum-exp (online softmax). The backward pass is a custom VJP that runs
-the ring again: each step's block gradient uses the combined output and log-sum-exp (so its
-probabilities are those of the whole softmax), dQ stays home, and dK/dV travel with their K/V
-block and take one more hop home at the end. Per block: the Pallas flash kernels
-(lm/model/kernels, `block_forward` / `block_backward`) on TPU/GPU, the XLA form below elsewhere.
+the ring again, the other way round: each step's block gradient uses the combined output and
+log-sum-exp (so its probabilities are those of the whole softmax), dQ stays home, and dK/dV
+travel with their K/V block and take one more hop home at the end. Per block: the Pallas flash
+kernels (lm/model/kernels, `block_forward` / `block_backward`) on TPU/GPU, the XLA form below
+elsewhere.
 """
 
 from __future__ import annotations
@@ -194,11 +195,10 @@ def _disjoint(ids_a, ids_b):
   return jnp.all(apart)
 
 
-def _branch(step, seg_BT, kv_seg_BS, ring: Ring):
-  """Which work step `step` of the ring does: 0 nothing (no shared segment), 1 all queries
-  against the visiting block's first chunk, 2 the second chunk's queries against all of it."""
-  me = jax.lax.axis_index(CONTEXT_AXIS)
-  earlier = (me - step) % ring.context < me
+def _branch(source, seg_BT, kv_seg_BS):
+  """What a device does with the block of device `source`: 0 nothing (no shared segment), 1 all
+  its queries against the block's first chunk, 2 its second chunk's queries against all of it."""
+  earlier = source < jax.lax.axis_index(CONTEXT_AXIS)
   if seg_BT is None:
     return jnp.where(earlier, 1, 2)
   c = seg_BT.shape[1] // 2
@@ -207,10 +207,15 @@ def _branch(step, seg_BT, kv_seg_BS, ring: Ring):
   return jnp.where(earlier, jnp.where(skip_earlier, 0, 1), jnp.where(skip_later, 0, 2))
 
 
-def _shift(x, ring: Ring):
-  """Every device's x to the next device on the ring."""
-  perm = [(j, (j + 1) % ring.context) for j in range(ring.context)]
+def _shift(x, ring: Ring, direction: int):
+  """Every device's x to the next device on the ring (direction 1) or the previous one (-1)."""
+  perm = [(j, (j + direction) % ring.context) for j in range(ring.context)]
   return jax.tree.map(lambda a: jax.lax.ppermute(a, CONTEXT_AXIS, perm), x)
+
+
+def _source(step, ring: Ring, direction: int):
+  """The device whose K/V block another holds after `step` shifts in `direction`."""
+  return (jax.lax.axis_index(CONTEXT_AXIS) - direction * step) % ring.context
 
 
 def _merge(out_BTHK, lse_BHT, block_out_BTHK, block_lse_BHT):
@@ -227,7 +232,7 @@ def _ring_forward(q, k, v, seg, ring: Ring):
   out = out.astype(jnp.float32)
   kv = (k, v, seg)
   for step in range(1, ring.context):
-    kv = _shift(kv, ring)
+    kv = _shift(kv, ring, 1)
     k_s, v_s, seg_s = kv
 
     def earlier(out, lse, k_s=k_s, v_s=v_s, seg_s=seg_s):
@@ -240,8 +245,8 @@ def _ring_forward(q, k, v, seg, ring: Ring):
       return (jnp.concatenate([out[:, :c], hi_out], axis=1),
               jnp.concatenate([lse[..., :c], hi_lse], axis=-1))
 
-    out, lse = jax.lax.switch(_branch(step, seg, seg_s, ring), [lambda o, l: (o, l), earlier, later],
-                              out, lse)
+    out, lse = jax.lax.switch(_branch(_source(step, ring, 1), seg, seg_s),
+                              [lambda o, l: (o, l), earlier, later], out, lse)
   return out.astype(q.dtype), lse
 
 
@@ -262,7 +267,9 @@ def _ring_bwd(ring, res, do):
   dq, dk, dv = f32(*ring.backward(q, k, v, seg, seg, out, lse, do, causal=True))
   kv, dkv = (k, v, seg), (dk, dv)
   for step in range(1, ring.context):
-    kv, dkv = _shift(kv, ring), _shift(dkv, ring)  # dK/dV accumulate beside their K/V block
+    # The other way round from the forward: the same shifts would be one computation to XLA,
+    # which would then keep every block the forward received alive until the backward.
+    kv, dkv = _shift(kv, ring, -1), _shift(dkv, ring, -1)  # dK/dV travel with their K/V block
     k_s, v_s, seg_s = kv
 
     def earlier(dq, dk, dv, k_s=k_s, v_s=v_s, seg_s=seg_s):
@@ -275,9 +282,9 @@ def _ring_bwd(ring, res, do):
                                       out[:, c:], lse[..., c:], do[:, c:]))
       return dq.at[:, c:].add(bq), dk + bk, dv + bv
 
-    dq, *dkv = jax.lax.switch(_branch(step, seg, seg_s, ring),
+    dq, *dkv = jax.lax.switch(_branch(_source(step, ring, -1), seg, seg_s),
                               [lambda *g: g, earlier, later], dq, *dkv)
-  dk, dv = _shift(tuple(dkv), ring)  # the last hop: each block's gradients reach its device
+  dk, dv = _shift(tuple(dkv), ring, -1)  # the last hop: each block's gradients reach its device
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from lm import config as config_lib
 from lm import host_memory
+from lm.model import ring_attention
 from lm.model import stack as stack_lib
 from lm.train import flops as flops_lib
 from lm.train import balancing, identity, objectives, optim, partition, preemption, rundir
@@ -48,6 +49,13 @@ class Trainer:
     rules = tuple(cfg.mesh.rules)
     sharding_lib.check_batch_divides(cfg.data.batch_size, cfg.train.microbatches, self.mesh, rules)
     sharding_lib.check_context_divides(cfg.data.seq_len, self.mesh)
+    # model.context_parallel=ring: the step and evaluation reorder each sequence's chunks where
+    # the batch is split over `context` (lm/model/ring_attention.py); None keeps the order.
+    self.ring_context = None
+    if (cfg.model.get('context_parallel') == 'ring'
+        and sharding_lib.context_parallel_size(self.mesh) > 1):
+      self.ring_context = sharding_lib.context_parallel_size(self.mesh)
+      ring_attention.check_splits(cfg.data.seq_len, self.ring_context)
     # The reference of DPO, IPO, KTO and GRPO: with only LoRA adapters training, the same weights
     # with adapters off; when any base weight trains (no LoRA, or LoRA with train.trainable=all,
     # norms, ...), those would be the weights being trained, so a frozen `ref.*` copy.
@@ -72,7 +80,7 @@ class Trainer:
     self.objective = objective or objectives.from_config(cfg)
     # Traced with the logical-axis rules active (sharding.constrain inside the model and loss) and
     # run with the mesh set (attention dispatch follows the mesh's devices, sharding.target).
-    traced_in = lambda fn: _traced_in(self.mesh, rules, fn)
+    traced_in = lambda fn: _traced_in(self.mesh, rules, fn, self.ring_context, self.batch_sharding)
     self.step = sharding_lib.InMesh(jax.jit(
         traced_in(make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
                                   cfg.train.microbatches, seed=cfg.train.seed,
@@ -137,12 +145,22 @@ def check_quantized_frozen(spec, labels: dict, cfg) -> None:
         f'{len(training) - 1} more); use train.trainable=lora (QLoRA) or model.quant.type=none')
 
 
-def _traced_in(mesh, rules, fn):
-  """`fn` traced with the mesh's logical-axis rules active (sharding.constrain inside the model)."""
+def _traced_in(mesh, rules, fn, ring_context=None, batch_sharding=None):
+  """`fn(..., batch)` traced with the mesh's logical-axis rules active (sharding.constrain inside
+  the model). With `ring_context` (model.context_parallel=ring), every per-token array of the
+  batch ([B, T, ...]) is put in ring order as it arrives split over `context`, and attention runs
+  as ring attention: tokens, targets, weights, positions and segment ids move together, and the
+  losses, sums over tokens and segments, do not depend on the order."""
   @functools.wraps(fn)  # keeps the jitted program's name (jit_step) in dumps and profiles
   def traced(*args):
     with sharding_lib.activation_sharding(mesh, rules):
-      return fn(*args)
+      if ring_context is None:
+        return fn(*args)
+      *rest, batch = args
+      reorder = lambda x: x if x.ndim < 2 else jax.lax.with_sharding_constraint(
+          ring_attention.to_ring_order(x, ring_context), batch_sharding)
+      with ring_attention.ring_layout():
+        return fn(*rest, {k: reorder(v) for k, v in batch.items()})
   return traced
 
 

@@ -21,7 +21,8 @@ import pytest
 
 from lm.model import attention as attention_lib
 from lm.model.attention import xla_attention
-from lm.model.kernels import flash_attention, flash_gpu, flash_tpu, tiles
+from lm.model import ring_attention
+from lm.model.kernels import block_backward, block_forward, flash_attention, flash_gpu, flash_tpu, tiles
 
 SMALL = dict(q=64, kv=32, dq_q=32, dq_kv=64, dkv_q=64, dkv_kv=32)
 BLOCKS = {'gpu': flash_gpu.Blocks(**SMALL), 'tpu': flash_tpu.Blocks(**SMALL)}
@@ -97,6 +98,34 @@ def test_matches_reference(lowering, case):
   if dtype == jnp.bfloat16:  # and not worse than XLA itself in bf16
     xla_out_err, xla_grad_err = errors(value_and_grads(reference)(q, k, v, cotangent), want)
     assert out_err <= 2 * xla_out_err + 1e-3 and grad_err <= 2 * xla_grad_err + 1e-3
+
+
+@pytest.mark.parametrize('lowering', ['gpu', 'tpu'])
+def test_a_block_of_ring_attention_matches_the_xla_block(lowering):
+  """Ring attention's block (lm/model/ring_attention.py): 64 queries against 128 keys, each side
+  with its own segment ids, not causal; the output, the logsumexp (-inf where a row sees no key:
+  the queries of the last document) and the gradients from the given logsumexp."""
+  q, k, v, cotangent = inputs(1, 128, 4, 2, 16, jnp.float32)
+  kv_seg = packed_segments(1, 128, (40, 48, 24), 16)
+  q, cotangent = q[:, 64:], cotangent[:, 64:]
+  seg = jnp.where(kv_seg[:, 64:] == 3, 4, kv_seg[:, 64:])  # document 3's queries: 4, no key's id
+  options = dict(softcap=20.0, lowering=lowering, blocks=BLOCKS[lowering])
+
+  @jax.jit
+  def both(q, k, v, seg, kv_seg, cotangent):
+    out, lse = block_forward(q, k, v, seg, kv_seg, **options)
+    grads = block_backward(q, k, v, seg, kv_seg, out, lse, cotangent, **options)
+    ref_out, ref_lse = ring_attention.xla_block_forward(q, k, v, seg, kv_seg, softcap=20.0)
+    ref_grads = ring_attention.xla_block_backward(q, k, v, seg, kv_seg, ref_out, ref_lse,
+                                                  cotangent, softcap=20.0)
+    return (out, lse, *grads), (ref_out, ref_lse, *ref_grads)
+
+  got, want = both(q, k, v, seg, kv_seg, cotangent)
+  assert bool(jnp.any(jnp.isneginf(want[1]))) and bool(jnp.all(jnp.isfinite(want[1][..., :8])))
+  np.testing.assert_array_equal(jnp.isneginf(got[1]), jnp.isneginf(want[1]))
+  for g, w in zip(got, want):
+    finite = lambda x, w=w: jnp.where(jnp.isneginf(w), 0.0, x)
+    np.testing.assert_allclose(finite(g), finite(w), atol=2e-6, rtol=1e-5)
 
 
 def test_documents_do_not_interact():
