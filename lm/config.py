@@ -215,9 +215,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       remat='none',  # none | full | dots | dots_no_batch
       scan_layers=config_dict.placeholder(bool),  # None: scan above 4 layers, unroll up to 4 (lm/model/transformer.py); True: always lax.scan (compile time independent of depth); False: unroll
       attention='auto',  # auto | xla | cudnn | pallas (docs/attention.md)
-      # With mesh.shape.context > 1: all_gather (each device gathers every K/V) | ring (K/V blocks
-      # pass around the context devices, zigzag-balanced for the causal mask; docs/attention.md)
-      context_parallel='all_gather',
+      context_parallel='all_gather',  # with mesh.shape.context > 1: all_gather (every device gathers all K/V) | ring (K/V blocks pass around the context devices; docs/attention.md)
       # The [B, T, V] logits never exist whole: lm/train/losses.py.
       loss_chunk_size=512,  # sequence positions per chunk of the loss's unembedding and softmax; 0: whole logits
   ))
@@ -371,7 +369,8 @@ def base_config() -> ml_collections.ConfigDict:
       # Axis sizes; one -1 takes the remaining devices.
       # expert > 1 splits the experts of Mixture-of-Experts layers (expert parallelism, docs/moe.md);
       # context > 1 splits each sequence over that many devices (context parallelism: attention
-      # all-gathers K/V; docs/attention.md), for sequences whose activations fit no one device.
+      # all-gathers K/V or passes it around a ring, model.context_parallel; docs/attention.md), for
+      # sequences whose activations fit no one device.
       shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1, expert=1)),
       # Logical axis -> mesh axes. A parameter's logical names are declared where it is created.
       rules=(
