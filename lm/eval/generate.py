@@ -1,5 +1,10 @@
-"""Sampling with a KV cache: one jitted prefill of the prompts, then a `lax.while_loop` of one-token
-decode steps, all on the training mesh.
+"""Text generation for `lm generate`, `lm eval` and the API: `Generator` (text in, text out, on a
+mesh) runs the rollout engine (lm/eval/rollout.py: continuous batching over a slot cache).
+
+`make_generate_fn` is the batch generator the engine replaced, kept as the reference the engine is
+tested against and the baseline of the decode benchmark (`lm bench rollout`): one jitted prefill
+of the prompts, then a `lax.while_loop` of one-token decode steps over the whole batch until its
+last row ends.
 
 Prompts of different lengths are left-padded to a shared length P, so every row's next token is
 written to the same cache slot; padding carries segment id 0 and is never attended to, and each
@@ -24,51 +29,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from lm import sharding as sharding_lib
 from lm import config as config_lib
 from lm.model import transformer
 from lm.errors import UserError
+from lm.eval.rollout import Request, RolloutEngine, Sampling, cache_sharding, sample_logits  # noqa: F401 (public here too)
 from lm.train.state import ModelSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
-  max_new_tokens: int = 64
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise UserError(f'max_new_tokens={self.max_new_tokens} must be at least 1')
-    # Written so that NaN fails every test (NaN compares false both ways).
-    if not (0 <= self.temperature < math.inf and self.top_k >= 0 and 0 < self.top_p <= 1):
-      raise UserError(f'temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: '
-                      'need a finite temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1')
-
-
-def sample_logits(logits_BV, rng, sampling: Sampling):
-  """Next token ids [B] from float32 logits."""
-  if sampling.temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV / sampling.temperature
-  neg_inf = jnp.finfo(logits_BV.dtype).min
-  if sampling.top_k:
-    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)
-  if sampling.top_p < 1:
-    # Keep the smallest set of most likely tokens whose probability reaches top_p: a token stays
-    # if the mass strictly before it (in descending order) is below top_p.
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    kept = jnp.sum(before_BV < sampling.top_p, axis=-1, keepdims=True)
-    cutoff_B1 = jnp.take_along_axis(sorted_BV, kept - 1, axis=-1)
-    logits_BV = jnp.where(logits_BV < cutoff_B1, neg_inf, logits_BV)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
 def init_cache(model_cfg, B: int, S: int) -> dict:
@@ -153,11 +120,6 @@ def model_key(spec: ModelSpec) -> str:
   return json.dumps(spec.cfg.to_dict(), sort_keys=True, default=str)
 
 
-def _bucket(n: int, multiple: int = 32) -> int:
-  """Prompt lengths round up so a few compiled shapes serve every batch."""
-  return max(multiple, -(-n // multiple) * multiple)
-
-
 class Generator:
   """Text in, text out, for one model on a mesh. Compiled functions are cached per shape."""
 
@@ -173,31 +135,6 @@ class Generator:
     self.dp = sharding_lib.data_parallel_size(self.mesh, rules)
     self.rules = rules
 
-  def _cache_sharding(self, B, S):
-    """Shardings of the cache's per-layer states, from their logical axes."""
-    m = self.spec.cfg
-    shapes = jax.eval_shape(lambda: transformer.init_cache(m, B, S))['layers']
-    axes = transformer.cache_logical_axes(m)['layers']
-
-    def one(shape, names):
-      spec = sharding_lib.logical_to_mesh_spec(names, self.rules)
-      return NamedSharding(self.mesh, sharding_lib.fit_spec(spec, shape.shape, self.mesh))
-    return {stack: {k: one(shapes[stack][k], axes[stack][k]) for k in shapes[stack]}
-            for stack in shapes}
-
-  def _fn(self, sampling, stop_ids, B, P):
-    # Shared by every Generator of the same architecture and mesh (base and fine-tuned models
-    # in one comparison compile once).
-    key = ('generate', model_key(self.spec), self.mesh, repr(self.rules), sampling, stop_ids,
-           self.tokenizer.eos_id, self.tokenizer.pad_id, B, P)
-    if key not in COMPILED:
-      fn = make_generate_fn(self.spec, sampling, self.tokenizer.eos_id, self.tokenizer.pad_id,
-                            stop_ids, self._cache_sharding(B, P + sampling.max_new_tokens))
-      shardings = {k: self.param_shardings[k] for k in self.params}
-      COMPILED[key] = jax.jit(
-          fn, in_shardings=(shardings, self.batch_sharding, self.batch_sharding, None))
-    return COMPILED[key]
-
   def generate_ids(self, prompts: list[list[int]], sampling: Sampling, *, stop_ids=(),
                    seed: int = 0, batch_size: int = 32, progress: str = '') -> list[list[int]]:
     """Generated ids per prompt, without the prompt and without the eos/stop tokens.
@@ -211,28 +148,30 @@ class Generator:
     if limit < 1:
       raise UserError(f'max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in '
                       f'model.max_seq_len={self.cfg.model.max_seq_len}')
-    # Longest prompts first, so each batch pads to a similar length.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     B = max(self.dp, -(-min(batch_size, len(prompts)) // self.dp) * self.dp)
     stop_ids = tuple(tuple(s) for s in stop_ids if s)
-    results: list = [None] * len(prompts)
-    rng = jax.random.key(seed)
-    for start in progress_bar(range(0, len(order), B), progress, unit='batch'):
-      idx = order[start:start + B]
-      rows = [list(prompts[i][-limit:]) or [self.start_id] for i in idx]
-      P = min(_bucket(max(map(len, rows))), limit)
-      tokens = np.full((B, P), self.tokenizer.pad_id, np.int32)
-      lengths = np.ones((B,), np.int32)
-      tokens[len(rows):, -1] = self.start_id  # filler rows, discarded
-      for r, row in enumerate(rows):
-        tokens[r, P - len(row):] = row
-        lengths[r] = len(row)
-      rng, batch_rng = jax.random.split(rng)
-      out, n = self._fn(sampling, stop_ids, B, P)(self.params, tokens, lengths, batch_rng)
-      out, n = np.asarray(out), np.asarray(n)
-      for r, i in enumerate(idx):
-        results[i] = out[r, :n[r]].tolist()
-    return results
+    requests = [Request(tuple(p[-limit:]) or (self.start_id,), stop=stop_ids) for p in prompts]
+    bar = progress_bar(None, progress, total=len(prompts), unit='prompt')
+    done = None if bar is None else (lambda i: bar.update(1))
+    try:
+      results = self.engine(sampling, B).run(self.params, requests, jax.random.key(seed),
+                                             on_done=done)
+    finally:
+      if bar is not None:
+        bar.close()
+    return [r[0].ids for r in results]
+
+  def engine(self, sampling: Sampling, slots: int) -> RolloutEngine:
+    """The rollout engine of `slots` concurrent sequences; its compiled programs are shared by
+    every Generator of the same architecture and mesh (base and fine-tuned models in one
+    comparison compile once)."""
+    key = ('rollout', model_key(self.spec), self.mesh, repr(self.rules), sampling,
+           self.tokenizer.eos_id, self.tokenizer.pad_id, slots)
+    if key not in COMPILED:
+      COMPILED[key] = RolloutEngine(self.spec, sampling, eos_id=self.tokenizer.eos_id,
+                                    pad_id=self.tokenizer.pad_id, slots=slots,
+                                    cache_sharding=cache_sharding(self.spec.cfg, self.mesh, self.rules))
+    return COMPILED[key]
 
   @property
   def start_id(self) -> int:

@@ -36,11 +36,51 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
-from lm.eval import generate as generate_lib
+from lm import sharding as sharding_lib
+from lm.errors import UserError
 from lm.model import transformer
 
 MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise UserError(f'max_new_tokens={self.max_new_tokens} must be at least 1')
+    # Written so that NaN fails every test (NaN compares false both ways).
+    if not (0 <= self.temperature < math.inf and self.top_k >= 0 and 0 < self.top_p <= 1):
+      raise UserError(f'temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}: '
+                      'need a finite temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1')
+
+
+def sample_logits(logits_BV, rng, sampling: Sampling):
+  """Next token ids [B] from float32 logits."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / sampling.temperature
+  neg_inf = jnp.finfo(logits_BV.dtype).min
+  if sampling.top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)
+  if sampling.top_p < 1:
+    # Keep the smallest set of most likely tokens whose probability reaches top_p: a token stays
+    # if the mass strictly before it (in descending order) is below top_p.
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept = jnp.sum(before_BV < sampling.top_p, axis=-1, keepdims=True)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, kept - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, neg_inf, logits_BV)
+  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +100,22 @@ class Completion:
   ids: list
   stop: tuple | None
   logps: np.ndarray
+
+
+def cache_sharding(model_cfg, mesh, rules):
+  """fn(B, S) -> shardings of the cache's per-layer states on `mesh`, from their logical axes
+  (rows like the batch, kv heads like the tensor axis)."""
+  axes = transformer.cache_logical_axes(model_cfg)['layers']
+
+  def shardings(B, S):
+    shapes = jax.eval_shape(lambda: transformer.init_cache(model_cfg, B, S))['layers']
+
+    def one(shape, names):
+      spec = sharding_lib.logical_to_mesh_spec(names, rules)
+      return NamedSharding(mesh, sharding_lib.fit_spec(spec, shape.shape, mesh))
+    return {stack: {k: one(shapes[stack][k], axes[stack][k]) for k in shapes[stack]}
+            for stack in shapes}
+  return shardings
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -88,7 +144,7 @@ class RolloutEngine:
   `prefill_batch`: most prompts prefilled in one call; `cache_sharding(B, S)`: shardings of the
   cache's per-layer states (lm/eval/generate.py's Generator gives them on a mesh)."""
 
-  def __init__(self, spec, sampling: generate_lib.Sampling, *, eos_id: int | None, pad_id: int = 0,
+  def __init__(self, spec, sampling: Sampling, *, eos_id: int | None, pad_id: int = 0,
                slots: int = 32, prefill_batch: int = 8, cache_sharding=None):
     self.spec, self.sampling = spec, sampling
     self.eos_id, self.pad_id = eos_id, pad_id
@@ -171,7 +227,7 @@ class RolloutEngine:
 
     def draw(logits_V, req, sample, n):
       k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, req), sample), n)
-      return generate_lib.sample_logits(logits_V[None], k, sampling)[0]
+      return sample_logits(logits_V[None], k, sampling)[0]
 
     def cond(carry):
       step, _, _, slot, finished = carry
