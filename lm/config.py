@@ -353,6 +353,7 @@ def base_config() -> ml_collections.ConfigDict:
       reward_weights=(),  # one weight per reward; () weighs each 1.0
       group_size=4,  # G: completions sampled per prompt
       updates_per_batch=1,  # optimizer steps on each sampled batch (train.steps counts these)
+      overlap=False,  # sample round r + 1 while round r trains (one round off-policy; docs/posttraining.md)
       max_new_tokens=64,  # completion length limit
       temperature=1.0,  # sampling temperature
       top_k=0,

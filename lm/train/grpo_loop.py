@@ -1,15 +1,24 @@
 """GRPO with verifiable rewards: sample -> score -> K optimizer steps, through the one train step.
 
 A round takes batch_size / G prompts (a seeded reshuffle per epoch of `grpo.prompts`), samples G
-completions of each from the current policy with lm's KV-cache generator (lm/eval/generate.py),
-scores them with the reward functions `grpo.rewards` names (lm/eval/rewards.py), normalises the
-rewards within each group into advantages, records the sampling policy's log-probs of the
-completion tokens, and runs `grpo.updates_per_batch` steps of the ordinary train step with the
+completions of each from the current policy with the rollout engine (lm/eval/rollout.py: the G
+copies share one prefill), scores them with the reward functions `grpo.rewards` names
+(lm/eval/rewards.py), normalises the rewards within each group into advantages, keeps the
+sampling policy's log-probs of the completion tokens as the engine recorded them (equal to the
+trainer's forward on the same weights: tests/eval/test_rollout.py), and runs `grpo.updates_per_batch` steps of the ordinary train step with the
 `grpo` objective (lm/train/objectives.py) on those rows. The step is the same one every mode uses.
 
 Everything a round draws derives from (train.seed, round): the prompts from the epoch's
 permutation and the sampler's key from fold_in(key(seed), round), so the checkpoint's record of
 the round (with the optimizer state) resumes the exact sequence an uninterrupted run would see.
+
+With `grpo.overlap`, round r + 1 samples (in a thread, from a copy of the weights) while round r
+trains: one round off-policy, which the clipped importance ratio pi / pi_old corrects, pi_old
+being the sampling weights' log-probs. The first round samples before training, as without
+overlap. A checkpoint carries the sampled but untrained round (`pending` in its data state), so a
+resumed run trains on exactly the samples an uninterrupted one would. Each round logs sample_s
+(sampling and scoring), train_s, wait_s (the trainer idle, waiting for samples), overlap_s
+(sampling hidden behind training: sample_s - wait_s) and round_s.
 
 This module sits with lm/train/loop.py above lm/eval (it imports the generator and rewards).
 """
@@ -19,14 +28,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from lm.data import chat, pipeline, sources
 from lm.errors import ConfigError, DataError, Diverged, Preempted
 from lm.eval import generate as generate_lib
+from lm.eval import rollout
 from lm.eval import rewards as rewards_lib
 from lm.io import pretrained
 from lm.train import objectives, preemption, rundir, trackers
@@ -126,8 +139,34 @@ def completion_rows(prompts: list[list[int]], completions: list[list[int]], ends
   return rows
 
 
+def sampling_log_probs(weights_BT: np.ndarray, logps: list) -> np.ndarray:
+  """[B, T] float32: each row's sampled log-probs at its weighted (completion and end) tokens,
+  in order; completion_rows weighs exactly those."""
+  out = np.zeros(weights_BT.shape, np.float32)
+  for b, lp in enumerate(logps):
+    at = np.flatnonzero(weights_BT[b])
+    out[b, at] = np.asarray(lp, np.float32)[:len(at)]
+  return out
+
+
+class Rollouts(NamedTuple):
+  """A round's samples: `prompts` (cut to fit a row), `completions` (ids before the end), `ends`
+  (the eos / end-of-turn id that ended each, learned as its end; None when cut by length or a
+  stop string), `texts` (decoded, cut at the first stop string) and `logps` (log p of each
+  completion id and its end id under the sampling policy, as the trainer's forward computes it)."""
+  prompts: list
+  completions: list
+  ends: list
+  texts: list
+  logps: list
+
+
 class Sampler:
-  """The policy's completions of a round's prompts, and their log-probs at sampling time."""
+  """The policy's completions of a round's prompts, and their log-probs at sampling time, from
+  the rollout engine (lm/eval/rollout.py): the G copies of a prompt share one prefill.
+
+  `sample(params, prompt_ids, rng) -> Rollouts`; calling the sampler gives the first four fields
+  (prompts, completions, ends, texts) as before the engine recorded log-probs."""
 
   def __init__(self, trainer, tokenizer, end_ids: tuple = ()):
     """`end_ids`: tokens besides eos that end a completion and are learned as its end (a chat
@@ -140,32 +179,37 @@ class Sampler:
     self.end_ids = {tokenizer.eos_id, *end_ids}
     stop_ids = tuple(tuple(tokenizer.encode(s)) for s in self.stop
                      if tokenizer.decode(tokenizer.encode(s)) == s)
-    stop_ids += tuple((i,) for i in sorted(set(end_ids) - {tokenizer.eos_id}))
+    self.stop_ids = stop_ids + tuple((i,) for i in sorted(set(end_ids) - {tokenizer.eos_id}))
     self.prompt_len = cfg.data.seq_len - g.max_new_tokens  # prompt + completion fit one row
-    fn = generate_lib.make_generate_fn(trainer.spec, self.sampling, tokenizer.eos_id,
-                                       tokenizer.pad_id, stop_ids)
-    self.generate = jax.jit(fn, in_shardings=(trainer.shardings.params, trainer.batch_sharding,
-                                              trainer.batch_sharding, None))
+    self.engine = rollout.RolloutEngine(
+        trainer.spec, self.sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        slots=cfg.data.batch_size,
+        cache_sharding=rollout.cache_sharding(trainer.spec.cfg, trainer.mesh, tuple(cfg.mesh.rules)))
     spec = trainer.spec
     self.log_probs = jax.jit(lambda params, batch: token_log_probs(spec.bind(params), batch),
                              in_shardings=(trainer.shardings.params, trainer.batch_sharding))
 
   def __call__(self, params, prompt_ids: list[list[int]], rng):
-    B, P = len(prompt_ids), self.prompt_len
-    tokens = np.full((B, P), self.tokenizer.pad_id, np.int32)
-    lengths = np.zeros((B,), np.int32)
-    cut = [p[-P:] for p in prompt_ids]
-    for b, p in enumerate(cut):
-      tokens[b, P - len(p):], lengths[b] = p, len(p)
-    placed = self.trainer.global_batch({'tokens': tokens, 'lengths': lengths})
-    out, n = jax.device_get(self.generate(params, placed['tokens'], placed['lengths'], rng))
-    completions = [out[b, :n[b]].tolist() for b in range(B)]
-    # A completion ended on eos (or an end of turn) if that is the token after its n ids; stop
-    # strings end it too, but are not learned.
-    ends = [int(out[b, n[b]]) if n[b] < out.shape[1] and int(out[b, n[b]]) in self.end_ids else None
-            for b in range(B)]
+    return tuple(self.sample(params, prompt_ids, rng))[:4]
+
+  def sample(self, params, prompt_ids: list[list[int]], rng) -> Rollouts:
+    cut = [list(p[-self.prompt_len:]) for p in prompt_ids]
+    # Consecutive copies of a prompt (a round's groups) are one request of n samples.
+    requests = []
+    for p in map(tuple, cut):
+      if requests and requests[-1].prompt == p:
+        requests[-1] = rollout.Request(p, requests[-1].n + 1, self.stop_ids)
+      else:
+        requests.append(rollout.Request(p, 1, self.stop_ids))
+    samples = [s for r in self.engine.run(params, requests, rng) for s in r]
+    completions = [s.ids for s in samples]
+    # A completion ended on eos (or an end of turn) learns that end; stop strings end it too,
+    # but are not learned.
+    ends = [s.stop[0] if s.stop and len(s.stop) == 1 and s.stop[0] in self.end_ids else None
+            for s in samples]
+    logps = [s.logps[:len(s.ids) + (e is not None)] for s, e in zip(samples, ends)]
     texts = [generate_lib.cut_at_stop(self.tokenizer.decode(c), self.stop) for c in completions]
-    return cut, completions, ends, texts
+    return Rollouts(cut, completions, ends, texts, logps)
 
 
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
@@ -197,7 +241,7 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
       tqdm.write(f'resumed from {ckpt.directory} at step {int(state.step)} '
                  f'(round {data_state["round"]})')
   else:
-    state = trainer.init_state()
+    state, data_state = trainer.init_state(), {}
   if is_main:
     rundir.write_text(rundir.inside(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
   prompts_per_round = cfg.data.batch_size // g.group_size
@@ -209,24 +253,50 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
   writer = MetricWriter(workdir, cfg, enabled=is_main)
   summary = {}
   start = int(state.step) // g.updates_per_batch
+  # The round sampled but not yet trained on when the checkpoint was written (overlap only).
+  pending = data_state.get('pending')
+
+  def sample_round(r, params) -> dict:
+    """Round r's samples and rewards, JSON-ready (a checkpoint carries the pending one)."""
+    t0 = time.perf_counter()
+    chosen = round_prompts(len(records), prompts_per_round, cfg.train.seed, r)
+    ids = [encode_prompt(records[i]) for i in chosen for _ in range(g.group_size)]  # G copies, grouped
+    rng = jax.random.fold_in(jax.random.key(cfg.train.seed), r)
+    got = sampler.sample(params, ids, rng)
+    ids_of = [chosen[b // g.group_size] for b in range(len(got.texts))]
+    scores = rewards_lib.score(reward_fns, got.texts, [records[i] for i in ids_of], ids_of)
+    return {'round': r, 'prompts': got.prompts, 'completions': got.completions, 'ends': got.ends,
+            'logps': [x.tolist() for x in got.logps], 'scores': scores.tolist(),
+            'sample_s': time.perf_counter() - t0}
+
+  executor = ThreadPoolExecutor(1, thread_name_prefix='grpo-sampler') if g.overlap else None
+  future = None
   bar = tqdm(total=rounds, initial=start, disable=not (progress and is_main), desc='grpo')
   stop = preemption.StopSignal(cfg.train.grace_seconds)
   try:
     with stop:
       for r in range(start, rounds):
         t0 = time.perf_counter()
-        chosen = round_prompts(len(records), prompts_per_round, cfg.train.seed, r)
-        ids = [encode_prompt(records[i]) for i in chosen for _ in range(g.group_size)]  # G copies, grouped
-        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), r)
-        cut, completions, ends, texts = sampler(state.params, ids, rng)
-        ids_of = [chosen[b // g.group_size] for b in range(len(texts))]
-        scores = rewards_lib.score(reward_fns, texts, [records[i] for i in ids_of], ids_of)
+        if future is not None:
+          sampled = future.result()
+        elif pending is not None and pending['round'] == r:
+          sampled = pending
+        else:
+          sampled = sample_round(r, state.params)
+        wait_s = time.perf_counter() - t0  # the trainer idle, waiting for this round's samples
+        future = None
+        if executor is not None and r + 1 < rounds:
+          # Round r + 1 samples from these weights while round r trains: one round off-policy.
+          # A copy, because the train step donates (frees) the weights it is given.
+          snapshot = jax.block_until_ready(jax.tree.map(jnp.copy, state.params))
+          future = executor.submit(sample_round, r + 1, snapshot)
+        scores = np.asarray(sampled['scores'], np.float64).reshape(-1, len(reward_fns))
         reward = scores @ np.asarray(weights, np.float64)
-        rows = completion_rows(cut, completions, ends, tokenizer.pad_id, cfg.data.seq_len)
+        rows = completion_rows(sampled['prompts'], sampled['completions'], sampled['ends'],
+                               tokenizer.pad_id, cfg.data.seq_len)
         rows['advantages'] = group_advantages(reward, g.group_size, g.scale_rewards)
+        rows['old_logps'] = sampling_log_probs(rows['weights'], sampled['logps'])
         batch = trainer.global_batch(rows)
-        batch['old_logps'] = sampler.log_probs(state.params, batch)
-        jax.block_until_ready(batch['old_logps'])
         t1 = time.perf_counter()
         for _ in range(g.updates_per_batch):
           state, metrics = trainer.step(state, batch)
@@ -235,10 +305,12 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
         if metrics['bad_streak'] >= cfg.train.max_bad_steps:
           raise Diverged(f'round {r}: {int(metrics["bad_streak"])} consecutive steps were skipped '
                          '(non-finite loss or gradient); lower optimizer.lr')
-        lengths = np.array([len(c) for c in completions], np.float64)
+        lengths = np.array([len(c) for c in sampled['completions']], np.float64)
+        sample_s = sampled['sample_s']
         metrics.update(
             reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-            completion_length=float(lengths.mean()), sample_s=t1 - t0, train_s=t2 - t1,
+            completion_length=float(lengths.mean()), sample_s=sample_s, train_s=t2 - t1,
+            wait_s=wait_s, overlap_s=max(0.0, sample_s - wait_s), round_s=t2 - t0,
             groups_with_signal=float(np.mean(reward.reshape(-1, g.group_size).std(axis=1) > 0)),
             **{f'reward/{n.rsplit(".", 1)[-1]}': float(s) for (n, _), s in
                zip(reward_fns, scores.mean(axis=0))})
@@ -250,13 +322,19 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
           tqdm.write(f'round {r + 1}/{rounds} (step {step}): reward {metrics["reward_mean"]:.3f} '
                      f'+- {metrics["reward_std"]:.3f}, loss {metrics["loss"]:.4f}, kl '
                      f'{metrics["kl"]:.4f}, clip {metrics["clip_fraction"]:.3f}, length '
-                     f'{metrics["completion_length"]:.1f}; sample {t1 - t0:.1f}s, train {t2 - t1:.1f}s')
+                     f'{metrics["completion_length"]:.1f}; sample {sample_s:.1f}s (overlapped '
+                     f'{metrics["overlap_s"]:.1f}s), train {t2 - t1:.1f}s, round {t2 - t0:.1f}s')
         bar.update(1)
         data_state = {'round': r + 1, 'sampler_seed': cfg.train.seed}
-        if step % cfg.train.checkpoint_every == 0 or r + 1 == rounds:
-          ckpt.save(step, state, data_state)
-        if stop.should_stop() and r + 1 < rounds:
-          ckpt.save(step, state, data_state, force=True)
+        save = step % cfg.train.checkpoint_every == 0 or r + 1 == rounds
+        preempted = stop.should_stop() and r + 1 < rounds
+        if future is not None and (save or preempted):
+          # Round r + 1 was sampled from weights the checkpoint does not hold: it goes along,
+          # so a resumed run trains on exactly those samples.
+          data_state['pending'] = future.result()
+        if save or preempted:  # once: a preemption at a checkpoint step saved it twice
+          ckpt.save(step, state, data_state, force=preempted)
+        if preempted:
           ckpt.wait()
           raise Preempted(f'{stop.name} at step {step}: checkpoint written to {ckpt.directory}; '
                           'run the same command to resume')
@@ -264,6 +342,8 @@ def _train(cfg, workdir, reward_fns, *, progress=True) -> dict:
     writer.close(failed=True)
     raise
   finally:
+    if executor is not None:
+      executor.shutdown(wait=True, cancel_futures=True)
     bar.close()
     ckpt.close()
   summary.update(step=int(state.step), unigram_perplexity=float('nan'))

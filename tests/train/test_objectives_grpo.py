@@ -216,19 +216,51 @@ def metrics_by_step(workdir):
     return {m['step']: m for m in map(json.loads, f)}
 
 
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """Metrics by step of an uninterrupted 2-round run (4 steps), sampling without overlap."""
+  tmp = tmp_path_factory.mktemp('grpo')
+  grpo_loop.train(grpo_config(tmp, 4), str(tmp / 'straight'), progress=False)
+  return metrics_by_step(str(tmp / 'straight'))
+
+
 @needs_shared
-def test_a_grpo_run_resumes_with_the_same_samples(tmp_path):
-  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
-  grpo_loop.train(grpo_config(tmp_path, 4), straight, progress=False)
+def test_a_grpo_run_resumes_with_the_same_samples(tmp_path, straight_run):
+  split = str(tmp_path / 'split')
   grpo_loop.train(grpo_config(tmp_path, 2), split, progress=False)
   grpo_loop.train(grpo_config(tmp_path, 4), split, progress=False)  # resumes at step 2 (round 1)
-  a, b = metrics_by_step(straight), metrics_by_step(split)
+  a, b = straight_run, metrics_by_step(split)
   assert sorted(a) == [2, 4]
   for step in (4,):
     for key in ('reward_mean', 'completion_length', 'loss', 'kl'):
       assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
-  assert all(k in a[4] for k in ('reward_std', 'clip_fraction', 'sample_s', 'train_s',
-                                 'reward/brevity', 'reward/answer_format'))
+  assert all(k in a[4] for k in ('reward_std', 'clip_fraction', 'sample_s', 'train_s', 'wait_s',
+                                 'overlap_s', 'round_s', 'reward/brevity', 'reward/answer_format'))
+
+
+@needs_shared
+def test_overlapped_sampling_is_one_round_off_policy_and_resumes_exactly(tmp_path, straight_run,
+                                                                         monkeypatch):
+  """grpo.overlap: round 0 is sampled before training, as without overlap (same step-2
+  metrics); round 1 is sampled from the weights before round 0's update, so its step-4 loss
+  differs from the on-policy run's. Preempted after round 0, the checkpoint carries round 1's
+  samples and the resumed run ends exactly as the uninterrupted overlapped one."""
+  from lm.errors import Preempted
+  from lm.train import preemption
+  c = grpo_config(tmp_path, 4)
+  c.grpo.overlap = True
+  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+  grpo_loop.train(c, straight, progress=False)
+  with monkeypatch.context() as m:
+    m.setattr(preemption.StopSignal, 'should_stop', lambda self: True)
+    with pytest.raises(Preempted):
+      grpo_loop.train(c, split, progress=False)
+  grpo_loop.train(c, split, progress=False)
+  a, b = metrics_by_step(straight), metrics_by_step(split)
+  for key in ('reward_mean', 'completion_length', 'loss', 'kl'):
+    assert a[2][key] == pytest.approx(straight_run[2][key], rel=1e-5, abs=1e-7), key
+    assert b[4][key] == pytest.approx(a[4][key], rel=1e-5, abs=1e-7), key
+  assert a[4]['loss'] != pytest.approx(straight_run[4]['loss'], rel=1e-4)
 
 
 @needs_shared
