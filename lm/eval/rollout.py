@@ -86,10 +86,12 @@ def sample_logits(logits_BV, rng, sampling: Sampling):
 @dataclasses.dataclass(frozen=True)
 class Request:
   """`prompt` token ids (at least one); `n` samples of it share its prefill; `stop`: token
-  sequences that end a sample besides the engine's eos."""
+  sequences that end a sample besides the engine's eos; `max_new_tokens`: this request's limit,
+  at most (and by default) the engine's."""
   prompt: tuple
   n: int = 1
   stop: tuple = ()
+  max_new_tokens: int | None = None
 
 
 @dataclasses.dataclass
@@ -250,7 +252,7 @@ class RolloutEngine:
       logp = slot['logp'].at[rows_B, at].set(jnp.where(active_B, logp_B, slot['logp'][rows_B, at]))
       n_B = n_B + active_B
       hit_B = jnp.where(active_B, _stop_hit(out, n_B, stops_BML), slot['hit'])
-      done_B = active_B & ((hit_B >= 0) | (n_B >= N))
+      done_B = active_B & ((hit_B >= 0) | (n_B >= slot['limit']))
       slot = {**slot, 'cur': jnp.where(active_B, next_B, slot['cur']), 'pos': slot['pos'] + active_B,
               'n': n_B, 'out': out, 'logp': logp, 'hit': hit_B, 'active': active_B & ~done_B}
       return step + 1, (clock + 1) % S, cache, slot, finished | jnp.any(done_B)
@@ -265,6 +267,11 @@ class RolloutEngine:
     """[[Completion] * request.n per request]. `on_done(i)`: called when request i is complete."""
     N = self.sampling.max_new_tokens
     B = self.slots
+    for i, r in enumerate(requests):
+      if not r.prompt or r.n < 1 or (r.max_new_tokens is not None and r.max_new_tokens < 1):
+        raise UserError(f'rollout request {i}: needs a prompt of at least one token, n >= 1 and '
+                        f'max_new_tokens >= 1 (got {len(r.prompt)} tokens, n={r.n}, '
+                        f'max_new_tokens={r.max_new_tokens})')
     stops = [self._stops(r) for r in requests]
     M = _pow2(max([len(s) for s in stops] + [1]))
     L = _pow2(max([len(x) for s in stops for x in s] + [1]))
@@ -273,15 +280,19 @@ class RolloutEngine:
     cache = self._new_cache(B, S)
     clock = jnp.int32(0)
     slot = {'cur': np.full(B, self.pad_id, np.int32), 'pos': np.zeros(B, np.int32),
-            'n': np.zeros(B, np.int32), 'active': np.zeros(B, bool), 'req': np.zeros(B, np.int32),
+            'n': np.zeros(B, np.int32), 'limit': np.full(B, N, np.int32),
+            'active': np.zeros(B, bool), 'req': np.zeros(B, np.int32),
             'sample': np.zeros(B, np.int32), 'hit': np.full(B, -1, np.int32),
             'out': np.full((B, N), self.pad_id, np.int32), 'logp': np.zeros((B, N), np.float32)}
     stops_BML = np.full((B, M, L), -1, np.int32)
     queue = [(i, s) for i, r in enumerate(requests) for s in range(r.n)]
     queue.reverse()  # pop() from the end takes them in order
     results = [[None] * r.n for r in requests]
-    remaining = [r.n for r in requests]
-    prefilled: dict = {}  # request -> (states of its prefill batch, row)
+    # Requests with the same prompt (a GRPO group given as n = 1 requests) share one prefill too.
+    remaining: dict = {}  # prompt -> samples not yet placed
+    for r in requests:
+      remaining[r.prompt] = remaining.get(r.prompt, 0) + r.n
+    prefilled: dict = {}  # prompt -> (states of its prefill batch, row)
     while queue or slot['active'].any():
       free = np.flatnonzero(~slot['active'])
       placed = []
@@ -291,10 +302,11 @@ class RolloutEngine:
         self._prefill_missing([i for i, _ in placed], requests, buckets, prefilled, params)
         by_states: dict = {}
         for b, (i, s) in zip(free, placed):
-          states, row = prefilled[i]
+          states, row = prefilled[requests[i].prompt]
           by_states.setdefault(id(states), (states, []))[1].append((b, row))
           prompt = requests[i].prompt
           slot['cur'][b], slot['pos'][b], slot['n'][b] = prompt[-1], len(prompt) - 1, 0
+          slot['limit'][b] = min(N, requests[i].max_new_tokens or N)
           slot['active'][b], slot['req'][b], slot['sample'][b], slot['hit'][b] = True, i, s, -1
           slot['out'][b], slot['logp'][b] = self.pad_id, 0.0
           stops_BML[b] = -1
@@ -305,10 +317,11 @@ class RolloutEngine:
           for b, row in pairs:
             src[b], take[b] = row, True
           cache = self._insert(cache, states, clock, src, take)
-        for i in {i for i, _ in placed}:
-          remaining[i] -= sum(1 for j, _ in placed if j == i)
-          if remaining[i] == 0:
-            del prefilled[i]  # every sample placed: its prefill is no longer needed
+        for i, _ in placed:
+          prompt = requests[i].prompt
+          remaining[prompt] -= 1
+          if remaining[prompt] == 0:
+            del prefilled[prompt]  # every sample placed: its prefill is no longer needed
       was_active = slot['active'].copy()
       cache, clock, new = self._decode(params, cache, clock, slot, key, stops_BML,
                                        np.int32(N), np.bool_(bool(queue)))
@@ -327,11 +340,11 @@ class RolloutEngine:
     return eos + tuple(tuple(int(t) for t in s) for s in request.stop if s and tuple(s) not in eos)
 
   def _prefill_missing(self, indices, requests, buckets, prefilled, params):
-    """Prefills the requests among `indices` not yet prefilled, by length bucket, at most
-    `prefill_batch` at a time."""
+    """Prefills the prompts of the requests among `indices` not yet prefilled, by length
+    bucket, at most `prefill_batch` at a time."""
     todo: dict = {}
-    for i in dict.fromkeys(indices):
-      if i not in prefilled:
+    for i in {requests[i].prompt: i for i in indices}.values():
+      if requests[i].prompt not in prefilled:
         todo.setdefault(buckets[i], []).append(i)
     for P, group in todo.items():
       for start in range(0, len(group), self.prefill_batch):
@@ -346,4 +359,4 @@ class RolloutEngine:
           lengths[q] = len(body)
         states = self._prefill(params, tokens, lengths)
         for q, i in enumerate(chunk):
-          prefilled[i] = (states, q)
+          prefilled[requests[i].prompt] = (states, q)
