@@ -1,6 +1,7 @@
-"""The rollout engine (lm/eval/rollout.py): greedy output equal to the batch generator's, sampled
-log-probs equal to the trainer's forward for every token-mixer kind, per-request stops, refilled
-slots that change nothing, and a bounded number of compiled programs."""
+"""The rollout engine (lm/eval/rollout.py): greedy output equal to the batch generator's with slots
+refilled, per-request stops, sampled log-probs equal to the trainer's forward for every cache kind
+(attention k/v, MLA latents, gated-DeltaNet state; with MoE), and a bounded number of compiled
+programs."""
 
 import jax
 import numpy as np
@@ -16,14 +17,14 @@ from lm.train.state import ModelSpec
 PROMPTS = [[5, 9, 14, 3, 7, 30, 2], [11, 4], [8, 8, 21, 40, 17], [3], list(range(40, 60))]
 N = 6
 
-KINDS = {
-    'attention': {},
-    'moe': dict(moe=dict(n_experts=4, experts_per_token=2, expert_dim=16)),
-    'hybrid': dict(layer_types=('linear', 'full'),
+KINDS = {  # token mixers and channel mixers as the families combine them
+    'attention': {},  # Llama, Qwen, Gemma, ...
+    'moe_mla': dict(moe=dict(n_experts=4, experts_per_token=2, expert_dim=16),  # DeepSeek-V3
+                    mla=dict(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+                             qk_rope_head_dim=4, v_head_dim=6)),
+    'hybrid': dict(layer_types=('linear', 'full'),  # Qwen3.5 / Qwen3-Next: gated DeltaNet + attention
                    linear_attn=dict(n_key_heads=2, n_value_heads=4, key_head_dim=8,
                                     value_head_dim=8, conv_kernel=4)),
-    'mla': dict(mla=dict(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
-                         qk_rope_head_dim=4, v_head_dim=6)),
 }
 
 
@@ -75,7 +76,7 @@ def test_greedy_equals_the_batch_generator_with_slots_refilled(attention_model):
   assert [len(r[0].logps) for r in got] == [4, end1 + 1, end2 + 1]  # the stop tokens' too
 
 
-@pytest.mark.parametrize('kind', ['attention', 'moe', 'hybrid', 'mla'])
+@pytest.mark.parametrize('kind', list(KINDS))
 def test_sampled_log_probs_equal_the_trainers_forward(kind, attention_model):
   """G = 3 samples per prompt at temperature 1, each prompt prefilled once: each token's
   recorded log-prob equals token_log_probs (the trainer's forward, lm/train/objectives.py) of
