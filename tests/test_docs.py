@@ -69,6 +69,7 @@ lm() {{
       case "${{2:-}}" in
         finetune) command lm "$@" --steps 1 --rounds 1 $CI_BENCH_MODEL ;;
         decode) command lm "$@" --reps 1 --batch 1 --new-tokens 4 ;;
+        rollout) command lm "$@" --concurrency 2 --completions 4 --group 2 --prompt-len 8 --new-tokens 4 ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
         moe) command lm "$@" --steps 2 --layers 1 --seq-len 32 --batch 2 ;;
         attention|data|gpu) command lm "$@" --steps 2 ;;
