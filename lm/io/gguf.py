@@ -35,14 +35,29 @@ from lm.config import head_dim, n_experts
 from lm.data import gguf_tokenizer
 from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
+from lm.model import stack as stack_lib
 
-ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi3')
-# lm's Hugging Face family -> llama.cpp architecture (Mixtral is llama's graph with experts).
+ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi3', 'smollm3',
+                 'olmo2')
+# lm's Hugging Face family -> llama.cpp architecture (Mixtral is llama's graph with experts; OLMo 3
+# is olmo2's graph with sliding windows).
 ARCH_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mixtral': 'llama',
-           'qwen3_moe': 'qwen3moe', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3'}
-# llama.cpp architecture -> lm's family for its dense models (llama with experts is Mixtral).
+           'qwen3_moe': 'qwen3moe', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3',
+           'smollm3': 'smollm3', 'olmo2': 'olmo2', 'olmo3': 'olmo2'}
+# llama.cpp architecture -> lm's family for its dense models (llama with experts is Mixtral,
+# olmo2 with a sliding window OLMo 3).
 FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': 'qwen3_moe',
-             'gemma2': 'gemma2', 'gemma3': 'gemma3_text', 'phi3': 'phi3'}
+             'gemma2': 'gemma2', 'gemma3': 'gemma3_text', 'phi3': 'phi3', 'smollm3': 'smollm3',
+             'olmo2': 'olmo2'}
+# The families lm loads from Hugging Face that GGUF export still refuses, and why.
+UNEXPORTED = {
+    'gpt_oss': "lm does not write llama.cpp's gpt-oss layout yet",
+    'deepseek_v3': "lm does not write llama.cpp's deepseek2 layout (MLA) yet",
+    'glm4_moe': "lm does not write llama.cpp's glm4moe layout yet",
+    'llama4': "lm does not write llama.cpp's llama4 layout yet",
+    'qwen3_next': "lm does not write llama.cpp's qwen3next layout (gated DeltaNet) yet",
+    'qwen3_5': "lm does not write llama.cpp's qwen35 layout (gated DeltaNet) yet",
+}
 # GGUF holds each layer's experts as one [n_expert, out, in] tensor; HF (and lm's readers) name
 # one tensor per expert. GGUF name -> the HF per-expert template, per family; the router too.
 EXPERT_NAMES = {
@@ -87,8 +102,14 @@ SANDWICH_NAMES = {
     'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight',
     'blk.{i}.post_ffw_norm.weight': 'model.layers.{i}.post_feedforward_layernorm.weight',
 }
+# OLMo 2/3 norm after each part only: no ffn_norm (None drops a NAMES entry).
+POST_NAMES = {
+    'blk.{i}.attn_norm.weight': None, 'blk.{i}.ffn_norm.weight': None,
+    'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight',
+    'blk.{i}.post_ffw_norm.weight': 'model.layers.{i}.post_feedforward_layernorm.weight',
+}
 FAMILY_NAMES = {
-    'gemma2': SANDWICH_NAMES, 'gemma3_text': SANDWICH_NAMES,
+    'gemma2': SANDWICH_NAMES, 'gemma3_text': SANDWICH_NAMES, 'olmo2': POST_NAMES, 'olmo3': POST_NAMES,
     'phi3': {'blk.{i}.attn_qkv.weight': 'model.layers.{i}.self_attn.qkv_proj.weight',
              'blk.{i}.ffn_up.weight': 'model.layers.{i}.mlp.gate_up_proj.weight'},
 }
@@ -101,11 +122,17 @@ GEMMA_FIELDS = dict(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh
 GRAPH_FIELDS = {'gemma2': GEMMA_FIELDS, 'gemma3': dict(GEMMA_FIELDS, qk_norm=True)}
 # Sliding layers when the file gives no pattern: llama.cpp's set_swa_pattern(n) makes layer i
 # sliding unless i % n == n - 1 (Gemma 2: every other layer, Gemma 3: five of each six).
-SWA_PATTERN = {'gemma2': 2, 'gemma3': 6}
+SWA_PATTERN = {'gemma2': 2, 'gemma3': 6, 'olmo2': 4}
+# llama.cpp's smollm3 graph rotates no layer i with (i + 1) % 4 == 0; no metadata key sets it.
+SMOLLM3_NOPE_STEP = 4
 # llama.cpp scales Gemma queries by head_dim ** -0.5, except for the layer count of each family's
 # 27B model, where it uses (d_model // n_heads) ** -0.5 (what those checkpoints'
 # query_pre_attn_scalar says); no metadata key sets it.
 WIDE_LAYERS = {'gemma2': 46, 'gemma3': 62}
+# Architectures whose graph rotates interleaved pairs (LLAMA_ROPE_TYPE_NORM): q/k rows permuted.
+PERMUTED = ('llama', 'smollm3')
+# Architectures whose graph requires output.weight: a tied model writes its embeddings there.
+UNTIED = ('olmo2',)
 # RoPE scaling each graph applies as lm computes it: Gemma 3 scales full layers only (linear, its
 # 4B-27B checkpoints), sliding ones keep rope.freq_base_swa unscaled. Others: plain RoPE.
 ROPE_SCALING = {'gemma3': ('linear',)}
@@ -113,7 +140,7 @@ ROPE_SCALING = {'gemma3': ('linear',)}
 
 def names_of(family: str | None) -> dict:
   """GGUF tensor name -> HF tensor name ({i}: layer index) for lm family `family`."""
-  return {**NAMES, **FAMILY_NAMES.get(family, {})}
+  return {k: v for k, v in {**NAMES, **FAMILY_NAMES.get(family, {})}.items() if v is not None}
 
 
 def find_file(path: str) -> str | None:
@@ -224,7 +251,23 @@ def model_config(path: str) -> dict:
     fields['rope_scaling'] = dict(type=scaling, factor=float(need('rope.scaling.factor')))
   if arch in GRAPH_FIELDS:
     fields.update(GRAPH_FIELDS[arch], **_gemma_fields(reader, arch, L, D, H, K, theta, scaled))
+  if arch == 'smollm3':  # its graph skips RoPE on every 4th layer (n_no_rope_layer_step = 4)
+    fields['rope_layers'] = _smollm3_rope_layers(L)
+  if arch == 'olmo2':
+    fields.update(norm_placement='post', qk_norm_scope='all', **_olmo_fields(reader, L))
   return fields
+
+
+def _olmo_fields(reader, L: int) -> dict:
+  """An olmo2 file's windows: none (OLMo 2), or sliding layers by the file's pattern (default
+  three of each four; OLMo 3). Its graph rotates sliding layers at rope.freq_base, unscaled
+  (src/models/olmo2.cpp reads rope.freq_base_swa but never uses it)."""
+  window = int(_value(reader, 'olmo2.attention.sliding_window', 0))
+  if window <= 0:
+    return {}
+  kinds = _swa_kinds(reader, 'olmo2', L)
+  return dict(hf_family='olmo3', sliding_window=window if 'sliding' in kinds else 0,
+              layer_types=kinds if len(set(kinds)) > 1 else ())
 
 
 def _gemma_fields(reader, arch: str, L: int, D: int, H: int, K: int, theta: float,
@@ -344,7 +387,7 @@ class Tensors:
     array = array.reshape(self.shape(name))
     if self.norm_offset and name.endswith('norm.weight'):
       array = array - np.float32(self.norm_offset)
-    if self.arch == 'llama':
+    if self.arch in PERMUTED:
       if '.q_proj.' in name:
         array = permute_rows(array, self.n_heads, inverse=True)
       elif '.k_proj.' in name:
@@ -404,12 +447,14 @@ def _rope_fits(m, arch: str) -> bool:
 
 PLAIN = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe')
 GEMMA = ('gemma2', 'gemma3_text')
-EVERY = PLAIN + GEMMA + ('phi3',)
+OLMO = ('olmo2', 'olmo3')
+NEWER = ('smollm3',) + OLMO
+EVERY = PLAIN + GEMMA + ('phi3',) + NEWER
 # What llama.cpp's graph for a family computes (or what lm writes for it) that a model of that
 # family may differ in, beyond what lm.io.hf.family_of already holds to: (families, lm model
 # field, fits(model config), the rule). Export refuses the first model field that does not fit.
 EXPORT_LIMITS = (
-    (PLAIN + ('gemma2', 'phi3'), 'rope_scaling', lambda m, arch: not m.rope_scaling,
+    (PLAIN + ('gemma2', 'phi3') + NEWER, 'rope_scaling', lambda m, arch: not m.rope_scaling,
      "lm writes llama.cpp's {arch} files with plain RoPE (llama.cpp's convert_hf_to_gguf.py "
      'converts RoPE scaling)'),
     (('gemma3_text',), 'rope_scaling', _rope_fits,
@@ -418,10 +463,20 @@ EXPORT_LIMITS = (
     (EVERY, 'mlp_bias', lambda m, arch: not m.mlp_bias, 'lm writes no MLP biases to GGUF'),
     (GEMMA + ('phi3',), 'qkv_bias', lambda m, arch: not m.qkv_bias,
      "llama.cpp's {arch} graph has no attention biases"),
-    (GEMMA + ('phi3',), 'attn_out_bias', lambda m, arch: not m.attn_out_bias,
+    (GEMMA + ('phi3',) + NEWER, 'attn_out_bias', lambda m, arch: not m.attn_out_bias,
      "llama.cpp's {arch} graph has no attention output bias"),
-    (PLAIN, 'sliding_window', lambda m, arch: not m.sliding_window,
+    (PLAIN + ('smollm3', 'olmo2'), 'sliding_window', lambda m, arch: not m.sliding_window,
      "llama.cpp's {arch} graph has no sliding window"),
+    (('smollm3',), 'rope_layers',
+     lambda m, arch: tuple(m.rope_layers) == _smollm3_rope_layers(m.n_layers),
+     "llama.cpp's smollm3 graph skips RoPE on every 4th layer (layers 3, 7, ...) and rotates the "
+     'others'),
+    (('olmo3',), 'rope_local_theta',
+     lambda m, arch: m.rope_local_theta in (0.0, m.rope_theta) or 'sliding' not in _kinds(m),
+     "llama.cpp's olmo2 graph rotates sliding layers at the full layers' base (rope.freq_base; it "
+     'reads rope.freq_base_swa and leaves it unused), so it must equal model.rope_theta'),
+    (OLMO, 'head_dim', lambda m, arch: head_dim(m) == m.d_model // m.n_heads,
+     "llama.cpp's olmo2 graph has heads of d_model / n_heads"),
     (PLAIN, 'moe.norm_topk_prob', lambda m, arch: not n_experts(m) or m.moe.norm_topk_prob,
      "llama.cpp's {arch} graph renormalises the chosen experts' weights"),
     (PLAIN, 'mlp_types', lambda m, arch: 'dense' not in tuple(m.get('mlp_types') or ()),
@@ -450,6 +505,10 @@ EXPORT_LIMITS = (
 )
 
 
+def _smollm3_rope_layers(L: int) -> tuple[int, ...]:
+  return tuple(int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(L))
+
+
 def _shown(m, field: str):
   if field == 'layer_types':
     return _kinds(m)
@@ -464,9 +523,10 @@ def check_exportable(m, family: str) -> str:
   one-line CheckpointError naming what llama.cpp would compute differently."""
   arch = ARCH_OF.get(family)
   if arch is None:
+    why = f' ({UNEXPORTED[family]})' if family in UNEXPORTED else ''
     raise CheckpointError(f'GGUF export writes {", ".join(ARCH_OF)} models (others: --format hf, '
                           'then llama.cpp\'s convert_hf_to_gguf.py); this model is '
-                          f'{family}')
+                          f'{family}{why}')
   for families, field, fits, rule in EXPORT_LIMITS:
     if family in families and not fits(m, arch):
       scalar = _query_scalar(m, arch) if arch in WIDE_LAYERS else None
@@ -520,7 +580,7 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, token_fields)
-    for gguf_name, array in _tensors(params, m, tensors, permuted=arch == 'llama'):
+    for gguf_name, array in _tensors(params, m, tensors, permuted=arch in PERMUTED):
       if qtype == gguf.GGMLQuantizationType.Q8_0 and array.ndim >= 2 and array.shape[-1] % 32 == 0:
         writer.add_tensor(gguf_name, gguf.quantize(array, qtype), raw_dtype=qtype)
       elif array.ndim >= 2:
@@ -541,8 +601,8 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
 
 
 def _add_family_metadata(writer, m, family: str) -> None:
-  """The keys llama.cpp's converter writes for Gemma 2/3 and Phi-3 (conversion/gemma.py, phi.py)
-  that this model's values need."""
+  """The keys llama.cpp's converter writes for Gemma 2/3, OLMo 3 and Phi-3 (conversion/gemma.py,
+  olmo.py, phi.py) that this model's values need."""
   import gguf  # pylint: disable=import-outside-toplevel
   sliding = 'sliding' in _kinds(m)
   if family == 'gemma2':  # the softcaps and the window are always on in its graph
@@ -559,6 +619,9 @@ def _add_family_metadata(writer, m, family: str) -> None:
     if m.rope_scaling:  # linear (EXPORT_LIMITS): full layers' positions / factor
       writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
       writer.add_rope_scaling_factor(float(m.rope_scaling['factor']))
+  elif family == 'olmo3' and sliding:  # olmo2's graph with windows: per-layer pattern, own base
+    writer.add_sliding_window(int(m.sliding_window))
+    writer.add_sliding_window_pattern([kind == 'sliding' for kind in _kinds(m)])
   elif family == 'phi3':
     writer.add_rope_scaling_orig_ctx_len(m.max_seq_len)
     # Written as the converter does (0: none, as for Phi-4); llama.cpp's graph ignores it.
@@ -580,6 +643,8 @@ def _tensor_plan(params: dict, m, family: str) -> list:
       continue  # written with the fused tensor's first part
     group = part[1] if part else (lm_name,)  # Phi-3's q, k, v (or gate, up) in row order
     plan.append((to_gguf[template], [(n, table[n][1]) for n in group], template))
+  if m.tie_embeddings and ARCH_OF[family] in UNTIED:  # the same matrix, written twice
+    plan.append(('output.weight', [('embed', 0)], 'lm_head.weight'))
   return plan
 
 
@@ -594,11 +659,12 @@ def _tensors(params: dict, m, plan: list, *, permuted: bool):
       if lm_name.endswith('norm.scale'):  # llama.cpp multiplies by the weight as stored
         array = array + np.float32(m.norm_offset)
       arrays.append(array)
-    layers = range(len(arrays[0])) if group[0][0].startswith('layers.') else [None]
-    for i in layers:
+    # Row j of a layer stack is model layer rows[j] (a stack holds only the layers of its kind).
+    rows = stack_lib.layer_rows(m, group[0][0])
+    for j, i in enumerate(rows) if rows is not None else [(None, None)]:
       parts = []
       for array, (_, layout) in zip(arrays, group):
-        one = array if i is None else array[i]
+        one = array if j is None else array[j]
         if '{e}' in template:  # [E, in, out] -> [E, out, in]: all of the layer's experts, one tensor
           parts.append(np.stack([hf.to_hf(expert, layout) for expert in one]))
         else:

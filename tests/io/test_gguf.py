@@ -226,9 +226,63 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
   with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe, '
-                     'gemma2, gemma3_text, phi3 models.*this model is gemma$'):
+                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3 models.*this model is gemma$'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
+  # What llama.cpp's newer graphs fix in code, named with the field that differs.
+  olmo = dict(norm_placement='post', qk_norm=True, qk_norm_scope='all')
+  for model, rule in [
+      (dict(hf_family='smollm3', n_layers=4, rope_layers=(1, 0, 1, 0)),
+       r'skips RoPE on every 4th layer .* model.rope_layers=\(1, 0, 1, 0\)'),
+      (dict(olmo, hf_family='olmo3', sliding_window=4, rope_local_theta=1e5, layer_types=('sliding', 'full')),
+       r"rotates sliding layers at the full layers' base .* model.rope_local_theta=100000.0"),
+      (dict(olmo, hf_family='olmo2', head_dim=16), r'heads of d_model / n_heads.* model.head_dim=16')]:
+    with pytest.raises(CheckpointError, match=rule):
+      gguf_io.save(str(tmp_path / 'x.gguf'), {}, tiny_config(**model).model, None)
   assert os.listdir(tmp_path) == []
+
+
+def test_families_not_yet_exported_are_refused_naming_why():
+  m = tiny_config(hf_family='gpt_oss').model
+  with pytest.raises(CheckpointError, match=r"this model is gpt_oss \(lm does not write llama.cpp's gpt-oss"):
+    gguf_io.check_exportable(m, 'gpt_oss')
+
+
+@pytest.mark.parametrize('family, arch, model', [
+    ('smollm3', 'smollm3', dict(n_layers=4, rope_layers=(1, 1, 1, 0), tie_embeddings=True)),
+    ('olmo3', 'olmo2', dict(norm_placement='post', qk_norm=True, qk_norm_scope='all', n_layers=4,
+                            sliding_window=4, layer_types=('sliding', 'full', 'sliding', 'sliding'),
+                            tie_embeddings=True))])
+def test_newer_families_export_as_llama_cpps_and_read_back(lora_run, tmp_path, family, arch, model):
+  """SmolLM3 (NoPE every 4th layer, interleaved RoPE: q/k permuted) and OLMo 3 (olmo2's graph with
+  a per-layer window pattern; norms after each part; tied embeddings written again as output.weight,
+  which olmo2 requires): llama.cpp's tensor names, and lm's import gives back the model's fields and
+  its F16-rounded weights. tests/io/test_llama_cpp.py runs the files in llama.cpp."""
+  from lm.data import tokenizer as tokenizer_lib
+  from lm.train.state import ModelSpec
+  run, _, _ = lora_run
+  tokenizer = tokenizer_lib.load(str(run.parent / 'sp.model'))
+  c = tiny_config(hf_family=family, **model)
+  spec = ModelSpec(c.model)
+  rng = np.random.default_rng(0)
+  params = {n: rng.normal(size=s.shape).astype(np.float16).astype(np.float32)
+            for n, s in spec.shapes.items()}
+  out = tmp_path / f'{family}.gguf'
+  assert gguf_io.save(str(out), params, c.model, tokenizer) == arch
+  assert _kinds(out) <= _gguf_names(arch)
+  fields = gguf_io.model_config(str(out))
+  assert fields['hf_family'] == family and fields['tie_embeddings'] == (arch == 'smollm3')
+  for key in ('rope_layers', 'layer_types'):
+    assert tuple(fields.get(key, ())) == tuple(c.model[key]), key
+  for key in ('norm_placement', 'qk_norm_scope', 'sliding_window', 'rope_theta'):
+    assert fields.get(key, 'pre' if key == 'norm_placement' else c.model[key]) == c.model[key], key
+  c.model.update(fields)
+  back = ModelSpec(c.model)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  loaded = gguf_io.load_params(str(out), back, {n: one for n in back.names})
+  for name, value in params.items():
+    np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
+  if arch == 'olmo2':
+    np.testing.assert_array_equal(np.asarray(loaded['lm_head.kernel']), params['embed'].T)
 
 
 def test_quant_bench_reads_a_gguf_file(tmp_path, monkeypatch):
