@@ -4,7 +4,7 @@ it fits, what it costs and how fast it would run.
 The step is the one `lm train` runs (lm.Trainer with the target's compile-only devices, so every
 mode: full, LoRA, frozen layers, DPO); the compiler for the target (libtpu, or the CUDA plugin with
 a GpuTargetConfigProto) does the lowering and the buffer assignment, so the memory figures are the
-compiler's, not an estimate. FLOPs are analytic (lm/bench/step_flops.py); step time and tokens/s
+compiler's, not an estimate. FLOPs are analytic (lm/train/step_flops.py); step time and tokens/s
 follow at a stated MFU.
 """
 
@@ -22,7 +22,7 @@ platforms.load_compilers()  # the CUDA compiler, for GPU targets, before jax sta
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np
 
-from lm.bench import step_flops as flops_lib
+from lm.train import step_flops as flops_lib
 from lm.config import head_dim
 from lm.bench import targets as targets_lib
 from lm.data.packing import DTYPES

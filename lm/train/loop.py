@@ -24,7 +24,7 @@ from lm import host_memory
 from lm.model import ring_attention
 from lm.model import stack as stack_lib
 from lm.train import flops as flops_lib
-from lm.train import balancing, identity, objectives, optim, partition, preemption, rundir
+from lm.train import balancing, identity, objectives, optim, partition, preemption, rundir, step_flops
 from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
@@ -271,7 +271,8 @@ def _train(cfg, workdir: str, *, progress: bool = True) -> dict:
     identity.record(workdir, run_identity)
 
   T, B = cfg.data.seq_len, cfg.data.batch_size
-  flops_per_token = flops_lib.train_flops_per_token(cfg.model, T)
+  # The FLOPs this mode's step needs (LoRA or frozen layers skip weight gradients), as `lm plan`.
+  flops_per_token = step_flops.batch_token_flops(trainer)
   peak, peak_source = flops_lib.peak_flops_per_device(cfg.metrics.peak_flops_per_device)
   peak_total = peak * jax.device_count()
   unigram_ppl = pipeline.unigram_perplexity(corpus)

@@ -11,7 +11,8 @@ from conftest import ROOT, tiny_config
 
 import lm_runs
 from lm.bench import plan as plan_lib
-from lm.bench import step_flops, targets
+from lm.bench import targets
+from lm.train import step_flops
 from lm.config import head_dim
 from lm.errors import ConfigError, UserError
 from lm.train import flops as train_flops

@@ -51,6 +51,22 @@ def test_early_stopping_and_task_metrics_during_training(runs):
   assert all('gsm8k_choice/accuracy' in r for r in evals)
 
 
+def test_a_lora_runs_mfu_counts_the_flops_its_step_needs(runs):
+  """The MFU the loop logs counts what `lm plan` counts for the run's mode (LoRA: no gradients of
+  the frozen base weights), not the 6N of full training it used to count (over 100% on LoRA runs)."""
+  import jax
+  from lm.io import runs as runs_lib
+  from lm.train import step_flops
+  _, tuned, _ = runs
+  cfg = runs_lib.load_config(tuned)
+  need = step_flops.batch_token_flops(train_lib.Trainer(cfg))
+  logged = [r for r in read_metrics(tuned) if 'mfu' in r]
+  per_token = [r['mfu'] * 1e12 * jax.device_count() / r['tokens_per_s'] for r in logged]
+  assert cfg.train.trainable == 'lora' and per_token == pytest.approx([need] * len(logged), rel=1e-6)
+  cfg.train.trainable = 'all'
+  assert need < step_flops.batch_token_flops(train_lib.Trainer(cfg))
+
+
 def test_eval_and_generate_cli(runs, tmp_path, capsys):
   base, tuned, _ = runs
   out = str(tmp_path / 'eval')

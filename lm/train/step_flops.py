@@ -1,4 +1,5 @@
 """Analytic FLOPs of one train step, per mode: what the step computes, counted from its shapes.
+`lm plan` reports them and the training loop's MFU counts them (`batch_token_flops`).
 
 A matmul weight of n parameters costs, per token, 2n in the forward pass, 2n for the gradient of
 its input (only where something below it trains) and 2n for its own gradient (only if it
@@ -105,3 +106,11 @@ def step_flops(trainer) -> StepFlops:
     reference = tokens * (2 * base_head + 2 * base_layers + np.sum(mixer_fwd))
   return StepFlops(float(forward * tokens), float(input_grads * tokens),
                    float(weight_grads * tokens), float(reference), float(recompute * tokens), tokens)
+
+
+def batch_token_flops(trainer) -> float:
+  """FLOPs the step needs (StepFlops.model) per token of its batch (data.batch_size x
+  data.seq_len): what the training loop's MFU multiplies its tokens/s by. A LoRA step needs about
+  4N per token, not the 6N of full training (lm.train.flops.train_flops_per_token)."""
+  data = trainer.cfg.data
+  return step_flops(trainer).model / (data.batch_size * data.seq_len)
