@@ -35,6 +35,7 @@ from lm.config import head_dim, n_experts
 from lm.data import gguf_tokenizer
 from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
+from lm.io.families.common import Custom
 from lm.model import stack as stack_lib
 
 ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi3', 'smollm3',
@@ -43,7 +44,7 @@ ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi
 # is olmo2's graph with sliding windows).
 ARCH_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mixtral': 'llama',
            'qwen3_moe': 'qwen3moe', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3',
-           'smollm3': 'smollm3', 'olmo2': 'olmo2', 'olmo3': 'olmo2'}
+           'smollm3': 'smollm3', 'olmo2': 'olmo2', 'olmo3': 'olmo2', 'gpt_oss': 'gpt-oss'}
 # llama.cpp architecture -> lm's family for its dense models (llama with experts is Mixtral,
 # olmo2 with a sliding window OLMo 3).
 FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': 'qwen3_moe',
@@ -51,7 +52,6 @@ FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': '
              'olmo2': 'olmo2'}
 # The families lm loads from Hugging Face that GGUF export still refuses, and why.
 UNEXPORTED = {
-    'gpt_oss': "lm does not write llama.cpp's gpt-oss layout yet",
     'deepseek_v3': "lm does not write llama.cpp's deepseek2 layout (MLA) yet",
     'glm4_moe': "lm does not write llama.cpp's glm4moe layout yet",
     'llama4': "lm does not write llama.cpp's llama4 layout yet",
@@ -69,6 +69,15 @@ EXPERT_NAMES = {
                   'blk.{i}.ffn_gate_exps.weight': 'model.layers.{i}.mlp.experts.{e}.gate_proj.weight',
                   'blk.{i}.ffn_up_exps.weight': 'model.layers.{i}.mlp.experts.{e}.up_proj.weight',
                   'blk.{i}.ffn_down_exps.weight': 'model.layers.{i}.mlp.experts.{e}.down_proj.weight'},
+}
+# lm parameter -> (GGUF name, one layer's lm array -> GGUF numpy order), for weights whose HF
+# tensor holds several lm parameters or is laid out unlike a linear layer's.
+BY_LM_NAME = {
+    'gpt_oss': {'layers.moe.gate.kernel': ('blk.{i}.ffn_gate_exps.weight', lambda a: _experts_t(a)),
+                'layers.moe.up.kernel': ('blk.{i}.ffn_up_exps.weight', lambda a: _experts_t(a)),
+                'layers.moe.down.kernel': ('blk.{i}.ffn_down_exps.weight', lambda a: _experts_t(a)),
+                'layers.moe.gate.bias': ('blk.{i}.ffn_gate_exps.bias', lambda a: a),
+                'layers.moe.up.bias': ('blk.{i}.ffn_up_exps.bias', lambda a: a)},
 }
 TENSOR_TYPES = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K')
 EXPORT_DTYPES = ('f16', 'q8_0')
@@ -108,8 +117,18 @@ POST_NAMES = {
     'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight',
     'blk.{i}.post_ffw_norm.weight': 'model.layers.{i}.post_feedforward_layernorm.weight',
 }
+# gpt-oss: its norm before the experts is post_attention_norm; sinks, a biased router, and the
+# experts as HF stores them whole (gate/up interleaved, down [E, F, D]) go by lm name below.
+GPT_OSS_NAMES = {
+    'blk.{i}.ffn_norm.weight': None,
+    'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight',
+    'blk.{i}.attn_sinks.weight': 'model.layers.{i}.self_attn.sinks',
+    'blk.{i}.ffn_gate_inp.weight': 'model.layers.{i}.mlp.router.weight',
+    'blk.{i}.ffn_gate_inp.bias': 'model.layers.{i}.mlp.router.bias',
+    'blk.{i}.ffn_down_exps.bias': 'model.layers.{i}.mlp.experts.down_proj_bias',
+}
 FAMILY_NAMES = {
-    'gemma2': SANDWICH_NAMES, 'gemma3_text': SANDWICH_NAMES, 'olmo2': POST_NAMES, 'olmo3': POST_NAMES,
+    'gemma2': SANDWICH_NAMES, 'gpt_oss': GPT_OSS_NAMES, 'gemma3_text': SANDWICH_NAMES, 'olmo2': POST_NAMES, 'olmo3': POST_NAMES,
     'phi3': {'blk.{i}.attn_qkv.weight': 'model.layers.{i}.self_attn.qkv_proj.weight',
              'blk.{i}.ffn_up.weight': 'model.layers.{i}.mlp.gate_up_proj.weight'},
 }
@@ -129,10 +148,13 @@ SMOLLM3_NOPE_STEP = 4
 # 27B model, where it uses (d_model // n_heads) ** -0.5 (what those checkpoints'
 # query_pre_attn_scalar says); no metadata key sets it.
 WIDE_LAYERS = {'gemma2': 46, 'gemma3': 62}
+# The clamp and the gate's sigmoid scale llama.cpp's gpt-oss experts use (llama-graph.cpp's
+# LLM_FFN_SWIGLU_OAI_MOE constants; no metadata key sets them).
+GPT_OSS_SWIGLU = (7.0, 1.702)
 # Architectures whose graph rotates interleaved pairs (LLAMA_ROPE_TYPE_NORM): q/k rows permuted.
 PERMUTED = ('llama', 'smollm3')
 # Architectures whose graph requires output.weight: a tied model writes its embeddings there.
-UNTIED = ('olmo2',)
+UNTIED = ('olmo2', 'gpt-oss')
 # RoPE scaling each graph applies as lm computes it: Gemma 3 scales full layers only (linear, its
 # 4B-27B checkpoints), sliding ones keep rope.freq_base_swa unscaled. Others: plain RoPE.
 ROPE_SCALING = {'gemma3': ('linear',)}
@@ -448,7 +470,7 @@ def _rope_fits(m, arch: str) -> bool:
 PLAIN = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe')
 GEMMA = ('gemma2', 'gemma3_text')
 OLMO = ('olmo2', 'olmo3')
-NEWER = ('smollm3',) + OLMO
+NEWER = ('smollm3',) + OLMO + ('gpt_oss',)
 EVERY = PLAIN + GEMMA + ('phi3',) + NEWER
 # What llama.cpp's graph for a family computes (or what lm writes for it) that a model of that
 # family may differ in, beyond what lm.io.hf.family_of already holds to: (families, lm model
@@ -463,14 +485,22 @@ EXPORT_LIMITS = (
     (EVERY, 'mlp_bias', lambda m, arch: not m.mlp_bias, 'lm writes no MLP biases to GGUF'),
     (GEMMA + ('phi3',), 'qkv_bias', lambda m, arch: not m.qkv_bias,
      "llama.cpp's {arch} graph has no attention biases"),
-    (GEMMA + ('phi3',) + NEWER, 'attn_out_bias', lambda m, arch: not m.attn_out_bias,
+    (GEMMA + ('phi3', 'smollm3') + OLMO, 'attn_out_bias', lambda m, arch: not m.attn_out_bias,
      "llama.cpp's {arch} graph has no attention output bias"),
+    (('gpt_oss',), 'attn_out_bias', lambda m, arch: m.attn_out_bias,
+     "llama.cpp's gpt-oss graph has attention biases (it requires attn_output.bias)"),
     (PLAIN + ('smollm3', 'olmo2'), 'sliding_window', lambda m, arch: not m.sliding_window,
      "llama.cpp's {arch} graph has no sliding window"),
     (('smollm3',), 'rope_layers',
      lambda m, arch: tuple(m.rope_layers) == _smollm3_rope_layers(m.n_layers),
      "llama.cpp's smollm3 graph skips RoPE on every 4th layer (layers 3, 7, ...) and rotates the "
      'others'),
+    (('gpt_oss',), 'moe.swiglu_limit', lambda m, arch: m.moe.swiglu_limit == GPT_OSS_SWIGLU[0],
+     "llama.cpp's gpt-oss graph clamps the experts' SwiGLU at {swiglu[0]}"),
+    (('gpt_oss',), 'moe.swiglu_alpha', lambda m, arch: m.moe.swiglu_alpha == GPT_OSS_SWIGLU[1],
+     "llama.cpp's gpt-oss graph gates the experts' SwiGLU with sigmoid({swiglu[1]} x)"),
+    (('gpt_oss',), 'layer_types', lambda m, arch: 'sliding' in _kinds(m) and m.sliding_window > 0,
+     "llama.cpp's gpt-oss graph has sliding-window layers (it reads attention.sliding_window)"),
     (('olmo3',), 'rope_local_theta',
      lambda m, arch: m.rope_local_theta in (0.0, m.rope_theta) or 'sliding' not in _kinds(m),
      "llama.cpp's olmo2 graph rotates sliding layers at the full layers' base (rope.freq_base; it "
@@ -530,7 +560,7 @@ def check_exportable(m, family: str) -> str:
   for families, field, fits, rule in EXPORT_LIMITS:
     if family in families and not fits(m, arch):
       scalar = _query_scalar(m, arch) if arch in WIDE_LAYERS else None
-      rule = rule.format(arch=arch, wide=WIDE_LAYERS.get(arch), scalar=scalar)
+      rule = rule.format(arch=arch, wide=WIDE_LAYERS.get(arch), scalar=scalar, swiglu=GPT_OSS_SWIGLU)
       raise CheckpointError(f'GGUF export: {rule}, but this model has model.{field}='
                             f'{_shown(m, field)!r}; export it with --format hf')
   return arch
@@ -561,11 +591,12 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_context_length(m.max_seq_len)
     writer.add_embedding_length(m.d_model)
     writer.add_block_count(m.n_layers)
-    writer.add_feed_forward_length((m.moe.expert_dim or m.mlp_dim) if family == 'mixtral' else m.mlp_dim)
+    writer.add_feed_forward_length((m.moe.expert_dim or m.mlp_dim) if family in ('mixtral', 'gpt_oss')
+                                   else m.mlp_dim)
     if E:
       writer.add_expert_count(E)
       writer.add_expert_used_count(m.moe.experts_per_token)
-      if family == 'qwen3_moe':
+      if family in ('qwen3_moe', 'gpt_oss'):
         writer.add_expert_feed_forward_length(m.moe.expert_dim or m.mlp_dim)
     writer.add_head_count(m.n_heads)
     writer.add_head_count_kv(m.n_kv_heads)
@@ -581,11 +612,12 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, token_fields)
     for gguf_name, array in _tensors(params, m, tensors, permuted=arch in PERMUTED):
-      if qtype == gguf.GGMLQuantizationType.Q8_0 and array.ndim >= 2 and array.shape[-1] % 32 == 0:
+      matrix = array.ndim >= 2 and gguf_name.endswith('.weight')  # experts' biases are 2-D
+      if qtype == gguf.GGMLQuantizationType.Q8_0 and matrix and array.shape[-1] % 32 == 0:
         writer.add_tensor(gguf_name, gguf.quantize(array, qtype), raw_dtype=qtype)
-      elif array.ndim >= 2:
+      elif matrix:
         writer.add_tensor(gguf_name, array.astype(np.float16))
-      else:  # norms and biases stay float32, as llama.cpp writes them
+      else:  # norms and biases stay float32, as llama.cpp writes them (its adds need them so)
         writer.add_tensor(gguf_name, array.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -619,6 +651,9 @@ def _add_family_metadata(writer, m, family: str) -> None:
     if m.rope_scaling:  # linear (EXPORT_LIMITS): full layers' positions / factor
       writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
       writer.add_rope_scaling_factor(float(m.rope_scaling['factor']))
+  elif family == 'gpt_oss':  # every file has a window; which layers slide, as a per-layer array
+    writer.add_sliding_window(int(m.sliding_window))
+    writer.add_sliding_window_pattern([kind == 'sliding' for kind in _kinds(m)])
   elif family == 'olmo3' and sliding:  # olmo2's graph with windows: per-layer pattern, own base
     writer.add_sliding_window(int(m.sliding_window))
     writer.add_sliding_window_pattern([kind == 'sliding' for kind in _kinds(m)])
@@ -629,30 +664,59 @@ def _add_family_metadata(writer, m, family: str) -> None:
 
 
 def _tensor_plan(params: dict, m, family: str) -> list:
-  """[(GGUF name template, [(lm name, layout)] concatenated row-wise, HF template)] for every
-  base weight, in lm's parameter order; refuses one llama.cpp's architecture has no name for."""
+  """[(GGUF name template, [(lm name, convert)] concatenated row-wise)] for every base weight, in
+  lm's parameter order; `convert` takes one layer's lm array to GGUF's numpy order. Refuses a
+  weight llama.cpp's architecture has no name for."""
   to_gguf = {hf_name: gguf_name for gguf_name, hf_name in
              {**names_of(family), **EXPERT_NAMES.get(family, {})}.items()}
+  by_lm = BY_LM_NAME.get(family, {})
   table = hf.param_map(params, family, m)
   plan = []
-  for lm_name, (template, _, part) in table.items():
+  for key, entry in table.items():
+    names = key if isinstance(key, tuple) else (key,)  # a Custom entry holds several
+    if isinstance(entry, Custom) or key in by_lm:
+      plan.extend((by_lm[n][0], [(n, by_lm[n][1])]) for n in names if _named(n, by_lm, family))
+      continue
+    template, _, part = entry
     if template not in to_gguf:
-      raise CheckpointError(f'GGUF export: lm has no llama.cpp {ARCH_OF[family]} tensor name for '
-                            f'{template} (lm parameter {lm_name}); export it with --format hf')
+      _named(key, {}, family, template)
     if part is not None and part[0] > 0:
       continue  # written with the fused tensor's first part
-    group = part[1] if part else (lm_name,)  # Phi-3's q, k, v (or gate, up) in row order
-    plan.append((to_gguf[template], [(n, table[n][1]) for n in group], template))
+    group = part[1] if part else (key,)  # Phi-3's q, k, v (or gate, up) in row order
+    plan.append((to_gguf[template], [(n, _convert(table[n][1], '{e}' in template)) for n in group]))
   if m.tie_embeddings and ARCH_OF[family] in UNTIED:  # the same matrix, written twice
-    plan.append(('output.weight', [('embed', 0)], 'lm_head.weight'))
+    plan.append(('output.weight', [('embed', _same)]))
   return plan
+
+
+def _named(lm_name: str, by_lm: dict, family: str, template: str | None = None) -> bool:
+  if lm_name in by_lm:
+    return True
+  raise CheckpointError(f'GGUF export: lm has no llama.cpp {ARCH_OF[family]} tensor name for '
+                        f'{template or lm_name} (lm parameter {lm_name}); export it with --format hf')
+
+
+def _same(array):
+  return array
+
+
+def _experts_t(array):
+  """[E, in, out] -> [E, out, in]: all of a layer's experts as llama.cpp stacks them."""
+  return np.swapaxes(array, -1, -2)
+
+
+def _convert(layout: int, experts: bool):
+  """One layer's lm array -> GGUF's numpy order, by its HF layout (lm.io.hf.to_hf)."""
+  if experts:  # [E, in, out] -> [E, out, in]: all of the layer's experts, one tensor
+    return lambda array: np.stack([hf.to_hf(expert, layout) for expert in array])
+  return lambda array: hf.to_hf(array, layout)
 
 
 def _tensors(params: dict, m, plan: list, *, permuted: bool):
   """(GGUF name, float32 numpy array in GGUF's [out, in] order, experts [n_expert, out, in])
   for every base weight of `plan` (_tensor_plan); `permuted`: q/k rows in llama.cpp's llama
   order (its llama graph rotates interleaved pairs)."""
-  for gguf_template, group, template in plan:
+  for gguf_template, group in plan:
     arrays = []
     for lm_name, _ in group:
       array = np.asarray(hf.host(params[lm_name]), np.float32)
@@ -662,13 +726,7 @@ def _tensors(params: dict, m, plan: list, *, permuted: bool):
     # Row j of a layer stack is model layer rows[j] (a stack holds only the layers of its kind).
     rows = stack_lib.layer_rows(m, group[0][0])
     for j, i in enumerate(rows) if rows is not None else [(None, None)]:
-      parts = []
-      for array, (_, layout) in zip(arrays, group):
-        one = array if j is None else array[j]
-        if '{e}' in template:  # [E, in, out] -> [E, out, in]: all of the layer's experts, one tensor
-          parts.append(np.stack([hf.to_hf(expert, layout) for expert in one]))
-        else:
-          parts.append(hf.to_hf(one, layout))
+      parts = [convert(array if j is None else array[j]) for array, (_, convert) in zip(arrays, group)]
       value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
       gguf_name = gguf_template.format(i=i)
       if permuted and '.attn_q.' in gguf_name:

@@ -226,7 +226,7 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
   with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe, '
-                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3 models.*this model is gemma$'):
+                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, gpt_oss models.*this model is gemma$'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   # What llama.cpp's newer graphs fix in code, named with the field that differs.
   olmo = dict(norm_placement='post', qk_norm=True, qk_norm_scope='all')
@@ -235,16 +235,24 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
        r'skips RoPE on every 4th layer .* model.rope_layers=\(1, 0, 1, 0\)'),
       (dict(olmo, hf_family='olmo3', sliding_window=4, rope_local_theta=1e5, layer_types=('sliding', 'full')),
        r"rotates sliding layers at the full layers' base .* model.rope_local_theta=100000.0"),
-      (dict(olmo, hf_family='olmo2', head_dim=16), r'heads of d_model / n_heads.* model.head_dim=16')]:
+      (dict(olmo, hf_family='olmo2', head_dim=16), r'heads of d_model / n_heads.* model.head_dim=16'),
+      (dict(hf_family='gpt_oss', qkv_bias=True, attn_out_bias=True, attn_sinks=True, sliding_window=4,
+            layer_types=('sliding', 'full'),
+            moe=dict(n_experts=4, experts_per_token=2, router='topk_softmax', router_bias=True,
+                     expert_bias=True, swiglu_limit=1.0)),
+       r"clamps the experts' SwiGLU at 7.0, but this model has model.moe.swiglu_limit=1.0")]:
+    c = tiny_config()
+    c.model.moe.update(model.pop('moe', {}))
+    c.model.update(model)
     with pytest.raises(CheckpointError, match=rule):
-      gguf_io.save(str(tmp_path / 'x.gguf'), {}, tiny_config(**model).model, None)
+      gguf_io.save(str(tmp_path / 'x.gguf'), {}, c.model, None)
   assert os.listdir(tmp_path) == []
 
 
 def test_families_not_yet_exported_are_refused_naming_why():
-  m = tiny_config(hf_family='gpt_oss').model
-  with pytest.raises(CheckpointError, match=r"this model is gpt_oss \(lm does not write llama.cpp's gpt-oss"):
-    gguf_io.check_exportable(m, 'gpt_oss')
+  m = tiny_config(hf_family='llama4').model
+  with pytest.raises(CheckpointError, match=r"this model is llama4 \(lm does not write llama.cpp's llama4"):
+    gguf_io.check_exportable(m, 'llama4')
 
 
 @pytest.mark.parametrize('family, arch, model', [

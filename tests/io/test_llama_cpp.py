@@ -47,6 +47,13 @@ FAMILIES = {  # lm family -> the overrides of its tiny model
     'olmo2': dict(OLMO, hf_family='olmo2', tie_embeddings=True),
     'olmo3': dict(OLMO, hf_family='olmo3', n_layers=4, sliding_window=4, rope_theta=5e5,
                   layer_types=('sliding', 'full', 'sliding', 'sliding')),
+    # Sinks, alternating sliding (4) and full layers, biases everywhere; top-2 of 4 biased experts
+    # by a softmax over the chosen logits, with the clamped SwiGLU llama.cpp fixes (7.0, 1.702).
+    'gpt_oss': dict(hf_family='gpt_oss', head_dim=16, qkv_bias=True, attn_out_bias=True,
+                    attn_sinks=True, sliding_window=4, layer_types=('sliding', 'full'),
+                    moe=dict(n_experts=4, experts_per_token=2, expert_dim=24, router='topk_softmax',
+                             router_bias=True, expert_bias=True, swiglu_limit=7.0,
+                             swiglu_alpha=1.702)),
 }
 # lm families whose GGUF export lm's own import reads back (model fields and weights).
 IMPORTED = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe', 'gemma2', 'gemma3_text', 'phi3',
