@@ -44,7 +44,8 @@ ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi
 # is olmo2's graph with sliding windows).
 ARCH_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mixtral': 'llama',
            'qwen3_moe': 'qwen3moe', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3',
-           'smollm3': 'smollm3', 'olmo2': 'olmo2', 'olmo3': 'olmo2', 'gpt_oss': 'gpt-oss'}
+           'smollm3': 'smollm3', 'olmo2': 'olmo2', 'olmo3': 'olmo2', 'gpt_oss': 'gpt-oss',
+           'deepseek_v3': 'deepseek2', 'glm4_moe': 'glm4moe'}
 # llama.cpp architecture -> lm's family for its dense models (llama with experts is Mixtral,
 # olmo2 with a sliding window OLMo 3).
 FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': 'qwen3_moe',
@@ -52,8 +53,6 @@ FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': '
              'olmo2': 'olmo2'}
 # The families lm loads from Hugging Face that GGUF export still refuses, and why.
 UNEXPORTED = {
-    'deepseek_v3': "lm does not write llama.cpp's deepseek2 layout (MLA) yet",
-    'glm4_moe': "lm does not write llama.cpp's glm4moe layout yet",
     'llama4': "lm does not write llama.cpp's llama4 layout yet",
     'qwen3_next': "lm does not write llama.cpp's qwen3next layout (gated DeltaNet) yet",
     'qwen3_5': "lm does not write llama.cpp's qwen35 layout (gated DeltaNet) yet",
@@ -73,12 +72,18 @@ EXPERT_NAMES = {
 # lm parameter -> (GGUF name, one layer's lm array -> GGUF numpy order), for weights whose HF
 # tensor holds several lm parameters or is laid out unlike a linear layer's.
 BY_LM_NAME = {
-    'gpt_oss': {'layers.moe.gate.kernel': ('blk.{i}.ffn_gate_exps.weight', lambda a: _experts_t(a)),
-                'layers.moe.up.kernel': ('blk.{i}.ffn_up_exps.weight', lambda a: _experts_t(a)),
-                'layers.moe.down.kernel': ('blk.{i}.ffn_down_exps.weight', lambda a: _experts_t(a)),
-                'layers.moe.gate.bias': ('blk.{i}.ffn_gate_exps.bias', lambda a: a),
-                'layers.moe.up.bias': ('blk.{i}.ffn_up_exps.bias', lambda a: a)},
+    'gpt_oss': {'layers.moe.gate.kernel': (('blk.{i}.ffn_gate_exps.weight', lambda a, m: _experts_t(a)),),
+                'layers.moe.up.kernel': (('blk.{i}.ffn_up_exps.weight', lambda a, m: _experts_t(a)),),
+                'layers.moe.down.kernel': (('blk.{i}.ffn_down_exps.weight', lambda a, m: _experts_t(a)),),
+                'layers.moe.gate.bias': (('blk.{i}.ffn_gate_exps.bias', lambda a, m: a),),
+                'layers.moe.up.bias': (('blk.{i}.ffn_up_exps.bias', lambda a, m: a),)},
+    # MLA's kv_b [C, H, N + V] as llama.cpp's absorbed attention uses it, split per head: k_b
+    # [H, C, N] (it maps a query's nope part into latent space) and v_b [H, V, C].
+    'deepseek_v3': {'layers.attn.kv_b.kernel': (
+        ('blk.{i}.attn_k_b.weight', lambda a, m: _kv_b(a, m)[0]),
+        ('blk.{i}.attn_v_b.weight', lambda a, m: _kv_b(a, m)[1]))},
 }
+EXPERT_NAMES.update(deepseek_v3=EXPERT_NAMES['qwen3_moe'], glm4_moe=EXPERT_NAMES['qwen3_moe'])
 TENSOR_TYPES = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K')
 EXPORT_DTYPES = ('f16', 'q8_0')
 
@@ -127,8 +132,27 @@ GPT_OSS_NAMES = {
     'blk.{i}.ffn_gate_inp.bias': 'model.layers.{i}.mlp.router.bias',
     'blk.{i}.ffn_down_exps.bias': 'model.layers.{i}.mlp.experts.down_proj_bias',
 }
+# DeepSeek-V3 and GLM-4.5's MoE layers: the router with its selection bias, the shared experts.
+V3_MOE_NAMES = {
+    'blk.{i}.ffn_gate_inp.weight': 'model.layers.{i}.mlp.gate.weight',
+    'blk.{i}.exp_probs_b.bias': 'model.layers.{i}.mlp.gate.e_score_correction_bias',
+    'blk.{i}.ffn_gate_shexp.weight': 'model.layers.{i}.mlp.shared_experts.gate_proj.weight',
+    'blk.{i}.ffn_up_shexp.weight': 'model.layers.{i}.mlp.shared_experts.up_proj.weight',
+    'blk.{i}.ffn_down_shexp.weight': 'model.layers.{i}.mlp.shared_experts.down_proj.weight',
+}
+MLA_NAMES = {
+    'blk.{i}.attn_q_a.weight': 'model.layers.{i}.self_attn.q_a_proj.weight',
+    'blk.{i}.attn_q_a_norm.weight': 'model.layers.{i}.self_attn.q_a_layernorm.weight',
+    'blk.{i}.attn_q_b.weight': 'model.layers.{i}.self_attn.q_b_proj.weight',
+    'blk.{i}.attn_kv_a_mqa.weight': 'model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight',
+    'blk.{i}.attn_kv_a_norm.weight': 'model.layers.{i}.self_attn.kv_a_layernorm.weight',
+}
 FAMILY_NAMES = {
-    'gemma2': SANDWICH_NAMES, 'gpt_oss': GPT_OSS_NAMES, 'gemma3_text': SANDWICH_NAMES, 'olmo2': POST_NAMES, 'olmo3': POST_NAMES,
+    'gemma2': SANDWICH_NAMES, 'gpt_oss': GPT_OSS_NAMES,
+    'deepseek_v3': {**MLA_NAMES, **V3_MOE_NAMES},
+    # GLM-4.5's norm before the MLP is llama.cpp's post_attention_norm.
+    'glm4_moe': {**V3_MOE_NAMES, 'blk.{i}.ffn_norm.weight': None,
+                 'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight'}, 'gemma3_text': SANDWICH_NAMES, 'olmo2': POST_NAMES, 'olmo3': POST_NAMES,
     'phi3': {'blk.{i}.attn_qkv.weight': 'model.layers.{i}.self_attn.qkv_proj.weight',
              'blk.{i}.ffn_up.weight': 'model.layers.{i}.mlp.gate_up_proj.weight'},
 }
@@ -470,7 +494,8 @@ def _rope_fits(m, arch: str) -> bool:
 PLAIN = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe')
 GEMMA = ('gemma2', 'gemma3_text')
 OLMO = ('olmo2', 'olmo3')
-NEWER = ('smollm3',) + OLMO + ('gpt_oss',)
+V3_MOE = ('deepseek_v3', 'glm4_moe')
+NEWER = ('smollm3',) + OLMO + ('gpt_oss',) + V3_MOE
 EVERY = PLAIN + GEMMA + ('phi3',) + NEWER
 # What llama.cpp's graph for a family computes (or what lm writes for it) that a model of that
 # family may differ in, beyond what lm.io.hf.family_of already holds to: (families, lm model
@@ -501,6 +526,10 @@ EXPORT_LIMITS = (
      "llama.cpp's gpt-oss graph gates the experts' SwiGLU with sigmoid({swiglu[1]} x)"),
     (('gpt_oss',), 'layer_types', lambda m, arch: 'sliding' in _kinds(m) and m.sliding_window > 0,
      "llama.cpp's gpt-oss graph has sliding-window layers (it reads attention.sliding_window)"),
+    (('deepseek_v3',), 'qkv_bias', lambda m, arch: not m.qkv_bias,
+     "llama.cpp's deepseek2 graph has no attention biases"),
+    (('deepseek_v3',), 'rope_interleaved', lambda m, arch: m.rope_interleaved,
+     "llama.cpp's deepseek2 graph rotates interleaved pairs (DeepSeek's own rope_interleave)"),
     (('olmo3',), 'rope_local_theta',
      lambda m, arch: m.rope_local_theta in (0.0, m.rope_theta) or 'sliding' not in _kinds(m),
      "llama.cpp's olmo2 graph rotates sliding layers at the full layers' base (rope.freq_base; it "
@@ -598,14 +627,19 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
       writer.add_expert_used_count(m.moe.experts_per_token)
       if family in ('qwen3_moe', 'gpt_oss'):
         writer.add_expert_feed_forward_length(m.moe.expert_dim or m.mlp_dim)
+    if family in V3_MOE:
+      _add_v3_moe_metadata(writer, m)
     writer.add_head_count(m.n_heads)
-    writer.add_head_count_kv(m.n_kv_heads)
     writer.add_rope_freq_base(float(m.rope_theta))
     writer.add_layer_norm_rms_eps(float(m.norm_eps))
-    writer.add_rope_dimension_count(K)
-    if K != m.d_model // m.n_heads or family in GEMMA:  # llama.cpp's converter always writes Gemma's
-      writer.add_key_length(K)
-      writer.add_value_length(K)
+    if family == 'deepseek_v3':
+      _add_mla_metadata(writer, m)
+    else:
+      writer.add_head_count_kv(m.n_kv_heads)
+      writer.add_rope_dimension_count(round(K * m.partial_rotary_factor))
+      if K != m.d_model // m.n_heads or family in GEMMA:  # llama.cpp's converter always writes Gemma's
+        writer.add_key_length(K)
+        writer.add_value_length(K)
     _add_family_metadata(writer, m, family)
     writer.add_vocab_size(m.vocab_size)
     writer.add_file_type(file_type)
@@ -630,6 +664,40 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
       os.remove(tmp)
     raise
   return arch
+
+
+def _add_v3_moe_metadata(writer, m) -> None:
+  """DeepSeek-V3 / GLM-4.5's MoE keys, as llama.cpp's converter writes them (conversion/deepseek.py,
+  glm.py): dense layers first, shared experts, the sigmoid router's scaling, renormalisation and
+  expert groups."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  moe, types = m.moe, tuple(m.mlp_types) or ('moe',) * m.n_layers
+  F = moe.expert_dim or m.mlp_dim
+  writer.add_leading_dense_block_count(types.index('moe') if 'moe' in types else m.n_layers)
+  writer.add_expert_feed_forward_length(F)
+  writer.add_expert_shared_count(moe.shared_dim // F if n_experts(m) else 0)
+  if not n_experts(m):
+    return
+  writer.add_expert_weights_scale(float(moe.routed_scaling_factor))
+  writer.add_expert_weights_norm(bool(moe.norm_topk_prob))
+  writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+  if moe.n_group > 1 and moe.topk_group < moe.n_group:  # all groups chosen: no limit to write
+    writer.add_expert_group_count(moe.n_group)
+    writer.add_expert_group_used_count(moe.topk_group)
+
+
+def _add_mla_metadata(writer, m) -> None:
+  """DeepSeek's MLA as llama.cpp runs it absorbed (conversion/deepseek.py): one key/value head of
+  the latent (plus the rotated part for keys), and the per-head sizes after kv_b."""
+  a = m.mla
+  writer.add_head_count_kv(1)
+  writer.add_q_lora_rank(a.q_lora_rank)  # 0: q is one projection (attn_q)
+  writer.add_kv_lora_rank(a.kv_lora_rank)
+  writer.add_key_length(a.kv_lora_rank + a.qk_rope_head_dim)
+  writer.add_value_length(a.kv_lora_rank)
+  writer.add_key_length_mla(a.qk_nope_head_dim + a.qk_rope_head_dim)
+  writer.add_value_length_mla(a.v_head_dim)
+  writer.add_rope_dimension_count(a.qk_rope_head_dim)
 
 
 def _add_family_metadata(writer, m, family: str) -> None:
@@ -675,7 +743,8 @@ def _tensor_plan(params: dict, m, family: str) -> list:
   for key, entry in table.items():
     names = key if isinstance(key, tuple) else (key,)  # a Custom entry holds several
     if isinstance(entry, Custom) or key in by_lm:
-      plan.extend((by_lm[n][0], [(n, by_lm[n][1])]) for n in names if _named(n, by_lm, family))
+      plan.extend((gguf_name, [(n, convert)]) for n in names if _named(n, by_lm, family)
+                  for gguf_name, convert in by_lm[n])
       continue
     template, _, part = entry
     if template not in to_gguf:
@@ -696,7 +765,8 @@ def _named(lm_name: str, by_lm: dict, family: str, template: str | None = None) 
                         f'{template or lm_name} (lm parameter {lm_name}); export it with --format hf')
 
 
-def _same(array):
+def _same(array, m):
+  del m
   return array
 
 
@@ -705,11 +775,17 @@ def _experts_t(array):
   return np.swapaxes(array, -1, -2)
 
 
+def _kv_b(array, m):
+  """One layer's MLA kv_b kernel [C, H, N + V] -> (k_b [H, C, N], v_b [H, V, C])."""
+  N = m.mla.qk_nope_head_dim
+  return array[:, :, :N].transpose(1, 0, 2), array[:, :, N:].transpose(1, 2, 0)
+
+
 def _convert(layout: int, experts: bool):
   """One layer's lm array -> GGUF's numpy order, by its HF layout (lm.io.hf.to_hf)."""
   if experts:  # [E, in, out] -> [E, out, in]: all of the layer's experts, one tensor
-    return lambda array: np.stack([hf.to_hf(expert, layout) for expert in array])
-  return lambda array: hf.to_hf(array, layout)
+    return lambda array, m: np.stack([hf.to_hf(expert, layout) for expert in array])
+  return lambda array, m: hf.to_hf(array, layout)
 
 
 def _tensors(params: dict, m, plan: list, *, permuted: bool):
@@ -726,7 +802,7 @@ def _tensors(params: dict, m, plan: list, *, permuted: bool):
     # Row j of a layer stack is model layer rows[j] (a stack holds only the layers of its kind).
     rows = stack_lib.layer_rows(m, group[0][0])
     for j, i in enumerate(rows) if rows is not None else [(None, None)]:
-      parts = [convert(array if j is None else array[j]) for array, (_, convert) in zip(arrays, group)]
+      parts = [convert(array if j is None else array[j], m) for array, (_, convert) in zip(arrays, group)]
       value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
       gguf_name = gguf_template.format(i=i)
       if permuted and '.attn_q.' in gguf_name:

@@ -226,7 +226,7 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
   with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe, '
-                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, gpt_oss models.*this model is gemma$'):
+                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, gpt_oss, deepseek_v3, glm4_moe models.*this model is gemma$'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   # What llama.cpp's newer graphs fix in code, named with the field that differs.
   olmo = dict(norm_placement='post', qk_norm=True, qk_norm_scope='all')

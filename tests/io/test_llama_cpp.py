@@ -23,6 +23,8 @@ from lm.train.state import ModelSpec  # noqa: E402
 GEMMA = dict(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh', norm_placement='sandwich',
              head_dim=16, query_pre_attn_scalar=16.0, sliding_window=4)
 OLMO = dict(norm_placement='post', qk_norm=True, qk_norm_scope='all')
+V3_MOE = dict(n_experts=4, experts_per_token=2, expert_dim=16, router='sigmoid', norm_topk_prob=True,
+              shared_dim=16)
 FAMILIES = {  # lm family -> the overrides of its tiny model
     'llama': dict(),
     'qwen2': dict(qkv_bias=True),
@@ -54,6 +56,18 @@ FAMILIES = {  # lm family -> the overrides of its tiny model
                     moe=dict(n_experts=4, experts_per_token=2, expert_dim=24, router='topk_softmax',
                              router_bias=True, expert_bias=True, swiglu_limit=7.0,
                              swiglu_alpha=1.702)),
+    # MLA (q through a rank-12 latent, keys/values through a rank-16 one, 4 rotated dims of 12,
+    # interleaved), a dense first layer, then a sigmoid router over 2 groups of 2 experts (one
+    # group chosen, top-2, renormalised, scaled by 2.5) and a shared expert.
+    'deepseek_v3': dict(hf_family='deepseek_v3', n_layers=3, n_kv_heads=4, head_dim=12,
+                        rope_interleaved=True, mlp_types=('dense', 'moe', 'moe'),
+                        mla=dict(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+                                 qk_rope_head_dim=4, v_head_dim=8),
+                        moe=dict(V3_MOE, n_group=2, topk_group=1, routed_scaling_factor=2.5)),
+    # GLM-4.5: q/k/v biases, per-head q/k norms, RoPE on half of each head, then DeepSeek's MoE.
+    'glm4_moe': dict(hf_family='glm4_moe', head_dim=16, partial_rotary_factor=0.5, qkv_bias=True,
+                     qk_norm=True, mlp_types=('dense', 'moe'),
+                     moe=dict(V3_MOE, routed_scaling_factor=1.5)),
 }
 # lm families whose GGUF export lm's own import reads back (model fields and weights).
 IMPORTED = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe', 'gemma2', 'gemma3_text', 'phi3',
@@ -73,6 +87,7 @@ def test_llama_cpp_reads_lms_export_with_the_same_tokens_and_logits(tokenizer, t
   c = tiny_config(vocab_size=512, max_seq_len=64)
   overrides = dict(FAMILIES[family])
   c.model.moe.update(overrides.pop('moe', {}))
+  c.model.mla.update(overrides.pop('mla', {}))
   c.model.update(overrides)
   spec = ModelSpec(c.model)
   params = {k: v if k.endswith(('scale', 'bias')) else v.astype(np.float16).astype(np.float32)
