@@ -45,7 +45,7 @@ ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi
 ARCH_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mixtral': 'llama',
            'qwen3_moe': 'qwen3moe', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3',
            'smollm3': 'smollm3', 'olmo2': 'olmo2', 'olmo3': 'olmo2', 'gpt_oss': 'gpt-oss',
-           'deepseek_v3': 'deepseek2', 'glm4_moe': 'glm4moe'}
+           'deepseek_v3': 'deepseek2', 'glm4_moe': 'glm4moe', 'llama4_text': 'llama4'}
 # llama.cpp architecture -> lm's family for its dense models (llama with experts is Mixtral,
 # olmo2 with a sliding window OLMo 3).
 FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': 'qwen3_moe',
@@ -53,9 +53,8 @@ FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': '
              'olmo2': 'olmo2'}
 # The families lm loads from Hugging Face that GGUF export still refuses, and why.
 UNEXPORTED = {
-    'llama4': "lm does not write llama.cpp's llama4 layout yet",
     'qwen3_next': "lm does not write llama.cpp's qwen3next layout (gated DeltaNet) yet",
-    'qwen3_5': "lm does not write llama.cpp's qwen35 layout (gated DeltaNet) yet",
+    'qwen3_5_text': "lm does not write llama.cpp's qwen35 layout (gated DeltaNet) yet",
 }
 # GGUF holds each layer's experts as one [n_expert, out, in] tensor; HF (and lm's readers) name
 # one tensor per expert. GGUF name -> the HF per-expert template, per family; the router too.
@@ -77,6 +76,9 @@ BY_LM_NAME = {
                 'layers.moe.down.kernel': (('blk.{i}.ffn_down_exps.weight', lambda a, m: _experts_t(a)),),
                 'layers.moe.gate.bias': (('blk.{i}.ffn_gate_exps.bias', lambda a, m: a),),
                 'layers.moe.up.bias': (('blk.{i}.ffn_up_exps.bias', lambda a, m: a),)},
+    'llama4_text': {'layers.moe.gate.kernel': (('blk.{i}.ffn_gate_exps.weight', lambda a, m: _experts_t(a)),),
+                    'layers.moe.up.kernel': (('blk.{i}.ffn_up_exps.weight', lambda a, m: _experts_t(a)),),
+                    'layers.moe.down.kernel': (('blk.{i}.ffn_down_exps.weight', lambda a, m: _experts_t(a)),)},
     # MLA's kv_b [C, H, N + V] as llama.cpp's absorbed attention uses it, split per head: k_b
     # [H, C, N] (it maps a query's nope part into latent space) and v_b [H, V, C].
     'deepseek_v3': {'layers.attn.kv_b.kernel': (
@@ -140,6 +142,16 @@ V3_MOE_NAMES = {
     'blk.{i}.ffn_up_shexp.weight': 'model.layers.{i}.mlp.shared_experts.up_proj.weight',
     'blk.{i}.ffn_down_shexp.weight': 'model.layers.{i}.mlp.shared_experts.down_proj.weight',
 }
+# Llama 4's MLPs are `feed_forward`; its experts (gate/up halves in one tensor) go by lm name.
+FF = 'model.layers.{i}.feed_forward.'
+LLAMA4_NAMES = {
+    'blk.{i}.ffn_gate.weight': FF + 'gate_proj.weight', 'blk.{i}.ffn_up.weight': FF + 'up_proj.weight',
+    'blk.{i}.ffn_down.weight': FF + 'down_proj.weight',
+    'blk.{i}.ffn_gate_inp.weight': FF + 'router.weight',
+    'blk.{i}.ffn_gate_shexp.weight': FF + 'shared_expert.gate_proj.weight',
+    'blk.{i}.ffn_up_shexp.weight': FF + 'shared_expert.up_proj.weight',
+    'blk.{i}.ffn_down_shexp.weight': FF + 'shared_expert.down_proj.weight',
+}
 MLA_NAMES = {
     'blk.{i}.attn_q_a.weight': 'model.layers.{i}.self_attn.q_a_proj.weight',
     'blk.{i}.attn_q_a_norm.weight': 'model.layers.{i}.self_attn.q_a_layernorm.weight',
@@ -150,6 +162,7 @@ MLA_NAMES = {
 FAMILY_NAMES = {
     'gemma2': SANDWICH_NAMES, 'gpt_oss': GPT_OSS_NAMES,
     'deepseek_v3': {**MLA_NAMES, **V3_MOE_NAMES},
+    'llama4_text': LLAMA4_NAMES,
     # GLM-4.5's norm before the MLP is llama.cpp's post_attention_norm.
     'glm4_moe': {**V3_MOE_NAMES, 'blk.{i}.ffn_norm.weight': None,
                  'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight'}, 'gemma3_text': SANDWICH_NAMES, 'olmo2': POST_NAMES, 'olmo3': POST_NAMES,
@@ -175,6 +188,9 @@ WIDE_LAYERS = {'gemma2': 46, 'gemma3': 62}
 # The clamp and the gate's sigmoid scale llama.cpp's gpt-oss experts use (llama-graph.cpp's
 # LLM_FFN_SWIGLU_OAI_MOE constants; no metadata key sets them).
 GPT_OSS_SWIGLU = (7.0, 1.702)
+# What llama.cpp's llama4 graph fixes for chunked models (src/models/llama4.cpp): the chunk, and
+# the NoPE layers' query temperature 1 + scale * log(1 + floor((pos + 1) / floor)).
+LLAMA4_FIXED = dict(chunk=8192, floor=8192.0, scale=0.1)
 # Architectures whose graph rotates interleaved pairs (LLAMA_ROPE_TYPE_NORM): q/k rows permuted.
 PERMUTED = ('llama', 'smollm3')
 # Architectures whose graph requires output.weight: a tied model writes its embeddings there.
@@ -495,7 +511,7 @@ PLAIN = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe')
 GEMMA = ('gemma2', 'gemma3_text')
 OLMO = ('olmo2', 'olmo3')
 V3_MOE = ('deepseek_v3', 'glm4_moe')
-NEWER = ('smollm3',) + OLMO + ('gpt_oss',) + V3_MOE
+NEWER = ('smollm3',) + OLMO + ('gpt_oss',) + V3_MOE + ('llama4_text',)
 EVERY = PLAIN + GEMMA + ('phi3',) + NEWER
 # What llama.cpp's graph for a family computes (or what lm writes for it) that a model of that
 # family may differ in, beyond what lm.io.hf.family_of already holds to: (families, lm model
@@ -510,7 +526,7 @@ EXPORT_LIMITS = (
     (EVERY, 'mlp_bias', lambda m, arch: not m.mlp_bias, 'lm writes no MLP biases to GGUF'),
     (GEMMA + ('phi3',), 'qkv_bias', lambda m, arch: not m.qkv_bias,
      "llama.cpp's {arch} graph has no attention biases"),
-    (GEMMA + ('phi3', 'smollm3') + OLMO, 'attn_out_bias', lambda m, arch: not m.attn_out_bias,
+    (GEMMA + ('phi3', 'smollm3', 'llama4_text') + OLMO, 'attn_out_bias', lambda m, arch: not m.attn_out_bias,
      "llama.cpp's {arch} graph has no attention output bias"),
     (('gpt_oss',), 'attn_out_bias', lambda m, arch: m.attn_out_bias,
      "llama.cpp's gpt-oss graph has attention biases (it requires attn_output.bias)"),
@@ -530,6 +546,25 @@ EXPORT_LIMITS = (
      "llama.cpp's deepseek2 graph has no attention biases"),
     (('deepseek_v3',), 'rope_interleaved', lambda m, arch: m.rope_interleaved,
      "llama.cpp's deepseek2 graph rotates interleaved pairs (DeepSeek's own rope_interleave)"),
+    (('llama4_text',), 'moe.n_experts', lambda m, arch: n_experts(m) > 0,
+     "llama.cpp's llama4 graph needs experts (it refuses a model without)"),
+    (('llama4_text',), 'mlp_types', lambda m, arch: _moe_step(m) is not None,
+     "llama.cpp's llama4 graph has experts in every n-th layer (interleave_moe_layer_step), the "
+     'others dense'),
+    (('llama4_text',), 'layer_types', lambda m, arch: 'chunked' in _kinds(m),
+     "llama.cpp's llama4 graph has chunked-attention layers (lm writes them as its per-layer pattern)"),
+    (('llama4_text',), 'attention_chunk_size',
+     lambda m, arch: m.attention_chunk_size == LLAMA4_FIXED['chunk'],
+     "llama.cpp's llama4 graph attends within chunks of {llama4[chunk]} positions (fixed in code)"),
+    (('llama4_text',), 'rope_layers', lambda m, arch: tuple(m.rope_layers) == _smollm3_rope_layers(m.n_layers),
+     "llama.cpp's llama4 graph skips RoPE on every 4th layer (layers 3, 7, ...) and rotates the others"),
+    (('llama4_text',), 'attn_temperature_floor_scale',
+     lambda m, arch: (m.attn_temperature_floor_scale, m.attn_temperature_scale)
+     == (LLAMA4_FIXED['floor'], LLAMA4_FIXED['scale']),
+     "llama.cpp's llama4 graph tunes NoPE layers' query temperature with floor {llama4[floor]} and "
+     'scale {llama4[scale]} (fixed in code; model.attn_temperature_scale too)'),
+    (('llama4_text',), 'qk_l2_norm', lambda m, arch: bool(m.qk_l2_norm) == (n_experts(m) != 128),
+     "llama.cpp's llama4 graph L2-normalises RoPE layers' q and k unless the model has 128 experts"),
     (('olmo3',), 'rope_local_theta',
      lambda m, arch: m.rope_local_theta in (0.0, m.rope_theta) or 'sliding' not in _kinds(m),
      "llama.cpp's olmo2 graph rotates sliding layers at the full layers' base (rope.freq_base; it "
@@ -564,6 +599,15 @@ EXPORT_LIMITS = (
 )
 
 
+def _moe_step(m) -> int | None:
+  """n when exactly the layers i with (i + 1) % n == 0 have experts (llama4's layout), else None."""
+  types = tuple(m.mlp_types) or ('moe' if n_experts(m) else 'dense',) * m.n_layers
+  if 'moe' not in types:
+    return None
+  n = types.index('moe') + 1
+  return n if types == tuple('moe' if (i + 1) % n == 0 else 'dense' for i in range(m.n_layers)) else None
+
+
 def _smollm3_rope_layers(L: int) -> tuple[int, ...]:
   return tuple(int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(L))
 
@@ -589,7 +633,8 @@ def check_exportable(m, family: str) -> str:
   for families, field, fits, rule in EXPORT_LIMITS:
     if family in families and not fits(m, arch):
       scalar = _query_scalar(m, arch) if arch in WIDE_LAYERS else None
-      rule = rule.format(arch=arch, wide=WIDE_LAYERS.get(arch), scalar=scalar, swiglu=GPT_OSS_SWIGLU)
+      rule = rule.format(arch=arch, wide=WIDE_LAYERS.get(arch), scalar=scalar, swiglu=GPT_OSS_SWIGLU,
+                         llama4=LLAMA4_FIXED)
       raise CheckpointError(f'GGUF export: {rule}, but this model has model.{field}='
                             f'{_shown(m, field)!r}; export it with --format hf')
   return arch
@@ -722,6 +767,10 @@ def _add_family_metadata(writer, m, family: str) -> None:
   elif family == 'gpt_oss':  # every file has a window; which layers slide, as a per-layer array
     writer.add_sliding_window(int(m.sliding_window))
     writer.add_sliding_window_pattern([kind == 'sliding' for kind in _kinds(m)])
+  elif family == 'llama4_text':  # chunked layers by a per-layer array (chunk and more: fixed)
+    writer.add_interleave_moe_layer_step(_moe_step(m))
+    writer.add_expert_feed_forward_length(m.moe.expert_dim or m.mlp_dim)
+    writer.add_sliding_window_pattern([kind == 'chunked' for kind in _kinds(m)])
   elif family == 'olmo3' and sliding:  # olmo2's graph with windows: per-layer pattern, own base
     writer.add_sliding_window(int(m.sliding_window))
     writer.add_sliding_window_pattern([kind == 'sliding' for kind in _kinds(m)])

@@ -226,7 +226,8 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
   with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe, '
-                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, gpt_oss, deepseek_v3, glm4_moe models.*this model is gemma$'):
+                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, gpt_oss, deepseek_v3, glm4_moe, llama4_text models'
+                     '.*this model is gemma$'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   # What llama.cpp's newer graphs fix in code, named with the field that differs.
   olmo = dict(norm_placement='post', qk_norm=True, qk_norm_scope='all')
@@ -240,7 +241,12 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
             layer_types=('sliding', 'full'),
             moe=dict(n_experts=4, experts_per_token=2, router='topk_softmax', router_bias=True,
                      expert_bias=True, swiglu_limit=1.0)),
-       r"clamps the experts' SwiGLU at 7.0, but this model has model.moe.swiglu_limit=1.0")]:
+       r"clamps the experts' SwiGLU at 7.0, but this model has model.moe.swiglu_limit=1.0"),
+      (dict(hf_family='llama4_text', n_layers=4, rope_interleaved=True, rope_layers=(1, 1, 1, 0),
+            layer_types=('chunked',) * 3 + ('full',), attention_chunk_size=4, qk_l2_norm=True,
+            moe=dict(n_experts=4, experts_per_token=1, router='topk_sigmoid', shared_dim=64)),
+       r'within chunks of 8192 positions \(fixed in code\), but this model has '
+       r'model.attention_chunk_size=4')]:
     c = tiny_config()
     c.model.moe.update(model.pop('moe', {}))
     c.model.update(model)
@@ -250,9 +256,9 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
 
 
 def test_families_not_yet_exported_are_refused_naming_why():
-  m = tiny_config(hf_family='llama4').model
-  with pytest.raises(CheckpointError, match=r"this model is llama4 \(lm does not write llama.cpp's llama4"):
-    gguf_io.check_exportable(m, 'llama4')
+  m = tiny_config(hf_family='qwen3_next').model
+  with pytest.raises(CheckpointError, match=r"this model is qwen3_next \(lm does not write llama.cpp's qwen3next"):
+    gguf_io.check_exportable(m, 'qwen3_next')
 
 
 @pytest.mark.parametrize('family, arch, model', [

@@ -68,6 +68,17 @@ FAMILIES = {  # lm family -> the overrides of its tiny model
     'glm4_moe': dict(hf_family='glm4_moe', head_dim=16, partial_rotary_factor=0.5, qkv_bias=True,
                      qk_norm=True, mlp_types=('dense', 'moe'),
                      moe=dict(V3_MOE, routed_scaling_factor=1.5)),
+    # Llama 4: interleaved RoPE with NoPE every 4th layer, L2 q/k norms, top-1 of 4 experts by
+    # sigmoid score (scaling the expert's input) beside a shared expert, every other layer. The
+    # chunk (8192) and the query temperature's floor (8192) are what llama.cpp fixes in code, so
+    # neither bites within these 32 tokens.
+    'llama4_text': dict(hf_family='llama4_text', n_layers=4, head_dim=16, rope_interleaved=True,
+                        rope_layers=(1, 1, 1, 0), layer_types=('chunked',) * 3 + ('full',),
+                        attention_chunk_size=8192, qk_l2_norm=True,
+                        attn_temperature_floor_scale=8192.0, attn_temperature_scale=0.1,
+                        mlp_types=('dense', 'moe', 'dense', 'moe'),
+                        moe=dict(n_experts=4, experts_per_token=1, expert_dim=16,
+                                 router='topk_sigmoid', shared_dim=16)),
 }
 # lm families whose GGUF export lm's own import reads back (model fields and weights).
 IMPORTED = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe', 'gemma2', 'gemma3_text', 'phi3',
