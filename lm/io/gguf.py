@@ -55,6 +55,7 @@ FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': '
 UNEXPORTED = {
     'qwen3_next': "lm does not write llama.cpp's qwen3next layout (gated DeltaNet) yet",
     'qwen3_5_text': "lm does not write llama.cpp's qwen35 layout (gated DeltaNet) yet",
+    'qwen3_5_moe_text': "lm does not write llama.cpp's qwen35moe layout (gated DeltaNet) yet",
 }
 # GGUF holds each layer's experts as one [n_expert, out, in] tensor; HF (and lm's readers) name
 # one tensor per expert. GGUF name -> the HF per-expert template, per family; the router too.
