@@ -34,6 +34,16 @@ MODEL_PRESETS = {
                rope_theta=500000.0, max_seq_len=8192,
                rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_seq_len=8192)),
+    # Llama-3.1-70B (transformers' LlamaConfig from its published config.json).
+    '70b': dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, mlp_dim=28672,
+                rope_theta=500000.0, max_seq_len=8192,
+                rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_seq_len=8192)),
+    # Qwen3-32B (its published config.json): head_dim 128 is not d_model / n_heads (80), RMSNorm on
+    # each head's q and k, untied embeddings.
+    'qwen3-32b': dict(vocab_size=151936, d_model=5120, n_layers=64, n_heads=64, n_kv_heads=8,
+                      head_dim=128, mlp_dim=25600, rope_theta=1000000.0, norm_eps=1e-6,
+                      max_seq_len=40960, qk_norm=True),
     # DeepSeek-V3's width and MLA dims (transformers' DeepseekV3Config defaults) with 4 dense layers
     # instead of its 3 dense + 58 Mixture-of-Experts ones, whose routing arrives with issue 26.
     'deepseek-v3-small': dict(vocab_size=129280, d_model=7168, n_layers=4, n_heads=128,
@@ -305,6 +315,11 @@ def base_config() -> ml_collections.ConfigDict:
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/train/partition.py
+      # Storage dtype of the floating parameters train.trainable freezes (param_dtype: as the rest).
+      # bfloat16 halves a LoRA/QLoRA base; exact for weights the forward reads in
+      # model.compute_dtype (embeddings, head, linear kernels), one rounding for norms and
+      # quantization scales (docs/plan.md).
+      frozen_dtype='param_dtype',
       objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill | grpo (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
       eval_tasks='',  # built-in task names or task files (lm/eval/tasks.py), comma-separated, run at every evaluation; logged as task/metric
@@ -507,6 +522,7 @@ SCHEMA = {
     'train.max_bad_steps': AT_LEAST_ONE, 'train.spike_zscore': NOT_NEGATIVE,
     'train.spike_window': AT_LEAST_ONE, 'train.keep_checkpoints': AT_LEAST_ONE,
     'train.tracker_errors': Choice(('fail', 'warn')),
+    'train.frozen_dtype': Choice(('param_dtype',) + DTYPES),
     'train.objective': Choice(('next_token_xent', 'dpo', 'ipo', 'simpo', 'orpo', 'kto', 'distill', 'grpo')),
     'model.quant.type': Choice(('none', 'int8', 'nf4')), 'model.quant.block': AT_LEAST_ONE,
     'model.moe.n_experts': NOT_NEGATIVE, 'model.moe.experts_per_token': AT_LEAST_ONE,

@@ -73,6 +73,15 @@ def test_missing_config_file_and_presets():
     config_lib.model_config('3b')
 
 
+@pytest.mark.parametrize('preset, published', [
+    ('70b', 70_553_706_496),  # Llama-3.1-70B
+    ('qwen3-32b', 32_762_123_264),  # Qwen3-32B: 32.8B, 31.2B without the two embeddings
+])
+def test_large_presets_have_the_published_parameter_counts(preset, published):
+  from lm.model.spec import ModelSpec  # pylint: disable=import-outside-toplevel
+  assert ModelSpec(config_lib.model_config(preset)).param_count() == published
+
+
 def test_config_reference_doc_is_in_sync():
   with open(os.path.join(ROOT, 'docs', 'config_reference.md'), encoding='utf-8') as f:
     on_disk = f.read().strip()

@@ -284,20 +284,21 @@ class Stack(nnx.Module):
       stats = []
       for j, (token_name, tj, channel_name, cj) in enumerate(group):
 
-        def layer_fn(x_BTD, layer_xs, token_name=token_name, channel_name=channel_name):
-          norm_states, token_state, channel_state, values, cache = layer_xs
-          norms = {n: nnx.merge(graphdefs[n], s) for n, s in norm_states.items()}
-          token = nnx.merge(graphdefs[token_name], token_state)
-          channel = nnx.merge(graphdefs[channel_name], channel_state)
-          return one_layer(x_BTD, norms, token, channel, values, cache)
+        # The layer's slice of the group is taken inside the checkpoint: its residuals are then
+        # the scan's own per-group inputs, which the backward scan reads in place. Taken outside,
+        # each slice is a new value the forward scan stacks as a residual: a second copy of every
+        # layer weight (36 GiB of QLoRA 70B's NF4 kernels and scales on one GPU).
+        def layer_fn(x_BTD, g, j=j, tj=tj, cj=cj, token_name=token_name, channel_name=channel_name):
+          norms = {n: nnx.merge(graphdefs[n], take(s, j)) for n, s in g['norms'].items()}
+          token = nnx.merge(graphdefs[token_name], take(g['parts'][token_name], tj))
+          channel = nnx.merge(graphdefs[channel_name], take(g['parts'][channel_name], cj))
+          cache = g['caches'][token_name] if token_name in caches_out else None
+          return one_layer(x_BTD, norms, token, channel, take(g['values'], j),
+                           None if cache is None else take(cache, tj))
 
         if remat != 'none' and caches is None:
           layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
-        cache = g['caches'][token_name] if token_name in caches_out else None
-        layer_xs = ({n: take(s, j) for n, s in g['norms'].items()},
-                    take(g['parts'][token_name], tj), take(g['parts'][channel_name], cj),
-                    take(g['values'], j), None if cache is None else take(cache, tj))
-        x_BTD, new_cache, layer_stats = layer_fn(x_BTD, layer_xs)
+        x_BTD, new_cache, layer_stats = layer_fn(x_BTD, g)
         if token_name in caches_out:
           caches_out[token_name][tj] = new_cache
         if layer_stats is not None:

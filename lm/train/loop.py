@@ -34,7 +34,7 @@ from lm.errors import ConfigError, Diverged, Preempted
 from lm.train import metrics as metrics_lib
 from lm.train import trackers
 from lm.train.metrics import MetricWriter
-from lm.train.state import ModelSpec, train_state_factory
+from lm.train.state import ModelSpec, stored_dtypes, train_state_factory
 from lm.train.step import make_eval_step, make_train_step
 
 
@@ -75,7 +75,8 @@ class Trainer:
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
                                                   self.row_masks)
     self.init, self.abstract_state, self.shardings = train_state_factory(
-        self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window)
+        self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window,
+        dtypes=stored_dtypes(self.spec.shapes, self.labels, cfg.train.frozen_dtype))
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
     self.objective = objective or objectives.from_config(cfg)
     # Traced with the logical-axis rules active (sharding.constrain inside the model and loss) and

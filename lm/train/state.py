@@ -14,6 +14,7 @@ from flax import struct
 from lm import sharding as sharding_lib
 from lm.model.spec import ModelSpec  # pylint: disable=unused-import (re-exported)
 from lm.train import guard as guard_lib
+from lm.train.partition import TRAINABLE
 
 
 @struct.dataclass
@@ -46,18 +47,30 @@ def new_train_state(params: dict, tx: optax.GradientTransformation, guard_window
                     guard=guard_lib.init(guard_window))
 
 
+def stored_dtypes(shapes: dict, labels: dict, frozen_dtype: str) -> dict:
+  """{name: dtype} for the frozen floating parameters kept in `frozen_dtype` (train.frozen_dtype;
+  'param_dtype': none). Quantized values (integers) keep theirs."""
+  if frozen_dtype == 'param_dtype':
+    return {}
+  return {n: jnp.dtype(frozen_dtype) for n, s in shapes.items()
+          if labels[n] != TRAINABLE and jnp.issubdtype(s.dtype, jnp.floating)}
+
+
 def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules, *,
-                        guard_window: int = 1):
+                        guard_window: int = 1, dtypes: dict | None = None):
   """(init(rng) -> state placed on the mesh, abstract state, shardings).
 
   The state is known as shapes first; `init` is jitted with the shardings as outputs, so no
-  array is ever materialised whole on one device.
+  array is ever materialised whole on one device. `dtypes`: {name: dtype} the state stores some
+  parameters in (stored_dtypes).
   """
   param_sh = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
+  dtypes = dtypes or {}
 
   def init(rng, loaded=None):
     """`loaded`: starting weights for some parameters (lm/io/pretrained.py), donated."""
     params = spec.init(rng, loaded)
+    params = {n: v.astype(dtypes[n]) if n in dtypes else v for n, v in params.items()}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       guard=guard_lib.init(guard_window))
 

@@ -175,6 +175,29 @@ def test_compiles_lora_for_an_h100_host():
     plan_lib.fit_or_raise(small)
 
 
+def test_qlora_on_one_gpu_holds_the_frozen_base_once_and_in_bfloat16():
+  # With full remat the backward layer scan reads each layer's weights from the state in place.
+  # A layer's slice taken outside its checkpoint was a residual the forward scan stacked: a second
+  # copy of every layer's weights in the temporaries (36 GiB of 70B QLoRA's, docs/plan.md).
+  c = _quiet_tiny(d_model=256, mlp_dim=1024, n_heads=4, n_kv_heads=4, n_layers=16, remat='full',
+                  vocab_size=4096, compute_dtype='bfloat16')
+  c.data.update(batch_size=1, seq_len=8)
+  c.model.quant.update(type='int8', block=64)
+  c.model.lora.update(rank=4)
+  c.train.update(trainable='lora', frozen_dtype='bfloat16')
+  trainer = Trainer(c, devices=jax.devices()[:1])
+  shapes = trainer.abstract_state.params
+  assert shapes['embed'].dtype == shapes['lm_head.kernel'].dtype == jax.numpy.bfloat16
+  assert shapes['layers.attn.q.lora_a'].dtype == jax.numpy.float32  # what trains stays float32
+  assert shapes['layers.mlp.up.kernel'].dtype == jax.numpy.int8
+  result = plan_lib.compile_step(c, targets.parse('h100x1'))
+  layer_bytes = sum(shapes[n].size for n in trainer.spec.quantized)  # int8: one byte each
+  frozen_float = sum(2 * s.size for n, s in shapes.items()
+                     if s.dtype == jax.numpy.bfloat16)
+  assert result.params_bytes < layer_bytes + frozen_float + 4 * result.trainable + 1024
+  assert result.temporaries_bytes < layer_bytes  # 16 layers: a second copy would exceed it
+
+
 def test_a_quantized_base_is_counted_at_its_packed_size():
   # QLoRA's NF4 values are uint4: numpy's itemsize says 1 byte, the accelerators pack 2 a byte.
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
