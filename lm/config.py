@@ -320,6 +320,9 @@ def base_config() -> ml_collections.ConfigDict:
       # model.compute_dtype (embeddings, head, linear kernels), one rounding for norms and
       # quantization scales (docs/plan.md).
       frozen_dtype='param_dtype',
+      # Where the optimizer state lives between steps: device | host (pinned host memory through
+      # JAX memory kinds; each step streams it to the device and back; docs/plan.md).
+      offload='device',
       objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill | grpo (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
       eval_tasks='',  # built-in task names or task files (lm/eval/tasks.py), comma-separated, run at every evaluation; logged as task/metric
@@ -522,7 +525,7 @@ SCHEMA = {
     'train.max_bad_steps': AT_LEAST_ONE, 'train.spike_zscore': NOT_NEGATIVE,
     'train.spike_window': AT_LEAST_ONE, 'train.keep_checkpoints': AT_LEAST_ONE,
     'train.tracker_errors': Choice(('fail', 'warn')),
-    'train.frozen_dtype': Choice(('param_dtype',) + DTYPES),
+    'train.frozen_dtype': Choice(('param_dtype',) + DTYPES), 'train.offload': Choice(('device', 'host')),
     'train.objective': Choice(('next_token_xent', 'dpo', 'ipo', 'simpo', 'orpo', 'kto', 'distill', 'grpo')),
     'model.quant.type': Choice(('none', 'int8', 'nf4')), 'model.quant.block': AT_LEAST_ONE,
     'model.moe.n_experts': NOT_NEGATIVE, 'model.moe.experts_per_token': AT_LEAST_ONE,

@@ -55,6 +55,8 @@ class Plan:
   compile_s: float
   flops: flops_lib.StepFlops | None = None
   mfu: float = 0.4
+  host_bytes: int = 0  # per device, in host memory (train.offload=host: the optimizer state)
+  optimizer_on_host: bool = False
 
   @property
   def step_s(self) -> float:
@@ -82,12 +84,15 @@ class Plan:
         f'({100 * self.trainable / self.total_params:.2f}%)',
         f'memory per {per}:',
         f'  parameters            {self.params_bytes / GiB:8.2f} GiB',
-        f'  optimizer state       {self.optimizer_bytes / GiB:8.2f} GiB',
+        f'  optimizer state       {self.optimizer_bytes / GiB:8.2f} GiB'
+        + ('  (in host memory, not in the total)' if self.optimizer_on_host else ''),
         f'  gradients             {self.gradient_bytes / GiB:8.2f} GiB  (held in the temporaries)',
         f'  activations and other {max(self.temporaries_bytes - self.gradient_bytes, 0) / GiB:8.2f} GiB',
         f'  total                 {self.total_bytes / GiB:8.2f} GiB of {t.hbm_bytes / GiB:.1f}: '
         f'{"fits" if self.fits else "DOES NOT FIT"}',
     ]
+    if self.host_bytes:
+      lines.append(f'host memory per {per}: {self.host_bytes / GiB:.2f} GiB (pinned)')
     if f is not None:
       lines += [
           f'FLOPs per step: {_flops(f.model)} (forward {_flops(f.forward)}, input gradients '
@@ -156,6 +161,13 @@ def device_bytes(memory, platform: str) -> int:
           + memory.temp_size_in_bytes)
 
 
+def host_bytes(memory) -> int:
+  """Per-device bytes the compiled step keeps in host memory (pinned_host buffers)."""
+  get = lambda name: getattr(memory, name, 0) or 0
+  return (get('host_argument_size_in_bytes') + get('host_output_size_in_bytes')
+          - get('host_alias_size_in_bytes') + get('host_temp_size_in_bytes'))
+
+
 def compile_step(cfg, target: targets_lib.Target, devices=None, *, mfu: float = 0.4) -> Plan:
   """Compiles `cfg`'s train step for `target`; the Plan says what it needs per device."""
   from lm.train.loop import Trainer  # pylint: disable=import-outside-toplevel
@@ -190,14 +202,17 @@ def compile_step(cfg, target: targets_lib.Target, devices=None, *, mfu: float = 
     total_bytes = device_bytes(memory, target.platform)
   else:  # the TPU compiler refuses a step over HBM; it says how much it wanted when it can
     total_bytes = needed if needed > 0 else target.hbm_bytes + 1
-  temporaries = max(total_bytes - params_bytes - optimizer_bytes, 0)
+  on_host = cfg.train.offload == 'host'
+  temporaries = max(total_bytes - params_bytes - (0 if on_host else optimizer_bytes), 0)
   return Plan(target=target, mesh=dict(trainer.mesh.shape), batch_size=cfg.data.batch_size,
               microbatches=cfg.train.microbatches, seq_len=cfg.data.seq_len, remat=cfg.model.remat,
               attention=attention, trainable=trainable, total_params=total,
               params_bytes=params_bytes, optimizer_bytes=optimizer_bytes,
               gradient_bytes=gradient_bytes, temporaries_bytes=temporaries, total_bytes=total_bytes,
               fits=needed is None and total_bytes <= target.hbm_bytes, compile_s=compile_s,
-              flops=flops_lib.step_flops(trainer), mfu=mfu)
+              flops=flops_lib.step_flops(trainer), mfu=mfu,
+              host_bytes=0 if needed is not None else host_bytes(memory),
+              optimizer_on_host=on_host)
 
 
 def _resolved_attention(cfg) -> str:

@@ -24,7 +24,8 @@ from lm import host_memory
 from lm.model import ring_attention
 from lm.model import stack as stack_lib
 from lm.train import flops as flops_lib
-from lm.train import balancing, identity, objectives, optim, partition, preemption, rundir, step_flops
+from lm.train import (balancing, identity, objectives, offload, optim, partition, preemption, rundir,
+                      step_flops)
 from lm.io import pretrained
 from lm import sharding as sharding_lib
 from lm.train.checkpoint import Checkpointer
@@ -74,20 +75,26 @@ class Trainer:
         lambda name: stack_lib.layer_rows(self.spec.cfg, name))
     self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, self.labels, cfg.train.steps,
                                                   self.row_masks)
+    host_optimizer = cfg.train.offload == 'host'  # between steps: lm/train/offload.py
+    if host_optimizer:
+      offload.check_supported(list(self.mesh.devices.flat))
     self.init, self.abstract_state, self.shardings = train_state_factory(
         self.spec, self.tx, self.mesh, rules, guard_window=cfg.train.spike_window,
-        dtypes=stored_dtypes(self.spec.shapes, self.labels, cfg.train.frozen_dtype))
-    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
+        dtypes=stored_dtypes(self.spec.shapes, self.labels, cfg.train.frozen_dtype),
+        host_optimizer=host_optimizer)
     self.objective = objective or objectives.from_config(cfg)
+    step_fn = make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
+                              cfg.train.microbatches, seed=cfg.train.seed,
+                              spike_zscore=cfg.train.spike_zscore,
+                              state_update=balancing.from_config(self.spec.cfg))
+    if host_optimizer:
+      step_fn = offload.streamed(step_fn)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, rules)
     # Traced with the logical-axis rules active (sharding.constrain inside the model and loss) and
     # run with the mesh set (attention dispatch follows the mesh's devices, sharding.target).
     traced_in = lambda fn: _traced_in(self.mesh, rules, fn, self.ring_context, self.batch_sharding)
     self.step = sharding_lib.InMesh(jax.jit(
-        traced_in(make_train_step(self.spec, self.objective, self.tx, self.schedule, self.labels,
-                                  cfg.train.microbatches, seed=cfg.train.seed,
-                                  spike_zscore=cfg.train.spike_zscore,
-                                  state_update=balancing.from_config(self.spec.cfg))),
-        in_shardings=(self.shardings, self.batch_sharding),
+        traced_in(step_fn), in_shardings=(self.shardings, self.batch_sharding),
         out_shardings=(self.shardings, None), donate_argnums=0), self.mesh)
     self.eval_step = sharding_lib.InMesh(
         jax.jit(traced_in(make_eval_step(self.spec, objectives.for_evaluation(self.objective))),

@@ -14,6 +14,7 @@ from flax import struct
 from lm import sharding as sharding_lib
 from lm.model.spec import ModelSpec  # pylint: disable=unused-import (re-exported)
 from lm.train import guard as guard_lib
+from lm.train import offload
 from lm.train.partition import TRAINABLE
 
 
@@ -57,12 +58,14 @@ def stored_dtypes(shapes: dict, labels: dict, frozen_dtype: str) -> dict:
 
 
 def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh, rules, *,
-                        guard_window: int = 1, dtypes: dict | None = None):
+                        guard_window: int = 1, dtypes: dict | None = None,
+                        host_optimizer: bool = False):
   """(init(rng) -> state placed on the mesh, abstract state, shardings).
 
   The state is known as shapes first; `init` is jitted with the shardings as outputs, so no
   array is ever materialised whole on one device. `dtypes`: {name: dtype} the state stores some
-  parameters in (stored_dtypes).
+  parameters in (stored_dtypes). `host_optimizer`: the optimizer state in pinned host memory
+  (lm/train/offload.py).
   """
   param_sh = sharding_lib.param_shardings(spec.logical_axes, spec.shapes, mesh, rules)
   dtypes = dtypes or {}
@@ -76,6 +79,8 @@ def train_state_factory(spec: ModelSpec, tx: optax.GradientTransformation, mesh,
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = state_shardings(abstract, param_sh, mesh)
+  if host_optimizer:
+    shardings = shardings.replace(opt_state=offload.host_shardings(shardings.opt_state))
   return jax.jit(init, out_shardings=shardings, donate_argnums=1), abstract, shardings
 
 

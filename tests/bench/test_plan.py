@@ -175,16 +175,18 @@ def test_compiles_lora_for_an_h100_host():
     plan_lib.fit_or_raise(small)
 
 
-def test_qlora_on_one_gpu_holds_the_frozen_base_once_and_in_bfloat16():
+def test_qlora_on_one_gpu_holds_the_frozen_base_once_in_bfloat16_and_adam_on_the_host():
   # With full remat the backward layer scan reads each layer's weights from the state in place.
   # A layer's slice taken outside its checkpoint was a residual the forward scan stacked: a second
   # copy of every layer's weights in the temporaries (36 GiB of 70B QLoRA's, docs/plan.md).
+  # train.offload=host: the compile-only GPU lists no memory kinds, yet the compiler puts the
+  # optimizer state in host memory.
   c = _quiet_tiny(d_model=256, mlp_dim=1024, n_heads=4, n_kv_heads=4, n_layers=16, remat='full',
                   vocab_size=4096, compute_dtype='bfloat16')
   c.data.update(batch_size=1, seq_len=8)
   c.model.quant.update(type='int8', block=64)
   c.model.lora.update(rank=4)
-  c.train.update(trainable='lora', frozen_dtype='bfloat16')
+  c.train.update(trainable='lora', frozen_dtype='bfloat16', offload='host')
   trainer = Trainer(c, devices=jax.devices()[:1])
   shapes = trainer.abstract_state.params
   assert shapes['embed'].dtype == shapes['lm_head.kernel'].dtype == jax.numpy.bfloat16
@@ -196,6 +198,9 @@ def test_qlora_on_one_gpu_holds_the_frozen_base_once_and_in_bfloat16():
                      if s.dtype == jax.numpy.bfloat16)
   assert result.params_bytes < layer_bytes + frozen_float + 4 * result.trainable + 1024
   assert result.temporaries_bytes < layer_bytes  # 16 layers: a second copy would exceed it
+  assert result.optimizer_on_host and result.host_bytes == result.optimizer_bytes > 0
+  assert result.total_bytes < result.params_bytes + result.temporaries_bytes + 1024
+  assert f'host memory per GPU: {result.host_bytes / 2 ** 30:.2f} GiB' in result.render()
 
 
 def test_a_quantized_base_is_counted_at_its_packed_size():
