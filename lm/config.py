@@ -315,14 +315,10 @@ def base_config() -> ml_collections.ConfigDict:
       spike_window=100,  # accepted losses the spike check compares against
       keep_checkpoints=3,
       trainable='all',  # which parameters train: all | lora | bitfit | norms | ...; lm/train/partition.py
-      # Storage dtype of the floating parameters train.trainable freezes (param_dtype: as the rest).
-      # bfloat16 halves a LoRA/QLoRA base; exact for weights the forward reads in
-      # model.compute_dtype (embeddings, head, linear kernels), one rounding for norms and
-      # quantization scales (docs/plan.md).
-      frozen_dtype='param_dtype',
-      # Where the optimizer state lives between steps: device | host (pinned host memory through
-      # JAX memory kinds; each step streams it to the device and back; docs/plan.md).
-      offload='device',
+      # bfloat16 halves a LoRA/QLoRA base: exact for weights the forward reads in compute_dtype
+      # (embeddings, head, kernels); norms and quantization scales round once.
+      frozen_dtype='param_dtype',  # storage dtype of the floating parameters train.trainable freezes; param_dtype: as the rest (docs/plan.md)
+      offload='device',  # where the optimizer state lives between steps: device | host (pinned host memory, streamed each step; docs/plan.md)
       objective='next_token_xent',  # next_token_xent | dpo | ipo | simpo | orpo | kto | distill | grpo (lm/train/objectives.py, docs/posttraining.md)
       init_from=config_dict.placeholder(str),  # start from an lm run dir or a HF model dir; sets model shape and tokenizer
       eval_tasks='',  # built-in task names or task files (lm/eval/tasks.py), comma-separated, run at every evaluation; logged as task/metric

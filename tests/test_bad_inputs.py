@@ -63,6 +63,7 @@ CASES = {
     'config-file-partial': (['--config', '{d}/partial.py'], 'the config lacks data.bad_records and'),
     # Config: the schema (lm/config.py SCHEMA and RULES), before anything is read or compiled.
     'schema-negative-lr': (['--config.optimizer.lr=-1'], 'optimizer.lr=-1.0 must be positive'),
+    'schema-offload-unknown': (['--config.train.offload=disk'], "train.offload='disk'; choose device or host"),
     'schema-lr-not-finite': (['--config.optimizer.lr=1e400'], 'optimizer.lr=inf is not a finite number'),
     'schema-lr-nan': (['--config.optimizer.lr=nan'], 'optimizer.lr=nan is not a finite number'),
     'schema-negative-grad-clip': (['--config.optimizer.grad_clip=-1'], 'optimizer.grad_clip=-1.0 must not be negative'),

@@ -1,6 +1,9 @@
 """`lm plan`: targets, analytic step FLOPs per mode, and the step compiled for a real TPU and GPU."""
 
+import argparse
 import dataclasses
+import os
+import shlex
 import subprocess
 import types
 
@@ -10,6 +13,7 @@ import pytest
 from conftest import ROOT, tiny_config
 
 import lm_runs
+from lm import config as config_lib
 from lm.bench import plan as plan_lib
 from lm.bench import targets
 from lm.train import step_flops
@@ -34,6 +38,17 @@ def test_tpu_slice_shapes():
   assert targets.tpu_shape(64, 3) == (4, 4, 4)
   assert targets.tpu_shape(8, 2) == (2, 4)
   assert targets.tpu_shape(16, 2) == (4, 4)
+  assert targets.tpu_shape(256, 2) == (16, 16) and targets.tpu_shape(256, 3) == (4, 8, 8)
+
+
+@pytest.mark.parametrize('name, chips, last_chip, kind', [
+    ('h100x1', 1, None, 'H100'), ('h200x1', 1, None, 'H200'),
+    ('v6e-256', 256, [15, 15, 0], 'TPU v6 lite'), ('v5p-512', 256, [3, 7, 7], 'TPU v5')])
+def test_single_gpus_and_256_chip_slices_build_their_compilers_devices(name, chips, last_chip, kind):
+  devices = targets.parse(name).devices()
+  assert len(devices) == chips and kind in devices[0].device_kind
+  if last_chip:  # v6e-256 is a 16x16 grid of chips, v5p-512 a 4x8x8 cube
+    assert max(devices, key=lambda d: d.id).coords == last_chip
 
 
 @pytest.mark.parametrize('name', ['v7-8', 'a100x8', 'v5p-3', 'h100x16', 'v6e-12'])
@@ -175,32 +190,57 @@ def test_compiles_lora_for_an_h100_host():
     plan_lib.fit_or_raise(small)
 
 
-def test_qlora_on_one_gpu_holds_the_frozen_base_once_in_bfloat16_and_adam_on_the_host():
-  # With full remat the backward layer scan reads each layer's weights from the state in place.
-  # A layer's slice taken outside its checkpoint was a residual the forward scan stacked: a second
-  # copy of every layer's weights in the temporaries (36 GiB of 70B QLoRA's, docs/plan.md).
-  # train.offload=host: the compile-only GPU lists no memory kinds, yet the compiler puts the
-  # optimizer state in host memory.
-  c = _quiet_tiny(d_model=256, mlp_dim=1024, n_heads=4, n_kv_heads=4, n_layers=16, remat='full',
-                  vocab_size=4096, compute_dtype='bfloat16')
-  c.data.update(batch_size=1, seq_len=8)
-  c.model.quant.update(type='int8', block=64)
-  c.model.lora.update(rank=4)
-  c.train.update(trainable='lora', frozen_dtype='bfloat16', offload='host')
-  trainer = Trainer(c, devices=jax.devices()[:1])
-  shapes = trainer.abstract_state.params
-  assert shapes['embed'].dtype == shapes['lm_head.kernel'].dtype == jax.numpy.bfloat16
-  assert shapes['layers.attn.q.lora_a'].dtype == jax.numpy.float32  # what trains stays float32
-  assert shapes['layers.mlp.up.kernel'].dtype == jax.numpy.int8
-  result = plan_lib.compile_step(c, targets.parse('h100x1'))
-  layer_bytes = sum(shapes[n].size for n in trainer.spec.quantized)  # int8: one byte each
-  frozen_float = sum(2 * s.size for n, s in shapes.items()
-                     if s.dtype == jax.numpy.bfloat16)
-  assert result.params_bytes < layer_bytes + frozen_float + 4 * result.trainable + 1024
-  assert result.temporaries_bytes < layer_bytes  # 16 layers: a second copy would exceed it
-  assert result.optimizer_on_host and result.host_bytes == result.optimizer_bytes > 0
-  assert result.total_bytes < result.params_bytes + result.temporaries_bytes + 1024
-  assert f'host memory per GPU: {result.host_bytes / 2 ** 30:.2f} GiB' in result.render()
+# docs/plan.md's one-device rows at test size: 32 scanned layers, so that a second copy of the
+# layers' weights would outweigh every other temporary.
+PAGE_SECTION = '## Larger than one device'
+TEST_SIZE = ['--config.model.n_layers=32', '--config.model.d_model=256', '--config.model.n_heads=4',
+             '--config.model.n_kv_heads=4', '--config.model.head_dim=64',
+             '--config.model.mlp_dim=1024', '--config.model.vocab_size=512',
+             '--config.data.seq_len=64']
+
+
+def _page_plans(section):
+  """The arguments of each `lm plan` command in docs/plan.md's `section`."""
+  with open(os.path.join(ROOT, 'docs', 'plan.md'), encoding='utf-8') as f:
+    text = f.read()
+  body = text[text.index(section):]
+  body = body[:body.index('\n## ', 1)]
+  return [shlex.split(line)[2:] for line in body.split('\n') if line.startswith('lm plan ')]
+
+
+def test_the_pages_one_device_plans_compile_at_test_size():
+  """With full remat the backward layer scan reads each layer's weights from the state in place
+  (a layer's slice taken outside its checkpoint was a residual the forward scan stacked: a second
+  copy of every layer's weights, 36 GiB of 70B QLoRA's). train.frozen_dtype keeps the frozen base
+  in bfloat16; train.offload=host puts the optimizer state in host memory, which the compile-only
+  GPU (no memory kinds listed) honours too."""
+  argvs = _page_plans(PAGE_SECTION)
+  assert len(argvs) == 2
+  for argv in argvs:
+    parser = argparse.ArgumentParser()
+    for flag in ('--config', '--target', '--model-preset'):
+      parser.add_argument(flag)
+    args, overrides = parser.parse_known_args(argv)
+    cfg = config_lib.load_config(args.config, overrides + TEST_SIZE, model_preset=args.model_preset)
+    assert cfg.train.offload == 'host' and args.target in ('h100x1', 'h200x1')
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    shapes = trainer.abstract_state.params
+    result = plan_lib.compile_step(cfg, targets.parse(args.target))
+    assert result.fits and result.optimizer_on_host
+    assert result.host_bytes == result.optimizer_bytes > 0
+    assert result.total_bytes < result.params_bytes + result.temporaries_bytes + 1024
+    assert f'host memory per GPU: {result.host_bytes / 2 ** 30:.2f} GiB' in result.render()
+    if cfg.model.quant.type == 'none':  # the 8B full fine-tune: Adam's two moments per parameter
+      assert result.trainable == result.total_params
+      assert result.optimizer_bytes == pytest.approx(2 * result.params_bytes, rel=0.01)
+      continue
+    assert shapes['embed'].dtype == shapes['lm_head.kernel'].dtype == jax.numpy.bfloat16
+    assert shapes['layers.attn.q.lora_a'].dtype == jax.numpy.float32  # what trains stays float32
+    assert shapes['layers.mlp.up.kernel'].dtype == jax.numpy.uint4
+    layer_bytes = sum(shapes[n].size for n in trainer.spec.quantized) // 2  # NF4: two a byte
+    frozen_float = sum(2 * s.size for s in shapes.values() if s.dtype == jax.numpy.bfloat16)
+    assert result.params_bytes < layer_bytes + frozen_float + 4 * result.trainable + 1024
+    assert result.temporaries_bytes < layer_bytes  # a second copy would exceed it
 
 
 def test_a_quantized_base_is_counted_at_its_packed_size():

@@ -1,4 +1,5 @@
-"""train.offload=host: the optimizer state in pinned host memory between steps, the same step."""
+"""train.offload=host (the optimizer state in pinned host memory between steps, the same step) and
+train.frozen_dtype (the frozen base stored in another dtype)."""
 
 import types
 
@@ -12,28 +13,38 @@ from lm.train import offload
 from lm.train.loop import Trainer
 
 
-def _steps(offload_to, steps=3):
-  c = tiny_config()
+def _steps(**train):
+  """Losses of 3 LoRA steps in bfloat16 compute, and the state after them."""
+  c = tiny_config(compute_dtype='bfloat16')
   c.data.update(batch_size=2)
-  c.train.offload = offload_to
+  c.model.lora.update(rank=4)
+  c.train.update(trainable='lora', **train)
   trainer = Trainer(c, devices=jax.devices()[:1])
   state = trainer.init_state()
   losses = []
-  for i in range(steps):
+  for i in range(3):
     state, metrics = trainer.step(state, trainer.global_batch(random_batch(c, seed=i)))
     losses.append(float(metrics['loss']))
-  return losses, state
+  return losses, state, trainer.labels
 
 
-def test_offloaded_optimizer_trains_exactly_as_on_the_device():
-  plain_losses, plain = _steps('device')
-  host_losses, host = _steps('host')
-  assert host_losses == plain_losses and len(set(plain_losses)) == 3
-  kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(host.opt_state)}
-  assert kinds == {offload.HOST}
-  assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(host.params)} == {'device'}
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(host)):
+def test_adam_in_host_memory_and_a_bfloat16_frozen_base_train_exactly_as_the_plain_step():
+  # The frozen weights are read in the compute dtype anyway (norm scales start at 1.0, which
+  # bfloat16 holds exactly), and the offloaded step is the same step: equal bit for bit.
+  plain_losses, plain, labels = _steps()
+  losses, state, _ = _steps(offload='host', frozen_dtype='bfloat16')
+  assert losses == plain_losses and len(set(losses)) == 3
+  assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state.opt_state)} == {offload.HOST}
+  assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state.params)} == {'device'}
+  for a, b in zip(jax.tree.leaves(plain.opt_state), jax.tree.leaves(state.opt_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for name, label in labels.items():
+    a, b = np.asarray(plain.params[name]), np.asarray(state.params[name])
+    if label == 'trainable':
+      np.testing.assert_array_equal(a, b)
+    else:
+      assert state.params[name].dtype == jax.numpy.bfloat16
+      np.testing.assert_array_equal(a.astype(jax.numpy.bfloat16), b)
 
 
 def test_devices_without_host_memory_are_one_line():
