@@ -240,7 +240,9 @@ def test_the_pages_one_device_plans_compile_at_test_size():
     layer_bytes = sum(shapes[n].size for n in trainer.spec.quantized) // 2  # NF4: two a byte
     frozen_float = sum(2 * s.size for s in shapes.values() if s.dtype == jax.numpy.bfloat16)
     assert result.params_bytes < layer_bytes + frozen_float + 4 * result.trainable + 1024
-    assert result.temporaries_bytes < layer_bytes  # a second copy would exceed it
+    # A second copy of the layers' weights adds at least layer_bytes to the temporaries: at this
+    # size 17.8 MB with the slice taken inside the checkpoint, 46.2 MB with it taken outside.
+    assert result.temporaries_bytes < 1.5 * layer_bytes
 
 
 def test_a_quantized_base_is_counted_at_its_packed_size():
