@@ -217,15 +217,11 @@ def test_the_pages_one_device_plans_compile_at_test_size():
   argvs = _page_plans(PAGE_SECTION)
   assert len(argvs) == 2
   for argv in argvs:
-    parser = argparse.ArgumentParser()
-    for flag in ('--config', '--target', '--model-preset'):
-      parser.add_argument(flag)
-    args, overrides = parser.parse_known_args(argv)
-    cfg = config_lib.load_config(args.config, overrides + TEST_SIZE, model_preset=args.model_preset)
-    assert cfg.train.offload == 'host' and args.target in ('h100x1', 'h200x1')
+    cfg, target = _page_config(argv, TEST_SIZE)
+    assert cfg.train.offload == 'host' and target.name in ('h100x1', 'h200x1')
     trainer = Trainer(cfg, devices=jax.devices()[:1])
     shapes = trainer.abstract_state.params
-    result = plan_lib.compile_step(cfg, targets.parse(args.target))
+    result = plan_lib.compile_step(cfg, target)
     assert result.fits and result.optimizer_on_host
     assert result.host_bytes == result.optimizer_bytes > 0
     assert result.total_bytes < result.params_bytes + result.temporaries_bytes + 1024
@@ -243,6 +239,35 @@ def test_the_pages_one_device_plans_compile_at_test_size():
     # A second copy of the layers' weights adds at least layer_bytes to the temporaries: at this
     # size 17.8 MB with the slice taken inside the checkpoint, 46.2 MB with it taken outside.
     assert result.temporaries_bytes < 1.5 * layer_bytes
+
+
+def _page_config(argv, test_size):
+  parser = argparse.ArgumentParser()
+  for flag in ('--config', '--target', '--model-preset'):
+    parser.add_argument(flag)
+  args, overrides = parser.parse_known_args(argv)
+  return config_lib.load_config(args.config, overrides + test_size,
+                                model_preset=args.model_preset), targets.parse(args.target)
+
+
+def test_the_pages_ring_attention_plan_compiles_at_test_size_and_needs_less_than_all_gather():
+  """docs/plan.md's 128k-token ring row at 2,048 tokens (2 layers of width 256): the same mesh
+  (fsdp 2, context 4 on h200x8) with the ring needs less per GPU than gathering K/V, whose
+  [T/4, T] attention logits per head are what the page's all_gather row cannot hold."""
+  (argv,) = _page_plans('## Ring attention')
+  size = ['--config.model.n_layers=2', '--config.model.d_model=256', '--config.model.n_heads=4',
+          '--config.model.n_kv_heads=4', '--config.model.head_dim=64', '--config.model.mlp_dim=512',
+          '--config.model.vocab_size=512', '--config.model.max_seq_len=2048',
+          '--config.data.seq_len=2048']
+  cfg, target = _page_config(argv, size)
+  assert cfg.model.context_parallel == 'ring' and target.name == 'h200x8'
+  ring = plan_lib.compile_step(cfg, target)
+  cfg.model.context_parallel = 'all_gather'
+  gathered = plan_lib.compile_step(cfg, target)
+  assert ring.mesh['context'] == 4 and ring.fits and gathered.fits
+  assert ring.temporaries_bytes < gathered.temporaries_bytes
+  print(f'ring {ring.temporaries_bytes / 2**20:.1f} MiB, all_gather '
+        f'{gathered.temporaries_bytes / 2**20:.1f} MiB of temporaries per GPU')
 
 
 def test_a_quantized_base_is_counted_at_its_packed_size():
