@@ -185,6 +185,11 @@ def compile_step(cfg, target: targets_lib.Target, devices=None, *, mfu: float = 
     memory = lowered.compile().memory_analysis()
   except Exception as e:  # pylint: disable=broad-except
     needed = _out_of_memory(e)
+    if needed is None and 'INTERNAL' in str(e):  # the compiler's own failure, not lm's nor the config's
+      first = str(e).strip().splitlines()[0][:240]
+      raise ConfigError(f'{target.name}: the XLA compiler failed on this step ({first}); the '
+                        'compiler, not the config, is at fault: try another mesh shape or '
+                        'model.attention') from None
     if needed is None:
       raise
   compile_s = time.perf_counter() - start

@@ -352,3 +352,16 @@ def test_search_reports_the_largest_microbatch_per_remat_policy(monkeypatch):
   assert '+33% FLOPs recomputed' in lines[4]
   assert lines[5] == ('for data.batch_size=64: --config.model.remat=none --config.train.microbatches=4 '
                       '(least recompute that fits)')
+
+
+def test_a_compiler_failure_is_one_line_naming_the_compiler(monkeypatch):
+  # libtpu failed this way on DeepSeek-V3's step for v5p-512 (docs/moe.md): an INTERNAL error from
+  # XLA's own passes, which is not lm's nor the config's fault, said as such instead of a traceback.
+  def failing_compile(self, *args, **kwargs):
+    raise jax.errors.JaxRuntimeError('INTERNAL: during context [post-optimization]: Bitcast '
+                                     'cannot have different shape sizes\nmore lines')
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', failing_compile)
+  with pytest.raises(ConfigError, match=r'^v5e-1: the XLA compiler failed on this step \(INTERNAL: '
+                     r'during context \[post-optimization\]: Bitcast cannot have different shape '
+                     r'sizes\); the compiler, not the config'):
+    plan_lib.compile_step(_quiet_tiny(), targets.parse('v5e-1'))
