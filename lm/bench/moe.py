@@ -8,6 +8,7 @@ parameters, and the grouped matmul beside the dense-einsum reference.
                           (lm/model/routers.py: sigmoid, topk_softmax, topk_sigmoid);
             dense         one MLP of hidden size k * F: the same parameters active per token.
   layer   forward + backward of one expert layer alone on B * T tokens: ragged_dot vs einsum.
+  MiB     the compiled program's temporaries (XLA's memory_analysis), for the step and the layer.
 
 The defaults are small enough to finish in well under a minute on a CPU; on an accelerator raise
 them (--d-model 1024 --expert-dim 1024 --seq-len 2048). Times are medians over --steps runs.
@@ -90,22 +91,29 @@ def _median_seconds(fn, steps):
   return statistics.median(times)
 
 
-def bench_step(cfg, steps: int) -> float:
-  """Median train-step seconds on one device (after a compile and a settling step)."""
+def _temp_mib(compiled) -> float:
+  return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+
+
+def bench_step(cfg, steps: int) -> tuple[float, float]:
+  """Median train-step seconds on one device (after a compile and a settling step), and the
+  compiled step's temporaries in MiB."""
   trainer = Trainer(cfg, devices=jax.devices()[:1])
   box = [trainer.init_state()]
   batch = trainer.global_batch(random_batch(cfg))
+  memory = _temp_mib(trainer.step.lower(box[0], batch).compile())
 
   def step():
     box[0], metrics = trainer.step(box[0], batch)
     return metrics
   for _ in range(2):
     step()
-  return _median_seconds(step, steps)
+  return _median_seconds(step, steps), memory
 
 
-def bench_layer(cfg, steps: int) -> float:
-  """Median seconds of one expert layer's forward + backward (input and weight gradients)."""
+def bench_layer(cfg, steps: int) -> tuple[float, float]:
+  """Median seconds of one expert layer's forward + backward (input and weight gradients), and
+  its compiled temporaries in MiB."""
   layer = moe_lib.MoE(cfg.model, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model))
@@ -114,8 +122,9 @@ def bench_layer(cfg, steps: int) -> float:
     y, _ = nnx.merge(graphdef, params)(x)
     return jnp.sum(y * y)
   fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  memory = _temp_mib(fn.lower(params, x).compile())
   jax.block_until_ready(fn(params, x))
-  return _median_seconds(lambda: fn(params, x), steps)
+  return _median_seconds(lambda: fn(params, x), steps), memory
 
 
 def main(argv=None) -> int:
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
         f'{args.d_model}, {args.layers} layers, {args.batch}x{args.seq_len} tokens, median of '
         f'{args.steps}')
   print(f'{"model":<14}{"active FFN":>11}{"total FFN":>11}{"step ms":>10}{"tokens/s":>11}'
-        f'{"layer ms":>10}')
+        f'{"step MiB":>10}{"layer ms":>10}{"layer MiB":>11}')
   D, L = args.d_model, args.layers
   for name, cfg in configs.items():
     m = cfg.model
@@ -137,10 +146,13 @@ def main(argv=None) -> int:
       total = L * (3 * D * m.moe.expert_dim * m.moe.n_experts + D * m.moe.n_experts)
     else:
       active = total = L * 3 * D * m.mlp_dim
-    seconds = bench_step(cfg, args.steps)
-    layer = f'{bench_layer(cfg, args.steps) * 1e3:>10.2f}' if m.moe.n_experts else f'{"":>10}'
+    seconds, step_mib = bench_step(cfg, args.steps)
+    layer = ''
+    if m.moe.n_experts:
+      layer_s, layer_mib = bench_layer(cfg, args.steps)
+      layer = f'{layer_s * 1e3:>10.2f}{layer_mib:>11.2f}'
     print(f'{name:<14}{active / 1e6:>10.2f}M{total / 1e6:>10.2f}M{seconds * 1e3:>10.1f}'
-          f'{tokens / seconds:>11,.0f}{layer}', flush=True)
+          f'{tokens / seconds:>11,.0f}{step_mib:>10.1f}{layer}', flush=True)
   return 0
 
 
