@@ -11,11 +11,17 @@ generator, scores them (exact answer + answer format, lm/eval/rewards.py), and t
 grpo.updates_per_batch steps of the one train step with the clipped GRPO objective. The KL
 reference is the base with the LoRA adapters off. `:dapo` uses DAPO's clip-higher and token-mean
 loss; `:dr_grpo` Dr. GRPO's unnormalised loss without std scaling.
+
+Environments (lm/eval/environments.py), on SmolLM2-135M-Instruct in its chat template:
+  `:gym`         reasoning-gym's chain_sum (a +- b, one digit each) with a held-out reward every 3
+                 rounds: the learning curve of docs/posttraining.md
+  `:calculator`  GSM8K with a calculator tool (<calc>...</calc>; tool output masked from the loss)
 """
 
 from lm.config import base_config
 
-VARIANTS = ('grpo', 'dapo', 'dr_grpo')
+VARIANTS = ('grpo', 'dapo', 'dr_grpo', 'gym', 'calculator')
+SMOLLM2 = '../shared/data/smollm2-135m-instruct'
 
 
 def get_config(arg='grpo'):
@@ -36,5 +42,20 @@ def get_config(arg='grpo'):
     c.grpo.update(clip_low=0.2, clip_high=0.28, loss_type='dapo', kl_coef=0.0)
   elif arg == 'dr_grpo':
     c.grpo.update(loss_type='dr_grpo', scale_rewards=False)
+  elif arg == 'gym':
+    # Microbatches of 8 rows and a chunked loss keep the step's memory small on a shared machine.
+    c.train.update(init_from=SMOLLM2, steps=120, checkpoint_every=20, microbatches=4)
+    c.data.update(seq_len=96, batch_size=32)
+    c.model.update(loss_chunk_size=32)
+    c.optimizer.update(lr=3e-4)
+    c.grpo.update(environment='lm.eval.environments.ReasoningGym:chain_sum,min_terms=2,max_terms=2,'
+                              'min_digits=1,max_digits=1,size=2000,seed=0',
+                  chat_template='tokenizer', group_size=8, max_new_tokens=20, temperature=0.7,
+                  kl_coef=0.0, stop=(), eval_size=64, eval_every=3)
+  elif arg == 'calculator':
+    c.train.update(init_from=SMOLLM2)
+    c.data.update(seq_len=384)
+    c.grpo.update(environment='lm.eval.environments.Calculator:3', chat_template='tokenizer',
+                  max_new_tokens=96, temperature=0.7, stop=())
   c.metrics.update(tensorboard=False)
   return c

@@ -361,6 +361,11 @@ def base_config() -> ml_collections.ConfigDict:
   # data.batch_size rows per round: batch_size / group_size prompts, group_size completions each.
   c.grpo = ml_collections.ConfigDict(dict(
       prompts=config_dict.placeholder(str),  # .jsonl/.json of records, e.g. ../shared/data/gsm8k/train.jsonl
+      environment='',  # module.Class[:ARG] of an lm.eval.environments.Environment (e.g. lm.eval.environments.ReasoningGym:chain_sum); '': score with grpo.rewards
+      on_error='stop',  # an environment or tool that raises, times out or returns malformed output: stop (the run, checkpoint written) | skip (the round)
+      env_timeout_s=30.0,  # the longest one environment call (tool or reward) may take; 0: no limit
+      eval_size=0,  # prompt records held out (the last ones) for the held-out reward; 0: none
+      eval_every=0,  # rounds between held-out reward evaluations (also one before training); 0: never
       prompt_format='Question: {question}\nAnswer:',  # str.format over the record's fields
       chat_template='',  # '': the formatted prompt as plain text; else a data.chat_template name (tokenizer, chatml, auto, PATH.jinja): it is the user turn, completions stop at the end of the turn
       rewards='lm.eval.rewards.gsm8k_exact',  # comma-separated dotted names of fn(completion, record) -> float
@@ -378,6 +383,8 @@ def base_config() -> ml_collections.ConfigDict:
       kl_coef=0.04,  # weight of the KL penalty to the reference; 0: no reference pass
       loss_type='grpo',  # grpo (mean per completion) | dapo (mean per token) | dr_grpo (sum / max_new_tokens)
       scale_rewards=True,  # divide advantages by the group's reward std (Dr. GRPO: False)
+      importance_level='token',  # token: GRPO's per-token ratio | sequence: GSPO's length-normalised sequence ratio
+      teacher_coef=0.0,  # > 0: on-policy distillation from distill.teacher, per-token advantage -coef * (log p_student - log p_teacher)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -544,6 +551,9 @@ SCHEMA = {
     'grpo.max_new_tokens': AT_LEAST_ONE, 'grpo.temperature': POSITIVE, 'grpo.top_k': NOT_NEGATIVE,
     'grpo.top_p': Bounds(0, 1, lo_open=True), 'grpo.clip_low': FRACTION, 'grpo.clip_high': NOT_NEGATIVE,
     'grpo.kl_coef': NOT_NEGATIVE, 'grpo.loss_type': Choice(('grpo', 'dapo', 'dr_grpo')),
+    'grpo.on_error': Choice(('stop', 'skip')), 'grpo.env_timeout_s': NOT_NEGATIVE,
+    'grpo.eval_size': NOT_NEGATIVE, 'grpo.eval_every': NOT_NEGATIVE,
+    'grpo.importance_level': Choice(('token', 'sequence')), 'grpo.teacher_coef': NOT_NEGATIVE,
     'dpo.beta': POSITIVE, 'dpo.label_smoothing': Bounds(0, 0.5, hi_open=True),
     'mesh.shape.*': Bounds(1, also=(-1,)),
     'distributed.num_processes': AT_LEAST_ONE, 'distributed.process_id': NOT_NEGATIVE,

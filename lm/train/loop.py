@@ -61,8 +61,7 @@ class Trainer:
     # with adapters off; when any base weight trains (no LoRA, or LoRA with train.trainable=all,
     # norms, ...), those would be the weights being trained, so a frozen `ref.*` copy.
     needs_reference = cfg.train.objective in objectives.NEEDS_REFERENCE
-    teacher = (pretrained.teacher_model_config(cfg) if cfg.train.objective in objectives.NEEDS_TEACHER
-               else None)
+    teacher = pretrained.teacher_model_config(cfg) if objectives.needs_teacher(cfg) else None
     self.spec = ModelSpec(cfg.model, reference=needs_reference and not cfg.model.lora.rank,
                           teacher=teacher)
     if needs_reference and cfg.model.lora.rank and partition.trains_base(self.spec.names,

@@ -283,35 +283,61 @@ def distill(model, batch, *, loss: str = 'forward_kl', temperature: float = 1.0,
 
 
 GRPO_LOSSES = ('grpo', 'dr_grpo', 'dapo')
+IMPORTANCE_LEVELS = ('token', 'sequence')
 
 
 def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.04,
-         loss_type: str = 'grpo', max_completion: int = 1):
-  """GRPO's clipped importance-ratio objective (Shao et al. 2024) over completion tokens.
+         loss_type: str = 'grpo', max_completion: int = 1, importance_level: str = 'token',
+         teacher_coef: float = 0.0):
+  """GRPO's clipped importance-ratio objective (Shao et al. 2024) over completion tokens, and
+  through the same code GSPO and on-policy distillation.
 
   A row is one prompt + sampled completion (lm/train/grpo_loop.py builds them): `weights` mark
-  the completion's tokens, `old_logps` [B, T] are their log-probs under the policy that sampled
-  them, `advantages` [B] the group-normalised rewards. Per token, with ratio = pi / pi_old:
+  the completion's tokens (0 on a tool's output, which stays in the context), `old_logps` [B, T]
+  are their log-probs under the policy that sampled them, `advantages` [B] the group-normalised
+  rewards. Per token, with ratio = pi / pi_old:
   -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A) + kl_coef * KL, KL being the k3
   estimate exp(ref - pi) - (ref - pi) - 1 against the reference (adapters off, or `ref.*`).
   `loss_type` says how tokens are averaged: grpo, the mean over each completion then over
   completions; dapo, the mean over all tokens of the batch; dr_grpo, the sum over each
   completion divided by `max_completion` (Dr. GRPO, Liu et al. 2025: no length bias).
   clip_high > clip_low is DAPO's asymmetric clipping ("clip-higher", Yu et al. 2025).
+
+  importance_level='sequence' is GSPO (Zheng et al. 2025): every token of a completion takes the
+  completion's ratio exp(mean over its tokens of log pi - log pi_old), the length-normalised
+  sequence likelihood ratio, clipped as one (TRL's importance_sampling_level="sequence").
+  teacher_coef > 0 is on-policy distillation (Agarwal et al. 2024; Thinking Machines 2025): the
+  frozen teacher (`teacher.*`) scores each sampled token, and the token's advantage is A minus
+  teacher_coef * (log pi_old - log teacher), the per-token reverse KL of the sampled token.
   """
   logp_BT = token_log_probs(model, batch)
   w_BT = batch['weights'].astype(jnp.float32)
-  ratio_BT = jnp.exp(logp_BT - batch['old_logps'])
-  adv_B1 = batch['advantages'].astype(jnp.float32)[:, None]
+  tokens_B = jnp.sum(w_BT, axis=1)
+  log_ratio_BT = logp_BT - batch['old_logps']
+  if importance_level == 'sequence':
+    seq_B1 = jnp.sum(log_ratio_BT * w_BT, axis=1, keepdims=True) / jnp.maximum(tokens_B, 1.0)[:, None]
+    log_ratio_BT = jnp.broadcast_to(seq_B1, log_ratio_BT.shape)
+  elif importance_level != 'token':
+    raise ConfigError(f'grpo.importance_level={importance_level!r}; choose one of {IMPORTANCE_LEVELS}')
+  ratio_BT = jnp.exp(log_ratio_BT)
+  adv_BT = jnp.broadcast_to(batch['advantages'].astype(jnp.float32)[:, None], ratio_BT.shape)
+  more = {}
+  if teacher_coef:
+    if model.teacher is None:
+      raise ConfigError('grpo.teacher_coef > 0 is on-policy distillation and needs a teacher: '
+                        'set --config.distill.teacher')
+    teacher_BT = jax.lax.stop_gradient(token_log_probs(Policy(model.teacher), batch))
+    reverse_kl_BT = batch['old_logps'] - teacher_BT
+    adv_BT = adv_BT - teacher_coef * reverse_kl_BT
+    more['teacher_kl'] = reverse_kl_BT
   clipped_BT = jnp.clip(ratio_BT, 1.0 - clip_low, 1.0 + clip_high)
-  per_token = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
+  per_token = -jnp.minimum(ratio_BT * adv_BT, clipped_BT * adv_BT)
   if kl_coef:
     ref_BT = jax.lax.stop_gradient(token_log_probs(reference_of(model), batch))
     kl_BT = jnp.exp(ref_BT - logp_BT) - (ref_BT - logp_BT) - 1.0
     per_token = per_token + kl_coef * kl_BT
   else:
     kl_BT = jnp.zeros_like(per_token)
-  tokens_B = jnp.sum(w_BT, axis=1)
   rows = (tokens_B > 0).astype(jnp.float32)
   if loss_type == 'grpo':
     token_w, weight = w_BT / jnp.maximum(tokens_B, 1.0)[:, None], jnp.sum(rows)
@@ -324,10 +350,10 @@ def grpo(model, batch, *, clip_low: float = 0.2, clip_high: float = 0.2, kl_coef
   # Metrics are token means; the step divides sums by `weight`, so scale them to that unit.
   per_weight = weight / jnp.maximum(jnp.sum(tokens_B), 1.0)
   token_mean = lambda x: jnp.sum(x * w_BT) * per_weight
-  clipped = (ratio_BT * adv_B1 > clipped_BT * adv_B1)  # the clip bound is the one in effect
+  clipped = (ratio_BT * adv_BT > clipped_BT * adv_BT)  # the clip bound is the one in effect
   return jnp.sum(per_token * token_w), weight, {
       'kl': token_mean(kl_BT), 'clip_fraction': token_mean(clipped.astype(jnp.float32)),
-      'ratio': token_mean(ratio_BT)}
+      'ratio': token_mean(ratio_BT), **{k: token_mean(v) for k, v in more.items()}}
 
 
 def with_router_losses(objective, *, aux_loss_weight: float, z_loss_weight: float,
@@ -369,10 +395,17 @@ def for_evaluation(objective):
 
 OBJECTIVES = {'next_token_xent': next_token_xent, 'dpo': dpo, 'ipo': ipo, 'simpo': simpo,
               'orpo': orpo, 'kto': kto, 'distill': distill, 'grpo': grpo}
-NEEDS_TEACHER = {'distill'}
+NEEDS_TEACHER = {'distill'}  # and grpo with grpo.teacher_coef > 0 (needs_teacher)
 NEEDS_REFERENCE = {'dpo', 'ipo', 'kto', 'grpo'}
 PAIRED = {'dpo', 'ipo', 'simpo', 'orpo'}  # read chosen_* / rejected_* rows (data.format=preference)
 UNPAIRED = {'kto'}  # read rows of labelled examples (data.format=kto)
+
+
+def needs_teacher(cfg) -> bool:
+  """Whether the state carries a frozen teacher: logit distillation, or GRPO's on-policy
+  distillation (grpo.teacher_coef > 0)."""
+  return cfg.train.objective in NEEDS_TEACHER or (cfg.train.objective == 'grpo'
+                                                  and cfg.grpo.teacher_coef > 0)
 
 
 def get(name: str):
@@ -422,8 +455,12 @@ def _bound_objective(cfg):
     g = cfg.grpo
     if g.loss_type not in GRPO_LOSSES:
       raise ConfigError(f'grpo.loss_type={g.loss_type!r}; choose one of {GRPO_LOSSES}')
+    if g.importance_level not in IMPORTANCE_LEVELS:
+      raise ConfigError(f'grpo.importance_level={g.importance_level!r}; choose one of '
+                        f'{IMPORTANCE_LEVELS}')
     return functools.partial(grpo, clip_low=g.clip_low, clip_high=g.clip_high, kl_coef=g.kl_coef,
-                             loss_type=g.loss_type, max_completion=g.max_new_tokens)
+                             loss_type=g.loss_type, max_completion=g.max_new_tokens,
+                             importance_level=g.importance_level, teacher_coef=g.teacher_coef)
   return get(name)
 
 
