@@ -10,7 +10,10 @@ Each round samples data.batch_size / group_size prompts x group_size completions
 generator, scores them (exact answer + answer format, lm/eval/rewards.py), and takes
 grpo.updates_per_batch steps of the one train step with the clipped GRPO objective. The KL
 reference is the base with the LoRA adapters off. `:dapo` uses DAPO's clip-higher and token-mean
-loss; `:dr_grpo` Dr. GRPO's unnormalised loss without std scaling.
+loss; `:dr_grpo` Dr. GRPO's unnormalised loss without std scaling; `:gspo` GSPO's sequence-level
+ratio with its narrow clip range (3e-4, 4e-4) and no KL, as its paper and TRL set it;
+`:distill` on-policy distillation: the student samples, the teacher named by
+--config.distill.teacher scores each sampled token (rewards still scored and logged, weight 0).
 
 Environments (lm/eval/environments.py), on SmolLM2-135M-Instruct in its chat template:
   `:gym`         reasoning-gym's chain_sum (a +- b, one digit each) with a held-out reward every 3
@@ -20,7 +23,7 @@ Environments (lm/eval/environments.py), on SmolLM2-135M-Instruct in its chat tem
 
 from lm.config import base_config
 
-VARIANTS = ('grpo', 'dapo', 'dr_grpo', 'gym', 'calculator')
+VARIANTS = ('grpo', 'dapo', 'dr_grpo', 'gspo', 'distill', 'gym', 'calculator')
 SMOLLM2 = '../shared/data/smollm2-135m-instruct'
 
 
@@ -42,6 +45,10 @@ def get_config(arg='grpo'):
     c.grpo.update(clip_low=0.2, clip_high=0.28, loss_type='dapo', kl_coef=0.0)
   elif arg == 'dr_grpo':
     c.grpo.update(loss_type='dr_grpo', scale_rewards=False)
+  elif arg == 'gspo':
+    c.grpo.update(importance_level='sequence', clip_low=3e-4, clip_high=4e-4, kl_coef=0.0)
+  elif arg == 'distill':
+    c.grpo.update(teacher_coef=1.0, reward_weights=(0.0, 0.0), kl_coef=0.0)
   elif arg == 'gym':
     # Microbatches of 8 rows and a chunked loss keep the step's memory small on a shared machine.
     c.train.update(init_from=SMOLLM2, steps=120, checkpoint_every=20, microbatches=4)

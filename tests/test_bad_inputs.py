@@ -136,6 +136,13 @@ CASES = {
     'posttrain-reward-unresolved': (['--config.train.objective=grpo',
                                      '--config.grpo.rewards=lm.eval.rewards.exact_answer'],
                                     "'lm.eval.rewards.exact_answer' does not name a function"),
+    'posttrain-environment-unresolved': (['--config.train.objective=grpo',
+                                          '--config.grpo.environment=lm.eval.environments.Nope'],
+                                         "grpo.environment='lm.eval.environments.Nope' does not name a class"),
+    'posttrain-on-policy-distill-no-teacher': (['--config.train.objective=grpo',
+                                                '--config.grpo.rewards=lm.eval.rewards.brevity',
+                                                '--config.grpo.teacher_coef=1'],
+                                               'is on-policy distillation and needs a teacher'),
     'posttrain-quantized-base-trains': (['--config.model.quant.type=nf4'],
                                         'stores the base weights quantized and frozen'),
     # Starting weights (train.init_from) and exports.

@@ -102,7 +102,7 @@ FREE = {
     'train.async_checkpoint', 'train.early_stopping_metric', 'train.eval_tasks', 'train.init_from',
     'train.resume_changes', 'train.trainable', 'distill.teacher', 'grpo.prompts',
     'grpo.prompt_format', 'grpo.chat_template', 'grpo.rewards', 'grpo.reward_weights', 'grpo.stop', 'grpo.scale_rewards',
-    'grpo.overlap',
+    'grpo.overlap', 'grpo.environment',
     'model.layer_types', 'model.mlp_bias', 'model.qk_norm', 'model.attn_out_bias',
     'model.hf_family', 'model.moe.norm_topk_prob', 'model.mlp_types', 'model.rope_layers',
     'model.attn_output_gate', 'model.attn_sinks', 'model.rope_interleaved', 'model.qk_l2_norm',

@@ -157,14 +157,22 @@ def _answer_text(text: str, *, numeric: bool = False) -> str:
   return numbers[-1] if numbers else text.strip()
 
 
+def _optional(module: str, environment: str):
+  """An optional dependency of an environment (the `rl` extra), or a ConfigError saying so."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise ConfigError(f'grpo.environment {environment} needs {module}: pip install \'lm[rl]\' '
+                      '(math-verify and reasoning-gym)') from None
+
+
 class MathAnswer(Environment):
   """1 if math-verify finds the completion's answer equal to the record's (GSM8K's `#### N` is
   read as N; LaTeX, fractions and expressions compare by value), else 0. ARG: the record field
   holding the answer (default `answer`)."""
 
   def __init__(self, field: str = ''):
-    import math_verify  # pylint: disable=import-outside-toplevel  # an optional dependency
-    self.math_verify, self.field = math_verify, field or 'answer'
+    self.math_verify, self.field = _optional('math_verify', 'MathAnswer'), field or 'answer'
 
   def reward(self, record, text):
     gold = str(record[self.field])
@@ -202,7 +210,7 @@ class ReasoningGym(Environment):
   INSTRUCTION = '\nGive only the final answer, inside <answer></answer> tags.'
 
   def __init__(self, arg: str = ''):
-    import reasoning_gym  # pylint: disable=import-outside-toplevel  # an optional dependency
+    reasoning_gym = _optional('reasoning_gym', 'ReasoningGym')
     task, _, rest = arg.partition(',')
     if not task:
       raise ConfigError('grpo.environment=lm.eval.environments.ReasoningGym needs a task: '

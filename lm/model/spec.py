@@ -96,7 +96,9 @@ class ModelSpec:
     params = flatten(nnx.to_pure_dict(nnx.state(model)))
     params.update(loaded or {})
     if self.reference:
-      params.update({REF + n: v for n, v in params.items() if not is_adapter(n)})
+      # The base weights only: a teacher's loaded weights (`teacher.*`) have no reference copy.
+      params.update({REF + n: v for n, v in params.items()
+                     if not is_adapter(n) and not n.startswith(TEACHER)})
     for name, n_in in self.quantized.items():  # QLoRA: the float base goes, its quantized form stays
       params[name], params[name + quant.SCALE_SUFFIX] = quant.quantize(
           params[name], self.qtype, self.cfg.quant.block, n_in)

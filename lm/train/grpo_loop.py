@@ -63,6 +63,10 @@ def check_config(cfg):
   Returns (name, environment): `grpo.environment`, or the reward functions of `grpo.rewards`."""
   g = cfg.grpo
   name, env = environments.resolve(g.environment, rewards=g.rewards, weights=g.reward_weights)
+  if g.teacher_coef > 0 and not cfg.distill.teacher:
+    raise ConfigError(f'grpo.teacher_coef={g.teacher_coef} is on-policy distillation and needs a '
+                      'teacher: set --config.distill.teacher=an lm run or Hugging Face directory '
+                      "with the student's tokenizer")
   if g.group_size < 2 or cfg.data.batch_size % g.group_size:
     raise ConfigError(f'grpo.group_size={g.group_size} must be at least 2 and divide '
                       f'data.batch_size={cfg.data.batch_size} (batch_size / group_size prompts per round)')
@@ -75,10 +79,6 @@ def check_config(cfg):
   if g.on_error not in ('stop', 'skip'):
     raise ConfigError(f'grpo.on_error={g.on_error!r}; choose stop (the run stops) or skip (the '
                       'round is skipped)')
-  if g.teacher_coef > 0 and not cfg.distill.teacher:
-    raise ConfigError(f'grpo.teacher_coef={g.teacher_coef} is on-policy distillation and needs a '
-                      'teacher: set --config.distill.teacher=an lm run or Hugging Face directory '
-                      "with the student's tokenizer")
   if type(env).records is environments.Environment.records and (
       not g.prompts or not os.path.isfile(g.prompts)):
     raise ConfigError(f'grpo.prompts={g.prompts!r} is not a file; name a .jsonl/.json of prompt '
@@ -358,6 +358,7 @@ def heldout_reward(sampler, env, env_name, params, records, encode_prompt, cfg) 
 
 
 def _train(cfg, workdir, env_name, env, *, progress=True) -> dict:
+  started = time.perf_counter()
   g = cfg.grpo
   is_main = jax.process_index() == 0
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
@@ -423,7 +424,8 @@ def _train(cfg, workdir, env_name, env, *, progress=True) -> dict:
   def evaluate(step, r):
     t = time.perf_counter()
     value = heldout_reward(sampler, env, env_name, state.params, heldout, encode_prompt, cfg)
-    writer.write(step, {'heldout_reward': value, 'heldout_s': time.perf_counter() - t})
+    writer.write(step, {'heldout_reward': value, 'heldout_s': time.perf_counter() - t,
+                        'elapsed_s': time.perf_counter() - started})
     summary['heldout_reward'] = value
     if is_main:
       tqdm.write(f'held-out reward {value:.3f} over {len(heldout)} prompts after round {r}')
@@ -507,6 +509,7 @@ def _train(cfg, workdir, env_name, env, *, progress=True) -> dict:
             reward_mean=float(reward.mean()), reward_std=float(reward.std()),
             completion_length=float(lengths.mean()), sample_s=sample_s, train_s=t2 - t1,
             wait_s=wait_s, overlap_s=max(0.0, sample_s - wait_s), round_s=t2 - t0,
+            elapsed_s=t2 - started,
             groups_with_signal=float(np.mean(reward.reshape(-1, g.group_size).std(axis=1) > 0)),
             **({'tool_calls': float(np.mean(sampled['calls']))} if env.max_turns > 1 else {}),
             **{f'reward/{n}': float(np.mean(v)) for n, v in sampled['parts'].items()})

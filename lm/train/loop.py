@@ -60,7 +60,7 @@ class Trainer:
     # The reference of DPO, IPO, KTO and GRPO: with only LoRA adapters training, the same weights
     # with adapters off; when any base weight trains (no LoRA, or LoRA with train.trainable=all,
     # norms, ...), those would be the weights being trained, so a frozen `ref.*` copy.
-    needs_reference = cfg.train.objective in objectives.NEEDS_REFERENCE
+    needs_reference = objectives.needs_reference(cfg)
     teacher = pretrained.teacher_model_config(cfg) if objectives.needs_teacher(cfg) else None
     self.spec = ModelSpec(cfg.model, reference=needs_reference and not cfg.model.lora.rank,
                           teacher=teacher)

@@ -100,3 +100,34 @@ def plot_loss_curves(records: dict, path: str, *, title: str = '', ylabel: str =
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def plot_rewards(records: list[dict], path: str, *, title: str = '') -> str:
+  """A GRPO run's learning curve: each round's mean training reward and the held-out reward
+  (`grpo.eval_every`) against the optimizer step. Writes a PNG to `path` and returns it."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for key, label, style in (('reward_mean', 'training reward (round mean)', dict(alpha=0.45)),
+                            ('heldout_reward', 'held-out reward', dict(marker='o', markersize=4))):
+    points = [(r['step'], r[key]) for r in records if _finite(r.get(key)) and _finite(r.get('step'))]
+    if points:
+      ax.plot(*zip(*points), label=label, **style)
+  ax.set_xlabel('optimizer step')
+  ax.set_ylabel('reward')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+if __name__ == '__main__':
+  # python -m lm.train.metrics RUN OUT.png [TITLE]: a GRPO run's reward curve (docs/posttraining.md).
+  import sys  # pylint: disable=import-outside-toplevel
+  run, out, *rest = sys.argv[1:]
+  print(plot_rewards(read_metrics(run), out, title=' '.join(rest)))

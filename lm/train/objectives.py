@@ -401,6 +401,14 @@ PAIRED = {'dpo', 'ipo', 'simpo', 'orpo'}  # read chosen_* / rejected_* rows (dat
 UNPAIRED = {'kto'}  # read rows of labelled examples (data.format=kto)
 
 
+def needs_reference(cfg) -> bool:
+  """Whether the objective reads a reference policy: the DPO family and KTO, and GRPO with a KL
+  term (grpo.kl_coef > 0; without it a full-weight run carries no frozen copy)."""
+  if cfg.train.objective == 'grpo':
+    return cfg.grpo.kl_coef > 0
+  return cfg.train.objective in NEEDS_REFERENCE
+
+
 def needs_teacher(cfg) -> bool:
   """Whether the state carries a frozen teacher: logit distillation, or GRPO's on-policy
   distillation (grpo.teacher_coef > 0)."""

@@ -124,3 +124,33 @@ def test_on_policy_distillation_takes_the_reverse_kl_of_each_sampled_token_as_ne
   np.testing.assert_allclose(jax.grad(same)(policy), jax.grad(plain)(policy), atol=1e-6)
   with pytest.raises(ConfigError, match='needs a teacher'):
     objectives.grpo(Student(policy, None), batch, kl_coef=0.0, teacher_coef=coef)
+
+
+def test_on_policy_distillation_through_the_train_step_moves_the_student_to_the_teacher(tmp_path):
+  """The state carries the teacher frozen (`teacher.*`) for grpo with grpo.teacher_coef > 0;
+  steps whose only advantage is the teacher's bring the student's log-probs of the tokens it
+  is trained on toward the teacher's."""
+  from conftest import random_batch, tiny_config
+  from test_objectives_distill import saved_teacher
+  from lm.train.loop import Trainer
+  teacher_dir, _ = saved_teacher(tmp_path, d_model=48, n_layers=1, mlp_dim=96)
+  c = tiny_config(n_layers=1)
+  c.train.objective = 'grpo'
+  c.distill.teacher = str(teacher_dir)
+  c.grpo.update(teacher_coef=1.0, kl_coef=0.0)
+  trainer = Trainer(c, devices=jax.devices()[:1])
+  assert any(n.startswith('teacher.') for n in trainer.spec.names)
+  state = trainer.init_state()
+  both = jax.jit(lambda params, batch: (
+      objectives.token_log_probs(trainer.spec.bind(params), batch),
+      objectives.token_log_probs(objectives.Policy(trainer.spec.bind(params).teacher), batch)))
+  batch = random_batch(c)
+  batch['advantages'] = np.zeros(c.data.batch_size, np.float32)
+  w = batch['weights'] > 0
+  gaps = []
+  for _ in range(6):
+    student, teacher = map(np.asarray, both(state.params, batch))
+    gaps.append(np.abs(student - teacher)[w].mean())
+    state, metrics = trainer.step(state, {**batch, 'old_logps': student})  # on-policy
+    assert float(metrics['teacher_kl']) == pytest.approx((student - teacher)[w].mean(), rel=1e-3)
+  assert gaps[-1] < 0.5 * gaps[0], gaps
