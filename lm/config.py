@@ -303,7 +303,7 @@ def base_config() -> ml_collections.ConfigDict:
       microbatches=1,  # gradient accumulation: the batch is split into this many sequential pieces
       seed=0,
       log_every=10,
-      eval_every=200,
+      eval_every=200,  # steps between held-out evaluations (eval loss, train.eval_tasks)
       eval_batches=8,
       checkpoint_every=500,
       keep_every=0,  # also keep every checkpoint whose step is a multiple of this; 0: only the latest
@@ -1023,10 +1023,15 @@ def reference_markdown() -> str:
   """docs/config_reference.md: every key of base_config() with its default and its comment."""
   import inspect  # pylint: disable=import-outside-toplevel
   import re  # pylint: disable=import-outside-toplevel
-  comments = {}
+  comments, section = {}, 'model'  # by (section, key) and by key: two sections may share a name
   for line in inspect.getsource(base_config).splitlines() + inspect.getsource(model_config).splitlines():
+    if s := re.match(r"\s*c\.(\w+) = ", line):
+      section = s.group(1)
+    elif line.startswith('def model_config'):
+      section = 'model'
     m = re.match(r"\s*(\w+)=.*?#\s*(.*)$", line)
     if m:
+      comments.setdefault((section, m.group(1)), m.group(2))
       comments.setdefault(m.group(1), m.group(2))
   lines = ['# Configuration reference', '',
            'Generated from `lm/config.py` (its defaults, comments, `SCHEMA` and `RULES`) by '
@@ -1039,7 +1044,8 @@ def reference_markdown() -> str:
   for section in cfg.keys():
     lines += [f'## `{section}`', '', '| key | default | allowed | notes |', '|---|---|---|---|']
     for key, value in _flat_items(cfg[section]):
-      note = comments.get(key.split('.')[-1], '').replace('|', '\\|')
+      leaf = key.split('.')[-1]
+      note = comments.get((section, leaf), comments.get(leaf, '')).replace('|', '\\|')
       shown = repr(value).replace('|', '\\|')
       spec = _schema_spec(f'{section}.{key}')
       allowed = spec.describe().replace('must be ', '').replace('must not be negative', '>= 0') if spec else ''
