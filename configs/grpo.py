@@ -6,14 +6,14 @@
   lm train --config configs/grpo.py --workdir runs/grpo_chat \
       --config.train.init_from=../shared/data/smollm2-135m-instruct --config.grpo.chat_template=tokenizer
 
-Each round samples data.batch_size / group_size prompts x group_size completions with the KV-cache
-generator, scores them (exact answer + answer format, lm/eval/rewards.py), and takes
-grpo.updates_per_batch steps of the one train step with the clipped GRPO objective. The KL
+Each round samples data.batch_size / group_size prompts x group_size completions with the rollout
+engine (lm/eval/rollout.py), scores them (exact answer + answer format, lm/eval/rewards.py), and
+takes grpo.updates_per_batch steps of the one train step with the clipped GRPO objective. The KL
 reference is the base with the LoRA adapters off. `:dapo` uses DAPO's clip-higher and token-mean
 loss; `:dr_grpo` Dr. GRPO's unnormalised loss without std scaling; `:gspo` GSPO's sequence-level
-ratio with its narrow clip range (3e-4, 4e-4) and no KL, as its paper and TRL set it;
-`:distill` on-policy distillation: the student samples, the teacher named by
---config.distill.teacher scores each sampled token (rewards still scored and logged, weight 0).
+ratio with its narrow clip range (3e-4, 4e-4) and no KL, as its paper and TRL set it; `:distill`
+on-policy distillation: the student samples, the teacher named by --config.distill.teacher scores
+each sampled token (rewards still scored and logged, weight 0).
 
 Environments (lm/eval/environments.py), on SmolLM2-135M-Instruct in its chat template:
   `:gym`         reasoning-gym's chain_sum (a +- b, one digit each) with a held-out reward every 3
