@@ -170,8 +170,8 @@ def test_every_model_key_is_architecture_or_a_run_setting():
   a model key added to lm/config.py must be one or the other, or a run started from an lm run of
   that family would silently build another model."""
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
-  run_settings = {'attention', 'compute_dtype', 'lora', 'loss_chunk_size', 'param_dtype', 'quant',
-                  'remat', 'scan_layers'}
+  run_settings = {'attention', 'compute_dtype', 'context_parallel', 'lora', 'loss_chunk_size',
+                  'param_dtype', 'quant', 'remat', 'scan_layers'}
   keys = set(config_lib.model_config().keys())
   assert keys - set(pretrained.ARCH_KEYS) == run_settings
   assert set(pretrained.ARCH_KEYS) <= keys
