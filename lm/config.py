@@ -91,10 +91,10 @@ MODEL_PRESETS = {
 }
 
 
-ROPE_SCALING_TYPES = ('llama3', 'linear', 'yarn')  # model.rope_scaling['type'] (lm/model/rope.py)
+ROPE_SCALING_TYPES = ('llama3', 'linear', 'yarn', 'proportional')  # model.rope_scaling['type'] (lm/model/rope.py)
 # Per layer kinds (lm/model/stack.py): the token mixer ('linear': gated DeltaNet) and channel mixer.
 LAYER_TYPES = ('full', 'sliding', 'chunked', 'linear')
-MLP_TYPES = ('dense', 'moe')
+MLP_TYPES = ('dense', 'moe', 'wide')
 
 
 def layer_problem(m) -> str | None:
@@ -118,7 +118,36 @@ def layer_problem(m) -> str | None:
             'head counts and dims are not all set')
   if 'moe' in tuple(m.get('mlp_types') or ()) and not n_experts(m):
     return "model.mlp_types has 'moe' layers but model.moe.n_experts is 0; set the number of experts"
+  if 'wide' in tuple(m.get('mlp_types') or ()) and not m.get('wide_mlp_dim'):
+    return "model.mlp_types has 'wide' layers but model.wide_mlp_dim is 0; set their hidden size"
+  return kv_sharing_problem(m)
+
+
+def kv_sharing_problem(m) -> str | None:
+  """The one-line problem with `model.kv_shared_layers` (Gemma 4), or None."""
+  shared = int(m.get('kv_shared_layers') or 0)
+  if not shared:
+    return None
+  types = tuple(m.get('layer_types') or ('sliding',) * m.n_layers)
+  if shared >= m.n_layers:
+    return (f'model.kv_shared_layers={shared} leaves no layer of the {m.n_layers} to compute the '
+            'keys and values they reuse; set it below model.n_layers')
+  if not set(types) <= {'sliding', 'full'} or mla_enabled(m):
+    return ('model.kv_shared_layers > 0 needs softmax attention layers of types sliding and full '
+            f'only; this model has {", ".join(sorted(set(types)))}' + (' with MLA' if mla_enabled(m) else ''))
+  first = m.n_layers - shared
+  lacking = sorted(set(types[first:]) - set(types[:first]))
+  if lacking:
+    return (f'model.kv_shared_layers={shared}: the shared {lacking[0]} layers have no earlier '
+            f'{lacking[0]} layer to take keys and values from; share fewer layers')
   return None
+
+
+def global_attention_layers(m) -> bool:
+  """Whether 'full' attention layers are a part of their own (Gemma 4's global attention: their
+  own head dim and KV heads, keys as values; with KV sharing they also keep their own K/V)."""
+  return bool(m.get('global_head_dim') or m.get('global_kv_heads') or m.get('attn_k_eq_v')
+              or m.get('kv_shared_layers'))
 
 
 def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
@@ -147,7 +176,8 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       mlp_activation='silu',  # silu (SwiGLU: Llama, Mistral, Qwen2) | gelu_tanh (GeGLU: Gemma)
       sliding_window=0,  # attend to at most this many latest positions (Mistral v0.1); 0: all
       layer_types=(),  # per layer token mixer (lm/model/stack.py): full | sliding (sliding_window) | chunked (attention_chunk_size: Llama 4) attention, or linear (gated DeltaNet: Qwen3.5, Qwen3-Next); (): all alike
-      mlp_types=(),  # per layer channel mixer: 'dense' | 'moe'; (): every layer moe when moe.n_experts > 0, else dense
+      mlp_types=(),  # per layer channel mixer: 'dense' | 'moe' | 'wide' (a dense MLP of wide_mlp_dim: Gemma 4's KV-shared layers); (): every layer moe when moe.n_experts > 0, else dense
+      wide_mlp_dim=0,  # hidden size of 'wide' MLP layers (Gemma 4 use_double_wide_mlp: 2 x mlp_dim)
       rope_layers=(),  # per layer 1 (RoPE) or 0 (NoPE: SmolLM3, Llama 4); (): RoPE everywhere
       partial_rotary_factor=1.0,  # share of each head's dims that RoPE rotates (Qwen3.5, Qwen3-Next: 0.25)
       attention_chunk_size=0,  # 'chunked' layers attend within chunks of this many positions
@@ -177,6 +207,15 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           v_head_dim=0,  # per-head value dims
       )),
       rope_local_theta=0.0,  # RoPE base of 'sliding' layers, unscaled (Gemma 3); 0: as full layers
+      # Gemma 4 (lm/model/mixers/attention.py, per_layer_input.py; docs/models.md).
+      global_head_dim=0,  # head dim of 'full' attention layers; 0: head_dim
+      global_kv_heads=0,  # KV heads of 'full' attention layers; 0: n_kv_heads
+      attn_k_eq_v=False,  # 'full' layers take their values from the key projection (no v weights)
+      v_norm=False,  # weightless RMSNorm over each value head
+      kv_shared_layers=0,  # the last this many layers reuse the keys/values of the last earlier layer of their type (sliding/full)
+      per_layer_input_dim=0,  # per-layer input embeddings: a second [vocab, n_layers x this] table gated into each layer; 0: none
+      per_layer_input_vocab=0,  # rows of that table; 0: vocab_size
+      layer_scale=False,  # each layer's output times a learned scalar
       attn_out_bias=False,  # a bias on the attention output projection (Llama attention_bias)
       mlp_bias=False,  # biases on gate/up/down (Llama mlp_bias)
       qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Qwen3-MoE, Gemma 3)
@@ -212,7 +251,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           alpha=16.0,  # scale = alpha / rank (alpha / sqrt(rank) with rslora)
           dropout=0.0,  # dropout on the adapter's input, in training only
           rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
-          targets=r'layers\.(attn|linear_attn|mlp|moe)\.',  # regex searched in layers.attn.{q,k,v,o}, layers.mlp.{gate,up,down}, layers.moe.{gate,up,down}, layers.linear_attn.*, lm_head
+          targets=r'layers\.(attn\w*|linear_attn|mlp\w*|moe)\.',  # regex searched in layers.attn.{q,k,v,o} (and Gemma 4's attn_global, attn_reuse, ...), layers.mlp.{gate,up,down}, layers.moe.{gate,up,down}, layers.linear_attn.*, lm_head
       )),
       # QLoRA: the layers' linear kernels stored quantized and frozen, dequantized per layer in
       # the forward (lm/model/quant.py, docs/posttraining.md); needs a partition that trains none of them.
@@ -492,6 +531,9 @@ SCHEMA = {
     'model.qk_norm_scope': Choice(('head', 'all')),
     'model.partial_rotary_factor': Bounds(0, 1, lo_open=True),
     'model.attention_chunk_size': NOT_NEGATIVE,
+    'model.wide_mlp_dim': NOT_NEGATIVE, 'model.global_head_dim': NOT_NEGATIVE,
+    'model.global_kv_heads': NOT_NEGATIVE, 'model.kv_shared_layers': NOT_NEGATIVE,
+    'model.per_layer_input_dim': NOT_NEGATIVE, 'model.per_layer_input_vocab': NOT_NEGATIVE,
     'model.attn_temperature_floor_scale': NOT_NEGATIVE, 'model.attn_temperature_scale': NOT_NEGATIVE,
     'model.linear_attn.n_key_heads': NOT_NEGATIVE, 'model.linear_attn.n_value_heads': NOT_NEGATIVE,
     'model.linear_attn.key_head_dim': NOT_NEGATIVE, 'model.linear_attn.value_head_dim': NOT_NEGATIVE,
@@ -610,7 +652,8 @@ def _ring_layers(c):
 
 # The keys each RoPE scaling type needs (lm/model/transformer.py rope_frequencies); others optional.
 ROPE_SCALING_KEYS = {'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_seq_len'),
-                     'linear': ('factor',), 'yarn': ('factor', 'original_max_seq_len')}
+                     'linear': ('factor',), 'yarn': ('factor', 'original_max_seq_len'),
+                     'proportional': ('factor', 'partial_rotary_factor')}
 
 
 @_rule('`model.rope_scaling` is None or a dict whose `type` is ' + ', '.join(ROPE_SCALING_TYPES)

@@ -29,7 +29,7 @@ from lm.errors import CheckpointError, ConfigError, read_json
 from lm.io.families.common import (FLAT, IN_DIMS, LAYER_TYPES, MODULES, ROPE_TYPES, hf_rope_scaling,
                                      rope_from_hf, rope_params)
 from lm.io import mxfp4
-from lm.io.families import REGISTRY
+from lm.io.families import REGISTRY, gemma4
 from lm.io.families.common import Custom
 from lm.io.safetensors import Reader, Writer
 from lm.model import stack as stack_lib
@@ -226,6 +226,15 @@ def _unfit(m, family: str) -> str | None:
 def family_of(m) -> str:
   """The HF model_type that computes the same function as lm model config `m`: the one it was
   imported from (`hf_family`), else the first that can express every field."""
+  family = _family_of(m)
+  field = gemma4.own_field(m)
+  if field and family != gemma4.FAMILY_NAME:  # the other tables do not look at Gemma 4's fields
+    raise CheckpointError(f'{family} cannot express model.{field}={m[field]!r} (Gemma 4 only); '
+                          f'set model.hf_family={gemma4.FAMILY_NAME!r} or drop it')
+  return family
+
+
+def _family_of(m) -> str:
   family = m.get('hf_family') or ''
   moe = bool(n_experts(m))
   if family in REGISTRY:

@@ -17,23 +17,25 @@ from lm.config import ROPE_SCALING_TYPES, head_dim, mla_enabled
 from lm.errors import ConfigError
 
 
-def rotary_dim(cfg) -> int:
-  """Dims of each head that RoPE rotates (even): head_dim · partial_rotary_factor, or MLA's
-  qk_rope_head_dim."""
+def rotary_dim(cfg, K: int = 0) -> int:
+  """Dims of each head that RoPE rotates (even): head_dim (or `K`, a layer's own head dim) ·
+  partial_rotary_factor, or MLA's qk_rope_head_dim."""
   if mla_enabled(cfg):
     return cfg.mla.qk_rope_head_dim
-  K = head_dim(cfg)
+  K = K or head_dim(cfg)
   return int(K * cfg.partial_rotary_factor) // 2 * 2
 
 
-def rope(cfg, *, local: bool = False) -> tuple[np.ndarray, float]:
+def rope(cfg, *, local: bool = False, K: int = 0) -> tuple[np.ndarray, float]:
   """(inverse frequencies [K/2] float32, attention factor) as transformers computes them.
 
   `rope_scaling['type']`: llama3 (the default, for configs that predate the key), linear
-  (positions / factor) or yarn (NTK-by-parts with its cos/sin factor). `local`: the table of
-  'sliding' layers, which is unscaled RoPE at `rope_local_theta` when that is set (Gemma 3).
+  (positions / factor), yarn (NTK-by-parts with its cos/sin factor) or proportional (Gemma 4's
+  full layers: the first partial_rotary_factor of the frequencies, the rest 0, so the other dims
+  pass through, all / factor). `local`: the table of 'sliding' layers, which is unscaled RoPE at
+  `rope_local_theta` when that is set (Gemma 3). `K`: the layers' head dim (0: head_dim).
   """
-  K = rotary_dim(cfg)
+  K = rotary_dim(cfg, K)
   theta, scaling = cfg.rope_theta, cfg.rope_scaling
   if local and cfg.rope_local_theta:
     theta, scaling = cfg.rope_local_theta, None
@@ -58,6 +60,10 @@ def rope(cfg, *, local: bool = False) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), 1.0
   if kind == 'yarn':
     return _yarn(scaling, K, theta, pos_freqs, factor)
+  if kind == 'proportional':  # as transformers' _compute_proportional_rope_parameters
+    angles = int(scaling['partial_rotary_factor'] * K // 2)
+    inv_freq = np.concatenate([inv_freq[:angles], np.zeros(K // 2 - angles, np.float32)])
+    return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
   raise ConfigError(f'model.rope_scaling type {kind!r} is not supported; lm implements '
                     f'{", ".join(ROPE_SCALING_TYPES)} (or None for unscaled RoPE)')
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.config import layer_problem, mla_enabled, n_experts
+from lm.config import global_attention_layers, layer_problem, mla_enabled, n_experts
 from lm.errors import ConfigError
 from lm.model import rope as rope_lib
 from lm.model.layers import RMSNorm, configure_adapters
@@ -38,9 +38,13 @@ NORM_PLACEMENTS = ('pre', 'sandwich', 'post')
 # part kind -> 'module:Class'; each class names its parameter stack (`stack_name`).
 PARTS = {
     'attention': 'lm.model.mixers.attention:Attention',
+    'global_attention': 'lm.model.mixers.attention:GlobalAttention',
+    'reused_kv_attention': 'lm.model.mixers.attention:ReusedKVAttention',
+    'reused_kv_global_attention': 'lm.model.mixers.attention:ReusedKVGlobalAttention',
     'gated_deltanet': 'lm.model.mixers.gated_deltanet:GatedDeltaNet',
     'mla': 'lm.model.mixers.mla:MLA',
     'mlp': 'lm.model.mixers.mlp:MLP',
+    'wide_mlp': 'lm.model.mixers.mlp:WideMLP',
     'moe': 'lm.model.moe:MoE',
 }
 
@@ -115,13 +119,23 @@ def check(cfg) -> None:
 def layer_plan(cfg) -> LayerPlan:
   check(cfg)
   types = layer_types(cfg)
-  attention = 'mla' if mla_enabled(cfg) else 'attention'  # DeepSeek: every attention layer is MLA
-  token = tuple('gated_deltanet' if t == 'linear' else attention for t in types)
+  token = tuple(_token_kind(cfg, i, t) for i, t in enumerate(types))
   default_mlp = 'moe' if n_experts(cfg) else 'dense'
-  channel = tuple('moe' if t == 'moe' else 'mlp'
+  channel = tuple({'moe': 'moe', 'wide': 'wide_mlp'}.get(t, 'mlp')
                   for t in (tuple(cfg.mlp_types) or (default_mlp,) * cfg.n_layers))
   kinds = list(zip(token, channel))
   return LayerPlan(types, token, channel, tuple(segments(kinds)))
+
+
+def _token_kind(cfg, i: int, layer_type: str) -> str:
+  if layer_type == 'linear':
+    return 'gated_deltanet'
+  if mla_enabled(cfg):  # DeepSeek: every attention layer is MLA
+    return 'mla'
+  kind = 'global_attention' if layer_type == 'full' and global_attention_layers(cfg) else 'attention'
+  if i >= cfg.n_layers - (cfg.get('kv_shared_layers') or 0):  # Gemma 4's KV-shared last layers
+    kind = 'reused_kv_' + kind
+  return kind
 
 
 def segments(kinds: list) -> list:
@@ -149,15 +163,39 @@ def norm_names(cfg) -> tuple:
           'post': ('attn_post_norm', 'mlp_post_norm')}[cfg.norm_placement]
 
 
+# Parts every layer has besides the norms, when the model has them (Gemma 4): stack name -> class.
+EVERY_LAYER_PARTS = {'per_layer_input': 'lm.model.mixers.per_layer_input:PerLayerInput',
+                     'layer_scale': 'lm.model.mixers.per_layer_input:LayerScale'}
+
+
+def every_layer_names(cfg) -> tuple:
+  """The stacks over all layers: the norms, then Gemma 4's per-layer input and layer scale."""
+  extras = (('per_layer_input',) if cfg.get('per_layer_input_dim') else ()) + (
+      ('layer_scale',) if cfg.get('layer_scale') else ())
+  return norm_names(cfg) + extras
+
+
+def _every_layer_part(cfg, name: str, rngs):
+  if name not in EVERY_LAYER_PARTS:
+    return RMSNorm(cfg.d_model, cfg=cfg, rngs=rngs)
+  module, cls = EVERY_LAYER_PARTS[name].split(':')
+  return getattr(importlib.import_module(module), cls)(cfg, rngs=rngs)
+
+
 def per_layer_values(cfg) -> dict:
   """Values scanned with the layers: {'inv_freq': [L, R/2], 'rope_factor': [L], 'rope': [L] (1:
   the layer rotates), 'mask': [L]}
-  (the mask indexes lm.model.mixers.attention.mask_kinds; linear layers ignore all three)."""
-  from lm.model.mixers.attention import mask_index  # pylint: disable=import-outside-toplevel
+  (the mask indexes lm.model.mixers.attention.mask_kinds; linear layers ignore all three). Layers
+  with a narrower head than others (Gemma 4's sliding ones) have their table padded with zeros;
+  each attention part takes its own width."""
+  from lm.model.mixers.attention import layer_head_dim, mask_index  # pylint: disable=import-outside-toplevel
   types = layer_types(cfg)
   use_rope = tuple(cfg.rope_layers) or (1,) * cfg.n_layers
-  tables = {kind: rope_lib.rope(cfg, local=kind == 'sliding') for kind in set(types)}
-  inv_freq = [tables[t][0] if use_rope[i] else np.zeros_like(tables[t][0])
+  tables = {kind: rope_lib.rope(cfg, local=kind == 'sliding', K=layer_head_dim(cfg, kind))
+            for kind in set(types)}
+  width = max(len(table[0]) for table in tables.values())
+  pad = lambda a: np.pad(a, (0, width - len(a)))
+  inv_freq = [pad(tables[t][0]) if use_rope[i] else np.zeros(width, np.float32)
               for i, t in enumerate(types)]
   return {'inv_freq': np.stack(inv_freq),
           'rope_factor': np.asarray([tables[t][1] for t in types], np.float32),
@@ -184,6 +222,8 @@ class LayerContext:
   index: jax.Array | None = None
   cache_positions: jax.Array | None = None
   cache_segment_ids: jax.Array | None = None
+  # Keys and values an attention stack leaves for the KV-shared layers (Gemma 4): {stack: (k, v)}
+  shared_kv: dict = dataclasses.field(default_factory=dict)
 
 
 class Stack(nnx.Module):
@@ -192,10 +232,18 @@ class Stack(nnx.Module):
   def __init__(self, cfg, *, rngs):
     self.plan = layer_plan(cfg)
     self.placement = cfg.norm_placement
-    self.norms = norm_names(cfg)
+    self.norms = every_layer_names(cfg)
     for name in self.norms:
-      setattr(self, name, _stacked(lambda r: RMSNorm(cfg.d_model, cfg=cfg, rngs=r), cfg.n_layers,
-                                   rngs))
+      setattr(self, name, _stacked(lambda r, name=name: _every_layer_part(cfg, name, r),
+                                   cfg.n_layers, rngs))
+    # KV sharing (Gemma 4): the stacks whose keys and values later layers reuse, with their
+    # (KV heads, head dim); those travel through the scans beside x (`_segment`).
+    self.kv_slots = {}
+    for kind in dict.fromkeys(self.plan.token):
+      cls = part_class(kind)
+      if getattr(cls, 'kv_source', None):  # a reusing part has its source's dims
+        self.kv_slots[cls.kv_source] = cls.dims(cfg)
+    self.compute_dtype = jnp.dtype(cfg.compute_dtype)
     self.stacks = {}  # part kind -> stack attribute name
     for kinds in (self.plan.token, self.plan.channel):
       for kind in dict.fromkeys(kinds):
@@ -222,9 +270,15 @@ class Stack(nnx.Module):
       graphdefs[name], states[name] = nnx.split(getattr(self, name))
     new_caches = {name: [] for name in (caches or {})}
     stats = []
+    # Zeros until the first layer of each shared stack runs: [B, T or cache slots, G, K].
+    B, T = x_BTD.shape[:2]
+    S = T if caches is None else ctx_values['cache_positions'].shape[1]
+    shared = {name: (jnp.zeros((B, S, G, K), self.compute_dtype),) * 2
+              for name, (G, K) in self.kv_slots.items()}
     for seg in plan.segments:
-      x_BTD, seg_caches, seg_stats = self._segment(
-          seg, x_BTD, graphdefs, states, ctx_values, per_layer, caches, adapters, remat, scan)
+      (x_BTD, shared), seg_caches, seg_stats = self._segment(
+          seg, (x_BTD, shared), graphdefs, states, ctx_values, per_layer, caches, adapters, remat,
+          scan)
       for name, value in seg_caches.items():
         new_caches[name].append(value)
       stats.extend(seg_stats)
@@ -233,8 +287,10 @@ class Stack(nnx.Module):
     stats_out = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
     return x_BTD, caches_out, stats_out
 
-  def _segment(self, seg, x_BTD, graphdefs, states, ctx_values, per_layer, caches, adapters,
+  def _segment(self, seg, carry, graphdefs, states, ctx_values, per_layer, caches, adapters,
                remat, scan):
+    """One segment's layers on carry (x_BTD, the shared keys and values) -> (the new carry,
+    the segment's caches, its MoE router stats)."""
     plan, P, r = self.plan, seg.period, seg.repeats
     layers = range(seg.start, seg.start + P)  # the first group's layers
     # Per position in the group: (token stack, channel stack) and its index among the group's
@@ -261,14 +317,15 @@ class Stack(nnx.Module):
     if caches is not None:
       xs['caches'] = {n: cut(caches[n], firsts[n], c) for n, c in counts.items() if n in caches}
 
-    def one_layer(x_BTD, norms, token, channel, values, cache):
-      ctx = LayerContext(layer=values, **ctx_values)
+    def one_layer(x_BTD, shared, norms, token, channel, values, cache):
+      ctx = LayerContext(layer=values, shared_kv=dict(shared), **ctx_values)
       key = values.get('key')
       keys = (None, None) if key is None else jax.random.split(key)
       configure_adapters(token, adapters, keys[0])
       configure_adapters(channel, adapters, keys[1])
       h_BTD = x_BTD if self.placement == 'post' else norms['attn_norm'](x_BTD)
       h_BTD, cache = token(h_BTD, ctx, cache)
+      shared = {name: ctx.shared_kv[name] for name in shared}  # an attention layer may leave its K/V
       if self.placement != 'pre':
         h_BTD = norms['attn_post_norm'](h_BTD)
       x_BTD = x_BTD + h_BTD
@@ -276,9 +333,16 @@ class Stack(nnx.Module):
       h_BTD, stats = channel(h_BTD, ctx)
       if self.placement != 'pre':
         h_BTD = norms['mlp_post_norm'](h_BTD)
-      return x_BTD + h_BTD, cache, stats
+      x_BTD = x_BTD + h_BTD
+      if 'per_layer_input' in norms:
+        configure_adapters(norms['per_layer_input'], adapters, None)
+        x_BTD = x_BTD + norms['per_layer_input'](x_BTD, values['per_layer_input'])
+      if 'layer_scale' in norms:
+        x_BTD = norms['layer_scale'](x_BTD)
+      return x_BTD, shared, cache, stats
 
-    def group_body(x_BTD, g):
+    def group_body(carry, g):
+      x_BTD, shared = carry
       take = lambda tree, j: jax.tree.map(lambda a: a[j], tree)
       caches_out = {n: [None] * c for n, c in counts.items() if 'caches' in g and n in g['caches']}
       stats = []
@@ -288,43 +352,44 @@ class Stack(nnx.Module):
         # the scan's own per-group inputs, which the backward scan reads in place. Taken outside,
         # each slice is a new value the forward scan stacks as a residual: a second copy of every
         # layer weight (36 GiB of QLoRA 70B's NF4 kernels and scales on one GPU).
-        def layer_fn(x_BTD, g, j=j, tj=tj, cj=cj, token_name=token_name, channel_name=channel_name):
+        def layer_fn(x_BTD, shared, g, j=j, tj=tj, cj=cj, token_name=token_name,
+                     channel_name=channel_name):
           norms = {n: nnx.merge(graphdefs[n], take(s, j)) for n, s in g['norms'].items()}
           token = nnx.merge(graphdefs[token_name], take(g['parts'][token_name], tj))
           channel = nnx.merge(graphdefs[channel_name], take(g['parts'][channel_name], cj))
           cache = g['caches'][token_name] if token_name in caches_out else None
-          return one_layer(x_BTD, norms, token, channel, take(g['values'], j),
+          return one_layer(x_BTD, shared, norms, token, channel, take(g['values'], j),
                            None if cache is None else take(cache, tj))
 
         if remat != 'none' and caches is None:
           layer_fn = jax.checkpoint(layer_fn, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
-        x_BTD, new_cache, layer_stats = layer_fn(x_BTD, g)
+        x_BTD, shared, new_cache, layer_stats = layer_fn(x_BTD, shared, g)
         if token_name in caches_out:
           caches_out[token_name][tj] = new_cache
         if layer_stats is not None:
           stats.append(layer_stats)
       stacked = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items)
       caches_out = {n: stacked(c) for n, c in caches_out.items()}
-      return x_BTD, (caches_out, stacked(stats) if stats else None)
+      return (x_BTD, shared), (caches_out, stacked(stats) if stats else None)
 
     if scan and r > 1:
-      x_BTD, (seg_caches, seg_stats) = jax.lax.scan(group_body, x_BTD, xs)
+      carry, (seg_caches, seg_stats) = jax.lax.scan(group_body, carry, xs)
     else:
       outs = []
       for g in range(r):
-        x_BTD, out = group_body(x_BTD, jax.tree.map(lambda a, g=g: a[g], xs))
+        carry, out = group_body(carry, jax.tree.map(lambda a, g=g: a[g], xs))
         outs.append(out)
       seg_caches, seg_stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     flat = lambda tree: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
     seg_caches = {n: flat(c) for n, c in seg_caches.items()}
-    return x_BTD, seg_caches, ([] if seg_stats is None else [flat(seg_stats)])
+    return carry, seg_caches, ([] if seg_stats is None else [flat(seg_stats)])
 
 
 def stack_layers(cfg) -> dict:
   """{stack name: the model layer of each of its rows}: `layers.linear_attn.*` [n, ...] row j
   is layer stack_layers(cfg)['linear_attn'][j]; norm stacks hold every layer."""
   plan = layer_plan(cfg)
-  out = {name: tuple(range(cfg.n_layers)) for name in norm_names(cfg)}
+  out = {name: tuple(range(cfg.n_layers)) for name in every_layer_names(cfg)}
   for kinds in (plan.token, plan.channel):
     for kind in dict.fromkeys(kinds):
       out[part_class(kind).stack_name] = tuple(i for i, k in enumerate(kinds) if k == kind)

@@ -77,6 +77,14 @@ class Transformer(nnx.Module):
     # Small output-side inits make the initial prediction near uniform: loss ~= log(V).
     self.embed = param(rngs, nnx.initializers.normal(stddev=0.02), (V, D), ('vocab', 'embed'),
                         jnp.dtype(cfg.param_dtype))
+    if cfg.per_layer_input_dim:  # Gemma 4's per-layer input embeddings (mixers/per_layer_input.py)
+      L, P = cfg.n_layers, cfg.per_layer_input_dim
+      self.embed_per_layer = param(rngs, nnx.initializers.normal(stddev=0.02),
+                                   (cfg.per_layer_input_vocab or V, L * P), ('vocab', None),
+                                   jnp.dtype(cfg.param_dtype))
+      self.per_layer_proj = Linear((D,), (L, P), ('embed',), (None, None), name='per_layer_proj',
+                                   cfg=cfg, rngs=rngs)
+      self.per_layer_norm = RMSNorm(P, cfg=cfg, rngs=rngs, axis=None)
     self.layers = stack_lib.Stack(cfg, rngs=rngs)
     self.final_norm = RMSNorm(D, cfg=cfg, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else Linear(
@@ -124,6 +132,8 @@ class Transformer(nnx.Module):
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), embed.dtype)
     x_BTD = x_BTD.astype(compute_dtype)
     per_layer = jax.tree.map(jnp.asarray, stack_lib.per_layer_values(cfg))
+    if cfg.per_layer_input_dim:
+      per_layer['per_layer_input'] = self._per_layer_inputs(tokens_BT, x_BTD, adapters)
     layer_keys = self._layer_keys(adapters)
     if layer_keys is not None:
       per_layer['key'] = layer_keys[1:]
@@ -140,6 +150,18 @@ class Transformer(nnx.Module):
         losses = jax.tree.map(jnp.add, self.router_losses, losses)
       self.router_losses, self.router_calls = nnx.data(losses), self.router_calls + 1
     return self.final_norm(x_BTD), kv
+
+  def _per_layer_inputs(self, tokens_BT, x_BTD, adapters):
+    """Gemma 4's per-layer inputs [L, B, T, P]: (norm(proj(x) / sqrt(D)) + the token's own
+    per-layer embedding · sqrt(P)) / sqrt(2), as transformers' project_per_layer_inputs."""
+    cfg = self.cfg
+    L, P = cfg.n_layers, cfg.per_layer_input_dim
+    table = self.embed_per_layer[...]
+    own_BTLP = (jnp.take(table, tokens_BT, axis=0) * jnp.asarray(math.sqrt(P), table.dtype)
+                ).reshape(*tokens_BT.shape, L, P).astype(x_BTD.dtype)
+    configure_adapters(self.per_layer_proj, adapters, None)
+    mixed_BTLP = self.per_layer_norm(self.per_layer_proj(x_BTD) * cfg.d_model ** -0.5)
+    return jnp.moveaxis((mixed_BTLP + own_BTLP) * 2 ** -0.5, 2, 0)
 
   def unembedding(self, *, adapters=True):
     """(project, weights, axes): `project(weights, x_BTD)` gives the float32 logits and is a pure

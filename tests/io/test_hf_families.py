@@ -90,6 +90,22 @@ FAMILIES = {
         sliding_window=4, swiglu_limit=1.0,
         rope_parameters=dict(rope_type='yarn', rope_theta=1e4, factor=4.0, beta_fast=32.0,
                              beta_slow=1.0, truncate=False, original_max_position_embeddings=16))),
+    # Gemma 4 as E2B/E4B: sliding layers (head 16, window 4) and full layers with their own head
+    # dim (32) and proportional RoPE over a quarter of it, v norms, per-layer input embeddings,
+    # the last two layers reusing keys and values of layers 2 and 3 with MLPs twice as wide.
+    'gemma4': ('Gemma4TextConfig', dict(
+        num_hidden_layers=6, head_dim=16, global_head_dim=32, sliding_window=4,
+        layer_types=['sliding_attention', 'full_attention'] * 3, num_kv_shared_layers=2,
+        use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+        final_logit_softcapping=3.0)),
+    # Gemma 4 as 31B: full layers whose values are their keys' projection, with 1 KV head.
+    'gemma4_k_eq_v': ('Gemma4TextConfig', dict(
+        num_hidden_layers=4, head_dim=16, global_head_dim=32, sliding_window=4,
+        layer_types=['sliding_attention', 'full_attention'] * 2, attention_k_eq_v=True,
+        num_global_key_value_heads=1, hidden_size_per_layer_input=0, tie_word_embeddings=False,
+        rope_parameters={'full_attention': dict(rope_type='proportional', rope_theta=1e6,
+                                                partial_rotary_factor=0.5, factor=2.0),
+                         'sliding_attention': dict(rope_type='default', rope_theta=1e4)})),
 }
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
 
@@ -103,12 +119,16 @@ def make_hf_model(family, path):
   model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
   gen = torch.Generator().manual_seed(1)
   # Gemma's and Qwen3.5's norms multiply by (1 + weight): their weights start near 0.
-  offset_norms = family.startswith('gemma') or family.startswith('qwen3_')
+  # Gemma 4's multiply by the weight, as Llama's; its layer scalars are buffers, set too.
+  offset_norms = family.startswith(('gemma', 'qwen3_')) and not family.startswith('gemma4')
   with torch.no_grad():
     for name, p in model.named_parameters():
       is_norm = name.endswith('norm.weight')
       std = 0.3 if is_norm or name.endswith('.bias') else 0.2
       p.copy_((1.0 if is_norm and not offset_norms else 0.0) + std * torch.randn(p.shape, generator=gen))
+    for name, p in model.named_buffers():
+      if name.endswith('layer_scalar'):
+        p.copy_(0.5 + torch.rand(p.shape, generator=gen))
   model.save_pretrained(path)
   return model
 
@@ -160,7 +180,8 @@ def test_family_matches_transformers(family, tmp_path):
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
   config = json.loads((tmp_path / 'out' / 'config.json').read_text())
   assert config['architectures'] == hf.read_config(tmp_path / 'hf')['architectures']
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').float().eval()
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'out', attn_implementation='eager').float().eval()  # as the reference
   with torch.no_grad():
     again = reloaded(torch.from_numpy(TOKENS.astype(np.int64))).logits.numpy()
   assert np.max(np.abs(again - reference)) <= 1e-5
@@ -208,8 +229,14 @@ def test_unsupported_variants_are_one_line_errors(tmp_path):
                                             r".*Qwen3ForCausalLM, .*Phi3ForCausalLM"):
     hf.model_config_from_hf({**base, 'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel']})
   with pytest.raises(ConfigError, match=r"rope type 'longrope' is not supported; lm implements "
-                                        r"default, llama3, linear, yarn$"):
+                                        r"default, llama3, linear, yarn, proportional$"):
     hf.model_config_from_hf({**base, 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}})
+  # Gemma 4's Mixture-of-Experts block (26B-A4B) runs beside the dense MLP, on its own norms.
+  gemma4 = {**COMMON, **FAMILIES['gemma4'][1], 'model_type': 'gemma4_text',
+            'architectures': ['Gemma4ForCausalLM']}
+  with pytest.raises(CheckpointError, match=r"^Gemma4ForCausalLM with enable_moe_block=True is "
+                                            r"not supported; lm loads the dense"):
+    hf.model_config_from_hf({**gemma4, 'enable_moe_block': True, 'num_experts': 4})
   c = tiny_config(rope_scaling={'type': 'dynamic', 'factor': 2.0})
   with pytest.raises(ConfigError, match="rope_scaling type 'dynamic' is not supported"):
     config_lib.validate(c)

@@ -151,6 +151,9 @@ def rope_from_hf(params: dict, hf: dict) -> tuple[float, dict | None]:
                               low_freq_factor=float(params['low_freq_factor']),
                               high_freq_factor=float(params['high_freq_factor']),
                               original_max_seq_len=old_len)
+  if kind == 'proportional':  # Gemma 4's full layers
+    return float(theta), dict(type='proportional', factor=float(params.get('factor', 1.0)),
+                              partial_rotary_factor=float(params.get('partial_rotary_factor', 1.0)))
   factor = params.get('factor') or hf.get('max_position_embeddings', 2048) / old_len
   yarn = dict(type='yarn', factor=float(factor), original_max_seq_len=old_len,
               beta_fast=float(params.get('beta_fast') or 32),
@@ -175,6 +178,9 @@ def hf_rope_scaling(s) -> dict:
   """lm model.rope_scaling -> transformers' RoPE parameter dict."""
   if s.get('type', 'llama3') == 'linear':
     return dict(rope_type='linear', factor=s['factor'])
+  if s.get('type', 'llama3') == 'proportional':
+    factor = {'factor': s['factor']} if s['factor'] != 1.0 else {}  # transformers' default 1
+    return dict(rope_type='proportional', partial_rotary_factor=s['partial_rotary_factor'], **factor)
   if s.get('type', 'llama3') == 'llama3':
     return dict(rope_type='llama3', factor=s['factor'], low_freq_factor=s['low_freq_factor'],
                 high_freq_factor=s['high_freq_factor'],

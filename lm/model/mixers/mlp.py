@@ -1,5 +1,6 @@
 """The dense channel mixer: a gated MLP, down(act(gate(x)) * up(x)); SwiGLU with silu (Llama),
-GeGLU with gelu_tanh (Gemma)."""
+GeGLU with gelu_tanh (Gemma). `WideMLP`: the same on `model.wide_mlp_dim` hidden units, for the
+'wide' layers of `model.mlp_types` (Gemma 4's KV-shared layers with use_double_wide_mlp)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,11 @@ class MLP(nnx.Module):
   def __call__(self, x_BTD, ctx):
     del ctx
     return self.down(ACTIVATIONS[self.activation](self.gate(x_BTD)) * self.up(x_BTD)), None
+
+
+class WideMLP(MLP):
+
+  stack_name = 'mlp_wide'
+
+  def __init__(self, cfg, *, rngs):
+    super().__init__(cfg, rngs=rngs, hidden=cfg.wide_mlp_dim, name='layers.mlp_wide')
