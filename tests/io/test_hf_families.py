@@ -364,3 +364,35 @@ def test_peft_adapters_of_a_run_from_hf_load_with_auto_peft(tmp_path):
   error = float(np.max(np.abs(got - expected)))
   print(f'qwen3 PEFT: max |dlogit| {error:.2e}')
   assert error <= 1e-4
+
+
+def test_gemma4_parts_scanned_equal_unrolled_with_lora_gradients():
+  """Gemma 4's parts (own full layers, KV-shared layers reading keys and values through the scan's
+  carry, wide MLPs, per-layer inputs, layer scalars) with LoRA on every attention and MLP part and
+  remat on: the scan gives the unrolled layers' loss and gradients, compiled as one loop (layers
+  0-3 one group of 2 twice; the two shared layers once, unrolled)."""
+  fields = hf.model_config_from_hf({**COMMON, **FAMILIES['gemma4'][1], 'model_type': 'gemma4_text',
+                                    'architectures': ['Gemma4ForCausalLM']})
+  c = tiny_config(**fields, remat='full')
+  c.model.lora.update(rank=2, alpha=4.0)
+  tokens = TOKENS[:1, :8]
+  results = []
+  for scan in (True, False):
+    c.model.scan_layers = scan
+    spec = ModelSpec(c.model)
+    params = {k: v + 0.1 if k.endswith('lora_b') else v for k, v in spec.init(jax.random.key(0)).items()}
+    loss = lambda p, spec=spec: jax.numpy.mean(jax.nn.log_softmax(spec.bind(p)(tokens))[..., 0])
+    step = jax.jit(jax.value_and_grad(loss))
+    if scan:
+      assert jax.jit(loss).lower(params).as_text().count('stablehlo.while') == 1
+    results.append(step(params))
+  (loss_scan, grad_scan), (loss_unrolled, grad_unrolled) = results
+  np.testing.assert_allclose(loss_scan, loss_unrolled, rtol=1e-6)
+  for name in grad_scan:
+    np.testing.assert_allclose(grad_scan[name], grad_unrolled[name], atol=1e-6, err_msg=name)
+  for name in ('layers.attn.k.lora_a', 'layers.attn_global.k.lora_b', 'layers.attn_reuse.q.lora_b',
+               'layers.attn_global_reuse.o.lora_a', 'layers.mlp_wide.down.lora_b',
+               'layers.per_layer_input.gate.kernel', 'layers.layer_scale.scale', 'embed_per_layer',
+               'per_layer_proj.kernel'):
+    assert float(np.max(np.abs(grad_scan[name]))) > 0, name
+  assert not any(n.startswith(('layers.attn_reuse.k', 'layers.attn_reuse.v')) for n in grad_scan)
