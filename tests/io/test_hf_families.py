@@ -396,3 +396,38 @@ def test_gemma4_parts_scanned_equal_unrolled_with_lora_gradients():
                'per_layer_proj.kernel'):
     assert float(np.max(np.abs(grad_scan[name]))) > 0, name
   assert not any(n.startswith(('layers.attn_reuse.k', 'layers.attn_reuse.v')) for n in grad_scan)
+
+
+def test_gemma4_lora_adapters_load_in_peft(tmp_path):
+  """Gemma 4 (E2B-style): LoRA on every attention stack (own full layers, KV-shared layers with q
+  and o only) and on the normal and wide MLPs exports as PEFT files on q/k/v/o_proj and the MLP's
+  projections, which peft.PeftModel loads onto the transformers model with lm's logits."""
+  peft = pytest.importorskip('peft')
+  from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
+  model = make_hf_model('gemma4', tmp_path / 'hf')
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'hf')))
+  c.model.lora.update(rank=2, alpha=4.0)
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  base = hf.load_params(str(tmp_path / 'hf'), spec, shardings)
+  fresh = spec.init(jax.random.key(0))
+  keys = iter(jax.random.split(jax.random.key(1), len(fresh)))
+  params = {n: base.get(n, 0.1 * jax.random.normal(next(keys), v.shape) if n.endswith('lora_b')
+                        else v) for n, v in fresh.items()}
+  assert {'layers.attn_reuse.q.lora_a', 'layers.attn_global_reuse.o.lora_b',
+          'layers.mlp_wide.up.lora_a'} <= set(params)
+  peft_io.save_peft(str(tmp_path / 'adapter'), params, c.model)
+  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert sorted(adapter_config['target_modules']) == [
+      'down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / 'adapter')).eval()
+  with torch.no_grad():
+    got = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+    with peft_model.disable_adapter():
+      before = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  assert np.max(np.abs(before - expected)) > 0.1  # the adapters matter
+  error = float(np.max(np.abs(got - expected)))
+  print(f'gemma4 PEFT: max |dlogit| {error:.2e}')
+  assert error <= 1e-4
