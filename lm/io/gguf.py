@@ -56,6 +56,7 @@ UNEXPORTED = {
     'qwen3_next': "lm does not write llama.cpp's qwen3next layout (gated DeltaNet) yet",
     'qwen3_5_text': "lm does not write llama.cpp's qwen35 layout (gated DeltaNet) yet",
     'qwen3_5_moe_text': "lm does not write llama.cpp's qwen35moe layout (gated DeltaNet) yet",
+    'gemma4_text': "lm does not write llama.cpp's gemma4 layout (per-layer inputs, KV shared) yet",
 }
 # GGUF holds each layer's experts as one [n_expert, out, in] tensor; HF (and lm's readers) name
 # one tensor per expert. GGUF name -> the HF per-expert template, per family; the router too.
