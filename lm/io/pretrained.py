@@ -38,7 +38,9 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
              'query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap', 'hf_family', 'moe',
              'mla', 'rope_interleaved', 'mlp_types', 'rope_layers', 'partial_rotary_factor',
              'attention_chunk_size', 'attn_output_gate', 'attn_sinks', 'qk_l2_norm', 'qk_norm_scope',
-             'attn_temperature_floor_scale', 'attn_temperature_scale', 'linear_attn')
+             'attn_temperature_floor_scale', 'attn_temperature_scale', 'linear_attn',
+             'attn_k_eq_v', 'global_head_dim', 'global_kv_heads', 'kv_shared_layers', 'layer_scale',
+             'per_layer_input_dim', 'per_layer_input_vocab', 'v_norm', 'wide_mlp_dim')
 # Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
 MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob', 'router',
                  'router_bias', 'n_group', 'topk_group', 'routed_scaling_factor', 'shared_dim',
