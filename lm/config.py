@@ -412,6 +412,7 @@ def base_config() -> ml_collections.ConfigDict:
       group_size=4,  # G: completions sampled per prompt
       updates_per_batch=1,  # optimizer steps on each sampled batch (train.steps counts these)
       overlap=False,  # sample round r + 1 while round r trains (one round off-policy; docs/posttraining.md)
+      sampler_devices=0,  # devices set apart for sampling (the last N; the trainer gets the rest, weights copied over each round); 0: shared
       max_new_tokens=64,  # completion length limit
       temperature=1.0,  # sampling temperature
       top_k=0,
@@ -592,7 +593,7 @@ SCHEMA = {
     'grpo.group_size': Bounds(2), 'grpo.updates_per_batch': AT_LEAST_ONE,
     'grpo.max_new_tokens': AT_LEAST_ONE, 'grpo.temperature': POSITIVE, 'grpo.top_k': NOT_NEGATIVE,
     'grpo.top_p': Bounds(0, 1, lo_open=True), 'grpo.clip_low': FRACTION, 'grpo.clip_high': NOT_NEGATIVE,
-    'grpo.kl_coef': NOT_NEGATIVE, 'grpo.loss_type': Choice(('grpo', 'dapo', 'dr_grpo')),
+    'grpo.kl_coef': NOT_NEGATIVE, 'grpo.sampler_devices': NOT_NEGATIVE, 'grpo.loss_type': Choice(('grpo', 'dapo', 'dr_grpo')),
     'grpo.on_error': Choice(('stop', 'skip')), 'grpo.env_timeout_s': NOT_NEGATIVE,
     'grpo.eval_size': NOT_NEGATIVE, 'grpo.eval_every': NOT_NEGATIVE,
     'grpo.importance_level': Choice(('token', 'sequence')), 'grpo.teacher_coef': NOT_NEGATIVE,

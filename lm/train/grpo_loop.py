@@ -51,6 +51,7 @@ from lm.errors import ConfigError, DataError, Diverged, Preempted
 from lm.eval import environments
 from lm.eval import generate as generate_lib
 from lm.eval import rollout
+from lm import sharding as sharding_lib
 from lm.io import pretrained
 from lm.train import objectives, preemption, rundir, trackers
 from lm.train.loop import Trainer, make_checkpointer, restore
@@ -85,6 +86,42 @@ def check_config(cfg):
                       'records, e.g. ../shared/data/gsm8k/train.jsonl')
   objectives.from_config(cfg)
   return name, env
+
+
+def split_devices(cfg, devices) -> tuple[list, list | None]:
+  """(the trainer's devices, the sampler's or None): with grpo.sampler_devices=N the last N
+  devices sample and the others train; one line, before any compile, where that cannot work."""
+  n = int(cfg.grpo.sampler_devices)
+  if not n:
+    return list(devices), None
+  if n >= len(devices):
+    raise ConfigError(f'grpo.sampler_devices={n} leaves none of the {len(devices)} devices to train '
+                      f'on; set at most {len(devices) - 1}, or 0 to share them')
+  if jax.process_count() > 1:
+    raise ConfigError('grpo.sampler_devices applies to one process; with several, leave it 0 '
+                      '(sampler and trainer share every device)')
+  if cfg.data.batch_size % n:
+    raise ConfigError(f'grpo.sampler_devices={n} must divide data.batch_size={cfg.data.batch_size} '
+                      '(the sampler splits its concurrent sequences over its devices)')
+  return list(devices[:-n]), list(devices[-n:])
+
+
+def sampler_mesh(cfg, devices):
+  """The sampler's mesh over its own devices: the configured axis names, all of it data-parallel
+  (each device holds the whole model and its share of the sequences)."""
+  shape = {name: 1 for name in cfg.mesh.shape}
+  shape['data'] = len(devices)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(tuple(shape.values())), tuple(shape))
+
+
+def check_sampler_memory(spec, devices) -> None:
+  """One line, before any compile, when the model's weights alone exceed a sampler device."""
+  limit = (devices[0].memory_stats() or {}).get('bytes_limit') if hasattr(devices[0], 'memory_stats') else None
+  need = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in spec.shapes.values())
+  if limit and need > limit:
+    raise ConfigError(f'grpo.sampler_devices: the model\'s weights need {need / 2**30:.1f} GiB on each '
+                      f'sampler device ({devices[0].device_kind}: {limit / 2**30:.1f} GiB); give '
+                      'sampling more memory or leave grpo.sampler_devices=0 to share the mesh')
 
 
 def load_prompts(cfg, env=None) -> list[dict]:
@@ -224,11 +261,19 @@ class Sampler:
   `sample(params, prompt_ids, rng) -> Rollouts`; calling the sampler gives the first four fields
   (prompts, completions, ends, texts) as before the engine recorded log-probs."""
 
-  def __init__(self, trainer, tokenizer, end_ids: tuple = ()):
+  def __init__(self, trainer, tokenizer, end_ids: tuple = (), devices=None):
     """`end_ids`: tokens besides eos that end a completion and are learned as its end (a chat
-    template's end of turn)."""
+    template's end of turn). `devices`: the sampler's own (grpo.sampler_devices), to which each
+    round's weights are copied; None: the trainer's mesh."""
     cfg, g = trainer.cfg, trainer.cfg.grpo
     self.trainer, self.tokenizer = trainer, tokenizer
+    rules = tuple(cfg.mesh.rules)
+    self.mesh, self.param_shardings = trainer.mesh, None
+    if devices is not None:
+      check_sampler_memory(trainer.spec, devices)
+      self.mesh = sampler_mesh(cfg, devices)
+      self.param_shardings = sharding_lib.param_shardings(
+          trainer.spec.logical_axes, trainer.spec.shapes, self.mesh, rules)
     self.sampling = generate_lib.Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                           top_k=g.top_k, top_p=g.top_p)
     self.stop = tuple(s for s in g.stop if s)
@@ -240,7 +285,7 @@ class Sampler:
     self.engine = rollout.RolloutEngine(
         trainer.spec, self.sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
         slots=cfg.data.batch_size,
-        cache_sharding=rollout.cache_sharding(trainer.spec.cfg, trainer.mesh, tuple(cfg.mesh.rules)))
+        cache_sharding=rollout.cache_sharding(trainer.spec.cfg, self.mesh, rules))
     spec = trainer.spec
     self.log_probs = jax.jit(lambda params, batch: token_log_probs(spec.bind(params), batch),
                              in_shardings=(trainer.shardings.params, trainer.batch_sharding))
@@ -248,7 +293,14 @@ class Sampler:
   def __call__(self, params, prompt_ids: list[list[int]], rng):
     return tuple(self.sample(params, prompt_ids, rng))[:4]
 
+  def place(self, params):
+    """The weights where the sampler runs: the trainer's arrays, or copies on its own devices."""
+    if self.param_shardings is None:
+      return params
+    return jax.device_put(params, {k: self.param_shardings[k] for k in params})
+
   def sample(self, params, prompt_ids: list[list[int]], rng) -> Rollouts:
+    params = self.place(params)
     cut = [list(p[-self.prompt_len:]) for p in prompt_ids]
     # Consecutive copies of a prompt (a round's groups) are one request of n samples.
     requests = []
@@ -350,7 +402,7 @@ def heldout_reward(sampler, env, env_name, params, records, encode_prompt, cfg) 
   data.batch_size sampling), sampled with the same key at every evaluation so that evaluations
   differ by the policy alone."""
   ids = [f'held-out {i}' for i in range(len(records))]
-  got = run_episodes(sampler, env, env_name, params, [encode_prompt(r) for r in records], records,
+  got = run_episodes(sampler, env, env_name, sampler.place(params), [encode_prompt(r) for r in records], records,
                      ids, jax.random.key(cfg.train.seed ^ 0x68656c64),
                      timeout_s=cfg.grpo.env_timeout_s)
   reward, _ = environments.score(env_name, env, got.texts, records, ids, cfg.grpo.env_timeout_s)
@@ -365,8 +417,9 @@ def _train(cfg, workdir, env_name, env, *, progress=True) -> dict:
   pipeline.check_vocab(tokenizer, cfg.model.vocab_size)
   records, heldout = split_heldout(load_prompts(cfg, env), g.eval_size)
   encode_prompt, end_ids = prompt_encoder(cfg, tokenizer, env)
-  trainer = Trainer(cfg)
-  sampler = Sampler(trainer, tokenizer, end_ids)
+  train_devices, sample_devices = split_devices(cfg, jax.devices())
+  trainer = Trainer(cfg, devices=train_devices)
+  sampler = Sampler(trainer, tokenizer, end_ids, devices=sample_devices)
   ckpt = make_checkpointer(cfg, workdir, trainer.labels)
   skipped = 0  # rounds skipped for an environment's failure (grpo.on_error=skip)
   if ckpt.latest_step() is not None:
@@ -406,6 +459,7 @@ def _train(cfg, workdir, env_name, env, *, progress=True) -> dict:
     ids_of = [i for i in chosen for _ in range(g.group_size)]  # G copies, grouped
     chosen_records = [records[i] for i in ids_of]
     rng = jax.random.fold_in(jax.random.key(cfg.train.seed), r)
+    params = sampler.place(params)  # once per round, not per turn
     try:
       got = run_episodes(sampler, env, env_name, params, [encode_prompt(x) for x in chosen_records],
                          chosen_records, ids_of, rng, timeout_s=g.env_timeout_s)

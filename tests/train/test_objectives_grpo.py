@@ -264,6 +264,42 @@ def test_overlapped_sampling_is_one_round_off_policy_and_resumes_exactly(tmp_pat
 
 
 @needs_shared
+def test_sampling_on_its_own_devices_is_the_run_that_shares_them(tmp_path, straight_run,
+                                                                 monkeypatch):
+  """grpo.sampler_devices=4 of the session's 8: the trainer's mesh holds the first four, each
+  round's weights are copied to the last four, where the engine samples, and the run's samples,
+  rewards and losses are those of the run whose sampler shares the trainer's devices."""
+  placed = set()
+  place = grpo_loop.Sampler.place
+
+  def recording_place(self, params):
+    out = place(self, params)
+    placed.update(d for v in out.values() for d in v.devices())
+    return out
+  monkeypatch.setattr(grpo_loop.Sampler, 'place', recording_place)
+  c = grpo_config(tmp_path, 4)
+  c.grpo.sampler_devices = 4
+  grpo_loop.train(c, str(tmp_path / 'apart'), progress=False)
+  assert placed == set(jax.devices()[4:])
+  apart = metrics_by_step(str(tmp_path / 'apart'))
+  for step in (2, 4):
+    for key in ('reward_mean', 'completion_length', 'loss', 'kl'):
+      assert apart[step][key] == pytest.approx(straight_run[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+@pytest.mark.parametrize('n, batch, message', [
+    (8, 8, 'grpo.sampler_devices=8 leaves none of the 8 devices to train on; set at most 7'),
+    (3, 8, 'grpo.sampler_devices=3 must divide data.batch_size=8')])
+def test_a_sampler_device_split_that_cannot_work_is_one_line(tmp_path, n, batch, message):
+  c = grpo_config(tmp_path, 2)
+  c.grpo.sampler_devices, c.data.batch_size = n, batch
+  with pytest.raises(ConfigError, match=message):
+    grpo_loop.split_devices(c, jax.devices())
+  c.grpo.sampler_devices = 0
+  assert grpo_loop.split_devices(c, jax.devices()) == (list(jax.devices()), None)
+
+
+@needs_shared
 def test_log_probs_are_taken_at_temperature_one_whatever_the_sampling_temperature(tmp_path):
   """docs/posttraining.md: old_logps, the policy's and the reference's log-probs are all the
   untempered model's (TRL divides the logits by the sampling temperature; at 1 the two agree)."""
