@@ -40,7 +40,9 @@ CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.ev
             '--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128')
 CI_EVAL = '--config.limit=2 --config.max_new_tokens=8'
 # `lm bench` and `lm bench finetune` on a one-layer model: the page shows the command and what it
-# prints (lm beside HF transformers), not the figures, which docs/ took at full size.
+# prints (lm beside HF transformers), not the figures, which docs/ took at full size. `lm bench
+# rollout` runs without its transformers column (loading the GGUF into transformers took half of
+# its 30 s); `lm bench decode` in docs/smollm2.md still runs the same model in transformers.
 CI_BENCH_MODEL = ('--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128 '
                   '--config.model.vocab_size=512')
 # Pages whose runs cost far more than CI_TRAIN's size alone makes them: overrides appended to
@@ -69,7 +71,7 @@ lm() {{
       case "${{2:-}}" in
         finetune) command lm "$@" --steps 1 --rounds 1 $CI_BENCH_MODEL ;;
         decode) command lm "$@" --reps 1 --batch 1 --new-tokens 4 ;;
-        rollout) command lm "$@" --concurrency 2 --completions 4 --group 2 --prompt-len 8 --new-tokens 4 ;;
+        rollout) command lm "$@" --concurrency 2 --completions 4 --group 2 --prompt-len 8 --new-tokens 4 --no-hf ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
         moe) command lm "$@" --steps 2 --layers 1 --seq-len 32 --batch 2 ;;
         attention|data|gpu) command lm "$@" --steps 2 ;;

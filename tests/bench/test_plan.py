@@ -251,14 +251,14 @@ def _page_config(argv, test_size):
 
 
 def test_the_pages_ring_attention_plan_compiles_at_test_size_and_needs_less_than_all_gather():
-  """docs/plan.md's 128k-token ring row at 2,048 tokens (2 layers of width 256): the same mesh
+  """docs/plan.md's 128k-token ring row at 1,024 tokens (one layer of width 256): the same mesh
   (fsdp 2, context 4 on h200x8) with the ring needs less per GPU than gathering K/V, whose
   [T/4, T] attention logits per head are what the page's all_gather row cannot hold."""
   (argv,) = _page_plans('## Ring attention')
-  size = ['--config.model.n_layers=2', '--config.model.d_model=256', '--config.model.n_heads=4',
+  size = ['--config.model.n_layers=1', '--config.model.d_model=256', '--config.model.n_heads=4',
           '--config.model.n_kv_heads=4', '--config.model.head_dim=64', '--config.model.mlp_dim=512',
-          '--config.model.vocab_size=512', '--config.model.max_seq_len=2048',
-          '--config.data.seq_len=2048']
+          '--config.model.vocab_size=512', '--config.model.max_seq_len=1024',
+          '--config.data.seq_len=1024']
   cfg, target = _page_config(argv, size)
   assert cfg.model.context_parallel == 'ring' and target.name == 'h200x8'
   ring = plan_lib.compile_step(cfg, target)
