@@ -273,3 +273,23 @@ def test_sharded_pallas_equals_jnp():
   errs = [max_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
   print(f'sharded pallas vs jnp (outputs, state, gradients): max {max(errs):.1e}')
   assert max(errs) < TOL, errs
+
+
+def test_the_cpu_unit_lower_solve_equals_lapacks_with_gradients():
+  """The CPU path's solve (forward substitution, its own VJP) computes what
+  lax.linalg.triangular_solve does, values and gradients; LAPACK's batched trsm deadlocked
+  XLA:CPU's thread pool on 2 cores (lm bench hybrid hung at 4,096 tokens)."""
+  from jax import lax  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  system = jnp.asarray(rng.standard_normal((2, 3, 16, 16)), jnp.float32) * 0.3
+  rhs = jnp.asarray(rng.standard_normal((2, 3, 16, 5)), jnp.float32)
+  weights = jnp.asarray(rng.standard_normal((2, 3, 16, 5)), jnp.float32)
+  lapack = lambda s, r: lax.linalg.triangular_solve(s, r, left_side=True, lower=True,
+                                                    unit_diagonal=True)
+  np.testing.assert_allclose(gd.unit_lower_solve(system, rhs), lapack(system, rhs),
+                             atol=2e-6)
+  grads = lambda solve: jax.grad(lambda s, r: jnp.sum(solve(s, r) * weights), (0, 1))(system, rhs)
+  (ds, dr), (ds_ref, dr_ref) = grads(gd.unit_lower_solve), grads(lapack)
+  np.testing.assert_allclose(dr, dr_ref, atol=2e-6)
+  np.testing.assert_allclose(jnp.tril(ds, -1), jnp.tril(ds_ref, -1), atol=5e-6)
+  assert not np.any(np.triu(np.asarray(ds)))  # the solve reads only the strictly lower part

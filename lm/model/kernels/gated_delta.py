@@ -50,6 +50,50 @@ IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
 HIGHEST = lax.Precision.HIGHEST  # float32 matmuls at full precision (no TF32 / bf16 passes)
 
 
+def _unit_lower_solve_rows(system, rhs):
+  """X with (I + strictly_lower(system)) X = rhs, by forward substitution over the C rows:
+  X[i] = rhs[i] - N[i, :] X (N[i, j] = 0 for j >= i, so rows not yet solved contribute 0)."""
+  n = jnp.tril(system, -1)
+
+  def body(i, x):
+    row = lax.dynamic_index_in_dim(n, i, axis=-2, keepdims=True)  # [..., 1, C]
+    new = lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=True) - jnp.einsum(
+        '...ij,...jd->...id', row, x, precision=HIGHEST)
+    return lax.dynamic_update_index_in_dim(x, new, i, axis=-2)
+
+  return lax.fori_loop(0, rhs.shape[-2], body, rhs)
+
+
+@jax.custom_vjp
+def unit_lower_solve(system, rhs):
+  """(I + strictly_lower(system))^-1 rhs over the last two axes, batched: what
+  lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+  computes. XLA:CPU runs that solve as LAPACK's trsm through jaxlib's FFI, whose batched form
+  waits on the same thread pool it hands its work to: on a 2-core host two concurrent solves
+  held both threads and the step hung for good (gdb: both pool threads in ParallelBatchMap's
+  BlockingCounter::Wait). The CPU path runs this instead: a loop of matrix-vector rows, with a
+  backward pass that solves the transposed system the same way (no per-row residuals)."""
+  return _unit_lower_solve_rows(system, rhs)
+
+
+def _solve_fwd(system, rhs):
+  x = _unit_lower_solve_rows(system, rhs)
+  return x, (system, x)
+
+
+def _solve_bwd(saved, dx):
+  system, x = saved
+  # x = L^-1 rhs with L = I + N: d rhs = L^-T dx (an upper unit solve: the rows reversed make it
+  # lower), d N = -(d rhs) x^T below the diagonal.
+  n_t = jnp.swapaxes(jnp.tril(system, -1), -1, -2)  # J N^T J is strictly lower (J: reversal)
+  drhs = jnp.flip(_unit_lower_solve_rows(jnp.flip(n_t, (-2, -1)), jnp.flip(dx, -2)), -2)
+  dsystem = jnp.tril(-jnp.einsum('...id,...jd->...ij', drhs, x, precision=HIGHEST), -1)
+  return dsystem, drhs
+
+
+unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
+
+
 def l2norm(x, eps=1e-6):
   """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (transformers' and FLA's l2norm)."""
   x = x.astype(jnp.float32)
@@ -165,8 +209,11 @@ def chunk_gated_delta_rule(q_BTGK, k_BTGK, v_BTHV, g_BTH, beta_BTH, *, chunk_siz
   system = mm('...ik,...jk->...ij', k_beta, k) * decay
   carried = (doc_BNC == 0)[:, None]  # tokens of the document carried in from the last chunk
   decayed_k_beta = k_beta * (jnp.exp(cum) * carried)[..., None]
-  solve = functools.partial(lax.linalg.triangular_solve, left_side=True, lower=True,
-                            unit_diagonal=True)
+  if target()[0] == 'cpu':  # LAPACK's batched trsm can deadlock XLA:CPU's pool (unit_lower_solve)
+    solve = unit_lower_solve
+  else:
+    solve = functools.partial(lax.linalg.triangular_solve, left_side=True, lower=True,
+                              unit_diagonal=True)
   new_v = solve(system, v * beta[..., None])  # [B, H, N, C, V]
   k_cumdecay = solve(system, decayed_k_beta)  # [B, H, N, C, K]
   attn = mm('...ik,...jk->...ij', q, k) * decay
