@@ -63,7 +63,7 @@ def cmd_train(argv):
 def cmd_bench(argv):
   parser = _Parser(prog='lm bench', allow_abbrev=False)
   parser.add_argument('what', nargs='?', default='train',
-                      help='train (default) | finetune | attention | decode | rollout | checkpoint | data | gpu | moe')
+                      help='train (default) | finetune | attention | decode | rollout | checkpoint | data | gpu | moe | hybrid')
   parser.add_argument('--config', default='configs/bench_tiny.py')
   parser.add_argument('--model-preset', help='model shape from lm.config.MODEL_PRESETS, e.g. 125m')
   parser.add_argument('--steps', type=int, default=10)
@@ -84,6 +84,9 @@ def cmd_bench(argv):
   if args.what == 'moe':
     from lm.bench import moe as moe_bench  # pylint: disable=import-outside-toplevel
     return moe_bench.main([a for a in argv if a != 'moe'])
+  if args.what == 'hybrid':  # a gated-DeltaNet layer beside an attention layer, 2k-32k tokens
+    from lm.bench import hybrid as hybrid_bench  # pylint: disable=import-outside-toplevel
+    return hybrid_bench.main([a for a in argv if a != 'hybrid'])
   if args.what == 'rollout':  # the rollout engine beside the batch generator and HF generate
     from lm.bench import rollout as rollout_bench  # pylint: disable=import-outside-toplevel
     return rollout_bench.main([a for a in argv if a != 'rollout'])
@@ -92,7 +95,7 @@ def cmd_bench(argv):
     return decode_bench.main([a for a in argv if a != 'decode'])
   if args.what not in ('train', 'checkpoint'):
     raise UserError(f'lm bench: unknown benchmark {args.what!r}; '
-                    'choose train, finetune, attention, decode, rollout, checkpoint, data or moe')
+                    'choose train, finetune, attention, decode, rollout, checkpoint, data, gpu, moe or hybrid')
   cfg = _config_from_args(args, overrides, args.model_preset)
   if args.what == 'checkpoint':
     from lm.bench import checkpoint as checkpoint_bench  # pylint: disable=import-outside-toplevel
