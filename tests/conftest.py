@@ -91,3 +91,19 @@ def pytest_unconfigure(config):
   del config
   if _OWN_CACHE:  # the workers have finished: the cache goes with the session
     shutil.rmtree(os.environ['LM_TEST_JAX_CACHE'], ignore_errors=True)
+
+
+# The longest tests go first. pytest-xdist hands tests to its workers in collection order, and the
+# docs pages (one to two minutes each, collected near the end) then ran while the other worker had
+# nothing left: in one 15-minute run the two workers used 1.84 of the 2 cores. First, they
+# overlap the many short tests instead.
+LONGEST_FIRST = ('tests/test_docs.py::test_doc_commands_run', 'tests/io/test_smollm2.py',
+                 'tests/test_multihost.py', 'tests/test_host_memory.py', 'tests/bench/test_plan.py',
+                 'tests/bench/test_harness.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = lambda item: next((i for i, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p)),
+                           len(LONGEST_FIRST))
+  items.sort(key=rank)  # stable: the collection order otherwise

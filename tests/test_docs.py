@@ -74,7 +74,7 @@ lm() {{
         rollout) command lm "$@" --concurrency 2 --completions 4 --group 2 --prompt-len 8 --new-tokens 4 --no-hf ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
         moe) command lm "$@" --steps 2 --layers 1 --seq-len 32 --batch 2 ;;
-        hybrid) command lm "$@" --seq-lens 128,256 --steps 1 --d-model 64 ;;
+        hybrid) command lm "$@" --seq-lens 64 --steps 1 --d-model 64 ;;
         attention|data|gpu) command lm "$@" --steps 2 ;;
         *) command lm "$@" --steps 2 $CI_BENCH_MODEL ;;
       esac ;;
