@@ -93,10 +93,11 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ['LM_TEST_JAX_CACHE'], ignore_errors=True)
 
 
-# The longest tests go first. pytest-xdist hands tests to its workers in collection order, and the
-# docs pages (one to two minutes each, collected near the end) then ran while the other worker had
-# nothing left: in one 15-minute run the two workers used 1.84 of the 2 cores. First, they
-# overlap the many short tests instead.
+# The longest tests are dealt out first. pytest-xdist's load scheduler gives each worker a run of
+# consecutive tests (a quarter of its share) and then more as they finish; the docs pages (one to
+# two minutes each) were collected near the end, so a worker ended on them while the other had
+# nothing left (1.84 of 2 cores used in a 15-minute run). Dealt round-robin into the first runs,
+# they overlap the many short tests instead.
 LONGEST_FIRST = ('tests/test_docs.py::test_doc_commands_run', 'tests/io/test_smollm2.py',
                  'tests/test_multihost.py', 'tests/test_host_memory.py', 'tests/bench/test_plan.py',
                  'tests/bench/test_harness.py')
@@ -106,4 +107,14 @@ def pytest_collection_modifyitems(config, items):
   del config
   rank = lambda item: next((i for i, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p)),
                            len(LONGEST_FIRST))
-  items.sort(key=rank)  # stable: the collection order otherwise
+  longest = sorted((item for item in items if rank(item) < len(LONGEST_FIRST)), key=rank)
+  rest = [item for item in items if rank(item) == len(LONGEST_FIRST)]
+  workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))  # the same in every worker
+  first_run = max(len(items) // workers // 4, 2)  # xdist's initial run per worker (LoadScheduling)
+  ordered = []
+  for w in range(workers):
+    dealt = longest[w::workers]
+    fill = max(first_run - len(dealt), 0)
+    ordered += dealt + rest[:fill]
+    rest = rest[fill:]
+  items[:] = ordered + rest
