@@ -7,7 +7,7 @@ them, at growing sequence lengths.
 Each row is a one-layer model (the layer, its MLP, the embedding and the head; AdamW) whose
 token mixer is either full causal attention (`model.layer_types=('full',)`) or gated DeltaNet
 (`('linear',)`, the chunked form; lm/model/mixers/gated_deltanet.py), on one sequence of T
-tokens: the median train-step time over --steps (after a compile and a settling step), tokens/s,
+tokens: the median train-step time over --steps (after a compile and two settling steps), tokens/s,
 and the compiled step's temporaries (XLA's memory_analysis). Attention's cost grows as T^2, the
 DeltaNet's as T. The whole train step is timed, through lm.Trainer, rather than the layer's
 forward and backward compiled alone: that program hung on its second call on the CPU
@@ -20,18 +20,15 @@ Pallas kernels: TPU and GPU; on CPU auto is the jnp/XLA form).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 
 from lm import config as config_lib
-from lm.bench.harness import random_batch
-from lm.train.loop import Trainer
+from lm.bench import harness
 
-KINDS = {'attention': 'full', 'gated DeltaNet': 'linear'}
-MIXERS = {'attention': 'attention', 'deltanet': 'gated DeltaNet'}
+# --mixers name -> (the row's name, model.layer_types entry)
+MIXERS = {'attention': ('attention', 'full'), 'deltanet': ('gated DeltaNet', 'linear')}
 
 
 def parse_args(argv):
@@ -73,28 +70,6 @@ def layer_config(kind: str, seq_len: int, args):
   return c
 
 
-def bench(cfg, steps: int) -> tuple[float, float]:
-  """(median step seconds, compiled temporaries in MiB) of cfg's train step on one device."""
-  trainer = Trainer(cfg, devices=jax.devices()[:1])
-  box = [trainer.init_state()]
-  batch = trainer.global_batch(random_batch(cfg))
-  compiled = trainer.step.lower(box[0], batch).compile()  # run as compiled: one compile, not two
-  memory = compiled.memory_analysis()
-
-  def step():
-    with jax.set_mesh(trainer.mesh):
-      box[0], metrics = compiled(box[0], batch)
-    jax.block_until_ready(metrics)
-  for _ in range(2):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), memory.temp_size_in_bytes / 2 ** 20
-
-
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else [a for a in argv if a != 'hybrid'])
   device = jax.devices()[0]
@@ -104,10 +79,8 @@ def main(argv=None) -> int:
   print('| tokens | layer | step ms | tokens/s | temporaries MiB |')
   print('|---|---|---|---|---|')
   for seq_len in args.seq_lens:
-    for name, kind in KINDS.items():
-      if name not in [MIXERS[m] for m in args.mixers]:
-        continue
-      seconds, mib = bench(layer_config(kind, seq_len, args), args.steps)
+    for name, kind in (MIXERS[m] for m in MIXERS if m in args.mixers):
+      seconds, mib = harness.time_compiled_step(layer_config(kind, seq_len, args), args.steps)
       print(f'| {seq_len:,} | {name} | {seconds * 1e3:.1f} | {seq_len / seconds:,.0f} | {mib:.1f} |',
             flush=True)
   return 0

@@ -27,10 +27,9 @@ import numpy as np
 from flax import nnx
 
 from lm import config as config_lib
-from lm.bench.harness import random_batch
+from lm.bench import harness
 from lm.model import moe as moe_lib
 from lm.model import routers
-from lm.train.loop import Trainer
 
 
 def parse_args(argv):
@@ -95,24 +94,6 @@ def _temp_mib(compiled) -> float:
   return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
 
 
-def bench_step(cfg, steps: int) -> tuple[float, float]:
-  """Median train-step seconds on one device (after a compile and a settling step), and the
-  compiled step's temporaries in MiB."""
-  trainer = Trainer(cfg, devices=jax.devices()[:1])
-  box = [trainer.init_state()]
-  batch = trainer.global_batch(random_batch(cfg))
-  compiled = trainer.step.lower(box[0], batch).compile()  # run as compiled: one compile, not two
-  memory = _temp_mib(compiled)
-
-  def step():
-    with jax.set_mesh(trainer.mesh):
-      box[0], metrics = compiled(box[0], batch)
-    return metrics
-  for _ in range(2):
-    step()
-  return _median_seconds(step, steps), memory
-
-
 def bench_layer(cfg, steps: int) -> tuple[float, float]:
   """Median seconds of one expert layer's forward + backward (input and weight gradients), and
   its compiled temporaries in MiB."""
@@ -148,7 +129,7 @@ def main(argv=None) -> int:
       total = L * (3 * D * m.moe.expert_dim * m.moe.n_experts + D * m.moe.n_experts)
     else:
       active = total = L * 3 * D * m.mlp_dim
-    seconds, step_mib = bench_step(cfg, args.steps)
+    seconds, step_mib = harness.time_compiled_step(cfg, args.steps)
     layer = ''
     if m.moe.n_experts:
       layer_s, layer_mib = bench_layer(cfg, args.steps)

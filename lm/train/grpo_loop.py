@@ -116,7 +116,8 @@ def sampler_mesh(cfg, devices):
 
 def check_sampler_memory(spec, devices) -> None:
   """One line, before any compile, when the model's weights alone exceed a sampler device."""
-  limit = (devices[0].memory_stats() or {}).get('bytes_limit') if hasattr(devices[0], 'memory_stats') else None
+  stats = devices[0].memory_stats() if hasattr(devices[0], 'memory_stats') else None
+  limit = (stats or {}).get('bytes_limit')  # None where the device does not say (CPU)
   need = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in spec.shapes.values())
   if limit and need > limit:
     raise ConfigError(f'grpo.sampler_devices: the model\'s weights need {need / 2**30:.1f} GiB on each '

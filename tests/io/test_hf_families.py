@@ -275,6 +275,34 @@ def test_hybrid_checkpoint_whose_tensors_do_not_fit_is_one_line(tmp_path):
     conv.to_lm(np.zeros((64, 1, 4), np.float32))
 
 
+def _hf_weights_with_random_adapters(c, hf_dir):
+  """(spec, params): the HF model's weights in lm and LoRA adapters whose B is random, so that
+  they change the logits."""
+  spec = ModelSpec(c.model)
+  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
+  base = hf.load_params(str(hf_dir), spec, shardings)
+  fresh = spec.init(jax.random.key(0))
+  keys = iter(jax.random.split(jax.random.key(1), len(fresh)))
+  params = {n: base.get(n, 0.1 * jax.random.normal(next(keys), v.shape) if n.endswith('lora_b')
+                        else v) for n, v in fresh.items()}
+  return spec, params
+
+
+def _peft_and_lm_logits(peft, model, model_cfg, spec, params, tmp_path):
+  """lm's adapters saved as PEFT files and loaded by peft.PeftModel onto the transformers model:
+  (the file's sorted target_modules, PEFT's logits with adapters off, with them on, lm's)."""
+  from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
+  peft_io.save_peft(str(tmp_path / 'adapter'), params, model_cfg)
+  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / 'adapter')).eval()
+  with torch.no_grad():
+    got = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+    with peft_model.disable_adapter():
+      before = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
+  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
+  return sorted(adapter_config['target_modules']), before, got, expected
+
+
 def test_lora_adapters_on_a_hybrid_model_load_in_peft(tmp_path):
   """Qwen3.5: LoRA on the full-attention k/v/o, the MLPs and the DeltaNet's own projections
   exports as PEFT files that peft.PeftModel loads onto the transformers model with lm's logits;
@@ -287,24 +315,11 @@ def test_lora_adapters_on_a_hybrid_model_load_in_peft(tmp_path):
   c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'hf')))
   c.model.lora.update(rank=2, alpha=4.0,
                       targets=r'layers\.(attn\.(k|v|o)|mlp\.|linear_attn\.(z|b|a|o))')
-  spec = ModelSpec(c.model)
-  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
-  base = hf.load_params(str(tmp_path / 'hf'), spec, shardings)
-  fresh = spec.init(jax.random.key(0))
-  keys = iter(jax.random.split(jax.random.key(1), len(fresh)))
-  params = {n: base.get(n, 0.1 * jax.random.normal(next(keys), v.shape) if n.endswith('lora_b')
-                        else v) for n, v in fresh.items()}
-  peft_io.save_peft(str(tmp_path / 'adapter'), params, c.model)
-  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
-  assert sorted(adapter_config['target_modules']) == [
+  spec, params = _hf_weights_with_random_adapters(c, tmp_path / 'hf')
+  targets, before, got, expected = _peft_and_lm_logits(peft, model, c.model, spec, params, tmp_path)
+  assert targets == [
       'down_proj', 'gate_proj', 'in_proj_a', 'in_proj_b', 'in_proj_z', 'k_proj', 'o_proj',
       'out_proj', 'up_proj', 'v_proj']
-  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / 'adapter')).eval()
-  with torch.no_grad():
-    got = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
-    with peft_model.disable_adapter():
-      before = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
-  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
   assert np.max(np.abs(before - expected)) > 0.1  # the adapters matter
   error = float(np.max(np.abs(got - expected)))
   print(f'qwen3_5 PEFT: max |dlogit| {error:.2e}')
@@ -403,30 +418,16 @@ def test_gemma4_lora_adapters_load_in_peft(tmp_path):
   and o only) and on the normal and wide MLPs exports as PEFT files on q/k/v/o_proj and the MLP's
   projections, which peft.PeftModel loads onto the transformers model with lm's logits."""
   peft = pytest.importorskip('peft')
-  from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
   model = make_hf_model('gemma4', tmp_path / 'hf')
   c = tiny_config()
   c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'hf')))
   c.model.lora.update(rank=2, alpha=4.0)
-  spec = ModelSpec(c.model)
-  shardings = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in spec.names}
-  base = hf.load_params(str(tmp_path / 'hf'), spec, shardings)
-  fresh = spec.init(jax.random.key(0))
-  keys = iter(jax.random.split(jax.random.key(1), len(fresh)))
-  params = {n: base.get(n, 0.1 * jax.random.normal(next(keys), v.shape) if n.endswith('lora_b')
-                        else v) for n, v in fresh.items()}
+  spec, params = _hf_weights_with_random_adapters(c, tmp_path / 'hf')
   assert {'layers.attn_reuse.q.lora_a', 'layers.attn_global_reuse.o.lora_b',
           'layers.mlp_wide.up.lora_a'} <= set(params)
-  peft_io.save_peft(str(tmp_path / 'adapter'), params, c.model)
-  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
-  assert sorted(adapter_config['target_modules']) == [
+  targets, before, got, expected = _peft_and_lm_logits(peft, model, c.model, spec, params, tmp_path)
+  assert targets == [
       'down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
-  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / 'adapter')).eval()
-  with torch.no_grad():
-    got = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
-    with peft_model.disable_adapter():
-      before = peft_model(torch.from_numpy(TOKENS.astype(np.int64))).logits.float().numpy()
-  expected = np.asarray(jax.jit(lambda p: spec.bind(p)(TOKENS))(params))
   assert np.max(np.abs(before - expected)) > 0.1  # the adapters matter
   error = float(np.max(np.abs(got - expected)))
   print(f'gemma4 PEFT: max |dlogit| {error:.2e}')
