@@ -233,7 +233,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           capacity_factor=0.0,  # expert parallelism (mesh.shape.expert > 1): each device sends each expert device at most this x its even share of copies; 0: dropless
           aux_loss_weight=0.01,  # load-balancing loss weight in the objective (HF router_aux_loss_coef)
           z_loss_weight=0.001,  # router z-loss weight (ST-MoE)
-          router='softmax',  # softmax (Mixtral, Qwen3-MoE/Next/3.5) | sigmoid (DeepSeek-V3, GLM-4.5) | topk_softmax (gpt-oss) | topk_sigmoid (Llama 4); lm/model/routers.py
+          router='softmax',  # softmax (Mixtral, Qwen3-MoE/Next/3.5) | sigmoid (DeepSeek-V3, GLM-4.5) | topk_softmax (gpt-oss) | topk_sigmoid (Llama 4) | scaled_softmax (Gemma 4); lm/model/routers.py
           router_bias=False,  # a learned bias on the router logits (gpt-oss)
           n_group=1,  # sigmoid router: experts in n_group groups, tokens pick from topk_group of them
           topk_group=1,  # groups each token picks its experts from (at most n_group)
@@ -241,6 +241,7 @@ def model_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           bias_update_rate=0.0,  # sigmoid router: aux-loss-free balancing step on the correction bias; 0: off
           shared_dim=0,  # hidden size of a shared expert every token goes through; 0: none
           shared_gate=False,  # the shared expert's output times sigmoid(x . w) (Qwen3-Next, Qwen3.5-MoE)
+          branch_norms=False,  # Gemma 4: the shared expert (its dense MLP) and the experts as two branches, each with its own pre and post norm, the router reading the un-normed residual; needs shared_dim > 0 and sandwich norms
           expert_bias=False,  # biases on every expert's gate/up/down (gpt-oss)
           swiglu_limit=0.0,  # > 0: gpt-oss's clamped SwiGLU, (clip(up)+1) * g*sigmoid(alpha*g), g clipped
           swiglu_alpha=1.702,  # the clamped SwiGLU's sigmoid slope (gpt-oss: 1.702)
@@ -578,7 +579,8 @@ SCHEMA = {
     'model.moe.expert_dim': NOT_NEGATIVE, 'model.moe.capacity_factor': NOT_NEGATIVE,
     'model.moe.implementation': Choice(('ragged', 'dense')),
     'model.moe.aux_loss_weight': NOT_NEGATIVE, 'model.moe.z_loss_weight': NOT_NEGATIVE,
-    'model.moe.router': Choice(('softmax', 'sigmoid', 'topk_softmax', 'topk_sigmoid')),
+    'model.moe.router': Choice(('softmax', 'sigmoid', 'topk_softmax', 'topk_sigmoid',
+                                'scaled_softmax')),
     'model.moe.n_group': AT_LEAST_ONE, 'model.moe.topk_group': AT_LEAST_ONE,
     'model.moe.routed_scaling_factor': POSITIVE, 'model.moe.bias_update_rate': NOT_NEGATIVE,
     'model.moe.shared_dim': NOT_NEGATIVE, 'model.moe.swiglu_limit': NOT_NEGATIVE,
@@ -695,6 +697,21 @@ def _experts_per_token(c):
   if moe.n_experts and moe.experts_per_token > moe.n_experts:
     return (f'model.moe.experts_per_token={moe.experts_per_token} exceeds model.moe.n_experts='
             f'{moe.n_experts}; route each token to at most every expert')
+
+
+@_rule('`model.moe.branch_norms` (Gemma 4) needs a shared expert (`model.moe.shared_dim` > 0) '
+       'without `shared_gate`, and `model.norm_placement=sandwich`')
+def _branch_norms(c):
+  m = c.model
+  if not m.moe.n_experts or not m.moe.branch_norms:
+    return None
+  if not m.moe.shared_dim or m.moe.shared_gate:
+    return ('model.moe.branch_norms=True needs the dense branch: set model.moe.shared_dim > 0 '
+            'and model.moe.shared_gate=False')
+  if m.norm_placement != 'sandwich':
+    return (f'model.moe.branch_norms=True needs model.norm_placement=\'sandwich\' (the block\'s '
+            f'output norm), not {m.norm_placement!r}')
+  return None
 
 
 @_rule('a group-limited top-k (`model.moe.n_group` > 1) splits the experts evenly and its '

@@ -107,6 +107,7 @@ FREE = {
     'model.hf_family', 'model.moe.norm_topk_prob', 'model.mlp_types', 'model.rope_layers',
     'model.attn_output_gate', 'model.attn_sinks', 'model.rope_interleaved', 'model.qk_l2_norm',
     'model.moe.router_bias', 'model.moe.shared_gate', 'model.moe.expert_bias',
+    'model.moe.branch_norms',  # Gemma 4's MoE block
     'model.attn_k_eq_v', 'model.v_norm', 'model.layer_scale',  # Gemma 4's switches
     'train.trackers', 'train.tracker_project',  # names checked by lm/train/trackers.py before training
 }

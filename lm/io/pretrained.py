@@ -44,7 +44,7 @@ ARCH_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head
 # Of `model.moe`, the fields that describe the weights; the loss weights and kernel stay the run's.
 MOE_ARCH_KEYS = ('n_experts', 'experts_per_token', 'expert_dim', 'norm_topk_prob', 'router',
                  'router_bias', 'n_group', 'topk_group', 'routed_scaling_factor', 'shared_dim',
-                 'shared_gate', 'expert_bias', 'swiglu_limit', 'swiglu_alpha')
+                 'shared_gate', 'expert_bias', 'swiglu_limit', 'swiglu_alpha', 'branch_norms')
 
 kind = runs.kind  # 'lm', 'hf' or 'gguf'
 

@@ -8,6 +8,15 @@ gelu_tanh), with biases and gpt-oss's clamped SwiGLU when `model.moe.expert_bias
 output, times sigmoid(x · w) with `shared_gate` (Qwen3-Next, Qwen3.5-MoE); DeepSeek-V3 and
 GLM-4.5's n_shared_experts are one such MLP n times as wide, as transformers builds them.
 
+Gemma 4 (26B-A4B) runs its dense MLP and its experts side by side as two branches with norms of
+their own (`branch_norms`): the layer hands the block its residual x un-normed, and
+
+    y = shared_post_norm(shared(mlp_norm(x))) + experts_post_norm(experts(experts_norm(x)))
+
+with the router reading x itself (its 'scaled_softmax' kind RMS-normalises it without weight,
+times a learned scale [D] and D^-1/2, and scales each routing weight by its expert's learned
+factor, `expert_scale` [E]); the layer's mlp_post_norm then follows as in any sandwich layer.
+
 Dropless: every token reaches all k of its experts, whatever the load. The N·k (token, expert)
 copies are sorted by expert and each expert's SwiGLU runs on its contiguous group in one grouped
 matmul (`jax.lax.ragged_dot`, group sizes known only at run time); the outputs are un-sorted and
@@ -40,7 +49,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lm.model import precision, routers
-from lm.model.layers import ACTIVATIONS, param
+from lm.model.layers import ACTIVATIONS, RMSNorm, param
 from lm.model.mixers.mlp import MLP
 
 EXPERT_AXIS = 'expert'  # mesh axis the experts are split over (expert parallelism)
@@ -174,6 +183,10 @@ class MoE(nnx.Module):
     self.router = param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D, E), ('embed', None),
                          dtype)
     self.kind = moe.get('router', 'softmax')
+    scaled = self.kind == 'scaled_softmax'  # Gemma 4: the router's input and weights scaled
+    self.router_scale = param(rngs, nnx.initializers.ones, (D,), ('embed',), dtype) if scaled else None
+    self.expert_scale = param(rngs, nnx.initializers.ones, (E,), (None,), dtype) if scaled else None
+    self.norm_eps = cfg.norm_eps
     self.router_bias = (param(rngs, nnx.initializers.zeros, (E,), (None,), dtype)
                         if moe.get('router_bias') else None)
     self.correction_bias = (param(rngs, nnx.initializers.zeros, (E,), (None,), jnp.float32)
@@ -188,6 +201,12 @@ class MoE(nnx.Module):
                    if shared_dim else None)
     self.shared_gate = (param(rngs, nnx.initializers.normal(stddev=D ** -0.5), (D,), ('embed',),
                                dtype) if shared_dim and moe.get('shared_gate') else None)
+    # Gemma 4: the shared MLP and the experts each with their own norms; the stack then passes the
+    # residual and the layer's mlp_norm (the shared branch's pre-norm) instead of a normed input.
+    self.own_norms = bool(moe.get('branch_norms'))
+    if self.own_norms:
+      norm = functools.partial(RMSNorm, D, cfg=cfg, rngs=rngs)
+      self.shared_post_norm, self.experts_norm, self.experts_post_norm = norm(), norm(), norm()
     self.k = moe.experts_per_token
     self.route_args = dict(norm_topk_prob=moe.norm_topk_prob, n_group=moe.get('n_group', 1),
                            topk_group=moe.get('topk_group', 1),
@@ -207,19 +226,34 @@ class MoE(nnx.Module):
     u = jnp.clip(u, -limit, limit)
     return (u + 1) * (g * jax.nn.sigmoid(g * alpha))
 
-  def __call__(self, x_BTD, ctx=None):
+  def _router_input(self, x_ND):
+    """What the router multiplies, in float32: x, or for scaled_softmax (Gemma 4) x
+    RMS-normalised without weight, times the learned scale and D^-1/2."""
+    x32 = x_ND.astype(jnp.float32)
+    if self.router_scale is None:
+      return x32
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.norm_eps)
+    return normed * self.router_scale[...].astype(jnp.float32) * x_ND.shape[-1] ** -0.5
+
+  def __call__(self, x_BTD, ctx=None, pre_norm=None):
     """-> (y [B, T, D], this layer's router stats for the auxiliary losses and the bias update).
-    Tokens of segment id 0 (padding, in ctx.segment_ids_BT) count in no statistic."""
+    Tokens of segment id 0 (padding, in ctx.segment_ids_BT) count in no statistic. With
+    `own_norms` (Gemma 4), x_BTD is the layer's residual and `pre_norm` the shared MLP's norm."""
     segment_ids_BT = None if ctx is None else ctx.segment_ids_BT
     mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
     B, T, D = x_BTD.shape
     x_ND = x_BTD.reshape(B * T, D)
-    logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.router[...].astype(jnp.float32))
+    logits_NE = jnp.dot(self._router_input(x_ND), self.router[...].astype(jnp.float32))
     if self.router_bias is not None:
       logits_NE = logits_NE + self.router_bias[...].astype(jnp.float32)
     correction = None if self.correction_bias is None else self.correction_bias[...]
+    expert_scale = None if self.expert_scale is None else self.expert_scale[...]
     weights_Nk, experts_Nk = routers.route(self.kind, logits_NE, self.k, correction_E=correction,
-                                           **self.route_args)
+                                           expert_scale_E=expert_scale, **self.route_args)
+    shared_in_ND = x_ND
+    if self.own_norms:  # Gemma 4: each branch normalises the residual with its own norm
+      shared_in_ND = (x_ND if pre_norm is None else pre_norm(x_ND))
+      x_ND = self.experts_norm(x_ND)
     mask_N = jnp.ones((B * T,), bool) if mask_BT is None else mask_BT.reshape(-1)
     probs_NE = jax.nn.softmax(logits_NE, axis=-1)
     stats = router_stats(logits_NE, probs_NE, experts_Nk, mask_N)
@@ -232,11 +266,15 @@ class MoE(nnx.Module):
       stats['dropped'] = dropped / jnp.maximum(jnp.sum(mask_N), 1.0) / self.k
     else:
       y_ND = self._grouped(x_ND, weights_Nk, experts_Nk, on_input)
+    if self.own_norms:
+      y_ND = self.experts_post_norm(y_ND)
     if self.shared is not None:
-      shared_ND = self.shared(x_ND, ctx)[0].astype(jnp.float32)
+      shared_ND = self.shared(shared_in_ND, ctx)[0].astype(jnp.float32)
       if self.shared_gate is not None:
         gate_N = jnp.dot(x_ND.astype(jnp.float32), self.shared_gate[...].astype(jnp.float32))
         shared_ND = jax.nn.sigmoid(gate_N)[:, None] * shared_ND
+      if self.own_norms:
+        shared_ND = self.shared_post_norm(shared_ND)
       y_ND = y_ND + shared_ND
     return y_ND.reshape(B, T, D).astype(x_BTD.dtype), stats
 

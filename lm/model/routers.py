@@ -11,6 +11,9 @@ near-equal experts.
   topk_softmax  gpt-oss: the top k logits (router bias included), softmax over those k.
   topk_sigmoid  Llama 4: the top k logits, each weight sigmoid(its logit). The weight scales the
                 expert's input, not its output (lm/model/moe.py does that part).
+  scaled_softmax  Gemma 4: as softmax (always renormalised), then each weight times its expert's
+                learned scale (`expert_scale_E`). Its logits come from the token RMS-normalised
+                without weight, times a learned scale [D] and D^-1/2 (lm/model/moe.py does that).
 
 Every kind then multiplies the weights by `routed_scaling_factor` (1 but for DeepSeek-V3 and
 GLM-4.5 checkpoints that set it).
@@ -23,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KINDS = ('softmax', 'sigmoid', 'topk_softmax', 'topk_sigmoid')
+KINDS = ('softmax', 'sigmoid', 'topk_softmax', 'topk_sigmoid', 'scaled_softmax')
 INPUT_WEIGHTED = ('topk_sigmoid',)  # kinds whose weight scales the expert's input
 
 
@@ -40,10 +43,12 @@ def _group_limited(choice_NE, n_group: int, topk_group: int):
 
 
 def route(kind: str, logits_NE, k: int, *, correction_E=None, n_group: int = 1,
-          topk_group: int = 1, norm_topk_prob: bool = True, scale: float = 1.0):
-  """(weights [N, k] float32, expert ids [N, k]) for router logits [N, E] (bias included)."""
+          topk_group: int = 1, norm_topk_prob: bool = True, scale: float = 1.0,
+          expert_scale_E=None):
+  """(weights [N, k] float32, expert ids [N, k]) for router logits [N, E] (bias included);
+  `expert_scale_E` [E]: the scaled_softmax router's per-expert scales."""
   logits_NE = logits_NE.astype(jnp.float32)
-  if kind == 'softmax':
+  if kind in ('softmax', 'scaled_softmax'):
     weights_Nk, experts_Nk = jax.lax.top_k(jax.nn.softmax(logits_NE, axis=-1), k)
   elif kind == 'sigmoid':
     scores_NE = jax.nn.sigmoid(logits_NE)
@@ -60,10 +65,12 @@ def route(kind: str, logits_NE, k: int, *, correction_E=None, n_group: int = 1,
     weights_Nk = jax.nn.sigmoid(top_Nk)
   else:
     raise ValueError(f'unknown router {kind!r}; lm implements {", ".join(KINDS)}')
-  if norm_topk_prob and kind in ('softmax', 'sigmoid'):
+  if norm_topk_prob and kind in ('softmax', 'sigmoid') or kind == 'scaled_softmax':
     # DeepSeek-V3/GLM-4.5 add 1e-20 (all-zero sigmoid scores); a softmax's top k never sum
     # below k/E, where adding 1e-20 changes no float32 bit.
     weights_Nk = weights_Nk / (jnp.sum(weights_Nk, axis=-1, keepdims=True) + 1e-20)
+  if kind == 'scaled_softmax':
+    weights_Nk = weights_Nk * jnp.take(expert_scale_E.astype(jnp.float32), experts_Nk)
   if scale != 1.0:
     weights_Nk = weights_Nk * scale
   return weights_Nk, experts_Nk

@@ -329,8 +329,11 @@ class Stack(nnx.Module):
       if self.placement != 'pre':
         h_BTD = norms['attn_post_norm'](h_BTD)
       x_BTD = x_BTD + h_BTD
-      h_BTD = x_BTD if self.placement == 'post' else norms['mlp_norm'](x_BTD)
-      h_BTD, stats = channel(h_BTD, ctx)
+      if getattr(channel, 'own_norms', False):  # Gemma 4's MoE block: its branches norm x
+        h_BTD, stats = channel(x_BTD, ctx, pre_norm=norms['mlp_norm'])
+      else:
+        h_BTD = x_BTD if self.placement == 'post' else norms['mlp_norm'](x_BTD)
+        h_BTD, stats = channel(h_BTD, ctx)
       if self.placement != 'pre':
         h_BTD = norms['mlp_post_norm'](h_BTD)
       x_BTD = x_BTD + h_BTD

@@ -106,6 +106,13 @@ FAMILIES = {
         rope_parameters={'full_attention': dict(rope_type='proportional', rope_theta=1e6,
                                                 partial_rotary_factor=0.5, factor=2.0),
                          'sliding_attention': dict(rope_type='default', rope_theta=1e4)})),
+    # Gemma 4 as 26B-A4B: in every layer top-2 of 4 experts beside the dense MLP, each branch on
+    # its own norms, the router on the un-normed residual with learned input and expert scales.
+    'gemma4_moe': ('Gemma4TextConfig', dict(
+        num_hidden_layers=4, head_dim=16, global_head_dim=32, sliding_window=4,
+        layer_types=['sliding_attention', 'full_attention'] * 2, attention_k_eq_v=True,
+        num_global_key_value_heads=1, hidden_size_per_layer_input=0, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=16, final_logit_softcapping=3.0)),
 }
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16)).astype(np.int32)
 
@@ -123,8 +130,12 @@ def make_hf_model(family, path):
   offset_norms = family.startswith(('gemma', 'qwen3_')) and not family.startswith('gemma4')
   with torch.no_grad():
     for name, p in model.named_parameters():
-      is_norm = name.endswith('norm.weight')
-      std = 0.3 if is_norm or name.endswith('.bias') else 0.2
+      # Gemma 4's MoE: its branch norms (norm_1, norm_2) and router scales multiply as norms do;
+      # its router is drawn wider, so that the top-k choice is decisive rather than a near tie.
+      is_norm = name.endswith(('norm.weight', 'norm_1.weight', 'norm_2.weight', 'router.scale',
+                               'per_expert_scale'))
+      std = (0.3 if is_norm or name.endswith('.bias') else
+             1.0 if name.endswith('router.proj.weight') else 0.2)
       p.copy_((1.0 if is_norm and not offset_norms else 0.0) + std * torch.randn(p.shape, generator=gen))
     for name, p in model.named_buffers():
       if name.endswith('layer_scalar'):
@@ -231,12 +242,17 @@ def test_unsupported_variants_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"rope type 'longrope' is not supported; lm implements "
                                         r"default, llama3, linear, yarn, proportional$"):
     hf.model_config_from_hf({**base, 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}})
-  # Gemma 4's Mixture-of-Experts block (26B-A4B) runs beside the dense MLP, on its own norms.
-  gemma4 = {**COMMON, **FAMILIES['gemma4'][1], 'model_type': 'gemma4_text',
+  # Gemma 4's Mixture-of-Experts block (26B-A4B): a top k above its experts, or none, is one
+  # line naming the config.json key, before anything is built.
+  gemma4 = {**COMMON, **FAMILIES['gemma4_moe'][1], 'model_type': 'gemma4_text',
             'architectures': ['Gemma4ForCausalLM']}
-  with pytest.raises(CheckpointError, match=r"^Gemma4ForCausalLM with enable_moe_block=True is "
-                                            r"not supported; lm loads the dense"):
-    hf.model_config_from_hf({**gemma4, 'enable_moe_block': True, 'num_experts': 4})
+  with pytest.raises(CheckpointError, match=r"^Gemma4ForCausalLM with top_k_experts=5 is not "
+                                            r"supported; it routes each token to at most "
+                                            r"num_experts=4 experts$"):
+    hf.model_config_from_hf({**gemma4, 'top_k_experts': 5})
+  with pytest.raises(CheckpointError, match=r"^Gemma4ForCausalLM with moe_intermediate_size=None "
+                                            r"is not supported; enable_moe_block needs it"):
+    hf.model_config_from_hf({**gemma4, 'moe_intermediate_size': None})
   c = tiny_config(rope_scaling={'type': 'dynamic', 'factor': 2.0})
   with pytest.raises(ConfigError, match="rope_scaling type 'dynamic' is not supported"):
     config_lib.validate(c)

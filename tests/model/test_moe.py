@@ -209,7 +209,13 @@ def test_expert_partition_trains_every_expert_and_freezes_the_router_and_attenti
 def test_bad_moe_settings_are_one_line_errors():
   for fields, match in ((dict(n_experts=4, experts_per_token=5), 'experts_per_token'),
                         (dict(n_experts=4, implementation='megablocks'), 'ragged or dense'),
-                        (dict(n_experts=4, aux_loss_weight=-1.0), 'must not be negative')):
+                        (dict(n_experts=4, aux_loss_weight=-1.0), 'must not be negative'),
+                        (dict(n_experts=4, router='gemma4'), 'scaled_softmax'),
+                        # Gemma 4's block: a dense branch to norm, and the layer's output norm.
+                        (dict(n_experts=4, branch_norms=True), r'^model\.moe\.branch_norms=True '
+                         r'needs the dense branch: set model\.moe\.shared_dim > 0'),
+                        (dict(n_experts=4, branch_norms=True, shared_dim=8),
+                         r"needs model\.norm_placement='sandwich'.*not 'pre'$")):
     c = tiny_config()
     c.model.moe.update(fields)
     with pytest.raises(ConfigError, match=match):

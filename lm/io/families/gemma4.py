@@ -11,15 +11,20 @@ attention logits unscaled (the q/k norms set their size), weightless value norms
 - per-layer input embeddings (`hidden_size_per_layer_input`): a second embedding table and a
   projection of the token embedding, gated into each layer after its MLP
   (`layers.per_layer_input.*`, lm/model/mixers/per_layer_input.py);
-- a scalar per layer on its output (`layer_scalar`).
+- a scalar per layer on its output (`layer_scalar`);
+- with `enable_moe_block` (26B-A4B), in every layer `num_experts` experts of
+  `moe_intermediate_size` beside the dense MLP, each branch with its own norms, and a router that
+  reads the un-normed residual: lm's MoE part with the dense MLP as its shared expert,
+  `model.moe.branch_norms` and the `scaled_softmax` router (lm/model/moe.py, routers.py). HF
+  holds a layer's experts in two tensors, `experts.gate_up_proj` [E, 2F, D] (gate rows, then up)
+  and `experts.down_proj` [E, D, F].
 
-Not built: the Mixture-of-Experts block (`enable_moe_block`) and the vision/audio towers of
-Gemma4ForConditionalGeneration; both are refused in one line.
+Not built: the vision/audio towers of Gemma4ForConditionalGeneration, refused in one line.
 """
 
 from __future__ import annotations
 
-
+import numpy as np
 
 from lm.config import head_dim, mla_enabled, n_experts
 from lm.errors import CheckpointError
@@ -30,7 +35,7 @@ LAYER = common.LAYER
 ATTENTION_STACKS = ('attn', 'attn_global', 'attn_reuse', 'attn_global_reuse')
 # lm model fields only Gemma 4 sets: another family that cannot express them refuses the model.
 OWN_FIELDS = ('global_head_dim', 'global_kv_heads', 'attn_k_eq_v', 'v_norm', 'kv_shared_layers',
-              'per_layer_input_dim', 'layer_scale', 'wide_mlp_dim')
+              'per_layer_input_dim', 'layer_scale', 'wide_mlp_dim', 'moe.branch_norms')
 
 
 def _refuse(field: str, value, why: str = '') -> None:
@@ -67,10 +72,29 @@ def _full_layer_dims(hf: dict, types: tuple) -> tuple[int, int]:
   return int(values.get('head_dim') or hf.get('head_dim') or 0), int(values.get('num_key_value_heads') or 0)
 
 
+def _moe_fields(hf: dict) -> dict:
+  """lm's `model.moe` for the MoE block: the dense MLP is the shared expert, on its own norms."""
+  fields = {}
+  for field in ('num_experts', 'top_k_experts', 'moe_intermediate_size'):
+    value = hf.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      _refuse(field, value, '; enable_moe_block needs it a positive integer')
+    fields[field] = value
+  E, k = fields['num_experts'], fields['top_k_experts']
+  if k > E:
+    _refuse('top_k_experts', k, f'; it routes each token to at most num_experts={E} experts')
+  if hf.get('use_double_wide_mlp') and hf.get('num_kv_shared_layers'):
+    _refuse('use_double_wide_mlp', True, ' with enable_moe_block; lm builds the MoE block on '
+            'the normal-width MLP only')
+  return dict(n_experts=E, experts_per_token=k, expert_dim=fields['moe_intermediate_size'],
+              router='scaled_softmax', norm_topk_prob=True, shared_dim=int(hf['intermediate_size']),
+              shared_gate=False, branch_norms=True)
+
+
 def to_lm(hf: dict) -> dict:
-  for field in ('enable_moe_block', 'use_bidirectional_attention'):
-    if hf.get(field):
-      _refuse(field, hf[field], '; lm loads the dense, causal Gemma 4 text models')
+  if hf.get('use_bidirectional_attention'):
+    _refuse('use_bidirectional_attention', hf['use_bidirectional_attention'],
+            '; lm loads the causal Gemma 4 text models')
   activation = hf.get('hidden_activation', 'gelu_pytorch_tanh')
   if activation != 'gelu_pytorch_tanh':
     _refuse('hidden_activation', activation, '; lm implements gelu_pytorch_tanh')
@@ -102,7 +126,9 @@ def to_lm(hf: dict) -> dict:
       hf_family=FAMILY_NAME)
   if fields['per_layer_input_vocab'] == fields['vocab_size']:
     fields['per_layer_input_vocab'] = 0
-  if hf.get('use_double_wide_mlp') and shared:
+  if hf.get('enable_moe_block'):
+    fields['moe'] = _moe_fields(hf)
+  elif hf.get('use_double_wide_mlp') and shared:
     fields.update(mlp_types=('dense',) * (L - shared) + ('wide',) * shared,
                   wide_mlp_dim=2 * hf['intermediate_size'])
   return fields
@@ -128,8 +154,43 @@ def to_hf(m) -> dict:
       num_kv_shared_layers=m.kv_shared_layers, use_double_wide_mlp='wide' in m.mlp_types,
       hidden_size_per_layer_input=m.per_layer_input_dim,
       vocab_size_per_layer_input=m.per_layer_input_vocab or m.vocab_size,
-      enable_moe_block=False)
+      enable_moe_block=bool(n_experts(m)))
+  if n_experts(m):
+    out.update(num_experts=m.moe.n_experts, top_k_experts=m.moe.experts_per_token,
+               moe_intermediate_size=m.moe.expert_dim or m.mlp_dim)
   return out
+
+
+def _gate_up() -> common.Custom:
+  """experts.gate_up_proj [E, 2F, D] (gate rows, then up) <-> the experts' gate and up kernels
+  [E, D, F]."""
+  return common.Custom(
+      LAYER + 'experts.gate_up_proj', ('layers.moe.gate.kernel', 'layers.moe.up.kernel'),
+      lambda w: tuple(half.transpose(0, 2, 1) for half in np.split(w, 2, axis=1)),
+      lambda gate, up: np.concatenate([gate, up], axis=2).transpose(0, 2, 1))
+
+
+def _down() -> common.Custom:
+  """experts.down_proj [E, D, F] <-> the experts' down kernels [E, F, D]."""
+  return common.Custom(LAYER + 'experts.down_proj', ('layers.moe.down.kernel',),
+                       lambda w: (w.transpose(0, 2, 1),), lambda down: down.transpose(0, 2, 1))
+
+
+def moe_tensors() -> dict:
+  """The MoE block: router, experts, the dense MLP (the shared expert) and the branch norms."""
+  table = {'layers.moe.router': (LAYER + 'router.proj.weight', 1, None),
+           'layers.moe.router_scale': (LAYER + 'router.scale', 0, None),
+           'layers.moe.expert_scale': (LAYER + 'router.per_expert_scale', 0, None),
+           'layers.moe.shared_post_norm.scale': (LAYER + 'post_feedforward_layernorm_1.weight', 0,
+                                                 None),
+           'layers.moe.experts_norm.scale': (LAYER + 'pre_feedforward_layernorm_2.weight', 0, None),
+           'layers.moe.experts_post_norm.scale': (LAYER + 'post_feedforward_layernorm_2.weight', 0,
+                                                  None),
+           ('layers.moe.gate.kernel', 'layers.moe.up.kernel'): _gate_up(),
+           ('layers.moe.down.kernel',): _down()}
+  for p in ('gate', 'up', 'down'):
+    table[f'layers.moe.shared.{p}.kernel'] = (LAYER + f'mlp.{p}_proj.weight', 1, None)
+  return table
 
 
 def tensors(m, shapes: dict) -> dict:
@@ -155,7 +216,9 @@ def tensors(m, shapes: dict) -> dict:
       'embed_per_layer': ('model.embed_tokens_per_layer.weight', 0, None),
       'per_layer_proj.kernel': ('model.per_layer_model_projection.weight', 1, None),
       'per_layer_norm.scale': ('model.per_layer_projection_norm.weight', 0, None)})
-  return {k: v for k, v in table.items() if k in shapes}
+  if 'layers.moe.router' in shapes:
+    table.update(moe_tensors())
+  return {k: v for k, v in table.items() if not isinstance(k, str) or k in shapes}
 
 
 def ignored(m) -> str:
@@ -166,11 +229,28 @@ def ignored(m) -> str:
   return rf'model\.layers\.({layers})\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.'
 
 
+def _moe_unfit(m) -> str | None:
+  """The first `model.moe` field Gemma 4's MoE block cannot express (every layer has it)."""
+  moe = m.moe
+  checks = {'moe.router': moe.router == 'scaled_softmax', 'moe.branch_norms': bool(moe.branch_norms),
+            'moe.shared_dim': moe.shared_dim == m.mlp_dim, 'moe.shared_gate': not moe.shared_gate,
+            'moe.norm_topk_prob': bool(moe.norm_topk_prob), 'moe.router_bias': not moe.router_bias,
+            'moe.expert_bias': not moe.expert_bias, 'moe.swiglu_limit': not moe.swiglu_limit,
+            'moe.routed_scaling_factor': moe.routed_scaling_factor == 1.0,
+            'moe.n_group': moe.n_group == 1 and moe.topk_group == 1,
+            'mlp_types': set(m.mlp_types) <= {'moe'}}
+  return next((field for field, ok in checks.items() if not ok), None)
+
+
 def unfit(m) -> str | None:
   L, shared = m.n_layers, m.kv_shared_layers
   wide = ('dense',) * (L - shared) + ('wide',) * shared
+  if n_experts(m):
+    field = _moe_unfit(m)
+    if field:
+      return field
   checks = {
-      'mla': not mla_enabled(m), 'moe.n_experts': not n_experts(m),
+      'mla': not mla_enabled(m),
       'norm_placement': m.norm_placement == 'sandwich', 'qk_norm': bool(m.qk_norm),
       'qk_norm_scope': m.qk_norm_scope == 'head', 'v_norm': bool(m.v_norm),
       'norm_offset': m.norm_offset == 0.0, 'embed_scale': bool(m.embed_scale),
@@ -185,19 +265,25 @@ def unfit(m) -> str | None:
       'attn_temperature_floor_scale': not m.attn_temperature_floor_scale,
       'query_pre_attn_scalar': m.query_pre_attn_scalar == 1.0,
       'attn_logit_softcap': not m.attn_logit_softcap,
-      'mlp_types': tuple(m.mlp_types) in ((), ('dense',) * L) or (
+      'mlp_types': tuple(m.mlp_types) in ((), ('dense',) * L, ('moe',) * L) or (
           shared and tuple(m.mlp_types) == wide and m.wide_mlp_dim == 2 * m.mlp_dim)}
   return next((field for field, ok in checks.items() if not ok), None)
 
 
 def own_field(m) -> str | None:
   """The first Gemma 4 field model config `m` sets, which no other family can express."""
-  return next((f for f in OWN_FIELDS if m.get(f)), None)
+  def value(field):
+    v = m
+    for part in field.split('.'):
+      v = v.get(part) if hasattr(v, 'get') else None
+    return v
+  return next((f for f in OWN_FIELDS if value(f)), None)
 
 
 MODULES = {f'layers.{stack}.{p}': LAYER + f'self_attn.{p}_proj'
            for stack in ATTENTION_STACKS[1:] for p in 'qkvo'}
 MODULES.update({f'layers.mlp_wide.{p}': LAYER + f'mlp.{p}_proj' for p in ('gate', 'up', 'down')})
+MODULES.update({f'layers.moe.shared.{p}': LAYER + f'mlp.{p}_proj' for p in ('gate', 'up', 'down')})
 FAMILY = common.Family(FAMILY_NAME, ARCHITECTURE, to_lm, to_hf, tensors, unfit, modules=MODULES,
                        ignored=ignored)
 
