@@ -448,3 +448,42 @@ def test_gemma4_lora_adapters_load_in_peft(tmp_path):
   error = float(np.max(np.abs(got - expected)))
   print(f'gemma4 PEFT: max |dlogit| {error:.2e}')
   assert error <= 1e-4
+
+
+
+
+def test_gemma4_moe_lora_trains_every_expert_and_the_dense_branch(tmp_path):
+  """Gemma 4 MoE with LoRA on the default targets: two train steps move every adapter (each
+  expert's gate/up/down, the dense MLP's, attention's) and nothing else, and the adapters merged
+  into the kernels give the same logits. PEFT export of the expert adapters is one line: PEFT has
+  no adapter for Gemma 4's fused experts at `experts.*` (not `mlp.experts.*`)."""
+  from conftest import random_batch, train_steps  # pylint: disable=import-outside-toplevel
+  from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
+  from lm.model import lora  # pylint: disable=import-outside-toplevel
+  fields = hf.model_config_from_hf({**COMMON, **FAMILIES['gemma4_moe'][1], 'model_type': 'gemma4_text',
+                                    'architectures': ['Gemma4ForCausalLM']})
+  c = tiny_config(**{**fields, 'n_layers': 1, 'layer_types': ('full',)})  # one layer: compile
+  c.model.lora.update(rank=2, alpha=4.0)
+  c.train.trainable = 'lora'
+  c.optimizer.weight_decay = 0.0  # a change must come from the gradient
+  c.data.update(batch_size=2, seq_len=8)
+  trainer, _, before, after = train_steps(c, steps=2)  # B starts at 0: A moves from the second
+  assert after['layers.moe.gate.lora_a'].shape == (1, 4, 64, 2)  # [L, E, D, r]
+  assert {'layers.moe.shared.up.lora_b', 'layers.attn_global.q.lora_a'} <= set(after)
+  for name in before:
+    diff = np.abs(np.asarray(after[name]) - np.asarray(before[name]))
+    if lora.is_adapter(name):  # in every layer and, for the experts, every expert
+      experts = name.startswith(('layers.moe.gate.', 'layers.moe.up.', 'layers.moe.down.'))
+      assert (diff.reshape(*diff.shape[:2 if experts else 1], -1).max(axis=-1) > 0).all(), name
+    else:
+      assert not diff.any(), name
+
+  merged = lora.merge(after, c.model.lora)
+  base_spec = ModelSpec(lora.without_adapters(c.model))
+  tokens = random_batch(c)['tokens']
+  np.testing.assert_allclose(jax.jit(lambda p: base_spec.bind(p)(tokens))(merged),
+                             jax.jit(lambda p: trainer.spec.bind(p)(tokens))(after),
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(CheckpointError, match=r'^PEFT export of LoRA on experts \(layers\.moe\.'
+                                            r'(gate|up|down)\) is not supported for gemma4_text'):
+    peft_io.save_peft(str(tmp_path / 'adapter'), after, c.model)

@@ -176,6 +176,31 @@ def test_llama4_block_top1_sigmoid_on_the_input_and_shared_expert(implementation
   np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize('implementation', ['ragged', 'dense'])
+def test_gemma4_router_scales_and_experts(implementation):
+  """Gemma 4's router (weightless RMSNorm times a learned scale and D^-1/2, softmax top-k
+  renormalised, times per-expert scales) and its fused experts; its dense MLP and branch norms
+  are checked with the whole model (tests/io/test_hf_families.py, gemma4_moe)."""
+  from transformers.models.gemma4 import modeling_gemma4 as hf_mod
+  cfg = transformers.Gemma4TextConfig(hidden_size=D, num_experts=E, top_k_experts=k,
+                                      moe_intermediate_size=F, enable_moe_block=True)
+  router, experts = hf_mod.Gemma4TextRouter(cfg).eval(), hf_mod.Gemma4TextExperts(cfg).eval()
+  randomize(router, 5, std=1.0)  # the scales too: far from 1, so a missed one shows
+  randomize(experts, 6)
+  c = tiny_config(d_model=D, mlp_activation='gelu_tanh')  # Gemma's GeGLU experts
+  c.model.moe.update(n_experts=E, experts_per_token=k, expert_dim=F, implementation=implementation,
+                     router='scaled_softmax')
+  layer = moe.MoE(c.model, rngs=nnx.Rngs(0))
+  put(layer.router, t(router.proj.weight).T)
+  put(layer.router_scale, t(router.scale))
+  put(layer.expert_scale, t(router.per_expert_scale))
+  copy_fused_experts(layer, experts)
+  def block(x):
+    _, weights, chosen = router(x.reshape(-1, D))
+    return experts(x.reshape(-1, D), chosen, weights)
+  compare(layer, block, X)
+
+
 def test_bias_update_moves_towards_balance():
   correction = jnp.zeros((2, 4))
   load = jnp.asarray([[1.0, 0.5, 0.25, 0.25], [0.5, 0.5, 0.5, 0.5]])  # k=2 over 4 experts
@@ -190,7 +215,8 @@ def test_unsatisfiable_routing_settings_are_one_line_errors():
             'cannot hold'),
            (dict(n_experts=8, router='sigmoid', n_group=4, topk_group=5), 'cannot hold'),
            (dict(n_experts=8, router='softmax', n_group=2, topk_group=1), 'limits only'),
-           (dict(n_experts=8, router='top2'), 'router'))
+           (dict(n_experts=8, router='top2'), 'router'),
+           (dict(n_experts=8, router='scaled_softmax', branch_norms=True), 'branch_norms'))
   for fields, match in cases:
     c = tiny_config()
     c.model.moe.update(fields)
