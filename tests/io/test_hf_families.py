@@ -487,3 +487,31 @@ def test_gemma4_moe_lora_trains_every_expert_and_the_dense_branch(tmp_path):
   with pytest.raises(CheckpointError, match=r'^PEFT export of LoRA on experts \(layers\.moe\.'
                                             r'(gate|up|down)\) is not supported for gemma4_text'):
     peft_io.save_peft(str(tmp_path / 'adapter'), after, c.model)
+
+
+def test_gemma4_moe_gguf_export_is_one_line():
+  """`lm export --format gguf` of a Gemma 4 MoE model refuses before writing anything."""
+  from lm.io import gguf  # pylint: disable=import-outside-toplevel
+  fields = hf.model_config_from_hf({**COMMON, **FAMILIES['gemma4_moe'][1], 'model_type': 'gemma4_text',
+                                    'architectures': ['Gemma4ForCausalLM']})
+  m = tiny_config(**fields).model
+  with pytest.raises(CheckpointError, match=r'^GGUF export [^\n]*gemma4[^\n]*$'):
+    gguf.check_exportable(m, hf.family_of(m))
+
+
+def test_gemma4_moe_lora_on_attention_and_dense_branch_loads_in_peft(tmp_path):
+  """Gemma 4 MoE: LoRA on every attention stack and on the dense MLP beside the experts exports as
+  PEFT files on q/k/v/o_proj and mlp.*_proj, which peft.PeftModel loads with lm's logits."""
+  peft = pytest.importorskip('peft')
+  model = make_hf_model('gemma4_moe', tmp_path / 'hf')
+  c = tiny_config()
+  c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'hf')))
+  c.model.lora.update(rank=2, alpha=4.0, targets=r'layers\.(attn\w*|moe\.shared)\.')
+  spec, params = _hf_weights_with_random_adapters(c, tmp_path / 'hf')
+  assert {'layers.attn_global.q.lora_a', 'layers.moe.shared.down.lora_b'} <= set(params)
+  targets, before, got, expected = _peft_and_lm_logits(peft, model, c.model, spec, params, tmp_path)
+  assert targets == ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
+  assert np.max(np.abs(before - expected)) > 0.1  # the adapters matter
+  error = float(np.max(np.abs(got - expected)))
+  print(f'gemma4_moe PEFT: max |dlogit| {error:.2e}')
+  assert error <= 1e-4

@@ -216,9 +216,10 @@ def tensors(m, shapes: dict) -> dict:
       'embed_per_layer': ('model.embed_tokens_per_layer.weight', 0, None),
       'per_layer_proj.kernel': ('model.per_layer_model_projection.weight', 1, None),
       'per_layer_norm.scale': ('model.per_layer_projection_norm.weight', 0, None)})
-  if 'layers.moe.router' in shapes:
-    table.update(moe_tensors())
-  return {k: v for k, v in table.items() if not isinstance(k, str) or k in shapes}
+  table.update(moe_tensors())
+  # A Custom entry (a tuple of names) where its parameters are there: the MoE layers' experts.
+  return {k: v for k, v in table.items() if k in shapes or not isinstance(k, str)
+          and all(n in shapes for n in k)}
 
 
 def ignored(m) -> str:
