@@ -5,7 +5,8 @@ parameters, and the grouped matmul beside the dense-einsum reference.
             moe (ragged)  E experts of hidden size F, k per token, dropless grouped matmul;
             moe (dense)   the same model, every expert on every token (the test reference);
             <router>      the ragged model with each other router kind of --routers
-                          (lm/model/routers.py: sigmoid, topk_softmax, topk_sigmoid);
+                          (lm/model/routers.py: sigmoid, topk_softmax, topk_sigmoid,
+                          scaled_softmax);
             dense         one MLP of hidden size k * F: the same parameters active per token.
   layer   forward + backward of one expert layer alone on B * T tokens: ragged_dot vs einsum.
   MiB     the compiled program's temporaries (XLA's memory_analysis), for the step and the layer.

@@ -455,8 +455,8 @@ def test_gemma4_lora_adapters_load_in_peft(tmp_path):
 def test_gemma4_moe_lora_trains_every_expert_and_the_dense_branch(tmp_path):
   """Gemma 4 MoE with LoRA on the default targets: two train steps move every adapter (each
   expert's gate/up/down, the dense MLP's, attention's) and nothing else, and the adapters merged
-  into the kernels give the same logits. PEFT export of the expert adapters is one line: PEFT has
-  no adapter for Gemma 4's fused experts at `experts.*` (not `mlp.experts.*`)."""
+  into the kernels give the same logits. PEFT export of the expert adapters is one line: lm writes
+  them for the `mlp.experts.*` layout only, and Gemma 4's fused experts are at `experts.*`."""
   from conftest import random_batch, train_steps  # pylint: disable=import-outside-toplevel
   from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
   from lm.model import lora  # pylint: disable=import-outside-toplevel

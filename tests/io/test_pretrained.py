@@ -175,3 +175,9 @@ def test_every_model_key_is_architecture_or_a_run_setting():
   keys = set(config_lib.model_config().keys())
   assert keys - set(pretrained.ARCH_KEYS) == run_settings
   assert set(pretrained.ARCH_KEYS) <= keys
+  # The same within model.moe: the loss weights, balancing rate and kernel are the run's.
+  moe_settings = {'aux_loss_weight', 'bias_update_rate', 'capacity_factor', 'implementation',
+                  'z_loss_weight'}
+  moe_keys = set(config_lib.model_config().moe.keys())
+  assert moe_keys - set(pretrained.MOE_ARCH_KEYS) == moe_settings
+  assert set(pretrained.MOE_ARCH_KEYS) <= moe_keys
