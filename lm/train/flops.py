@@ -44,7 +44,8 @@ CPU_PEAK_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expand
 def matmul_params(m) -> int:
   """Parameters that take part in a matmul per token (embedding lookups don't), layer by layer:
   each layer's token mixer (attention or MLA, or gated DeltaNet for `layer_types` 'linear') and
-  channel mixer (a dense MLP, or the k experts a token is routed to and the router)."""
+  channel mixer (a dense MLP, or the k experts a token is routed to, the router and the shared
+  expert with its gate: Gemma 4's dense MLP beside its experts is one)."""
   D, F, H, G, K, L, V = (m.d_model, m.mlp_dim, m.n_heads, m.n_kv_heads, head_dim(m), m.n_layers,
                          m.vocab_size)
   # q, o (and the output gate); k, v
@@ -56,7 +57,10 @@ def matmul_params(m) -> int:
                            * la.value_head_dim + 2 * la.n_value_heads)
   mlp = {'dense': 3 * D * F}
   if n_experts(m):
-    mlp['moe'] = 3 * D * (m.moe.expert_dim or F) * m.moe.experts_per_token + D * m.moe.n_experts
+    moe = m.moe
+    shared = moe.get('shared_dim', 0)
+    mlp['moe'] = (3 * D * (moe.expert_dim or F) * moe.experts_per_token + D * moe.n_experts
+                  + 3 * D * shared + (D if shared and moe.get('shared_gate') else 0))
   mixers = ['linear' if t == 'linear' else 'attention' for t in tuple(m.layer_types) or [''] * L]
   mlps = tuple(m.mlp_types) or ('moe' if n_experts(m) else 'dense',) * L
   return sum(mixer[a] + mlp[b] for a, b in zip(mixers, mlps)) + D * V

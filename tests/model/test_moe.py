@@ -227,3 +227,7 @@ def test_flops_count_the_routed_experts_not_all_of_them():
   moe_model, dense = moe_config().model, tiny_config(mlp_dim=2 * 16).model  # k * expert_dim
   router = moe_model.n_layers * moe_model.d_model * 4
   assert flops.matmul_params(moe_model) == flops.matmul_params(dense) + router
+  # A shared expert (and its gate) runs on every token: every kernel of its MLP counts.
+  L, D = moe_model.n_layers, moe_model.d_model
+  shared = moe_config(shared_dim=24, shared_gate=True).model
+  assert flops.matmul_params(shared) == flops.matmul_params(moe_model) + L * (3 * D * 24 + D)
