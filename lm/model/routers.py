@@ -11,7 +11,7 @@ near-equal experts.
   topk_softmax  gpt-oss: the top k logits (router bias included), softmax over those k.
   topk_sigmoid  Llama 4: the top k logits, each weight sigmoid(its logit). The weight scales the
                 expert's input, not its output (lm/model/moe.py does that part).
-  scaled_softmax  Gemma 4: as softmax (always renormalised), then each weight times its expert's
+  scaled_softmax  Gemma 4: as softmax (Gemma 4 renormalises), then each weight times its expert's
                 learned scale (`expert_scale_E`). Its logits come from the token RMS-normalised
                 without weight, times a learned scale [D] and D^-1/2 (lm/model/moe.py does that).
 
@@ -65,7 +65,7 @@ def route(kind: str, logits_NE, k: int, *, correction_E=None, n_group: int = 1,
     weights_Nk = jax.nn.sigmoid(top_Nk)
   else:
     raise ValueError(f'unknown router {kind!r}; lm implements {", ".join(KINDS)}')
-  if norm_topk_prob and kind in ('softmax', 'sigmoid') or kind == 'scaled_softmax':
+  if norm_topk_prob and kind in ('softmax', 'sigmoid', 'scaled_softmax'):
     # DeepSeek-V3/GLM-4.5 add 1e-20 (all-zero sigmoid scores); a softmax's top k never sum
     # below k/E, where adding 1e-20 changes no float32 bit.
     weights_Nk = weights_Nk / (jnp.sum(weights_Nk, axis=-1, keepdims=True) + 1e-20)
