@@ -20,7 +20,12 @@ as its HF checkpoint holds them.
 Export writes F16 or Q8_0 (norms and biases stay F32, as llama.cpp does) with the run's tokenizer
 and chat template, to a temporary file renamed into place, so a failed export leaves nothing. A
 model that llama.cpp's graph would compute differently (EXPORT_LIMITS) is refused before anything
-is written.
+is written. Export-only (lm does not read them back): Qwen3.5, Qwen3.5-MoE and Qwen3-Next
+(qwen35, qwen35moe, qwen3next), whose gated DeltaNet tensors are written as llama.cpp's converter
+writes them (HF_RESHAPED: A as -exp(A_log), the conv [channels, W] in F32, q/k/v fused as
+attn_qkv and z as attn_gate, qwen35's value heads tiled for its broadcast), and Gemma 4 text
+(gemma4: per-layer heads and KV heads, KV-shared layers without k/v, per-layer input embeddings,
+full layers' proportional RoPE as rope_freqs divisors).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
 from lm.io.families.common import Custom
 from lm.model import stack as stack_lib
+from lm.model.rope import rotary_dim
 
 ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi3', 'smollm3',
                  'olmo2')
@@ -45,19 +51,14 @@ ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'qwen3moe', 'gemma2', 'gemma3', 'phi
 ARCH_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'mixtral': 'llama',
            'qwen3_moe': 'qwen3moe', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3',
            'smollm3': 'smollm3', 'olmo2': 'olmo2', 'olmo3': 'olmo2', 'gpt_oss': 'gpt-oss',
-           'deepseek_v3': 'deepseek2', 'glm4_moe': 'glm4moe', 'llama4_text': 'llama4'}
+           'deepseek_v3': 'deepseek2', 'glm4_moe': 'glm4moe', 'llama4_text': 'llama4',
+           'qwen3_5_text': 'qwen35', 'qwen3_5_moe_text': 'qwen35moe', 'qwen3_next': 'qwen3next',
+           'gemma4_text': 'gemma4'}
 # llama.cpp architecture -> lm's family for its dense models (llama with experts is Mixtral,
 # olmo2 with a sliding window OLMo 3).
 FAMILY_OF = {'llama': 'llama', 'qwen2': 'qwen2', 'qwen3': 'qwen3', 'qwen3moe': 'qwen3_moe',
              'gemma2': 'gemma2', 'gemma3': 'gemma3_text', 'phi3': 'phi3', 'smollm3': 'smollm3',
              'olmo2': 'olmo2'}
-# The families lm loads from Hugging Face that GGUF export still refuses, and why.
-UNEXPORTED = {
-    'qwen3_next': "lm does not write llama.cpp's qwen3next layout (gated DeltaNet) yet",
-    'qwen3_5_text': "lm does not write llama.cpp's qwen35 layout (gated DeltaNet) yet",
-    'qwen3_5_moe_text': "lm does not write llama.cpp's qwen35moe layout (gated DeltaNet) yet",
-    'gemma4_text': "lm does not write llama.cpp's gemma4 layout (per-layer inputs, KV shared) yet",
-}
 # GGUF holds each layer's experts as one [n_expert, out, in] tensor; HF (and lm's readers) name
 # one tensor per expert. GGUF name -> the HF per-expert template, per family; the router too.
 EXPERT_NAMES = {
@@ -87,7 +88,8 @@ BY_LM_NAME = {
         ('blk.{i}.attn_k_b.weight', lambda a, m: _kv_b(a, m)[0]),
         ('blk.{i}.attn_v_b.weight', lambda a, m: _kv_b(a, m)[1]))},
 }
-EXPERT_NAMES.update(deepseek_v3=EXPERT_NAMES['qwen3_moe'], glm4_moe=EXPERT_NAMES['qwen3_moe'])
+EXPERT_NAMES.update({family: EXPERT_NAMES['qwen3_moe'] for family in
+                     ('deepseek_v3', 'glm4_moe', 'qwen3_next', 'qwen3_5_moe_text')})
 TENSOR_TYPES = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1', 'Q4_K', 'Q6_K')
 EXPORT_DTYPES = ('f16', 'q8_0')
 
@@ -161,8 +163,33 @@ MLA_NAMES = {
     'blk.{i}.attn_kv_a_mqa.weight': 'model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight',
     'blk.{i}.attn_kv_a_norm.weight': 'model.layers.{i}.self_attn.kv_a_layernorm.weight',
 }
+# Qwen3.5 / Qwen3-Next: the norm before the MLP is post_attention_norm; the MoE's router and
+# experts are Qwen3-MoE's (EXPERT_NAMES), its shared expert and that expert's sigmoid gate below.
+# The DeltaNet's tensors are reshaped on the way (HF_RESHAPED).
+QWEN_MOE = 'model.layers.{i}.mlp.'
+HYBRID_NAMES = {
+    'blk.{i}.ffn_norm.weight': None,
+    'blk.{i}.post_attention_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight',
+    'blk.{i}.ffn_gate_shexp.weight': QWEN_MOE + 'shared_expert.gate_proj.weight',
+    'blk.{i}.ffn_up_shexp.weight': QWEN_MOE + 'shared_expert.up_proj.weight',
+    'blk.{i}.ffn_down_shexp.weight': QWEN_MOE + 'shared_expert.down_proj.weight',
+}
+# Gemma 4: Gemma 3's sandwich norms, and the per-layer input embeddings (its table, its projection
+# of the token embedding and that projection's norm; per layer the gate, the projection and the
+# norm after it) and the layer scalar.
+GEMMA4_NAMES = {
+    **SANDWICH_NAMES,
+    'per_layer_token_embd.weight': 'model.embed_tokens_per_layer.weight',
+    'per_layer_model_proj.weight': 'model.per_layer_model_projection.weight',
+    'per_layer_proj_norm.weight': 'model.per_layer_projection_norm.weight',
+    'blk.{i}.inp_gate.weight': 'model.layers.{i}.per_layer_input_gate.weight',
+    'blk.{i}.proj.weight': 'model.layers.{i}.per_layer_projection.weight',
+    'blk.{i}.post_norm.weight': 'model.layers.{i}.post_per_layer_input_norm.weight',
+    'blk.{i}.layer_output_scale.weight': 'model.layers.{i}.layer_scalar',
+}
 FAMILY_NAMES = {
-    'gemma2': SANDWICH_NAMES, 'gpt_oss': GPT_OSS_NAMES,
+    'gemma2': SANDWICH_NAMES, 'gpt_oss': GPT_OSS_NAMES, 'gemma4_text': GEMMA4_NAMES,
+    'qwen3_5_text': HYBRID_NAMES, 'qwen3_5_moe_text': HYBRID_NAMES, 'qwen3_next': HYBRID_NAMES,
     'deepseek_v3': {**MLA_NAMES, **V3_MOE_NAMES},
     'llama4_text': LLAMA4_NAMES,
     # GLM-4.5's norm before the MLP is llama.cpp's post_attention_norm.
@@ -200,6 +227,79 @@ UNTIED = ('olmo2', 'gpt-oss')
 # RoPE scaling each graph applies as lm computes it: Gemma 3 scales full layers only (linear, its
 # 4B-27B checkpoints), sliding ones keep rope.freq_base_swa unscaled. Others: plain RoPE.
 ROPE_SCALING = {'gemma3': ('linear',)}
+# Tensors llama.cpp's kernels need in F32 whatever the export type (its converter forces them so):
+# the DeltaNet's convolution (ggml_ssm_conv).
+F32_TENSORS = ('.ssm_conv1d.',)
+
+
+def _tiled(array, m, width: int, *, axis: int = 0, start: int = 0):
+  """Value heads of a DeltaNet tensor (entries start.. of `axis`, `width` each) from grouped order
+  (head g * R + r reads key head g; HF's and lm's) to the tiled order (r * G + g) llama.cpp's
+  qwen35 graph broadcasts key heads in (conversion/qwen.py, _LinearAttentionVReorderBase)."""
+  G, H = m.linear_attn.n_key_heads, m.linear_attn.n_value_heads
+  a = np.moveaxis(array, axis, 0)
+  v = a[start:]
+  v = v.reshape(G, H // G, width, *v.shape[1:]).swapaxes(0, 1).reshape(v.shape)
+  return np.moveaxis(np.concatenate([a[:start], v]), 0, axis)
+
+
+def _grouped(array, m, width: int, *, axis: int = 0, start: int = 0):
+  """Value heads as they are: Qwen3-Next's graph repeats key heads per group, as HF does."""
+  del m, width, axis, start
+  return array
+
+
+def _qkvz(array, m):
+  """Qwen3-Next's in_proj_qkvz (rows per key-head group g: q_g | k_g | v and z of g's R value
+  heads) -> (attn_qkv rows: every q | every k | every v, attn_gate rows: every z)."""
+  la = m.linear_attn
+  G, K, RV = la.n_key_heads, la.key_head_dim, la.n_value_heads // la.n_key_heads * la.value_head_dim
+  q, k, v, z = np.split(array.reshape(G, 2 * K + 2 * RV, -1), np.cumsum([K, K, RV]), axis=1)
+  rows = lambda x: x.reshape(-1, array.shape[-1])
+  return np.concatenate([rows(q), rows(k), rows(v)]), rows(z)
+
+
+LINEAR = 'model.layers.{i}.linear_attn.'
+
+
+def _deltanet_names(qwen35: bool) -> dict:
+  """HF DeltaNet tensor -> ((GGUF name, HF array of one layer -> GGUF array), ...), as llama.cpp's
+  converter writes them (conversion/qwen.py): A as -exp(A_log), dt_bias as ssm_dt.bias, the conv
+  [channels, W], the gated norm as it is (lm's has no offset); qwen35's value heads tiled."""
+  order = _tiled if qwen35 else _grouped
+  V = lambda m: m.linear_attn.value_head_dim
+  qk = lambda m: 2 * m.linear_attn.n_key_heads * m.linear_attn.key_head_dim  # rows before v's
+  table = {
+      LINEAR + 'conv1d.weight': (('blk.{i}.ssm_conv1d.weight',
+                                  lambda a, m: order(a[:, 0, :], m, V(m), start=qk(m))),),
+      LINEAR + 'A_log': (('blk.{i}.ssm_a', lambda a, m: -np.exp(order(a, m, 1))),),
+      LINEAR + 'dt_bias': (('blk.{i}.ssm_dt.bias', lambda a, m: order(a, m, 1)),),
+      LINEAR + 'norm.weight': (('blk.{i}.ssm_norm.weight', lambda a, m: a),),
+      LINEAR + 'out_proj.weight': (('blk.{i}.ssm_out.weight',
+                                    lambda a, m: order(a, m, V(m), axis=1)),),
+      # [1, D] in HF; llama.cpp's graph takes the shared expert's gate as a vector.
+      QWEN_MOE + 'shared_expert_gate.weight': (('blk.{i}.ffn_gate_inp_shexp.weight',
+                                               lambda a, m: a.reshape(-1)),),
+  }
+  if qwen35:  # q, k and v one tensor, z, b and a one each
+    table.update({
+        LINEAR + 'in_proj_qkv.weight': (('blk.{i}.attn_qkv.weight',
+                                         lambda a, m: order(a, m, V(m), start=qk(m))),),
+        LINEAR + 'in_proj_z.weight': (('blk.{i}.attn_gate.weight', lambda a, m: order(a, m, V(m))),),
+        LINEAR + 'in_proj_b.weight': (('blk.{i}.ssm_beta.weight', lambda a, m: order(a, m, 1)),),
+        LINEAR + 'in_proj_a.weight': (('blk.{i}.ssm_alpha.weight', lambda a, m: order(a, m, 1)),)})
+  else:  # Qwen3-Next: in_proj_qkvz split into q, k, v and z; in_proj_ba as it is
+    table.update({
+        LINEAR + 'in_proj_qkvz.weight': (('blk.{i}.attn_qkv.weight', lambda a, m: _qkvz(a, m)[0]),
+                                         ('blk.{i}.attn_gate.weight', lambda a, m: _qkvz(a, m)[1])),
+        LINEAR + 'in_proj_ba.weight': (('blk.{i}.ssm_ba.weight', lambda a, m: a),)})
+  return table
+
+
+# HF tensor (with {i}) -> ((GGUF name, HF array of one layer -> GGUF array), ...), per family:
+# the tensors whose GGUF layout is not their HF one (taking precedence over names_of).
+HF_RESHAPED = {'qwen3_5_text': _deltanet_names(True), 'qwen3_5_moe_text': _deltanet_names(True),
+               'qwen3_next': _deltanet_names(False)}
 
 
 def names_of(family: str | None) -> dict:
@@ -513,8 +613,10 @@ PLAIN = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe')
 GEMMA = ('gemma2', 'gemma3_text')
 OLMO = ('olmo2', 'olmo3')
 V3_MOE = ('deepseek_v3', 'glm4_moe')
-NEWER = ('smollm3',) + OLMO + ('gpt_oss',) + V3_MOE + ('llama4_text',)
-EVERY = PLAIN + GEMMA + ('phi3',) + NEWER
+QWEN_EXPERTS = ('qwen3_5_moe_text', 'qwen3_next')
+HYBRID = ('qwen3_5_text',) + QWEN_EXPERTS
+NEWER = ('smollm3',) + OLMO + ('gpt_oss',) + V3_MOE + ('llama4_text',) + HYBRID
+EVERY = PLAIN + GEMMA + ('phi3',) + NEWER + ('gemma4_text',)
 # What llama.cpp's graph for a family computes (or what lm writes for it) that a model of that
 # family may differ in, beyond what lm.io.hf.family_of already holds to: (families, lm model
 # field, fits(model config), the rule). Export refuses the first model field that does not fit.
@@ -592,6 +694,39 @@ EXPORT_LIMITS = (
      lambda m, arch: (m.query_pre_attn_scalar or head_dim(m)) == _query_scalar(m, arch),
      "llama.cpp's {arch} graph scales queries by head_dim ** -0.5 (by (d_model // n_heads) ** -0.5 "
      'at {wide} layers) whatever the file says, here {scalar} ** -0.5'),
+    (HYBRID + ('gemma4_text',), 'qkv_bias', lambda m, arch: not m.qkv_bias,
+     "llama.cpp's {arch} graph has no attention biases"),
+    (HYBRID, 'layer_types', lambda m, arch: {'linear', 'full'} <= set(_kinds(m)),
+     "llama.cpp's {arch} graph needs DeltaNet and full-attention layers both (it aborts on a file "
+     'without either)'),
+    (HYBRID, 'linear_attn.value_head_dim',
+     lambda m, arch: m.linear_attn.value_head_dim == m.linear_attn.key_head_dim,
+     "llama.cpp's {arch} graph gives DeltaNet keys and values one head size (ssm.state_size), "
+     'model.linear_attn.key_head_dim'),
+    (QWEN_EXPERTS, 'moe.norm_topk_prob', lambda m, arch: m.moe.norm_topk_prob,
+     "llama.cpp's {arch} graph renormalises the chosen experts' weights"),
+    (QWEN_EXPERTS, 'moe.shared_dim', lambda m, arch: m.moe.shared_dim > 0,
+     "llama.cpp's {arch} graph requires the gated shared expert"),
+    (('qwen3_next',), 'mlp_types', lambda m, arch: 'dense' not in tuple(m.mlp_types),
+     "llama.cpp's qwen3next graph requires experts in every layer"),
+    (('gemma4_text',), 'layer_types', lambda m, arch: 'sliding' in _kinds(m),
+     "llama.cpp's gemma4 graph needs sliding-window layers (it aborts on a file without)"),
+    (('gemma4_text',), 'moe.n_experts', lambda m, arch: not n_experts(m),
+     "lm writes llama.cpp's gemma4 layout for the dense model (no enable_moe_block experts)"),
+    (('gemma4_text',), 'rope_scaling',
+     lambda m, arch: not m.rope_scaling or m.rope_scaling.get('type') in ('proportional', 'linear'),
+     "llama.cpp's gemma4 graph scales full layers' RoPE per frequency (rope_freqs), which holds "
+     'proportional or linear scaling'),
+    (('gemma4_text',), 'rope_local_theta',
+     lambda m, arch: bool(m.rope_local_theta) or not m.rope_scaling or 'sliding' not in _kinds(m),
+     "llama.cpp's gemma4 graph rotates sliding layers unscaled (at rope.freq_base_swa), so a scaled "
+     'model needs model.rope_local_theta'),
+    (('gemma4_text',), 'per_layer_input_vocab',
+     lambda m, arch: m.per_layer_input_vocab in (0, m.vocab_size),
+     "llama.cpp's gemma4 graph has a per-layer input embedding for every token of the vocabulary"),
+    (('gemma4_text',), 'kv_shared_layers', lambda m, arch: _kv_sources_fit(m),
+     "llama.cpp's gemma4 graph has KV-shared layers reuse the last layer before them (full "
+     'layers) or the one before that (sliding layers), so those must be a sliding then a full one'),
     (('phi3',), 'head_dim', lambda m, arch: head_dim(m) == m.d_model // m.n_heads,
      "llama.cpp's phi3 graph has heads of d_model / n_heads"),
     (('phi3',), 'sliding_window',
@@ -608,6 +743,22 @@ def _moe_step(m) -> int | None:
     return None
   n = types.index('moe') + 1
   return n if types == tuple('moe' if (i + 1) % n == 0 else 'dense' for i in range(m.n_layers)) else None
+
+
+def _kv_sources_fit(m) -> bool:
+  """Whether each KV-shared layer reads the keys and values lm's does (the last earlier layer of
+  its kind) where llama.cpp's gemma4 graph takes them: layer F - 1 for full layers, F - 2 for
+  sliding ones, F the first shared layer (src/llama-model.cpp, the KV cache's reuse)."""
+  kinds, F = _kinds(m), m.n_layers - m.kv_shared_layers
+  if not m.kv_shared_layers:
+    return True
+  if F < 2:
+    return False
+  for kind in set(kinds[F:]):
+    source = max((j for j in range(F) if kinds[j] == kind), default=None)
+    if source != (F - 2 if kind == 'sliding' else F - 1):
+      return False
+  return True
 
 
 def _smollm3_rope_layers(L: int) -> tuple[int, ...]:
@@ -628,10 +779,9 @@ def check_exportable(m, family: str) -> str:
   one-line CheckpointError naming what llama.cpp would compute differently."""
   arch = ARCH_OF.get(family)
   if arch is None:
-    why = f' ({UNEXPORTED[family]})' if family in UNEXPORTED else ''
     raise CheckpointError(f'GGUF export writes {", ".join(ARCH_OF)} models (others: --format hf, '
                           'then llama.cpp\'s convert_hf_to_gguf.py); this model is '
-                          f'{family}{why}')
+                          f'{family}')
   for families, field, fits, rule in EXPORT_LIMITS:
     if family in families and not fits(m, arch):
       scalar = _query_scalar(m, arch) if arch in WIDE_LAYERS else None
@@ -667,12 +817,11 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_context_length(m.max_seq_len)
     writer.add_embedding_length(m.d_model)
     writer.add_block_count(m.n_layers)
-    writer.add_feed_forward_length((m.moe.expert_dim or m.mlp_dim) if family in ('mixtral', 'gpt_oss')
-                                   else m.mlp_dim)
+    writer.add_feed_forward_length(_feed_forward_length(m, family))
     if E:
       writer.add_expert_count(E)
       writer.add_expert_used_count(m.moe.experts_per_token)
-      if family in ('qwen3_moe', 'gpt_oss'):
+      if family in ('qwen3_moe', 'gpt_oss') + QWEN_EXPERTS:
         writer.add_expert_feed_forward_length(m.moe.expert_dim or m.mlp_dim)
     if family in V3_MOE:
       _add_v3_moe_metadata(writer, m)
@@ -681,6 +830,8 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_layer_norm_rms_eps(float(m.norm_eps))
     if family == 'deepseek_v3':
       _add_mla_metadata(writer, m)
+    elif family == 'gemma4_text':
+      _add_gemma4_metadata(writer, m)
     else:
       writer.add_head_count_kv(m.n_kv_heads)
       writer.add_rope_dimension_count(round(K * m.partial_rotary_factor))
@@ -693,7 +844,8 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, token_fields)
     for gguf_name, array in _tensors(params, m, tensors, permuted=arch in PERMUTED):
-      matrix = array.ndim >= 2 and gguf_name.endswith('.weight')  # experts' biases are 2-D
+      matrix = (array.ndim >= 2 and gguf_name.endswith('.weight')  # experts' biases are 2-D
+                and not any(part in gguf_name for part in F32_TENSORS))
       if qtype == gguf.GGMLQuantizationType.Q8_0 and matrix and array.shape[-1] % 32 == 0:
         writer.add_tensor(gguf_name, gguf.quantize(array, qtype), raw_dtype=qtype)
       elif matrix:
@@ -711,6 +863,76 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
       os.remove(tmp)
     raise
   return arch
+
+
+def _feed_forward_length(m, family: str):
+  """feed_forward_length: Gemma 4's per layer where its KV-shared layers' MLPs are wider."""
+  if family in ('mixtral', 'gpt_oss'):
+    return m.moe.expert_dim or m.mlp_dim
+  if 'wide' in tuple(m.get('mlp_types') or ()):
+    return [m.wide_mlp_dim if t == 'wide' else m.mlp_dim for t in m.mlp_types]
+  return m.mlp_dim
+
+
+def _add_hybrid_metadata(writer, m, arch: str) -> None:
+  """Qwen3.5 / Qwen3-Next's keys (conversion/qwen.py): the DeltaNet's sizes as llama.cpp's ssm.*
+  keys, which layers are DeltaNet ones, the shared expert's width; qwen35's M-RoPE sections."""
+  la = m.linear_attn
+  writer.add_ssm_conv_kernel(la.conv_kernel)
+  writer.add_ssm_state_size(la.key_head_dim)
+  writer.add_ssm_group_count(la.n_key_heads)
+  writer.add_ssm_time_step_rank(la.n_value_heads)
+  writer.add_ssm_inner_size(la.value_head_dim * la.n_value_heads)
+  writer.add_array(f'{arch}.attention.recurrent_layers', [kind == 'linear' for kind in _kinds(m)])
+  if n_experts(m):
+    writer.add_expert_shared_feed_forward_length(m.moe.shared_dim)
+  if arch in ('qwen35', 'qwen35moe'):
+    writer.add_rope_dimension_sections(_mrope_sections(m))
+
+
+def _mrope_sections(m) -> list[int]:
+  """qwen35's M-RoPE sections for its rotated pairs, all text positions: llama.cpp gives text
+  tokens the same position in the first three sections (the fourth 0) and interleaves them, pair
+  p in section p % 3 up to 3 * that section's size; these sizes cover every pair (11, 11, 10 for
+  Qwen3.5's 32 pairs, the converter's default), so each rotates by the token's position."""
+  pairs = rotary_dim(m) // 2
+  return [len(range(r, pairs, 3)) for r in range(3)] + [0]
+
+
+def _add_gemma4_metadata(writer, m) -> None:
+  """Gemma 4's attention keys (conversion/gemma.py): full and sliding layers' head sizes, KV
+  heads per layer, which layers slide and with which window, RoPE over whole heads (full layers'
+  proportional share through rope_freqs), KV sharing, the per-layer inputs' width."""
+  kinds = _kinds(m)
+  K, K_full = head_dim(m), m.global_head_dim or head_dim(m)
+  writer.add_head_count_kv([(m.global_kv_heads or m.n_kv_heads) if kind == 'full' else m.n_kv_heads
+                            for kind in kinds])
+  writer.add_key_length(K_full)
+  writer.add_value_length(K_full)
+  writer.add_key_length_swa(K)
+  writer.add_value_length_swa(K)
+  writer.add_rope_dimension_count(K_full)
+  writer.add_rope_dimension_count_swa(K)
+  writer.add_rope_freq_base_swa(float(m.rope_local_theta or m.rope_theta))
+  writer.add_sliding_window_pattern([kind == 'sliding' for kind in kinds])
+  writer.add_sliding_window(int(m.sliding_window or m.max_seq_len))
+  writer.add_shared_kv_layers(m.kv_shared_layers)
+  writer.add_embedding_length_per_layer_input(m.per_layer_input_dim)
+  if m.final_logit_softcap:
+    writer.add_final_logit_softcapping(float(m.final_logit_softcap))
+
+
+def _rope_freqs(m) -> np.ndarray:
+  """Gemma 4's full layers' frequency divisors [K_full / 2] (llama.cpp divides each rotated
+  pair's angle by its entry): the scaling factor on the proportional share of the frequencies,
+  1e30 on the others (angle 0: they pass through, as lm's zero frequencies), as its converter."""
+  K = m.global_head_dim or head_dim(m)
+  scaling = m.rope_scaling or {}
+  factor = float(scaling.get('factor', 1.0))
+  share = K // 2
+  if scaling.get('type') == 'proportional':  # as lm/model/rope.py counts its rotated pairs
+    share = int(scaling['partial_rotary_factor'] * K // 2)
+  return np.asarray([factor] * share + [1e30] * (K // 2 - share), np.float32)
 
 
 def _add_v3_moe_metadata(writer, m) -> None:
@@ -776,6 +998,8 @@ def _add_family_metadata(writer, m, family: str) -> None:
   elif family == 'olmo3' and sliding:  # olmo2's graph with windows: per-layer pattern, own base
     writer.add_sliding_window(int(m.sliding_window))
     writer.add_sliding_window_pattern([kind == 'sliding' for kind in _kinds(m)])
+  elif family in HYBRID:
+    _add_hybrid_metadata(writer, m, ARCH_OF[family])
   elif family == 'phi3':
     writer.add_rope_scaling_orig_ctx_len(m.max_seq_len)
     # Written as the converter does (0: none, as for Phi-4); llama.cpp's graph ignores it.
@@ -783,30 +1007,53 @@ def _add_family_metadata(writer, m, family: str) -> None:
 
 
 def _tensor_plan(params: dict, m, family: str) -> list:
-  """[(GGUF name template, [(lm name, convert)] concatenated row-wise)] for every base weight, in
-  lm's parameter order; `convert` takes one layer's lm array to GGUF's numpy order. Refuses a
-  weight llama.cpp's architecture has no name for."""
+  """[(GGUF name template, [(lm names, convert)] concatenated row-wise)] for every base weight, in
+  lm's parameter order; `convert` takes one layer's arrays of those lm parameters to GGUF's numpy
+  order. Refuses a weight llama.cpp's architecture has no name for."""
   to_gguf = {hf_name: gguf_name for gguf_name, hf_name in
              {**names_of(family), **EXPERT_NAMES.get(family, {})}.items()}
+  reshaped = HF_RESHAPED.get(family, {})
   by_lm = BY_LM_NAME.get(family, {})
   table = hf.param_map(params, family, m)
   plan = []
+
+  def via_hf(template, names, to_hf):  # one HF tensor holding lm parameters `names`
+    if template not in reshaped and template not in to_gguf:
+      _named(names[0], {}, family, template)
+    targets = reshaped.get(template) or ((to_gguf[template], _same),)
+    plan.extend((gguf_name, [(names, lambda arrays, m, f=f: f(to_hf(*arrays), m))])
+                for gguf_name, f in targets)
+
   for key, entry in table.items():
     names = key if isinstance(key, tuple) else (key,)  # a Custom entry holds several
-    if isinstance(entry, Custom) or key in by_lm:
-      plan.extend((gguf_name, [(n, convert)]) for n in names if _named(n, by_lm, family)
+    if key in by_lm or (isinstance(entry, Custom) and names[0] in by_lm):
+      plan.extend((gguf_name, [((n,), _one(convert))]) for n in names if _named(n, by_lm, family)
                   for gguf_name, convert in by_lm[n])
       continue
-    template, _, part = entry
+    if isinstance(entry, Custom):
+      via_hf(entry.template, names, entry.to_hf)
+      continue
+    template, layout, part = entry
+    if template in reshaped:
+      via_hf(template, names, lambda array, layout=layout: hf.to_hf(array, layout))
+      continue
     if template not in to_gguf:
       _named(key, {}, family, template)
     if part is not None and part[0] > 0:
       continue  # written with the fused tensor's first part
     group = part[1] if part else (key,)  # Phi-3's q, k, v (or gate, up) in row order
-    plan.append((to_gguf[template], [(n, _convert(table[n][1], '{e}' in template)) for n in group]))
+    plan.append((to_gguf[template], [((n,), _one(_convert(table[n][1], '{e}' in template)))
+                                     for n in group]))
   if m.tie_embeddings and ARCH_OF[family] in UNTIED:  # the same matrix, written twice
-    plan.append(('output.weight', [('embed', _same)]))
+    plan.append(('output.weight', [(('embed',), _one(_same))]))
+  if family == 'gemma4_text':  # not a parameter: the full layers' RoPE frequency divisors
+    plan.append(('rope_freqs.weight', [((), lambda arrays, m: _rope_freqs(m))]))
   return plan
+
+
+def _one(convert):
+  """A convert of one lm array as a convert of a group's arrays."""
+  return lambda arrays, m: convert(arrays[0], m)
 
 
 def _named(lm_name: str, by_lm: dict, family: str, template: str | None = None) -> bool:
@@ -844,16 +1091,12 @@ def _tensors(params: dict, m, plan: list, *, permuted: bool):
   for every base weight of `plan` (_tensor_plan); `permuted`: q/k rows in llama.cpp's llama
   order (its llama graph rotates interleaved pairs)."""
   for gguf_template, group in plan:
-    arrays = []
-    for lm_name, _ in group:
-      array = np.asarray(hf.host(params[lm_name]), np.float32)
-      if lm_name.endswith('norm.scale'):  # llama.cpp multiplies by the weight as stored
-        array = array + np.float32(m.norm_offset)
-      arrays.append(array)
+    arrays = [[_host(params, name, m) for name in names] for names, _ in group]
     # Row j of a layer stack is model layer rows[j] (a stack holds only the layers of its kind).
-    rows = stack_lib.layer_rows(m, group[0][0])
+    rows = stack_lib.layer_rows(m, group[0][0][0]) if group[0][0] else None
     for j, i in enumerate(rows) if rows is not None else [(None, None)]:
-      parts = [convert(array if j is None else array[j], m) for array, (_, convert) in zip(arrays, group)]
+      parts = [convert([a if j is None else a[j] for a in layer], m)
+               for layer, (_, convert) in zip(arrays, group)]
       value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
       gguf_name = gguf_template.format(i=i)
       if permuted and '.attn_q.' in gguf_name:
@@ -861,6 +1104,15 @@ def _tensors(params: dict, m, plan: list, *, permuted: bool):
       elif permuted and '.attn_k.' in gguf_name:
         value = permute_rows(value, m.n_kv_heads, inverse=False)
       yield gguf_name, np.ascontiguousarray(value)
+
+
+def _host(params: dict, name: str, m) -> np.ndarray:
+  """lm parameter `name` as float32 on this host; a norm's weight as llama.cpp multiplies by it
+  (lm's offset added, e.g. 1 + w for Gemma 2/3 and Qwen3.5; the DeltaNet's gated norm has none)."""
+  array = np.asarray(hf.host(params[name]), np.float32)
+  if name.endswith('norm.scale') and not name.startswith('layers.linear_attn.'):
+    array = array + np.float32(m.norm_offset)
+  return array
 
 
 def _add_tokenizer(writer, fields: dict) -> None:

@@ -226,7 +226,8 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
   gemma = tiny_config(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh',
                       tie_embeddings=True).model
   with pytest.raises(CheckpointError, match='GGUF export writes llama, qwen2, qwen3, mixtral, qwen3_moe, '
-                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, gpt_oss, deepseek_v3, glm4_moe, llama4_text models'
+                     'gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, gpt_oss, deepseek_v3, glm4_moe, '
+                     'llama4_text, qwen3_5_text, qwen3_5_moe_text, qwen3_next, gemma4_text models'
                      '.*this model is gemma$'):
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, gemma, None)
   # What llama.cpp's newer graphs fix in code, named with the field that differs.
@@ -253,12 +254,6 @@ def test_export_refusals_write_nothing(lora_run, tmp_path):
     with pytest.raises(CheckpointError, match=rule):
       gguf_io.save(str(tmp_path / 'x.gguf'), {}, c.model, None)
   assert os.listdir(tmp_path) == []
-
-
-def test_families_not_yet_exported_are_refused_naming_why():
-  m = tiny_config(hf_family='qwen3_next').model
-  with pytest.raises(CheckpointError, match=r"this model is qwen3_next \(lm does not write llama.cpp's qwen3next"):
-    gguf_io.check_exportable(m, 'qwen3_next')
 
 
 @pytest.mark.parametrize('family, arch, model', [
@@ -550,16 +545,32 @@ REFUSED = [
     ('phi3', dict(head_dim=16), 'has heads of d_model / n_heads'),
     ('mixtral', dict(moe=dict(n_experts=4, experts_per_token=2, expert_dim=16, norm_topk_prob=True),
                      sliding_window=8), "llama.cpp's llama graph has no sliding window"),
+    ('qwen3_5_text', dict(qkv_bias=True, attn_out_bias=True), 'qwen35 graph has no attention biases'),
+    ('qwen3_5_text', dict(layer_types=('linear',) * 4), 'needs DeltaNet and full-attention layers both'),
+    ('qwen3_5_text', dict(linear_attn=dict(value_head_dim=16)),
+     r'one head size .*model\.linear_attn\.value_head_dim=16'),
+    ('qwen3_5_text', dict(rope_scaling=dict(type='linear', factor=2.0)), 'qwen35 files with plain RoPE'),
+    ('qwen3_5_moe_text', dict(moe=dict(norm_topk_prob=False)), "renormalises the chosen experts' weights"),
+    ('qwen3_next', dict(moe=dict(shared_dim=0, shared_gate=False)), 'requires the gated shared expert'),
+    ('qwen3_next', dict(mlp_types=('dense', 'moe', 'moe', 'moe')), 'requires experts in every layer'),
+    ('gemma4_text', dict(kv_shared_layers=3, mlp_types=('dense',) * 3 + ('wide',) * 3),
+     r'KV-shared layers reuse .*model\.kv_shared_layers=3'),
+    ('gemma4_text', dict(rope_scaling=dict(type='yarn', factor=4.0, original_max_seq_len=16)),
+     'holds proportional or linear scaling'),
+    ('gemma4_text', dict(rope_local_theta=0.0), 'a scaled model needs model.rope_local_theta'),
+    ('gemma4_text', dict(per_layer_input_vocab=64), 'for every token of the vocabulary'),
+    ('gemma4_text', dict(layer_types=('full',) * 6), 'needs sliding-window layers'),
+    ('gemma4_text', dict(qkv_bias=True, attn_out_bias=True), 'gemma4 graph has no attention biases'),
 ]
 
 
 @pytest.mark.parametrize('family, changes, message', REFUSED,
                          ids=[f'{f}-{"-".join(c)}' for f, c, _ in REFUSED])
 def test_what_llama_cpp_cannot_compute_is_refused_before_writing(tmp_path, family, changes, message):
-  overrides = dict(NEW_FAMILIES[family][1]) if family in NEW_FAMILIES else dict(hf_family=family)
-  changes = dict(changes)
-  c = tiny_config(**{**overrides, **{k: v for k, v in changes.items() if k != 'moe'}})
-  c.model.moe.update(changes.get('moe', {}))
+  known = {**NEW_FAMILIES, **EXPORT_ONLY}
+  overrides = dict(known[family][1]) if family in known else dict(hf_family=family)
+  nested = {k: {**overrides.get(k, {}), **changes.get(k, {})} for k in ('moe', 'linear_attn')}
+  c = _tiny({**overrides, **changes, **nested})
   with pytest.raises(CheckpointError, match=message) as raised:
     gguf_io.save(str(tmp_path / 'x.gguf'), {}, c.model, None)
   assert '\n' not in str(raised.value) and str(raised.value).startswith('GGUF export: ')
@@ -580,3 +591,149 @@ def test_phi3_long_rope_files_are_refused_on_import(tmp_path):
   w.close()
   with pytest.raises(CheckpointError, match=r'RoPE scaling \(rope_factors_long\.weight\) is not supported'):
     gguf_io.model_config(str(tmp_path / 'long.gguf'))
+
+
+# The families lm exports but does not import from GGUF: Qwen3.5's hybrid stack (DeltaNet layers
+# with 2 key heads and 4 value heads, a gated full attention layer with RoPE on half of each head),
+# with Qwen3-Next's experts (Qwen3.5-MoE, Qwen3-Next), and Gemma 4 text: as E2B (per-layer inputs,
+# two KV-shared layers with MLPs twice as wide) and as 31B (full layers' values their keys, 1 KV
+# head). lm family or label -> (llama.cpp architecture, tiny model).
+QWEN35 = dict(n_layers=4, head_dim=16, partial_rotary_factor=0.5, norm_offset=1.0, qk_norm=True,
+              attn_output_gate=True, layer_types=('linear', 'linear', 'linear', 'full'),
+              linear_attn=dict(n_key_heads=2, n_value_heads=4, key_head_dim=8, value_head_dim=8))
+QWEN_MOE = dict(n_experts=4, experts_per_token=2, expert_dim=16, router='softmax',
+                norm_topk_prob=True, shared_dim=24, shared_gate=True)
+GEMMA4 = dict(hf_family='gemma4_text', head_dim=16, global_head_dim=32, mlp_activation='gelu_tanh',
+              norm_offset=0.0, embed_scale=True, norm_placement='sandwich', qk_norm=True,
+              v_norm=True, query_pre_attn_scalar=1.0, layer_scale=True, sliding_window=4,
+              rope_theta=1e6, rope_local_theta=1e4,
+              rope_scaling=dict(type='proportional', factor=1.0, partial_rotary_factor=0.25))
+EXPORT_ONLY = {
+    'qwen3_5_text': ('qwen35', dict(QWEN35, hf_family='qwen3_5_text')),
+    'qwen3_5_moe_text': ('qwen35moe', dict(QWEN35, hf_family='qwen3_5_moe_text', moe=QWEN_MOE)),
+    'qwen3_next': ('qwen3next', dict(QWEN35, hf_family='qwen3_next', moe=QWEN_MOE)),
+    'gemma4_text': ('gemma4', dict(GEMMA4, n_layers=6, layer_types=('sliding', 'full') * 3,
+                                   kv_shared_layers=2, per_layer_input_dim=8, tie_embeddings=True,
+                                   mlp_types=('dense',) * 4 + ('wide',) * 2, wide_mlp_dim=128,
+                                   final_logit_softcap=3.0)),
+    'gemma4_text_k_eq_v': ('gemma4', dict(GEMMA4, n_layers=4, layer_types=('sliding', 'full') * 2,
+                                          attn_k_eq_v=True, global_kv_heads=1,
+                                          tie_embeddings=False)),
+}
+
+
+def _tiny(overrides: dict):
+  """tiny_config with `overrides`, its nested moe and linear_attn fields updated in place."""
+  overrides = dict(overrides)
+  moe, linear_attn = overrides.pop('moe', {}), overrides.pop('linear_attn', {})
+  c = tiny_config(**overrides)
+  c.model.moe.update(moe)
+  c.model.linear_attn.update(linear_attn)
+  return c
+
+
+def _grouped_heads(stored, G, R, width):
+  """llama.cpp qwen35's tiled value heads (r * G + g) back in grouped order (g * R + r)."""
+  rest = stored.shape[1:]
+  return stored.reshape(R, G, width, *rest).swapaxes(0, 1).reshape(stored.shape)
+
+
+@pytest.mark.parametrize('label', list(EXPORT_ONLY))
+def test_hybrids_and_gemma4_export_as_llama_cpps_converter_lays_them_out(tmp_path, sp_tokenizer, label):
+  """The F16 file has only llama.cpp's names and keys for the architecture, its DeltaNet, KV-sharing,
+  per-layer-input and RoPE keys, and its tensors as llama.cpp's converter writes them: A as
+  -exp(A_log), the conv [channels, W] in F32, Qwen3.5's value heads tiled (r * G + g) and
+  Qwen3-Next's q/k/v/z split from per-group rows; (1 + w) norms but the DeltaNet's gated one;
+  Gemma 4's full layers' RoPE divisors, no k/v where layers share or reuse them. lm does not read
+  these architectures back. tests/io/test_llama_cpp.py runs the files in llama.cpp."""
+  from lm.train.state import ModelSpec
+  arch, overrides = EXPORT_ONLY[label]
+  c = _tiny(overrides)
+  m = c.model
+  rng = np.random.default_rng(0)
+  params = {n: rng.normal(size=s.shape).astype(np.float16).astype(np.float32)
+            for n, s in ModelSpec(m).shapes.items()}
+  out = tmp_path / f'{arch}.gguf'
+  assert gguf_io.save(str(out), params, m, sp_tokenizer) == arch
+  reader = gguf.GGUFReader(str(out))
+  meta = {k: f.contents() for k, f in reader.fields.items()}
+  own = {k.replace(arch, '{arch}', 1) for k in meta if k.startswith(arch + '.')}
+  # recurrent_layers: llama.cpp's key (src/llama-arch.cpp) that the gguf package 0.19 lacks.
+  assert own - {'{arch}.attention.recurrent_layers'} <= _arch_keys()
+  names = {re.sub(r'\.(weight|bias)$', '', re.sub(r'blk\.\d+\.', 'blk.{bid}.', t.name))
+           for t in reader.tensors}  # ssm_a has no suffix
+  assert names <= _gguf_names(arch)
+  tensors = {t.name: t for t in reader.tensors}
+  data = lambda name: np.asarray(tensors[name].data, np.float32)
+  key = lambda k: meta[f'{arch}.{k}']
+  if arch.startswith('qwen'):
+    G, H, K, V, D = 2, 4, 8, 8, 32
+    assert key('attention.recurrent_layers') == [True, True, True, False]
+    assert [key(f'ssm.{k}') for k in ('conv_kernel', 'state_size', 'group_count', 'time_step_rank',
+                                       'inner_size')] == [4, 8, 2, 4, 32]
+    assert key('rope.dimension_count') == 8 and 'blk.0.attn_q.weight' not in tensors
+    assert tensors['blk.3.attn_q.weight'].data.shape == (2 * 4 * 16, D)  # each head's query, gate
+    assert tensors['blk.0.ssm_conv1d.weight'].tensor_type == Q.F32
+    assert data('blk.0.ssm_conv1d.weight').shape == (2 * G * K + H * V, 4)
+    np.testing.assert_array_equal(data('blk.0.ssm_norm.weight'), params['layers.linear_attn.norm.scale'][0])
+    np.testing.assert_array_equal(data('blk.0.attn_norm.weight'), params['layers.attn_norm.scale'][0] + 1)
+    np.testing.assert_array_equal(data('blk.3.post_attention_norm.weight'),
+                                  params['layers.mlp_norm.scale'][3] + 1)
+    rows = lambda name, i=0: params[f'layers.linear_attn.{name}.kernel'][i].reshape(D, -1).T
+    qkv, gate, a = data('blk.1.attn_qkv.weight'), data('blk.1.attn_gate.weight'), data('blk.1.ssm_a')
+    if arch == 'qwen3next':  # value heads grouped, as HF and lm hold them; b and a fused per group
+      np.testing.assert_array_equal(qkv, np.concatenate([rows('q', 1), rows('k', 1), rows('v', 1)]))
+      np.testing.assert_array_equal(gate, rows('z', 1))
+      np.testing.assert_allclose(a, -np.exp(params['layers.linear_attn.A_log'][1]), rtol=1e-6)
+      ba = data('blk.1.ssm_ba.weight').reshape(G, 2, H // G, D)
+      np.testing.assert_array_equal(ba[:, 1].reshape(H, D), rows('a', 1))
+    else:
+      np.testing.assert_array_equal(qkv[:2 * G * K], np.concatenate([rows('q', 1), rows('k', 1)]))
+      np.testing.assert_array_equal(_grouped_heads(qkv[2 * G * K:], G, H // G, V), rows('v', 1))
+      np.testing.assert_array_equal(_grouped_heads(gate, G, H // G, V), rows('z', 1))
+      np.testing.assert_allclose(_grouped_heads(a, G, H // G, 1),
+                                 -np.exp(params['layers.linear_attn.A_log'][1]), rtol=1e-6)
+      np.testing.assert_array_equal(_grouped_heads(data('blk.1.ssm_alpha.weight'), G, H // G, 1),
+                                    rows('a', 1))
+      assert key('rope.dimension_sections') == [2, 1, 1, 0]  # covers the 4 rotated pairs
+    if arch != 'qwen35':
+      assert (key('expert_count'), key('expert_feed_forward_length'),
+              key('expert_shared_feed_forward_length')) == (4, 16, 24)
+      np.testing.assert_array_equal(data('blk.2.ffn_gate_inp_shexp.weight'),
+                                    params['layers.moe.shared_gate'][2].reshape(-1))
+      assert tensors['blk.2.ffn_up_exps.weight'].data.shape == (4, 16, D)
+  else:
+    L, P, shared = m.n_layers, m.per_layer_input_dim, m.kv_shared_layers
+    kinds = m.layer_types
+    assert (key('attention.key_length'), key('attention.key_length_swa'),
+            key('rope.dimension_count'), key('rope.dimension_count_swa')) == (32, 16, 32, 16)
+    assert (key('rope.freq_base'), key('rope.freq_base_swa'), key('attention.sliding_window')) == (1e6, 1e4, 4)
+    assert key('attention.sliding_window_pattern') == [k == 'sliding' for k in kinds]
+    assert key('attention.head_count_kv') == [2 if k == 'sliding' else m.global_kv_heads or 2 for k in kinds]
+    assert (key('attention.shared_kv_layers'), key('embedding_length_per_layer_input')) == (shared, P)
+    np.testing.assert_array_equal(data('rope_freqs.weight'), np.float32([1.0] * 4 + [1e30] * 12))  # 1/4 of 16 pairs
+    for i in range(L):
+      has_kv, full = i < L - shared, kinds[i] == 'full'
+      assert ('blk.%d.attn_k.weight' % i in tensors) == has_kv
+      assert ('blk.%d.attn_v.weight' % i in tensors) == (has_kv and not (full and m.attn_k_eq_v))
+      assert tensors[f'blk.{i}.attn_q.weight'].data.shape == (4 * (32 if full else 16), 32)
+    np.testing.assert_array_equal([data(f'blk.{i}.layer_output_scale.weight')[0] for i in range(L)],
+                                  params['layers.layer_scale.scale'][:, 0])
+    np.testing.assert_array_equal(data('blk.0.attn_norm.weight'), params['layers.attn_norm.scale'][0])
+    if P:
+      assert key('feed_forward_length') == [64] * 4 + [128] * 2
+      assert tensors['per_layer_token_embd.weight'].data.shape == (m.vocab_size, L * P)
+      np.testing.assert_array_equal(data('blk.5.inp_gate.weight'),
+                                    params['layers.per_layer_input.gate.kernel'][5].T)
+      assert 'output.weight' not in tensors
+    else:
+      assert key('feed_forward_length') == 64 and 'output.weight' in tensors
+  with pytest.raises(CheckpointError, match=f"GGUF architecture '{arch}' is not supported"):
+    gguf_io.model_config(str(out))
+
+
+def test_gemma4_experts_are_refused_for_gguf_export():
+  """lm writes Gemma 4's dense layout; a model with experts is refused in one line."""
+  c = _tiny(dict(EXPORT_ONLY['gemma4_text'][1], moe=dict(n_experts=4, experts_per_token=2)))
+  with pytest.raises(CheckpointError, match=r"gemma4 layout for the dense model .*model\.moe\.n_experts=4"):
+    gguf_io.check_exportable(c.model, 'gemma4_text')

@@ -3,12 +3,14 @@ it builds from source, reported at about 35 minutes on 2 cores; docs/finetuning.
 is not installed, which includes this project's CI.
 
 For each family lm exports (llama, qwen2, qwen3, Mixtral, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3,
-SmolLM3, OLMo 2, OLMo 3, gpt-oss, DeepSeek-V3, GLM-4.5, Llama 4 text), a tiny model is written as
-F16 and loaded by llama.cpp: its tokenization of the probe strings must equal lm's, and its logits
-lm's (computed with the weights rounded to F16, as the file holds them) within 1e-2 of their scale
-(measured with llama-cpp-python 0.3.36: at most 3.2e-3, llama and Phi-3; the newer families
-between 7.9e-4 and 3.1e-3; `pytest -s` prints each). Where lm imports the architecture from GGUF,
-its reading of the file must give the same logits too."""
+SmolLM3, OLMo 2, OLMo 3, gpt-oss, DeepSeek-V3, GLM-4.5, Llama 4 text, Qwen3.5, Qwen3.5-MoE,
+Qwen3-Next, Gemma 4 text), a tiny model is written as F16 and loaded by llama.cpp: its
+tokenization of the probe strings must equal lm's, and its logits lm's (computed with the weights
+rounded to F16, as the file holds them) within 1e-2 of their scale (measured with
+llama-cpp-python 0.3.36: at most 3.2e-3, llama and Phi-3; the newer families between 7.9e-4 and
+3.1e-3; Qwen3.5, Qwen3.5-MoE and Qwen3-Next 4.4e-3, 5.8e-3 and 5.8e-3, Gemma 4 4.0e-3 and 3.8e-3;
+`pytest -s` prints each). Where lm imports the architecture from GGUF, its reading of the file must
+give the same logits too (the hybrids and Gemma 4 are export-only)."""
 
 import jax
 import numpy as np
@@ -27,7 +29,16 @@ GEMMA = dict(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh', norm
 OLMO = dict(norm_placement='post', qk_norm=True, qk_norm_scope='all')
 V3_MOE = dict(n_experts=4, experts_per_token=2, expert_dim=16, router='sigmoid', norm_topk_prob=True,
               shared_dim=16)
-FAMILIES = {  # lm family -> the overrides of its tiny model
+QWEN35 = dict(n_layers=4, head_dim=16, partial_rotary_factor=0.5, norm_offset=1.0, qk_norm=True,
+              attn_output_gate=True, layer_types=('linear', 'linear', 'linear', 'full'),
+              linear_attn=dict(n_key_heads=2, n_value_heads=4, key_head_dim=8, value_head_dim=8))
+QWEN_MOE = dict(n_experts=4, experts_per_token=2, expert_dim=16, router='softmax',
+                norm_topk_prob=True, shared_dim=24, shared_gate=True)
+GEMMA4 = dict(hf_family='gemma4_text', head_dim=16, global_head_dim=32, mlp_activation='gelu_tanh',
+              norm_offset=0.0, embed_scale=True, norm_placement='sandwich', qk_norm=True,
+              v_norm=True, query_pre_attn_scalar=1.0, layer_scale=True, sliding_window=4,
+              rope_theta=1e6, rope_local_theta=1e4)
+FAMILIES = {  # lm family (or a label) -> the overrides of its tiny model
     'llama': dict(),
     'qwen2': dict(qkv_bias=True),
     'qwen3': dict(qk_norm=True, hf_family='qwen3', head_dim=16),
@@ -81,10 +92,49 @@ FAMILIES = {  # lm family -> the overrides of its tiny model
                         mlp_types=('dense', 'moe', 'dense', 'moe'),
                         moe=dict(n_experts=4, experts_per_token=1, expert_dim=16,
                                  router='topk_sigmoid', shared_dim=16)),
+    # Qwen3.5: DeltaNet layers (2 key heads, 4 value heads: qwen35 tiles them) and a gated full
+    # attention layer with q/k norms and RoPE on half of each head, norms stored as 1 + w.
+    'qwen3_5_text': dict(QWEN35, hf_family='qwen3_5_text'),
+    # The same stack with softmax top-2 of 4 experts and a sigmoid-gated shared expert in every
+    # layer (Qwen3.5-MoE), and as Qwen3-Next writes it (in_proj_qkvz, in_proj_ba; grouped heads).
+    'qwen3_5_moe_text': dict(QWEN35, hf_family='qwen3_5_moe_text', moe=QWEN_MOE),
+    'qwen3_next': dict(QWEN35, hf_family='qwen3_next', moe=QWEN_MOE),
+    # Gemma 4 as E2B: sliding (head 16, window 4) and full layers (head 32, proportional RoPE on a
+    # quarter of it), v norms, per-layer input embeddings, the last two layers reusing layers 2
+    # and 3's keys and values with MLPs twice as wide, a final softcap.
+    'gemma4_text': dict(GEMMA4, n_layers=6, layer_types=('sliding', 'full') * 3,
+                        rope_scaling=dict(type='proportional', factor=1.0, partial_rotary_factor=0.25),
+                        kv_shared_layers=2, per_layer_input_dim=8, tie_embeddings=True,
+                        mlp_types=('dense',) * 4 + ('wide',) * 2, wide_mlp_dim=128,
+                        final_logit_softcap=3.0),
+    # Gemma 4 as 31B: full layers whose values are their keys' projection, one KV head, RoPE
+    # scaled by 2 on half of it; an output projection of its own.
+    'gemma4_text_k_eq_v': dict(GEMMA4, n_layers=4, layer_types=('sliding', 'full') * 2,
+                               attn_k_eq_v=True, global_kv_heads=1, tie_embeddings=False,
+                               rope_scaling=dict(type='proportional', factor=2.0,
+                                                 partial_rotary_factor=0.5)),
 }
 # lm families whose GGUF export lm's own import reads back (model fields and weights).
 IMPORTED = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe', 'gemma2', 'gemma3_text', 'phi3',
             'smollm3', 'olmo2', 'olmo3')
+
+
+def _well_conditioned(params: dict) -> dict:
+  """Weights that keep a tiny random hybrid or Gemma 4 model from magnifying the F16 rounding
+  llama.cpp applies to activations (its F16 matmuls round their inputs; its cache holds F16 keys):
+  lm's own logits, with its matmul inputs rounded so, moved by up to 1.1e-2 (Qwen3.5) and 7e-2
+  (Qwen3.5-MoE, an expert choice flipping) with DeltaNet decays A = exp(A_log) up to 16 as
+  initialised, under 7e-3 with A in [0.01, 0.2]; Gemma 4's unscaled attention (q, k RMS-normed)
+  reaches logits of the head size, where F16 keys move them by about 1e-2, so its query norms
+  are halved. (Written with F32 weights and run with an F32 cache, like models matched lm's
+  logits within 6.7e-4, Qwen3.5 and Qwen3-Next, and 2.6e-3, Gemma 4: the layouts are exact.)"""
+  out, rng = {}, np.random.default_rng(0)
+  for name, value in params.items():
+    if name.endswith('linear_attn.A_log'):
+      out[name] = np.log(rng.uniform(0.01, 0.2, value.shape)).astype(np.float32)
+    elif name.endswith('q_norm.scale') and 'layers.layer_scale.scale' in params:  # Gemma 4
+      out[name] = np.asarray(value) * np.float32(0.5)
+  return out
 
 
 @pytest.fixture(scope='module')
@@ -101,10 +151,12 @@ def test_llama_cpp_reads_lms_export_with_the_same_tokens_and_logits(tokenizer, t
   overrides = dict(FAMILIES[family])
   c.model.moe.update(overrides.pop('moe', {}))
   c.model.mla.update(overrides.pop('mla', {}))
+  c.model.linear_attn.update(overrides.pop('linear_attn', {}))
   c.model.update(overrides)
   spec = ModelSpec(c.model)
   params = {k: v if k.endswith(('scale', 'bias')) else v.astype(np.float16).astype(np.float32)
             for k, v in jax.jit(spec.init)(jax.random.key(0)).items()}
+  params.update(_well_conditioned(params))
   path = tmp_path / f'{family}.gguf'
   gguf_io.save(str(path), params, c.model, tokenizer, dtype='f16')
   llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
