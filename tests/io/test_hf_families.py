@@ -489,16 +489,6 @@ def test_gemma4_moe_lora_trains_every_expert_and_the_dense_branch(tmp_path):
     peft_io.save_peft(str(tmp_path / 'adapter'), after, c.model)
 
 
-def test_gemma4_moe_gguf_export_is_one_line():
-  """`lm export --format gguf` of a Gemma 4 MoE model refuses before writing anything."""
-  from lm.io import gguf  # pylint: disable=import-outside-toplevel
-  fields = hf.model_config_from_hf({**COMMON, **FAMILIES['gemma4_moe'][1], 'model_type': 'gemma4_text',
-                                    'architectures': ['Gemma4ForCausalLM']})
-  m = tiny_config(**fields).model
-  with pytest.raises(CheckpointError, match=r'^GGUF export [^\n]*gemma4[^\n]*$'):
-    gguf.check_exportable(m, hf.family_of(m))
-
-
 def test_gemma4_moe_lora_on_attention_and_dense_branch_loads_in_peft(tmp_path):
   """Gemma 4 MoE: LoRA on every attention stack and on the dense MLP beside the experts exports as
   PEFT files on q/k/v/o_proj and mlp.*_proj, which peft.PeftModel loads with lm's logits."""
