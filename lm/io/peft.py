@@ -5,15 +5,18 @@
 reads such a directory (from lm or from PEFT) into adapter entries and the lm lora config.
 
 Adapters on experts go out as PEFT's `target_parameters` (PEFT >= 0.17): transformers holds a
-layer's experts as two 3-D parameters, `mlp.experts.gate_up_proj` [E, 2F, D] and `down_proj`
-[E, D, F], and PEFT adapts each with lora_A [E·r, in] (expert-major rows) and lora_B [out, r·E]
-(rank-major columns). lm's separate gate and up adapters (rank r each) are one exact rank-2r
-adapter on gate_up_proj: A stacks both, B is block-diagonal, and `rank_pattern`/`alpha_pattern`
-give it rank 2r at the same scale. PEFT wraps gate_up_proj first, so with both adapted its
-tensors are `experts.base_layer.lora_*` and down_proj's `experts.lora_*`. PEFT has no adapter
-dropout on parameters: such an export says lora_dropout 0 (dropout only acts in training).
-For the same families PEFT rewrites target_modules gate_proj/up_proj/down_proj into the
-experts' parameters, so adapters on their dense MLP layers or shared experts are refused.
+layer's experts as two 3-D parameters, `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F], of
+one module (`EXPERTS`: `mlp.experts` for Mixtral, Qwen3-MoE and GLM-4.5; Gemma 4's `experts`
+beside its dense MLP), and PEFT adapts each with lora_A [E·r, in] (expert-major rows) and lora_B
+[out, r·E] (rank-major columns). lm's separate gate and up adapters (rank r each) are one exact
+rank-2r adapter on gate_up_proj: A stacks both, B is block-diagonal, and `rank_pattern` /
+`alpha_pattern` give it rank 2r at the same scale. PEFT wraps gate_up_proj first (the module's
+first parameter), so with both adapted its tensors are `experts.base_layer.lora_*` and
+down_proj's `experts.lora_*`. PEFT has no adapter dropout on parameters: such an export says
+lora_dropout 0 (dropout only acts in training).
+For Mixtral, Qwen3-MoE and GLM-4.5 PEFT rewrites target_modules gate_proj/up_proj/down_proj into
+the experts' parameters, so adapters on their dense MLP layers or shared experts are refused;
+Gemma 4's dense MLP is a plain `mlp.*_proj` module and exports beside its experts.
 
 Reading them back (`lora_config_from_peft` + `load_peft`), from lm's export or from PEFT itself,
 undoes this: gate_up_proj's rank-R adapter is lm's gate and up adapters sharing its A, with B's
@@ -36,6 +39,7 @@ import numpy as np
 from lm.errors import CheckpointError, read_json
 from lm.io import hf
 from lm.io.families import REGISTRY
+from lm.io.families.common import LAYER
 from lm.io.safetensors import Reader, write
 from lm.model import stack as stack_lib
 from lm.model.lora import is_adapter, modules, split
@@ -80,9 +84,12 @@ def _hf_module(module: str, model_cfg) -> str:
   return hf.MODULES[module]
 
 
-# Families whose transformers experts are mlp.experts.{gate_up_proj [E, 2F, D], down_proj [E, D, F]}.
-PEFT_EXPERT_FAMILIES = ('mixtral', 'qwen3_moe', 'glm4_moe')
-EXPERTS = 'model.layers.{i}.mlp.experts'
+# Family -> the transformers module ({i}: layer) of its experts, gate_up_proj [E, 2F, D] and
+# down_proj [E, D, F] (Family.experts for the families of lm/io/families/).
+MLP_EXPERTS = LAYER + 'mlp.experts'
+EXPERTS = {'mixtral': MLP_EXPERTS, 'qwen3_moe': MLP_EXPERTS,
+           **{name: f.experts for name, f in REGISTRY.items() if f.experts}}
+PEFT_EXPERT_FAMILIES = tuple(EXPERTS)
 EXPERT_MODULES = ('layers.moe.gate', 'layers.moe.up', 'layers.moe.down')
 
 
@@ -101,8 +108,17 @@ def _to_peft_experts(a_ELIr, b_ErO):
           np.ascontiguousarray(b_ErO.transpose(2, 1, 0).reshape(b_ErO.shape[-1], r * E)))
 
 
+def _expert_targets(family: str) -> tuple[str, str]:
+  """PEFT's target_parameters of `family`'s gate_up_proj and down_proj: the experts' module below
+  its layer (`mlp.experts.gate_up_proj`, Gemma 4's `experts.gate_up_proj`)."""
+  module = EXPERTS[family].removeprefix(LAYER)
+  return module + '.gate_up_proj', module + '.down_proj'
+
+
 def _expert_tensors(adapter: dict, experts: list, model_cfg) -> tuple[dict, dict]:
   """(PEFT tensors, adapter_config fields) of the expert adapters."""
+  family = _family(model_cfg)
+  template, (gate_up, down) = EXPERTS[family], _expert_targets(family)
   lora = model_cfg.lora
   r = int(lora.rank)
   scale = lora.alpha / (math.sqrt(r) if lora.rslora else r)
@@ -126,22 +142,21 @@ def _expert_tensors(adapter: dict, experts: list, model_cfg) -> tuple[dict, dict
       b_cat[:, :, r:, F:] = b_up
     wrapper = '.base_layer' if both else ''
     for row, i in enumerate(layers):
-      name = PEFT_PREFIX + EXPERTS.format(i=i) + wrapper
+      name = PEFT_PREFIX + template.format(i=i) + wrapper
       tensors[name + '.lora_A.weight'], tensors[name + '.lora_B.weight'] = _to_peft_experts(
           a_cat[row], b_cat[row])
-    targets.append('mlp.experts.gate_up_proj')
+    targets.append(gate_up)
   if 'layers.moe.down' in experts:
     a, b = get('layers.moe.down', 'lora_a'), get('layers.moe.down', 'lora_b')
     for row, i in enumerate(layers):
-      name = PEFT_PREFIX + EXPERTS.format(i=i)
+      name = PEFT_PREFIX + template.format(i=i)
       tensors[name + '.lora_A.weight'], tensors[name + '.lora_B.weight'] = _to_peft_experts(
           a[row], b[row])
-    targets.append('mlp.experts.down_proj')
+    targets.append(down)
   fields = {'target_parameters': targets, 'lora_dropout': 0.0}
-  if 'mlp.experts.gate_up_proj' in targets:  # rank 2r at the scale lm's rank-r adapters have
-    fields.update(rank_pattern={'mlp.experts.gate_up_proj': 2 * r},
-                  alpha_pattern={'mlp.experts.gate_up_proj':
-                                 scale * (math.sqrt(2 * r) if lora.rslora else 2 * r)})
+  if gate_up in targets:  # rank 2r at the scale lm's rank-r adapters have
+    fields.update(rank_pattern={gate_up: 2 * r},
+                  alpha_pattern={gate_up: scale * (math.sqrt(2 * r) if lora.rslora else 2 * r)})
   return tensors, fields
 
 
@@ -193,9 +208,10 @@ def save_peft(path: str, params: dict, model_cfg, *, base_model: str = '') -> No
       json.dump(config, f, indent=2)
 
 
-# PEFT's target_parameters lm reads, and the lm modules each one holds.
-EXPERT_PARAMETERS = {'mlp.experts.gate_up_proj': ('layers.moe.gate', 'layers.moe.up'),
-                     'mlp.experts.down_proj': ('layers.moe.down',)}
+# PEFT's target_parameters lm reads (any module path ending so: `mlp.experts.gate_up_proj`,
+# Gemma 4's `experts.gate_up_proj`), and the lm modules each one holds.
+EXPERT_PARAMETERS = {'experts.gate_up_proj': ('layers.moe.gate', 'layers.moe.up'),
+                     'experts.down_proj': ('layers.moe.down',)}
 
 
 def _pattern(patterns: dict, name: str, default):
@@ -307,6 +323,7 @@ def _read_experts(reader, renamed, config, spec, ranks) -> tuple[dict, set]:
   if family not in PEFT_EXPERT_FAMILIES:
     raise CheckpointError(f'PEFT adapter on experts cannot be read for {family or "this model"}; '
                           f'lm reads them for {", ".join(PEFT_EXPERT_FAMILIES)}')
+  template = EXPERTS[family]
   layers = stack_lib.layer_rows(spec.cfg, 'layers.moe.gate') or range(spec.cfg.n_layers)
   R = ranks.rank
   out, used = {}, set()
@@ -315,13 +332,13 @@ def _read_experts(reader, renamed, config, spec, ranks) -> tuple[dict, set]:
     wrapper = '.base_layer' if param.endswith('gate_up_proj') and len(params) > 1 else ''
     a_rows, b_rows = [], []
     for i in layers:
-      name = PEFT_PREFIX + EXPERTS.format(i=i) + wrapper
+      name = PEFT_PREFIX + template.format(i=i) + wrapper
       a_name, b_name = name + '.lora_A.weight', name + '.lora_B.weight'
       for n in (a_name, b_name):
         if n not in renamed:
           raise CheckpointError(f'PEFT adapter: tensor {n!r} is missing ({param} of layer {i})')
       used.update(renamed[n] for n in (a_name, b_name))
-      r, factor = ranks.of(EXPERTS.format(i=i) + '.' + param.rsplit('.', 1)[-1])
+      r, factor = ranks.of(template.format(i=i) + '.' + param.rsplit('.', 1)[-1])
       a, b = hf.host(reader.get(renamed[a_name])), hf.host(reader.get(renamed[b_name]))
       E = a.shape[0] // r
       if a.shape[0] != E * r or b.shape[1] != E * r:

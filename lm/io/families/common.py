@@ -61,6 +61,10 @@ class Family:
   modules: dict = dataclasses.field(default_factory=dict)
   # (lm model config) -> a regex of checkpoint tensors transformers skips on load; None: none
   ignored: Callable[[Any], str] | None = None
+  # The transformers module ({i}: layer) holding a layer's experts as two 3-D parameters,
+  # gate_up_proj [E, 2F, D] (gate rows, then up) and down_proj [E, D, F], which PEFT adapts as
+  # target_parameters (lm/io/peft.py); '' where lm writes no PEFT expert adapters.
+  experts: str = ''
 
 
 def llama_tensors(shapes: dict, *, norms: dict | None = None, modules: dict | None = None) -> dict:

@@ -32,6 +32,7 @@ from lm.io.families import common
 
 FAMILY_NAME, ARCHITECTURE = 'gemma4_text', 'Gemma4ForCausalLM'
 LAYER = common.LAYER
+EXPERTS = LAYER + 'experts'  # beside the dense MLP (mlp.*), not under it
 ATTENTION_STACKS = ('attn', 'attn_global', 'attn_reuse', 'attn_global_reuse')
 # lm model fields only Gemma 4 sets: another family that cannot express them refuses the model.
 OWN_FIELDS = ('global_head_dim', 'global_kv_heads', 'attn_k_eq_v', 'v_norm', 'kv_shared_layers',
@@ -165,14 +166,14 @@ def _gate_up() -> common.Custom:
   """experts.gate_up_proj [E, 2F, D] (gate rows, then up) <-> the experts' gate and up kernels
   [E, D, F]."""
   return common.Custom(
-      LAYER + 'experts.gate_up_proj', ('layers.moe.gate.kernel', 'layers.moe.up.kernel'),
+      EXPERTS + '.gate_up_proj', ('layers.moe.gate.kernel', 'layers.moe.up.kernel'),
       lambda w: tuple(half.transpose(0, 2, 1) for half in np.split(w, 2, axis=1)),
       lambda gate, up: np.concatenate([gate, up], axis=2).transpose(0, 2, 1))
 
 
 def _down() -> common.Custom:
   """experts.down_proj [E, D, F] <-> the experts' down kernels [E, F, D]."""
-  return common.Custom(LAYER + 'experts.down_proj', ('layers.moe.down.kernel',),
+  return common.Custom(EXPERTS + '.down_proj', ('layers.moe.down.kernel',),
                        lambda w: (w.transpose(0, 2, 1),), lambda down: down.transpose(0, 2, 1))
 
 
@@ -286,5 +287,5 @@ MODULES = {f'layers.{stack}.{p}': LAYER + f'self_attn.{p}_proj'
 MODULES.update({f'layers.mlp_wide.{p}': LAYER + f'mlp.{p}_proj' for p in ('gate', 'up', 'down')})
 MODULES.update({f'layers.moe.shared.{p}': LAYER + f'mlp.{p}_proj' for p in ('gate', 'up', 'down')})
 FAMILY = common.Family(FAMILY_NAME, ARCHITECTURE, to_lm, to_hf, tensors, unfit, modules=MODULES,
-                       ignored=ignored)
+                       ignored=ignored, experts=EXPERTS)
 

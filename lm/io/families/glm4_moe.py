@@ -124,5 +124,6 @@ def ignored(m) -> str:
   return rf'model\.layers\.(?!(?:{own})\.)\d+\.'
 
 
+# transformers fuses the checkpoint's per-expert tensors into mlp.experts.{gate_up_proj, down_proj}.
 FAMILY = common.Family('glm4_moe', 'Glm4MoeForCausalLM', to_lm, to_hf, tensors, unfit,
-                       ignored=ignored)
+                       ignored=ignored, experts=MOE + 'experts')
