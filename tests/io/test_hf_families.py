@@ -455,8 +455,9 @@ def test_gemma4_lora_adapters_load_in_peft(tmp_path):
 def test_gemma4_moe_lora_trains_every_expert_and_the_dense_branch(tmp_path):
   """Gemma 4 MoE with LoRA on the default targets: two train steps move every adapter (each
   expert's gate/up/down, the dense MLP's, attention's) and nothing else, and the adapters merged
-  into the kernels give the same logits. PEFT export of the expert adapters is one line: lm writes
-  them for the `mlp.experts.*` layout only, and Gemma 4's fused experts are at `experts.*`."""
+  into the kernels give the same logits. They export as PEFT files with the experts at Gemma 4's
+  `experts.*` (beside the dense MLP's `mlp.*_proj`); gpt-oss's experts, whose layout lm writes no
+  PEFT adapters for, are still one line."""
   from conftest import random_batch, train_steps  # pylint: disable=import-outside-toplevel
   from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
   from lm.model import lora  # pylint: disable=import-outside-toplevel
@@ -484,24 +485,48 @@ def test_gemma4_moe_lora_trains_every_expert_and_the_dense_branch(tmp_path):
   np.testing.assert_allclose(jax.jit(lambda p: base_spec.bind(p)(tokens))(merged),
                              jax.jit(lambda p: trainer.spec.bind(p)(tokens))(after),
                              rtol=1e-4, atol=1e-5)
+  peft_io.save_peft(str(tmp_path / 'adapter'), after, c.model)
+  config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert config['target_parameters'] == ['experts.gate_up_proj', 'experts.down_proj']
+  assert 'base_model.model.model.layers.0.experts.base_layer.lora_A.weight' in Reader(
+      str(tmp_path / 'adapter' / 'adapter_model.safetensors')).names()
+  gpt_oss = tiny_config(**hf.model_config_from_hf({**COMMON, **FAMILIES['gpt_oss'][1],
+                                                   'model_type': 'gpt_oss'}))
+  gpt_oss.model.lora.update(rank=2, targets=r'layers\.moe\.')
+  zeros = {n: np.zeros(s.shape, s.dtype) for n, s in ModelSpec(gpt_oss.model).shapes.items()}
   with pytest.raises(CheckpointError, match=r'^PEFT export of LoRA on experts \(layers\.moe\.'
-                                            r'(gate|up|down)\) is not supported for gemma4_text'):
-    peft_io.save_peft(str(tmp_path / 'adapter'), after, c.model)
+                                            r'(gate|up|down)\) is not supported for gpt_oss'):
+    peft_io.save_peft(str(tmp_path / 'refused'), zeros, gpt_oss.model)
 
 
-def test_gemma4_moe_lora_on_attention_and_dense_branch_loads_in_peft(tmp_path):
-  """Gemma 4 MoE: LoRA on every attention stack and on the dense MLP beside the experts exports as
-  PEFT files on q/k/v/o_proj and mlp.*_proj, which peft.PeftModel loads with lm's logits."""
+def test_gemma4_moe_lora_on_attention_dense_branch_and_experts_loads_in_peft(tmp_path):
+  """Gemma 4 MoE: LoRA on every attention stack, on the dense MLP beside the experts and on every
+  expert exports as PEFT files on q/k/v/o_proj, mlp.*_proj and the target_parameters
+  experts.gate_up_proj / down_proj, which peft.PeftModel loads with lm's logits; lm reads the
+  files back (gate and up sharing gate_up_proj's rank-4 A) with the same logits."""
   peft = pytest.importorskip('peft')
+  from lm.io import peft as peft_io  # pylint: disable=import-outside-toplevel
   model = make_hf_model('gemma4_moe', tmp_path / 'hf')
   c = tiny_config()
   c.model.update(hf.model_config_from_hf(hf.read_config(tmp_path / 'hf')))
-  c.model.lora.update(rank=2, alpha=4.0, targets=r'layers\.(attn\w*|moe\.shared)\.')
+  c.model.lora.update(rank=2, alpha=4.0, targets=r'layers\.(attn\w*|moe)\.')
   spec, params = _hf_weights_with_random_adapters(c, tmp_path / 'hf')
-  assert {'layers.attn_global.q.lora_a', 'layers.moe.shared.down.lora_b'} <= set(params)
+  assert {'layers.attn_global.q.lora_a', 'layers.moe.shared.down.lora_b',
+          'layers.moe.gate.lora_a', 'layers.moe.down.lora_b'} <= set(params)
   targets, before, got, expected = _peft_and_lm_logits(peft, model, c.model, spec, params, tmp_path)
   assert targets == ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
+  config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert config['target_parameters'] == ['experts.gate_up_proj', 'experts.down_proj']
   assert np.max(np.abs(before - expected)) > 0.1  # the adapters matter
   error = float(np.max(np.abs(got - expected)))
   print(f'gemma4_moe PEFT: max |dlogit| {error:.2e}')
   assert error <= 1e-4
+  c.model.lora.update(peft_io.lora_config_from_peft(config))
+  back_spec = ModelSpec(c.model)
+  assert back_spec.cfg.lora.rank == 4
+  back = {**{n: v for n, v in params.items() if not n.endswith(('lora_a', 'lora_b'))},
+          **peft_io.load_peft(str(tmp_path / 'adapter'), back_spec)}
+  error = float(np.max(np.abs(np.asarray(jax.jit(lambda p: back_spec.bind(p)(TOKENS))(back))
+                              - expected)))
+  print(f'gemma4_moe PEFT read back: max |dlogit| {error:.2e}')
+  assert error <= 1e-5
