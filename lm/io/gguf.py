@@ -25,7 +25,9 @@ is written. Export-only (lm does not read them back): Qwen3.5, Qwen3.5-MoE and Q
 writes them (HF_RESHAPED: A as -exp(A_log), the conv [channels, W] in F32, q/k/v fused as
 attn_qkv and z as attn_gate, qwen35's value heads tiled for its broadcast), and Gemma 4 text
 (gemma4: per-layer heads and KV heads, KV-shared layers without k/v, per-layer input embeddings,
-full layers' proportional RoPE as rope_freqs divisors).
+full layers' proportional RoPE as rope_freqs divisors; the MoE block with its experts' gate and up
+one tensor, the router's input and per-expert scales as ffn_gate_inp.scale and
+ffn_down_exps.scale).
 """
 
 from __future__ import annotations
@@ -176,9 +178,22 @@ HYBRID_NAMES = {
 }
 # Gemma 4: Gemma 3's sandwich norms, and the per-layer input embeddings (its table, its projection
 # of the token embedding and that projection's norm; per layer the gate, the projection and the
-# norm after it) and the layer scalar.
+# norm after it) and the layer scalar. Its MoE block (26B-A4B) as llama.cpp's converter writes it
+# (conversion/gemma.py): the dense MLP (the shared expert) keeps ffn_gate/up/down, with ffn_norm
+# before it and post_ffw_norm_1 after; the experts' norms are pre_ffw_norm_2 and post_ffw_norm_2;
+# the router's input scale is ffn_gate_inp.scale, its per-expert scales ffn_down_exps.scale (the
+# graph multiplies each expert's output by its own); the experts' gate and up one tensor as HF's.
+GEMMA4_LAYER = 'model.layers.{i}.'
 GEMMA4_NAMES = {
     **SANDWICH_NAMES,
+    'blk.{i}.ffn_gate_inp.weight': GEMMA4_LAYER + 'router.proj.weight',
+    'blk.{i}.ffn_gate_inp.scale': GEMMA4_LAYER + 'router.scale',
+    'blk.{i}.ffn_down_exps.scale': GEMMA4_LAYER + 'router.per_expert_scale',
+    'blk.{i}.ffn_gate_up_exps.weight': GEMMA4_LAYER + 'experts.gate_up_proj',
+    'blk.{i}.ffn_down_exps.weight': GEMMA4_LAYER + 'experts.down_proj',
+    'blk.{i}.post_ffw_norm_1.weight': GEMMA4_LAYER + 'post_feedforward_layernorm_1.weight',
+    'blk.{i}.pre_ffw_norm_2.weight': GEMMA4_LAYER + 'pre_feedforward_layernorm_2.weight',
+    'blk.{i}.post_ffw_norm_2.weight': GEMMA4_LAYER + 'post_feedforward_layernorm_2.weight',
     'per_layer_token_embd.weight': 'model.embed_tokens_per_layer.weight',
     'per_layer_model_proj.weight': 'model.per_layer_model_projection.weight',
     'per_layer_proj_norm.weight': 'model.per_layer_projection_norm.weight',
@@ -711,8 +726,6 @@ EXPORT_LIMITS = (
      "llama.cpp's qwen3next graph requires experts in every layer"),
     (('gemma4_text',), 'layer_types', lambda m, arch: 'sliding' in _kinds(m),
      "llama.cpp's gemma4 graph needs sliding-window layers (it aborts on a file without)"),
-    (('gemma4_text',), 'moe.n_experts', lambda m, arch: not n_experts(m),
-     "lm writes llama.cpp's gemma4 layout for the dense model (no enable_moe_block experts)"),
     (('gemma4_text',), 'rope_scaling',
      lambda m, arch: not m.rope_scaling or m.rope_scaling.get('type') in ('proportional', 'linear'),
      "llama.cpp's gemma4 graph scales full layers' RoPE per frequency (rope_freqs), which holds "
@@ -821,7 +834,7 @@ def save(path: str, params: dict, model_cfg, tokenizer, *, dtype: str = 'f16',
     if E:
       writer.add_expert_count(E)
       writer.add_expert_used_count(m.moe.experts_per_token)
-      if family in ('qwen3_moe', 'gpt_oss') + QWEN_EXPERTS:
+      if family in ('qwen3_moe', 'gpt_oss', 'gemma4_text') + QWEN_EXPERTS:
         writer.add_expert_feed_forward_length(m.moe.expert_dim or m.mlp_dim)
     if family in V3_MOE:
       _add_v3_moe_metadata(writer, m)

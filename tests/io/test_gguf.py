@@ -619,6 +619,14 @@ EXPORT_ONLY = {
     'gemma4_text_k_eq_v': ('gemma4', dict(GEMMA4, n_layers=4, layer_types=('sliding', 'full') * 2,
                                           attn_k_eq_v=True, global_kv_heads=1,
                                           tie_embeddings=False)),
+    # The MoE block (26B-A4B) in every layer, attention as above: the dense MLP (the shared
+    # expert) beside top-2 of 4 experts, each branch with its own norms, the router with its scales.
+    'gemma4_text_moe': ('gemma4', dict(GEMMA4, n_layers=4, layer_types=('sliding', 'full') * 2,
+                                       attn_k_eq_v=True, global_kv_heads=1, tie_embeddings=True,
+                                       moe=dict(n_experts=4, experts_per_token=2, expert_dim=16,
+                                                router='scaled_softmax', norm_topk_prob=True,
+                                                shared_dim=64, shared_gate=False,
+                                                branch_norms=True))),
 }
 
 
@@ -644,7 +652,8 @@ def test_hybrids_and_gemma4_export_as_llama_cpps_converter_lays_them_out(tmp_pat
   per-layer-input and RoPE keys, and its tensors as llama.cpp's converter writes them: A as
   -exp(A_log), the conv [channels, W] in F32, Qwen3.5's value heads tiled (r * G + g) and
   Qwen3-Next's q/k/v/z split from per-group rows; (1 + w) norms but the DeltaNet's gated one;
-  Gemma 4's full layers' RoPE divisors, no k/v where layers share or reuse them. lm does not read
+  Gemma 4's full layers' RoPE divisors, no k/v where layers share or reuse them, and its MoE block
+  (the experts' gate_up as one tensor, the router's scales, the branch norms). lm does not read
   these architectures back. tests/io/test_llama_cpp.py runs the files in llama.cpp."""
   from lm.train.state import ModelSpec
   arch, overrides = EXPORT_ONLY[label]
@@ -660,7 +669,7 @@ def test_hybrids_and_gemma4_export_as_llama_cpps_converter_lays_them_out(tmp_pat
   own = {k.replace(arch, '{arch}', 1) for k in meta if k.startswith(arch + '.')}
   # recurrent_layers: llama.cpp's key (src/llama-arch.cpp) that the gguf package 0.19 lacks.
   assert own - {'{arch}.attention.recurrent_layers'} <= _arch_keys()
-  names = {re.sub(r'\.(weight|bias)$', '', re.sub(r'blk\.\d+\.', 'blk.{bid}.', t.name))
+  names = {re.sub(r'\.(weight|bias|scale)$', '', re.sub(r'blk\.\d+\.', 'blk.{bid}.', t.name))
            for t in reader.tensors}  # ssm_a has no suffix
   assert names <= _gguf_names(arch)
   tensors = {t.name: t for t in reader.tensors}
@@ -720,20 +729,33 @@ def test_hybrids_and_gemma4_export_as_llama_cpps_converter_lays_them_out(tmp_pat
     np.testing.assert_array_equal([data(f'blk.{i}.layer_output_scale.weight')[0] for i in range(L)],
                                   params['layers.layer_scale.scale'][:, 0])
     np.testing.assert_array_equal(data('blk.0.attn_norm.weight'), params['layers.attn_norm.scale'][0])
+    assert ('output.weight' in tensors) == (not m.tie_embeddings)
     if P:
       assert key('feed_forward_length') == [64] * 4 + [128] * 2
       assert tensors['per_layer_token_embd.weight'].data.shape == (m.vocab_size, L * P)
       np.testing.assert_array_equal(data('blk.5.inp_gate.weight'),
                                     params['layers.per_layer_input.gate.kernel'][5].T)
-      assert 'output.weight' not in tensors
     else:
-      assert key('feed_forward_length') == 64 and 'output.weight' in tensors
+      assert key('feed_forward_length') == 64
+    if m.moe.n_experts:  # conversion/gemma.py's layout: the experts' gate and up one tensor
+      assert (key('expert_count'), key('expert_used_count'), key('expert_feed_forward_length')) == (4, 2, 16)
+      moe = lambda name, i=2: params[f'layers.moe.{name}'][i]
+      np.testing.assert_array_equal(data('blk.2.ffn_gate_up_exps.weight'), np.concatenate(
+          [moe('gate.kernel').transpose(0, 2, 1), moe('up.kernel').transpose(0, 2, 1)], axis=1))
+      np.testing.assert_array_equal(data('blk.2.ffn_down_exps.weight'),
+                                    moe('down.kernel').transpose(0, 2, 1))
+      np.testing.assert_array_equal(data('blk.2.ffn_gate_inp.weight'), moe('router').T)
+      np.testing.assert_array_equal(data('blk.2.ffn_gate.weight'), moe('shared.gate.kernel').T)
+      for name, lm_name in (('ffn_gate_inp.scale', 'router_scale'),
+                            ('ffn_down_exps.scale', 'expert_scale'),
+                            ('ffn_norm.weight', 'layers.mlp_norm.scale'),
+                            ('post_ffw_norm_1.weight', 'shared_post_norm.scale'),
+                            ('pre_ffw_norm_2.weight', 'experts_norm.scale'),
+                            ('post_ffw_norm_2.weight', 'experts_post_norm.scale'),
+                            ('post_ffw_norm.weight', 'layers.mlp_post_norm.scale')):
+        want = params[lm_name][2] if lm_name.startswith('layers.') else moe(lm_name)
+        assert tensors[f'blk.2.{name}'].tensor_type == Q.F32
+        np.testing.assert_array_equal(data(f'blk.2.{name}'), want)
   with pytest.raises(CheckpointError, match=f"GGUF architecture '{arch}' is not supported"):
     gguf_io.model_config(str(out))
 
-
-def test_gemma4_experts_are_refused_for_gguf_export():
-  """lm writes Gemma 4's dense layout; a model with experts is refused in one line."""
-  c = _tiny(dict(EXPORT_ONLY['gemma4_text'][1], moe=dict(n_experts=4, experts_per_token=2)))
-  with pytest.raises(CheckpointError, match=r"gemma4 layout for the dense model .*model\.moe\.n_experts=4"):
-    gguf_io.check_exportable(c.model, 'gemma4_text')

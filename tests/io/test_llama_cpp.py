@@ -8,7 +8,8 @@ Qwen3-Next, Gemma 4 text), a tiny model is written as F16 and loaded by llama.cp
 tokenization of the probe strings must equal lm's, and its logits lm's (computed with the weights
 rounded to F16, as the file holds them) within 1e-2 of their scale (measured with
 llama-cpp-python 0.3.36: at most 3.2e-3, llama and Phi-3; the newer families between 7.9e-4 and
-3.1e-3; Qwen3.5, Qwen3.5-MoE and Qwen3-Next 4.4e-3, 5.8e-3 and 5.8e-3, Gemma 4 4.0e-3 and 3.8e-3;
+3.1e-3; Qwen3.5, Qwen3.5-MoE and Qwen3-Next 4.4e-3, 5.8e-3 and 5.8e-3, Gemma 4 4.0e-3 and 3.8e-3,
+Gemma 4 with experts 3.2e-3;
 `pytest -s` prints each). Where lm imports the architecture from GGUF, its reading of the file must
 give the same logits too (the hybrids and Gemma 4 are export-only)."""
 
@@ -113,6 +114,16 @@ FAMILIES = {  # lm family (or a label) -> the overrides of its tiny model
                                attn_k_eq_v=True, global_kv_heads=1, tie_embeddings=False,
                                rope_scaling=dict(type='proportional', factor=2.0,
                                                  partial_rotary_factor=0.5)),
+    # Gemma 4 with the MoE block (26B-A4B) in every layer, attention as the 31B case's: the dense
+    # MLP (the shared expert) beside top-2 of 4 experts, each branch with its own norms, the router
+    # reading the residual RMS-normed times its learned scale, each expert's weight times its own.
+    'gemma4_text_moe': dict(GEMMA4, n_layers=4, layer_types=('sliding', 'full') * 2,
+                            attn_k_eq_v=True, global_kv_heads=1, tie_embeddings=True,
+                            rope_scaling=dict(type='proportional', factor=1.0,
+                                              partial_rotary_factor=0.25),
+                            moe=dict(n_experts=4, experts_per_token=2, expert_dim=16,
+                                     router='scaled_softmax', norm_topk_prob=True, shared_dim=64,
+                                     shared_gate=False, branch_norms=True)),
 }
 # lm families whose GGUF export lm's own import reads back (model fields and weights).
 IMPORTED = ('llama', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe', 'gemma2', 'gemma3_text', 'phi3',
@@ -126,7 +137,9 @@ def _well_conditioned(params: dict) -> dict:
   (Qwen3.5-MoE, an expert choice flipping) with DeltaNet decays A = exp(A_log) up to 16 as
   initialised, under 7e-3 with A in [0.01, 0.2]; Gemma 4's unscaled attention (q, k RMS-normed)
   reaches logits of the head size, where F16 keys move them by about 1e-2, so its query norms
-  are halved. (Written with F32 weights and run with an F32 cache, like models matched lm's
+  are halved; Gemma 4's router scales and branch norms, ones as initialised, are drawn from
+  [0.5, 1.5] so that a misplaced one shows (post_ffw_norm_1 and _2 swapped, or either router
+  scale written as ones, moved llama.cpp's logits by 0.46 to 1.2 of their scale). (Written with F32 weights and run with an F32 cache, like models matched lm's
   logits within 6.7e-4, Qwen3.5 and Qwen3-Next, and 2.6e-3, Gemma 4: the layouts are exact.)"""
   out, rng = {}, np.random.default_rng(0)
   for name, value in params.items():
@@ -134,6 +147,8 @@ def _well_conditioned(params: dict) -> dict:
       out[name] = np.log(rng.uniform(0.01, 0.2, value.shape)).astype(np.float32)
     elif name.endswith('q_norm.scale') and 'layers.layer_scale.scale' in params:  # Gemma 4
       out[name] = np.asarray(value) * np.float32(0.5)
+    elif name.startswith('layers.moe.') and name.endswith('scale'):  # Gemma 4's router, branches
+      out[name] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
   return out
 
 
