@@ -41,16 +41,19 @@ CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.ev
 CI_EVAL = '--config.limit=2 --config.max_new_tokens=8'
 # `lm bench` and `lm bench finetune` on a one-layer model: the page shows the command and what it
 # prints (lm beside HF transformers), not the figures, which docs/ took at full size. `lm bench
-# rollout` runs without its transformers column (loading the GGUF into transformers took half of
-# its 30 s); `lm bench decode` in docs/smollm2.md still runs the same model in transformers.
+# rollout` and `lm bench decode` run without their transformers column (transformers' GGUF loader
+# took 18 of decode's 31 s on SmolLM2); tests/bench/test_decode.py runs decode's both columns on a
+# tiny model.
 CI_BENCH_MODEL = ('--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128 '
                   '--config.model.vocab_size=512')
 # Pages whose runs cost far more than CI_TRAIN's size alone makes them: overrides appended to
 # CI_TRAIN for that page only.
 CI_TRAIN_FOR_PAGE = {
-    # A 135M-parameter model from its GGUF file: 4 steps of one 256-token row, not 4 rows (at 4
-    # rows a step took ~10 s on 2 CPU cores, most of the page's training time).
-    'docs/smollm2.md': '--config.data.batch_size=1',
+    # A 135M-parameter model from its GGUF file: 2 steps of one 256-token row, not 4 steps of 4
+    # rows (at 4 rows a step took ~10 s on 2 CPU cores, most of the page's training time); the
+    # step-2 checkpoint is the one the page exports.
+    'docs/smollm2.md': ('--config.data.batch_size=1 --config.train.steps=2 '
+                        '--config.train.eval_every=2'),
 }
 
 # Pages whose time goes into running a real model rather than compiling small programs: they run
@@ -70,7 +73,7 @@ lm() {{
     bench)
       case "${{2:-}}" in
         finetune) command lm "$@" --steps 1 --rounds 1 $CI_BENCH_MODEL ;;
-        decode) command lm "$@" --reps 1 --batch 1 --new-tokens 4 ;;
+        decode) command lm "$@" --reps 1 --batch 1 --new-tokens 4 --no-hf ;;
         rollout) command lm "$@" --concurrency 2 --completions 4 --group 2 --prompt-len 8 --new-tokens 4 --no-hf ;;
         checkpoint) command lm "$@" --config.model.n_layers=1 --config.model.vocab_size=2048 ;;
         moe) command lm "$@" --steps 2 --layers 1 --seq-len 32 --batch 2 ;;
