@@ -42,7 +42,7 @@ from lm.config import head_dim, n_experts
 from lm.data import gguf_tokenizer
 from lm.errors import CheckpointError, ConfigError
 from lm.io import hf
-from lm.io.families.common import Custom
+from lm.io.families.common import LAYER, Custom
 from lm.model import stack as stack_lib
 from lm.model.rope import rotary_dim
 
@@ -183,17 +183,16 @@ HYBRID_NAMES = {
 # before it and post_ffw_norm_1 after; the experts' norms are pre_ffw_norm_2 and post_ffw_norm_2;
 # the router's input scale is ffn_gate_inp.scale, its per-expert scales ffn_down_exps.scale (the
 # graph multiplies each expert's output by its own); the experts' gate and up one tensor as HF's.
-GEMMA4_LAYER = 'model.layers.{i}.'
 GEMMA4_NAMES = {
     **SANDWICH_NAMES,
-    'blk.{i}.ffn_gate_inp.weight': GEMMA4_LAYER + 'router.proj.weight',
-    'blk.{i}.ffn_gate_inp.scale': GEMMA4_LAYER + 'router.scale',
-    'blk.{i}.ffn_down_exps.scale': GEMMA4_LAYER + 'router.per_expert_scale',
-    'blk.{i}.ffn_gate_up_exps.weight': GEMMA4_LAYER + 'experts.gate_up_proj',
-    'blk.{i}.ffn_down_exps.weight': GEMMA4_LAYER + 'experts.down_proj',
-    'blk.{i}.post_ffw_norm_1.weight': GEMMA4_LAYER + 'post_feedforward_layernorm_1.weight',
-    'blk.{i}.pre_ffw_norm_2.weight': GEMMA4_LAYER + 'pre_feedforward_layernorm_2.weight',
-    'blk.{i}.post_ffw_norm_2.weight': GEMMA4_LAYER + 'post_feedforward_layernorm_2.weight',
+    'blk.{i}.ffn_gate_inp.weight': LAYER + 'router.proj.weight',
+    'blk.{i}.ffn_gate_inp.scale': LAYER + 'router.scale',
+    'blk.{i}.ffn_down_exps.scale': LAYER + 'router.per_expert_scale',
+    'blk.{i}.ffn_gate_up_exps.weight': LAYER + 'experts.gate_up_proj',
+    'blk.{i}.ffn_down_exps.weight': LAYER + 'experts.down_proj',
+    'blk.{i}.post_ffw_norm_1.weight': LAYER + 'post_feedforward_layernorm_1.weight',
+    'blk.{i}.pre_ffw_norm_2.weight': LAYER + 'pre_feedforward_layernorm_2.weight',
+    'blk.{i}.post_ffw_norm_2.weight': LAYER + 'post_feedforward_layernorm_2.weight',
     'per_layer_token_embd.weight': 'model.embed_tokens_per_layer.weight',
     'per_layer_model_proj.weight': 'model.per_layer_model_projection.weight',
     'per_layer_proj_norm.weight': 'model.per_layer_projection_norm.weight',

@@ -16,7 +16,9 @@ give the same logits too (the hybrids and Gemma 4 are export-only)."""
 import jax
 import numpy as np
 import pytest
+import test_gguf
 from conftest import tiny_config
+from test_gguf import QWEN35, QWEN_MOE
 
 llama_cpp = pytest.importorskip('llama_cpp')
 
@@ -30,15 +32,9 @@ GEMMA = dict(norm_offset=1.0, embed_scale=True, mlp_activation='gelu_tanh', norm
 OLMO = dict(norm_placement='post', qk_norm=True, qk_norm_scope='all')
 V3_MOE = dict(n_experts=4, experts_per_token=2, expert_dim=16, router='sigmoid', norm_topk_prob=True,
               shared_dim=16)
-QWEN35 = dict(n_layers=4, head_dim=16, partial_rotary_factor=0.5, norm_offset=1.0, qk_norm=True,
-              attn_output_gate=True, layer_types=('linear', 'linear', 'linear', 'full'),
-              linear_attn=dict(n_key_heads=2, n_value_heads=4, key_head_dim=8, value_head_dim=8))
-QWEN_MOE = dict(n_experts=4, experts_per_token=2, expert_dim=16, router='softmax',
-                norm_topk_prob=True, shared_dim=24, shared_gate=True)
-GEMMA4 = dict(hf_family='gemma4_text', head_dim=16, global_head_dim=32, mlp_activation='gelu_tanh',
-              norm_offset=0.0, embed_scale=True, norm_placement='sandwich', qk_norm=True,
-              v_norm=True, query_pre_attn_scalar=1.0, layer_scale=True, sliding_window=4,
-              rope_theta=1e6, rope_local_theta=1e4)
+# The hybrids' and Gemma 4's tiny models are test_gguf.py's (there without llama.cpp); Gemma 4
+# here without its proportional RoPE scaling.
+GEMMA4 = {k: v for k, v in test_gguf.GEMMA4.items() if k != 'rope_scaling'}
 FAMILIES = {  # lm family (or a label) -> the overrides of its tiny model
     'llama': dict(),
     'qwen2': dict(qkv_bias=True),
