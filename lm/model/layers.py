@@ -115,6 +115,13 @@ class RMSNorm(nnx.Module):
     return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
+def weightless_rms_norm(x, eps):
+  """RMS normalisation without a learned scale (Gemma 4's value norm and its router's input),
+  computed in float32 and returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def configure_adapters(module, adapters: bool, key) -> None:
   """Sets the per-call adapter switch and dropout key on every adapted linear layer in `module`
   (Linear, lm.model.moe.ExpertLinear: anything with a `lora_rank`)."""

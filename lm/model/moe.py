@@ -49,7 +49,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lm.model import precision, routers
-from lm.model.layers import ACTIVATIONS, RMSNorm, param
+from lm.model.layers import ACTIVATIONS, RMSNorm, param, weightless_rms_norm
 from lm.model.mixers.mlp import MLP
 
 EXPERT_AXIS = 'expert'  # mesh axis the experts are split over (expert parallelism)
@@ -232,7 +232,7 @@ class MoE(nnx.Module):
     x32 = x_ND.astype(jnp.float32)
     if self.router_scale is None:
       return x32
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.norm_eps)
+    normed = weightless_rms_norm(x32, self.norm_eps)
     return normed * self.router_scale[...].astype(jnp.float32) * x_ND.shape[-1] ** -0.5
 
   def __call__(self, x_BTD, ctx=None, pre_norm=None):

@@ -37,7 +37,7 @@ from flax import nnx
 
 from lm.config import global_attention_layers, head_dim
 from lm.model import attention as attention_lib
-from lm.model.layers import Linear, RMSNorm, param
+from lm.model.layers import Linear, RMSNorm, param, weightless_rms_norm
 from lm.model import rope as rope_lib
 from lm.model.rope import apply_rope
 
@@ -178,7 +178,7 @@ class Attention(nnx.Module):
     k_BTGK = rotate(k_BTGK)
     q_BTHK, k_BTGK = self._llama4_options(q_BTHK, k_BTGK, positions_BT, layer['rope'])
     if self.v_norm:
-      v_BTGK = _weightless_rms(v_BTGK, self.norm_eps)
+      v_BTGK = weightless_rms_norm(v_BTGK, self.norm_eps)
     if cache is None:
       if self.shares_kv:
         ctx.shared_kv[self.stack_name] = (k_BTGK, v_BTGK)
@@ -258,10 +258,6 @@ class ReusedKVGlobalAttention(Attention):
   full_layers = True
   kv_source = 'attn_global'
 
-
-def _weightless_rms(x, eps):
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _mask_args(mask) -> dict:
