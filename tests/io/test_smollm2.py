@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, one_device_mesh
 
 gguf = pytest.importorskip('gguf')
 
@@ -87,7 +87,7 @@ def test_tokenizer_matches_transformers_reading_the_same_file(tokenizer):
 def test_logits_match_transformers_on_the_same_dequantized_weights(sliced):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  model = lm.load_model(sliced)
+  model = lm.load_model(sliced, mesh=one_device_mesh())
   m = model.cfg.model
   assert (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.mlp_dim, m.vocab_size) == (
       2, 576, 9, 3, 1536, 49152)
@@ -117,7 +117,7 @@ def test_chat_template_is_the_embedded_one(tokenizer):
 
 def test_greedy_chat_answer_is_sensible_and_stable():
   """The whole model (30 layers): a chat-templated question, answered greedily, twice."""
-  model = lm.load_model(FILE)
+  model = lm.load_model(FILE, mesh=one_device_mesh())
   messages = [{'role': 'user', 'content': 'What is the capital of France?'}]
   encoder = chat.ChatEncoder(chat.get_template('auto', model.tokenizer), model.tokenizer)
   prompt = encoder.encode_prompt(messages).tolist()
