@@ -39,8 +39,9 @@ CI_TRAIN = ('--config.train.steps=4 --config.train.log_every=1 --config.train.ev
             '--config.train.eval_task_limit=4 --config.data.batch_size=4 '
             '--config.model.n_layers=1 --config.model.d_model=64 --config.model.mlp_dim=128')
 CI_EVAL = '--config.limit=2 --config.max_new_tokens=8'
-# `lm bench` and `lm bench finetune` on a one-layer model: the page shows the command and what it
-# prints (lm beside HF transformers), not the figures, which docs/ took at full size. `lm bench
+# `lm bench`, `lm bench finetune` and `lm plan` on a one-layer model: the page shows the command
+# and what it prints (lm beside HF transformers; the plan's memory table), not the figures, which
+# docs/ took at full size (tests/bench/test_plan.py checks the plans' figures at test size). `lm bench
 # rollout` and `lm bench decode` run without their transformers column (transformers' GGUF loader
 # took 18 of decode's 31 s on SmolLM2); tests/bench/test_decode.py runs decode's both columns on a
 # tiny model.
@@ -69,6 +70,7 @@ lm() {{
   case "$1" in
     train) command lm "$@" $CI_TRAIN ;;
     eval|compare) command lm "$@" $CI_EVAL ;;
+    plan) command lm "$@" $CI_BENCH_MODEL ;;
     generate) command lm "$@" --max-new-tokens 8 ;;
     bench)
       case "${{2:-}}" in
