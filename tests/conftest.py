@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -15,7 +16,23 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # compile each fusion through a pipeline of MLIR passes (a train step compiled in half the time).
 # They change how fast the code runs, not what it computes (XLA's fusion and algebraic passes run
 # as before). Subprocesses the tests start get them too (lm_runs.env, test_docs).
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+FAST_COMPILE_FLAGS = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false')
+
+
+def _known_to_xla(flags):
+  """The flags this jaxlib's XLA accepts. XLA aborts a process whose XLA_FLAGS name a flag it does
+  not know, and a newer XLA may drop one of these (the fusion emitters' switch is recent)."""
+  def accepted(candidate):
+    env = dict(os.environ, XLA_FLAGS=' '.join(candidate), JAX_PLATFORMS='cpu')
+    return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
+                          capture_output=True, timeout=300).returncode == 0
+  return flags if accepted(flags) else tuple(f for f in flags if accepted((f,)))
+
+
+# Probed once, by the controller (or a run without xdist); the workers inherit the answer.
+if 'LM_TEST_XLA_FLAGS' not in os.environ:
+  os.environ['LM_TEST_XLA_FLAGS'] = ' '.join(_known_to_xla(FAST_COMPILE_FLAGS))
+TEST_XLA_FLAGS = os.environ['LM_TEST_XLA_FLAGS']
 if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
