@@ -101,6 +101,11 @@ SUBSTITUTIONS = [
      'lm train'),
     ('docs/quickstart.md',
      'python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/lm train', 'lm train'),
+    # The rollout benchmark's workload on the page's own small run instead of SmolLM2's GGUF (its
+    # 30 layers took 19 of the page's ~105 s, now 4): the command and its table are what the page
+    # shows; tests/eval/test_rollout.py checks the engine against the batch generator.
+    ('docs/evaluation.md', 'lm bench rollout --model ../shared/data/smollm2-135m-instruct',
+     'lm bench rollout --model runs/quickstart'),
     # The drill kills the run after its step-2 checkpoint instead of after step 300's.
     ('docs/reliability.md', 'LM_INJECT_FAULT=kill@350', 'LM_INJECT_FAULT=kill@3'),
     ('docs/reliability.md', 'resumes from step 300', 'resumes from step 2'),
