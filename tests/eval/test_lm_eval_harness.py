@@ -75,6 +75,8 @@ def test_local_harness_yaml_tasks_run_offline(adapter, tmp_path, monkeypatch):
       'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: text\n'
       'metric_list:\n  - metric: bits_per_byte\n' % (tmp_path / 'text.jsonl'))
   names = harness.parse_tasks(','.join(str(tmp_path / f'{t}.yaml') for t in ('mc', 'gen', 'ppl')))
+  # Task files of one's own: lm-eval indexes their folder, not the ~14,700 tasks it ships.
+  assert set(harness.task_manager(names).all_tasks) == {'local_mc', 'local_gen', 'local_ppl'}
   out = harness.run_harness(adapter.model, names, tasks.Settings(limit=0, batch_size=4),
                             progress=False)
   assert set(out) == {'local_mc', 'local_gen', 'local_ppl'}
@@ -88,3 +90,15 @@ def test_registered_as_harness_model_lm():
   assert get_model('lm') is harness.LMHarnessModel
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert 'lm-eval==0.4.13' in open(os.path.join(root, 'pyproject.toml')).read()
+
+
+
+def test_only_task_files_that_stand_alone_skip_lm_evals_own_index(tmp_path):
+  (tmp_path / 'one.yaml').write_text('task: mine\ndataset_path: json\n')
+  (tmp_path / 'group.yaml').write_text('group: mine_and_arc\ntask:\n  - mine\n  - arc_easy\n')
+  (tmp_path / 'code.yaml').write_text('task: coded\nprocess_docs: !function utils.process\n')
+  (tmp_path / 'more.yaml').write_text('include: one.yaml\ntask: more\n')
+  one, group, code, more = (str(tmp_path / f'{n}.yaml') for n in ('one', 'group', 'code', 'more'))
+  assert not harness.needs_bundled_index([one])
+  for tasks_ in ([one, group], [code], [more], [one, 'hellaswag'], []):
+    assert harness.needs_bundled_index(tasks_), tasks_
