@@ -169,10 +169,11 @@ def task_manager(tasks: list[str]):
   own folders. Build it once for several runs."""
   _require()
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  # metadata={}: what simple_evaluate gives the manager it builds itself for a model object.
   if needs_bundled_index(tasks):
-    return TaskManager()
+    return TaskManager(metadata={})
   return TaskManager(include_path=sorted({os.path.dirname(t) for t in tasks}),
-                     include_defaults=False)
+                     include_defaults=False, metadata={})
 
 
 def run_harness(model, tasks: list[str], settings, *, progress: bool = True,
