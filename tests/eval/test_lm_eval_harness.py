@@ -92,7 +92,6 @@ def test_registered_as_harness_model_lm():
   assert 'lm-eval==0.4.13' in open(os.path.join(root, 'pyproject.toml')).read()
 
 
-
 def test_only_task_files_that_stand_alone_skip_lm_evals_own_index(tmp_path):
   (tmp_path / 'one.yaml').write_text('task: mine\ndataset_path: json\n')
   (tmp_path / 'group.yaml').write_text('group: mine_and_arc\ntask:\n  - mine\n  - arc_easy\n')

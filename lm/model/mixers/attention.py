@@ -259,7 +259,6 @@ class ReusedKVGlobalAttention(Attention):
   kv_source = 'attn_global'
 
 
-
 def _mask_args(mask) -> dict:
   kind, size = mask
   return {'window': size} if kind == 'sliding' else {'chunk': size} if kind == 'chunked' else {}
